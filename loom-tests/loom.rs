@@ -1,0 +1,2 @@
+#![cfg(loom)]
+//! Loom models of the pool (filled in by the verification work).

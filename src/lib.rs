@@ -1,0 +1,72 @@
+//! An async-first, memory-budgeted buffer pool.
+//!
+//! A storage engine, a proxy or an ingest service has to cap how much memory its in-flight
+//! I/O buffers take. [`BufPool`] hands out one contiguous allocation of `n` fixed-size
+//! buffers per call; every allocation reserves its bytes from a budget, and when the budget is
+//! spent the caller waits (backpressure) until other allocations are dropped. Tokio tasks
+//! (`pool.allocate(n).await`) and plain threads (`pool.allocate_blocking(n)`) share one pool
+//! and one FIFO queue. No runtime is required: the futures work under tokio, smol or
+//! `futures::executor::block_on` alike.
+//!
+//! ```
+//! use membudget::{BufPool, BufPoolCfg, BufferSize};
+//!
+//! # futures::executor::block_on(async {
+//! const BUF: BufferSize = BufferSize::S4096;
+//! let pool = BufPool::new(BufPoolCfg { buffer_size: BUF, max_memory: BUF as usize * 64 });
+//!
+//! let allocation = pool.allocate(16).await?; // 16 contiguous 4 KiB buffers
+//! for (i, buffer) in allocation.iter().enumerate() {
+//!     // SAFETY: each buffer is 4096 writable bytes that only this allocation owns.
+//!     unsafe { buffer.write_bytes(i as u8, BUF as usize) };
+//! }
+//! assert_eq!(pool.stats().in_use_bytes, 16 * 4096);
+//! drop(allocation); // the bytes go back to the budget, waking waiters
+//! # Ok::<(), membudget::AllocError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! See the README for the guarantees, the migration from `frozen_core::bufpool` and the
+//! measurements.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod allocation;
+mod blocking;
+mod config;
+mod error;
+mod future;
+mod pool;
+mod queue;
+mod raw;
+mod shared;
+mod size;
+mod stats;
+mod sync;
+
+pub use allocation::{BufPoolAllocation, BufPoolAllocationIter, BufferPointer};
+pub use config::{BufPoolCfg, ConfigError};
+pub use error::AllocError;
+pub use future::{Allocate, Drained};
+pub use pool::BufPool;
+pub use size::{BufferSize, InvalidBufferSize};
+pub use stats::PoolStats;
+
+/// Compile-time checks of the thread-safety and size promises.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<BufPool>();
+    send_sync::<BufPoolAllocation>();
+    send::<Allocate<'static>>();
+    send::<Drained<'static>>();
+    send_sync::<AllocError>();
+    send_sync::<ConfigError>();
+    assert!(core::mem::size_of::<BufPoolAllocation>() <= 3 * core::mem::size_of::<usize>());
+};

@@ -1,0 +1,627 @@
+//! The pool handle.
+
+use core::fmt;
+use core::ops::ControlFlow;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::blocking::block_on;
+use crate::config::validate_max_memory;
+use crate::future::{Allocate, Drained};
+use crate::shared::Shared;
+use crate::raw::PoolHandle;
+use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
+
+/// How long `Drop` waits for outstanding allocations before it says on stderr what it waits
+/// for (it keeps waiting afterwards).
+const DROP_WARNING_AFTER: Duration = Duration::from_secs(5);
+
+/// A memory-budgeted pool of fixed-size buffers, shared by async tasks and threads.
+///
+/// Every allocation is one contiguous block of `n` buffers of
+/// [`buffer_size`](BufPoolCfg::buffer_size) bytes, and reserves those bytes from the budget
+/// ([`max_memory`](BufPoolCfg::max_memory)). When the budget is spent, callers wait in one FIFO
+/// queue (async and blocking alike) until dropped allocations give bytes back.
+///
+/// Share a pool by reference or in an [`Arc`](std::sync::Arc); it is `Send + Sync` and may be
+/// moved freely, even while allocations are live.
+///
+/// # Shutdown barrier
+///
+/// Dropping the pool closes it and then blocks until every allocation is dropped, so no
+/// allocation outlives the budget that counts it. Async code should call
+/// [`shutdown`](BufPool::shutdown) (or [`close`](BufPool::close) and
+/// [`drained`](BufPool::drained)) instead, so as not to block an executor thread.
+///
+/// **Deadlock hazard**: dropping the pool on a thread (or in a task) that still holds one of
+/// its allocations waits forever, since that allocation can only be dropped after the drop
+/// returns. After 5 seconds the drop reports on stderr what it is waiting for.
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferPointer, BufferSize};
+///
+/// const BUF: BufferSize = BufferSize::S16;
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BUF, max_memory: BUF as usize * 0x40 });
+///
+/// # futures::executor::block_on(async {
+/// let allocation = pool.allocate(0x30).await?;
+/// assert_eq!(allocation.length(), 0x30);
+/// assert!(!allocation.first().is_null());
+/// assert_eq!(allocation.allocated_bytes(), BUF as usize * 0x30);
+///
+/// let buffers: Vec<BufferPointer> = allocation.iter().collect();
+/// assert_eq!(buffers.len(), 0x30);
+/// # Ok::<(), membudget::AllocError>(())
+/// # }).unwrap();
+/// ```
+pub struct BufPool {
+    shared: PoolHandle,
+}
+
+impl BufPool {
+    /// Creates a pool.
+    ///
+    /// # Panics
+    ///
+    /// With the [`ConfigError`] message when `cfg` is invalid: `max_memory` below one buffer
+    /// or above the largest budget. Use [`try_new`](BufPool::try_new) to get the error instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// const BUF: BufferSize = BufferSize::S16;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BUF, max_memory: BUF as usize * 0x0A });
+    /// let allocation = pool.try_allocate(1).unwrap();
+    /// assert_eq!(allocation.length(), 1);
+    /// assert_eq!(allocation.allocated_bytes(), BUF as usize);
+    /// ```
+    #[track_caller]
+    pub fn new(cfg: BufPoolCfg) -> Self {
+        match Self::try_new(cfg) {
+            Ok(pool) => pool,
+            Err(error) => panic!("invalid BufPoolCfg: {error}"),
+        }
+    }
+
+    /// Creates a pool, or says why `cfg` is invalid.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when `max_memory` is below one buffer (0 included) or above the largest
+    /// budget.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize, ConfigError};
+    ///
+    /// assert!(BufPool::try_new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 }).is_ok());
+    /// assert!(matches!(
+    ///     BufPool::try_new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 63 }),
+    ///     Err(ConfigError::MaxMemoryBelowBufferSize { .. })
+    /// ));
+    /// ```
+    pub fn try_new(cfg: BufPoolCfg) -> Result<Self, ConfigError> {
+        validate_max_memory(cfg.buffer_size, cfg.max_memory)?;
+        let align = cfg.buffer_size.bytes().min(DEFAULT_ALIGN);
+        Ok(BufPool {
+            shared: PoolHandle::new(Shared::new(cfg.buffer_size, cfg.max_memory, align)),
+        })
+    }
+
+    /// Allocates `n` contiguous buffers, waiting while the budget is spent.
+    ///
+    /// Waiters are served in arrival order, together with the threads in
+    /// [`allocate_blocking`](BufPool::allocate_blocking): a request is never overtaken by a
+    /// later one, however small.
+    ///
+    /// # Errors
+    ///
+    /// At once, without waiting: [`AllocError::ZeroBuffers`] for `n == 0`,
+    /// [`AllocError::ExceedsBudget`] when `n` buffers can never fit the budget. While or
+    /// before waiting: [`AllocError::Closed`] once the pool is closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future (a `select!` branch that lost, a
+    /// `tokio::time::timeout`) loses no budget and no wake-up. A request still waiting leaves
+    /// the queue; budget already granted to it goes on to the next waiters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 4096 * 16 });
+    /// let allocation = pool.allocate(16).await?;
+    /// // The budget is spent: the next request waits until `allocation` is dropped.
+    /// let mut next = std::pin::pin!(pool.allocate(1));
+    /// assert!(futures::poll!(next.as_mut()).is_pending());
+    /// drop(allocation);
+    /// assert_eq!(next.await?.length(), 1);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    #[inline]
+    pub fn allocate(&self, n: usize) -> Allocate<'_> {
+        Allocate::new(&self.shared, n, false)
+    }
+
+    /// Like [`allocate`](BufPool::allocate), with every byte of the allocation zero.
+    ///
+    /// # Errors
+    ///
+    /// As [`allocate`](BufPool::allocate).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`allocate`](BufPool::allocate).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 4096 });
+    /// let allocation = pool.allocate_zeroed(4).await?;
+    /// // SAFETY: the allocation is 256 initialised (zero) bytes, and nothing else uses it.
+    /// let bytes = unsafe { std::slice::from_raw_parts(allocation.first(), 256) };
+    /// assert!(bytes.iter().all(|&byte| byte == 0));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    #[inline]
+    pub fn allocate_zeroed(&self, n: usize) -> Allocate<'_> {
+        Allocate::new(&self.shared, n, true)
+    }
+
+    /// Allocates `n` contiguous buffers, blocking the calling thread while the budget is
+    /// spent. It waits in the same FIFO queue as [`allocate`](BufPool::allocate).
+    ///
+    /// # Errors
+    ///
+    /// As [`allocate`](BufPool::allocate).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread until the bytes are free or the pool is closed. Do not call it from
+    /// an async task (it would stall the executor thread); use `allocate(n).await` there, or
+    /// wrap it in `tokio::task::spawn_blocking`.
+    ///
+    /// # Panics
+    ///
+    /// Never, for any `n`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::sync::Arc;
+    ///
+    /// let pool = Arc::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S1024, max_memory: 1024 * 4 }));
+    /// let first = pool.allocate_blocking(4)?;
+    /// let waiter = std::thread::spawn({
+    ///     let pool = pool.clone();
+    ///     move || pool.allocate_blocking(2).map(|allocation| allocation.length())
+    /// });
+    /// drop(first); // wakes the waiting thread
+    /// assert_eq!(waiter.join().unwrap(), Ok(2));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    #[inline]
+    pub fn allocate_blocking(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
+        self.wait_blocking(Allocate::new(&self.shared, n, false), None)
+    }
+
+    /// Like [`allocate_blocking`](BufPool::allocate_blocking), with every byte zero.
+    ///
+    /// # Errors
+    ///
+    /// As [`allocate`](BufPool::allocate).
+    ///
+    /// # Blocking
+    ///
+    /// As [`allocate_blocking`](BufPool::allocate_blocking).
+    ///
+    /// # Panics
+    ///
+    /// Never, for any `n`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let allocation = pool.allocate_zeroed_blocking(2)?;
+    /// // SAFETY: 16 initialised (zero) bytes.
+    /// assert_eq!(unsafe { *allocation.first().add(15) }, 0);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    #[inline]
+    pub fn allocate_zeroed_blocking(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
+        self.wait_blocking(Allocate::new(&self.shared, n, true), None)
+    }
+
+    /// Like [`allocate_blocking`](BufPool::allocate_blocking), giving up after `timeout`.
+    ///
+    /// A zero `timeout` still takes free budget at once, but never waits; unlike
+    /// [`try_allocate`](BufPool::try_allocate) it fails with `TimedOut`. A `timeout` too large
+    /// to add to the clock waits without a deadline.
+    ///
+    /// # Errors
+    ///
+    /// As [`allocate`](BufPool::allocate), and [`AllocError::TimedOut`] when the deadline
+    /// passes first; the request then leaves the queue as if cancelled.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread for at most about `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// Never, for any `n` or `timeout`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// let held = pool.allocate_timeout(1, Duration::from_millis(10))?;
+    /// assert_eq!(
+    ///     pool.allocate_timeout(1, Duration::from_millis(10)).unwrap_err(),
+    ///     AllocError::TimedOut
+    /// );
+    /// drop(held);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn allocate_timeout(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<BufPoolAllocation, AllocError> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.wait_blocking(Allocate::new(&self.shared, n, false), deadline)
+    }
+
+    /// Like [`allocate_timeout`](BufPool::allocate_timeout), with every byte zero.
+    ///
+    /// # Errors
+    ///
+    /// As [`allocate_timeout`](BufPool::allocate_timeout).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread for at most about `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// Never, for any `n` or `timeout`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 128 });
+    /// let allocation = pool.allocate_zeroed_timeout(2, Duration::from_secs(1))?;
+    /// assert_eq!(allocation.allocated_bytes(), 128);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn allocate_zeroed_timeout(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<BufPoolAllocation, AllocError> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.wait_blocking(Allocate::new(&self.shared, n, true), deadline)
+    }
+
+    /// Allocates `n` contiguous buffers if the bytes are free now, and nobody waits for them
+    /// already; never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`AllocError::WouldBlock`] when the bytes are not free or other requests wait before
+    /// this one (it does not jump the queue); otherwise as [`allocate`](BufPool::allocate).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S32, max_memory: 32 * 10 });
+    /// let allocation = pool.try_allocate(10)?;
+    /// assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    /// drop(allocation);
+    /// assert!(pool.try_allocate(1).is_ok());
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    #[inline]
+    pub fn try_allocate(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
+        Self::try_now(Allocate::new(&self.shared, n, false))
+    }
+
+    /// Like [`try_allocate`](BufPool::try_allocate), with every byte zero.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_allocate`](BufPool::try_allocate).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S32, max_memory: 32 });
+    /// let allocation = pool.try_allocate_zeroed(1)?;
+    /// // SAFETY: 32 initialised (zero) bytes.
+    /// assert_eq!(unsafe { *allocation.first().add(31) }, 0);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    #[inline]
+    pub fn try_allocate_zeroed(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
+        Self::try_now(Allocate::new(&self.shared, n, true))
+    }
+
+    #[inline]
+    fn try_now(mut allocate: Allocate<'_>) -> Result<BufPoolAllocation, AllocError> {
+        match allocate.try_now() {
+            ControlFlow::Break(done) => done,
+            ControlFlow::Continue(_) => Err(AllocError::WouldBlock),
+        }
+    }
+
+    #[inline]
+    fn wait_blocking(
+        &self,
+        mut allocate: Allocate<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<BufPoolAllocation, AllocError> {
+        if let ControlFlow::Break(done) = allocate.try_now() {
+            return done;
+        }
+        block_on(&mut allocate, deadline).unwrap_or(Err(AllocError::TimedOut))
+    }
+
+    /// The pool's counters now. Exact when no call is in flight.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 * 4 });
+    /// let allocation = pool.try_allocate(3).unwrap();
+    /// let stats = pool.stats();
+    /// assert_eq!((stats.in_use_bytes, stats.outstanding, stats.waiting), (192, 1, 0));
+    /// println!("{stats}"); // 192 of 256 bytes in use by 1 allocations, 0 waiting
+    /// ```
+    pub fn stats(&self) -> PoolStats {
+        let counters = self.shared.counters();
+        PoolStats {
+            in_use_bytes: counters.in_use,
+            max_memory: counters.max_memory,
+            outstanding: counters.outstanding,
+            waiting: counters.waiting,
+            buffer_size: self.shared.buffer_size.bytes(),
+            closed: counters.closed,
+        }
+    }
+
+    /// Changes the budget at run time.
+    ///
+    /// Growing it serves the waiters that now fit, in FIFO order. Shrinking it applies to new
+    /// requests at once and to live memory as it comes back: the bytes in use may stay above
+    /// the new budget until then (never above the old one). Waiting requests that can never
+    /// fit the new budget fail with [`AllocError::ExceedsBudget`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for a budget below one buffer or above the largest budget; the budget
+    /// is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 * 2 });
+    /// assert!(pool.try_allocate(4).is_err());
+    /// pool.set_max_memory(64 * 4)?;
+    /// assert!(pool.try_allocate(4).is_ok());
+    /// assert!(pool.set_max_memory(0).is_err());
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn set_max_memory(&self, max_memory: usize) -> Result<(), ConfigError> {
+        validate_max_memory(self.shared.buffer_size, max_memory)?;
+        self.shared.set_max_memory(max_memory);
+        Ok(())
+    }
+
+    /// The configured buffer size.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S256, max_memory: 256 });
+    /// assert_eq!(pool.buffer_size(), BufferSize::S256);
+    /// ```
+    pub fn buffer_size(&self) -> crate::BufferSize {
+        self.shared.buffer_size
+    }
+
+    /// Closes the pool: every waiting request fails with [`AllocError::Closed`] at once, and
+    /// so does every later one. Live allocations stay valid and give their bytes back as
+    /// usual. Closing twice is harmless.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// let live = pool.allocate(1).await.unwrap();
+    /// let mut waiter = std::pin::pin!(pool.allocate(1));
+    /// assert!(futures::poll!(waiter.as_mut()).is_pending());
+    /// pool.close();
+    /// assert!(pool.is_closed());
+    /// assert_eq!(waiter.await.unwrap_err(), AllocError::Closed);
+    /// assert_eq!(live.length(), 1); // still valid
+    /// # });
+    /// ```
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Whether [`close`](BufPool::close) was called.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// assert!(!pool.is_closed());
+    /// pool.close();
+    /// assert!(pool.is_closed());
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+
+    /// Waits until no allocation of this pool is outstanding: the shutdown barrier of `Drop`,
+    /// for async code. It does not close the pool, so on an open pool new allocations may
+    /// follow.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the future only listens.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let allocation = pool.allocate(4).await.unwrap();
+    /// let worker = std::thread::spawn(move || drop(allocation));
+    /// pool.close();
+    /// pool.drained().await; // every allocation is back
+    /// assert_eq!(pool.stats().outstanding, 0);
+    /// worker.join().unwrap();
+    /// # });
+    /// ```
+    pub fn drained(&self) -> Drained<'_> {
+        Drained::new(&self.shared)
+    }
+
+    /// Closes the pool, waits for every allocation to come back and drops the pool, without
+    /// blocking a thread.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before it completes, the pool is dropped with it, which
+    /// blocks as [`Drop`](#impl-Drop-for-BufPool) does; the pool stays closed either way.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let allocation = pool.allocate(4).await.unwrap();
+    /// let worker = std::thread::spawn(move || drop(allocation));
+    /// pool.shutdown().await;
+    /// worker.join().unwrap();
+    /// # });
+    /// ```
+    pub async fn shutdown(self) {
+        self.close();
+        self.drained().await;
+    }
+
+    /// Closes the pool and waits at most `timeout` for every allocation to come back.
+    /// Returns the stats at that point: `outstanding == 0` means the pool drained.
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread for at most about `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// Never.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let held = pool.try_allocate(2).unwrap();
+    /// let report = pool.shutdown_timeout(Duration::from_millis(10));
+    /// assert_eq!((report.outstanding, report.in_use_bytes), (1, 128));
+    /// drop(held);
+    /// assert_eq!(pool.shutdown_timeout(Duration::from_millis(10)).outstanding, 0);
+    /// ```
+    pub fn shutdown_timeout(&self, timeout: Duration) -> PoolStats {
+        self.close();
+        let mut drained = self.drained();
+        block_on(&mut drained, Instant::now().checked_add(timeout));
+        self.stats()
+    }
+}
+
+/// Buffers start at a multiple of this, or of the buffer size if smaller: the most the
+/// system allocator gives at the price of a plain `malloc` (a larger alignment takes the
+/// much slower `posix_memalign` path).
+const DEFAULT_ALIGN: usize = 16;
+
+impl Drop for BufPool {
+    /// Closes the pool and blocks until every allocation has been dropped.
+    fn drop(&mut self) {
+        self.shared.close();
+        let mut drained = Drained::new(&self.shared);
+        let warn_at = Instant::now().checked_add(DROP_WARNING_AFTER);
+        if block_on(&mut drained, warn_at).is_none() {
+            let stats = self.stats();
+            // Not `eprintln!`: a closed stderr must not turn the barrier into a panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "membudget: dropping a BufPool has waited {DROP_WARNING_AFTER:?} for {} \
+                 allocations ({} bytes) to be dropped; an allocation held by the dropping \
+                 thread would deadlock here",
+                stats.outstanding,
+                stats.in_use_bytes,
+            );
+            block_on(&mut drained, None);
+        }
+        // `self.shared` (a `PoolHandle`) now drops its `Arc` if the pool is drained, and
+        // leaks it if a panic cut the barrier short.
+    }
+}
+
+impl fmt::Debug for BufPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufPool")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}

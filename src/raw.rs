@@ -1,0 +1,150 @@
+//! The crate's only `unsafe` code: the raw memory block of an allocation and the uncounted
+//! pointer from an allocation back to its pool.
+//!
+//! # Why the pointer back to the pool is sound
+//!
+//! An allocation does not hold a reference count on the pool's [`Shared`] (that would cost
+//! two more atomic read-modify-writes per allocate and drop). It relies on the shutdown
+//! barrier instead:
+//!
+//! 1. While a block is live its bytes are counted in the pool's budget word.
+//! 2. [`BufPool`](crate::BufPool) drops its `Arc<Shared>` only after the barrier has seen
+//!    zero bytes in use, and leaks it rather than drop it if the barrier is cut short.
+//! 3. The release gives the bytes back as its very last access to `Shared`, unless it first
+//!    took a strong reference with [`Block::keep_alive`] (which needs step 1 to hold).
+
+use core::alloc::Layout;
+use core::mem::ManuallyDrop;
+use core::ops::Deref;
+use core::ptr::NonNull;
+
+use crate::shared::Shared;
+use crate::sync::Arc;
+
+/// `bytes` of heap memory reserved from, and aligned as configured by, one pool; freed and
+/// given back to that pool's budget on drop. Exactly three words.
+#[derive(Debug)]
+pub(crate) struct Block {
+    ptr: NonNull<u8>,
+    bytes: usize,
+    shared: NonNull<Shared>,
+}
+
+// SAFETY: `Block` owns its memory exclusively (like a `Box<[u8]>`), and `Shared` is `Sync`;
+// nothing in it is tied to the thread that created it.
+unsafe impl Send for Block {}
+// SAFETY: `&Block` only reads the pointer values and `Shared`'s thread-safe state.
+unsafe impl Sync for Block {}
+
+impl Block {
+    /// Allocates `bytes` for a reservation already counted in `shared`'s budget.
+    ///
+    /// `bytes` is `n * buffer_size` for `n >= 1`, so never zero, and at most the pool's
+    /// budget, which [`crate::config`] keeps far below `isize::MAX`.
+    #[inline]
+    pub(crate) fn new(shared: &Arc<Shared>, bytes: usize, zeroed: bool) -> Block {
+        let layout = layout(shared, bytes);
+        // SAFETY: `layout` has a non-zero size (see above).
+        let raw = unsafe {
+            if zeroed {
+                std::alloc::alloc_zeroed(layout)
+            } else {
+                std::alloc::alloc(layout)
+            }
+        };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        shared.count_outstanding(true);
+        Block {
+            ptr,
+            bytes,
+            // `as_ptr` keeps the provenance of the whole `Arc` allocation for `keep_alive`.
+            shared: NonNull::new(Arc::as_ptr(shared).cast_mut()).expect("an Arc is never null"),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    #[inline]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    #[inline]
+    pub(crate) fn shared(&self) -> &Shared {
+        // SAFETY: see the module docs: this block's bytes are still counted, so the pool's
+        // `Arc<Shared>` is still alive.
+        unsafe { self.shared.as_ref() }
+    }
+
+    /// A strong reference to the pool, for work that must go on after the bytes are back.
+    fn keep_alive(shared: NonNull<Shared>) -> Arc<Shared> {
+        // SAFETY: called before the bytes are given back, so the pool still holds its strong
+        // reference (module docs) and `shared` came from that `Arc`'s `as_ptr`.
+        unsafe {
+            Arc::increment_strong_count(shared.as_ptr());
+            Arc::from_raw(shared.as_ptr())
+        }
+    }
+}
+
+fn layout(shared: &Shared, bytes: usize) -> Layout {
+    match Layout::from_size_align(bytes, shared.align) {
+        Ok(layout) => layout,
+        Err(_) => unreachable!("the budget limit keeps every request a valid layout"),
+    }
+}
+
+impl Drop for Block {
+    #[inline]
+    fn drop(&mut self) {
+        let shared = self.shared();
+        shared.count_outstanding(false);
+        // SAFETY: `ptr` came from the global allocator with exactly this layout (the pool's
+        // alignment never changes), and is freed once, here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared, self.bytes)) };
+        let pool = self.shared;
+        shared.release(self.bytes, move || Block::keep_alive(pool));
+    }
+}
+
+/// The pool's own strong reference to [`Shared`]: dropped only when nothing is in use, leaked
+/// otherwise (when a panic cut the shutdown barrier short), so no [`Block`] can dangle.
+#[derive(Debug)]
+pub(crate) struct PoolHandle {
+    shared: ManuallyDrop<Arc<Shared>>,
+}
+
+impl PoolHandle {
+    pub(crate) fn new(shared: Shared) -> Self {
+        PoolHandle {
+            shared: ManuallyDrop::new(Arc::new(shared)),
+        }
+    }
+}
+
+impl Deref for PoolHandle {
+    type Target = Arc<Shared>;
+
+    #[inline]
+    fn deref(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for PoolHandle {
+    fn drop(&mut self) {
+        // Only the pool's owner, inside its drop, gets here, so no call on the pool can
+        // reserve bytes concurrently: zero now means zero for good.
+        if self.shared.is_drained() {
+            // SAFETY: dropped once, here, and `self.shared` is never used again. No block
+            // points into it (none is counted) and a release still at work holds its own
+            // strong reference.
+            unsafe { ManuallyDrop::drop(&mut self.shared) };
+        }
+    }
+}

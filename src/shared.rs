@@ -1,0 +1,373 @@
+//! The state every handle of one pool shares: the budget word, the wait queue and the drain
+//! event, with the reserve/release protocol that keeps them consistent.
+//!
+//! # The budget word
+//!
+//! `state` holds the bytes in use in its low bits and three flags in its top bits, so one
+//! atomic read-modify-write both checks and changes them together:
+//!
+//! * `CLOSED`: no new reservation succeeds.
+//! * `QUEUED`: the wait queue is not empty. Reservations then go through the lock (FIFO: no
+//!   newcomer takes budget ahead of a waiter) and so do releases (to hand the bytes on).
+//!   It is set and cleared only under the lock.
+//! * `DRAIN_WAIT`: someone waits for the bytes in use to reach zero; the release that gets
+//!   there clears it and notifies them.
+//!
+//! With no flag set, a reservation is one compare-exchange and a release is one
+//! compare-exchange: no lock, no notification.
+
+use core::task::Waker;
+
+use event_listener::Event;
+
+use crate::queue::{Status, WaitQueue, WakeList};
+use crate::sync::{Arc, AtomicUsize, Mutex, lock};
+use crate::{AllocError, BufferSize};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+pub(crate) const CLOSED: usize = 1 << (usize::BITS - 1);
+pub(crate) const QUEUED: usize = 1 << (usize::BITS - 2);
+pub(crate) const DRAIN_WAIT: usize = 1 << (usize::BITS - 3);
+pub(crate) const IN_USE: usize = !(CLOSED | QUEUED | DRAIN_WAIT);
+
+/// Why a reservation without waiting failed.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Busy {
+    /// Not enough budget free, or others wait for it first.
+    Full,
+    Closed,
+}
+
+/// What a reservation that may wait got.
+#[derive(Debug)]
+pub(crate) enum Reservation {
+    /// The bytes are reserved.
+    Reserved,
+    /// The request waits in the queue under this key.
+    Queued(usize),
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: AtomicUsize,
+    max_memory: AtomicUsize,
+    outstanding: AtomicUsize,
+    waiting: AtomicUsize,
+    pub(crate) buffer_size: BufferSize,
+    pub(crate) align: usize,
+    queue: Mutex<WaitQueue>,
+    drained: Event,
+}
+
+/// A snapshot of the counters, read without the lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Counters {
+    pub(crate) in_use: usize,
+    pub(crate) closed: bool,
+    pub(crate) max_memory: usize,
+    pub(crate) outstanding: usize,
+    pub(crate) waiting: usize,
+}
+
+impl Shared {
+    pub(crate) fn new(buffer_size: BufferSize, max_memory: usize, align: usize) -> Self {
+        Shared {
+            state: AtomicUsize::new(0),
+            max_memory: AtomicUsize::new(max_memory),
+            outstanding: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            buffer_size,
+            align,
+            queue: Mutex::new(WaitQueue::new()),
+            drained: Event::new(),
+        }
+    }
+
+    /// The bytes of `n` buffers, or the error that says why `n` can never be served.
+    #[inline]
+    pub(crate) fn request_bytes(&self, n: usize) -> Result<usize, AllocError> {
+        let max_memory = self.max_memory.load(Relaxed);
+        match n.checked_mul(self.buffer_size.bytes()) {
+            _ if n == 0 => Err(AllocError::ZeroBuffers),
+            Some(bytes) if bytes <= max_memory => Ok(bytes),
+            bytes => Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes.unwrap_or(usize::MAX),
+                max_memory,
+            }),
+        }
+    }
+
+    /// The fast path: reserves `bytes` if they are free and nobody waits.
+    #[inline]
+    pub(crate) fn try_reserve(&self, bytes: usize) -> Result<(), Busy> {
+        let max_memory = self.max_memory.load(Relaxed);
+        let mut state = self.state.load(Relaxed);
+        loop {
+            if state & (CLOSED | QUEUED) != 0 || bytes > max_memory.saturating_sub(state & IN_USE)
+            {
+                return Err(if state & CLOSED != 0 { Busy::Closed } else { Busy::Full });
+            }
+            match self
+                .state
+                .compare_exchange_weak(state, state + bytes, Acquire, Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => state = actual,
+            }
+        }
+    }
+
+    /// The slow path: under the lock, reserves `bytes` if nobody waits and they fit, or else
+    /// queues the request behind every earlier one.
+    pub(crate) fn reserve_or_enqueue(
+        &self,
+        bytes: usize,
+        waker: &Waker,
+    ) -> Result<Reservation, AllocError> {
+        let mut queue = lock(&self.queue);
+        let max_memory = self.max_memory.load(Relaxed);
+        if bytes > max_memory {
+            // A concurrent shrink of the budget made the request impossible.
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory,
+            });
+        }
+        let mut state = self.state.load(Acquire);
+        loop {
+            let next = if state & CLOSED != 0 {
+                return Err(AllocError::Closed);
+            } else if state & QUEUED != 0 {
+                break;
+            } else if bytes <= max_memory.saturating_sub(state & IN_USE) {
+                state + bytes
+            } else {
+                state | QUEUED
+            };
+            match self.state.compare_exchange(state, next, AcqRel, Acquire) {
+                Ok(_) if next & QUEUED == 0 => return Ok(Reservation::Reserved),
+                Ok(_) => break,
+                Err(actual) => state = actual,
+            }
+        }
+        // Clone first: a panicking `clone` then leaves the queue as it was.
+        let key = queue.push_back(bytes, waker.clone());
+        self.waiting.store(queue.len(), Relaxed);
+        Ok(Reservation::Queued(key))
+    }
+
+    /// Checks a queued request: `Some` once it is out of the queue (its slot is then freed).
+    pub(crate) fn poll_queued(&self, key: usize, waker: &Waker) -> Option<Result<(), AllocError>> {
+        let mut queue = lock(&self.queue);
+        match queue.status(key) {
+            Status::Waiting => {
+                queue.register(key, waker);
+                None
+            }
+            Status::Granted => {
+                queue.remove(key);
+                Some(Ok(()))
+            }
+            Status::Failed(error) => {
+                queue.remove(key);
+                Some(Err(error))
+            }
+            Status::Vacant => unreachable!("a waiter polled a slot it no longer owns"),
+        }
+    }
+
+    /// A queued request gives up: bytes already granted to it go to the next waiters, and a
+    /// head that leaves lets the ones behind it move up.
+    pub(crate) fn cancel(&self, key: usize) {
+        let mut wakers = WakeList::default();
+        let mut notify_drained = false;
+        {
+            let mut queue = lock(&self.queue);
+            match queue.remove(key) {
+                (Status::Granted, bytes) => {
+                    notify_drained = self.give_back_locked(bytes, &mut queue, &mut wakers);
+                }
+                (Status::Waiting, _) => self.serve(&mut queue, &mut wakers),
+                (Status::Failed(_) | Status::Vacant, _) => {}
+            }
+        }
+        drop(wakers);
+        if notify_drained {
+            self.drained.notify(usize::MAX);
+        }
+    }
+
+    /// Returns `bytes` to the budget.
+    ///
+    /// `keep_alive` is called before the bytes are given back whenever the release has more
+    /// to do than one compare-exchange: once they are back, the pool may finish dropping, and
+    /// only the returned handle keeps this `Shared` alive for the wake-ups that follow.
+    #[inline]
+    pub(crate) fn release(&self, bytes: usize, keep_alive: impl FnOnce() -> Arc<Shared>) {
+        let mut state = self.state.load(Relaxed);
+        while state & (QUEUED | DRAIN_WAIT) == 0 {
+            match self
+                .state
+                .compare_exchange_weak(state, state - bytes, Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => state = actual,
+            }
+        }
+        keep_alive().release_slow(bytes);
+    }
+
+    #[cold]
+    fn release_slow(&self, bytes: usize) {
+        let mut wakers = WakeList::default();
+        let notify_drained;
+        let mut state = self.state.load(Relaxed);
+        loop {
+            if state & QUEUED != 0 {
+                let mut queue = lock(&self.queue);
+                notify_drained = self.give_back_locked(bytes, &mut queue, &mut wakers);
+                break;
+            }
+            let next = Self::minus(state, bytes);
+            match self
+                .state
+                .compare_exchange_weak(state, next, AcqRel, Relaxed)
+            {
+                Ok(_) => {
+                    notify_drained = Self::drained_by(state, next);
+                    break;
+                }
+                Err(actual) => state = actual,
+            }
+        }
+        drop(wakers);
+        if notify_drained {
+            self.drained.notify(usize::MAX);
+        }
+    }
+
+    /// `state - bytes`, clearing `DRAIN_WAIT` when that leaves nothing in use.
+    fn minus(state: usize, bytes: usize) -> usize {
+        let next = state - bytes;
+        if next & IN_USE == 0 { next & !DRAIN_WAIT } else { next }
+    }
+
+    /// Whether the step `state -> next` is the one that must notify the drain waiters.
+    fn drained_by(state: usize, next: usize) -> bool {
+        state & DRAIN_WAIT != 0 && next & IN_USE == 0
+    }
+
+    /// Gives `bytes` back while holding the lock, then serves the queue. Returns whether the
+    /// drain waiters must be notified (after the lock is released).
+    fn give_back_locked(&self, bytes: usize, queue: &mut WaitQueue, wakers: &mut WakeList) -> bool {
+        let mut state = self.state.load(Relaxed);
+        loop {
+            let next = Self::minus(state, bytes);
+            match self
+                .state
+                .compare_exchange_weak(state, next, AcqRel, Relaxed)
+            {
+                Ok(_) => {
+                    self.serve(queue, wakers);
+                    return Self::drained_by(state, next);
+                }
+                Err(actual) => state = actual,
+            }
+        }
+    }
+
+    /// Grants the head of the queue its bytes for as long as they fit, in order, and clears
+    /// `QUEUED` once the queue is empty. Called with the lock held whenever budget may have
+    /// come free or the head changed.
+    ///
+    /// While `QUEUED` is set and the lock is held, nobody else can add to the bytes in use
+    /// (the fast path refuses, the slow path needs the lock), so the free room read here can
+    /// only grow behind our back: granting against it never overshoots the budget.
+    pub(crate) fn serve(&self, queue: &mut WaitQueue, wakers: &mut WakeList) {
+        let max_memory = self.max_memory.load(Relaxed);
+        let mut in_use = self.state.load(Acquire) & IN_USE;
+        while let Some(bytes) = queue.front_bytes() {
+            if bytes > max_memory.saturating_sub(in_use) {
+                break;
+            }
+            in_use = (self.state.fetch_add(bytes, AcqRel) & IN_USE) + bytes;
+            if let Some(waker) = queue.pop_front(Status::Granted) {
+                wakers.push(waker);
+            }
+        }
+        if queue.is_empty() {
+            self.state.fetch_and(!QUEUED, Release);
+        }
+        self.waiting.store(queue.len(), Relaxed);
+    }
+
+    /// Closes the pool: every waiter fails with `Closed`, and so does every later reservation.
+    pub(crate) fn close(&self) {
+        let mut wakers = WakeList::default();
+        {
+            let mut queue = lock(&self.queue);
+            self.state.fetch_or(CLOSED, AcqRel);
+            queue.fail_all(AllocError::Closed, |waker| wakers.push(waker));
+            self.serve(&mut queue, &mut wakers);
+        }
+        drop(wakers);
+    }
+
+    /// Changes the budget: requests that can never fit the new one fail with
+    /// `ExceedsBudget`, and those that fit now are served in order.
+    pub(crate) fn set_max_memory(&self, max_memory: usize) {
+        let mut wakers = WakeList::default();
+        {
+            let mut queue = lock(&self.queue);
+            self.max_memory.store(max_memory, Relaxed);
+            queue.fail_where(
+                |bytes| {
+                    (bytes > max_memory).then_some(AllocError::ExceedsBudget {
+                        requested_bytes: bytes,
+                        max_memory,
+                    })
+                },
+                |waker| wakers.push(waker),
+            );
+            self.serve(&mut queue, &mut wakers);
+        }
+        drop(wakers);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Acquire) & CLOSED != 0
+    }
+
+    /// Whether nothing is in use; otherwise makes sure the release that gets there notifies
+    /// the drain event. Call after listening to it.
+    pub(crate) fn drained_or_announce(&self) -> bool {
+        self.state.fetch_or(DRAIN_WAIT, AcqRel) & IN_USE == 0
+    }
+
+    pub(crate) fn is_drained(&self) -> bool {
+        self.state.load(Acquire) & IN_USE == 0
+    }
+
+    pub(crate) fn drain_event(&self) -> &Event {
+        &self.drained
+    }
+
+    pub(crate) fn count_outstanding(&self, delta_up: bool) {
+        if delta_up {
+            self.outstanding.fetch_add(1, Relaxed);
+        } else {
+            self.outstanding.fetch_sub(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        let state = self.state.load(Acquire);
+        Counters {
+            in_use: state & IN_USE,
+            closed: state & CLOSED != 0,
+            max_memory: self.max_memory.load(Relaxed),
+            outstanding: self.outstanding.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The one place that picks the synchronisation primitives: `loom`'s modelled ones under
+//! `cfg(loom)`, the standard library's otherwise. Everything else imports through here so a
+//! loom model sees every atomic, lock and park the pool uses.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicUsize},
+};
+#[cfg(loom)]
+pub(crate) use loom::thread::{Thread, current as current_thread, park};
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicUsize},
+};
+#[cfg(not(loom))]
+pub(crate) use std::thread::{Thread, current as current_thread, park};
+
+/// Parks the current thread until it is unparked or `deadline` passes.
+///
+/// loom has no clock, so under a model a deadline only yields: timeouts are tested with real
+/// threads, the wake-up logic around them with loom.
+pub(crate) fn park_until(deadline: std::time::Instant) {
+    #[cfg(not(loom))]
+    {
+        let now = std::time::Instant::now();
+        if let Some(remaining) = deadline.checked_duration_since(now) {
+            std::thread::park_timeout(remaining);
+        }
+    }
+    #[cfg(loom)]
+    {
+        let _ = deadline;
+        loom::thread::yield_now();
+    }
+}
+
+/// Locks `mutex`, ignoring poison: every critical section in this crate keeps the queue
+/// consistent at each step, and user code (a waker's `clone`) can only panic before the
+/// section changes anything.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    #[cfg(loom)]
+    {
+        mutex.lock().unwrap()
+    }
+    #[cfg(not(loom))]
+    {
+        mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
