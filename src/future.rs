@@ -59,6 +59,10 @@ impl<'a> Allocate<'a> {
         }
     }
 
+    pub(crate) fn shared(&self) -> &Shared {
+        self.shared
+    }
+
     /// The first step of the wait, which needs no waker: bad input fails and free budget is
     /// taken at once. `Continue(bytes)` means the request for `bytes` has to wait (the stage
     /// stays `Start`).

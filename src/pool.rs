@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::blocking::block_on;
 use crate::config::validate_max_memory;
 use crate::future::{Allocate, Drained};
-use crate::shared::Shared;
 use crate::raw::PoolHandle;
+use crate::shared::Shared;
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 
 /// How long `Drop` waits for outstanding allocations before it says on stderr what it waits
@@ -379,7 +379,10 @@ impl BufPool {
     fn try_now(mut allocate: Allocate<'_>) -> Result<BufPoolAllocation, AllocError> {
         match allocate.try_now() {
             ControlFlow::Break(done) => done,
-            ControlFlow::Continue(_) => Err(AllocError::WouldBlock),
+            ControlFlow::Continue(_) => {
+                allocate.shared().count_failure(AllocError::WouldBlock);
+                Err(AllocError::WouldBlock)
+            }
         }
     }
 
@@ -392,7 +395,10 @@ impl BufPool {
         if let ControlFlow::Break(done) = allocate.try_now() {
             return done;
         }
-        block_on(&mut allocate, deadline).unwrap_or(Err(AllocError::TimedOut))
+        block_on(&mut allocate, deadline).unwrap_or_else(|| {
+            self.shared.count_failure(AllocError::TimedOut);
+            Err(AllocError::TimedOut)
+        })
     }
 
     /// The pool's counters now. Exact when no call is in flight.
@@ -406,18 +412,10 @@ impl BufPool {
     /// let allocation = pool.try_allocate(3).unwrap();
     /// let stats = pool.stats();
     /// assert_eq!((stats.in_use_bytes, stats.outstanding, stats.waiting), (192, 1, 0));
-    /// println!("{stats}"); // 192 of 256 bytes in use by 1 allocations, 0 waiting
+    /// println!("{stats}"); // "192 of 256 bytes in use by 1 allocations (peak 192 bytes), …"
     /// ```
     pub fn stats(&self) -> PoolStats {
-        let counters = self.shared.counters();
-        PoolStats {
-            in_use_bytes: counters.in_use,
-            max_memory: counters.max_memory,
-            outstanding: counters.outstanding,
-            waiting: counters.waiting,
-            buffer_size: self.shared.buffer_size.bytes(),
-            closed: counters.closed,
-        }
+        self.shared.stats()
     }
 
     /// Changes the budget at run time.

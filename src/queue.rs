@@ -6,6 +6,7 @@
 //! reused behind its owner's back.
 
 use core::task::Waker;
+use std::time::{Duration, Instant};
 
 use crate::AllocError;
 
@@ -27,14 +28,24 @@ pub(crate) enum Status {
 #[derive(Debug)]
 struct Slot {
     bytes: usize,
+    since: Instant,
     status: Status,
     waker: Option<Waker>,
     prev: usize,
     next: usize,
 }
 
+/// How long granted requests waited, kept under the queue's lock at no extra cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WaitStats {
+    pub(crate) waited: usize,
+    pub(crate) total: Duration,
+    pub(crate) max: Duration,
+}
+
 #[derive(Debug)]
 pub(crate) struct WaitQueue {
+    waits: WaitStats,
     slots: Vec<Slot>,
     free: usize,
     head: usize,
@@ -45,6 +56,11 @@ pub(crate) struct WaitQueue {
 impl WaitQueue {
     pub(crate) const fn new() -> Self {
         WaitQueue {
+            waits: WaitStats {
+                waited: 0,
+                total: Duration::ZERO,
+                max: Duration::ZERO,
+            },
             slots: Vec::new(),
             free: NIL,
             head: NIL,
@@ -66,6 +82,7 @@ impl WaitQueue {
     pub(crate) fn push_back(&mut self, bytes: usize, waker: Waker) -> usize {
         let slot = Slot {
             bytes,
+            since: Instant::now(),
             status: Status::Waiting,
             waker: Some(waker),
             prev: self.tail,
@@ -146,6 +163,19 @@ impl WaitQueue {
             Some(old) if old.will_wake(waker) => {}
             stale => *stale = Some(waker.clone()),
         }
+    }
+
+    /// The owner of a granted slot takes its allocation: counts the wait and frees the slot.
+    pub(crate) fn remove_granted(&mut self, key: usize) {
+        let waited = self.slots[key].since.elapsed();
+        self.waits.waited += 1;
+        self.waits.total = self.waits.total.saturating_add(waited);
+        self.waits.max = self.waits.max.max(waited);
+        self.remove(key);
+    }
+
+    pub(crate) fn wait_stats(&self) -> WaitStats {
+        self.waits
     }
 
     /// The owner gives its slot back; returns its status and bytes, unlinking it if it still

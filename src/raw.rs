@@ -55,7 +55,7 @@ impl Block {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        shared.count_outstanding(true);
+        shared.count_allocation();
         Block {
             ptr,
             bytes,
@@ -103,7 +103,7 @@ impl Drop for Block {
     #[inline]
     fn drop(&mut self) {
         let shared = self.shared();
-        shared.count_outstanding(false);
+        shared.count_release();
         // SAFETY: `ptr` came from the global allocator with exactly this layout (the pool's
         // alignment never changes), and is freed once, here.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared, self.bytes)) };

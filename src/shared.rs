@@ -22,7 +22,7 @@ use event_listener::Event;
 
 use crate::queue::{Status, WaitQueue, WakeList};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
-use crate::{AllocError, BufferSize};
+use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 pub(crate) const CLOSED: usize = 1 << (usize::BITS - 1);
@@ -51,7 +51,13 @@ pub(crate) enum Reservation {
 pub(crate) struct Shared {
     state: AtomicUsize,
     max_memory: AtomicUsize,
-    outstanding: AtomicUsize,
+    /// Allocations ever made and ever dropped: their difference is the live count, and the
+    /// first is a statistic of its own, for the price of one counter.
+    allocations: AtomicUsize,
+    releases: AtomicUsize,
+    peak_in_use: AtomicUsize,
+    would_block: AtomicUsize,
+    timed_out: AtomicUsize,
     waiting: AtomicUsize,
     pub(crate) buffer_size: BufferSize,
     pub(crate) align: usize,
@@ -59,22 +65,16 @@ pub(crate) struct Shared {
     drained: Event,
 }
 
-/// A snapshot of the counters, read without the lock.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Counters {
-    pub(crate) in_use: usize,
-    pub(crate) closed: bool,
-    pub(crate) max_memory: usize,
-    pub(crate) outstanding: usize,
-    pub(crate) waiting: usize,
-}
-
 impl Shared {
     pub(crate) fn new(buffer_size: BufferSize, max_memory: usize, align: usize) -> Self {
         Shared {
             state: AtomicUsize::new(0),
             max_memory: AtomicUsize::new(max_memory),
-            outstanding: AtomicUsize::new(0),
+            allocations: AtomicUsize::new(0),
+            releases: AtomicUsize::new(0),
+            peak_in_use: AtomicUsize::new(0),
+            would_block: AtomicUsize::new(0),
+            timed_out: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             buffer_size,
             align,
@@ -103,17 +103,31 @@ impl Shared {
         let max_memory = self.max_memory.load(Relaxed);
         let mut state = self.state.load(Relaxed);
         loop {
-            if state & (CLOSED | QUEUED) != 0 || bytes > max_memory.saturating_sub(state & IN_USE)
-            {
-                return Err(if state & CLOSED != 0 { Busy::Closed } else { Busy::Full });
+            if state & (CLOSED | QUEUED) != 0 || bytes > max_memory.saturating_sub(state & IN_USE) {
+                return Err(if state & CLOSED != 0 {
+                    Busy::Closed
+                } else {
+                    Busy::Full
+                });
             }
             match self
                 .state
                 .compare_exchange_weak(state, state + bytes, Acquire, Relaxed)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.note_in_use((state & IN_USE) + bytes);
+                    return Ok(());
+                }
                 Err(actual) => state = actual,
             }
+        }
+    }
+
+    /// Keeps the peak: a plain load in the common case that it did not grow.
+    #[inline]
+    fn note_in_use(&self, in_use: usize) {
+        if in_use > self.peak_in_use.load(Relaxed) {
+            self.peak_in_use.fetch_max(in_use, Relaxed);
         }
     }
 
@@ -145,7 +159,10 @@ impl Shared {
                 state | QUEUED
             };
             match self.state.compare_exchange(state, next, AcqRel, Acquire) {
-                Ok(_) if next & QUEUED == 0 => return Ok(Reservation::Reserved),
+                Ok(_) if next & QUEUED == 0 => {
+                    self.note_in_use(next & IN_USE);
+                    return Ok(Reservation::Reserved);
+                }
                 Ok(_) => break,
                 Err(actual) => state = actual,
             }
@@ -165,7 +182,7 @@ impl Shared {
                 None
             }
             Status::Granted => {
-                queue.remove(key);
+                queue.remove_granted(key);
                 Some(Ok(()))
             }
             Status::Failed(error) => {
@@ -249,7 +266,11 @@ impl Shared {
     /// `state - bytes`, clearing `DRAIN_WAIT` when that leaves nothing in use.
     fn minus(state: usize, bytes: usize) -> usize {
         let next = state - bytes;
-        if next & IN_USE == 0 { next & !DRAIN_WAIT } else { next }
+        if next & IN_USE == 0 {
+            next & !DRAIN_WAIT
+        } else {
+            next
+        }
     }
 
     /// Whether the step `state -> next` is the one that must notify the drain waiters.
@@ -291,6 +312,7 @@ impl Shared {
                 break;
             }
             in_use = (self.state.fetch_add(bytes, AcqRel) & IN_USE) + bytes;
+            self.note_in_use(in_use);
             if let Some(waker) = queue.pop_front(Status::Granted) {
                 wakers.push(waker);
             }
@@ -352,22 +374,45 @@ impl Shared {
         &self.drained
     }
 
-    pub(crate) fn count_outstanding(&self, delta_up: bool) {
-        if delta_up {
-            self.outstanding.fetch_add(1, Relaxed);
-        } else {
-            self.outstanding.fetch_sub(1, Relaxed);
-        }
+    #[inline]
+    pub(crate) fn count_allocation(&self) {
+        self.allocations.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn counters(&self) -> Counters {
+    #[inline]
+    pub(crate) fn count_release(&self) {
+        self.releases.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_failure(&self, error: AllocError) {
+        match error {
+            AllocError::WouldBlock => self.would_block.fetch_add(1, Relaxed),
+            AllocError::TimedOut => self.timed_out.fetch_add(1, Relaxed),
+            _ => 0,
+        };
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let waits = lock(&self.queue).wait_stats();
+        // Releases first: read the other way round, a release between the two reads could
+        // make the live count negative.
+        let releases = self.releases.load(Acquire);
+        let allocations = self.allocations.load(Acquire);
         let state = self.state.load(Acquire);
-        Counters {
-            in_use: state & IN_USE,
-            closed: state & CLOSED != 0,
+        PoolStats {
+            in_use_bytes: state & IN_USE,
             max_memory: self.max_memory.load(Relaxed),
-            outstanding: self.outstanding.load(Relaxed),
+            outstanding: allocations.saturating_sub(releases),
             waiting: self.waiting.load(Relaxed),
+            buffer_size: self.buffer_size.bytes(),
+            closed: state & CLOSED != 0,
+            peak_in_use_bytes: self.peak_in_use.load(Relaxed),
+            total_allocations: allocations,
+            waited_allocations: waits.waited,
+            total_wait: waits.total,
+            max_wait: waits.max,
+            would_block: self.would_block.load(Relaxed),
+            timed_out: self.timed_out.load(Relaxed),
         }
     }
 }

@@ -113,7 +113,11 @@ pub struct InvalidBufferSize(pub usize);
 
 impl fmt::Display for InvalidBufferSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} is not a buffer size (a power of two from 8 to 16384)", self.0)
+        write!(
+            f,
+            "{} is not a buffer size (a power of two from 8 to 16384)",
+            self.0
+        )
     }
 }
 

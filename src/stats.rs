@@ -1,6 +1,7 @@
 //! A point-in-time view of a pool's counters.
 
 use core::fmt;
+use std::time::Duration;
 
 /// What [`BufPool::stats`](crate::BufPool::stats) saw.
 ///
@@ -21,6 +22,8 @@ use core::fmt;
 /// assert_eq!(stats.waiting, 0);
 /// assert_eq!(stats.max_memory, 1024);
 /// assert_eq!(stats.available_bytes(), 128 * 3);
+/// assert_eq!(stats.peak_in_use_bytes, 128 * 5);
+/// assert_eq!(stats.total_allocations, 2);
 /// drop((a, b));
 /// assert_eq!(pool.stats().in_use_bytes, 0);
 /// ```
@@ -40,6 +43,20 @@ pub struct PoolStats {
     pub buffer_size: usize,
     /// Whether the pool was closed.
     pub closed: bool,
+    /// The most bytes ever in use at once: how close the load came to the budget.
+    pub peak_in_use_bytes: usize,
+    /// Allocations ever made.
+    pub total_allocations: usize,
+    /// Allocations that had to wait in the queue before they got their bytes.
+    pub waited_allocations: usize,
+    /// The time those allocations spent waiting, added up.
+    pub total_wait: Duration,
+    /// The longest any allocation waited.
+    pub max_wait: Duration,
+    /// `try_allocate` calls that failed with [`WouldBlock`](crate::AllocError::WouldBlock).
+    pub would_block: usize,
+    /// Timed calls that failed with [`TimedOut`](crate::AllocError::TimedOut).
+    pub timed_out: usize,
 }
 
 impl PoolStats {
@@ -56,18 +73,45 @@ impl PoolStats {
     pub fn available_bytes(&self) -> usize {
         self.max_memory.saturating_sub(self.in_use_bytes)
     }
+
+    /// The mean wait of the allocations that waited, or zero if none did.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// assert_eq!(pool.stats().mean_wait(), Duration::ZERO);
+    /// ```
+    pub fn mean_wait(&self) -> Duration {
+        match u32::try_from(self.waited_allocations) {
+            Ok(0) => Duration::ZERO,
+            Ok(waited) => self.total_wait / waited,
+            Err(_) => self.total_wait.div_f64(self.waited_allocations as f64),
+        }
+    }
 }
 
 impl fmt::Display for PoolStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} of {} bytes in use by {} allocations, {} waiting{}",
+            "{} of {} bytes in use by {} allocations (peak {} bytes), {} waiting{}; \
+             {} allocations, {} waited (mean {:?}, max {:?}), {} would block, {} timed out",
             self.in_use_bytes,
             self.max_memory,
             self.outstanding,
+            self.peak_in_use_bytes,
             self.waiting,
-            if self.closed { ", closed" } else { "" }
+            if self.closed { ", closed" } else { "" },
+            self.total_allocations,
+            self.waited_allocations,
+            self.mean_wait(),
+            self.max_wait,
+            self.would_block,
+            self.timed_out,
         )
     }
 }
