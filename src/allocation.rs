@@ -3,7 +3,10 @@
 use core::fmt;
 use core::iter::FusedIterator;
 
-use crate::raw::Block;
+use core::mem::MaybeUninit;
+
+use crate::FilledAllocation;
+use crate::raw::{Block, InitBlock};
 use crate::shared::Shared;
 use crate::sync::Arc;
 
@@ -128,6 +131,76 @@ impl BufPoolAllocation {
     #[inline]
     pub fn buffer(&self, index: usize) -> Option<BufferPointer> {
         (index < self.length()).then(|| self.first().wrapping_add(index * self.buffer_size()))
+    }
+
+    /// The whole block as uninitialised bytes, to fill without `unsafe`.
+    ///
+    /// Writing through it is safe; reading needs [`into_filled`](BufPoolAllocation::into_filled),
+    /// which tracks what was written.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::mem::MaybeUninit;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let mut allocation = pool.try_allocate(2).unwrap();
+    /// allocation.uninit_mut().fill(MaybeUninit::new(7));
+    /// assert_eq!(allocation.uninit_mut().len(), 16);
+    /// ```
+    #[inline]
+    pub fn uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        self.block.uninit_mut()
+    }
+
+    /// Each buffer as uninitialised bytes, in order, to fill one by one without `unsafe`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::mem::MaybeUninit;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S16, max_memory: 64 });
+    /// let mut allocation = pool.try_allocate(3).unwrap();
+    /// for (i, buffer) in allocation.buffers_uninit_mut().enumerate() {
+    ///     assert_eq!(buffer.len(), 16);
+    ///     buffer.fill(MaybeUninit::new(i as u8));
+    /// }
+    /// ```
+    #[inline]
+    pub fn buffers_uninit_mut(&mut self) -> core::slice::ChunksExactMut<'_, MaybeUninit<u8>> {
+        let buffer_size = self.buffer_size();
+        self.block.uninit_mut().chunks_exact_mut(buffer_size)
+    }
+
+    /// Turns the allocation into a [`FilledAllocation`]: a cursor that fills it from the
+    /// start (`std::io::Write`, [`extend_from_slice`](FilledAllocation::extend_from_slice)) and
+    /// reads back only what was written. An allocation from an `*_zeroed` call counts as
+    /// initialised throughout (see [`FilledAllocation::set_filled`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::io::Write;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let mut filled = pool.try_allocate(2).unwrap().into_filled();
+    /// write!(filled, "hello, world")?;
+    /// assert_eq!(filled.filled(), b"hello, world");
+    /// let buffers: Vec<&[u8]> = filled.buffers().collect();
+    /// assert_eq!(buffers, [&b"hello, w"[..], &b"orld"[..]]);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[inline]
+    pub fn into_filled(self) -> FilledAllocation {
+        FilledAllocation::new(InitBlock::new(self.block))
+    }
+
+    pub(crate) fn from_block(block: Block) -> Self {
+        BufPoolAllocation { block }
     }
 
     /// The buffers in order, one pointer each, `buffer_size` bytes apart.

@@ -41,6 +41,7 @@ mod allocation;
 mod blocking;
 mod config;
 mod error;
+mod filled;
 mod future;
 mod pool;
 mod queue;
@@ -53,6 +54,7 @@ mod sync;
 pub use allocation::{BufPoolAllocation, BufPoolAllocationIter, BufferPointer};
 pub use config::{BufPoolCfg, ConfigError};
 pub use error::AllocError;
+pub use filled::FilledAllocation;
 pub use future::{Allocate, Drained};
 pub use pool::BufPool;
 pub use size::{BufferSize, InvalidBufferSize};
@@ -64,6 +66,7 @@ const _: () = {
     const fn send<T: Send>() {}
     send_sync::<BufPool>();
     send_sync::<BufPoolAllocation>();
+    send_sync::<FilledAllocation>();
     send::<Allocate<'static>>();
     send::<Drained<'static>>();
     send_sync::<AllocError>();

@@ -14,7 +14,7 @@
 //!    took a strong reference with [`Block::keep_alive`] (which needs step 1 to hold).
 
 use core::alloc::Layout;
-use core::mem::ManuallyDrop;
+use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Deref;
 use core::ptr::NonNull;
 
@@ -26,9 +26,13 @@ use crate::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct Block {
     ptr: NonNull<u8>,
-    bytes: usize,
+    /// The size in bytes (a multiple of 8), with [`ZEROED`] in its lowest bit.
+    bytes_zeroed: usize,
     shared: NonNull<Shared>,
 }
+
+/// Marks a block whose every byte was zero when it was allocated.
+const ZEROED: usize = 1;
 
 // SAFETY: `Block` owns its memory exclusively (like a `Box<[u8]>`), and `Shared` is `Sync`;
 // nothing in it is tied to the thread that created it.
@@ -58,7 +62,7 @@ impl Block {
         shared.count_allocation();
         Block {
             ptr,
-            bytes,
+            bytes_zeroed: bytes | if zeroed { ZEROED } else { 0 },
             // `as_ptr` keeps the provenance of the whole `Arc` allocation for `keep_alive`.
             shared: NonNull::new(Arc::as_ptr(shared).cast_mut()).expect("an Arc is never null"),
         }
@@ -71,7 +75,21 @@ impl Block {
 
     #[inline]
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes_zeroed & !ZEROED
+    }
+
+    /// The whole block, for writing: safe, since writing `MaybeUninit<u8>` cannot observe
+    /// uninitialised memory.
+    #[inline]
+    pub(crate) fn uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        // SAFETY: the block is `bytes()` bytes, allocated, exclusively owned by `self` (and
+        // borrowed mutably here), and `MaybeUninit<u8>` has no validity requirement.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.ptr.as_ptr().cast::<MaybeUninit<u8>>(),
+                self.bytes(),
+            )
+        }
     }
 
     #[inline]
@@ -103,12 +121,13 @@ impl Drop for Block {
     #[inline]
     fn drop(&mut self) {
         let shared = self.shared();
+        let bytes = self.bytes();
         shared.count_release();
         // SAFETY: `ptr` came from the global allocator with exactly this layout (the pool's
         // alignment never changes), and is freed once, here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared, self.bytes)) };
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared, bytes)) };
         let pool = self.shared;
-        shared.release(self.bytes, move || Block::keep_alive(pool));
+        shared.release(bytes, move || Block::keep_alive(pool));
     }
 }
 
@@ -145,6 +164,75 @@ impl Drop for PoolHandle {
             // points into it (none is counted) and a release still at work holds its own
             // strong reference.
             unsafe { ManuallyDrop::drop(&mut self.shared) };
+        }
+    }
+}
+
+/// A [`Block`] that knows how much of it is initialised: `[0, init)` always is. The only way
+/// to read a block's bytes safely.
+#[derive(Debug)]
+pub(crate) struct InitBlock {
+    block: Block,
+    init: usize,
+}
+
+impl InitBlock {
+    pub(crate) fn new(block: Block) -> Self {
+        let init = if block.bytes_zeroed & ZEROED != 0 {
+            block.bytes()
+        } else {
+            0
+        };
+        InitBlock { block, init }
+    }
+
+    pub(crate) fn block(&self) -> &Block {
+        &self.block
+    }
+
+    pub(crate) fn into_block(self) -> Block {
+        self.block
+    }
+
+    /// How many bytes from the start are initialised.
+    pub(crate) fn init_len(&self) -> usize {
+        self.init
+    }
+
+    /// The initialised prefix.
+    pub(crate) fn initialised(&self) -> &[u8] {
+        // SAFETY: `[0, init)` lies in the block and is initialised (the type's invariant);
+        // `&self` keeps the block alive and unaliased by `&mut`.
+        unsafe { core::slice::from_raw_parts(self.block.as_ptr(), self.init) }
+    }
+
+    /// The initialised prefix, for overwriting.
+    pub(crate) fn initialised_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `initialised`, and `&mut self` makes the borrow exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.block.as_ptr(), self.init) }
+    }
+
+    /// Copies as much of `src` as fits at `offset` (at most `init_len()`, so no gap is left
+    /// uninitialised) and returns how much that was.
+    pub(crate) fn write_at(&mut self, offset: usize, src: &[u8]) -> usize {
+        let whole = self.block.uninit_mut();
+        let Some(room) = whole.get_mut(offset.min(self.init)..) else {
+            return 0;
+        };
+        let written = src.len().min(room.len());
+        for (dst, &byte) in room[..written].iter_mut().zip(src) {
+            dst.write(byte);
+        }
+        self.init = self.init.max(offset.min(self.init) + written);
+        written
+    }
+
+    /// Sets every byte from `init_len()` to `end` to `byte`, making `[0, end)` initialised.
+    pub(crate) fn init_to(&mut self, end: usize, byte: u8) {
+        let end = end.min(self.block.bytes());
+        if let Some(gap) = self.block.uninit_mut().get_mut(self.init..end) {
+            gap.fill(MaybeUninit::new(byte));
+            self.init = end;
         }
     }
 }
