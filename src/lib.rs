@@ -39,6 +39,7 @@
 
 mod allocation;
 mod blocking;
+mod builder;
 mod config;
 mod error;
 mod filled;
@@ -52,6 +53,7 @@ mod stats;
 mod sync;
 
 pub use allocation::{BufPoolAllocation, BufPoolAllocationIter, BufferPointer};
+pub use builder::BufPoolBuilder;
 pub use config::{BufPoolCfg, ConfigError};
 pub use error::AllocError;
 pub use filled::FilledAllocation;

@@ -5,6 +5,7 @@ use core::ops::ControlFlow;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::BufPoolBuilder;
 use crate::blocking::block_on;
 use crate::config::validate_max_memory;
 use crate::future::{Allocate, Drained};
@@ -108,11 +109,31 @@ impl BufPool {
     /// ));
     /// ```
     pub fn try_new(cfg: BufPoolCfg) -> Result<Self, ConfigError> {
-        validate_max_memory(cfg.buffer_size, cfg.max_memory)?;
-        let align = cfg.buffer_size.bytes().min(DEFAULT_ALIGN);
-        Ok(BufPool {
-            shared: PoolHandle::new(Shared::new(cfg.buffer_size, cfg.max_memory, align)),
-        })
+        BufPool::builder(cfg).build()
+    }
+
+    /// A builder for the options beyond [`BufPoolCfg`]: direct-I/O alignment and block
+    /// recycling.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 })
+    ///     .direct_io_alignment()
+    ///     .build()?;
+    /// assert_eq!(pool.try_allocate(1).unwrap().first() as usize % 4096, 0);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn builder(cfg: BufPoolCfg) -> BufPoolBuilder {
+        BufPoolBuilder::new(cfg)
+    }
+
+    pub(crate) fn from_shared(shared: Shared) -> Self {
+        BufPool {
+            shared: PoolHandle::new(shared),
+        }
     }
 
     /// Allocates `n` contiguous buffers, waiting while the budget is spent.
@@ -586,11 +607,6 @@ impl BufPool {
         self.stats()
     }
 }
-
-/// Buffers start at a multiple of this, or of the buffer size if smaller: the most the
-/// system allocator gives at the price of a plain `malloc` (a larger alignment takes the
-/// much slower `posix_memalign` path).
-const DEFAULT_ALIGN: usize = 16;
 
 impl Drop for BufPool {
     /// Closes the pool and blocks until every allocation has been dropped.

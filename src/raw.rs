@@ -18,8 +18,10 @@ use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Deref;
 use core::ptr::NonNull;
 
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
 use crate::shared::Shared;
-use crate::sync::Arc;
+use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 
 /// `bytes` of heap memory reserved from, and aligned as configured by, one pool; freed and
 /// given back to that pool's budget on drop. Exactly three words.
@@ -47,17 +49,32 @@ impl Block {
     /// budget, which [`crate::config`] keeps far below `isize::MAX`.
     #[inline]
     pub(crate) fn new(shared: &Arc<Shared>, bytes: usize, zeroed: bool) -> Block {
-        let layout = layout(shared, bytes);
-        // SAFETY: `layout` has a non-zero size (see above).
-        let raw = unsafe {
-            if zeroed {
-                std::alloc::alloc_zeroed(layout)
-            } else {
-                std::alloc::alloc(layout)
-            }
+        let recycled = if zeroed {
+            // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
+            None
+        } else {
+            shared.recycler.take(bytes)
         };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
+        let ptr = match recycled {
+            Some(ptr) => ptr,
+            None => {
+                shared
+                    .recycler
+                    .make_room(|| (shared.in_use(), shared.max_memory()));
+                let layout = layout(shared.align, bytes);
+                // SAFETY: `layout` has a non-zero size (see above).
+                let raw = unsafe {
+                    if zeroed {
+                        std::alloc::alloc_zeroed(layout)
+                    } else {
+                        std::alloc::alloc(layout)
+                    }
+                };
+                match NonNull::new(raw) {
+                    Some(ptr) => ptr,
+                    None => std::alloc::handle_alloc_error(layout),
+                }
+            }
         };
         shared.count_allocation();
         Block {
@@ -110,8 +127,8 @@ impl Block {
     }
 }
 
-fn layout(shared: &Shared, bytes: usize) -> Layout {
-    match Layout::from_size_align(bytes, shared.align) {
+fn layout(align: usize, bytes: usize) -> Layout {
+    match Layout::from_size_align(bytes, align) {
         Ok(layout) => layout,
         Err(_) => unreachable!("the budget limit keeps every request a valid layout"),
     }
@@ -123,9 +140,14 @@ impl Drop for Block {
         let shared = self.shared();
         let bytes = self.bytes();
         shared.count_release();
-        // SAFETY: `ptr` came from the global allocator with exactly this layout (the pool's
-        // alignment never changes), and is freed once, here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared, bytes)) };
+        if !shared
+            .recycler
+            .put(self.ptr, bytes, || shared.is_contended())
+        {
+            // SAFETY: `ptr` came from the global allocator with exactly this layout (the
+            // pool's alignment never changes), and is freed once, here.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared.align, bytes)) };
+        }
         let pool = self.shared;
         shared.release(bytes, move || Block::keep_alive(pool));
     }
@@ -234,5 +256,148 @@ impl InitBlock {
             gap.fill(MaybeUninit::new(byte));
             self.init = end;
         }
+    }
+}
+
+/// Freed blocks kept for reuse, per size: large blocks are where the allocator maps, unmaps
+/// and page-faults, and a storage engine asks for the same sizes again and again.
+///
+/// Cached blocks are not counted in the budget word (so they never make anyone wait), but the
+/// pool's memory footprint, live bytes plus cached bytes, still stays within the budget:
+/// before allocating fresh memory, [`make_room`](Recycler::make_room) frees cached blocks
+/// until the new block fits.
+#[derive(Debug)]
+pub(crate) struct Recycler {
+    /// Blocks smaller than this are never cached (`usize::MAX`: recycling is off).
+    min_bytes: usize,
+    max_per_size: usize,
+    align: usize,
+    /// Changed only under `cache`'s lock; read without it on the allocation path.
+    cached_bytes: AtomicUsize,
+    cache: Mutex<Vec<SizeClass>>,
+}
+
+#[derive(Debug)]
+struct SizeClass {
+    bytes: usize,
+    blocks: Vec<CachedPtr>,
+}
+
+/// A freed block in the cache: unaliased memory nobody points to.
+#[derive(Debug)]
+struct CachedPtr(NonNull<u8>);
+
+// SAFETY: a cached block is memory owned by the cache alone; any thread may take or free it.
+unsafe impl Send for CachedPtr {}
+
+impl Recycler {
+    pub(crate) fn new(min_bytes: usize, max_per_size: usize, align: usize) -> Self {
+        Recycler {
+            min_bytes: if max_per_size == 0 {
+                usize::MAX
+            } else {
+                min_bytes
+            },
+            max_per_size,
+            align,
+            cached_bytes: AtomicUsize::new(0),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn cached_bytes(&self) -> usize {
+        self.cached_bytes.load(Relaxed)
+    }
+
+    /// A cached block of exactly `bytes`, if there is one.
+    #[inline]
+    fn take(&self, bytes: usize) -> Option<NonNull<u8>> {
+        if bytes < self.min_bytes {
+            return None;
+        }
+        let mut cache = lock(&self.cache);
+        let class = cache.iter_mut().find(|class| class.bytes == bytes)?;
+        let CachedPtr(ptr) = class.blocks.pop()?;
+        self.cached_bytes.fetch_sub(bytes, Relaxed);
+        Some(ptr)
+    }
+
+    /// Keeps a freed block if its size is recycled and its size class has room; `false`
+    /// means the caller frees it. Not while others wait for budget: they may need the room
+    /// for other sizes, and would only have to evict it again.
+    #[inline]
+    fn put(&self, ptr: NonNull<u8>, bytes: usize, contended: impl FnOnce() -> bool) -> bool {
+        if bytes < self.min_bytes || contended() {
+            return false;
+        }
+        let mut cache = lock(&self.cache);
+        let index = match cache.iter().position(|class| class.bytes == bytes) {
+            Some(index) => index,
+            None => {
+                cache.push(SizeClass {
+                    bytes,
+                    blocks: Vec::new(),
+                });
+                cache.len() - 1
+            }
+        };
+        let class = &mut cache[index];
+        if class.blocks.len() >= self.max_per_size {
+            return false;
+        }
+        class.blocks.push(CachedPtr(ptr));
+        // Before the release gives the bytes back: whoever sees them back sees them cached.
+        self.cached_bytes.fetch_add(bytes, Release);
+        true
+    }
+
+    /// Frees cached blocks, largest first, until `in_use + cached <= max_memory`, where the
+    /// closure gives `(in_use, max_memory)`.
+    ///
+    /// `in_use` is read after the caller's own reservation, so it includes the block about
+    /// to be allocated; a block being cached is counted twice for a moment (in both), which
+    /// only errs on the side of freeing.
+    #[inline]
+    fn make_room(&self, in_use_and_max: impl FnOnce() -> (usize, usize)) {
+        let cached = self.cached_bytes.load(Acquire);
+        if cached == 0 {
+            return;
+        }
+        let (in_use, max_memory) = in_use_and_max();
+        if in_use.saturating_add(cached) > max_memory {
+            self.evict_until(max_memory.saturating_sub(in_use));
+        }
+    }
+
+    #[cold]
+    fn evict_until(&self, allowed: usize) {
+        let mut evicted = Vec::new();
+        {
+            let mut cache = lock(&self.cache);
+            cache.sort_unstable_by_key(|class| core::cmp::Reverse(class.bytes));
+            let mut cached = self.cached_bytes.load(Relaxed);
+            for class in cache.iter_mut() {
+                while cached > allowed {
+                    let Some(block) = class.blocks.pop() else {
+                        break;
+                    };
+                    cached -= class.bytes;
+                    self.cached_bytes.fetch_sub(class.bytes, Relaxed);
+                    evicted.push((block, class.bytes));
+                }
+            }
+        }
+        // Free outside the lock: `dealloc` of a large block is a syscall.
+        for (CachedPtr(ptr), bytes) in evicted {
+            // SAFETY: the block came from the global allocator with this layout, and the
+            // cache owned it alone.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout(self.align, bytes)) };
+        }
+    }
+}
+
+impl Drop for Recycler {
+    fn drop(&mut self) {
+        self.evict_until(0);
     }
 }

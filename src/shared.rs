@@ -21,6 +21,7 @@ use core::task::Waker;
 use event_listener::Event;
 
 use crate::queue::{Status, WaitQueue, WakeList};
+use crate::raw::Recycler;
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
@@ -61,12 +62,18 @@ pub(crate) struct Shared {
     waiting: AtomicUsize,
     pub(crate) buffer_size: BufferSize,
     pub(crate) align: usize,
+    pub(crate) recycler: Recycler,
     queue: Mutex<WaitQueue>,
     drained: Event,
 }
 
 impl Shared {
-    pub(crate) fn new(buffer_size: BufferSize, max_memory: usize, align: usize) -> Self {
+    pub(crate) fn new(
+        buffer_size: BufferSize,
+        max_memory: usize,
+        align: usize,
+        recycler: Recycler,
+    ) -> Self {
         Shared {
             state: AtomicUsize::new(0),
             max_memory: AtomicUsize::new(max_memory),
@@ -78,6 +85,7 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             buffer_size,
             align,
+            recycler,
             queue: Mutex::new(WaitQueue::new()),
             drained: Event::new(),
         }
@@ -366,6 +374,22 @@ impl Shared {
         self.state.fetch_or(DRAIN_WAIT, AcqRel) & IN_USE == 0
     }
 
+    #[inline]
+    pub(crate) fn in_use(&self) -> usize {
+        self.state.load(Acquire) & IN_USE
+    }
+
+    #[inline]
+    pub(crate) fn max_memory(&self) -> usize {
+        self.max_memory.load(Relaxed)
+    }
+
+    /// Whether requests wait for budget now.
+    #[inline]
+    pub(crate) fn is_contended(&self) -> bool {
+        self.state.load(Relaxed) & QUEUED != 0
+    }
+
     pub(crate) fn is_drained(&self) -> bool {
         self.state.load(Acquire) & IN_USE == 0
     }
@@ -413,6 +437,7 @@ impl Shared {
             max_wait: waits.max,
             would_block: self.would_block.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
+            cached_bytes: self.recycler.cached_bytes(),
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct PoolStats {
     pub would_block: usize,
     /// Timed calls that failed with [`TimedOut`](crate::AllocError::TimedOut).
     pub timed_out: usize,
+    /// Freed blocks kept for reuse (see [`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)).
+    /// They are not in `in_use_bytes`, but `in_use_bytes + cached_bytes` stays within the
+    /// budget.
+    pub cached_bytes: usize,
 }
 
 impl PoolStats {

@@ -8,7 +8,7 @@ pub(crate) use loom::sync::{
     atomic::{AtomicBool, AtomicUsize},
 };
 #[cfg(loom)]
-pub(crate) use loom::thread::{Thread, current as current_thread, park};
+pub(crate) use loom_park::{Thread, current as current_thread, park};
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::{
@@ -17,6 +17,41 @@ pub(crate) use std::sync::{
 };
 #[cfg(not(loom))]
 pub(crate) use std::thread::{Thread, current as current_thread, park};
+
+/// Thread parking under loom, with std's semantics.
+///
+/// `loom::thread::Thread::unpark` also resumes a thread that is blocked on a lock or in a
+/// `join` (tokio-rs/loom#249), which std's `unpark` never does: a late wake-up of a blocking
+/// waiter's waker would then abort the model with "expected to be able to acquire lock". Here
+/// each loom thread parks on its own `loom::sync::Notify` instead, which has the token
+/// semantics of std's park/unpark (an unpark before the park is kept; spurious wake-ups are
+/// modelled too).
+#[cfg(loom)]
+mod loom_park {
+    use loom::sync::{Arc, Notify};
+
+    loom::thread_local! {
+        static PARKER: Arc<Notify> = Arc::new(Notify::new());
+    }
+
+    /// A handle to unpark one thread.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Thread(Arc<Notify>);
+
+    impl Thread {
+        pub(crate) fn unpark(&self) {
+            self.0.notify();
+        }
+    }
+
+    pub(crate) fn current() -> Thread {
+        Thread(PARKER.with(Arc::clone))
+    }
+
+    pub(crate) fn park() {
+        PARKER.with(Arc::clone).wait();
+    }
+}
 
 /// Parks the current thread until it is unparked or `deadline` passes.
 ///
