@@ -62,6 +62,11 @@ pub use pool::BufPool;
 pub use size::{BufferSize, InvalidBufferSize};
 pub use stats::PoolStats;
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Compile-time checks of the thread-safety and size promises.
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}
