@@ -9,7 +9,7 @@ use core::task::{Context, Poll};
 
 use event_listener::EventListener;
 
-use crate::shared::{Busy, Reservation, Shared};
+use crate::shared::{Attempt, Reservation, Shared};
 use crate::sync::Arc;
 use crate::{AllocError, BufPoolAllocation};
 
@@ -59,29 +59,6 @@ impl<'a> Allocate<'a> {
         }
     }
 
-    pub(crate) fn shared(&self) -> &Shared {
-        self.shared
-    }
-
-    /// The first step of the wait, which needs no waker: bad input fails and free budget is
-    /// taken at once. `Continue(bytes)` means the request for `bytes` has to wait (the stage
-    /// stays `Start`).
-    #[inline]
-    pub(crate) fn try_now(&mut self) -> ControlFlow<Result<BufPoolAllocation, AllocError>, usize> {
-        let ready = match self.shared.request_bytes(self.n) {
-            Err(error) => self.fail(error),
-            Ok(bytes) => match self.shared.try_reserve(bytes) {
-                Ok(()) => self.finish(bytes),
-                Err(Busy::Closed) => self.fail(AllocError::Closed),
-                Err(Busy::Full) => return ControlFlow::Continue(bytes),
-            },
-        };
-        match ready {
-            Poll::Ready(done) => ControlFlow::Break(done),
-            Poll::Pending => unreachable!("finish and fail are ready"),
-        }
-    }
-
     #[inline]
     fn finish(&mut self, bytes: usize) -> Poll<Result<BufPoolAllocation, AllocError>> {
         self.stage = Stage::Done;
@@ -89,8 +66,33 @@ impl<'a> Allocate<'a> {
     }
 
     fn fail(&mut self, error: AllocError) -> Poll<Result<BufPoolAllocation, AllocError>> {
+        self.done(Err(error))
+    }
+
+    fn done(
+        &mut self,
+        result: Result<BufPoolAllocation, AllocError>,
+    ) -> Poll<Result<BufPoolAllocation, AllocError>> {
         self.stage = Stage::Done;
-        Poll::Ready(Err(error))
+        Poll::Ready(result)
+    }
+}
+
+/// The first step of every allocation call, which needs no waker and builds no future: bad
+/// input fails and free budget is taken at once. `Continue(bytes)` means the request for
+/// `bytes` has to wait.
+#[inline]
+pub(crate) fn allocate_now(
+    shared: &Arc<Shared>,
+    n: usize,
+    zeroed: bool,
+) -> ControlFlow<Result<BufPoolAllocation, AllocError>, usize> {
+    match shared.reserve_now(n) {
+        Attempt::Reserved(bytes) => {
+            ControlFlow::Break(Ok(BufPoolAllocation::new(shared, bytes, zeroed)))
+        }
+        Attempt::MustWait(bytes) => ControlFlow::Continue(bytes),
+        Attempt::Failed(error) => ControlFlow::Break(Err(error)),
     }
 }
 
@@ -101,8 +103,8 @@ impl Future for Allocate<'_> {
         let this = &mut *self;
         match this.stage {
             Stage::Start => {
-                let bytes = match this.try_now() {
-                    ControlFlow::Break(done) => return Poll::Ready(done),
+                let bytes = match allocate_now(this.shared, this.n, this.zeroed) {
+                    ControlFlow::Break(done) => return this.done(done),
                     ControlFlow::Continue(bytes) => bytes,
                 };
                 match this.shared.reserve_or_enqueue(bytes, cx.waker()) {

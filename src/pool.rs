@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::BufPoolBuilder;
 use crate::blocking::block_on;
 use crate::config::validate_max_memory;
-use crate::future::{Allocate, Drained};
+use crate::future::{Allocate, Drained, allocate_now};
 use crate::raw::PoolHandle;
 use crate::shared::Shared;
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
@@ -239,7 +239,7 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn allocate_blocking(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
-        self.wait_blocking(Allocate::new(&self.shared, n, false), None)
+        self.wait_blocking(n, false, None)
     }
 
     /// Like [`allocate_blocking`](BufPool::allocate_blocking), with every byte zero.
@@ -269,7 +269,7 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn allocate_zeroed_blocking(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
-        self.wait_blocking(Allocate::new(&self.shared, n, true), None)
+        self.wait_blocking(n, true, None)
     }
 
     /// Like [`allocate_blocking`](BufPool::allocate_blocking), giving up after `timeout`.
@@ -312,7 +312,7 @@ impl BufPool {
         timeout: Duration,
     ) -> Result<BufPoolAllocation, AllocError> {
         let deadline = Instant::now().checked_add(timeout);
-        self.wait_blocking(Allocate::new(&self.shared, n, false), deadline)
+        self.wait_blocking(n, false, deadline)
     }
 
     /// Like [`allocate_timeout`](BufPool::allocate_timeout), with every byte zero.
@@ -346,7 +346,7 @@ impl BufPool {
         timeout: Duration,
     ) -> Result<BufPoolAllocation, AllocError> {
         let deadline = Instant::now().checked_add(timeout);
-        self.wait_blocking(Allocate::new(&self.shared, n, true), deadline)
+        self.wait_blocking(n, true, deadline)
     }
 
     /// Allocates `n` contiguous buffers if the bytes are free now, and nobody waits for them
@@ -371,7 +371,7 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn try_allocate(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
-        Self::try_now(Allocate::new(&self.shared, n, false))
+        self.try_now(n, false)
     }
 
     /// Like [`try_allocate`](BufPool::try_allocate), with every byte zero.
@@ -393,15 +393,15 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn try_allocate_zeroed(&self, n: usize) -> Result<BufPoolAllocation, AllocError> {
-        Self::try_now(Allocate::new(&self.shared, n, true))
+        self.try_now(n, true)
     }
 
     #[inline]
-    fn try_now(mut allocate: Allocate<'_>) -> Result<BufPoolAllocation, AllocError> {
-        match allocate.try_now() {
+    fn try_now(&self, n: usize, zeroed: bool) -> Result<BufPoolAllocation, AllocError> {
+        match allocate_now(&self.shared, n, zeroed) {
             ControlFlow::Break(done) => done,
             ControlFlow::Continue(_) => {
-                allocate.shared().count_failure(AllocError::WouldBlock);
+                self.shared.count_failure(AllocError::WouldBlock);
                 Err(AllocError::WouldBlock)
             }
         }
@@ -410,12 +410,15 @@ impl BufPool {
     #[inline]
     fn wait_blocking(
         &self,
-        mut allocate: Allocate<'_>,
+        n: usize,
+        zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        if let ControlFlow::Break(done) = allocate.try_now() {
+        if let ControlFlow::Break(done) = allocate_now(&self.shared, n, zeroed) {
             return done;
         }
+        // The fast path failed: the future's first poll tries once more, then queues.
+        let mut allocate = Allocate::new(&self.shared, n, zeroed);
         block_on(&mut allocate, deadline).unwrap_or_else(|| {
             self.shared.count_failure(AllocError::TimedOut);
             Err(AllocError::TimedOut)

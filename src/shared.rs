@@ -31,12 +31,15 @@ pub(crate) const QUEUED: usize = 1 << (usize::BITS - 2);
 pub(crate) const DRAIN_WAIT: usize = 1 << (usize::BITS - 3);
 pub(crate) const IN_USE: usize = !(CLOSED | QUEUED | DRAIN_WAIT);
 
-/// Why a reservation without waiting failed.
+/// What the fast path made of a request.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub(crate) enum Busy {
-    /// Not enough budget free, or others wait for it first.
-    Full,
-    Closed,
+pub(crate) enum Attempt {
+    /// These bytes are reserved.
+    Reserved(usize),
+    /// The request for these bytes has to wait: too little is free, or others wait first.
+    MustWait(usize),
+    /// The request fails now (bad input, or the pool is closed).
+    Failed(AllocError),
 }
 
 /// What a reservation that may wait got.
@@ -91,32 +94,26 @@ impl Shared {
         }
     }
 
-    /// The bytes of `n` buffers, or the error that says why `n` can never be served.
+    /// The fast path, shared by every call form: bad input fails, and the bytes of `n`
+    /// buffers are reserved if they are free and nobody waits, with one compare-exchange.
     #[inline]
-    pub(crate) fn request_bytes(&self, n: usize) -> Result<usize, AllocError> {
+    pub(crate) fn reserve_now(&self, n: usize) -> Attempt {
         let max_memory = self.max_memory.load(Relaxed);
-        match n.checked_mul(self.buffer_size.bytes()) {
-            _ if n == 0 => Err(AllocError::ZeroBuffers),
-            Some(bytes) if bytes <= max_memory => Ok(bytes),
-            bytes => Err(AllocError::ExceedsBudget {
-                requested_bytes: bytes.unwrap_or(usize::MAX),
-                max_memory,
-            }),
+        let shift = self.buffer_size.shift();
+        // `n * buffer_size <= max_memory` exactly when `n <= max_memory >> shift`, which also
+        // rules out overflow.
+        if n == 0 || n > max_memory >> shift {
+            return Attempt::Failed(self.refusal(n, max_memory));
         }
-    }
-
-    /// The fast path: reserves `bytes` if they are free and nobody waits.
-    #[inline]
-    pub(crate) fn try_reserve(&self, bytes: usize) -> Result<(), Busy> {
-        let max_memory = self.max_memory.load(Relaxed);
+        let bytes = n << shift;
         let mut state = self.state.load(Relaxed);
         loop {
             if state & (CLOSED | QUEUED) != 0 || bytes > max_memory.saturating_sub(state & IN_USE) {
-                return Err(if state & CLOSED != 0 {
-                    Busy::Closed
+                return if state & CLOSED != 0 {
+                    Attempt::Failed(AllocError::Closed)
                 } else {
-                    Busy::Full
-                });
+                    Attempt::MustWait(bytes)
+                };
             }
             match self
                 .state
@@ -124,9 +121,23 @@ impl Shared {
             {
                 Ok(_) => {
                     self.note_in_use((state & IN_USE) + bytes);
-                    return Ok(());
+                    return Attempt::Reserved(bytes);
                 }
                 Err(actual) => state = actual,
+            }
+        }
+    }
+
+    #[cold]
+    fn refusal(&self, n: usize, max_memory: usize) -> AllocError {
+        if n == 0 {
+            AllocError::ZeroBuffers
+        } else {
+            AllocError::ExceedsBudget {
+                requested_bytes: n
+                    .checked_mul(self.buffer_size.bytes())
+                    .unwrap_or(usize::MAX),
+                max_memory,
             }
         }
     }

@@ -28,7 +28,10 @@ pub(crate) use std::thread::{Thread, current as current_thread, park};
 /// modelled too).
 #[cfg(loom)]
 mod loom_park {
-    use loom::sync::{Arc, Notify};
+    use loom::sync::Notify;
+    // A std `Arc`: sharing the parker is not part of the model, and a loom `Arc` would add
+    // a scheduling point per clone and touch loom's state when a failed model is torn down.
+    use std::sync::Arc;
 
     loom::thread_local! {
         static PARKER: Arc<Notify> = Arc::new(Notify::new());
