@@ -134,9 +134,7 @@ impl Shared {
             AllocError::ZeroBuffers
         } else {
             AllocError::ExceedsBudget {
-                requested_bytes: n
-                    .checked_mul(self.buffer_size.bytes())
-                    .unwrap_or(usize::MAX),
+                requested_bytes: n.saturating_mul(self.buffer_size.bytes()),
                 max_memory,
             }
         }
