@@ -177,6 +177,38 @@ fn table_on_a_spent_pool_with_waiters_still_errors_at_once() {
     });
 }
 
+/// On a closed pool: `n = 0` is still `ZeroBuffers` and impossible sizes still
+/// `ExceedsBudget`; every valid request is `Closed`.
+#[test]
+fn table_on_a_closed_pool() {
+    watchdog(30, || {
+        for size in sizes() {
+            let bytes = size.bytes();
+            let max_memory = bytes * 6;
+            let pool = BufPool::new(BufPoolCfg {
+                buffer_size: size,
+                max_memory,
+            });
+            let live = pool.try_allocate(2).unwrap();
+            pool.close();
+            for entry in ENTRIES {
+                for (n, expected) in bad_rows(size, max_memory) {
+                    assert_eq!(err(entry.call(&pool, n)), expected, "{entry:?}({n})");
+                }
+                for n in [1, 4, 6] {
+                    assert_eq!(
+                        err(entry.call(&pool, n)),
+                        AllocError::Closed,
+                        "{entry:?}({n}) on a closed pool"
+                    );
+                }
+            }
+            drop(live);
+            assert_idle(&pool);
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_bad_input_errors_at_once_on_a_runtime() {
     let pool = shared_pool(4);
@@ -305,6 +337,17 @@ fn table_try_new_validate_and_new() {
                 }
                 (Err(error), Err(want)) => assert_eq!(error, want),
                 (got, want) => panic!("try_new({cfg:?}) = {got:?}, expected {want:?}"),
+            }
+            // The builder validates the same way, whatever its options.
+            for builder in [
+                BufPool::builder(cfg),
+                BufPool::builder(cfg).direct_io_alignment().recycle(2),
+            ] {
+                match (builder.build(), expected) {
+                    (Ok(pool), Ok(())) => assert_eq!(pool.stats().max_memory, max_memory),
+                    (Err(error), Err(want)) => assert_eq!(error, want),
+                    (got, want) => panic!("build({cfg:?}) = {got:?}, expected {want:?}"),
+                }
             }
             // `new` panics with the ConfigError's message.
             let built = catch_unwind(AssertUnwindSafe(|| drop(BufPool::new(cfg))));

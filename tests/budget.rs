@@ -530,6 +530,69 @@ fn stats_exact_at_each_quiescent_step() {
     assert!(format!("{pool:?}").contains("BufPool"));
 }
 
+/// The running totals (peak, allocations, waits, refusals) are exact too.
+#[test]
+fn stats_totals_exact_at_each_quiescent_step() {
+    let pool = pool(BufferSize::S64, 10);
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.peak_in_use_bytes,
+            stats.total_allocations,
+            stats.waited_allocations,
+            stats.would_block,
+            stats.timed_out,
+            stats.cached_bytes
+        ),
+        (0, 0, 0, 0, 0, 0)
+    );
+    assert_eq!(stats.mean_wait(), Duration::ZERO);
+    let a = pool.try_allocate(3).unwrap();
+    let b = pool.allocate_blocking(2).unwrap();
+    assert_eq!(pool.try_allocate(6).unwrap_err(), AllocError::WouldBlock);
+    assert_eq!(
+        pool.allocate_timeout(6, Duration::ZERO).unwrap_err(),
+        AllocError::TimedOut
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.peak_in_use_bytes,
+            stats.total_allocations,
+            stats.would_block,
+            stats.timed_out
+        ),
+        (5 * BUF, 2, 1, 1)
+    );
+    // A request that waits, then is granted and picked up.
+    let mut waiter = pool.allocate(7);
+    assert_pending(&mut waiter);
+    drop(a);
+    let c = ready(&mut waiter).unwrap();
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.peak_in_use_bytes,
+            stats.total_allocations,
+            stats.waited_allocations,
+            stats.outstanding
+        ),
+        (9 * BUF, 3, 1, 2)
+    );
+    assert!(stats.max_wait >= stats.mean_wait());
+    assert_eq!(stats.total_wait, stats.max_wait, "one wait: total == max");
+    drop((b, c, waiter));
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.in_use_bytes,
+            stats.peak_in_use_bytes,
+            stats.total_allocations
+        ),
+        (0, 9 * BUF, 3)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_exact_after_concurrent_storm() {
     let pool = shared_pool(6);

@@ -136,6 +136,72 @@ fn zeroed_allocations_are_zero_even_after_dirty_reuse() {
     });
 }
 
+/// A pool that recycles freed blocks: reused blocks are fully usable, zeroed requests still
+/// get zeros, cached blocks never count against the budget, and dropping the pool frees them.
+#[test]
+fn recycled_blocks_are_valid_and_zeroed_requests_still_get_zeros() {
+    let pool = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S64,
+        max_memory: 64 * 16,
+    })
+    .recycle(2)
+    .recycle_min_bytes(0)
+    .build()
+    .unwrap();
+    for round in 0..rounds(4, 2) {
+        let a = pool.try_allocate(4).unwrap();
+        let b = pool.try_allocate(4).unwrap();
+        write_and_verify(&a, round as u8);
+        write_and_verify(&b, !(round as u8));
+        drop((a, b));
+        let stats = pool.stats();
+        assert_eq!(stats.in_use_bytes, 0, "cached blocks are not in use");
+        assert!(stats.in_use_bytes + stats.cached_bytes <= stats.max_memory);
+        let zeroed = pool.try_allocate_zeroed(4).unwrap();
+        // SAFETY: a zeroed allocation is 256 initialised bytes.
+        let block = unsafe { std::slice::from_raw_parts(zeroed.first(), 256) };
+        assert!(
+            block.iter().all(|&byte| byte == 0),
+            "recycled garbage in a zeroed block"
+        );
+        drop(zeroed);
+        // The whole budget is still available, cache or not.
+        let all = pool.try_allocate(16).unwrap();
+        write_and_verify(&all, 0x5A);
+        let stats = pool.stats();
+        assert!(
+            stats.in_use_bytes + stats.cached_bytes <= stats.max_memory,
+            "{stats}"
+        );
+        drop(all);
+    }
+    assert_idle(&pool);
+    drop(pool); // frees the cached blocks (Miri checks for leaks)
+}
+
+#[test]
+fn direct_io_alignment_aligns_every_buffer() {
+    for (size, align) in [
+        (BufferSize::S512, 512),
+        (BufferSize::S4096, 4096),
+        (BufferSize::S16384, 4096),
+    ] {
+        let pool = BufPool::builder(BufPoolCfg {
+            buffer_size: size,
+            max_memory: size.bytes() * 4,
+        })
+        .direct_io_alignment()
+        .build()
+        .unwrap();
+        let allocation = pool.try_allocate(3).unwrap();
+        assert!(
+            allocation.iter().all(|buffer| buffer as usize % align == 0),
+            "{size}: buffers not aligned to {align}"
+        );
+        write_and_verify(&allocation, 1);
+    }
+}
+
 #[test]
 fn allocation_is_send_sync_static_and_at_most_three_words() {
     fn send_sync_static<T: Send + Sync + 'static>() {}
