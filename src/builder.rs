@@ -1,5 +1,7 @@
 //! Options beyond the two fields of [`BufPoolCfg`], without new public fields on it.
 
+use std::time::Duration;
+
 use crate::config::validate_max_memory;
 use crate::raw::Recycler;
 use crate::shared::Shared;
@@ -18,6 +20,9 @@ const DIRECT_IO_ALIGN: usize = 4096;
 /// Blocks smaller than this are not recycled by default: the allocator serves them from its
 /// own caches faster than a lock on ours would.
 const DEFAULT_RECYCLE_MIN_BYTES: usize = 64 << 10;
+
+/// How long `Drop` waits by default before it reports what it waits for.
+const DEFAULT_DROP_WARNING_AFTER: Duration = Duration::from_secs(5);
 
 /// Builds a [`BufPool`] with options: direct-I/O alignment and block recycling.
 ///
@@ -42,6 +47,7 @@ pub struct BufPoolBuilder {
     align: usize,
     recycle_max_per_size: usize,
     recycle_min_bytes: usize,
+    drop_warning_after: Duration,
 }
 
 impl BufPoolBuilder {
@@ -51,6 +57,7 @@ impl BufPoolBuilder {
             align: DEFAULT_ALIGN,
             recycle_max_per_size: 0,
             recycle_min_bytes: DEFAULT_RECYCLE_MIN_BYTES,
+            drop_warning_after: DEFAULT_DROP_WARNING_AFTER,
         }
     }
 
@@ -126,6 +133,26 @@ impl BufPoolBuilder {
         self
     }
 
+    /// How long dropping the pool may wait for outstanding allocations before it says on
+    /// stderr, once, how many allocations and bytes it is waiting for (5 s by default). The
+    /// drop keeps waiting afterwards; the message makes a shutdown deadlock visible.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 })
+    ///     .drop_warning_after(Duration::from_secs(30))
+    ///     .build()?;
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn drop_warning_after(mut self, after: Duration) -> Self {
+        self.drop_warning_after = after;
+        self
+    }
+
     /// Builds the pool.
     ///
     /// # Errors
@@ -153,6 +180,7 @@ impl BufPoolBuilder {
             max_memory,
             align,
             recycler,
+            self.drop_warning_after,
         )))
     }
 }

@@ -1,7 +1,10 @@
 //! The pool handle.
 
 use core::fmt;
+use core::future::{Future, poll_fn};
 use core::ops::ControlFlow;
+use core::pin::pin;
+use core::task::Poll;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -12,10 +15,6 @@ use crate::future::{Allocate, Drained, allocate_now};
 use crate::raw::PoolHandle;
 use crate::shared::Shared;
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
-
-/// How long `Drop` waits for outstanding allocations before it says on stderr what it waits
-/// for (it keeps waiting afterwards).
-const DROP_WARNING_AFTER: Duration = Duration::from_secs(5);
 
 /// A memory-budgeted pool of fixed-size buffers, shared by async tasks and threads.
 ///
@@ -580,7 +579,8 @@ impl BufPool {
     }
 
     /// Closes the pool and waits at most `timeout` for every allocation to come back.
-    /// Returns the stats at that point: `outstanding == 0` means the pool drained.
+    /// Returns the stats at that point: [`PoolStats::is_drained`] says whether it drained, and
+    /// if not, `outstanding` and `in_use_bytes` say what is still out.
     ///
     /// # Blocking
     ///
@@ -599,14 +599,56 @@ impl BufPool {
     /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
     /// let held = pool.try_allocate(2).unwrap();
     /// let report = pool.shutdown_timeout(Duration::from_millis(10));
+    /// assert!(!report.is_drained());
     /// assert_eq!((report.outstanding, report.in_use_bytes), (1, 128));
     /// drop(held);
-    /// assert_eq!(pool.shutdown_timeout(Duration::from_millis(10)).outstanding, 0);
+    /// assert!(pool.shutdown_timeout(Duration::from_millis(10)).is_drained());
     /// ```
     pub fn shutdown_timeout(&self, timeout: Duration) -> PoolStats {
         self.close();
         let mut drained = self.drained();
         block_on(&mut drained, Instant::now().checked_add(timeout));
+        self.stats()
+    }
+
+    /// The async counterpart of [`shutdown_timeout`](BufPool::shutdown_timeout): closes the
+    /// pool and waits for every allocation to come back or for `deadline` to complete,
+    /// whichever is first, then returns the stats. Any future serves as the deadline, so no
+    /// runtime is tied in: `tokio::time::sleep(d)`, a shutdown signal, a channel.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future leaves the pool closed and loses nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let held = pool.try_allocate(2).unwrap();
+    /// let report = pool.shutdown_before(tokio::time::sleep(Duration::from_millis(10))).await;
+    /// assert!(!report.is_drained());
+    /// assert_eq!(report.outstanding, 1);
+    /// drop(held);
+    /// assert!(pool.shutdown_before(std::future::pending::<()>()).await.is_drained());
+    /// # }
+    /// ```
+    pub async fn shutdown_before<F: Future>(&self, deadline: F) -> PoolStats {
+        self.close();
+        let mut drained = pin!(self.drained());
+        let mut deadline = pin!(deadline);
+        poll_fn(|cx| {
+            if drained.as_mut().poll(cx).is_ready() || deadline.as_mut().poll(cx).is_ready() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
         self.stats()
     }
 }
@@ -616,13 +658,14 @@ impl Drop for BufPool {
     fn drop(&mut self) {
         self.shared.close();
         let mut drained = Drained::new(&self.shared);
-        let warn_at = Instant::now().checked_add(DROP_WARNING_AFTER);
+        let warn_after = self.shared.drop_warning_after;
+        let warn_at = Instant::now().checked_add(warn_after);
         if block_on(&mut drained, warn_at).is_none() {
             let stats = self.stats();
             // Not `eprintln!`: a closed stderr must not turn the barrier into a panic.
             let _ = writeln!(
                 std::io::stderr(),
-                "membudget: dropping a BufPool has waited {DROP_WARNING_AFTER:?} for {} \
+                "membudget: dropping a BufPool has waited {warn_after:?} for {} \
                  allocations ({} bytes) to be dropped; an allocation held by the dropping \
                  thread would deadlock here",
                 stats.outstanding,

@@ -17,6 +17,7 @@
 //! compare-exchange: no lock, no notification.
 
 use core::task::Waker;
+use std::time::Duration;
 
 use event_listener::Event;
 
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) buffer_size: BufferSize,
     pub(crate) align: usize,
     pub(crate) recycler: Recycler,
+    /// How long `Drop` waits before it says on stderr what it waits for.
+    pub(crate) drop_warning_after: Duration,
     queue: Mutex<WaitQueue>,
     drained: Event,
 }
@@ -76,6 +79,7 @@ impl Shared {
         max_memory: usize,
         align: usize,
         recycler: Recycler,
+        drop_warning_after: Duration,
     ) -> Self {
         Shared {
             state: AtomicUsize::new(0),
@@ -89,6 +93,7 @@ impl Shared {
             buffer_size,
             align,
             recycler,
+            drop_warning_after,
             queue: Mutex::new(WaitQueue::new()),
             drained: Event::new(),
         }

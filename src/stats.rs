@@ -78,6 +78,23 @@ impl PoolStats {
         self.max_memory.saturating_sub(self.in_use_bytes)
     }
 
+    /// Whether nothing is in use: no allocation is outstanding and no bytes are reserved.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let allocation = pool.try_allocate(1).unwrap();
+    /// assert!(!pool.stats().is_drained());
+    /// drop(allocation);
+    /// assert!(pool.stats().is_drained());
+    /// ```
+    pub fn is_drained(&self) -> bool {
+        self.outstanding == 0 && self.in_use_bytes == 0
+    }
+
     /// The mean wait of the allocations that waited, or zero if none did.
     ///
     /// # Examples
