@@ -1,0 +1,162 @@
+//! Uncontended allocate + drop, one thread, a budget wide enough that nothing ever waits.
+//!
+//! One cycle = take `n` buffers of 64 bytes (`BufferSize::S64`) and give them back, for
+//! n = 1, 16 and 1024, one criterion group per `n` so the medians line up:
+//!
+//! * `ours/*`: membudget's `try_allocate`, `allocate_blocking`, and `allocate().await` in a
+//!   loop driven by `futures::executor::block_on` and by a tokio current-thread runtime.
+//! * `frozen-core`: `frozen_core::bufpool::BufPool::allocate` 0.0.32 (the design we replace).
+//! * `tokio/*`: a `tokio::sync::Semaphore` of `n`-buffer permits plus `std::alloc` of the same
+//!   bytes (align 1, as frozen-core uses), `try_acquire_many` and `acquire_many().await`.
+//! * `async-lock/try_acquire` (n = 1 only: it takes one permit at a time).
+//! * `floor/*`: bare `std::alloc::alloc` + `dealloc` of the same bytes, align 1 (what the
+//!   peers use) and align 16 (what membudget uses: `min(buffer_size, 16)`).
+//!
+//! Run: `cargo bench --bench uncontended`.
+
+use std::alloc::{Layout, alloc, dealloc, handle_alloc_error};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+const BUF: usize = 64;
+/// Wide enough for 16 allocations of the largest `n`: nothing ever waits.
+const BUDGET: usize = BUF * 1024 * 16;
+const SIZES: [usize; 3] = [1, 16, 1024];
+
+/// `std::alloc` + `dealloc` of `bytes` with `align`, as every peer row does it.
+#[inline(always)]
+fn alloc_dealloc(bytes: usize, align: usize) {
+    let layout = Layout::from_size_align(bytes, align).expect("valid layout");
+    // SAFETY: `bytes` is never zero here.
+    let ptr = unsafe { alloc(layout) };
+    if ptr.is_null() {
+        handle_alloc_error(layout);
+    }
+    black_box(ptr);
+    // SAFETY: allocated just above with the same layout.
+    unsafe { dealloc(ptr, layout) };
+}
+
+fn uncontended(c: &mut Criterion) {
+    let ours = membudget::BufPool::new(membudget::BufPoolCfg {
+        buffer_size: membudget::BufferSize::S64,
+        max_memory: BUDGET,
+    });
+    let frozen = frozen_core::bufpool::BufPool::new(frozen_core::bufpool::BufPoolCfg {
+        buffer_size: frozen_core::utils::BufferSize::S64,
+        max_memory: BUDGET,
+    });
+    let tokio_sem = tokio::sync::Semaphore::new(BUDGET / BUF);
+    let async_lock_sem = async_lock::Semaphore::new(BUDGET / BUF);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio runtime");
+
+    for n in SIZES {
+        let mut group = c.benchmark_group(format!("uncontended/n={n}"));
+        let permits = u32::try_from(n).expect("small n");
+
+        group.bench_function(BenchmarkId::new("ours", "try_allocate"), |b| {
+            b.iter(|| drop(black_box(ours.try_allocate(black_box(n)).unwrap())));
+        });
+        group.bench_function(BenchmarkId::new("ours", "allocate_blocking"), |b| {
+            b.iter(|| drop(black_box(ours.allocate_blocking(black_box(n)).unwrap())));
+        });
+        group.bench_function(BenchmarkId::new("ours", "async_block_on"), |b| {
+            b.iter_custom(|iters| {
+                futures::executor::block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        drop(black_box(ours.allocate(black_box(n)).await.unwrap()));
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+        group.bench_function(BenchmarkId::new("ours", "async_tokio_ct"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        drop(black_box(ours.allocate(black_box(n)).await.unwrap()));
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+
+        group.bench_function(BenchmarkId::new("frozen-core", "allocate"), |b| {
+            b.iter(|| drop(black_box(frozen.allocate(black_box(n)))));
+        });
+
+        group.bench_function(BenchmarkId::new("tokio", "try_acquire_many+alloc"), |b| {
+            b.iter(|| {
+                let permit = tokio_sem.try_acquire_many(black_box(permits)).unwrap();
+                alloc_dealloc(black_box(n) * BUF, 1);
+                drop(permit);
+            });
+        });
+        group.bench_function(BenchmarkId::new("tokio", "acquire_many_block_on"), |b| {
+            b.iter_custom(|iters| {
+                futures::executor::block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let permit = tokio_sem.acquire_many(black_box(permits)).await.unwrap();
+                        alloc_dealloc(black_box(n) * BUF, 1);
+                        drop(permit);
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+        group.bench_function(BenchmarkId::new("tokio", "acquire_many_tokio_ct"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let permit = tokio_sem.acquire_many(black_box(permits)).await.unwrap();
+                        alloc_dealloc(black_box(n) * BUF, 1);
+                        drop(permit);
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+
+        if n == 1 {
+            group.bench_function(BenchmarkId::new("async-lock", "try_acquire+alloc"), |b| {
+                b.iter(|| {
+                    let guard = async_lock_sem.try_acquire().unwrap();
+                    alloc_dealloc(black_box(n) * BUF, 1);
+                    drop(guard);
+                });
+            });
+        }
+
+        group.bench_function(BenchmarkId::new("floor", "alloc+dealloc_align1"), |b| {
+            b.iter(|| alloc_dealloc(black_box(n) * BUF, 1));
+        });
+        group.bench_function(BenchmarkId::new("floor", "alloc+dealloc_align16"), |b| {
+            b.iter(|| alloc_dealloc(black_box(n) * BUF, 16));
+        });
+        group.finish();
+    }
+
+    eprintln!(
+        "size_of: membudget::BufPoolAllocation = {} bytes, frozen_core::bufpool::BufPoolAllocation = {} bytes",
+        size_of::<membudget::BufPoolAllocation>(),
+        size_of::<frozen_core::bufpool::BufPoolAllocation>(),
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(700))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    targets = uncontended
+}
+criterion_main!(benches);

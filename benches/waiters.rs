@@ -1,0 +1,126 @@
+//! Waiter scaling: the cost of a release that serves the head of a queue of 1, 100 or 10,000
+//! waiters.
+//!
+//! The budget holds one 64-byte buffer. One allocation holds it and N `allocate(1)` futures,
+//! each polled once with a no-op waker, wait behind it. One iteration is the steady-state
+//! step: drop the held allocation (the release grants the head), poll the head to take its
+//! allocation (now the one held), and queue a fresh future at the tail (polled once), so the
+//! queue stays N long. Issue 4 wants the 10,000-waiter cost at most 2x the 1-waiter cost.
+//!
+//! `tokio/*` does the same with `Semaphore::new(1)` and `acquire()` futures; those are
+//! `!Unpin`, so each is boxed, and the box is part of that row's cost.
+//!
+//! Run: `cargo bench --bench waiters`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use futures::task::noop_waker_ref;
+
+const QUEUE_LENGTHS: [usize; 3] = [1, 100, 10_000];
+
+fn ours(queued: usize, iters: u64) -> Duration {
+    let pool = membudget::BufPool::new(membudget::BufPoolCfg {
+        buffer_size: membudget::BufferSize::S64,
+        max_memory: 64,
+    });
+    let mut cx = Context::from_waker(noop_waker_ref());
+    let mut held = pool.try_allocate(1).unwrap();
+    let mut queue = VecDeque::with_capacity(queued + 1);
+    let enqueue = |queue: &mut VecDeque<_>, cx: &mut Context<'_>| {
+        let mut waiter = pool.allocate(1);
+        assert!(Pin::new(&mut waiter).poll(cx).is_pending());
+        queue.push_back(waiter);
+    };
+    for _ in 0..queued {
+        enqueue(&mut queue, &mut cx);
+    }
+
+    let start = Instant::now();
+    for _ in 0..iters {
+        drop(held);
+        let mut head = queue.pop_front().unwrap();
+        held = match Pin::new(&mut head).poll(&mut cx) {
+            Poll::Ready(allocation) => allocation.unwrap(),
+            Poll::Pending => panic!("the release did not serve the head"),
+        };
+        enqueue(&mut queue, &mut cx);
+    }
+    let elapsed = start.elapsed();
+    black_box(&held);
+    drop(held);
+    drop(queue);
+    elapsed
+}
+
+type Acquire<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<tokio::sync::SemaphorePermit<'a>, tokio::sync::AcquireError>>
+            + 'a,
+    >,
+>;
+
+fn enqueue_tokio<'a>(
+    sem: &'a tokio::sync::Semaphore,
+    queue: &mut VecDeque<Acquire<'a>>,
+    cx: &mut Context<'_>,
+) {
+    let mut waiter: Acquire<'a> = Box::pin(sem.acquire());
+    assert!(waiter.as_mut().poll(cx).is_pending());
+    queue.push_back(waiter);
+}
+
+fn tokio(queued: usize, iters: u64) -> Duration {
+    let sem = tokio::sync::Semaphore::new(1);
+    let mut cx = Context::from_waker(noop_waker_ref());
+    let mut held = sem.try_acquire().unwrap();
+    let mut queue: VecDeque<Acquire<'_>> = VecDeque::with_capacity(queued + 1);
+    for _ in 0..queued {
+        enqueue_tokio(&sem, &mut queue, &mut cx);
+    }
+
+    let start = Instant::now();
+    for _ in 0..iters {
+        drop(held);
+        let mut head = queue.pop_front().unwrap();
+        held = match head.as_mut().poll(&mut cx) {
+            Poll::Ready(permit) => permit.unwrap(),
+            Poll::Pending => panic!("the release did not serve the head"),
+        };
+        drop(head);
+        enqueue_tokio(&sem, &mut queue, &mut cx);
+    }
+    let elapsed = start.elapsed();
+    black_box(&held);
+    drop(held);
+    drop(queue);
+    elapsed
+}
+
+fn waiters(c: &mut Criterion) {
+    let mut group = c.benchmark_group("waiters");
+    for queued in QUEUE_LENGTHS {
+        group.bench_function(BenchmarkId::new("ours/release_to_head", queued), |b| {
+            b.iter_custom(|iters| ours(queued, iters));
+        });
+        group.bench_function(BenchmarkId::new("tokio/release_to_head", queued), |b| {
+            b.iter_custom(|iters| tokio(queued, iters));
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(700))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50);
+    targets = waiters
+}
+criterion_main!(benches);
