@@ -207,10 +207,12 @@ impl WaitQueue {
     }
 }
 
-/// Wakers collected under the lock and woken after it is released.
+/// Wakers collected under the lock and woken after it is released, in the order they were
+/// granted.
 ///
-/// Dropping the list wakes every waker still in it, so a waker that panics cannot strand the
-/// waiters behind it: the rest are woken while the panic unwinds.
+/// Dropping the list wakes every waker in it. A waker that panics cannot strand the waiters
+/// after it: each wake runs under `catch_unwind`, the rest are still woken, and the first
+/// panic is passed on afterwards (unless the thread is already unwinding).
 #[derive(Debug, Default)]
 pub(crate) struct WakeList {
     inline: [Option<Waker>; 4],
@@ -227,31 +229,28 @@ impl WakeList {
             self.spilled.push(waker);
         }
     }
-
-    fn pop(&mut self) -> Option<Waker> {
-        if let Some(waker) = self.spilled.pop() {
-            return Some(waker);
-        }
-        if self.inline_len == 0 {
-            return None;
-        }
-        self.inline_len -= 1;
-        self.inline[self.inline_len].take()
-    }
 }
 
 impl Drop for WakeList {
     fn drop(&mut self) {
-        struct WakeRest<'a>(&'a mut WakeList);
-        impl Drop for WakeRest<'_> {
-            fn drop(&mut self) {
-                while let Some(waker) = self.0.pop() {
-                    waker.wake();
-                }
+        let spilled = core::mem::take(&mut self.spilled);
+        let wakers = self
+            .inline
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(spilled);
+        let mut first_panic = None;
+        for waker in wakers {
+            let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake()));
+            if let Err(panic) = woken {
+                first_panic.get_or_insert(panic);
             }
         }
-        // The guard's own drop does the waking, and it also runs when a `wake` below panics.
-        drop(WakeRest(self));
+        if let Some(panic) = first_panic {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 }
 
@@ -293,12 +292,23 @@ mod tests {
     }
 
     #[test]
-    fn wake_list_spills_past_inline() {
+    fn wake_list_wakes_in_order_and_past_a_panicking_waker() {
+        use std::sync::Mutex;
+        struct Record(usize, Arc<Mutex<Vec<usize>>>);
+        impl Wake for Record {
+            fn wake(self: Arc<Self>) {
+                self.1.lock().unwrap().push(self.0);
+                assert_ne!(self.0, 2, "waker 2 panics");
+            }
+        }
+        let woken = Arc::new(Mutex::new(Vec::new()));
         let mut list = WakeList::default();
-        for _ in 0..10 {
-            list.push(waker());
+        for i in 0..10 {
+            list.push(Waker::from(Arc::new(Record(i, woken.clone()))));
         }
         assert_eq!(list.spilled.len(), 6);
-        drop(list);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(list)));
+        assert!(panic.is_err(), "the panic is passed on");
+        assert_eq!(*woken.lock().unwrap(), (0..10).collect::<Vec<_>>());
     }
 }

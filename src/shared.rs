@@ -160,6 +160,8 @@ impl Shared {
         bytes: usize,
         waker: &Waker,
     ) -> Result<Reservation, AllocError> {
+        // Clone before anything changes: a `clone` that panics then leaves no trace.
+        let waker = waker.clone();
         let mut queue = lock(&self.queue);
         let max_memory = self.max_memory.load(Relaxed);
         if bytes > max_memory {
@@ -189,8 +191,7 @@ impl Shared {
                 Err(actual) => state = actual,
             }
         }
-        // Clone first: a panicking `clone` then leaves the queue as it was.
-        let key = queue.push_back(bytes, waker.clone());
+        let key = queue.push_back(bytes, waker);
         self.waiting.store(queue.len(), Relaxed);
         Ok(Reservation::Queued(key))
     }
@@ -230,10 +231,11 @@ impl Shared {
                 (Status::Failed(_) | Status::Vacant, _) => {}
             }
         }
-        drop(wakers);
+        // Drain listeners first: a waker that panics below must not cost them their wake-up.
         if notify_drained {
             self.drained.notify(usize::MAX);
         }
+        drop(wakers);
     }
 
     /// Returns `bytes` to the budget.
@@ -279,10 +281,11 @@ impl Shared {
                 Err(actual) => state = actual,
             }
         }
-        drop(wakers);
+        // Drain listeners first: a waker that panics below must not cost them their wake-up.
         if notify_drained {
             self.drained.notify(usize::MAX);
         }
+        drop(wakers);
     }
 
     /// `state - bytes`, clearing `DRAIN_WAIT` when that leaves nothing in use.

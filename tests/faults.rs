@@ -392,7 +392,6 @@ fn panicking_waker_at_the_head_does_not_wedge_the_queue() {
 /// One release grants two waiters: a good one at the head and one whose waker panics behind
 /// it. The good one must be woken whatever order the wakers run in.
 #[test]
-#[ignore = "src bug: queue.rs WakeList::drop stops waking at a panicking waker (see the test report); run with --ignored"]
 fn panicking_waker_behind_a_good_waiter_does_not_strand_it() {
     let pool = pool(BufferSize::S64, 2);
     let held = pool.try_allocate(2).unwrap();
@@ -422,7 +421,6 @@ fn panicking_waker_behind_a_good_waiter_does_not_strand_it() {
 
 /// The same with a blocking thread at the head: it must return, not sleep forever.
 #[test]
-#[ignore = "src bug: queue.rs WakeList::drop stops waking at a panicking waker (see the test report); run with --ignored"]
 fn panicking_waker_behind_a_blocking_waiter_does_not_strand_it() {
     watchdog(20, || {
         let pool = shared_pool(2);
@@ -453,7 +451,6 @@ fn panicking_waker_behind_a_blocking_waiter_does_not_strand_it() {
 
 /// A panicking waker on a waiter that `close` fails: every other waiter still gets `Closed`.
 #[test]
-#[ignore = "src bug: queue.rs WakeList::drop stops waking at a panicking waker (see the test report); run with --ignored"]
 fn panicking_waker_during_close_does_not_strand_other_waiters() {
     let pool = pool(BufferSize::S64, 1);
     let held = pool.try_allocate(1).unwrap();
@@ -485,7 +482,6 @@ fn panicking_waker_during_close_does_not_strand_other_waiters() {
 /// that makes later requests wait (or `try_allocate` refuse) although the bytes are free and
 /// nobody waits.
 #[test]
-#[ignore = "src bug: shared.rs reserve_or_enqueue sets QUEUED before a waker clone that panics (see the test report); run with --ignored"]
 fn waker_panicking_on_clone_leaves_the_queue_as_it_was() {
     let pool = pool(BufferSize::S64, 4);
     let held = pool.try_allocate(3).unwrap();
