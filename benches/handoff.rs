@@ -7,9 +7,10 @@
 //! measured directly, and criterion reports the mean per hand-off.
 //!
 //! * `blocking/*`: two OS threads; ours `allocate_blocking(1)`, tokio `Semaphore::new(1)` with
-//!   `futures::executor::block_on(acquire())`. The waiter raises a flag just before it blocks
-//!   and the holder then spins 10 µs, so the waiter is asleep in the kernel when the release
-//!   comes (the wake-up dominates, as in real backpressure).
+//!   `futures::executor::block_on(acquire())`. The holder waits until the waiter is queued
+//!   (ours: `stats().waiting`; tokio: its `acquire` future returned `Pending`), then spins
+//!   10 µs more so the waiter is asleep in the kernel when the release comes (the wake-up
+//!   dominates, as in real backpressure).
 //! * `tokio_tasks/*`: two tasks on a 2-worker tokio multi-thread runtime; ours
 //!   `allocate(1).await`, tokio `Semaphore::acquire().await`. The waiter's flag is raised when
 //!   its future returns `Pending`, i.e. once it is queued; the holder yields until then.
@@ -66,16 +67,6 @@ impl Baton {
         self.now() - self.released_at.load(Ordering::SeqCst)
     }
 
-    fn wait_for_waiter_blocking(&self, other: usize) {
-        while !self.waiting[other].swap(false, Ordering::SeqCst) {
-            spin_loop();
-        }
-        let settle = Instant::now();
-        while settle.elapsed() < SETTLE {
-            spin_loop();
-        }
-    }
-
     async fn wait_for_waiter_async(&self, other: usize) {
         while !self.waiting[other].swap(false, Ordering::SeqCst) {
             tokio::task::yield_now().await;
@@ -84,31 +75,48 @@ impl Baton {
 }
 
 /// Blocking ping-pong of `rounds` hand-offs each way; returns the summed hand-off latency.
-fn blocking_pingpong<H>(rounds: u64, acquire: impl Fn() -> H + Sync) -> Duration {
+///
+/// `acquire(me)` blocks until party `me` holds the budget; `queued(other)` tells whether party
+/// `other` is in the budget's wait queue. The holder releases only once the other party is
+/// queued, so the release always hands the budget over (a release before that would let the
+/// releaser take the budget straight back and stall the ping-pong).
+fn blocking_pingpong<H>(
+    rounds: u64,
+    acquire: impl Fn(usize) -> H + Sync,
+    queued: impl Fn(usize) -> bool + Sync,
+) -> Duration {
     let baton = Baton::new();
     let barrier = Barrier::new(2);
     let total: u64 = thread::scope(|s| {
         let party = |me: usize| {
-            let (baton, barrier, acquire) = (&baton, &barrier, &acquire);
+            let (baton, barrier, acquire, queued) = (&baton, &barrier, &acquire, &queued);
             s.spawn(move || {
                 let other = 1 - me;
-                let mut held = (me == 0).then(acquire);
+                let release = |held: H| {
+                    while !queued(other) {
+                        spin_loop();
+                    }
+                    // Let the waiter get to sleep.
+                    let settle = Instant::now();
+                    while settle.elapsed() < SETTLE {
+                        spin_loop();
+                    }
+                    baton.stamp_release();
+                    drop(held);
+                };
+                let mut held = (me == 0).then(|| acquire(me));
                 barrier.wait();
                 let mut sum = 0;
                 for _ in 0..rounds {
                     if let Some(allocation) = held.take() {
-                        baton.wait_for_waiter_blocking(other);
-                        baton.stamp_release();
-                        drop(allocation);
+                        release(allocation);
                     }
-                    baton.waiting[me].store(true, Ordering::SeqCst);
-                    held = Some(black_box(acquire()));
+                    held = Some(black_box(acquire(me)));
                     sum += baton.latency();
                 }
-                if me == 1 {
+                if let (1, Some(allocation)) = (me, held.take()) {
                     // Party 0 still waits for its last round.
-                    baton.wait_for_waiter_blocking(other);
-                    baton.stamp_release();
+                    release(allocation);
                 }
                 drop(held);
                 sum
@@ -203,17 +211,24 @@ fn handoff(c: &mut Criterion) {
         let pool = single_slot_pool();
         b.iter_custom(|iters| {
             per_iters(iters, |rounds| {
-                blocking_pingpong(rounds, || pool.allocate_blocking(1).unwrap())
+                blocking_pingpong(
+                    rounds,
+                    |_| pool.allocate_blocking(1).unwrap(),
+                    |_| pool.stats().waiting > 0,
+                )
             })
         });
     });
     group.bench_function(BenchmarkId::new("tokio", "block_on_acquire"), |b| {
         let sem = tokio::sync::Semaphore::new(1);
+        let waiting = [AtomicBool::new(false), AtomicBool::new(false)];
         b.iter_custom(|iters| {
             per_iters(iters, |rounds| {
-                blocking_pingpong(rounds, || {
-                    futures::executor::block_on(sem.acquire()).unwrap()
-                })
+                blocking_pingpong(
+                    rounds,
+                    |me| futures::executor::block_on(flagged(sem.acquire(), &waiting[me])).unwrap(),
+                    |other| waiting[other].swap(false, Ordering::SeqCst),
+                )
             })
         });
     });

@@ -10,12 +10,15 @@
 //!   bytes (align 1, as frozen-core uses), `try_acquire_many` and `acquire_many().await`.
 //! * `async-lock/try_acquire` (n = 1 only: it takes one permit at a time).
 //! * `floor/*`: bare `std::alloc::alloc` + `dealloc` of the same bytes, align 1 (what the
-//!   peers use) and align 16 (what membudget uses: `min(buffer_size, 16)`).
+//!   peers use) and align 16 (what membudget uses: `min(buffer_size, 16)`), and the align-16
+//!   floor plus one atomic `fetch_add` and one `fetch_sub` on a shared counter: the least any
+//!   design that keeps the budget in one shared word can cost.
 //!
 //! Run: `cargo bench --bench uncontended`.
 
 use std::alloc::{Layout, alloc, dealloc, handle_alloc_error};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -50,6 +53,9 @@ fn uncontended(c: &mut Criterion) {
     });
     let tokio_sem = tokio::sync::Semaphore::new(BUDGET / BUF);
     let async_lock_sem = async_lock::Semaphore::new(BUDGET / BUF);
+    // What any design that counts the budget in one shared word pays at least: one atomic
+    // read-modify-write to reserve and one to release.
+    let shared_counter = AtomicUsize::new(0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("tokio runtime");
@@ -140,6 +146,14 @@ fn uncontended(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("floor", "alloc+dealloc_align16"), |b| {
             b.iter(|| alloc_dealloc(black_box(n) * BUF, 16));
+        });
+        group.bench_function(BenchmarkId::new("floor", "alloc+dealloc+2_atomics"), |b| {
+            b.iter(|| {
+                let bytes = black_box(n) * BUF;
+                shared_counter.fetch_add(bytes, Ordering::Acquire);
+                alloc_dealloc(bytes, 16);
+                shared_counter.fetch_sub(bytes, Ordering::Release);
+            });
         });
         group.finish();
     }
