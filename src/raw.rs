@@ -152,7 +152,8 @@ impl Drop for Block {
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(shared.align, bytes)) };
         }
         let pool = self.shared;
-        shared.release(bytes, move || Block::keep_alive(pool));
+        // Dropped here, after the last use of `shared`: it may free the pool's state.
+        drop(shared.release(bytes, move || Block::keep_alive(pool)));
     }
 }
 

@@ -243,19 +243,29 @@ impl Shared {
     /// `keep_alive` is called before the bytes are given back whenever the release has more
     /// to do than one compare-exchange: once they are back, the pool may finish dropping, and
     /// only the returned handle keeps this `Shared` alive for the wake-ups that follow.
+    ///
+    /// The handle is returned, not dropped here: it may be the last one, and freeing `self`
+    /// while this call still borrows it would be undefined behaviour.
     #[inline]
-    pub(crate) fn release(&self, bytes: usize, keep_alive: impl FnOnce() -> Arc<Shared>) {
+    #[must_use = "drop the handle only after the last use of the pool"]
+    pub(crate) fn release(
+        &self,
+        bytes: usize,
+        keep_alive: impl FnOnce() -> Arc<Shared>,
+    ) -> Option<Arc<Shared>> {
         let mut state = self.state.load(Relaxed);
         while state & (QUEUED | DRAIN_WAIT) == 0 {
             match self
                 .state
                 .compare_exchange_weak(state, state - bytes, Release, Relaxed)
             {
-                Ok(_) => return,
+                Ok(_) => return None,
                 Err(actual) => state = actual,
             }
         }
-        keep_alive().release_slow(bytes);
+        let pool = keep_alive();
+        pool.release_slow(bytes);
+        Some(pool)
     }
 
     #[cold]
