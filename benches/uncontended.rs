@@ -28,6 +28,23 @@ const BUF: usize = 64;
 const BUDGET: usize = BUF * 1024 * 16;
 const SIZES: [usize; 3] = [1, 16, 1024];
 
+/// Checks that `result` is `Ok`, uses the value where it lies, then drops it.
+///
+/// Neither `black_box(value)` nor `.unwrap()` here: both move the freshly built three-word
+/// allocation into a new slot, and LLVM copies it with one 16-byte load from two 8-byte
+/// stores, which stalls on store forwarding (measured: 10-12 ns, a third of the row). That
+/// is the benchmark's cost, not the pool's: a caller works with its allocation in place.
+#[inline(always)]
+fn consume<T, E: std::fmt::Debug>(result: Result<T, E>) {
+    match &result {
+        Ok(value) => {
+            black_box(value);
+        }
+        Err(error) => panic!("allocation failed: {error:?}"),
+    }
+    drop(result);
+}
+
 /// `std::alloc` + `dealloc` of `bytes` with `align`, as every peer row does it.
 #[inline(always)]
 fn alloc_dealloc(bytes: usize, align: usize) {
@@ -65,17 +82,17 @@ fn uncontended(c: &mut Criterion) {
         let permits = u32::try_from(n).expect("small n");
 
         group.bench_function(BenchmarkId::new("ours", "try_allocate"), |b| {
-            b.iter(|| drop(black_box(ours.try_allocate(black_box(n)).unwrap())));
+            b.iter(|| consume(ours.try_allocate(black_box(n))));
         });
         group.bench_function(BenchmarkId::new("ours", "allocate_blocking"), |b| {
-            b.iter(|| drop(black_box(ours.allocate_blocking(black_box(n)).unwrap())));
+            b.iter(|| consume(ours.allocate_blocking(black_box(n))));
         });
         group.bench_function(BenchmarkId::new("ours", "async_block_on"), |b| {
             b.iter_custom(|iters| {
                 futures::executor::block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        drop(black_box(ours.allocate(black_box(n)).await.unwrap()));
+                        consume(ours.allocate(black_box(n)).await);
                     }
                     start.elapsed()
                 })
@@ -86,7 +103,7 @@ fn uncontended(c: &mut Criterion) {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        drop(black_box(ours.allocate(black_box(n)).await.unwrap()));
+                        consume(ours.allocate(black_box(n)).await);
                     }
                     start.elapsed()
                 })
@@ -94,7 +111,7 @@ fn uncontended(c: &mut Criterion) {
         });
 
         group.bench_function(BenchmarkId::new("frozen-core", "allocate"), |b| {
-            b.iter(|| drop(black_box(frozen.allocate(black_box(n)))));
+            b.iter(|| consume(Ok::<_, ()>(frozen.allocate(black_box(n)))));
         });
 
         group.bench_function(BenchmarkId::new("tokio", "try_acquire_many+alloc"), |b| {

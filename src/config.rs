@@ -4,10 +4,6 @@ use core::fmt;
 
 use crate::BufferSize;
 
-/// The largest budget a pool accepts: the budget shares one atomic word with three flag bits.
-/// On 64-bit targets that is 2 EiB, far above any real memory.
-pub(crate) const MAX_BUDGET: usize = usize::MAX >> 3;
-
 /// How a [`BufPool`](crate::BufPool) is sized: the same two public fields as
 /// `frozen_core::bufpool::BufPoolCfg`.
 ///
@@ -29,6 +25,8 @@ pub struct BufPoolCfg {
     pub buffer_size: BufferSize,
     /// The budget: the most bytes that live allocations may hold together. At least one
     /// buffer; it need not be a multiple of `buffer_size` (the remainder is never used).
+    /// Any larger value is accepted (`usize::MAX` for "no limit"); the pool counts at most
+    /// 2 PiB, more than any machine's memory, so budgets above that enforce 2 PiB.
     pub max_memory: usize,
 }
 
@@ -38,8 +36,7 @@ impl BufPoolCfg {
     /// # Errors
     ///
     /// [`ConfigError::MaxMemoryBelowBufferSize`] when not even one buffer fits (`max_memory`
-    /// of 0 included), [`ConfigError::MaxMemoryTooLarge`] above the largest budget the pool can
-    /// count.
+    /// of 0 included).
     ///
     /// # Examples
     ///
@@ -67,12 +64,6 @@ pub(crate) const fn validate_max_memory(
             buffer_size: buffer_size.bytes(),
         });
     }
-    if max_memory > MAX_BUDGET {
-        return Err(ConfigError::MaxMemoryTooLarge {
-            max_memory,
-            limit: MAX_BUDGET,
-        });
-    }
     Ok(())
 }
 
@@ -97,13 +88,6 @@ pub enum ConfigError {
         /// The configured buffer size in bytes.
         buffer_size: usize,
     },
-    /// `max_memory` is above the largest budget the pool can count.
-    MaxMemoryTooLarge {
-        /// The configured budget in bytes.
-        max_memory: usize,
-        /// The largest budget accepted, in bytes.
-        limit: usize,
-    },
 }
 
 impl fmt::Display for ConfigError {
@@ -115,10 +99,6 @@ impl fmt::Display for ConfigError {
             } => write!(
                 f,
                 "max_memory ({max_memory} bytes) is below one buffer ({buffer_size} bytes)"
-            ),
-            ConfigError::MaxMemoryTooLarge { max_memory, limit } => write!(
-                f,
-                "max_memory ({max_memory} bytes) is above the largest budget ({limit} bytes)"
             ),
         }
     }

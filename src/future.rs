@@ -3,7 +3,6 @@
 
 use core::fmt;
 use core::future::Future;
-use core::ops::ControlFlow;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 
@@ -78,44 +77,26 @@ impl<'a> Allocate<'a> {
     }
 }
 
-/// The first step of every allocation call, which needs no waker and builds no future: bad
-/// input fails and free budget is taken at once. `Continue(bytes)` means the request for
-/// `bytes` has to wait.
-#[inline]
-pub(crate) fn allocate_now(
-    shared: &Arc<Shared>,
-    n: usize,
-    zeroed: bool,
-) -> ControlFlow<Result<BufPoolAllocation, AllocError>, usize> {
-    match shared.reserve_now(n) {
-        Attempt::Reserved(bytes) => {
-            ControlFlow::Break(Ok(BufPoolAllocation::new(shared, bytes, zeroed)))
-        }
-        Attempt::MustWait(bytes) => ControlFlow::Continue(bytes),
-        Attempt::Failed(error) => ControlFlow::Break(Err(error)),
-    }
-}
-
 impl Future for Allocate<'_> {
     type Output = Result<BufPoolAllocation, AllocError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         match this.stage {
-            Stage::Start => {
-                let bytes = match allocate_now(this.shared, this.n, this.zeroed) {
-                    ControlFlow::Break(done) => return this.done(done),
-                    ControlFlow::Continue(bytes) => bytes,
-                };
-                match this.shared.reserve_or_enqueue(bytes, cx.waker()) {
+            Stage::Start => match this.shared.reserve_now(this.n) {
+                Attempt::Reserved(bytes) => this.finish(bytes),
+                Attempt::Failed(error) => this.fail(error),
+                Attempt::MustWait(bytes) => match this.shared.reserve_or_enqueue(bytes, cx.waker())
+                {
                     Ok(Reservation::Reserved) => this.finish(bytes),
                     Ok(Reservation::Queued(key)) => {
                         this.stage = Stage::Queued { key, bytes };
                         Poll::Pending
                     }
                     Err(error) => this.fail(error),
-                }
-            }
+                },
+            },
             Stage::Queued { key, bytes } => match this.shared.poll_queued(key, cx.waker()) {
                 None => Poll::Pending,
                 Some(Ok(())) => this.finish(bytes),

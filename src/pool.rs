@@ -2,7 +2,6 @@
 
 use core::fmt;
 use core::future::{Future, poll_fn};
-use core::ops::ControlFlow;
 use core::pin::pin;
 use core::task::Poll;
 use std::io::Write as _;
@@ -11,8 +10,9 @@ use std::time::{Duration, Instant};
 use crate::BufPoolBuilder;
 use crate::blocking::block_on;
 use crate::config::validate_max_memory;
-use crate::future::{Allocate, Drained, allocate_now};
+use crate::future::{Allocate, Drained};
 use crate::raw::PoolHandle;
+use crate::shared::Attempt;
 use crate::shared::Shared;
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 
@@ -67,7 +67,7 @@ impl BufPool {
     /// # Panics
     ///
     /// With the [`ConfigError`] message when `cfg` is invalid: `max_memory` below one buffer
-    /// or above the largest budget. Use [`try_new`](BufPool::try_new) to get the error instead.
+    /// (0 included). Use [`try_new`](BufPool::try_new) to get the error instead.
     ///
     /// # Examples
     ///
@@ -93,8 +93,7 @@ impl BufPool {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] when `max_memory` is below one buffer (0 included) or above the largest
-    /// budget.
+    /// [`ConfigError`] when `max_memory` is below one buffer (0 included).
     ///
     /// # Examples
     ///
@@ -397,12 +396,12 @@ impl BufPool {
 
     #[inline]
     fn try_now(&self, n: usize, zeroed: bool) -> Result<BufPoolAllocation, AllocError> {
-        match allocate_now(&self.shared, n, zeroed) {
-            ControlFlow::Break(done) => done,
-            ControlFlow::Continue(_) => {
-                self.shared.count_failure(AllocError::WouldBlock);
-                Err(AllocError::WouldBlock)
-            }
+        // Matched here rather than through a shared helper's nested enum: built in place, the
+        // allocation never goes through an intermediate copy (see `Block::new`).
+        match self.shared.reserve_now(n) {
+            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.shared, bytes, zeroed)),
+            Attempt::MustWait(_) => Err(self.shared.would_block()),
+            Attempt::Failed(error) => Err(error),
         }
     }
 
@@ -413,10 +412,22 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        if let ControlFlow::Break(done) = allocate_now(&self.shared, n, zeroed) {
-            return done;
+        match self.shared.reserve_now(n) {
+            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.shared, bytes, zeroed)),
+            Attempt::MustWait(_) => self.wait_blocking_slow(n, zeroed, deadline),
+            Attempt::Failed(error) => Err(error),
         }
-        // The fast path failed: the future's first poll tries once more, then queues.
+    }
+
+    /// The fast path failed: the future's first poll tries once more, then queues.
+    #[cold]
+    #[inline(never)]
+    fn wait_blocking_slow(
+        &self,
+        n: usize,
+        zeroed: bool,
+        deadline: Option<Instant>,
+    ) -> Result<BufPoolAllocation, AllocError> {
         let mut allocate = Allocate::new(&self.shared, n, zeroed);
         block_on(&mut allocate, deadline).unwrap_or_else(|| {
             self.shared.count_failure(AllocError::TimedOut);
@@ -450,8 +461,7 @@ impl BufPool {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] for a budget below one buffer or above the largest budget; the budget
-    /// is then unchanged.
+    /// [`ConfigError`] for a budget below one buffer; the budget is then unchanged.
     ///
     /// # Examples
     ///

@@ -46,43 +46,40 @@ impl Block {
     /// Allocates `bytes` for a reservation already counted in `shared`'s budget.
     ///
     /// `bytes` is `n * buffer_size` for `n >= 1`, so never zero, and at most the pool's
-    /// budget, which [`crate::config`] keeps far below `isize::MAX`.
-    #[inline]
+    /// budget, which [`crate::shared`] keeps far below `isize::MAX`.
+    ///
+    /// Always inlined, like the release: called through a function, the three-word block
+    /// goes back and forth through memory, and that measured a third more than the whole
+    /// allocate and drop otherwise costs.
+    #[inline(always)]
     pub(crate) fn new(shared: &Arc<Shared>, bytes: usize, zeroed: bool) -> Block {
-        let recycled = if zeroed {
-            // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
-            None
+        let ptr = if shared.recycler.is_idle_for(bytes) {
+            fresh(layout(shared.align, bytes), zeroed)
         } else {
-            shared.recycler.take(bytes)
+            Block::recycled_or_fresh(shared, bytes, zeroed)
         };
-        let ptr = match recycled {
-            Some(ptr) => ptr,
-            None => {
-                shared
-                    .recycler
-                    .make_room(|| (shared.in_use(), shared.max_memory()));
-                let layout = layout(shared.align, bytes);
-                // SAFETY: `layout` has a non-zero size (see above).
-                let raw = unsafe {
-                    if zeroed {
-                        std::alloc::alloc_zeroed(layout)
-                    } else {
-                        std::alloc::alloc(layout)
-                    }
-                };
-                match NonNull::new(raw) {
-                    Some(ptr) => ptr,
-                    None => std::alloc::handle_alloc_error(layout),
-                }
-            }
-        };
-        shared.count_allocation();
         Block {
             ptr,
             bytes_zeroed: bytes | if zeroed { ZEROED } else { 0 },
             // `as_ptr` keeps the provenance of the whole `Arc` allocation for `keep_alive`.
             shared: NonNull::new(Arc::as_ptr(shared).cast_mut()).expect("an Arc is never null"),
         }
+    }
+
+    /// The allocation when recycling is on for this size or blocks are cached.
+    #[cold]
+    #[inline(never)]
+    fn recycled_or_fresh(shared: &Shared, bytes: usize, zeroed: bool) -> NonNull<u8> {
+        if !zeroed {
+            if let Some(ptr) = shared.recycler.take(bytes) {
+                return ptr;
+            }
+        }
+        // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
+        shared
+            .recycler
+            .make_room(|| (shared.in_use(), shared.budget()));
+        fresh(layout(shared.align, bytes), zeroed)
     }
 
     #[inline]
@@ -132,20 +129,37 @@ impl Block {
 fn layout(align: usize, bytes: usize) -> Layout {
     debug_assert!(Layout::from_size_align(bytes, align).is_ok());
     // SAFETY: `align` is a power of two (the smaller of two powers of two, fixed when the
-    // pool was built) and `bytes` is at most the budget, at most `usize::MAX >> 3`, so
+    // pool was built) and `bytes` is at most the budget the pool counts, at most 2 PiB, so
     // rounding it up to `align` (at most 4096) cannot overflow `isize`.
     unsafe { Layout::from_size_align_unchecked(bytes, align) }
 }
 
+/// Memory from the global allocator; out of memory ends the process, as for a `Vec`.
+#[inline(always)]
+fn fresh(layout: Layout, zeroed: bool) -> NonNull<u8> {
+    // SAFETY: `layout` has a non-zero size: blocks are never empty.
+    let raw = unsafe {
+        if zeroed {
+            std::alloc::alloc_zeroed(layout)
+        } else {
+            std::alloc::alloc(layout)
+        }
+    };
+    match NonNull::new(raw) {
+        Some(ptr) => ptr,
+        None => std::alloc::handle_alloc_error(layout),
+    }
+}
+
 impl Drop for Block {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         let shared = self.shared();
         let bytes = self.bytes();
-        shared.count_release();
-        if !shared
-            .recycler
-            .put(self.ptr, bytes, || shared.is_contended())
+        if shared.recycler.never_keeps(bytes)
+            || !shared
+                .recycler
+                .put(self.ptr, bytes, || shared.is_contended())
         {
             // SAFETY: `ptr` came from the global allocator with exactly this layout (the
             // pool's alignment never changes), and is freed once, here.
@@ -313,8 +327,20 @@ impl Recycler {
         self.cached_bytes.load(Relaxed)
     }
 
+    /// Whether an allocation of `bytes` has nothing to do with the cache: its size is not
+    /// recycled and nothing is cached that would have to make room.
+    #[inline(always)]
+    pub(crate) fn is_idle_for(&self, bytes: usize) -> bool {
+        bytes < self.min_bytes && self.cached_bytes.load(Relaxed) == 0
+    }
+
+    /// Whether a freed block of `bytes` is never kept.
+    #[inline(always)]
+    pub(crate) fn never_keeps(&self, bytes: usize) -> bool {
+        bytes < self.min_bytes
+    }
+
     /// A cached block of exactly `bytes`, if there is one.
-    #[inline]
     fn take(&self, bytes: usize) -> Option<NonNull<u8>> {
         if bytes < self.min_bytes {
             return None;
@@ -329,7 +355,8 @@ impl Recycler {
     /// Keeps a freed block if its size is recycled and its size class has room; `false`
     /// means the caller frees it. Not while others wait for budget: they may need the room
     /// for other sizes, and would only have to evict it again.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     fn put(&self, ptr: NonNull<u8>, bytes: usize, contended: impl FnOnce() -> bool) -> bool {
         if bytes < self.min_bytes || contended() {
             return false;
@@ -361,7 +388,6 @@ impl Recycler {
     /// `in_use` is read after the caller's own reservation, so it includes the block about
     /// to be allocated; a block being cached is counted twice for a moment (in both), which
     /// only errs on the side of freeing.
-    #[inline]
     fn make_room(&self, in_use_and_max: impl FnOnce() -> (usize, usize)) {
         let cached = self.cached_bytes.load(Acquire);
         if cached == 0 {

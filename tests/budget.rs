@@ -796,14 +796,15 @@ fn set_max_memory_below_one_buffer_is_config_error_and_changes_nothing() {
         );
         assert_eq!(pool.stats().max_memory, 1024);
     }
-    assert!(matches!(
-        pool.set_max_memory(usize::MAX),
-        Err(ConfigError::MaxMemoryTooLarge {
-            max_memory: usize::MAX,
-            ..
-        })
-    ));
-    assert_eq!(pool.stats().max_memory, 1024);
+    // No limit is a valid budget: a waiter for more than is left is served at once.
+    let held = pool.try_allocate(4).unwrap();
+    let mut big = pool.allocate(2);
+    assert_pending(&mut big);
+    pool.set_max_memory(usize::MAX).unwrap();
+    assert_eq!(pool.stats().max_memory, usize::MAX);
+    let big = futures::executor::block_on(big).unwrap();
+    assert_eq!(pool.stats().in_use_bytes, 6 * 256);
+    drop((held, big));
     pool.set_max_memory(256).unwrap();
     assert_eq!(pool.stats().max_memory, 256);
     assert_eq!(pool.try_allocate(1).unwrap().length(), 1);
@@ -861,5 +862,102 @@ fn resize_under_load_stays_within_the_larger_budget() {
         pool.set_max_memory(8 * BUF).unwrap();
         assert_idle(&pool);
         assert_full_budget_back(&pool);
+    });
+}
+
+/// The live and total allocation counts stay exact across many wraps of the budget word's
+/// small counters, whatever mix of fast-path, slow-path (queued, granted) and cancelled
+/// requests made them.
+#[test]
+fn allocation_counts_exact_across_counter_wraps() {
+    let pool = pool(BufferSize::S8, 200);
+    let mut rng = Rng::new(7);
+    let mut live: Vec<BufPoolAllocation> = Vec::new();
+    let mut total = 0;
+    for step in 0..rounds(3_000, 400) {
+        match rng.range(0, 9) {
+            0..=3 if live.len() < 150 => {
+                live.push(pool.try_allocate(1).unwrap());
+                total += 1;
+            }
+            4 if live.len() < 150 => {
+                live.push(pool.allocate_blocking(rng.range(1, 2)).unwrap());
+                total += 1;
+            }
+            5 if !live.is_empty() => {
+                // Queued behind a full budget, then served by a release (the slow path).
+                let in_use = pool.stats().in_use_bytes / 8;
+                let filler = pool.try_allocate(200 - in_use).unwrap();
+                let mut waiter = pool.allocate(1);
+                assert_pending(&mut waiter);
+                drop(filler);
+                live.push(ready(&mut waiter).unwrap());
+                total += 1;
+                total += 1; // the filler
+            }
+            6 => {
+                // Granted, then dropped before it was picked up: not an allocation.
+                let in_use = pool.stats().in_use_bytes / 8;
+                let filler = pool.try_allocate(200 - in_use).unwrap();
+                let mut waiter = pool.allocate(1);
+                assert_pending(&mut waiter);
+                drop(filler);
+                drop(waiter);
+                total += 1; // the filler
+            }
+            _ if !live.is_empty() => {
+                let index = rng.range(0, live.len() - 1);
+                drop(live.swap_remove(index));
+            }
+            _ => {}
+        }
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.outstanding, stats.total_allocations),
+            (live.len(), total),
+            "step {step}: {stats}"
+        );
+        let bytes: usize = live.iter().map(BufPoolAllocation::allocated_bytes).sum();
+        assert_eq!(stats.in_use_bytes, bytes, "step {step}");
+    }
+    drop(live);
+    let stats = pool.stats();
+    assert_eq!((stats.outstanding, stats.in_use_bytes), (0, 0));
+    assert_eq!(stats.total_allocations, total);
+}
+
+/// The same counts, exact once threads racing on the fast path have stopped.
+#[test]
+fn allocation_counts_exact_after_concurrent_churn() {
+    watchdog(30, || {
+        let pool = shared_pool(64);
+        let per_thread = rounds(20_000, 300);
+        let workers: Vec<_> = (0..3u64)
+            .map(|seed| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    let mut held = Vec::new();
+                    for _ in 0..per_thread {
+                        // At most 5 held of at most 4 buffers while waiting: three threads
+                        // hold at most 60 of the 64, so one of them always fits.
+                        while held.len() > rng.range(0, 5) {
+                            drop(held.swap_remove(0));
+                        }
+                        held.push(pool.allocate_blocking(rng.range(1, 4)).unwrap());
+                    }
+                    held
+                })
+            })
+            .collect();
+        let held: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let live: usize = held.iter().map(Vec::len).sum();
+        let stats = pool.stats();
+        assert_eq!(stats.total_allocations, 3 * per_thread);
+        assert_eq!(stats.outstanding, live);
+        drop(held);
+        let stats = pool.stats();
+        assert_eq!((stats.outstanding, stats.in_use_bytes), (0, 0));
+        assert_eq!(stats.total_allocations, 3 * per_thread);
     });
 }
