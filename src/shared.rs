@@ -35,7 +35,8 @@ use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 pub(crate) const CLOSED: u64 = 1 << 63;
 pub(crate) const QUEUED: u64 = 1 << 62;
 pub(crate) const DRAIN_WAIT: u64 = 1 << 61;
-const COUNTER_BITS: u32 = 6;
+/// Under loom the counters wrap every fourth count, so the models go through the wrap paths.
+const COUNTER_BITS: u32 = if cfg!(loom) { 2 } else { 6 };
 /// How many counts one wrap of a word counter stands for.
 const COUNTER_WRAP: usize = 1 << COUNTER_BITS;
 const ALLOCATED: u64 = (1 << COUNTER_BITS) - 1;

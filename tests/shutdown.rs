@@ -720,3 +720,32 @@ fn try_new_and_drop_many_pools_across_threads() {
         }
     });
 }
+
+/// The pool dropped while another thread drops the last allocation, at every phase of the
+/// budget word's release counter (the release that wraps it takes the slow path): every drop
+/// returns, and under Miri no release touches the pool after it is freed.
+#[test]
+fn pool_drop_races_last_release_at_every_counter_phase() {
+    watchdog(60, || {
+        let phases: Vec<usize> = if cfg!(miri) {
+            vec![0, 62, 63, 64]
+        } else {
+            (0..130).collect()
+        };
+        for phase in phases {
+            let pool = pool(BufferSize::S64, 2);
+            for _ in 0..phase {
+                drop(pool.try_allocate(1).unwrap());
+            }
+            let allocation = pool.try_allocate(2).unwrap();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let releaser = thread::spawn(move || {
+                go_rx.recv().unwrap();
+                drop(allocation);
+            });
+            go_tx.send(()).unwrap();
+            drop(pool);
+            releaser.join().unwrap();
+        }
+    });
+}
