@@ -28,16 +28,21 @@ pub(crate) enum Status {
 #[derive(Debug)]
 struct Slot {
     bytes: usize,
+    /// When it was queued; once granted, how long it waited (timed by the releaser, so the
+    /// woken waiter reads no clock).
     since: Instant,
+    waited: Duration,
     status: Status,
     waker: Option<Waker>,
     prev: usize,
     next: usize,
 }
 
-/// How long granted requests waited, kept under the queue's lock at no extra cost.
+/// How long granted requests waited, and how many allocations the slow path made, kept under
+/// the queue's lock at no extra cost.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct WaitStats {
+    pub(crate) allocations: usize,
     pub(crate) waited: usize,
     pub(crate) total: Duration,
     pub(crate) max: Duration,
@@ -57,6 +62,7 @@ impl WaitQueue {
     pub(crate) const fn new() -> Self {
         WaitQueue {
             waits: WaitStats {
+                allocations: 0,
                 waited: 0,
                 total: Duration::ZERO,
                 max: Duration::ZERO,
@@ -78,11 +84,13 @@ impl WaitQueue {
         self.len == 0
     }
 
-    /// Appends a request for `bytes`; returns the slot its owner polls and removes.
-    pub(crate) fn push_back(&mut self, bytes: usize, waker: Waker) -> usize {
+    /// Appends a request for `bytes`, made at `now`; returns the slot its owner polls and
+    /// removes.
+    pub(crate) fn push_back(&mut self, bytes: usize, waker: Waker, now: Instant) -> usize {
         let slot = Slot {
             bytes,
-            since: Instant::now(),
+            since: now,
+            waited: Duration::ZERO,
             status: Status::Waiting,
             waker: Some(waker),
             prev: self.tail,
@@ -121,6 +129,16 @@ impl WaitQueue {
         let slot = &mut self.slots[key];
         slot.status = status;
         slot.waker.take()
+    }
+
+    /// Takes the head out of the queue as granted at `now`; returns its waker.
+    pub(crate) fn pop_front_granted(&mut self, now: Instant) -> Option<Waker> {
+        let key = self.head;
+        if key != NIL {
+            let slot = &mut self.slots[key];
+            slot.waited = now.saturating_duration_since(slot.since);
+        }
+        self.pop_front(Status::Granted)
     }
 
     /// Fails every waiting request with `error`, head first; `wake` gets each waker.
@@ -165,9 +183,16 @@ impl WaitQueue {
         }
     }
 
-    /// The owner of a granted slot takes its allocation: counts the wait and frees the slot.
+    /// An allocation made under the lock without waiting.
+    pub(crate) fn count_allocation(&mut self) {
+        self.waits.allocations += 1;
+    }
+
+    /// The owner of a granted slot takes its allocation: counts it and its wait, and frees the
+    /// slot.
     pub(crate) fn remove_granted(&mut self, key: usize) {
-        let waited = self.slots[key].since.elapsed();
+        let waited = self.slots[key].waited;
+        self.waits.allocations += 1;
         self.waits.waited += 1;
         self.waits.total = self.waits.total.saturating_add(waited);
         self.waits.max = self.waits.max.max(waited);
@@ -271,16 +296,17 @@ mod tests {
     #[test]
     fn fifo_order_and_middle_removal() {
         let mut queue = WaitQueue::new();
-        let a = queue.push_back(1, waker());
-        let b = queue.push_back(2, waker());
-        let c = queue.push_back(3, waker());
+        let now = Instant::now();
+        let a = queue.push_back(1, waker(), now);
+        let b = queue.push_back(2, waker(), now);
+        let c = queue.push_back(3, waker(), now);
         assert_eq!(queue.len(), 3);
         assert_eq!(queue.remove(b), (Status::Waiting, 2));
         assert_eq!(queue.front_bytes(), Some(1));
         assert!(queue.pop_front(Status::Granted).is_some());
         assert_eq!(queue.status(a), Status::Granted);
         assert_eq!(queue.front_bytes(), Some(3));
-        let d = queue.push_back(4, waker());
+        let d = queue.push_back(4, waker(), now);
         assert_eq!(d, b, "the freed slot is reused");
         queue.fail_where(|bytes| (bytes > 3).then_some(AllocError::Closed), drop);
         assert_eq!(queue.status(d), Status::Failed(AllocError::Closed));

@@ -22,7 +22,7 @@
 //! compare-exchange: no lock, no notification.
 
 use core::task::Waker;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
@@ -236,8 +236,10 @@ impl Shared {
         bytes: usize,
         waker: &Waker,
     ) -> Result<Reservation, AllocError> {
-        // Clone before anything changes: a `clone` that panics then leaves no trace.
+        // Clone before anything changes: a `clone` that panics then leaves no trace. The clock
+        // is read before the lock, not under it: other threads wait for that lock.
         let waker = waker.clone();
+        let now = Instant::now();
         let mut queue = lock(&self.queue);
         let budget = self.budget.load(Relaxed);
         if bytes > budget {
@@ -260,7 +262,7 @@ impl Shared {
             };
             match self.state.compare_exchange(state, next, AcqRel, Acquire) {
                 Ok(_) if next & QUEUED == 0 => {
-                    self.allocations_spilled.fetch_add(1, Relaxed);
+                    queue.count_allocation();
                     self.note_in_use(in_use_of(next));
                     return Ok(Reservation::Reserved);
                 }
@@ -268,7 +270,7 @@ impl Shared {
                 Err(actual) => state = actual,
             }
         }
-        let key = queue.push_back(bytes, waker);
+        let key = queue.push_back(bytes, waker, now);
         self.waiting.store(queue.len(), Relaxed);
         Ok(Reservation::Queued(key))
     }
@@ -283,7 +285,6 @@ impl Shared {
             }
             Status::Granted => {
                 queue.remove_granted(key);
-                self.allocations_spilled.fetch_add(1, Relaxed);
                 Some(Ok(()))
             }
             Status::Failed(error) => {
@@ -299,16 +300,19 @@ impl Shared {
     pub(crate) fn cancel(&self, key: usize) {
         let mut wakers = WakeList::default();
         let mut notify_drained = false;
+        let now = Instant::now();
         {
             let mut queue = lock(&self.queue);
             match queue.remove(key) {
                 (Status::Granted, bytes) => {
                     // Granted but never taken: not an allocation, so not a release either.
-                    let released = false;
+                    let counted = false;
                     notify_drained =
-                        self.give_back_locked(bytes, released, &mut queue, &mut wakers);
+                        self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 }
-                (Status::Waiting, _) => self.serve(&mut queue, &mut wakers),
+                (Status::Waiting, _) => {
+                    self.serve(&mut queue, &mut wakers, now);
+                }
                 (Status::Failed(_) | Status::Vacant, _) => {}
             }
         }
@@ -366,9 +370,10 @@ impl Shared {
         let mut state = self.state.load(Relaxed);
         loop {
             if state & QUEUED != 0 {
+                let now = Instant::now();
                 let mut queue = lock(&self.queue);
-                let released = true;
-                notify_drained = self.give_back_locked(bytes, released, &mut queue, &mut wakers);
+                let counted = true;
+                notify_drained = self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 break;
             }
             let (next, wrapped) = Self::minus(state, bytes, true);
@@ -418,25 +423,64 @@ impl Shared {
         state & DRAIN_WAIT != 0 && next & IN_USE == 0
     }
 
-    /// Gives `bytes` back while holding the lock, then serves the queue. Returns whether the
-    /// drain waiters must be notified (after the lock is released).
-    fn give_back_locked(
+    /// With the lock held: gives `released` bytes back (counting a release if `counted`),
+    /// grants the head of the queue its bytes for as long as they fit, in order, and clears
+    /// `QUEUED` once the queue is empty, all in one atomic step. Called whenever budget may
+    /// have come free or the head changed. Returns whether the drain waiters must be notified
+    /// (after the lock is released); `now` is when the grants count as made.
+    ///
+    /// While the queue is not empty `QUEUED` is set, and while it is set and the lock is held
+    /// nobody else adds or removes bytes in use (both fast paths refuse, and the slow ones need
+    /// the lock): the room computed here is exact, and the grants never overshoot the budget.
+    /// Only the flag bits may change behind our back, which the compare-exchange retries.
+    fn settle_locked(
         &self,
-        bytes: usize,
-        released: bool,
+        released: usize,
+        counted: bool,
         queue: &mut WaitQueue,
         wakers: &mut WakeList,
+        now: Instant,
     ) -> bool {
-        let mut state = self.state.load(Relaxed);
+        let budget = self.budget.load(Relaxed);
+        let mut state = self.state.load(Acquire);
+        // Our `released` bytes are still counted, so this cannot underflow.
+        let mut in_use = in_use_of(state) - released;
+        let mut granted = 0;
+        while let Some(bytes) = queue.front_bytes() {
+            if bytes > budget.saturating_sub(in_use) {
+                break;
+            }
+            in_use += bytes;
+            granted += bytes;
+            if let Some(waker) = queue.pop_front_granted(now) {
+                wakers.push(waker);
+            }
+        }
+        self.waiting.store(queue.len(), Relaxed);
+        let clear = if queue.is_empty() { QUEUED } else { 0 };
+        if released == 0 && granted == 0 && state & clear == 0 {
+            return false;
+        }
         loop {
-            let (next, wrapped) = Self::minus(state, bytes, released);
+            let (counted_state, wrapped) = if counted {
+                count_one(state, RELEASED, RELEASED_ONE)
+            } else {
+                (state, false)
+            };
+            let mut next =
+                (counted_state - in_use_field(released) + in_use_field(granted)) & !clear;
+            if next & IN_USE == 0 {
+                next &= !DRAIN_WAIT;
+            }
             match self
                 .state
-                .compare_exchange_weak(state, next, AcqRel, Relaxed)
+                .compare_exchange_weak(state, next, AcqRel, Acquire)
             {
                 Ok(_) => {
                     self.count_spilled_release(wrapped);
-                    self.serve(queue, wakers);
+                    if granted > 0 {
+                        self.note_in_use(in_use_of(next));
+                    }
                     return Self::drained_by(state, next);
                 }
                 Err(actual) => state = actual,
@@ -444,40 +488,22 @@ impl Shared {
         }
     }
 
-    /// Grants the head of the queue its bytes for as long as they fit, in order, and clears
-    /// `QUEUED` once the queue is empty. Called with the lock held whenever budget may have
-    /// come free or the head changed.
-    ///
-    /// While `QUEUED` is set and the lock is held, nobody else can add to the bytes in use
-    /// (the fast path refuses, the slow path needs the lock), so the free room read here can
-    /// only grow behind our back: granting against it never overshoots the budget.
-    pub(crate) fn serve(&self, queue: &mut WaitQueue, wakers: &mut WakeList) {
-        let budget = self.budget.load(Relaxed);
-        let mut in_use = in_use_of(self.state.load(Acquire));
-        while let Some(bytes) = queue.front_bytes() {
-            if bytes > budget.saturating_sub(in_use) {
-                break;
-            }
-            in_use = in_use_of(self.state.fetch_add(in_use_field(bytes), AcqRel)) + bytes;
-            self.note_in_use(in_use);
-            if let Some(waker) = queue.pop_front(Status::Granted) {
-                wakers.push(waker);
-            }
-        }
-        if queue.is_empty() {
-            self.state.fetch_and(!QUEUED, Release);
-        }
-        self.waiting.store(queue.len(), Relaxed);
+    /// [`settle_locked`](Shared::settle_locked) with nothing given back: serves whoever fits
+    /// now. Never empties the pool, so never has drain waiters to notify.
+    pub(crate) fn serve(&self, queue: &mut WaitQueue, wakers: &mut WakeList, now: Instant) {
+        let drained = self.settle_locked(0, false, queue, wakers, now);
+        debug_assert!(!drained, "serving cannot drain the pool");
     }
 
     /// Closes the pool: every waiter fails with `Closed`, and so does every later reservation.
     pub(crate) fn close(&self) {
         let mut wakers = WakeList::default();
+        let now = Instant::now();
         {
             let mut queue = lock(&self.queue);
             self.state.fetch_or(CLOSED, AcqRel);
             queue.fail_all(AllocError::Closed, |waker| wakers.push(waker));
-            self.serve(&mut queue, &mut wakers);
+            self.serve(&mut queue, &mut wakers, now);
         }
         drop(wakers);
     }
@@ -486,6 +512,7 @@ impl Shared {
     /// `ExceedsBudget`, and those that fit now are served in order.
     pub(crate) fn set_max_memory(&self, max_memory: usize) {
         let mut wakers = WakeList::default();
+        let now = Instant::now();
         {
             let mut queue = lock(&self.queue);
             let budget = counted_budget(max_memory);
@@ -500,7 +527,7 @@ impl Shared {
                 },
                 |waker| wakers.push(waker),
             );
-            self.serve(&mut queue, &mut wakers);
+            self.serve(&mut queue, &mut wakers, now);
         }
         drop(wakers);
     }
@@ -562,7 +589,9 @@ impl Shared {
         let releases_spilled = self.releases_spilled.load(Acquire);
         let state = self.state.load(Acquire);
         let allocations_spilled = self.allocations_spilled.load(Acquire);
-        let allocations = allocations_spilled.wrapping_add((state & ALLOCATED) as usize);
+        let allocations = allocations_spilled
+            .wrapping_add(waits.allocations)
+            .wrapping_add((state & ALLOCATED) as usize);
         let releases = releases_spilled.wrapping_add(((state & RELEASED) >> COUNTER_BITS) as usize);
         PoolStats {
             in_use_bytes: in_use_of(state),
