@@ -495,3 +495,34 @@ fn pool_drop_races_a_counter_wrapping_release() {
         releaser.join().unwrap();
     });
 }
+
+/// Model 14: a waiter failed by a shrinking budget while the request behind it is granted
+/// (grants are seen without the lock, by ticket) learns of its failure, never of a grant it did
+/// not get: every allocation handed out is counted in the budget.
+#[test]
+fn failed_waiter_is_not_taken_for_granted() {
+    model(|| {
+        let pool = Arc::new(pool(4));
+        let held = pool.try_allocate(4).unwrap();
+        let mut big = pool.allocate(3);
+        assert!(poll_once(&mut big));
+        let mut small = pool.allocate(1);
+        assert!(poll_once(&mut small));
+        let shrinker = thread::spawn({
+            let pool = pool.clone();
+            move || pool.set_max_memory(2 * B).unwrap()
+        });
+        drop(held);
+        shrinker.join().unwrap();
+        let small = block_on(small).unwrap();
+        let big = block_on(big);
+        let live = small.allocated_bytes() + big.as_ref().map_or(0, |a| a.allocated_bytes());
+        assert_eq!(pool.stats().in_use_bytes, live);
+        if let Err(error) = &big {
+            assert!(
+                matches!(error, AllocError::ExceedsBudget { .. }),
+                "{error:?}"
+            );
+        }
+    });
+}

@@ -8,7 +8,7 @@ use core::task::{Context, Poll};
 
 use event_listener::EventListener;
 
-use crate::shared::{Attempt, Reservation, Shared};
+use crate::shared::{Attempt, Reservation, Shared, Ticket};
 use crate::sync::Arc;
 use crate::{AllocError, BufPoolAllocation};
 
@@ -44,7 +44,7 @@ pub struct Allocate<'a> {
 #[derive(Clone, Copy, Debug)]
 enum Stage {
     Start,
-    Queued { key: usize, bytes: usize },
+    Queued { ticket: Ticket, bytes: usize },
     Done,
 }
 
@@ -90,14 +90,14 @@ impl Future for Allocate<'_> {
                 Attempt::MustWait(bytes) => match this.shared.reserve_or_enqueue(bytes, cx.waker())
                 {
                     Ok(Reservation::Reserved) => this.finish(bytes),
-                    Ok(Reservation::Queued(key)) => {
-                        this.stage = Stage::Queued { key, bytes };
+                    Ok(Reservation::Queued(ticket)) => {
+                        this.stage = Stage::Queued { ticket, bytes };
                         Poll::Pending
                     }
                     Err(error) => this.fail(error),
                 },
             },
-            Stage::Queued { key, bytes } => match this.shared.poll_queued(key, cx.waker()) {
+            Stage::Queued { ticket, bytes } => match this.shared.poll_queued(ticket, cx.waker()) {
                 None => Poll::Pending,
                 Some(Ok(())) => this.finish(bytes),
                 Some(Err(error)) => this.fail(error),
@@ -109,8 +109,8 @@ impl Future for Allocate<'_> {
 
 impl Drop for Allocate<'_> {
     fn drop(&mut self) {
-        if let Stage::Queued { key, .. } = self.stage {
-            self.shared.cancel(key);
+        if let Stage::Queued { ticket, bytes } = self.stage {
+            self.shared.cancel(ticket, bytes);
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The FIFO queue of waiting allocations, kept under the pool's one lock.
 //!
 //! A slab of slots linked into a doubly linked list by index: push, pop at the head and
-//! removal from the middle (a cancelled waiter) are all O(1), and the code is safe Rust. A
-//! waiter owns its slot from `push_back` until it calls `remove`, so a slot index is never
-//! reused behind its owner's back.
+//! removal from the middle (a cancelled waiter) are all O(1), and the code is safe Rust.
+//!
+//! Every request gets a ticket, increasing in queue order. A granted request's slot is freed
+//! at once, by the releaser: its owner learns of the grant from the pool's `granted_through`
+//! ticket without the lock (grants go in ticket order), and a slot whose ticket no longer
+//! matches was granted. Waiting and failed slots stay their owner's until it removes them.
 
 use core::task::Waker;
 use std::time::{Duration, Instant};
@@ -17,7 +20,8 @@ const NIL: usize = usize::MAX;
 pub(crate) enum Status {
     /// In the queue, waiting for its bytes.
     Waiting,
-    /// Out of the queue: its bytes were reserved for it by a releaser.
+    /// Out of the queue: its bytes were reserved for it by a releaser (its slot is already
+    /// free, and may hold another request).
     Granted,
     /// Out of the queue: it will never get its bytes.
     Failed(AllocError),
@@ -28,10 +32,9 @@ pub(crate) enum Status {
 #[derive(Debug)]
 struct Slot {
     bytes: usize,
-    /// When it was queued; once granted, how long it waited (timed by the releaser, so the
-    /// woken waiter reads no clock).
+    ticket: u64,
+    /// When it was queued.
     since: Instant,
-    waited: Duration,
     status: Status,
     waker: Option<Waker>,
     prev: usize,
@@ -52,6 +55,7 @@ pub(crate) struct WaitStats {
 pub(crate) struct WaitQueue {
     waits: WaitStats,
     slots: Vec<Slot>,
+    next_ticket: u64,
     free: usize,
     head: usize,
     tail: usize,
@@ -68,6 +72,8 @@ impl WaitQueue {
                 max: Duration::ZERO,
             },
             slots: Vec::new(),
+            // Ticket 0 stands for "none granted yet".
+            next_ticket: 1,
             free: NIL,
             head: NIL,
             tail: NIL,
@@ -84,13 +90,15 @@ impl WaitQueue {
         self.len == 0
     }
 
-    /// Appends a request for `bytes`, made at `now`; returns the slot its owner polls and
-    /// removes.
-    pub(crate) fn push_back(&mut self, bytes: usize, waker: Waker, now: Instant) -> usize {
+    /// Appends a request for `bytes`, made at `now`; returns the slot and ticket its owner
+    /// polls and removes it with.
+    pub(crate) fn push_back(&mut self, bytes: usize, waker: Waker, now: Instant) -> (usize, u64) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
         let slot = Slot {
             bytes,
+            ticket,
             since: now,
-            waited: Duration::ZERO,
             status: Status::Waiting,
             waker: Some(waker),
             prev: self.tail,
@@ -111,7 +119,7 @@ impl WaitQueue {
         }
         self.tail = key;
         self.len += 1;
-        key
+        (key, ticket)
     }
 
     /// The bytes the head of the queue waits for.
@@ -131,14 +139,22 @@ impl WaitQueue {
         slot.waker.take()
     }
 
-    /// Takes the head out of the queue as granted at `now`; returns its waker.
-    pub(crate) fn pop_front_granted(&mut self, now: Instant) -> Option<Waker> {
+    /// Grants the head at `now`: counts its wait, frees its slot, and returns its ticket and
+    /// waker. (Its allocation counts once its owner takes it.)
+    pub(crate) fn pop_front_granted(&mut self, now: Instant) -> Option<(u64, Option<Waker>)> {
         let key = self.head;
-        if key != NIL {
-            let slot = &mut self.slots[key];
-            slot.waited = now.saturating_duration_since(slot.since);
+        if key == NIL {
+            return None;
         }
-        self.pop_front(Status::Granted)
+        self.unlink(key);
+        let slot = &mut self.slots[key];
+        let waited = now.saturating_duration_since(slot.since);
+        let (ticket, waker) = (slot.ticket, slot.waker.take());
+        self.free_slot(key);
+        self.waits.waited += 1;
+        self.waits.total = self.waits.total.saturating_add(waited);
+        self.waits.max = self.waits.max.max(waited);
+        Some((ticket, waker))
     }
 
     /// Fails every waiting request with `error`, head first; `wake` gets each waker.
@@ -170,8 +186,25 @@ impl WaitQueue {
         }
     }
 
-    pub(crate) fn status(&self, key: usize) -> Status {
-        self.slots[key].status
+    /// Whether any waiting request's bytes satisfy `pred`.
+    pub(crate) fn any(&self, pred: impl Fn(usize) -> bool) -> bool {
+        let mut key = self.head;
+        while key != NIL {
+            if pred(self.slots[key].bytes) {
+                return true;
+            }
+            key = self.slots[key].next;
+        }
+        false
+    }
+
+    /// Where the request with `ticket` in slot `key` stands.
+    pub(crate) fn status(&self, key: usize, ticket: u64) -> Status {
+        match self.slots.get(key) {
+            Some(slot) if slot.ticket == ticket && slot.status != Status::Vacant => slot.status,
+            // Its slot was freed behind it: only a grant does that.
+            _ => Status::Granted,
+        }
     }
 
     /// Stores the waker to wake for `key`, cloning only when it changed.
@@ -188,34 +221,34 @@ impl WaitQueue {
         self.waits.allocations += 1;
     }
 
-    /// The owner of a granted slot takes its allocation: counts it and its wait, and frees the
-    /// slot.
-    pub(crate) fn remove_granted(&mut self, key: usize) {
-        let waited = self.slots[key].waited;
-        self.waits.allocations += 1;
-        self.waits.waited += 1;
-        self.waits.total = self.waits.total.saturating_add(waited);
-        self.waits.max = self.waits.max.max(waited);
-        self.remove(key);
+    /// A granted request was dropped before its owner took the allocation: it did not wait
+    /// for an allocation after all. (Its wait still counts in the total and maximum.)
+    pub(crate) fn uncount_grant(&mut self) {
+        self.waits.waited -= 1;
     }
 
     pub(crate) fn wait_stats(&self) -> WaitStats {
         self.waits
     }
 
-    /// The owner gives its slot back; returns its status and bytes, unlinking it if it still
-    /// waited.
-    pub(crate) fn remove(&mut self, key: usize) -> (Status, usize) {
+    /// The owner of a waiting or failed request gives its slot back; returns its status,
+    /// unlinking it if it still waited.
+    pub(crate) fn remove(&mut self, key: usize) -> Status {
         let status = self.slots[key].status;
+        debug_assert!(matches!(status, Status::Waiting | Status::Failed(_)));
         if status == Status::Waiting {
             self.unlink(key);
         }
+        self.free_slot(key);
+        status
+    }
+
+    fn free_slot(&mut self, key: usize) {
         let slot = &mut self.slots[key];
         slot.status = Status::Vacant;
         slot.waker = None;
         slot.next = self.free;
         self.free = key;
-        (status, slot.bytes)
     }
 
     fn unlink(&mut self, key: usize) {
@@ -243,6 +276,14 @@ pub(crate) struct WakeList {
     inline: [Option<Waker>; 4],
     inline_len: usize,
     spilled: Vec<Waker>,
+}
+
+impl Extend<Waker> for WakeList {
+    fn extend<I: IntoIterator<Item = Waker>>(&mut self, wakers: I) {
+        for waker in wakers {
+            self.push(waker);
+        }
+    }
 }
 
 impl WakeList {
@@ -300,21 +341,31 @@ mod tests {
         let a = queue.push_back(1, waker(), now);
         let b = queue.push_back(2, waker(), now);
         let c = queue.push_back(3, waker(), now);
+        assert!(a.1 < b.1 && b.1 < c.1, "tickets grow in queue order");
         assert_eq!(queue.len(), 3);
-        assert_eq!(queue.remove(b), (Status::Waiting, 2));
+        assert_eq!(queue.remove(b.0), Status::Waiting);
         assert_eq!(queue.front_bytes(), Some(1));
-        assert!(queue.pop_front(Status::Granted).is_some());
-        assert_eq!(queue.status(a), Status::Granted);
+        let (ticket, waker_a) = queue.pop_front_granted(now).unwrap();
+        assert_eq!(ticket, a.1);
+        assert!(waker_a.is_some());
+        assert_eq!(queue.status(a.0, a.1), Status::Granted);
         assert_eq!(queue.front_bytes(), Some(3));
+        // The freed slots are reused, and the grant is still told apart by its ticket.
         let d = queue.push_back(4, waker(), now);
-        assert_eq!(d, b, "the freed slot is reused");
-        queue.fail_where(|bytes| (bytes > 3).then_some(AllocError::Closed), drop);
-        assert_eq!(queue.status(d), Status::Failed(AllocError::Closed));
-        assert_eq!(queue.len(), 1);
+        let e = queue.push_back(5, waker(), now);
+        assert!([d.0, e.0].contains(&a.0) && [d.0, e.0].contains(&b.0));
+        assert_eq!(queue.status(a.0, a.1), Status::Granted);
+        assert_eq!(queue.status(d.0, d.1), Status::Waiting);
+        assert!(queue.any(|bytes| bytes == 5) && !queue.any(|bytes| bytes > 5));
+        queue.fail_where(|bytes| (bytes > 4).then_some(AllocError::Closed), drop);
+        assert_eq!(queue.status(e.0, e.1), Status::Failed(AllocError::Closed));
+        assert_eq!(queue.len(), 2);
         queue.fail_all(AllocError::Closed, drop);
         assert!(queue.is_empty());
-        assert_eq!(queue.remove(c), (Status::Failed(AllocError::Closed), 3));
+        assert_eq!(queue.remove(c.0), Status::Failed(AllocError::Closed));
         assert_eq!(queue.front_bytes(), None);
+        let stats = queue.wait_stats();
+        assert_eq!((stats.allocations, stats.waited), (0, 1));
     }
 
     #[test]

@@ -52,6 +52,9 @@ const IN_USE: u64 = !(CLOSED | QUEUED | DRAIN_WAIT | ALLOCATED | RELEASED);
 /// below the flags. A larger `max_memory` is accepted and counts as this.
 pub(crate) const MAX_COUNTED: u64 = 1 << 51;
 
+/// `granted_through` before any grant: tickets start at 1, so no ticket is taken for granted.
+const NOT_GRANTED: u64 = 0;
+
 /// `bytes` as they are added to the word.
 #[inline]
 const fn in_use_field(bytes: usize) -> u64 {
@@ -95,13 +98,21 @@ pub(crate) enum Attempt {
     Failed(AllocError),
 }
 
+/// A queued request's claim: its slot and ticket, and the failure epoch when it was queued.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    key: usize,
+    ticket: u64,
+    failures_seen: u64,
+}
+
 /// What a reservation that may wait got.
 #[derive(Debug)]
 pub(crate) enum Reservation {
     /// The bytes are reserved.
     Reserved,
-    /// The request waits in the queue under this key.
-    Queued(usize),
+    /// The request waits in the queue.
+    Queued(Ticket),
 }
 
 /// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
@@ -119,26 +130,41 @@ impl<T> core::ops::Deref for CacheLine<T> {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// Written by every allocation and release: alone on its line.
     state: CacheLine<AtomicU64>,
+    // Read by every allocation, written rarely.
     /// The budget enforced: `max_memory`, or [`MAX_COUNTED`] if that is larger.
     budget: AtomicUsize,
     /// The budget as configured, for [`PoolStats`].
     max_memory: AtomicUsize,
-    /// Allocations and releases counted outside the word's two counters (the slow path, and
-    /// 64 for every wrap of a word counter). Allocations made less releases is the live count.
-    allocations_spilled: AtomicUsize,
-    releases_spilled: AtomicUsize,
     peak_in_use: AtomicUsize,
-    would_block: AtomicUsize,
-    timed_out: AtomicUsize,
-    waiting: AtomicUsize,
     pub(crate) buffer_size: BufferSize,
     pub(crate) align: usize,
     pub(crate) recycler: Recycler,
     /// How long `Drop` waits before it says on stderr what it waits for.
     pub(crate) drop_warning_after: Duration,
-    queue: Mutex<WaitQueue>,
+    /// Written by the waiting paths: on lines of their own, so that waiting does not slow the
+    /// fast path of other threads.
+    slow: CacheLine<SlowPath>,
+    queue: CacheLine<Mutex<WaitQueue>>,
     drained: Event,
+}
+
+#[derive(Debug, Default)]
+struct SlowPath {
+    /// Allocations and releases counted outside the word's two counters (every 64th of the
+    /// fast path, and the waited ones). Allocations made less releases is the live count.
+    allocations_spilled: AtomicUsize,
+    releases_spilled: AtomicUsize,
+    would_block: AtomicUsize,
+    timed_out: AtomicUsize,
+    waiting: AtomicUsize,
+    /// The ticket of the last request granted: grants go in ticket order, so every request
+    /// with a ticket up to this one is out of the queue, granted unless it failed.
+    granted_through: AtomicU64,
+    /// Bumped whenever queued requests fail (close, a shrunken budget): a waiter that sees it
+    /// unchanged since it queued was not failed, so `granted_through` alone tells its grant.
+    failures: AtomicU64,
 }
 
 impl Shared {
@@ -153,17 +179,13 @@ impl Shared {
             state: CacheLine(AtomicU64::new(0)),
             budget: AtomicUsize::new(counted_budget(max_memory)),
             max_memory: AtomicUsize::new(max_memory),
-            allocations_spilled: AtomicUsize::new(0),
-            releases_spilled: AtomicUsize::new(0),
             peak_in_use: AtomicUsize::new(0),
-            would_block: AtomicUsize::new(0),
-            timed_out: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
             buffer_size,
             align,
             recycler,
             drop_warning_after,
-            queue: Mutex::new(WaitQueue::new()),
+            slow: CacheLine(SlowPath::default()),
+            queue: CacheLine(Mutex::new(WaitQueue::new())),
             drained: Event::new(),
         }
     }
@@ -199,7 +221,9 @@ impl Shared {
             ) {
                 Ok(_) => {
                     if wrapped {
-                        self.allocations_spilled.fetch_add(COUNTER_WRAP, Relaxed);
+                        self.slow
+                            .allocations_spilled
+                            .fetch_add(COUNTER_WRAP, Relaxed);
                     }
                     self.note_in_use(in_use + bytes);
                     return Attempt::Reserved(bytes);
@@ -270,25 +294,51 @@ impl Shared {
                 Err(actual) => state = actual,
             }
         }
-        let key = queue.push_back(bytes, waker, now);
-        self.waiting.store(queue.len(), Relaxed);
-        Ok(Reservation::Queued(key))
+        let (key, ticket) = queue.push_back(bytes, waker, now);
+        self.slow.waiting.store(queue.len(), Relaxed);
+        Ok(Reservation::Queued(Ticket {
+            key,
+            ticket,
+            // Changed only under the lock, which we hold.
+            failures_seen: self.slow.failures.load(Relaxed),
+        }))
     }
 
     /// Checks a queued request: `Some` once it is out of the queue (its slot is then freed).
-    pub(crate) fn poll_queued(&self, key: usize, waker: &Waker) -> Option<Result<(), AllocError>> {
+    ///
+    /// A grant is seen without the lock (the common case: the waiter was woken for it); only
+    /// a request still waiting, or one that may have failed, takes it.
+    #[inline]
+    pub(crate) fn poll_queued(
+        &self,
+        ticket: Ticket,
+        waker: &Waker,
+    ) -> Option<Result<(), AllocError>> {
+        // `granted_through` first: its `Acquire` makes every failure before that grant visible.
+        if self.slow.granted_through.load(Acquire) >= ticket.ticket
+            && ticket.ticket != NOT_GRANTED
+            && self.slow.failures.load(Acquire) == ticket.failures_seen
+        {
+            self.slow.allocations_spilled.fetch_add(1, Relaxed);
+            return Some(Ok(()));
+        }
+        self.poll_queued_locked(ticket, waker)
+    }
+
+    #[cold]
+    fn poll_queued_locked(&self, ticket: Ticket, waker: &Waker) -> Option<Result<(), AllocError>> {
         let mut queue = lock(&self.queue);
-        match queue.status(key) {
+        match queue.status(ticket.key, ticket.ticket) {
             Status::Waiting => {
-                queue.register(key, waker);
+                queue.register(ticket.key, waker);
                 None
             }
             Status::Granted => {
-                queue.remove_granted(key);
+                queue.count_allocation();
                 Some(Ok(()))
             }
             Status::Failed(error) => {
-                queue.remove(key);
+                queue.remove(ticket.key);
                 Some(Err(error))
             }
             Status::Vacant => unreachable!("a waiter polled a slot it no longer owns"),
@@ -297,23 +347,28 @@ impl Shared {
 
     /// A queued request gives up: bytes already granted to it go to the next waiters, and a
     /// head that leaves lets the ones behind it move up.
-    pub(crate) fn cancel(&self, key: usize) {
+    pub(crate) fn cancel(&self, ticket: Ticket, bytes: usize) {
         let mut wakers = WakeList::default();
         let mut notify_drained = false;
         let now = Instant::now();
         {
             let mut queue = lock(&self.queue);
-            match queue.remove(key) {
-                (Status::Granted, bytes) => {
+            match queue.status(ticket.key, ticket.ticket) {
+                Status::Granted => {
                     // Granted but never taken: not an allocation, so not a release either.
+                    queue.uncount_grant();
                     let counted = false;
                     notify_drained =
                         self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 }
-                (Status::Waiting, _) => {
+                Status::Waiting => {
+                    queue.remove(ticket.key);
                     self.serve(&mut queue, &mut wakers, now);
                 }
-                (Status::Failed(_) | Status::Vacant, _) => {}
+                Status::Failed(_) => {
+                    queue.remove(ticket.key);
+                }
+                Status::Vacant => unreachable!("a waiter cancelled a slot it no longer owns"),
             }
         }
         // Drain listeners first: a waker that panics below must not cost them their wake-up.
@@ -398,7 +453,7 @@ impl Shared {
 
     fn count_spilled_release(&self, wrapped: bool) {
         if wrapped {
-            self.releases_spilled.fetch_add(COUNTER_WRAP, Relaxed);
+            self.slow.releases_spilled.fetch_add(COUNTER_WRAP, Relaxed);
         }
     }
 
@@ -446,17 +501,19 @@ impl Shared {
         // Our `released` bytes are still counted, so this cannot underflow.
         let mut in_use = in_use_of(state) - released;
         let mut granted = 0;
+        let mut last_ticket = NOT_GRANTED;
         while let Some(bytes) = queue.front_bytes() {
             if bytes > budget.saturating_sub(in_use) {
                 break;
             }
             in_use += bytes;
             granted += bytes;
-            if let Some(waker) = queue.pop_front_granted(now) {
-                wakers.push(waker);
+            if let Some((ticket, waker)) = queue.pop_front_granted(now) {
+                last_ticket = ticket;
+                wakers.extend(waker);
             }
         }
-        self.waiting.store(queue.len(), Relaxed);
+        self.slow.waiting.store(queue.len(), Relaxed);
         let clear = if queue.is_empty() { QUEUED } else { 0 };
         if released == 0 && granted == 0 && state & clear == 0 {
             return false;
@@ -480,6 +537,8 @@ impl Shared {
                     self.count_spilled_release(wrapped);
                     if granted > 0 {
                         self.note_in_use(in_use_of(next));
+                        // Only now that the bytes are counted may the waiters see the grant.
+                        self.slow.granted_through.store(last_ticket, Release);
                     }
                     return Self::drained_by(state, next);
                 }
@@ -502,6 +561,9 @@ impl Shared {
         {
             let mut queue = lock(&self.queue);
             self.state.fetch_or(CLOSED, AcqRel);
+            if !queue.is_empty() {
+                self.slow.failures.fetch_add(1, Release);
+            }
             queue.fail_all(AllocError::Closed, |waker| wakers.push(waker));
             self.serve(&mut queue, &mut wakers, now);
         }
@@ -518,6 +580,9 @@ impl Shared {
             let budget = counted_budget(max_memory);
             self.max_memory.store(max_memory, Relaxed);
             self.budget.store(budget, Relaxed);
+            if queue.any(|bytes| bytes > budget) {
+                self.slow.failures.fetch_add(1, Release);
+            }
             queue.fail_where(
                 |bytes| {
                     (bytes > budget).then_some(AllocError::ExceedsBudget {
@@ -576,8 +641,8 @@ impl Shared {
 
     pub(crate) fn count_failure(&self, error: AllocError) {
         match error {
-            AllocError::WouldBlock => self.would_block.fetch_add(1, Relaxed),
-            AllocError::TimedOut => self.timed_out.fetch_add(1, Relaxed),
+            AllocError::WouldBlock => self.slow.would_block.fetch_add(1, Relaxed),
+            AllocError::TimedOut => self.slow.timed_out.fetch_add(1, Relaxed),
             _ => 0,
         };
     }
@@ -586,9 +651,9 @@ impl Shared {
         let waits = lock(&self.queue).wait_stats();
         // Releases first: read the other way round, a release between the two reads could
         // make the live count negative.
-        let releases_spilled = self.releases_spilled.load(Acquire);
+        let releases_spilled = self.slow.releases_spilled.load(Acquire);
         let state = self.state.load(Acquire);
-        let allocations_spilled = self.allocations_spilled.load(Acquire);
+        let allocations_spilled = self.slow.allocations_spilled.load(Acquire);
         let allocations = allocations_spilled
             .wrapping_add(waits.allocations)
             .wrapping_add((state & ALLOCATED) as usize);
@@ -597,7 +662,7 @@ impl Shared {
             in_use_bytes: in_use_of(state),
             max_memory: self.max_memory.load(Relaxed),
             outstanding: allocations.saturating_sub(releases),
-            waiting: self.waiting.load(Relaxed),
+            waiting: self.slow.waiting.load(Relaxed),
             buffer_size: self.buffer_size.bytes(),
             closed: state & CLOSED != 0,
             peak_in_use_bytes: self.peak_in_use.load(Relaxed),
@@ -605,8 +670,8 @@ impl Shared {
             waited_allocations: waits.waited,
             total_wait: waits.total,
             max_wait: waits.max,
-            would_block: self.would_block.load(Relaxed),
-            timed_out: self.timed_out.load(Relaxed),
+            would_block: self.slow.would_block.load(Relaxed),
+            timed_out: self.slow.timed_out.load(Relaxed),
             cached_bytes: self.recycler.cached_bytes(),
         }
     }
