@@ -34,6 +34,9 @@
 //! | 10 live bytes | check-then-add instead of compare-exchange in the fast path | assertion |
 //! | 10b recycling | recycler never evicts | assertion |
 //! | 11a/11b `set_max_memory` | grow does not serve; shrink does not fail too-large waiters | deadlock |
+//! | 12 counts across wraps | fast-path release wraps its counter into the bytes in use | assertion |
+//! | 13 pool drop vs a wrapping release | (no bug of its own: drives the wrap path of model 8; a release that spills after giving its bytes back is caught by Miri in `tests/shutdown.rs`, loom does not track freed atomics) | - |
+//! | 14 failed waiter behind a grant | a waiter trusts `granted_through` without checking the failure epoch | assertion |
 
 use core::future::Future;
 use core::pin::Pin;
