@@ -12,8 +12,7 @@ use crate::blocking::block_on;
 use crate::config::validate_max_memory;
 use crate::future::{Allocate, Drained};
 use crate::raw::PoolHandle;
-use crate::shared::Attempt;
-use crate::shared::Shared;
+use crate::shared::{Attempt, Shared};
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 
 /// A memory-budgeted pool of fixed-size buffers, shared by async tasks and threads.
