@@ -14,9 +14,10 @@
 //!   there clears it and notifies them.
 //! * the bytes in use (a multiple of 8, stored without its three zero bits);
 //! * two 6-bit counters of the allocations and releases made on the fast path, modulo 64.
-//!   Every 64th one, and every one of the slow path, is added to a separate counter instead:
-//!   so [`PoolStats`] counts allocations exactly without a second read-modify-write on the
-//!   fast path (which measured about a quarter of its cost).
+//!   Every 64th one spills into a separate counter, and the slow paths count elsewhere
+//!   (under the queue lock, or where a waiter takes its grant): so [`PoolStats`] counts
+//!   allocations exactly without a second read-modify-write on the fast path (which measured
+//!   about a quarter of its cost).
 //!
 //! With no flag set, a reservation is one compare-exchange and a release is one
 //! compare-exchange: no lock, no notification.
@@ -152,8 +153,9 @@ pub(crate) struct Shared {
 
 #[derive(Debug, Default)]
 struct SlowPath {
-    /// Allocations and releases counted outside the word's two counters (every 64th of the
-    /// fast path, and the waited ones). Allocations made less releases is the live count.
+    /// Allocations and releases counted outside the word's two counters: 64 for each wrap,
+    /// and one for each grant a waiter takes without the lock (the queue counts the rest).
+    /// Allocations made less releases is the live count.
     allocations_spilled: AtomicUsize,
     releases_spilled: AtomicUsize,
     would_block: AtomicUsize,
