@@ -318,7 +318,6 @@ impl Shared {
     ) -> Option<Result<(), AllocError>> {
         // `granted_through` first: its `Acquire` makes every failure before that grant visible.
         if self.slow.granted_through.load(Acquire) >= ticket.ticket
-            && ticket.ticket != NOT_GRANTED
             && self.slow.failures.load(Acquire) == ticket.failures_seen
         {
             self.slow.allocations_spilled.fetch_add(1, Relaxed);
@@ -433,7 +432,7 @@ impl Shared {
                 notify_drained = self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 break;
             }
-            let (next, wrapped) = Self::minus(state, bytes, true);
+            let (next, wrapped) = Self::settled(state, bytes, true, 0, 0);
             match self
                 .state
                 .compare_exchange_weak(state, next, AcqRel, Relaxed)
@@ -459,15 +458,22 @@ impl Shared {
         }
     }
 
-    /// `state` less `bytes` (counting a release if `released`), clearing `DRAIN_WAIT` when
-    /// that leaves nothing in use; and whether the release counter wrapped.
-    fn minus(state: u64, bytes: usize, released: bool) -> (u64, bool) {
-        let (state, wrapped) = if released {
+    /// `state` less `released` bytes (counting a release if `counted`), plus `granted` bytes,
+    /// less the flags in `clear`, and without `DRAIN_WAIT` when that leaves nothing in use;
+    /// and whether the release counter wrapped.
+    fn settled(
+        state: u64,
+        released: usize,
+        counted: bool,
+        granted: usize,
+        clear: u64,
+    ) -> (u64, bool) {
+        let (state, wrapped) = if counted {
             count_one(state, RELEASED, RELEASED_ONE)
         } else {
             (state, false)
         };
-        let next = state - in_use_field(bytes);
+        let next = (state - in_use_field(released) + in_use_field(granted)) & !clear;
         if next & IN_USE == 0 {
             (next & !DRAIN_WAIT, wrapped)
         } else {
@@ -521,16 +527,7 @@ impl Shared {
             return false;
         }
         loop {
-            let (counted_state, wrapped) = if counted {
-                count_one(state, RELEASED, RELEASED_ONE)
-            } else {
-                (state, false)
-            };
-            let mut next =
-                (counted_state - in_use_field(released) + in_use_field(granted)) & !clear;
-            if next & IN_USE == 0 {
-                next &= !DRAIN_WAIT;
-            }
+            let (next, wrapped) = Self::settled(state, released, counted, granted, clear);
             match self
                 .state
                 .compare_exchange_weak(state, next, AcqRel, Acquire)
