@@ -150,7 +150,8 @@ impl WaitQueue {
         let slot = &mut self.slots[key];
         let waited = now.saturating_duration_since(slot.since);
         let (ticket, waker) = (slot.ticket, slot.waker.take());
-        self.free_slot(key);
+        let none = self.free_slot(key);
+        debug_assert!(none.is_none(), "the waker was taken above");
         self.waits.waited += 1;
         self.waits.total = self.waits.total.saturating_add(waited);
         self.waits.max = self.waits.max.max(waited);
@@ -207,13 +208,18 @@ impl WaitQueue {
         }
     }
 
-    /// Stores the waker to wake for `key`, cloning only when it changed.
-    pub(crate) fn register(&mut self, key: usize, waker: &Waker) {
-        let slot = &mut self.slots[key];
-        match &mut slot.waker {
-            Some(old) if old.will_wake(waker) => {}
-            stale => *stale = Some(waker.clone()),
-        }
+    /// Stores `waker` (already cloned, outside the lock) to wake for `key`; returns the one it
+    /// replaces, for the caller to drop after unlocking: a waker's `drop` is user code.
+    pub(crate) fn register(&mut self, key: usize, waker: Waker) -> Option<Waker> {
+        self.slots[key].waker.replace(waker)
+    }
+
+    /// Whether the waker stored for `key` would wake the same task as `waker`.
+    pub(crate) fn will_wake(&self, key: usize, waker: &Waker) -> bool {
+        self.slots[key]
+            .waker
+            .as_ref()
+            .is_some_and(|stored| stored.will_wake(waker))
     }
 
     /// An allocation made under the lock without waiting.
@@ -232,23 +238,26 @@ impl WaitQueue {
     }
 
     /// The owner of a waiting or failed request gives its slot back; returns its status,
-    /// unlinking it if it still waited.
-    pub(crate) fn remove(&mut self, key: usize) -> Status {
+    /// unlinking it if it still waited, and its waker, for the caller to drop after
+    /// unlocking (user code).
+    #[must_use = "drop the waker after unlocking"]
+    pub(crate) fn remove(&mut self, key: usize) -> (Status, Option<Waker>) {
         let status = self.slots[key].status;
         debug_assert!(matches!(status, Status::Waiting | Status::Failed(_)));
         if status == Status::Waiting {
             self.unlink(key);
         }
-        self.free_slot(key);
-        status
+        let waker = self.free_slot(key);
+        (status, waker)
     }
 
-    fn free_slot(&mut self, key: usize) {
+    /// Puts a slot on the free list; returns the waker it still held.
+    fn free_slot(&mut self, key: usize) -> Option<Waker> {
         let slot = &mut self.slots[key];
         slot.status = Status::Vacant;
-        slot.waker = None;
         slot.next = self.free;
         self.free = key;
+        slot.waker.take()
     }
 
     fn unlink(&mut self, key: usize) {
@@ -343,7 +352,7 @@ mod tests {
         let c = queue.push_back(3, waker(), now);
         assert!(a.1 < b.1 && b.1 < c.1, "tickets grow in queue order");
         assert_eq!(queue.len(), 3);
-        assert_eq!(queue.remove(b.0), Status::Waiting);
+        assert_eq!(queue.remove(b.0).0, Status::Waiting);
         assert_eq!(queue.front_bytes(), Some(1));
         let (ticket, waker_a) = queue.pop_front_granted(now).unwrap();
         assert_eq!(ticket, a.1);
@@ -362,7 +371,7 @@ mod tests {
         assert_eq!(queue.len(), 2);
         queue.fail_all(AllocError::Closed, drop);
         assert!(queue.is_empty());
-        assert_eq!(queue.remove(c.0), Status::Failed(AllocError::Closed));
+        assert_eq!(queue.remove(c.0).0, Status::Failed(AllocError::Closed));
         assert_eq!(queue.front_bytes(), None);
         let stats = queue.wait_stats();
         assert_eq!((stats.allocations, stats.waited), (0, 1));

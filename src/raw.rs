@@ -18,7 +18,7 @@ use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Deref;
 use core::ptr::NonNull;
 
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use crate::shared::Shared;
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
@@ -71,14 +71,12 @@ impl Block {
     #[inline(never)]
     fn recycled_or_fresh(shared: &Shared, bytes: usize, zeroed: bool) -> NonNull<u8> {
         if !zeroed {
-            if let Some(ptr) = shared.recycler.take(bytes) {
+            if let Some(ptr) = shared.recycler.take(bytes, || shared.footprint()) {
                 return ptr;
             }
         }
         // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
-        shared
-            .recycler
-            .make_room(|| (shared.in_use(), shared.budget()));
+        shared.recycler.make_room(|| shared.footprint());
         fresh(layout(shared.align, bytes), zeroed)
     }
 
@@ -157,9 +155,12 @@ impl Drop for Block {
         let shared = self.shared();
         let bytes = self.bytes();
         if shared.recycler.never_keeps(bytes)
-            || !shared
-                .recycler
-                .put(self.ptr, bytes, || shared.is_contended())
+            || !shared.recycler.put(
+                self.ptr,
+                bytes,
+                || shared.is_contended(),
+                || shared.footprint(),
+            )
         {
             // SAFETY: `ptr` came from the global allocator with exactly this layout (the
             // pool's alignment never changes), and is freed once, here.
@@ -281,18 +282,43 @@ impl InitBlock {
 /// and page-faults, and a storage engine asks for the same sizes again and again.
 ///
 /// Cached blocks are not counted in the budget word (so they never make anyone wait), but the
-/// pool's memory footprint, live bytes plus cached bytes, still stays within the budget:
-/// before allocating fresh memory, [`make_room`](Recycler::make_room) frees cached blocks
-/// until the new block fits.
+/// pool's memory footprint, live bytes plus cached bytes, still stays within the budget at
+/// every quiescent point:
+///
+/// * a freed block is cached only if the footprint then still fits the budget
+///   ([`put`](Recycler::put));
+/// * fresh memory first frees cached blocks until the footprint fits
+///   ([`make_room`](Recycler::make_room)), and so does a cached block taken for reuse after a
+///   shrink ([`take`](Recycler::take));
+/// * a shrink of the budget frees cached blocks at once ([`trim`](Recycler::trim)).
+///
+/// Every one of these decisions is made under the cache's lock, reading the cached bytes
+/// first and the bytes in use second. Blocks move between the two in a fixed order (a freed
+/// block is cached before its bytes are given back; a reused block's bytes are reserved before
+/// it leaves the cache), and the lock orders every move into or out of the cache against the
+/// two reads: a block in motion is then counted once or twice, never zero times, so the
+/// footprint a decision sees is never below the true one.
 #[derive(Debug)]
 pub(crate) struct Recycler {
     /// Blocks smaller than this are never cached (`usize::MAX`: recycling is off).
     min_bytes: usize,
     max_per_size: usize,
     align: usize,
-    /// Changed only under `cache`'s lock; read without it on the allocation path.
+    /// The bytes of the blocks in the cache, and of evicted ones until they are freed: memory
+    /// is never left uncounted while it exists. Changed only under `cache`'s lock (except the
+    /// decrement after an eviction's `dealloc`); read without it on the allocation path.
     cached_bytes: AtomicUsize,
     cache: Mutex<Vec<SizeClass>>,
+}
+
+/// What the recycler needs to know of its pool when it decides: read at the moment of the
+/// decision, under the cache's lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Footprint {
+    /// The bytes counted in the budget word now.
+    pub(crate) in_use: usize,
+    /// The budget enforced now.
+    pub(crate) budget: usize,
 }
 
 #[derive(Debug)]
@@ -307,6 +333,27 @@ struct CachedPtr(NonNull<u8>);
 
 // SAFETY: a cached block is memory owned by the cache alone; any thread may take or free it.
 unsafe impl Send for CachedPtr {}
+
+/// Blocks taken out of the cache under its lock, freed once the lock is released (`dealloc` of
+/// a large block is a syscall) and only then uncounted.
+#[must_use = "evicted blocks are freed when this is dropped"]
+struct Evicted<'a> {
+    recycler: &'a Recycler,
+    blocks: Vec<(CachedPtr, usize)>,
+}
+
+impl Drop for Evicted<'_> {
+    fn drop(&mut self) {
+        for (CachedPtr(ptr), bytes) in self.blocks.drain(..) {
+            // SAFETY: the block came from the global allocator with this layout, and the
+            // cache owned it alone until it was taken out for this.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout(self.recycler.align, bytes)) };
+            // Only now that it is gone: see `cached_bytes`. A plain count: no other memory is
+            // published through it.
+            self.recycler.cached_bytes.fetch_sub(bytes, Relaxed);
+        }
+    }
+}
 
 impl Recycler {
     pub(crate) fn new(min_bytes: usize, max_per_size: usize, align: usize) -> Self {
@@ -329,9 +376,14 @@ impl Recycler {
 
     /// Whether an allocation of `bytes` has nothing to do with the cache: its size is not
     /// recycled and nothing is cached that would have to make room.
+    ///
+    /// Read after the allocation's own reservation (whose `Acquire` pairs with the `Release`
+    /// of every release before it): a block cached before a release that this reservation
+    /// saw is seen here, and one cached after it was still counted in use when this
+    /// reservation was checked against the budget.
     #[inline(always)]
     pub(crate) fn is_idle_for(&self, bytes: usize) -> bool {
-        bytes < self.min_bytes && self.cached_bytes.load(Relaxed) == 0
+        bytes < self.min_bytes && self.cached_bytes.load(Acquire) == 0
     }
 
     /// Whether a freed block of `bytes` is never kept.
@@ -340,8 +392,10 @@ impl Recycler {
         bytes < self.min_bytes
     }
 
-    /// A cached block of exactly `bytes`, if there is one.
-    fn take(&self, bytes: usize) -> Option<NonNull<u8>> {
+    /// A cached block of exactly `bytes`, if there is one. Its bytes are already reserved in
+    /// the budget word; if the footprint is then above the budget (after a shrink), cached
+    /// blocks are freed until it fits.
+    fn take(&self, bytes: usize, footprint: impl FnOnce() -> Footprint) -> Option<NonNull<u8>> {
         if bytes < self.min_bytes {
             return None;
         }
@@ -349,19 +403,36 @@ impl Recycler {
         let class = cache.iter_mut().find(|class| class.bytes == bytes)?;
         let CachedPtr(ptr) = class.blocks.pop()?;
         self.cached_bytes.fetch_sub(bytes, Relaxed);
+        let evicted = self.evict_locked(&mut cache, footprint());
+        drop(cache);
+        drop(evicted);
         Some(ptr)
     }
 
-    /// Keeps a freed block if its size is recycled and its size class has room; `false`
-    /// means the caller frees it. Not while others wait for budget: they may need the room
-    /// for other sizes, and would only have to evict it again.
+    /// Keeps a freed block, still counted in use, if its size is recycled, its size class has
+    /// room and the footprint with it cached still fits the budget; `false` means the caller
+    /// frees it. Not while others wait for budget (`contended`): they may need the room for
+    /// other sizes, and would only have to evict it again.
     #[cold]
     #[inline(never)]
-    fn put(&self, ptr: NonNull<u8>, bytes: usize, contended: impl FnOnce() -> bool) -> bool {
+    fn put(
+        &self,
+        ptr: NonNull<u8>,
+        bytes: usize,
+        contended: impl FnOnce() -> bool,
+        footprint: impl FnOnce() -> Footprint,
+    ) -> bool {
         if bytes < self.min_bytes || contended() {
             return false;
         }
         let mut cache = lock(&self.cache);
+        // Cached first, in use second (see the type's docs). The block's bytes are still in
+        // use, so caching it leaves the footprint as it is now: it must fit already.
+        let cached = self.cached_bytes.load(Relaxed);
+        let Footprint { in_use, budget } = footprint();
+        if cached.saturating_add(in_use) > budget {
+            return false;
+        }
         let index = match cache.iter().position(|class| class.bytes == bytes) {
             Some(index) => index,
             None => {
@@ -377,57 +448,69 @@ impl Recycler {
             return false;
         }
         class.blocks.push(CachedPtr(ptr));
-        // Before the release gives the bytes back: whoever sees them back sees them cached.
-        self.cached_bytes.fetch_add(bytes, Release);
+        // Before the release gives the bytes back (its `Release` publishes this): whoever
+        // sees them back sees them cached.
+        self.cached_bytes.fetch_add(bytes, Relaxed);
         true
     }
 
-    /// Frees cached blocks, largest first, until `in_use + cached <= max_memory`, where the
-    /// closure gives `(in_use, max_memory)`.
-    ///
-    /// `in_use` is read after the caller's own reservation, so it includes the block about
-    /// to be allocated; a block being cached is counted twice for a moment (in both), which
-    /// only errs on the side of freeing.
-    fn make_room(&self, in_use_and_max: impl FnOnce() -> (usize, usize)) {
-        let cached = self.cached_bytes.load(Acquire);
-        if cached == 0 {
+    /// Frees cached blocks, largest first, until the footprint (in use plus cached) fits the
+    /// budget. Called after the caller's own reservation for fresh memory, so the block about
+    /// to be allocated is counted.
+    fn make_room(&self, footprint: impl FnOnce() -> Footprint) {
+        if self.cached_bytes.load(Acquire) == 0 {
             return;
         }
-        let (in_use, max_memory) = in_use_and_max();
-        if in_use.saturating_add(cached) > max_memory {
-            self.evict_until(max_memory.saturating_sub(in_use));
-        }
+        self.trim(footprint);
     }
 
+    /// Frees cached blocks until the footprint fits the budget: after a shrink, or before
+    /// fresh memory.
+    pub(crate) fn trim(&self, footprint: impl FnOnce() -> Footprint) {
+        let mut cache = lock(&self.cache);
+        let evicted = self.evict_locked(&mut cache, footprint());
+        drop(cache);
+        drop(evicted);
+    }
+
+    /// Takes cached blocks out, largest first, until `cached + in_use <= budget`; the caller
+    /// drops the result after unlocking. `footprint` must be read under the lock, after
+    /// `cached_bytes` (see the type's docs).
     #[cold]
-    fn evict_until(&self, allowed: usize) {
-        let mut evicted = Vec::new();
-        {
-            let mut cache = lock(&self.cache);
-            cache.sort_unstable_by_key(|class| core::cmp::Reverse(class.bytes));
-            let mut cached = self.cached_bytes.load(Relaxed);
-            for class in cache.iter_mut() {
-                while cached > allowed {
-                    let Some(block) = class.blocks.pop() else {
-                        break;
-                    };
-                    cached -= class.bytes;
-                    self.cached_bytes.fetch_sub(class.bytes, Relaxed);
-                    evicted.push((block, class.bytes));
-                }
+    fn evict_locked(&self, cache: &mut [SizeClass], footprint: Footprint) -> Evicted<'_> {
+        let mut evicted = Evicted {
+            recycler: self,
+            blocks: Vec::new(),
+        };
+        // The blocks in the cache, not `cached_bytes`: that also counts evicted blocks still
+        // being freed, which are already on their way out.
+        let mut cached: usize = cache
+            .iter()
+            .map(|class| class.bytes * class.blocks.len())
+            .sum();
+        let allowed = footprint.budget.saturating_sub(footprint.in_use);
+        if cached <= allowed {
+            return evicted;
+        }
+        cache.sort_unstable_by_key(|class| core::cmp::Reverse(class.bytes));
+        for class in cache.iter_mut() {
+            while cached > allowed {
+                let Some(block) = class.blocks.pop() else {
+                    break;
+                };
+                cached -= class.bytes;
+                evicted.blocks.push((block, class.bytes));
             }
         }
-        // Free outside the lock: `dealloc` of a large block is a syscall.
-        for (CachedPtr(ptr), bytes) in evicted {
-            // SAFETY: the block came from the global allocator with this layout, and the
-            // cache owned it alone.
-            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout(self.align, bytes)) };
-        }
+        evicted
     }
 }
 
 impl Drop for Recycler {
     fn drop(&mut self) {
-        self.evict_until(0);
+        self.trim(|| Footprint {
+            in_use: 0,
+            budget: 0,
+        });
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 
 use crate::queue::{Status, WaitQueue, WakeList};
-use crate::raw::Recycler;
+use crate::raw::{Footprint, Recycler};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, lock};
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
@@ -196,16 +196,22 @@ impl Shared {
     /// buffers are reserved if they are free and nobody waits, with one compare-exchange.
     #[inline(always)]
     pub(crate) fn reserve_now(&self, n: usize) -> Attempt {
-        let budget = self.budget.load(Relaxed);
-        let shift = self.buffer_size.shift();
-        // `n * buffer_size <= budget` exactly when `n <= budget >> shift`, which also rules
-        // out overflow.
-        if n == 0 || n > budget >> shift {
-            return Attempt::Failed(self.refusal(n, budget));
-        }
-        let bytes = n << shift;
-        let mut state = self.state.load(Relaxed);
+        // The word first, then the budget, and the budget again after every failed
+        // compare-exchange: `set_max_memory` changes the budget only while it holds `QUEUED`
+        // set (see there). The `Acquire` here pairs with the `Release` of the compare-exchange
+        // that cleared `QUEUED` after the new budget was stored, so a word without `QUEUED`
+        // read here comes with the budget in force; and a word read before a resize set
+        // `QUEUED` fails the compare-exchange below, which reloads both.
+        let mut state = self.state.load(Acquire);
         loop {
+            let budget = self.budget.load(Relaxed);
+            let shift = self.buffer_size.shift();
+            // `n * buffer_size <= budget` exactly when `n <= budget >> shift`, which also
+            // rules out overflow.
+            if n == 0 || n > budget >> shift {
+                return Attempt::Failed(self.refusal(n, budget));
+            }
+            let bytes = n << shift;
             let in_use = in_use_of(state);
             if state & (CLOSED | QUEUED) != 0 || bytes > budget.saturating_sub(in_use) {
                 return if state & CLOSED != 0 {
@@ -219,7 +225,7 @@ impl Shared {
                 state,
                 counted + in_use_field(bytes),
                 Acquire,
-                Relaxed,
+                Acquire,
             ) {
                 Ok(_) => {
                     if wrapped {
@@ -328,21 +334,36 @@ impl Shared {
 
     #[cold]
     fn poll_queued_locked(&self, ticket: Ticket, waker: &Waker) -> Option<Result<(), AllocError>> {
-        let mut queue = lock(&self.queue);
-        match queue.status(ticket.key, ticket.ticket) {
-            Status::Waiting => {
-                queue.register(ticket.key, waker);
-                None
-            }
-            Status::Granted => {
-                queue.count_allocation();
-                Some(Ok(()))
-            }
-            Status::Failed(error) => {
-                queue.remove(ticket.key);
-                Some(Err(error))
-            }
-            Status::Vacant => unreachable!("a waiter polled a slot it no longer owns"),
+        // No user code under the lock: a new waker is cloned before it, and the waker it
+        // replaces (or the failed request's) is dropped after it, when every change is made.
+        let mut new_waker = None;
+        loop {
+            let mut queue = lock(&self.queue);
+            let (result, old_waker) = match queue.status(ticket.key, ticket.ticket) {
+                Status::Waiting => match new_waker.take() {
+                    None if queue.will_wake(ticket.key, waker) => (None, None),
+                    None => {
+                        drop(queue);
+                        new_waker = Some(waker.clone());
+                        continue;
+                    }
+                    Some(new_waker) => (None, queue.register(ticket.key, new_waker)),
+                },
+                Status::Granted => {
+                    queue.count_allocation();
+                    (Some(Ok(())), None)
+                }
+                Status::Failed(error) => {
+                    let (_, waker) = queue.remove(ticket.key);
+                    (Some(Err(error)), waker)
+                }
+                Status::Vacant => unreachable!("a waiter polled a slot it no longer owns"),
+            };
+            drop(queue);
+            drop(old_waker);
+            // An unused clone (the request left the queue meanwhile) drops here, unlocked.
+            drop(new_waker);
+            return result;
         }
     }
 
@@ -352,6 +373,7 @@ impl Shared {
         let mut wakers = WakeList::default();
         let mut notify_drained = false;
         let now = Instant::now();
+        let mut own_waker = None;
         {
             let mut queue = lock(&self.queue);
             match queue.status(ticket.key, ticket.ticket) {
@@ -363,20 +385,23 @@ impl Shared {
                         self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 }
                 Status::Waiting => {
-                    queue.remove(ticket.key);
+                    own_waker = queue.remove(ticket.key).1;
                     self.serve(&mut queue, &mut wakers, now);
                 }
                 Status::Failed(_) => {
-                    queue.remove(ticket.key);
+                    own_waker = queue.remove(ticket.key).1;
                 }
                 Status::Vacant => unreachable!("a waiter cancelled a slot it no longer owns"),
             }
         }
-        // Drain listeners first: a waker that panics below must not cost them their wake-up.
+        // User code from here on, every change made. Drain listeners first: a waker that
+        // panics below must not cost them their wake-up; the others' wake-ups next, so that
+        // our own waker's `drop` panicking costs only us.
         if notify_drained {
             self.drained.notify(usize::MAX);
         }
         drop(wakers);
+        drop(own_waker);
     }
 
     /// Returns `bytes` to the budget.
@@ -570,12 +595,22 @@ impl Shared {
     }
 
     /// Changes the budget: requests that can never fit the new one fail with
-    /// `ExceedsBudget`, and those that fit now are served in order.
+    /// `ExceedsBudget`, those that fit now are served in order, and cached blocks are freed
+    /// until the footprint fits.
+    ///
+    /// Every reservation that succeeds after this returns is checked against the new budget.
+    /// The budget is stored while `QUEUED` is set, under the lock: a fast-path
+    /// compare-exchange that read the word before `QUEUED` was set fails and reloads the
+    /// budget; one that reads it while `QUEUED` is set goes to the lock; and the
+    /// compare-exchange that clears `QUEUED` again (in `serve`, after the store) publishes the
+    /// new budget to every fast path that reads the cleared word.
     pub(crate) fn set_max_memory(&self, max_memory: usize) {
         let mut wakers = WakeList::default();
         let now = Instant::now();
         {
             let mut queue = lock(&self.queue);
+            // `AcqRel`: pairs with the `Acquire` of the fast path's load (see `reserve_now`).
+            self.state.fetch_or(QUEUED, AcqRel);
             let budget = counted_budget(max_memory);
             self.max_memory.store(max_memory, Relaxed);
             self.budget.store(budget, Relaxed);
@@ -591,9 +626,21 @@ impl Shared {
                 },
                 |waker| wakers.push(waker),
             );
+            // Clears `QUEUED` unless requests still wait.
             self.serve(&mut queue, &mut wakers, now);
         }
+        // After the budget store: a block cached under the old budget is seen here, and one
+        // cached later was checked against the new budget (the cache's lock orders the two).
+        self.recycler.trim(|| self.footprint());
         drop(wakers);
+    }
+
+    /// The bytes in use and the budget now, for the recycler's decisions.
+    pub(crate) fn footprint(&self) -> Footprint {
+        Footprint {
+            in_use: self.in_use(),
+            budget: self.budget(),
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {

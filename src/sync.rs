@@ -75,9 +75,9 @@ pub(crate) fn park_until(deadline: std::time::Instant) {
     }
 }
 
-/// Locks `mutex`, ignoring poison: every critical section in this crate keeps the queue
-/// consistent at each step, and user code (a waker's `clone`) can only panic before the
-/// section changes anything.
+/// Locks `mutex`, ignoring poison: no user code (a waker's `wake`, `clone` or `drop`) runs
+/// while a lock of this crate is held, and every critical section keeps its state consistent
+/// at each step, so a poisoned lock could only come from a bug of our own.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     #[cfg(loom)]
     {
