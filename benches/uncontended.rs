@@ -14,14 +14,41 @@
 //!   floor plus one atomic `fetch_add` and one `fetch_sub` on a shared counter: the least any
 //!   design that keeps the budget in one shared word can cost.
 //!
+//! The rows above use each result where it lies ([`consume`]): they measure the pool's own
+//! work. Real callers do not write that. They move the allocation out of its `Result` (with
+//! `unwrap` or `?`) and hand it by reference to code the compiler does not inline, and moving
+//! the three-word `BufPoolAllocation` out of the `Result` it was returned in costs a
+//! store-forwarding stall that `consume` hides (issue 11 measured 29-30 ns against 17-22 ns
+//! in place at n = 1). So each group also has rows **as users write it**, ours and tokio's
+//! side by side, every one handing the allocation by reference to an `#[inline(never)]`
+//! `use_it` that only `black_box`es its pointer:
+//!
+//! * `ours/try_allocate_unwrap`, `ours/allocate_blocking_unwrap`:
+//!   `let a = pool.try_allocate(n).unwrap(); use_it(&a);` (and the same with
+//!   `allocate_blocking`).
+//! * `ours/try_allocate_question_mark`: an `#[inline(never)] fn step(..) -> Result<(),
+//!   AllocError>` doing `let a = pool.try_allocate(n)?; use_it(&a); Ok(())`, called as
+//!   `step(..).unwrap()`.
+//! * `ours/allocate_await_in_async_fn_{block_on,tokio_ct}`: the same through
+//!   `async fn step(..) { let a = pool.allocate(n).await?; use_it(&a); Ok(()) }`, awaited in a
+//!   loop driven by `futures::executor::block_on` and by the tokio current-thread runtime.
+//! * `tokio/try_acquire_many_unwrap`, `tokio/question_mark`,
+//!   `tokio/acquire_many_await_in_async_fn_{block_on,tokio_ct}`: the same shapes on the
+//!   semaphore, which is how a tokio user would write the pool: the permit (`unwrap` or `?`)
+//!   plus `std::alloc` of the bytes in a small owning `TokioAlloc { permit, ptr, layout }`
+//!   that deallocates on drop, handed to a non-inlined `use_it_tokio`.
+//!
 //! Run: `cargo bench --bench uncontended`.
 
 use std::alloc::{Layout, alloc, dealloc, handle_alloc_error};
 use std::hint::black_box;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use membudget::{AllocError, BufPool, BufPoolAllocation};
+use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, TryAcquireError};
 
 const BUF: usize = 64;
 /// Wide enough for 16 allocations of the largest `n`: nothing ever waits.
@@ -59,8 +86,86 @@ fn alloc_dealloc(bytes: usize, align: usize) {
     unsafe { dealloc(ptr, layout) };
 }
 
+/// What a caller does with its allocation, kept minimal and out of line: the allocation
+/// arrives by reference, as it would in real code.
+#[inline(never)]
+fn use_it(allocation: &BufPoolAllocation) {
+    black_box(allocation.first());
+}
+
+/// `?` through a function of the caller's own that the compiler does not inline.
+#[inline(never)]
+fn step(pool: &BufPool, n: usize) -> Result<(), AllocError> {
+    let allocation = pool.try_allocate(n)?;
+    use_it(&allocation);
+    Ok(())
+}
+
+/// `allocate().await?` in an async fn of the caller's own.
+async fn step_async(pool: &BufPool, n: usize) -> Result<(), AllocError> {
+    let allocation = pool.allocate(n).await?;
+    use_it(&allocation);
+    Ok(())
+}
+
+/// A semaphore permit plus `std::alloc` bytes, freed on drop: how a tokio user would build
+/// the pool's allocation.
+struct TokioAlloc<'a> {
+    /// Released after the bytes are freed (fields drop after `Drop::drop`), as ours does.
+    #[allow(dead_code)]
+    permit: SemaphorePermit<'a>,
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl<'a> TokioAlloc<'a> {
+    #[inline]
+    fn new(permit: SemaphorePermit<'a>, bytes: usize) -> Self {
+        let layout = Layout::from_size_align(bytes, 1).expect("valid layout");
+        // SAFETY: `bytes` is never zero here.
+        let ptr = unsafe { alloc(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            handle_alloc_error(layout)
+        };
+        TokioAlloc {
+            permit,
+            ptr,
+            layout,
+        }
+    }
+}
+
+impl Drop for TokioAlloc<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// [`use_it`] for the tokio rows.
+#[inline(never)]
+fn use_it_tokio(allocation: &TokioAlloc<'_>) {
+    black_box(allocation.ptr);
+}
+
+/// [`step`] for the tokio rows.
+#[inline(never)]
+fn step_tokio(sem: &Semaphore, permits: u32, bytes: usize) -> Result<(), TryAcquireError> {
+    let allocation = TokioAlloc::new(sem.try_acquire_many(permits)?, bytes);
+    use_it_tokio(&allocation);
+    Ok(())
+}
+
+/// [`step_async`] for the tokio rows.
+async fn step_tokio_async(sem: &Semaphore, permits: u32, bytes: usize) -> Result<(), AcquireError> {
+    let allocation = TokioAlloc::new(sem.acquire_many(permits).await?, bytes);
+    use_it_tokio(&allocation);
+    Ok(())
+}
+
 fn uncontended(c: &mut Criterion) {
-    let ours = membudget::BufPool::new(membudget::BufPoolCfg {
+    let ours = BufPool::new(membudget::BufPoolCfg {
         buffer_size: membudget::BufferSize::S64,
         max_memory: BUDGET,
     });
@@ -68,7 +173,7 @@ fn uncontended(c: &mut Criterion) {
         buffer_size: frozen_core::utils::BufferSize::S64,
         max_memory: BUDGET,
     });
-    let tokio_sem = tokio::sync::Semaphore::new(BUDGET / BUF);
+    let tokio_sem = Semaphore::new(BUDGET / BUF);
     let async_lock_sem = async_lock::Semaphore::new(BUDGET / BUF);
     // What any design that counts the budget in one shared word pays at least: one atomic
     // read-modify-write to reserve and one to release.
@@ -87,6 +192,24 @@ fn uncontended(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("ours", "allocate_blocking"), |b| {
             b.iter(|| consume(ours.allocate_blocking(black_box(n))));
         });
+        group.bench_function(BenchmarkId::new("ours", "try_allocate_unwrap"), |b| {
+            b.iter(|| {
+                let allocation = ours.try_allocate(black_box(n)).unwrap();
+                use_it(&allocation);
+            });
+        });
+        group.bench_function(BenchmarkId::new("ours", "allocate_blocking_unwrap"), |b| {
+            b.iter(|| {
+                let allocation = ours.allocate_blocking(black_box(n)).unwrap();
+                use_it(&allocation);
+            });
+        });
+        group.bench_function(
+            BenchmarkId::new("ours", "try_allocate_question_mark"),
+            |b| {
+                b.iter(|| step(&ours, black_box(n)).unwrap());
+            },
+        );
         group.bench_function(BenchmarkId::new("ours", "async_block_on"), |b| {
             b.iter_custom(|iters| {
                 futures::executor::block_on(async {
@@ -109,6 +232,34 @@ fn uncontended(c: &mut Criterion) {
                 })
             });
         });
+        group.bench_function(
+            BenchmarkId::new("ours", "allocate_await_in_async_fn_block_on"),
+            |b| {
+                b.iter_custom(|iters| {
+                    futures::executor::block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            step_async(&ours, black_box(n)).await.unwrap();
+                        }
+                        start.elapsed()
+                    })
+                });
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("ours", "allocate_await_in_async_fn_tokio_ct"),
+            |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            step_async(&ours, black_box(n)).await.unwrap();
+                        }
+                        start.elapsed()
+                    })
+                });
+            },
+        );
 
         group.bench_function(BenchmarkId::new("frozen-core", "allocate"), |b| {
             b.iter(|| consume(Ok::<_, ()>(frozen.allocate(black_box(n)))));
@@ -147,6 +298,48 @@ fn uncontended(c: &mut Criterion) {
                 })
             });
         });
+        group.bench_function(BenchmarkId::new("tokio", "try_acquire_many_unwrap"), |b| {
+            b.iter(|| {
+                let permit = tokio_sem.try_acquire_many(black_box(permits)).unwrap();
+                let allocation = TokioAlloc::new(permit, black_box(n) * BUF);
+                use_it_tokio(&allocation);
+            });
+        });
+        group.bench_function(BenchmarkId::new("tokio", "question_mark"), |b| {
+            b.iter(|| step_tokio(&tokio_sem, black_box(permits), black_box(n) * BUF).unwrap());
+        });
+        group.bench_function(
+            BenchmarkId::new("tokio", "acquire_many_await_in_async_fn_block_on"),
+            |b| {
+                b.iter_custom(|iters| {
+                    futures::executor::block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            step_tokio_async(&tokio_sem, black_box(permits), black_box(n) * BUF)
+                                .await
+                                .unwrap();
+                        }
+                        start.elapsed()
+                    })
+                });
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("tokio", "acquire_many_await_in_async_fn_tokio_ct"),
+            |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            step_tokio_async(&tokio_sem, black_box(permits), black_box(n) * BUF)
+                                .await
+                                .unwrap();
+                        }
+                        start.elapsed()
+                    })
+                });
+            },
+        );
 
         if n == 1 {
             group.bench_function(BenchmarkId::new("async-lock", "try_acquire+alloc"), |b| {
@@ -177,7 +370,7 @@ fn uncontended(c: &mut Criterion) {
 
     eprintln!(
         "size_of: membudget::BufPoolAllocation = {} bytes, frozen_core::bufpool::BufPoolAllocation = {} bytes",
-        size_of::<membudget::BufPoolAllocation>(),
+        size_of::<BufPoolAllocation>(),
         size_of::<frozen_core::bufpool::BufPoolAllocation>(),
     );
 }

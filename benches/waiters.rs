@@ -7,8 +7,13 @@
 //! allocation (now the one held), and queue a fresh future at the tail (polled once), so the
 //! queue stays N long. Issue 4 wants the 10,000-waiter cost at most 2x the 1-waiter cost.
 //!
-//! `tokio/*` does the same with `Semaphore::new(1)` and `acquire()` futures; those are
-//! `!Unpin`, so each is boxed, and the box is part of that row's cost.
+//! `tokio/*` does the same with `Semaphore::new(1)` and `acquire()` futures.
+//!
+//! Both rows box their futures (`Box::pin`, polled through `Pin<Box<dyn Future>>`): tokio's
+//! `Acquire` is `!Unpin`, and ours will be too once its waiter node lives inside it (issue
+//! 11), so neither row relies on `Unpin`. Each iteration therefore pays one box allocation,
+//! one free and a dynamic `poll` call on both sides, and the head's box is freed before the
+//! new tail's is made in both.
 //!
 //! Run: `cargo bench --bench waiters`.
 
@@ -24,6 +29,19 @@ use futures::task::noop_waker_ref;
 
 const QUEUE_LENGTHS: [usize; 3] = [1, 100, 10_000];
 
+type BoxedAllocate<'a> =
+    Pin<Box<dyn Future<Output = Result<membudget::BufPoolAllocation, membudget::AllocError>> + 'a>>;
+
+fn enqueue_ours<'a>(
+    pool: &'a membudget::BufPool,
+    queue: &mut VecDeque<BoxedAllocate<'a>>,
+    cx: &mut Context<'_>,
+) {
+    let mut waiter: BoxedAllocate<'a> = Box::pin(pool.allocate(1));
+    assert!(waiter.as_mut().poll(cx).is_pending());
+    queue.push_back(waiter);
+}
+
 fn ours(queued: usize, iters: u64) -> Duration {
     let pool = membudget::BufPool::new(membudget::BufPoolCfg {
         buffer_size: membudget::BufferSize::S64,
@@ -31,25 +49,21 @@ fn ours(queued: usize, iters: u64) -> Duration {
     });
     let mut cx = Context::from_waker(noop_waker_ref());
     let mut held = pool.try_allocate(1).unwrap();
-    let mut queue = VecDeque::with_capacity(queued + 1);
-    let enqueue = |queue: &mut VecDeque<_>, cx: &mut Context<'_>| {
-        let mut waiter = pool.allocate(1);
-        assert!(Pin::new(&mut waiter).poll(cx).is_pending());
-        queue.push_back(waiter);
-    };
+    let mut queue: VecDeque<BoxedAllocate<'_>> = VecDeque::with_capacity(queued + 1);
     for _ in 0..queued {
-        enqueue(&mut queue, &mut cx);
+        enqueue_ours(&pool, &mut queue, &mut cx);
     }
 
     let start = Instant::now();
     for _ in 0..iters {
         drop(held);
         let mut head = queue.pop_front().unwrap();
-        held = match Pin::new(&mut head).poll(&mut cx) {
+        held = match head.as_mut().poll(&mut cx) {
             Poll::Ready(allocation) => allocation.unwrap(),
             Poll::Pending => panic!("the release did not serve the head"),
         };
-        enqueue(&mut queue, &mut cx);
+        drop(head);
+        enqueue_ours(&pool, &mut queue, &mut cx);
     }
     let elapsed = start.elapsed();
     black_box(&held);

@@ -6,8 +6,8 @@ use core::iter::FusedIterator;
 use core::mem::MaybeUninit;
 
 use crate::FilledAllocation;
-use crate::raw::{Block, InitBlock};
-use crate::shared::Shared;
+use crate::heap::{Block, InitBlock};
+use crate::state::State;
 use crate::sync::Arc;
 
 /// A pointer to the first byte of one buffer, as in `frozen_core::bufpool`.
@@ -40,14 +40,14 @@ pub type BufferPointer = *mut u8;
 /// ```
 #[must_use = "dropping an allocation gives its bytes straight back"]
 pub struct BufPoolAllocation {
-    block: Block,
+    block: Block<State>,
 }
 
 impl BufPoolAllocation {
     #[inline]
-    pub(crate) fn new(shared: &Arc<Shared>, bytes: usize, zeroed: bool) -> Self {
+    pub(crate) fn new(pool: &Arc<State>, bytes: usize, zeroed: bool) -> Self {
         BufPoolAllocation {
-            block: Block::new(shared, bytes, zeroed),
+            block: pool.block(bytes, zeroed),
         }
     }
 
@@ -63,7 +63,7 @@ impl BufPoolAllocation {
     /// ```
     #[inline]
     pub fn length(&self) -> usize {
-        self.block.bytes() >> self.block.shared().buffer_size.shift()
+        self.block.bytes() >> self.block.pool().config.buffer_size.shift()
     }
 
     /// A pointer to the first buffer, which is also the start of the whole block of
@@ -113,7 +113,7 @@ impl BufPoolAllocation {
     /// ```
     #[inline]
     pub fn buffer_size(&self) -> usize {
-        self.block.shared().buffer_size.bytes()
+        self.block.pool().config.buffer_size.bytes()
     }
 
     /// A pointer to buffer `index`, or `None` past the last one.
@@ -199,7 +199,7 @@ impl BufPoolAllocation {
         FilledAllocation::new(InitBlock::new(self.block))
     }
 
-    pub(crate) fn from_block(block: Block) -> Self {
+    pub(crate) fn from_block(block: Block<State>) -> Self {
         BufPoolAllocation { block }
     }
 

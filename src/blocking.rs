@@ -1,13 +1,17 @@
-//! The blocking shim: drives the pool's futures on the calling thread, parking it between
-//! polls. The waiting logic itself lives only in the futures.
+//! The blocking shim: drives the pool's futures on the calling thread, spinning briefly and
+//! then parking it between polls. The waiting logic itself lives only in the futures.
 
+use core::cell::Cell;
 use core::future::Future;
 use core::pin::Pin;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use core::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use crate::sync::{AtomicBool, Thread, current_thread, park, park_until};
+use crate::sync::{
+    AtomicBool, SPINS_BEFORE_PARK, Thread, current_thread, deadline_passed, park, park_until,
+    thread_local,
+};
 
 /// Wakes a parked thread; remembers a wake that comes before the park.
 struct ThreadWaker {
@@ -21,40 +25,64 @@ impl std::task::Wake for ThreadWaker {
     }
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        // `Release`: pairs with the `Acquire` of the waiting thread's check, so what the
+        // waker's caller did before (a grant) is visible when the thread wakes.
         if !self.woken.swap(true, Release) {
             self.thread.unpark();
         }
     }
 }
 
+thread_local! {
+    /// This thread's waker, made once: a blocking wait allocates nothing. `None` while a
+    /// wait on this thread uses it (a nested wait, from a waker's own code, makes its own).
+    static THREAD_WAKER: Cell<Option<std::sync::Arc<ThreadWaker>>> = const { Cell::new(None) };
+}
+
 /// Polls `future` to completion on this thread, or until `deadline` passes. At the deadline
 /// it polls once more, so a result that arrived just in time is not thrown away; `None` means
 /// the deadline won and the caller drops (cancels) the future.
-pub(crate) fn block_on<F: Future + Unpin>(
-    future: &mut F,
+pub(crate) fn block_on<F: Future>(
+    mut future: Pin<&mut F>,
     deadline: Option<Instant>,
 ) -> Option<F::Output> {
-    let thread_waker = std::sync::Arc::new(ThreadWaker {
-        thread: current_thread(),
-        woken: AtomicBool::new(false),
+    let thread_waker = THREAD_WAKER.with(Cell::take).unwrap_or_else(|| {
+        std::sync::Arc::new(ThreadWaker {
+            thread: current_thread(),
+            woken: AtomicBool::new(false),
+        })
     });
-    let waker = Waker::from(thread_waker.clone());
-    let mut cx = Context::from_waker(&waker);
+    // A wake left over from an earlier wait on this thread only costs one more poll.
+    thread_waker.woken.store(false, Relaxed);
+    let waker = Waker::from(std::sync::Arc::clone(&thread_waker));
+    let output = drive(future.as_mut(), &waker, &thread_waker.woken, deadline);
+    drop(waker);
+    THREAD_WAKER.with(|cell| cell.set(Some(thread_waker)));
+    output
+}
+
+fn drive<F: Future>(
+    mut future: Pin<&mut F>,
+    waker: &Waker,
+    woken: &AtomicBool,
+    deadline: Option<Instant>,
+) -> Option<F::Output> {
+    let mut cx = Context::from_waker(waker);
     loop {
-        if let Poll::Ready(output) = Pin::new(&mut *future).poll(&mut cx) {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return Some(output);
         }
         let time_left = deadline.is_none_or(|deadline| !deadline_passed(deadline));
-        if time_left && spin_until_woken(&thread_waker.woken) {
-            thread_waker.woken.store(false, Relaxed);
+        if time_left && spin_until_woken(woken) {
+            woken.store(false, Relaxed);
             continue;
         }
-        while !thread_waker.woken.swap(false, Acquire) {
+        while !woken.swap(false, Acquire) {
             match deadline {
                 None => park(),
                 Some(deadline) if !deadline_passed(deadline) => park_until(deadline),
                 Some(_) => {
-                    return match Pin::new(&mut *future).poll(&mut cx) {
+                    return match future.as_mut().poll(&mut cx) {
                         Poll::Ready(output) => Some(output),
                         Poll::Pending => None,
                     };
@@ -72,16 +100,15 @@ pub(crate) fn block_on<F: Future + Unpin>(
 /// tight budget, a waiter that is still spinning takes it without either syscall. At most
 /// one spinner fewer than the cores spins at a time, so spinning never starves the thread
 /// that is about to release, and a long wait costs at most one spin before it parks.
-#[cfg(not(loom))]
 fn spin_until_woken(woken: &AtomicBool) -> bool {
     use std::sync::atomic::AtomicUsize;
 
-    /// About 8 µs of `spin_loop` on this project's VM: about what parking and being woken
-    /// costs, the classic bound that keeps a spin-then-park wait within 2x of the best choice.
-    const SPINS: u32 = 512;
     static SPINNERS: AtomicUsize = AtomicUsize::new(0);
     static MAX_SPINNERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
+    if SPINS_BEFORE_PARK == 0 {
+        return false;
+    }
     let max = *MAX_SPINNERS
         .get_or_init(|| std::thread::available_parallelism().map_or(0, |cores| cores.get() - 1));
     if SPINNERS.fetch_add(1, Relaxed) >= max {
@@ -93,7 +120,7 @@ fn spin_until_woken(woken: &AtomicBool) -> bool {
         if woken.load(Acquire) {
             break true;
         }
-        if spins == SPINS {
+        if spins == SPINS_BEFORE_PARK {
             break false;
         }
         core::hint::spin_loop();
@@ -101,22 +128,4 @@ fn spin_until_woken(woken: &AtomicBool) -> bool {
     };
     SPINNERS.fetch_sub(1, Relaxed);
     wake_came
-}
-
-/// Under loom there is nothing to gain from spinning, and every spin would be a step to model.
-#[cfg(loom)]
-fn spin_until_woken(_woken: &AtomicBool) -> bool {
-    false
-}
-
-#[cfg(not(loom))]
-fn deadline_passed(deadline: Instant) -> bool {
-    Instant::now() >= deadline
-}
-
-/// loom has no clock: a deadline there has always passed, which models the timeout racing
-/// with everything else.
-#[cfg(loom)]
-fn deadline_passed(_deadline: Instant) -> bool {
-    true
 }

@@ -5,7 +5,8 @@ use core::ops::Deref;
 use std::io::{self, IoSlice};
 
 use crate::BufPoolAllocation;
-use crate::raw::InitBlock;
+use crate::heap::InitBlock;
+use crate::state::State;
 
 /// An allocation being filled from the start, that reads back only what was written.
 ///
@@ -34,12 +35,12 @@ use crate::raw::InitBlock;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct FilledAllocation {
-    inner: InitBlock,
+    inner: InitBlock<State>,
     filled: usize,
 }
 
 impl FilledAllocation {
-    pub(crate) fn new(inner: InitBlock) -> Self {
+    pub(crate) fn new(inner: InitBlock<State>) -> Self {
         FilledAllocation { inner, filled: 0 }
     }
 
@@ -209,7 +210,7 @@ impl FilledAllocation {
     /// ```
     pub fn buffers(&self) -> core::slice::Chunks<'_, u8> {
         self.filled()
-            .chunks(self.inner.block().shared().buffer_size.bytes())
+            .chunks(self.inner.block().pool().config.buffer_size.bytes())
     }
 
     /// One [`IoSlice`] per filled buffer, for `write_vectored`.

@@ -36,6 +36,7 @@
     unreachable_pub
 )]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod allocation;
 mod blocking;
@@ -43,24 +44,26 @@ mod builder;
 mod config;
 mod error;
 mod filled;
-mod future;
+mod heap;
 mod pool;
-mod queue;
-mod raw;
-mod shared;
+mod recycle;
 mod size;
+mod state;
 mod stats;
 mod sync;
+mod wait;
+mod waiters;
+mod word;
 
 pub use allocation::{BufPoolAllocation, BufPoolAllocationIter, BufferPointer};
 pub use builder::BufPoolBuilder;
 pub use config::{BufPoolCfg, ConfigError};
 pub use error::AllocError;
 pub use filled::FilledAllocation;
-pub use future::{Allocate, Drained};
 pub use pool::BufPool;
 pub use size::{BufferSize, InvalidBufferSize};
 pub use stats::PoolStats;
+pub use wait::{Allocate, Drained};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
@@ -74,7 +77,7 @@ const _: () = {
     send_sync::<BufPool>();
     send_sync::<BufPoolAllocation>();
     send_sync::<FilledAllocation>();
-    send::<Allocate<'static>>();
+    send_sync::<Allocate<'static>>();
     send::<Drained<'static>>();
     send_sync::<AllocError>();
     send_sync::<ConfigError>();

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use crate::BufPoolBuilder;
 use crate::blocking::block_on;
 use crate::config::validate_max_memory;
-use crate::future::{Allocate, Drained};
-use crate::raw::PoolHandle;
-use crate::shared::{Attempt, Shared};
+use crate::heap::PoolHandle;
+use crate::state::{Attempt, State};
+use crate::wait::{Allocate, Drained};
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 
 /// A memory-budgeted pool of fixed-size buffers, shared by async tasks and threads.
@@ -57,7 +57,7 @@ use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 /// # }).unwrap();
 /// ```
 pub struct BufPool {
-    shared: PoolHandle,
+    pool: PoolHandle<State>,
 }
 
 impl BufPool {
@@ -127,9 +127,9 @@ impl BufPool {
         BufPoolBuilder::new(cfg)
     }
 
-    pub(crate) fn from_shared(shared: Shared) -> Self {
+    pub(crate) fn from_state(state: State) -> Self {
         BufPool {
-            shared: PoolHandle::new(shared),
+            pool: PoolHandle::new(state),
         }
     }
 
@@ -169,7 +169,7 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn allocate(&self, n: usize) -> Allocate<'_> {
-        Allocate::new(&self.shared, n, false)
+        Allocate::new(&self.pool, n, false)
     }
 
     /// Like [`allocate`](BufPool::allocate), with every byte of the allocation zero.
@@ -198,7 +198,7 @@ impl BufPool {
     /// ```
     #[inline]
     pub fn allocate_zeroed(&self, n: usize) -> Allocate<'_> {
-        Allocate::new(&self.shared, n, true)
+        Allocate::new(&self.pool, n, true)
     }
 
     /// Allocates `n` contiguous buffers, blocking the calling thread while the budget is
@@ -397,9 +397,9 @@ impl BufPool {
     fn try_now(&self, n: usize, zeroed: bool) -> Result<BufPoolAllocation, AllocError> {
         // Matched here rather than through a shared helper's nested enum: built in place, the
         // allocation never goes through an intermediate copy (see `Block::new`).
-        match self.shared.reserve_now(n) {
-            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.shared, bytes, zeroed)),
-            Attempt::MustWait(_) => Err(self.shared.would_block()),
+        match self.pool.reserve_now(n) {
+            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.pool, bytes, zeroed)),
+            Attempt::MustWait(_) => Err(self.pool.would_block()),
             Attempt::Failed(error) => Err(error),
         }
     }
@@ -411,8 +411,8 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        match self.shared.reserve_now(n) {
-            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.shared, bytes, zeroed)),
+        match self.pool.reserve_now(n) {
+            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.pool, bytes, zeroed)),
             Attempt::MustWait(_) => self.wait_blocking_slow(n, zeroed, deadline),
             Attempt::Failed(error) => Err(error),
         }
@@ -427,11 +427,8 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        let mut allocate = Allocate::new(&self.shared, n, zeroed);
-        block_on(&mut allocate, deadline).unwrap_or_else(|| {
-            self.shared.count_failure(AllocError::TimedOut);
-            Err(AllocError::TimedOut)
-        })
+        let allocate = pin!(Allocate::new(&self.pool, n, zeroed));
+        block_on(allocate, deadline).unwrap_or_else(|| Err(self.pool.timed_out()))
     }
 
     /// The pool's counters now. Exact when no call is in flight.
@@ -448,7 +445,7 @@ impl BufPool {
     /// println!("{stats}"); // "192 of 256 bytes in use by 1 allocations (peak 192 bytes), …"
     /// ```
     pub fn stats(&self) -> PoolStats {
-        self.shared.stats()
+        self.pool.stats()
     }
 
     /// Changes the budget at run time.
@@ -475,8 +472,8 @@ impl BufPool {
     /// # Ok::<(), membudget::ConfigError>(())
     /// ```
     pub fn set_max_memory(&self, max_memory: usize) -> Result<(), ConfigError> {
-        validate_max_memory(self.shared.buffer_size, max_memory)?;
-        self.shared.set_max_memory(max_memory);
+        validate_max_memory(self.pool.config.buffer_size, max_memory)?;
+        self.pool.set_max_memory(max_memory);
         Ok(())
     }
 
@@ -491,7 +488,7 @@ impl BufPool {
     /// assert_eq!(pool.buffer_size(), BufferSize::S256);
     /// ```
     pub fn buffer_size(&self) -> crate::BufferSize {
-        self.shared.buffer_size
+        self.pool.config.buffer_size
     }
 
     /// Closes the pool: every waiting request fails with [`AllocError::Closed`] at once, and
@@ -515,7 +512,7 @@ impl BufPool {
     /// # });
     /// ```
     pub fn close(&self) {
-        self.shared.close();
+        self.pool.close();
     }
 
     /// Whether [`close`](BufPool::close) was called.
@@ -531,7 +528,7 @@ impl BufPool {
     /// assert!(pool.is_closed());
     /// ```
     pub fn is_closed(&self) -> bool {
-        self.shared.is_closed()
+        self.pool.is_closed()
     }
 
     /// Waits until no allocation of this pool is outstanding: the shutdown barrier of `Drop`,
@@ -558,7 +555,7 @@ impl BufPool {
     /// # });
     /// ```
     pub fn drained(&self) -> Drained<'_> {
-        Drained::new(&self.shared)
+        Drained::new(&self.pool)
     }
 
     /// Closes the pool, waits for every allocation to come back and drops the pool, without
@@ -615,8 +612,7 @@ impl BufPool {
     /// ```
     pub fn shutdown_timeout(&self, timeout: Duration) -> PoolStats {
         self.close();
-        let mut drained = self.drained();
-        block_on(&mut drained, Instant::now().checked_add(timeout));
+        block_on(pin!(self.drained()), Instant::now().checked_add(timeout));
         self.stats()
     }
 
@@ -665,11 +661,11 @@ impl BufPool {
 impl Drop for BufPool {
     /// Closes the pool and blocks until every allocation has been dropped.
     fn drop(&mut self) {
-        self.shared.close();
-        let mut drained = Drained::new(&self.shared);
-        let warn_after = self.shared.drop_warning_after;
+        self.pool.close();
+        let mut drained = pin!(Drained::new(&self.pool));
+        let warn_after = self.pool.config.drop_warning_after;
         let warn_at = Instant::now().checked_add(warn_after);
-        if block_on(&mut drained, warn_at).is_none() {
+        if block_on(drained.as_mut(), warn_at).is_none() {
             let stats = self.stats();
             // Not `eprintln!`: a closed stderr must not turn the barrier into a panic. Under
             // loom every deadline has passed at once, so the report would only be noise there.
@@ -683,9 +679,9 @@ impl Drop for BufPool {
                     stats.in_use_bytes,
                 );
             }
-            block_on(&mut drained, None);
+            block_on(drained, None);
         }
-        // `self.shared` (a `PoolHandle`) now drops its `Arc` if the pool is drained, and
+        // `self.pool` (a `PoolHandle`) now drops its `Arc` if the pool is drained, and
         // leaks it if a panic cut the barrier short.
     }
 }

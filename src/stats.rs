@@ -1,7 +1,115 @@
-//! A point-in-time view of a pool's counters.
+//! A point-in-time view of a pool's counters ([`PoolStats`]), the counters behind it, and
+//! how a view is assembled from them.
+//!
+//! Allocations and releases are counted in three places, so that the fast path pays no
+//! read-modify-write of its own for them: modulo 64 in the budget word (`word.rs`), every
+//! wrap of those and every release on a slow path in [`Counters`], and every allocation made
+//! under the queue lock (reserved there, or granted to a waiter) in [`WaitTotals`].
 
 use core::fmt;
+use core::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::time::Duration;
+
+use crate::sync::AtomicUsize;
+use crate::word::{COUNTER_WRAP, Word};
+
+/// Counters written off the fast path, on a cache line of their own in the pool's state.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Allocations counted outside the word and the queue: [`COUNTER_WRAP`] for each wrap of
+    /// the word's counter, and one for each grant its waiter took.
+    allocations_spilled: AtomicUsize,
+    /// Releases counted outside the word: one wrap's worth for each wrap.
+    releases_spilled: AtomicUsize,
+    would_block: AtomicUsize,
+    timed_out: AtomicUsize,
+    /// The queue's length, published under the lock for `stats()` to read without it.
+    waiting: AtomicUsize,
+}
+
+impl Counters {
+    /// The word's allocation counter wrapped.
+    pub(crate) fn allocations_wrapped(&self) {
+        self.allocations_spilled.fetch_add(COUNTER_WRAP, Relaxed);
+    }
+
+    /// The word's release counter wrapped. (Ordered before the release's bytes come back by
+    /// that release's own `Release` compare-exchange.)
+    pub(crate) fn releases_wrapped(&self) {
+        self.releases_spilled.fetch_add(COUNTER_WRAP, Relaxed);
+    }
+
+    /// A waiter took the bytes granted to it: an allocation, counted without the lock.
+    pub(crate) fn grant_taken(&self) {
+        self.allocations_spilled.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn would_block(&self) {
+        self.would_block.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn timed_out(&self) {
+        self.timed_out.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn set_waiting(&self, waiting: usize) {
+        self.waiting.store(waiting, Relaxed);
+    }
+}
+
+/// Allocations made under the queue lock and the waits behind them, kept under that lock at
+/// no extra cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WaitTotals {
+    /// Allocations reserved under the lock without waiting.
+    pub(crate) allocations: usize,
+    /// Requests granted after waiting in the queue (less those dropped before they took
+    /// their grant), and how long they waited.
+    pub(crate) waited: usize,
+    pub(crate) total: Duration,
+    pub(crate) max: Duration,
+}
+
+/// What [`PoolStats`] is assembled from, besides the counters.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sources {
+    pub(crate) waits: WaitTotals,
+    pub(crate) max_memory: usize,
+    pub(crate) buffer_size: usize,
+    pub(crate) peak_in_use: usize,
+    pub(crate) cached_bytes: usize,
+}
+
+impl Counters {
+    /// Reads the counters and `word` (given as a closure, read between them) into a view.
+    pub(crate) fn assemble(&self, word: impl FnOnce() -> Word, sources: Sources) -> PoolStats {
+        // Releases first, word second, allocations last: read the other way round, a
+        // release between two reads could make the live count negative.
+        let releases_spilled = self.releases_spilled.load(Acquire);
+        let word = word();
+        let allocations_spilled = self.allocations_spilled.load(Acquire);
+        let allocations = allocations_spilled
+            .wrapping_add(sources.waits.allocations)
+            .wrapping_add(word.allocations());
+        let releases = releases_spilled.wrapping_add(word.releases());
+        PoolStats {
+            in_use_bytes: word.in_use(),
+            max_memory: sources.max_memory,
+            outstanding: allocations.saturating_sub(releases),
+            waiting: self.waiting.load(Relaxed),
+            buffer_size: sources.buffer_size,
+            closed: word.is_closed(),
+            peak_in_use_bytes: sources.peak_in_use,
+            total_allocations: allocations,
+            waited_allocations: sources.waits.waited,
+            total_wait: sources.waits.total,
+            max_wait: sources.waits.max,
+            would_block: self.would_block.load(Relaxed),
+            timed_out: self.timed_out.load(Relaxed),
+            cached_bytes: sources.cached_bytes,
+        }
+    }
+}
 
 /// What [`BufPool::stats`](crate::BufPool::stats) saw.
 ///

@@ -5,7 +5,7 @@
 #[cfg(loom)]
 pub(crate) use loom::sync::{
     Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize},
+    atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize},
 };
 #[cfg(loom)]
 pub(crate) use loom_park::{Thread, current as current_thread, park};
@@ -13,10 +13,15 @@ pub(crate) use loom_park::{Thread, current as current_thread, park};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{
     Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize},
+    atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize},
 };
 #[cfg(not(loom))]
 pub(crate) use std::thread::{Thread, current as current_thread, park};
+#[cfg(not(loom))]
+pub(crate) use std::thread_local;
+
+#[cfg(loom)]
+pub(crate) use loom::thread_local;
 
 /// Thread parking under loom, with std's semantics.
 ///
@@ -55,6 +60,71 @@ mod loom_park {
         PARKER.with(Arc::clone).wait();
     }
 }
+
+/// A cell whose accesses loom checks for data races: `with` and `with_mut` hand out raw
+/// pointers, and the caller's `// SAFETY:` says why no other access overlaps.
+#[derive(Debug, Default)]
+pub(crate) struct UnsafeCell<T>(
+    #[cfg(loom)] loom::cell::UnsafeCell<T>,
+    #[cfg(not(loom))] core::cell::UnsafeCell<T>,
+);
+
+impl<T> UnsafeCell<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(loom)]
+        {
+            UnsafeCell(loom::cell::UnsafeCell::new(value))
+        }
+        #[cfg(not(loom))]
+        {
+            UnsafeCell(core::cell::UnsafeCell::new(value))
+        }
+    }
+
+    /// Reads through a raw pointer.
+    #[inline(always)]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        #[cfg(loom)]
+        {
+            self.0.with(f)
+        }
+        #[cfg(not(loom))]
+        {
+            f(self.0.get())
+        }
+    }
+
+    /// Writes through a raw pointer.
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        #[cfg(loom)]
+        {
+            self.0.with_mut(f)
+        }
+        #[cfg(not(loom))]
+        {
+            f(self.0.get())
+        }
+    }
+}
+
+/// Whether `deadline` has passed. loom has no clock: a deadline there has always passed,
+/// which models the timeout racing with everything else.
+pub(crate) fn deadline_passed(deadline: std::time::Instant) -> bool {
+    #[cfg(loom)]
+    {
+        let _ = deadline;
+        true
+    }
+    #[cfg(not(loom))]
+    {
+        std::time::Instant::now() >= deadline
+    }
+}
+
+/// How many `spin_loop`s a blocking waiter may spin before it parks; none under loom, where
+/// spinning gains nothing and every spin would be a step to model.
+pub(crate) const SPINS_BEFORE_PARK: u32 = if cfg!(loom) { 0 } else { 512 };
 
 /// Parks the current thread until it is unparked or `deadline` passes.
 ///

@@ -59,8 +59,8 @@ impl Entry {
     /// Calls the entry point; the async ones must be ready at their first poll.
     fn call(self, pool: &BufPool, n: usize) -> Result<BufPoolAllocation, AllocError> {
         match self {
-            Entry::Allocate => ready(&mut pool.allocate(n)),
-            Entry::AllocateZeroed => ready(&mut pool.allocate_zeroed(n)),
+            Entry::Allocate => ready(&mut Box::pin(pool.allocate(n))),
+            Entry::AllocateZeroed => ready(&mut Box::pin(pool.allocate_zeroed(n))),
             Entry::Blocking => pool.allocate_blocking(n),
             Entry::ZeroedBlocking => pool.allocate_zeroed_blocking(n),
             Entry::Timeout => pool.allocate_timeout(n, Duration::from_secs(60)),
@@ -152,7 +152,7 @@ fn table_on_a_spent_pool_with_waiters_still_errors_at_once() {
                 max_memory,
             });
             let held = pool.try_allocate(4).unwrap();
-            let mut queued = pool.allocate(2);
+            let mut queued = Box::pin(pool.allocate(2));
             assert_pending(&mut queued);
             for entry in ENTRIES {
                 for (n, expected) in bad_rows(size, max_memory) {

@@ -494,8 +494,8 @@ fn stats_exact_at_each_quiescent_step() {
     );
 
     // Two queued futures count as waiting, and not as outstanding.
-    let mut w1 = pool.allocate(9);
-    let mut w2 = pool.allocate(1);
+    let mut w1 = Box::pin(pool.allocate(9));
+    let mut w2 = Box::pin(pool.allocate(1));
     assert_pending(&mut w1);
     assert_pending(&mut w2);
     let stats = pool.stats();
@@ -565,7 +565,7 @@ fn stats_totals_exact_at_each_quiescent_step() {
         (5 * BUF, 2, 1, 1)
     );
     // A request that waits, then is granted and picked up.
-    let mut waiter = pool.allocate(7);
+    let mut waiter = Box::pin(pool.allocate(7));
     assert_pending(&mut waiter);
     drop(a);
     let c = ready(&mut waiter).unwrap();
@@ -798,7 +798,7 @@ fn set_max_memory_below_one_buffer_is_config_error_and_changes_nothing() {
     }
     // No limit is a valid budget: a waiter for more than is left is served at once.
     let held = pool.try_allocate(4).unwrap();
-    let mut big = pool.allocate(2);
+    let mut big = Box::pin(pool.allocate(2));
     assert_pending(&mut big);
     pool.set_max_memory(usize::MAX).unwrap();
     assert_eq!(pool.stats().max_memory, usize::MAX);
@@ -888,7 +888,7 @@ fn allocation_counts_exact_across_counter_wraps() {
                 // Queued behind a full budget, then served by a release (the slow path).
                 let in_use = pool.stats().in_use_bytes / 8;
                 let filler = pool.try_allocate(200 - in_use).unwrap();
-                let mut waiter = pool.allocate(1);
+                let mut waiter = Box::pin(pool.allocate(1));
                 assert_pending(&mut waiter);
                 drop(filler);
                 live.push(ready(&mut waiter).unwrap());
@@ -899,7 +899,7 @@ fn allocation_counts_exact_across_counter_wraps() {
                 // Granted, then dropped before it was picked up: not an allocation.
                 let in_use = pool.stats().in_use_bytes / 8;
                 let filler = pool.try_allocate(200 - in_use).unwrap();
-                let mut waiter = pool.allocate(1);
+                let mut waiter = Box::pin(pool.allocate(1));
                 assert_pending(&mut waiter);
                 drop(filler);
                 drop(waiter);

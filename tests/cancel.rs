@@ -19,8 +19,8 @@ const BUF: usize = 64;
 fn drop_after_one_poll_loses_nothing() {
     let pool = pool(BufferSize::S64, 4);
     let held = pool.try_allocate(4).unwrap();
-    let mut first = pool.allocate(2);
-    let mut second = pool.allocate_zeroed(1);
+    let mut first = Box::pin(pool.allocate(2));
+    let mut second = Box::pin(pool.allocate_zeroed(1));
     assert_pending(&mut first);
     assert_pending(&mut second);
     assert_eq!(pool.stats().waiting, 2);
@@ -37,7 +37,7 @@ fn drop_after_one_poll_loses_nothing() {
 async fn drop_after_one_poll_on_runtime_then_waiter_behind_still_served() {
     let pool = shared_pool(2);
     let held = pool.try_allocate(2).unwrap();
-    let mut head = pool.allocate(2);
+    let mut head = Box::pin(pool.allocate(2));
     assert!(futures::poll!(&mut head).is_pending());
     let behind = thread_future({
         let pool = pool.clone();
@@ -107,7 +107,7 @@ async fn cancelled_head_lets_the_one_behind_proceed() {
     // Head dropped after one poll; blocking waiter behind.
     let pool = shared_pool(4);
     let held = pool.try_allocate(2).unwrap();
-    let mut head = pool.allocate(4);
+    let mut head = Box::pin(pool.allocate(4));
     assert!(futures::poll!(&mut head).is_pending());
     let behind = thread_future({
         let pool = pool.clone();
@@ -203,7 +203,7 @@ fn cancelled_blocking_head_by_deadline_lets_the_one_behind_proceed() {
 async fn granted_then_dropped_budget_goes_to_the_next_waiter() {
     let pool = shared_pool(2);
     let held = pool.try_allocate(2).unwrap();
-    let mut granted = pool.allocate(2);
+    let mut granted = Box::pin(pool.allocate(2));
     assert!(futures::poll!(&mut granted).is_pending());
     let next = thread_future({
         let pool = pool.clone();
@@ -231,7 +231,7 @@ async fn granted_then_dropped_budget_goes_to_the_next_waiter() {
 fn granted_then_dropped_without_other_waiters_returns_budget() {
     let pool = pool(BufferSize::S64, 2);
     let held = pool.try_allocate(2).unwrap();
-    let mut granted = pool.allocate_zeroed(1);
+    let mut granted = Box::pin(pool.allocate_zeroed(1));
     assert_pending(&mut granted);
     drop(held);
     assert_eq!(pool.stats().in_use_bytes, BUF);
@@ -243,7 +243,7 @@ fn granted_then_dropped_without_other_waiters_returns_budget() {
 fn failed_then_dropped_future_loses_nothing() {
     let pool = pool(BufferSize::S64, 2);
     let held = pool.try_allocate(2).unwrap();
-    let mut waiter = pool.allocate(1);
+    let mut waiter = Box::pin(pool.allocate(1));
     assert_pending(&mut waiter);
     pool.close();
     drop(waiter); // failed with Closed, never polled again
@@ -277,7 +277,7 @@ async fn cancellation_races_with_releases_lose_nothing() {
                         },
                         _ => {
                             // Poll once by hand, then drop or finish.
-                            let mut future = pool.allocate(n);
+                            let mut future = Box::pin(pool.allocate(n));
                             match futures::poll!(&mut future) {
                                 std::task::Poll::Ready(result) => Some(result),
                                 std::task::Poll::Pending if rng.range(0, 1) == 0 => None,

@@ -250,7 +250,7 @@ fn waiter_whose_runtime_was_dropped_does_not_wedge_the_queue() {
             .unwrap();
         let (orphan,) = runtime
             .block_on(runtime.spawn(async move {
-                let mut request = pool.allocate(1);
+                let mut request = Box::pin(pool.allocate(1));
                 assert!(futures::poll!(&mut request).is_pending());
                 (request,) // leaves the task, with the task's waker in the queue
             }))
@@ -273,7 +273,7 @@ fn dropped_runtime_then_dropped_orphan_passes_its_grant_on() {
     watchdog(20, || {
         let pool = shared_pool(2);
         let held = pool.try_allocate(2).unwrap();
-        let mut orphan = pool.allocate(2);
+        let mut orphan = Box::pin(pool.allocate(2));
         {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
@@ -363,7 +363,7 @@ fn panicking_waker_at_the_head_does_not_wedge_the_queue() {
         let held = pool.try_allocate(2).unwrap();
         let bad = TestWaker::new(true);
         let bad_waker = Waker::from(bad.clone());
-        let mut head = pool.allocate(1);
+        let mut head = Box::pin(pool.allocate(1));
         assert!(poll_with(&mut head, &bad_waker).is_pending());
         let behind = thread::spawn({
             let pool = pool.clone();
@@ -397,8 +397,8 @@ fn panicking_waker_behind_a_good_waiter_does_not_strand_it() {
     let held = pool.try_allocate(2).unwrap();
     let good = TestWaker::new(false);
     let bad = TestWaker::new(true);
-    let mut first = pool.allocate(1);
-    let mut second = pool.allocate(1);
+    let mut first = Box::pin(pool.allocate(1));
+    let mut second = Box::pin(pool.allocate(1));
     assert!(poll_with(&mut first, &Waker::from(good.clone())).is_pending());
     assert!(poll_with(&mut second, &Waker::from(bad.clone())).is_pending());
     assert_eq!(pool.stats().waiting, 2);
@@ -435,7 +435,7 @@ fn panicking_waker_behind_a_blocking_waiter_does_not_strand_it() {
         });
         wait_waiting(&pool, 1);
         let bad = TestWaker::new(true);
-        let mut second = pool.allocate(1);
+        let mut second = Box::pin(pool.allocate(1));
         assert!(poll_with(&mut second, &Waker::from(bad.clone())).is_pending());
         wait_waiting(&pool, 2);
         let released = catch_unwind(AssertUnwindSafe(|| drop(held)));
@@ -455,7 +455,7 @@ fn panicking_waker_during_close_does_not_strand_other_waiters() {
     let pool = pool(BufferSize::S64, 1);
     let held = pool.try_allocate(1).unwrap();
     let wakers: Vec<_> = (0..6).map(|i| TestWaker::new(i == 2)).collect();
-    let mut futures: Vec<_> = (0..6).map(|_| pool.allocate(1)).collect();
+    let mut futures: Vec<_> = (0..6).map(|_| Box::pin(pool.allocate(1))).collect();
     for (future, waker) in futures.iter_mut().zip(&wakers) {
         assert!(poll_with(future, &Waker::from(waker.clone())).is_pending());
     }
@@ -486,7 +486,7 @@ fn waker_panicking_on_clone_leaves_the_queue_as_it_was() {
     let pool = pool(BufferSize::S64, 4);
     let held = pool.try_allocate(3).unwrap();
     let bad = clone_panicking_waker();
-    let mut request = pool.allocate(2);
+    let mut request = Box::pin(pool.allocate(2));
     let polled = catch_unwind(AssertUnwindSafe(|| {
         poll_with(&mut request, &bad).is_pending()
     }));
@@ -495,7 +495,7 @@ fn waker_panicking_on_clone_leaves_the_queue_as_it_was() {
     let stats = pool.stats();
     assert_eq!((stats.waiting, stats.in_use_bytes), (0, 3 * BUF));
     // One buffer is free and nobody waits: a request for it is served at once...
-    let mut fits = pool.allocate(1);
+    let mut fits = Box::pin(pool.allocate(1));
     let one = match poll_with(&mut fits, Waker::noop()) {
         Poll::Ready(result) => result.unwrap(),
         Poll::Pending => panic!(
@@ -520,7 +520,7 @@ fn waker_panicking_on_clone_at_re_poll_keeps_the_request_queued() {
     let pool = pool(BufferSize::S64, 2);
     let held = pool.try_allocate(2).unwrap();
     let good = TestWaker::new(false);
-    let mut request = pool.allocate(1);
+    let mut request = Box::pin(pool.allocate(1));
     assert!(poll_with(&mut request, &Waker::from(good.clone())).is_pending());
     let bad = clone_panicking_waker();
     let polled = catch_unwind(AssertUnwindSafe(|| {
@@ -547,7 +547,7 @@ fn panicking_wakers_under_load_leave_the_pool_consistent() {
         for round in 0..rounds(200, 4) {
             let held = pool.try_allocate(2).unwrap();
             let bad = TestWaker::new(true);
-            let mut bad_request = pool.allocate(1);
+            let mut bad_request = Box::pin(pool.allocate(1));
             assert!(poll_with(&mut bad_request, &Waker::from(bad)).is_pending());
             let good = thread::spawn({
                 let pool = pool.clone();

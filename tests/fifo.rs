@@ -170,7 +170,7 @@ async fn head_of_queue_is_never_overtaken_by_smaller_requests() {
             .unwrap_err(),
         AllocError::TimedOut
     );
-    let mut newcomer = pool.allocate(1);
+    let mut newcomer = Box::pin(pool.allocate(1));
     assert!(futures::poll!(&mut newcomer).is_pending());
     assert_eq!(pool.stats().waiting, 3);
     drop(newcomer);
@@ -196,7 +196,7 @@ async fn head_of_queue_is_never_overtaken_by_smaller_requests() {
 fn try_allocate_would_block_while_a_future_waits() {
     let pool = pool(membudget::BufferSize::S64, 4);
     let held = pool.try_allocate(3).unwrap();
-    let mut waiter = pool.allocate(2);
+    let mut waiter = Box::pin(pool.allocate(2));
     assert_pending(&mut waiter);
     // One buffer is free, but a request waits.
     assert_eq!(pool.stats().available_bytes(), 64);

@@ -111,7 +111,7 @@ impl Model {
 struct Harness<'p> {
     pool: &'p BufPool,
     model: Model,
-    futures: Vec<(u64, Allocate<'p>)>,
+    futures: Vec<(u64, Pin<Box<Allocate<'p>>>)>,
     model_futures: Vec<(u64, FutureState)>,
     allocations: Vec<BufPoolAllocation>,
     model_allocations: Vec<usize>,
@@ -215,11 +215,11 @@ impl<'p> Harness<'p> {
                 self.took(step, op, got, want, false);
             }
             Op::Start { n, zeroed } => {
-                let mut future = if zeroed {
+                let mut future = Box::pin(if zeroed {
                     self.pool.allocate_zeroed(n)
                 } else {
                     self.pool.allocate(n)
-                };
+                });
                 let want = self.model.request(n).and_then(|bytes| {
                     if self.model.closed {
                         Err(AllocError::Closed)

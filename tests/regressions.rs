@@ -152,7 +152,7 @@ async fn regression_release_wakes_only_one_of_three_small_waiters_async() {
 /// Awaits `allocate(n)` and returns how many small grants happened from the moment the
 /// request was queued (its first pending poll) to its grant; `None` if it never waited.
 async fn grants_overtaking(pool: &BufPool, n: usize, small_grants: &AtomicUsize) -> Option<usize> {
-    let mut future = pool.allocate(n);
+    let mut future = Box::pin(pool.allocate(n));
     let mut queued_at = None;
     let allocation = poll_fn(|cx| {
         let poll = Pin::new(&mut future).poll(cx);

@@ -252,7 +252,7 @@ fn pool_moved_out_of_a_box_keeps_allocations_valid() {
         write_and_verify(&a, 2);
         // A waiter on the moved pool is served by the release of `a`.
         let held = pool.try_allocate(4).unwrap();
-        let mut waiter = pool.allocate(8);
+        let mut waiter = Box::pin(pool.allocate(8));
         assert_pending(&mut waiter);
         drop(a);
         drop(held);
@@ -400,8 +400,14 @@ fn assert_all_calls_closed(pool: &BufPool) {
         pool.allocate_zeroed_timeout(1, Duration::ZERO).unwrap_err(),
         AllocError::Closed
     );
-    assert_eq!(err(ready(&mut pool.allocate(1))), AllocError::Closed);
-    assert_eq!(err(ready(&mut pool.allocate_zeroed(1))), AllocError::Closed);
+    assert_eq!(
+        err(ready(&mut Box::pin(pool.allocate(1)))),
+        AllocError::Closed
+    );
+    assert_eq!(
+        err(ready(&mut Box::pin(pool.allocate_zeroed(1)))),
+        AllocError::Closed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,7 +494,7 @@ fn close_wakes_every_blocking_waiter_without_a_runtime() {
 fn close_after_grant_keeps_the_budget_consistent() {
     let pool = pool(BufferSize::S64, 2);
     let held = pool.try_allocate(2).unwrap();
-    let mut granted = pool.allocate(2);
+    let mut granted = Box::pin(pool.allocate(2));
     assert_pending(&mut granted);
     drop(held); // granted, not yet picked up
     pool.close();

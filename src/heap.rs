@@ -1,0 +1,299 @@
+//! Heap memory: block layouts, allocation and freeing, the owning [`Memory`] the recycler
+//! keeps, the [`Block`] an allocation is made of, and the pool's own handle. One of the two
+//! modules with `unsafe` code (the other is `waiters.rs`).
+//!
+//! # Why a block's uncounted pointer back to its pool is sound
+//!
+//! A block does not hold a reference count on its pool's state (that would cost two more
+//! atomic read-modify-writes per allocate and drop). It relies on the shutdown barrier:
+//!
+//! 1. While a block is live its bytes are counted in the pool's budget word, so
+//!    [`Pool::is_drained`] is `false` (the [`Pool`] contract; [`Block::new`]'s caller
+//!    reserved the bytes).
+//! 2. The pool's owner drops its `Arc` ([`PoolHandle`]) only once the pool is drained, and
+//!    leaks it rather than drop it if the barrier was cut short.
+//! 3. [`Pool::release`] gives the bytes back as its very last access to the pool, unless it
+//!    first took a strong reference with the `keep_alive` it is given.
+
+use core::alloc::Layout;
+use core::mem::{ManuallyDrop, MaybeUninit};
+use core::ops::Deref;
+use core::ptr::NonNull;
+
+use crate::sync::Arc;
+
+/// The state a [`Block`] points back to without counting.
+///
+/// # Safety
+///
+/// `is_drained` returns `false` while the bytes of any live [`Block`] of this pool are
+/// counted, and `release` gives a block's bytes back as its last access to `self` unless it
+/// called `keep_alive` first (and then returns that handle instead of dropping it).
+pub(crate) unsafe trait Pool: Sized {
+    /// The alignment of every block of this pool (fixed for its life).
+    fn align(&self) -> usize;
+
+    /// Frees or caches `memory`, then gives its bytes back to the budget.
+    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>>;
+
+    /// Whether no bytes are counted in use.
+    fn is_drained(&self) -> bool;
+}
+
+/// The layout of a block of `bytes` (a non-zero multiple of 8 within the budget) aligned to
+/// `align`, without re-validating what the pool validated once.
+#[inline(always)]
+fn layout(align: usize, bytes: usize) -> Layout {
+    debug_assert!(bytes > 0 && Layout::from_size_align(bytes, align).is_ok());
+    // SAFETY: `align` is a power of two (the smaller of two powers of two, fixed when the
+    // pool was built) and `bytes` is at most the budget the pool counts, at most 2 PiB, so
+    // rounding it up to `align` (at most 4096) cannot overflow `isize`.
+    unsafe { Layout::from_size_align_unchecked(bytes, align) }
+}
+
+/// A block of heap memory owned alone: freed on drop.
+#[derive(Debug)]
+pub(crate) struct Memory {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: `Memory` owns its bytes exclusively, like a `Box<[u8]>`; any thread may free it.
+unsafe impl Send for Memory {}
+
+impl Memory {
+    /// Fresh memory from the global allocator, zeroed if asked: `bytes` is a non-zero
+    /// multiple of 8 within the budget, `align` the pool's. Out of memory ends the process, as
+    /// for a `Vec`.
+    #[inline(always)]
+    pub(crate) fn fresh(align: usize, bytes: usize, zeroed: bool) -> Memory {
+        let layout = layout(align, bytes);
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe {
+            if zeroed {
+                std::alloc::alloc_zeroed(layout)
+            } else {
+                std::alloc::alloc(layout)
+            }
+        };
+        match NonNull::new(raw) {
+            Some(ptr) => Memory { ptr, layout },
+            None => std::alloc::handle_alloc_error(layout),
+        }
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn bytes(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+impl Drop for Memory {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from the global allocator with exactly `layout`, and `Memory`
+        // owned it alone.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// Marks a block whose every byte was zero when it was allocated.
+const ZEROED: usize = 1;
+
+/// `bytes` of heap memory reserved from one pool's budget; freed or cached, and given back
+/// to that budget, on drop. Exactly three words.
+#[derive(Debug)]
+pub(crate) struct Block<P: Pool> {
+    ptr: NonNull<u8>,
+    /// The size in bytes (a multiple of 8), with [`ZEROED`] in its lowest bit.
+    bytes_zeroed: usize,
+    pool: NonNull<P>,
+}
+
+// SAFETY: `Block` owns its memory exclusively (like a `Box<[u8]>`), and the pool state it
+// points to is `Sync`; nothing in it is tied to the thread that created it.
+unsafe impl<P: Pool + Sync + Send> Send for Block<P> {}
+// SAFETY: `&Block` only reads the pointer values and the pool's thread-safe state.
+unsafe impl<P: Pool + Sync + Send> Sync for Block<P> {}
+
+impl<P: Pool> Block<P> {
+    /// Wraps `memory` as a block of `pool`.
+    ///
+    /// # Safety
+    ///
+    /// `memory.bytes()` bytes are reserved in `pool`'s budget for this block alone, and only
+    /// its drop gives them back.
+    #[inline(always)]
+    pub(crate) unsafe fn new(pool: &Arc<P>, memory: Memory, zeroed: bool) -> Self {
+        let memory = ManuallyDrop::new(memory);
+        Block {
+            ptr: memory.ptr,
+            bytes_zeroed: memory.layout.size() | if zeroed { ZEROED } else { 0 },
+            // `as_ptr` keeps the provenance of the whole `Arc` allocation for `keep_alive`.
+            pool: NonNull::new(Arc::as_ptr(pool).cast_mut()).expect("an Arc is never null"),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    #[inline(always)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes_zeroed & !ZEROED
+    }
+
+    /// Whether every byte was zero when the block was allocated.
+    pub(crate) fn was_zeroed(&self) -> bool {
+        self.bytes_zeroed & ZEROED != 0
+    }
+
+    /// The whole block, for writing: safe, since writing `MaybeUninit<u8>` cannot observe
+    /// uninitialised memory.
+    #[inline]
+    pub(crate) fn uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        // SAFETY: the block is `bytes()` bytes, allocated, exclusively owned by `self` (and
+        // borrowed mutably here), and `MaybeUninit<u8>` has no validity requirement.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.ptr.as_ptr().cast::<MaybeUninit<u8>>(),
+                self.bytes(),
+            )
+        }
+    }
+
+    /// The pool this block's bytes are counted in.
+    #[inline(always)]
+    pub(crate) fn pool(&self) -> &P {
+        // SAFETY: see the module docs: this block's bytes are still counted, so the pool's
+        // `Arc` is still alive.
+        unsafe { self.pool.as_ref() }
+    }
+}
+
+impl<P: Pool> Drop for Block<P> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let pool_ptr = self.pool;
+        let pool = self.pool();
+        let memory = Memory {
+            ptr: self.ptr,
+            layout: layout(pool.align(), self.bytes()),
+        };
+        let keep_alive = move || {
+            // SAFETY: called before the bytes are given back (the `Pool` contract), so the
+            // pool's owner still holds its strong reference, and `pool_ptr` came from that
+            // `Arc`'s contents.
+            unsafe {
+                Arc::increment_strong_count(pool_ptr.as_ptr());
+                Arc::from_raw(pool_ptr.as_ptr())
+            }
+        };
+        // Dropped here, after the last use of `pool`: it may free the pool's state.
+        drop(pool.release(memory, keep_alive));
+    }
+}
+
+/// The pool's own strong reference to its state: dropped only when nothing is in use,
+/// leaked otherwise (when a panic cut the shutdown barrier short), so no [`Block`] can
+/// dangle.
+#[derive(Debug)]
+pub(crate) struct PoolHandle<P: Pool> {
+    pool: ManuallyDrop<Arc<P>>,
+}
+
+impl<P: Pool> PoolHandle<P> {
+    pub(crate) fn new(pool: P) -> Self {
+        PoolHandle {
+            pool: ManuallyDrop::new(Arc::new(pool)),
+        }
+    }
+}
+
+impl<P: Pool> Deref for PoolHandle<P> {
+    type Target = Arc<P>;
+
+    #[inline(always)]
+    fn deref(&self) -> &Arc<P> {
+        &self.pool
+    }
+}
+
+impl<P: Pool> Drop for PoolHandle<P> {
+    fn drop(&mut self) {
+        // Only the pool's owner, inside its drop, gets here, so no call on the pool can
+        // reserve bytes concurrently: drained now means drained for good.
+        if self.pool.is_drained() {
+            // SAFETY: dropped once, here, and `self.pool` is never used again. No block
+            // points into it (none is counted) and a release still at work holds its own
+            // strong reference.
+            unsafe { ManuallyDrop::drop(&mut self.pool) };
+        }
+    }
+}
+
+/// A [`Block`] that knows how much of it is initialised: `[0, init)` always is. The only way
+/// to read a block's bytes safely.
+#[derive(Debug)]
+pub(crate) struct InitBlock<P: Pool> {
+    block: Block<P>,
+    init: usize,
+}
+
+impl<P: Pool> InitBlock<P> {
+    pub(crate) fn new(block: Block<P>) -> Self {
+        let init = if block.was_zeroed() { block.bytes() } else { 0 };
+        InitBlock { block, init }
+    }
+
+    pub(crate) fn block(&self) -> &Block<P> {
+        &self.block
+    }
+
+    pub(crate) fn into_block(self) -> Block<P> {
+        self.block
+    }
+
+    /// How many bytes from the start are initialised.
+    pub(crate) fn init_len(&self) -> usize {
+        self.init
+    }
+
+    /// The initialised prefix.
+    pub(crate) fn initialised(&self) -> &[u8] {
+        // SAFETY: `[0, init)` lies in the block and is initialised (the type's invariant);
+        // `&self` keeps the block alive and unaliased by `&mut`.
+        unsafe { core::slice::from_raw_parts(self.block.as_ptr(), self.init) }
+    }
+
+    /// The initialised prefix, for overwriting.
+    pub(crate) fn initialised_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `initialised`, and `&mut self` makes the borrow exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.block.as_ptr(), self.init) }
+    }
+
+    /// Copies as much of `src` as fits at `offset` (at most `init_len()`, so no gap is left
+    /// uninitialised) and returns how much that was.
+    pub(crate) fn write_at(&mut self, offset: usize, src: &[u8]) -> usize {
+        let whole = self.block.uninit_mut();
+        let Some(room) = whole.get_mut(offset.min(self.init)..) else {
+            return 0;
+        };
+        let written = src.len().min(room.len());
+        for (dst, &byte) in room[..written].iter_mut().zip(src) {
+            dst.write(byte);
+        }
+        self.init = self.init.max(offset.min(self.init) + written);
+        written
+    }
+
+    /// Sets every byte from `init_len()` to `end` to `byte`, making `[0, end)` initialised.
+    pub(crate) fn init_to(&mut self, end: usize, byte: u8) {
+        let end = end.min(self.block.bytes());
+        if let Some(gap) = self.block.uninit_mut().get_mut(self.init..end) {
+            gap.fill(MaybeUninit::new(byte));
+            self.init = end;
+        }
+    }
+}

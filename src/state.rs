@@ -1,0 +1,600 @@
+//! The state every handle of one pool shares, and the protocol over it: admission (the fast
+//! path and the queue), grants, release, close, resize and drain.
+//!
+//! The fast paths are one compare-exchange on the budget word each way (`word.rs`). Everything
+//! else happens under the one queue lock, which guards the wait list (`waiters.rs`) and the
+//! wait totals: while requests wait, `QUEUED` in the word sends every reservation and release
+//! here, so the room computed under the lock is exact and grants never overshoot the budget.
+//!
+//! No user code runs under the lock: wakers are cloned before it is taken, and woken or
+//! dropped after it is released ([`WakeList`]), once every state change is complete. So a
+//! waker that panics, or that re-enters the pool, can cost at most its own waiter.
+
+use core::pin::Pin;
+use core::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+
+use crate::heap::{Block, Memory, Pool};
+use crate::recycle::{Footprint, Recycler};
+use crate::stats::{Counters, Sources, WaitTotals};
+use crate::sync::{Arc, AtomicUsize, Mutex, lock};
+use crate::waiters::{Node, Status, WaitList, WakeList};
+use crate::word::{BudgetWord, FastReserve, counted_budget};
+use crate::{AllocError, BufferSize, PoolStats};
+use core::sync::atomic::Ordering::Relaxed;
+
+/// What the fast path made of a request.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Attempt {
+    /// These bytes are reserved.
+    Reserved(usize),
+    /// The request for these bytes has to wait: too little is free, or others wait first.
+    MustWait(usize),
+    /// The request fails now (bad input, or the pool is closed).
+    Failed(AllocError),
+}
+
+/// What a request that may wait got under the lock.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Admission {
+    /// The bytes are reserved.
+    Reserved,
+    /// The request's node waits in the queue.
+    Queued,
+}
+
+/// What never changes after the pool is built.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) buffer_size: BufferSize,
+    /// Every block's alignment: `min(buffer_size, 16 or 4096)`.
+    pub(crate) align: usize,
+    /// How long `Drop` waits before it says on stderr what it waits for.
+    pub(crate) drop_warning_after: Duration,
+    /// Whether waits are timed for the statistics (two clock reads per wait).
+    pub(crate) time_waits: bool,
+}
+
+/// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+impl<T> core::ops::Deref for CacheLine<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The queue lock guards these.
+#[derive(Debug, Default)]
+struct Queue {
+    list: WaitList,
+    waits: WaitTotals,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    /// Written by every allocation and release: alone on its line.
+    word: CacheLine<BudgetWord>,
+    // Read by every allocation, written rarely.
+    /// The budget enforced: `max_memory`, or the most the word counts if that is less.
+    budget: AtomicUsize,
+    /// The budget as configured, for [`PoolStats`].
+    max_memory: AtomicUsize,
+    peak_in_use: AtomicUsize,
+    pub(crate) config: Config,
+    recycler: Recycler,
+    /// Written by the waiting paths: on lines of their own, so that waiting does not slow the
+    /// fast path of other threads.
+    counters: CacheLine<Counters>,
+    queue: CacheLine<Mutex<Queue>>,
+    drained: Event,
+}
+
+// SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
+// the reservation that made it (`State::block` is only called with reserved bytes) until
+// `release` gives them back; `release` gives them back in its last access to `self`
+// (`BudgetWord::try_release`, or the settle under the lock after `keep_alive`), and returns
+// the kept-alive handle instead of dropping it.
+unsafe impl Pool for State {
+    #[inline(always)]
+    fn align(&self) -> usize {
+        self.config.align
+    }
+
+    #[inline(always)]
+    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
+        let bytes = memory.bytes();
+        if self.recycler.never_keeps(bytes) {
+            drop(memory);
+        } else if let Some(memory) =
+            self.recycler
+                .put(memory, || self.word.load().is_queued(), || self.footprint())
+        {
+            drop(memory);
+        }
+        if self.word.try_release(bytes) {
+            return None;
+        }
+        Some(Self::release_kept_alive(bytes, keep_alive))
+    }
+
+    fn is_drained(&self) -> bool {
+        self.word.is_drained()
+    }
+}
+
+impl State {
+    pub(crate) fn new(max_memory: usize, config: Config, recycler: Recycler) -> Self {
+        State {
+            word: CacheLine(BudgetWord::new()),
+            budget: AtomicUsize::new(counted_budget(max_memory)),
+            max_memory: AtomicUsize::new(max_memory),
+            peak_in_use: AtomicUsize::new(0),
+            config,
+            recycler,
+            counters: CacheLine(Counters::default()),
+            queue: CacheLine(Mutex::new(Queue::default())),
+            drained: Event::new(),
+        }
+    }
+
+    // ---- admission ----
+
+    /// The fast path, shared by every call form: bad input fails, and the bytes of `n`
+    /// buffers are reserved if they are free and nobody waits, with one compare-exchange.
+    #[inline(always)]
+    pub(crate) fn reserve_now(&self, n: usize) -> Attempt {
+        let shift = self.config.buffer_size.shift();
+        // Checked against the budget read now; the word's compare-exchange checks again
+        // against the budget in force (see `BudgetWord::try_reserve`).
+        let budget = self.budget();
+        // `n * buffer_size <= budget` exactly when `n <= budget >> shift`, which also rules
+        // out overflow.
+        if n == 0 || n > budget >> shift {
+            return Attempt::Failed(self.refusal(n, budget));
+        }
+        let bytes = n << shift;
+        match self.word.try_reserve(bytes, || self.budget()) {
+            FastReserve::Reserved { wrapped, in_use } => {
+                if wrapped {
+                    self.counters.allocations_wrapped();
+                }
+                self.note_in_use(in_use);
+                Attempt::Reserved(bytes)
+            }
+            FastReserve::Closed => Attempt::Failed(AllocError::Closed),
+            FastReserve::MustWait => Attempt::MustWait(bytes),
+        }
+    }
+
+    #[cold]
+    fn refusal(&self, n: usize, budget: usize) -> AllocError {
+        if n == 0 {
+            AllocError::ZeroBuffers
+        } else {
+            AllocError::ExceedsBudget {
+                requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
+                max_memory: budget,
+            }
+        }
+    }
+
+    /// Keeps the peak: a plain load in the common case that it did not grow.
+    #[inline(always)]
+    fn note_in_use(&self, in_use: usize) {
+        if in_use > self.peak_in_use.load(Relaxed) {
+            self.peak_in_use.fetch_max(in_use, Relaxed);
+        }
+    }
+
+    /// The slow path: under the lock, reserves `bytes` if nobody waits and they fit, or else
+    /// queues `node` behind every earlier request.
+    pub(crate) fn admit(
+        &self,
+        node: Pin<&Node>,
+        bytes: usize,
+        waker: &Waker,
+    ) -> Result<Admission, AllocError> {
+        // Clone before the lock (user code), and read the clock before it too: other threads
+        // wait for that lock. Dropped after it, if unused.
+        let waker = waker.clone();
+        let since = self.config.time_waits.then(Instant::now);
+        let mut queue = lock(&self.queue);
+        let budget = self.budget();
+        if bytes > budget {
+            // A concurrent shrink of the budget made the request impossible.
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory: budget,
+            });
+        }
+        let mut word = self.word.load();
+        loop {
+            let next = if word.is_closed() {
+                return Err(AllocError::Closed);
+            } else if word.is_queued() {
+                break;
+            } else if bytes <= budget.saturating_sub(word.in_use()) {
+                word.plus(bytes)
+            } else {
+                word.queued()
+            };
+            match self.word.compare_exchange(word, next) {
+                Ok(_) if !next.is_queued() => {
+                    queue.waits.allocations += 1;
+                    self.note_in_use(next.in_use());
+                    return Ok(Admission::Reserved);
+                }
+                Ok(_) => break,
+                Err(actual) => word = actual,
+            }
+        }
+        queue.list.push_back(node, bytes, waker, since);
+        self.counters.set_waiting(queue.list.len());
+        Ok(Admission::Queued)
+    }
+
+    /// Checks a queued node: `Ready` once it is out of the queue. A grant is seen without the
+    /// lock (the common case: the waiter was woken for it); only a node still waiting takes
+    /// it, to store a new waker if the task changed.
+    #[inline]
+    pub(crate) fn poll_queued(
+        &self,
+        node: Pin<&Node>,
+        waker: &Waker,
+    ) -> Poll<Result<(), AllocError>> {
+        match node.status() {
+            Status::Granted => {
+                self.counters.grant_taken();
+                Poll::Ready(Ok(()))
+            }
+            Status::Failed(error) => Poll::Ready(Err(error)),
+            Status::Waiting | Status::Idle => self.poll_waiting(node, waker),
+        }
+    }
+
+    #[cold]
+    fn poll_waiting(&self, node: Pin<&Node>, waker: &Waker) -> Poll<Result<(), AllocError>> {
+        // No user code under the lock: a new waker is cloned before it, and the one it
+        // replaces is dropped after it.
+        {
+            let queue = lock(&self.queue);
+            if queue.list.will_wake(node, waker) {
+                return Poll::Pending;
+            }
+        }
+        let new_waker = waker.clone();
+        let old_waker = lock(&self.queue).list.register(node, new_waker);
+        drop(old_waker);
+        // The node may have been served while the lock was not held.
+        match node.status() {
+            Status::Granted => {
+                self.counters.grant_taken();
+                Poll::Ready(Ok(()))
+            }
+            Status::Failed(error) => Poll::Ready(Err(error)),
+            Status::Waiting | Status::Idle => Poll::Pending,
+        }
+    }
+
+    /// A queued node's owner gives up (its future is dropped): bytes already granted to it go
+    /// to the next waiters, and a head that leaves lets the ones behind it move up.
+    pub(crate) fn cancel(&self, node: Pin<&Node>, bytes: usize) {
+        match node.status() {
+            // Out of the queue, and ours: nothing to undo.
+            Status::Failed(_) | Status::Idle => {}
+            Status::Granted => self.give_back_grant(bytes),
+            Status::Waiting => {
+                let mut wakers = WakeList::default();
+                let own_waker;
+                {
+                    let mut queue = lock(&self.queue);
+                    // Served since the look above? Then the node is out of the list and
+                    // `remove` changes nothing.
+                    own_waker = queue.list.remove(node);
+                    if own_waker.is_some() {
+                        let now = self.clock();
+                        self.serve(&mut queue, &mut wakers, now);
+                    }
+                }
+                // User code from here on, every change made: the others' wake-ups first, so
+                // that our own waker's `drop` panicking costs only us.
+                drop(wakers);
+                drop(own_waker);
+                if let Status::Granted = node.status() {
+                    self.give_back_grant(bytes);
+                }
+            }
+        }
+    }
+
+    /// A grant its owner never took: not an allocation after all, so not a release either.
+    #[cold]
+    fn give_back_grant(&self, bytes: usize) {
+        let mut wakers = WakeList::default();
+        let notify_drained;
+        {
+            let mut queue = lock(&self.queue);
+            // Its wait still counts in the total and maximum.
+            queue.waits.waited -= 1;
+            let now = self.clock();
+            notify_drained = self.settle_locked(bytes, false, &mut queue, &mut wakers, now);
+        }
+        self.after_unlock(notify_drained, wakers);
+    }
+
+    // ---- allocation memory ----
+
+    /// The memory for `bytes` just reserved: fresh, or a cached block of that size.
+    #[inline(always)]
+    pub(crate) fn block(self: &Arc<Self>, bytes: usize, zeroed: bool) -> Block<State> {
+        let memory = if self.recycler.is_idle_for(bytes) {
+            Memory::fresh(self.config.align, bytes, zeroed)
+        } else {
+            self.recycled_or_fresh(bytes, zeroed)
+        };
+        // SAFETY: every caller reserved `bytes` in this pool's budget word for this block
+        // alone (a fast-path or locked reservation, or a grant it took), and only the block's
+        // drop gives them back.
+        unsafe { Block::new(self, memory, zeroed) }
+    }
+
+    /// The memory when recycling is on for this size or blocks are cached.
+    #[cold]
+    #[inline(never)]
+    fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Memory {
+        if !zeroed {
+            if let Some(memory) = self.recycler.take(bytes, || self.footprint()) {
+                return memory;
+            }
+        }
+        // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
+        self.recycler.make_room(|| self.footprint());
+        Memory::fresh(self.config.align, bytes, zeroed)
+    }
+
+    /// The bytes in use and the budget now, for the recycler's decisions.
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            in_use: self.word.load().in_use(),
+            budget: self.budget(),
+        }
+    }
+
+    // ---- release ----
+
+    #[cold]
+    #[inline(never)]
+    fn release_kept_alive(bytes: usize, keep_alive: impl FnOnce() -> Arc<State>) -> Arc<State> {
+        let pool = keep_alive();
+        pool.release_slow(bytes);
+        pool
+    }
+
+    /// A release the fast path could not make: someone waits (for budget or the drain), or
+    /// the release counter wraps.
+    #[cold]
+    fn release_slow(&self, bytes: usize) {
+        let mut wakers = WakeList::default();
+        let notify_drained;
+        let mut word = self.word.load();
+        loop {
+            if word.is_queued() {
+                let now = self.clock();
+                let mut queue = lock(&self.queue);
+                notify_drained = self.settle_locked(bytes, true, &mut queue, &mut wakers, now);
+                break;
+            }
+            let (next, wrapped) = word.settled(bytes, true, 0, false);
+            match self.word.compare_exchange(word, next) {
+                Ok(_) => {
+                    if wrapped {
+                        self.counters.releases_wrapped();
+                    }
+                    notify_drained = word.drains_into(next);
+                    break;
+                }
+                Err(actual) => word = actual,
+            }
+        }
+        self.after_unlock(notify_drained, wakers);
+    }
+
+    /// With the lock held: gives `released` bytes back (counting a release if `counted`),
+    /// grants the head of the queue its bytes for as long as they fit, in order, and clears
+    /// `QUEUED` once the queue is empty, all in one compare-exchange of the word. Called
+    /// whenever budget may have come free or the head changed. Returns whether the drain
+    /// waiters must be notified (after the lock is released); `now` is when the grants count
+    /// as made.
+    ///
+    /// While the queue is not empty (or a resize holds it) `QUEUED` is set, and while it is
+    /// set and the lock is held nobody else adds or removes bytes in use (both fast paths
+    /// refuse, and the slow ones need the lock): the room computed here is exact. Only the
+    /// flag bits may change behind our back, which the compare-exchange retries.
+    fn settle_locked(
+        &self,
+        released: usize,
+        counted: bool,
+        queue: &mut Queue,
+        wakers: &mut WakeList,
+        now: Option<Instant>,
+    ) -> bool {
+        let budget = self.budget();
+        let start = self.word.load();
+        // Our `released` bytes are still counted, so this cannot underflow.
+        let mut in_use = start.in_use() - released;
+        let mut notify_drained = false;
+        let granted = queue.list.grant_front(
+            |bytes| {
+                let fits = bytes <= budget.saturating_sub(in_use);
+                if fits {
+                    in_use += bytes;
+                }
+                fits
+            },
+            |granted, now_empty| {
+                let mut word = start;
+                if released == 0 && granted == 0 && !(now_empty && word.is_queued()) {
+                    return;
+                }
+                loop {
+                    let (next, wrapped) = word.settled(released, counted, granted, now_empty);
+                    match self.word.compare_exchange(word, next) {
+                        Ok(_) => {
+                            if wrapped {
+                                self.counters.releases_wrapped();
+                            }
+                            if granted > 0 {
+                                self.note_in_use(next.in_use());
+                            }
+                            notify_drained = word.drains_into(next);
+                            return;
+                        }
+                        Err(actual) => word = actual,
+                    }
+                }
+            },
+            now,
+            wakers,
+        );
+        if granted.count > 0 {
+            let waits = &mut queue.waits;
+            // Allocations once their owners take them (`Counters::grant_taken`).
+            waits.waited += granted.count;
+            waits.total = waits.total.saturating_add(granted.total_wait);
+            waits.max = waits.max.max(granted.max_wait);
+        }
+        self.counters.set_waiting(queue.list.len());
+        notify_drained
+    }
+
+    /// [`settle_locked`](State::settle_locked) with nothing given back: serves whoever fits
+    /// now. Never empties the pool, so never has drain waiters to notify.
+    fn serve(&self, queue: &mut Queue, wakers: &mut WakeList, now: Option<Instant>) {
+        let drained = self.settle_locked(0, false, queue, wakers, now);
+        debug_assert!(!drained, "serving cannot drain the pool");
+    }
+
+    /// After the lock is released: drain listeners first (a waker that panics must not cost
+    /// them their wake-up), then the wakers.
+    fn after_unlock(&self, notify_drained: bool, wakers: WakeList) {
+        if notify_drained {
+            self.drained.notify(usize::MAX);
+        }
+        drop(wakers);
+    }
+
+    /// The time for the wait statistics, if they are kept.
+    fn clock(&self) -> Option<Instant> {
+        self.config.time_waits.then(Instant::now)
+    }
+
+    // ---- close, resize, drain ----
+
+    /// Closes the pool: every waiter fails with `Closed`, and so does every later reservation.
+    pub(crate) fn close(&self) {
+        let mut wakers = WakeList::default();
+        {
+            let mut queue = lock(&self.queue);
+            self.word.close();
+            queue
+                .list
+                .fail_where(|_| Some(AllocError::Closed), &mut wakers);
+            self.serve(&mut queue, &mut wakers, None);
+        }
+        drop(wakers);
+    }
+
+    /// Changes the budget: requests that can never fit the new one fail with
+    /// `ExceedsBudget`, those that fit now are served in order, and cached blocks are freed
+    /// until the footprint fits.
+    ///
+    /// Every reservation that succeeds after this returns is checked against the new budget.
+    /// The budget is stored while `QUEUED` is set, under the lock: a fast-path
+    /// compare-exchange that read the word before `QUEUED` was set fails and reloads the
+    /// budget; one that reads it while `QUEUED` is set goes to the lock; and the
+    /// compare-exchange that clears `QUEUED` again (in `serve`, after the store) publishes the
+    /// new budget to every fast path that reads the cleared word.
+    pub(crate) fn set_max_memory(&self, max_memory: usize) {
+        let mut wakers = WakeList::default();
+        let now = self.clock();
+        {
+            let mut queue = lock(&self.queue);
+            self.word.set_queued();
+            let budget = counted_budget(max_memory);
+            self.max_memory.store(max_memory, Relaxed);
+            self.budget.store(budget, Relaxed);
+            queue.list.fail_where(
+                |bytes| {
+                    (bytes > budget).then_some(AllocError::ExceedsBudget {
+                        requested_bytes: bytes,
+                        max_memory: budget,
+                    })
+                },
+                &mut wakers,
+            );
+            // Clears `QUEUED` unless requests still wait.
+            self.serve(&mut queue, &mut wakers, now);
+        }
+        // After the budget store: a block cached under the old budget is seen here, and one
+        // cached later was checked against the new budget (the cache's lock orders the two).
+        self.recycler.trim(|| self.footprint());
+        drop(wakers);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.word.load().is_closed()
+    }
+
+    /// Whether nothing is in use; otherwise makes sure the release that gets there notifies
+    /// the drain event. Call after listening to it.
+    pub(crate) fn drained_or_announce(&self) -> bool {
+        self.word.announce_drain()
+    }
+
+    pub(crate) fn drain_event(&self) -> &Event {
+        &self.drained
+    }
+
+    #[inline(always)]
+    pub(crate) fn budget(&self) -> usize {
+        self.budget.load(Relaxed)
+    }
+
+    // ---- statistics ----
+
+    /// Counts a `try_allocate` that found no room, and says so.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn would_block(&self) -> AllocError {
+        self.counters.would_block();
+        AllocError::WouldBlock
+    }
+
+    /// Counts a timed call that gave up, and says so.
+    #[cold]
+    pub(crate) fn timed_out(&self) -> AllocError {
+        self.counters.timed_out();
+        AllocError::TimedOut
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let waits = lock(&self.queue).waits;
+        self.counters.assemble(
+            || self.word.load(),
+            Sources {
+                waits,
+                max_memory: self.max_memory.load(Relaxed),
+                buffer_size: self.config.buffer_size.bytes(),
+                peak_in_use: self.peak_in_use.load(Relaxed),
+                cached_bytes: self.recycler.cached_bytes(),
+            },
+        )
+    }
+}

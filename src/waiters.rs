@@ -1,0 +1,529 @@
+//! The FIFO of waiting requests: an intrusive doubly linked list of [`Node`]s that live,
+//! pinned, inside the waiting futures (as in tokio's `batch_semaphore`), kept under the
+//! pool's one lock; and the [`WakeList`] that wakes them after the lock is released. One of
+//! the two modules with `unsafe` code (the other is `heap.rs`).
+//!
+//! Waiting needs no heap memory: the node is part of the future, and the list only links it.
+//!
+//! # Who touches a node
+//!
+//! A node's `status` is atomic; everything else in it is touched only under the lock of the
+//! list it is in, or by its owner alone while it is in no list.
+//!
+//! * The owner queues it ([`WaitList::push_back`]): `IDLE` → `WAITING`.
+//! * A releaser grants it or fails it, under the lock: it unlinks the node, takes its waker
+//!   and, as its very last access, stores `GRANTED` or `FAILED` with `Release`. From then on
+//!   the node is its owner's alone again: the owner's `Acquire` load of the status pairs with
+//!   that store, so it sees the grant without taking the lock, and may drop the node.
+//! * The owner gives up ([`WaitList::remove`]), under the lock: `WAITING` → `IDLE`.
+//!
+//! A node that is dropped while `WAITING` (still linked) would leave a dangling pointer in the
+//! list, so its drop aborts the process instead; the futures always remove their node first.
+//! Pinning guarantees that a node's memory stays put until its drop runs.
+
+use core::marker::PhantomPinned;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use core::task::Waker;
+use std::time::{Duration, Instant};
+
+use crate::AllocError;
+use crate::sync::{AtomicU8, UnsafeCell};
+
+/// In no list: its owner's alone.
+const IDLE: u8 = 0;
+/// Linked in a list, waiting for its bytes.
+const WAITING: u8 = 1;
+/// Out of the list: its bytes were reserved for it.
+const GRANTED: u8 = 2;
+/// Out of the list: it will never get its bytes (`error` says why).
+const FAILED: u8 = 3;
+
+/// Where a node stands, as its owner sees it.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Status {
+    /// Never queued, or taken out by its owner.
+    Idle,
+    /// In the queue.
+    Waiting,
+    /// Its bytes are reserved; it is out of the queue.
+    Granted,
+    /// It failed; it is out of the queue.
+    Failed(AllocError),
+}
+
+/// A waiting request, embedded in its future.
+#[derive(Debug)]
+pub(crate) struct Node {
+    status: AtomicU8,
+    links: UnsafeCell<Links>,
+    _pinned: PhantomPinned,
+}
+
+#[derive(Debug)]
+struct Links {
+    bytes: usize,
+    /// When it was queued, for the wait statistics.
+    since: Option<Instant>,
+    waker: Option<Waker>,
+    /// Why it failed, once `FAILED`.
+    error: Option<AllocError>,
+    prev: Option<NonNull<Node>>,
+    next: Option<NonNull<Node>>,
+    /// The address of the list it is in: a node is only ever touched under that list's lock.
+    list: usize,
+}
+
+// SAFETY: the links are touched only under the lock of the list the node is in, or by the
+// owner alone when it is in no list (see the module docs); the waker is `Send + Sync`.
+unsafe impl Send for Node {}
+// SAFETY: as for `Send`: `&Node` gives no unsynchronised access.
+unsafe impl Sync for Node {}
+
+impl Default for Node {
+    fn default() -> Self {
+        Node::new()
+    }
+}
+
+impl Node {
+    pub(crate) fn new() -> Self {
+        Node {
+            status: AtomicU8::new(IDLE),
+            links: UnsafeCell::new(Links {
+                bytes: 0,
+                since: None,
+                waker: None,
+                error: None,
+                prev: None,
+                next: None,
+                list: 0,
+            }),
+            _pinned: PhantomPinned,
+        }
+    }
+
+    /// Where the node stands. `Acquire`: pairs with the releaser's `Release` store of
+    /// `GRANTED` or `FAILED`, its last access to the node, so what it did before (the bytes
+    /// counted, the error written) is visible and the node is ours again.
+    #[inline(always)]
+    pub(crate) fn status(self: Pin<&Self>) -> Status {
+        match self.status.load(Acquire) {
+            IDLE => Status::Idle,
+            WAITING => Status::Waiting,
+            GRANTED => Status::Granted,
+            _ => Status::Failed(
+                self.links
+                    // SAFETY: `FAILED`, seen with `Acquire`: the node is in no list, and the
+                    // releaser that wrote the error no longer touches it.
+                    .with(|links| unsafe { (*links).error })
+                    .unwrap_or(AllocError::Closed),
+            ),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.status.load(Acquire) == WAITING {
+            // Still linked: freeing it would leave the list pointing at freed memory. The
+            // futures always remove their node before dropping it; this is the last guard.
+            std::process::abort();
+        }
+    }
+}
+
+/// The queue: nodes linked head (oldest) to tail. Lives under the pool's lock: every method
+/// takes `&mut self` or `&self` of the locked list.
+#[derive(Debug, Default)]
+pub(crate) struct WaitList {
+    head: Option<NonNull<Node>>,
+    tail: Option<NonNull<Node>>,
+    len: usize,
+}
+
+// SAFETY: the list only links nodes that are `Send + Sync`, and is only used under its lock.
+unsafe impl Send for WaitList {}
+
+/// What a round of grants did, for the wait statistics.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Granted {
+    /// The bytes granted.
+    pub(crate) bytes: usize,
+    /// How many requests were granted.
+    pub(crate) count: usize,
+    /// Their waits added up, and the longest.
+    pub(crate) total_wait: Duration,
+    pub(crate) max_wait: Duration,
+}
+
+impl WaitList {
+    /// How many requests wait.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn addr(&self) -> usize {
+        core::ptr::from_ref(self).addr()
+    }
+
+    /// The links of a node in this list (or being queued into it).
+    ///
+    /// # Safety
+    ///
+    /// `node` is alive, and is in this list (whose lock `&mut self` proves held) or is
+    /// being queued into it by its owner; nobody else holds a reference into its links.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn links(&self, node: NonNull<Node>) -> &mut Links {
+        // SAFETY: the caller's contract: alive, and its links are ours under the lock.
+        let node = unsafe { node.as_ref() };
+        // SAFETY: as above; nobody else reads or writes the links meanwhile.
+        node.links.with_mut(|links| unsafe { &mut *links })
+    }
+
+    /// Queues `node` at the tail for `bytes`, to wake `waker` when it is served.
+    ///
+    /// # Panics
+    ///
+    /// If the node is already queued.
+    pub(crate) fn push_back(
+        &mut self,
+        node: Pin<&Node>,
+        bytes: usize,
+        waker: Waker,
+        since: Option<Instant>,
+    ) {
+        assert_eq!(node.status.load(Acquire), IDLE, "a node is queued twice");
+        let ptr = NonNull::from(node.get_ref());
+        let list = self.addr();
+        let tail = self.tail;
+        // SAFETY: the node is idle, so its owner (our caller) alone touches it; it is pinned,
+        // so it stays where it is until its drop, which aborts while it is linked.
+        let links = unsafe { self.links(ptr) };
+        *links = Links {
+            bytes,
+            since,
+            waker: Some(waker),
+            error: None,
+            prev: tail,
+            next: None,
+            list,
+        };
+        match tail {
+            // SAFETY: the tail is in this list.
+            Some(tail) => unsafe { self.links(tail) }.next = Some(ptr),
+            None => self.head = Some(ptr),
+        }
+        self.tail = Some(ptr);
+        self.len += 1;
+        // Under the lock, like every other change of a waiting node: `Relaxed` suffices, the
+        // owner's next look at a waiting node takes the lock.
+        node.status.store(WAITING, Relaxed);
+    }
+
+    /// The bytes the head waits for.
+    #[cfg(test)]
+    fn front_bytes(&self) -> Option<usize> {
+        // SAFETY: the head is in this list.
+        self.head.map(|head| unsafe { self.links(head) }.bytes)
+    }
+
+    /// Whether `node` (pinned by its owner) waits in this list.
+    fn is_linked_here(&self, node: Pin<&Node>) -> bool {
+        node.status.load(Relaxed) == WAITING
+            // SAFETY: a waiting node's links are read under the lock of its list; if it is
+            // in another list we read only the `list` field, which its owner wrote before
+            // linking it and nobody changes while it waits.
+            && node.links.with(|links| unsafe { (*links).list }) == self.addr()
+    }
+
+    /// Unlinks `node`, which is in this list.
+    fn unlink(&mut self, node: NonNull<Node>) {
+        // SAFETY: `node` and its neighbours are in this list.
+        let links = unsafe { self.links(node) };
+        let (prev, next) = (links.prev.take(), links.next.take());
+        match prev {
+            // SAFETY: as above.
+            Some(prev) => unsafe { self.links(prev) }.next = next,
+            None => self.head = next,
+        }
+        match next {
+            // SAFETY: as above.
+            Some(next) => unsafe { self.links(next) }.prev = prev,
+            None => self.tail = prev,
+        }
+        self.len -= 1;
+    }
+
+    /// Serves the head for as long as `fits(bytes)` says yes: unlinks each such node, then
+    /// calls `commit(granted_bytes, now_empty)` once (which counts the bytes in the budget
+    /// word), and only then marks the nodes granted, takes their wakers into `wakers` and
+    /// returns the wait statistics. `commit` is called even when nothing fits.
+    pub(crate) fn grant_front(
+        &mut self,
+        mut fits: impl FnMut(usize) -> bool,
+        commit: impl FnOnce(usize, bool),
+        now: Option<Instant>,
+        wakers: &mut WakeList,
+    ) -> Granted {
+        let mut granted = Granted::default();
+        // The granted nodes, unlinked from the queue but still `WAITING` (so their owners
+        // take the lock, which we hold, before they touch them), chained through `next`.
+        let mut chain: Option<NonNull<Node>> = None;
+        let mut chain_tail: Option<NonNull<Node>> = None;
+        while let Some(head) = self.head {
+            // SAFETY: the head is in this list.
+            let bytes = unsafe { self.links(head) }.bytes;
+            if !fits(bytes) {
+                break;
+            }
+            self.unlink(head);
+            match chain_tail {
+                // SAFETY: chained nodes are ours until marked below (see `chain`).
+                Some(tail) => unsafe { self.links(tail) }.next = Some(head),
+                None => chain = Some(head),
+            }
+            chain_tail = Some(head);
+            granted.bytes += bytes;
+            granted.count += 1;
+        }
+        commit(granted.bytes, self.is_empty());
+        while let Some(node) = chain {
+            // SAFETY: as above; the node is marked granted at the end of this iteration, our
+            // last access to it.
+            let links = unsafe { self.links(node) };
+            chain = links.next.take();
+            if let (Some(now), Some(since)) = (now, links.since) {
+                let waited = now.saturating_duration_since(since);
+                granted.total_wait = granted.total_wait.saturating_add(waited);
+                granted.max_wait = granted.max_wait.max(waited);
+            }
+            if let Some(waker) = links.waker.take() {
+                wakers.push(waker);
+            }
+            // SAFETY: alive until its owner sees this store.
+            let status = unsafe { &node.as_ref().status };
+            // `Release`: pairs with the owner's `Acquire` (`Node::status`); the last access.
+            status.store(GRANTED, Release);
+        }
+        granted
+    }
+
+    /// Fails every waiting request for which `fails(bytes)` gives an error, keeping the
+    /// others in order; their wakers go to `wakers`. Returns how many failed.
+    pub(crate) fn fail_where(
+        &mut self,
+        fails: impl Fn(usize) -> Option<AllocError>,
+        wakers: &mut WakeList,
+    ) -> usize {
+        let mut failed = 0;
+        let mut cursor = self.head;
+        while let Some(node) = cursor {
+            // SAFETY: `node` is in this list.
+            let links = unsafe { self.links(node) };
+            cursor = links.next;
+            let Some(error) = fails(links.bytes) else {
+                continue;
+            };
+            self.unlink(node);
+            // SAFETY: as above; unlinked but still `WAITING`, so still ours under the lock.
+            let links = unsafe { self.links(node) };
+            links.error = Some(error);
+            if let Some(waker) = links.waker.take() {
+                wakers.push(waker);
+            }
+            // SAFETY: alive until its owner sees this store.
+            let status = unsafe { &node.as_ref().status };
+            // `Release`: pairs with the owner's `Acquire` (`Node::status`); the last access.
+            status.store(FAILED, Release);
+            failed += 1;
+        }
+        failed
+    }
+
+    /// Whether `node`'s stored waker would wake the same task as `waker`.
+    pub(crate) fn will_wake(&self, node: Pin<&Node>, waker: &Waker) -> bool {
+        if !self.is_linked_here(node) {
+            return false;
+        }
+        // SAFETY: `node` waits in this list, whose lock we hold.
+        let links = unsafe { self.links(NonNull::from(node.get_ref())) };
+        links
+            .waker
+            .as_ref()
+            .is_some_and(|stored| stored.will_wake(waker))
+    }
+
+    /// Stores `waker` (cloned by the caller, outside the lock) for a node waiting in this
+    /// list; returns the one it replaces, for the caller to drop after unlocking. `None` and
+    /// no change if the node is not waiting here.
+    #[must_use = "drop the old waker after unlocking"]
+    pub(crate) fn register(&mut self, node: Pin<&Node>, waker: Waker) -> Option<Waker> {
+        if !self.is_linked_here(node) {
+            return Some(waker);
+        }
+        // SAFETY: `node` waits in this list, whose lock we hold.
+        let links = unsafe { self.links(NonNull::from(node.get_ref())) };
+        links.waker.replace(waker)
+    }
+
+    /// The owner takes its waiting node out; returns its waker, for the caller to drop after
+    /// unlocking (user code). `None` and no change if the node is not waiting here.
+    #[must_use = "drop the waker after unlocking"]
+    pub(crate) fn remove(&mut self, node: Pin<&Node>) -> Option<Waker> {
+        if !self.is_linked_here(node) {
+            return None;
+        }
+        let ptr = NonNull::from(node.get_ref());
+        self.unlink(ptr);
+        // SAFETY: unlinked just now, under the lock: ours.
+        let waker = unsafe { self.links(ptr) }.waker.take();
+        // Under the lock; from here on the node is its owner's alone.
+        node.status.store(IDLE, Relaxed);
+        waker
+    }
+}
+
+/// Wakers collected under the lock and woken after it is released, in the order they were
+/// served.
+///
+/// Dropping the list wakes every waker in it. A waker that panics cannot strand the waiters
+/// after it: each wake runs under `catch_unwind`, the rest are still woken, and the first
+/// panic is passed on afterwards (unless the thread is already unwinding).
+#[derive(Debug, Default)]
+pub(crate) struct WakeList {
+    inline: [Option<Waker>; 8],
+    inline_len: usize,
+    /// Only when one step wakes more than the inline ones: a heap allocation per such step,
+    /// never per wait.
+    spilled: Vec<Waker>,
+}
+
+impl WakeList {
+    pub(crate) fn push(&mut self, waker: Waker) {
+        if self.inline_len < self.inline.len() {
+            self.inline[self.inline_len] = Some(waker);
+            self.inline_len += 1;
+        } else {
+            self.spilled.push(waker);
+        }
+    }
+}
+
+impl Drop for WakeList {
+    fn drop(&mut self) {
+        if self.inline_len == 0 {
+            return;
+        }
+        let spilled = core::mem::take(&mut self.spilled);
+        let wakers = self
+            .inline
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(spilled);
+        let mut first_panic = None;
+        for waker in wakers {
+            let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake()));
+            if let Err(panic) = woken {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first_panic {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Nop;
+    impl Wake for Nop {
+        fn wake(self: Arc<Self>) {}
+    }
+    fn waker() -> Waker {
+        Waker::from(Arc::new(Nop))
+    }
+
+    #[test]
+    fn fifo_order_middle_removal_grants_and_failures() {
+        let mut list = WaitList::default();
+        let (a, b, c, d) = (
+            core::pin::pin!(Node::new()),
+            core::pin::pin!(Node::new()),
+            core::pin::pin!(Node::new()),
+            core::pin::pin!(Node::new()),
+        );
+        let now = Some(Instant::now());
+        for (node, bytes) in [
+            (a.as_ref(), 1),
+            (b.as_ref(), 2),
+            (c.as_ref(), 3),
+            (d.as_ref(), 4),
+        ] {
+            list.push_back(node, bytes, waker(), now);
+        }
+        assert_eq!(list.len(), 4);
+        assert!(list.remove(b.as_ref()).is_some());
+        assert_eq!(b.as_ref().status(), Status::Idle);
+        assert!(
+            list.remove(b.as_ref()).is_none(),
+            "removing twice changes nothing"
+        );
+        assert_eq!(list.front_bytes(), Some(1));
+        let mut wakers = WakeList::default();
+        let mut committed = None;
+        let granted = list.grant_front(
+            |bytes| bytes <= 3,
+            |bytes, empty| committed = Some((bytes, empty)),
+            now,
+            &mut wakers,
+        );
+        assert_eq!((granted.bytes, granted.count), (4, 2));
+        assert_eq!(committed, Some((4, false)));
+        assert_eq!(a.as_ref().status(), Status::Granted);
+        assert_eq!(c.as_ref().status(), Status::Granted);
+        assert_eq!(list.front_bytes(), Some(4));
+        assert_eq!(
+            list.fail_where(
+                |bytes| (bytes > 3).then_some(AllocError::Closed),
+                &mut wakers
+            ),
+            1
+        );
+        assert_eq!(d.as_ref().status(), Status::Failed(AllocError::Closed));
+        assert!(list.is_empty() && list.front_bytes().is_none());
+        assert_eq!(wakers.inline_len, 3);
+    }
+
+    #[test]
+    fn wake_list_wakes_in_order_and_past_a_panicking_waker() {
+        use std::sync::Mutex;
+        struct Record(usize, Arc<Mutex<Vec<usize>>>);
+        impl Wake for Record {
+            fn wake(self: Arc<Self>) {
+                self.1.lock().unwrap().push(self.0);
+                assert_ne!(self.0, 2, "waker 2 panics");
+            }
+        }
+        let woken = Arc::new(Mutex::new(Vec::new()));
+        let mut list = WakeList::default();
+        for i in 0..12 {
+            list.push(Waker::from(Arc::new(Record(i, woken.clone()))));
+        }
+        assert_eq!(list.spilled.len(), 4);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(list)));
+        assert!(panic.is_err(), "the panic is passed on");
+        assert_eq!(*woken.lock().unwrap(), (0..12).collect::<Vec<_>>());
+    }
+}
