@@ -118,7 +118,7 @@ fn release_wakes_async_waiter() {
             thread::spawn(move || {
                 // First polled with another waker, as when a future moves between tasks:
                 // the release must wake the waker of the latest poll.
-                let mut allocate = pool.allocate(1);
+                let mut allocate = Box::pin(pool.allocate(1));
                 if poll_once(&mut allocate) {
                     drop(block_on(&mut allocate).unwrap());
                 }
@@ -164,7 +164,7 @@ fn newcomer_does_not_overtake_queued_head() {
         let pool = Arc::new(pool(2));
         let held = pool.try_allocate(1).unwrap();
         // The head: queued (for 2 buffers, 1 is free) before the newcomer exists.
-        let mut head = pool.allocate(2);
+        let mut head = Box::pin(pool.allocate(2));
         assert!(poll_once(&mut head));
         let head_done = Arc::new(AtomicBool::new(false));
         let newcomer = {
@@ -202,7 +202,7 @@ fn cancelled_waiter_racing_release_returns_budget() {
     model(|| {
         let pool = Arc::new(pool(1));
         let held = pool.try_allocate(1).unwrap();
-        let mut cancelled = pool.allocate(1);
+        let mut cancelled = Box::pin(pool.allocate(1));
         assert!(poll_once(&mut cancelled));
         let releaser = thread::spawn(move || drop(held));
         let other = {
@@ -225,7 +225,7 @@ fn cancelled_head_unblocks_next() {
     model(|| {
         let pool = Arc::new(pool(2));
         let held = pool.try_allocate(1).unwrap();
-        let mut head = pool.allocate(2);
+        let mut head = Box::pin(pool.allocate(2));
         assert!(poll_once(&mut head));
         let behind = {
             let pool = pool.clone();
@@ -507,9 +507,9 @@ fn failed_waiter_is_not_taken_for_granted() {
     model(|| {
         let pool = Arc::new(pool(4));
         let held = pool.try_allocate(4).unwrap();
-        let mut big = pool.allocate(3);
+        let mut big = Box::pin(pool.allocate(3));
         assert!(poll_once(&mut big));
-        let mut small = pool.allocate(1);
+        let mut small = Box::pin(pool.allocate(1));
         assert!(poll_once(&mut small));
         let shrinker = thread::spawn({
             let pool = pool.clone();

@@ -47,7 +47,7 @@ impl BufPoolAllocation {
     #[inline]
     pub(crate) fn new(pool: &Arc<State>, bytes: usize, zeroed: bool) -> Self {
         BufPoolAllocation {
-            block: pool.block(bytes, zeroed),
+            block: State::block(pool, bytes, zeroed),
         }
     }
 

@@ -34,9 +34,11 @@ impl std::task::Wake for ThreadWaker {
 }
 
 thread_local! {
+    // Not `const { .. }`: loom's `thread_local!` does not take that form.
+    #[allow(clippy::missing_const_for_thread_local)]
     /// This thread's waker, made once: a blocking wait allocates nothing. `None` while a
     /// wait on this thread uses it (a nested wait, from a waker's own code, makes its own).
-    static THREAD_WAKER: Cell<Option<std::sync::Arc<ThreadWaker>>> = const { Cell::new(None) };
+    static THREAD_WAKER: Cell<Option<std::sync::Arc<ThreadWaker>>> = Cell::new(None);
 }
 
 /// Polls `future` to completion on this thread, or until `deadline` passes. At the deadline

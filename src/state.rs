@@ -332,17 +332,18 @@ impl State {
     // ---- allocation memory ----
 
     /// The memory for `bytes` just reserved: fresh, or a cached block of that size.
+    /// (An associated function: loom's `Arc` cannot be a method receiver.)
     #[inline(always)]
-    pub(crate) fn block(self: &Arc<Self>, bytes: usize, zeroed: bool) -> Block<State> {
-        let memory = if self.recycler.is_idle_for(bytes) {
-            Memory::fresh(self.config.align, bytes, zeroed)
+    pub(crate) fn block(pool: &Arc<Self>, bytes: usize, zeroed: bool) -> Block<State> {
+        let memory = if pool.recycler.is_idle_for(bytes) {
+            Memory::fresh(pool.config.align, bytes, zeroed)
         } else {
-            self.recycled_or_fresh(bytes, zeroed)
+            pool.recycled_or_fresh(bytes, zeroed)
         };
         // SAFETY: every caller reserved `bytes` in this pool's budget word for this block
         // alone (a fast-path or locked reservation, or a grant it took), and only the block's
         // drop gives them back.
-        unsafe { Block::new(self, memory, zeroed) }
+        unsafe { Block::new(pool, memory, zeroed) }
     }
 
     /// The memory when recycling is on for this size or blocks are cached.
