@@ -8,10 +8,11 @@
 //! queue stays N long. Issue 4 wants the 10,000-waiter cost at most 2x the 1-waiter cost.
 //!
 //! `tokio/*` does the same with `Semaphore::new(1)` and `acquire()` futures.
+//! `ours_untimed/*` is ours built with `time_waits(false)`: no clock reads for the wait
+//! statistics (two per wait otherwise).
 //!
 //! Both rows box their futures (`Box::pin`, polled through `Pin<Box<dyn Future>>`): tokio's
-//! `Acquire` is `!Unpin`, and ours will be too once its waiter node lives inside it (issue
-//! 11), so neither row relies on `Unpin`. Each iteration therefore pays one box allocation,
+//! `Acquire` and our `Allocate` are `!Unpin` (the waiter node lives inside the future). Each iteration therefore pays one box allocation,
 //! one free and a dynamic `poll` call on both sides, and the head's box is freed before the
 //! new tail's is made in both.
 //!
@@ -42,11 +43,16 @@ fn enqueue_ours<'a>(
     queue.push_back(waiter);
 }
 
-fn ours(queued: usize, iters: u64) -> Duration {
-    let pool = membudget::BufPool::new(membudget::BufPoolCfg {
+/// `time_waits`: the builder option that times each wait for the statistics (two clock
+/// reads per wait; on by default).
+fn ours(queued: usize, iters: u64, time_waits: bool) -> Duration {
+    let pool = membudget::BufPool::builder(membudget::BufPoolCfg {
         buffer_size: membudget::BufferSize::S64,
         max_memory: 64,
-    });
+    })
+    .time_waits(time_waits)
+    .build()
+    .unwrap();
     let mut cx = Context::from_waker(noop_waker_ref());
     let mut held = pool.try_allocate(1).unwrap();
     let mut queue: VecDeque<BoxedAllocate<'_>> = VecDeque::with_capacity(queued + 1);
@@ -120,8 +126,14 @@ fn waiters(c: &mut Criterion) {
     let mut group = c.benchmark_group("waiters");
     for queued in QUEUE_LENGTHS {
         group.bench_function(BenchmarkId::new("ours/release_to_head", queued), |b| {
-            b.iter_custom(|iters| ours(queued, iters));
+            b.iter_custom(|iters| ours(queued, iters, true));
         });
+        group.bench_function(
+            BenchmarkId::new("ours_untimed/release_to_head", queued),
+            |b| {
+                b.iter_custom(|iters| ours(queued, iters, false));
+            },
+        );
         group.bench_function(BenchmarkId::new("tokio/release_to_head", queued), |b| {
             b.iter_custom(|iters| tokio(queued, iters));
         });
