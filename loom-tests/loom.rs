@@ -36,7 +36,11 @@
 //! | 11a/11b `set_max_memory` | grow does not serve; shrink does not fail too-large waiters | deadlock |
 //! | 12 counts across wraps | fast-path release wraps its counter into the bytes in use | assertion |
 //! | 13 pool drop vs a wrapping release | (no bug of its own: drives the wrap path of model 8; a release that spills after giving its bytes back is caught by Miri in `tests/shutdown.rs`, loom does not track freed atomics) | - |
-//! | 14 failed waiter behind a grant | a waiter trusts `granted_through` without checking the failure epoch | assertion |
+//! | 14 failed waiter behind a grant | (ticket design) a waiter trusted `granted_through` without the failure epoch; the node design has no such shared check (each node's status is its own), and this model was not re-planted on it | assertion |
+//! | 15 node cancelled while a release grants it | `cancel` ignores a grant that lands while it waits for the lock (no `give_back_grant` once `remove` finds the node served) | assertion (`in_use_bytes` 16, not 0; model 5 deadlocks on it) |
+//! | 16 granted node dropped before its next poll | `give_back_grant` settles 0 bytes instead of the grant | deadlock (the waiter behind never woken) |
+//! | 17 close walks the list while a node cancels | close does not fail the listed nodes; the walk reads `next` after unlinking (stops after the first failed node); close does not serve | deadlock; deadlock; assertion (`waiting` stays 1) |
+//! | 18 re-poll with a new waker races a grant | `register` keeps the old waker | assertion (B never woken, A woken once; models 2 and 17 deadlock on it) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -527,5 +531,159 @@ fn failed_waiter_is_not_taken_for_granted() {
                 "{error:?}"
             );
         }
+    });
+}
+
+/// A waker that counts its wake-ups (a loom atomic, so the models' reads of it are ordered by
+/// loom's happens-before like any other access).
+struct CountingWaker(AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.0.fetch_add(1, SeqCst);
+    }
+}
+
+/// A counting waker and the handle to read its count with.
+fn counting_waker() -> (Waker, std::sync::Arc<CountingWaker>) {
+    let counter = std::sync::Arc::new(CountingWaker(AtomicUsize::new(0)));
+    (Waker::from(counter.clone()), counter)
+}
+
+impl CountingWaker {
+    fn woken(&self) -> usize {
+        self.0.load(SeqCst)
+    }
+}
+
+/// Polls `future` once with `waker`; `true` if it is still pending.
+fn poll_with<F: Future + Unpin>(future: &mut F, waker: &Waker) -> bool {
+    let mut cx = Context::from_waker(waker);
+    Pin::new(future).poll(&mut cx).is_pending()
+}
+
+/// Model 15: a queued waiter's future is dropped on one thread while a release on another
+/// grants it its bytes (the grant may land before the cancel looks at the node, while it
+/// waits for the lock, or after it left the list): whichever wins, the bytes come back. The
+/// pool ends with nothing in use or waiting, no allocation counted for the grant nobody took,
+/// and the whole budget can be taken again.
+#[test]
+fn node_cancelled_while_release_grants_it() {
+    model(|| {
+        let pool = Arc::new(pool(2));
+        let held = pool.try_allocate(2).unwrap();
+        let mut cancelled = Box::pin(pool.allocate(2));
+        assert!(poll_once(&mut cancelled));
+        let releaser = thread::spawn(move || drop(held));
+        drop(cancelled);
+        releaser.join().unwrap();
+        let stats = pool.stats();
+        assert_eq!(stats.in_use_bytes, 0, "the granted bytes leaked");
+        assert_eq!(stats.waiting, 0);
+        assert_eq!(stats.outstanding, 0);
+        assert_eq!(
+            stats.total_allocations, 1,
+            "a grant never taken is no allocation"
+        );
+        assert_eq!(stats.waited_allocations, 0);
+        let whole = pool
+            .try_allocate(2)
+            .expect("the whole budget is free again");
+        assert_eq!(pool.stats().in_use_bytes, 2 * B);
+        drop(whole);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 16: a waiter is granted its bytes by a release on another thread (its waker is
+/// woken), and its future is then dropped without being polled again: the grant goes on to
+/// a second waiter, queued behind it on a third thread, which completes; nothing stays in
+/// use.
+#[test]
+fn granted_node_dropped_before_next_poll() {
+    model(|| {
+        let pool = Arc::new(pool(1));
+        let held = pool.try_allocate(1).unwrap();
+        let (waker, woken) = counting_waker();
+        let mut first = Box::pin(pool.allocate(1));
+        assert!(poll_with(&mut first, &waker));
+        // Queued after `first` (or, if `first` already had and gave back its bytes, served
+        // from the free budget).
+        let second = {
+            let pool = pool.clone();
+            thread::spawn(move || drop(block_on(pool.allocate(1)).unwrap()))
+        };
+        let releaser = thread::spawn(move || drop(held));
+        // The release grants the head, `first`, and wakes it before it returns.
+        releaser.join().unwrap();
+        assert_eq!(woken.woken(), 1, "the release did not grant the head");
+        drop(first);
+        second.join().unwrap();
+        let stats = pool.stats();
+        assert_eq!(stats.in_use_bytes, 0);
+        assert_eq!(stats.waiting, 0);
+        assert_eq!(stats.outstanding, 0);
+    });
+}
+
+/// Model 17: `close()` walks the queue of two waiters while one of them (the head) is being
+/// dropped on another thread: the remaining waiter gets `Closed`, the queue ends empty and
+/// nothing is in use once the held allocation goes.
+#[test]
+fn close_walks_list_while_nodes_cancel() {
+    model(|| {
+        let pool = Arc::new(pool(1));
+        let held = pool.try_allocate(1).unwrap();
+        let mut head = Box::pin(pool.allocate(1));
+        assert!(poll_once(&mut head));
+        let mut behind = Box::pin(pool.allocate(1));
+        assert!(poll_once(&mut behind));
+        let closer = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.close())
+        };
+        drop(head);
+        assert_eq!(block_on(&mut behind).unwrap_err(), AllocError::Closed);
+        closer.join().unwrap();
+        let stats = pool.stats();
+        assert_eq!(stats.waiting, 0);
+        assert!(stats.closed);
+        drop(held);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 18: a queued waiter is polled again with a different waker (B instead of A, as when
+/// a future moves to another task) while a release on another thread grants it: either the
+/// re-poll completes, or the grant wakes B, the waker of the latest poll, and the next poll
+/// completes. A wake-up that reaches only A would strand the task that now owns the future.
+#[test]
+fn repoll_with_new_waker_races_grant() {
+    model(|| {
+        let pool = Arc::new(pool(1));
+        let held = pool.try_allocate(1).unwrap();
+        let (waker_a, woken_a) = counting_waker();
+        let (waker_b, woken_b) = counting_waker();
+        let mut waiter = Box::pin(pool.allocate(1));
+        assert!(poll_with(&mut waiter, &waker_a));
+        let releaser = thread::spawn(move || drop(held));
+        let pending = poll_with(&mut waiter, &waker_b);
+        // The release wakes whom it granted before it returns.
+        releaser.join().unwrap();
+        if pending {
+            assert_eq!(
+                woken_b.woken(),
+                1,
+                "the grant woke the stale waker (A woken {} times)",
+                woken_a.woken()
+            );
+            assert!(!poll_with(&mut waiter, &waker_b), "woken but not granted");
+        }
+        drop(waiter);
+        assert_eq!(pool.stats().in_use_bytes, 0);
     });
 }
