@@ -41,6 +41,7 @@
 //! | 16 granted node dropped before its next poll | `give_back_grant` settles 0 bytes instead of the grant | deadlock (the waiter behind never woken) |
 //! | 17 close walks the list while a node cancels | close does not fail the listed nodes; the walk reads `next` after unlinking (stops after the first failed node); close does not serve | deadlock; deadlock; assertion (`waiting` stays 1) |
 //! | 18 re-poll with a new waker races a grant | `register` keeps the old waker | assertion (B never woken, A woken once; models 2 and 17 deadlock on it) |
+//! | 19 shrink vs in-flight fast path | (issue 10, bug 1) the fast path checks against a budget loaded before a shrink that returned before it reserved (the code before the fix) | assertion |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -684,6 +685,50 @@ fn repoll_with_new_waker_races_grant() {
             assert!(!poll_with(&mut waiter, &waker_b), "woken but not granted");
         }
         drop(waiter);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 19 (issue 10, bug 1): a fast-path `try_allocate` already in flight while
+/// `set_max_memory` shrinks the budget must not succeed against the old budget once the
+/// shrink has returned. A worker takes 3 of 4 buffers; the main thread shrinks the budget to
+/// 1 buffer and takes that. While main holds it nothing else can be live legitimately (its
+/// reservation saw nothing in use, and any later one had a budget of 1 buffer, all taken), so
+/// the bytes in use, and the worker's own count, must stay within the budget.
+#[test]
+fn shrink_binds_in_flight_fast_path() {
+    const MAX: usize = 4;
+    model(|| {
+        let pool = Arc::new(pool(MAX));
+        let main_holds = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let pool = pool.clone();
+            let main_holds = main_holds.clone();
+            thread::spawn(move || {
+                if let Ok(allocation) = pool.try_allocate(MAX - 1) {
+                    assert!(
+                        !main_holds.load(SeqCst),
+                        "{} buffers live while main holds its 1 under a budget of 1",
+                        MAX - 1
+                    );
+                    drop(allocation);
+                }
+            })
+        };
+        pool.set_max_memory(B).unwrap();
+        if let Ok(held) = pool.try_allocate(1) {
+            main_holds.store(true, SeqCst);
+            let stats = pool.stats();
+            assert!(
+                stats.in_use_bytes <= stats.max_memory,
+                "{} bytes in use under a budget of {} after the shrink returned",
+                stats.in_use_bytes,
+                stats.max_memory
+            );
+            main_holds.store(false, SeqCst);
+            drop(held);
+        }
+        worker.join().unwrap();
         assert_eq!(pool.stats().in_use_bytes, 0);
     });
 }
