@@ -450,10 +450,14 @@ impl BufPool {
 
     /// Changes the budget at run time.
     ///
-    /// Growing it serves the waiters that now fit, in FIFO order. Shrinking it applies to new
-    /// requests at once and to live memory as it comes back: the bytes in use may stay above
-    /// the new budget until then (never above the old one). Waiting requests that can never
-    /// fit the new budget fail with [`AllocError::ExceedsBudget`].
+    /// Growing it serves the waiters that now fit, in FIFO order. Shrinking it binds every
+    /// reservation that completes after this call returns, including one already in flight
+    /// on another thread: each succeeds only if it fits the new budget at that instant.
+    /// Allocations already live stay valid, so the bytes in use may stay above the new
+    /// budget until they come back (never above the budget in force when each was made).
+    /// Waiting requests that can never fit the new budget fail with
+    /// [`AllocError::ExceedsBudget`], and cached blocks (see
+    /// [`recycle`](crate::BufPoolBuilder::recycle)) are freed until the footprint fits.
     ///
     /// # Errors
     ///
