@@ -8,8 +8,11 @@
 //! queue stays N long. Issue 4 wants the 10,000-waiter cost at most 2x the 1-waiter cost.
 //!
 //! `tokio/*` does the same with `Semaphore::new(1)` and `acquire()` futures.
+//! `tokio+buffer/*` adds what tokio leaves out and ours does in every iteration: a 64-byte
+//! heap buffer per permit (allocated when taken, freed before the release), i.e. the pool's
+//! allocation built from a semaphore.
 //! `ours_untimed/*` is ours built with `time_waits(false)`: no clock reads for the wait
-//! statistics (two per wait otherwise).
+//! statistics (two per wait otherwise, from the TSC where it is invariant).
 //!
 //! Both rows box their futures (`Box::pin`, polled through `Pin<Box<dyn Future>>`): tokio's
 //! `Acquire` and our `Allocate` are `!Unpin` (the waiter node lives inside the future). Each iteration therefore pays one box allocation,
@@ -95,10 +98,14 @@ fn enqueue_tokio<'a>(
     queue.push_back(waiter);
 }
 
-fn tokio(queued: usize, iters: u64) -> Duration {
+/// `with_buffer`: each permit also carries a 64-byte heap buffer, allocated when the permit
+/// is taken and freed when it is released: the pool's allocation built from a semaphore, as
+/// a tokio user would build it (ours allocates its buffer in every iteration too).
+fn tokio(queued: usize, iters: u64, with_buffer: bool) -> Duration {
     let sem = tokio::sync::Semaphore::new(1);
     let mut cx = Context::from_waker(noop_waker_ref());
-    let mut held = sem.try_acquire().unwrap();
+    let buffer = || with_buffer.then(|| black_box(Vec::<u8>::with_capacity(64)));
+    let mut held = (sem.try_acquire().unwrap(), buffer());
     let mut queue: VecDeque<Acquire<'_>> = VecDeque::with_capacity(queued + 1);
     for _ in 0..queued {
         enqueue_tokio(&sem, &mut queue, &mut cx);
@@ -106,10 +113,12 @@ fn tokio(queued: usize, iters: u64) -> Duration {
 
     let start = Instant::now();
     for _ in 0..iters {
-        drop(held);
+        // The buffer is freed before the permit goes back, as ours frees before it releases.
+        drop(held.1);
+        drop(held.0);
         let mut head = queue.pop_front().unwrap();
         held = match head.as_mut().poll(&mut cx) {
-            Poll::Ready(permit) => permit.unwrap(),
+            Poll::Ready(permit) => (permit.unwrap(), buffer()),
             Poll::Pending => panic!("the release did not serve the head"),
         };
         drop(head);
@@ -135,8 +144,14 @@ fn waiters(c: &mut Criterion) {
             },
         );
         group.bench_function(BenchmarkId::new("tokio/release_to_head", queued), |b| {
-            b.iter_custom(|iters| tokio(queued, iters));
+            b.iter_custom(|iters| tokio(queued, iters, false));
         });
+        group.bench_function(
+            BenchmarkId::new("tokio+buffer/release_to_head", queued),
+            |b| {
+                b.iter_custom(|iters| tokio(queued, iters, true));
+            },
+        );
     }
     group.finish();
 }

@@ -196,6 +196,9 @@ impl BufPoolBuilder {
             max_memory,
         } = self.cfg;
         validate_max_memory(buffer_size, max_memory)?;
+        if self.time_waits {
+            crate::clock::start();
+        }
         let align = buffer_size.bytes().min(self.align);
         let recycler = Recycler::new(self.recycle_min_bytes, self.recycle_max_per_size);
         let config = Config {

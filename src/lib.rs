@@ -41,6 +41,7 @@
 mod allocation;
 mod blocking;
 mod builder;
+mod clock;
 mod config;
 mod error;
 mod filled;

@@ -12,15 +12,16 @@
 
 use core::pin::Pin;
 use core::task::{Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use event_listener::Event;
 
+use crate::clock::Stamp;
 use crate::heap::{Block, Memory, Pool};
 use crate::recycle::{Footprint, Recycler};
 use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
-use crate::waiters::{Node, Status, WaitList, WakeList};
+use crate::waiters::{Failure, Node, Status, WaitList, WakeList};
 use crate::word::{BudgetWord, FastReserve, counted_budget};
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::Relaxed;
@@ -173,6 +174,12 @@ impl State {
         }
     }
 
+    /// The bytes of `n` buffers, for an `n` the fast path accepted.
+    #[inline(always)]
+    pub(crate) fn bytes_of(&self, n: usize) -> usize {
+        n << self.config.buffer_size.shift()
+    }
+
     #[cold]
     fn refusal(&self, n: usize, budget: usize) -> AllocError {
         if n == 0 {
@@ -204,7 +211,7 @@ impl State {
         // Clone before the lock (user code), and read the clock before it too: other threads
         // wait for that lock. Dropped after it, if unused.
         let waker = waker.clone();
-        let since = self.config.time_waits.then(Instant::now);
+        let since = self.clock();
         let mut queue = lock(&self.queue);
         let budget = self.budget();
         if bytes > budget {
@@ -235,7 +242,7 @@ impl State {
                 Err(actual) => word = actual,
             }
         }
-        queue.list.push_back(node, bytes, waker, since);
+        queue.list.push_back(node, bytes, waker, since.unwrap_or_default());
         self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
     }
@@ -305,7 +312,7 @@ impl State {
                 }
                 // User code from here on, every change made: the others' wake-ups first, so
                 // that our own waker's `drop` panicking costs only us.
-                drop(wakers);
+                wakers.wake_all();
                 drop(own_waker);
                 if let Status::Granted = node.status() {
                     self.give_back_grant(bytes);
@@ -326,7 +333,7 @@ impl State {
             let now = self.clock();
             notify_drained = self.settle_locked(bytes, false, &mut queue, &mut wakers, now);
         }
-        self.after_unlock(notify_drained, wakers);
+        self.after_unlock(notify_drained, &mut wakers);
     }
 
     // ---- allocation memory ----
@@ -404,7 +411,7 @@ impl State {
                 Err(actual) => word = actual,
             }
         }
-        self.after_unlock(notify_drained, wakers);
+        self.after_unlock(notify_drained, &mut wakers);
     }
 
     /// With the lock held: gives `released` bytes back (counting a release if `counted`),
@@ -424,7 +431,7 @@ impl State {
         counted: bool,
         queue: &mut Queue,
         wakers: &mut WakeList,
-        now: Option<Instant>,
+        now: Option<Stamp>,
     ) -> bool {
         let budget = self.budget();
         let start = self.word.load();
@@ -466,10 +473,11 @@ impl State {
         );
         if granted.count > 0 {
             let waits = &mut queue.waits;
-            // Allocations once their owners take them (`Counters::grant_taken`).
+            // Allocations once their owners take them (`Counters::grant_taken`): until then
+            // in use, but not outstanding.
             waits.waited += granted.count;
-            waits.total = waits.total.saturating_add(granted.total_wait);
-            waits.max = waits.max.max(granted.max_wait);
+            waits.total_ticks = waits.total_ticks.saturating_add(granted.total_wait);
+            waits.max_ticks = waits.max_ticks.max(granted.max_wait);
         }
         self.counters.set_waiting(queue.list.len());
         notify_drained
@@ -477,23 +485,24 @@ impl State {
 
     /// [`settle_locked`](State::settle_locked) with nothing given back: serves whoever fits
     /// now. Never empties the pool, so never has drain waiters to notify.
-    fn serve(&self, queue: &mut Queue, wakers: &mut WakeList, now: Option<Instant>) {
+    fn serve(&self, queue: &mut Queue, wakers: &mut WakeList, now: Option<Stamp>) {
         let drained = self.settle_locked(0, false, queue, wakers, now);
         debug_assert!(!drained, "serving cannot drain the pool");
     }
 
     /// After the lock is released: drain listeners first (a waker that panics must not cost
     /// them their wake-up), then the wakers.
-    fn after_unlock(&self, notify_drained: bool, wakers: WakeList) {
+    fn after_unlock(&self, notify_drained: bool, wakers: &mut WakeList) {
         if notify_drained {
             self.drained.notify(usize::MAX);
         }
-        drop(wakers);
+        wakers.wake_all();
     }
 
     /// The time for the wait statistics, if they are kept.
-    fn clock(&self) -> Option<Instant> {
-        self.config.time_waits.then(Instant::now)
+    #[inline]
+    fn clock(&self) -> Option<Stamp> {
+        self.config.time_waits.then(Stamp::now)
     }
 
     // ---- close, resize, drain ----
@@ -506,10 +515,10 @@ impl State {
             self.word.close();
             queue
                 .list
-                .fail_where(|_| Some(AllocError::Closed), &mut wakers);
+                .fail_where(|_| Some(Failure::Closed), &mut wakers);
             self.serve(&mut queue, &mut wakers, None);
         }
-        drop(wakers);
+        wakers.wake_all();
     }
 
     /// Changes the budget: requests that can never fit the new one fail with
@@ -533,10 +542,7 @@ impl State {
             self.budget.store(budget, Relaxed);
             queue.list.fail_where(
                 |bytes| {
-                    (bytes > budget).then_some(AllocError::ExceedsBudget {
-                        requested_bytes: bytes,
-                        max_memory: budget,
-                    })
+                    (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
                 },
                 &mut wakers,
             );
@@ -546,7 +552,7 @@ impl State {
         // After the budget store: a block cached under the old budget is seen here, and one
         // cached later was checked against the new budget (the cache's lock orders the two).
         self.recycler.trim(|| self.footprint());
-        drop(wakers);
+        wakers.wake_all();
     }
 
     pub(crate) fn is_closed(&self) -> bool {

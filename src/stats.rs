@@ -10,6 +10,7 @@ use core::fmt;
 use core::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::time::Duration;
 
+use crate::clock::ticks_to_duration;
 use crate::sync::AtomicUsize;
 use crate::word::{COUNTER_WRAP, Word};
 
@@ -66,8 +67,9 @@ pub(crate) struct WaitTotals {
     /// Requests granted after waiting in the queue (less those dropped before they took
     /// their grant), and how long they waited.
     pub(crate) waited: usize,
-    pub(crate) total: Duration,
-    pub(crate) max: Duration,
+    /// In the clock's ticks (`clock.rs`), turned into time when read.
+    pub(crate) total_ticks: u64,
+    pub(crate) max_ticks: u64,
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
@@ -102,8 +104,8 @@ impl Counters {
             peak_in_use_bytes: sources.peak_in_use,
             total_allocations: allocations,
             waited_allocations: sources.waits.waited,
-            total_wait: sources.waits.total,
-            max_wait: sources.waits.max,
+            total_wait: ticks_to_duration(sources.waits.total_ticks),
+            max_wait: ticks_to_duration(sources.waits.max_ticks),
             would_block: self.would_block.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
             cached_bytes: sources.cached_bytes,

@@ -57,7 +57,8 @@ pin_project! {
     impl<'a> PinnedDrop for Allocate<'a> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Stage::Queued { bytes } = *this.stage {
+            if let Stage::Queued = *this.stage {
+                let bytes = this.pool.bytes_of(*this.n);
                 this.pool.cancel(this.node.as_ref(), bytes);
             }
         }
@@ -67,7 +68,8 @@ pin_project! {
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Stage {
     Start,
-    Queued { bytes: usize },
+    /// Its node is (or was, until a grant or failure) in the queue, for `n` buffers.
+    Queued,
     Done,
 }
 
@@ -98,16 +100,16 @@ impl Future for Allocate<'_> {
                     match pool.admit(this.node.as_ref(), bytes, cx.waker()) {
                         Ok(Admission::Reserved) => Ok(bytes),
                         Ok(Admission::Queued) => {
-                            *this.stage = Stage::Queued { bytes };
+                            *this.stage = Stage::Queued;
                             return Poll::Pending;
                         }
                         Err(error) => Err(error),
                     }
                 }
             },
-            Stage::Queued { bytes } => match pool.poll_queued(this.node.as_ref(), cx.waker()) {
+            Stage::Queued => match pool.poll_queued(this.node.as_ref(), cx.waker()) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(result) => result.map(|()| bytes),
+                Poll::Ready(result) => result.map(|()| pool.bytes_of(*this.n)),
             },
             Stage::Done => panic!("`Allocate` polled after it completed"),
         };

@@ -12,7 +12,7 @@
 //!
 //! * The owner queues it ([`WaitList::push_back`]): `IDLE` → `WAITING`.
 //! * A releaser grants it or fails it, under the lock: it unlinks the node, takes its waker
-//!   and, as its very last access, stores `GRANTED` or `FAILED` with `Release`. From then on
+//!   and, as its very last access, stores `GRANTED` or `FAILED_*` with `Release`. From then on
 //!   the node is its owner's alone again: the owner's `Acquire` load of the status pairs with
 //!   that store, so it sees the grant without taking the lock, and may drop the node.
 //! * The owner gives up ([`WaitList::remove`]), under the lock: `WAITING` → `IDLE`.
@@ -26,9 +26,8 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use core::task::Waker;
-use std::time::{Duration, Instant};
-
 use crate::AllocError;
+use crate::clock::Stamp;
 use crate::sync::{AtomicU8, UnsafeCell};
 
 /// In no list: its owner's alone.
@@ -37,8 +36,23 @@ const IDLE: u8 = 0;
 const WAITING: u8 = 1;
 /// Out of the list: its bytes were reserved for it.
 const GRANTED: u8 = 2;
-/// Out of the list: it will never get its bytes (`error` says why).
-const FAILED: u8 = 3;
+/// Out of the list: it will never get its bytes, since the pool closed.
+const FAILED_CLOSED: u8 = 3;
+/// Out of the list: it will never get its bytes, since they exceed the budget now in force
+/// (`exceeded_budget`).
+const FAILED_EXCEEDS: u8 = 4;
+
+/// Why a waiting request fails.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Failure {
+    /// The pool closed.
+    Closed,
+    /// The budget shrank below the request.
+    ExceedsBudget {
+        /// The budget in force.
+        max_memory: usize,
+    },
+}
 
 /// Where a node stands, as its owner sees it.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -64,11 +78,11 @@ pub(crate) struct Node {
 #[derive(Debug)]
 struct Links {
     bytes: usize,
-    /// When it was queued, for the wait statistics.
-    since: Option<Instant>,
+    /// When it was queued, for the wait statistics (if its pool times waits).
+    since: Stamp,
     waker: Option<Waker>,
-    /// Why it failed, once `FAILED`.
-    error: Option<AllocError>,
+    /// The budget it exceeded, once `FAILED_EXCEEDS`.
+    exceeded_budget: usize,
     prev: Option<NonNull<Node>>,
     next: Option<NonNull<Node>>,
     /// The address of the list it is in: a node is only ever touched under that list's lock.
@@ -93,9 +107,9 @@ impl Node {
             status: AtomicU8::new(IDLE),
             links: UnsafeCell::new(Links {
                 bytes: 0,
-                since: None,
+                since: Stamp::default(),
                 waker: None,
-                error: None,
+                exceeded_budget: 0,
                 prev: None,
                 next: None,
                 list: 0,
@@ -113,12 +127,17 @@ impl Node {
             IDLE => Status::Idle,
             WAITING => Status::Waiting,
             GRANTED => Status::Granted,
+            FAILED_CLOSED => Status::Failed(AllocError::Closed),
             _ => Status::Failed(
                 self.links
-                    // SAFETY: `FAILED`, seen with `Acquire`: the node is in no list, and the
-                    // releaser that wrote the error no longer touches it.
-                    .with(|links| unsafe { (*links).error })
-                    .unwrap_or(AllocError::Closed),
+                    // SAFETY: `FAILED_EXCEEDS`, seen with `Acquire`: the node is in no list,
+                    // and the releaser that wrote the fields no longer touches it.
+                    .with(|links| unsafe {
+                        AllocError::ExceedsBudget {
+                            requested_bytes: (*links).bytes,
+                            max_memory: (*links).exceeded_budget,
+                        }
+                    }),
             ),
         }
     }
@@ -153,9 +172,9 @@ pub(crate) struct Granted {
     pub(crate) bytes: usize,
     /// How many requests were granted.
     pub(crate) count: usize,
-    /// Their waits added up, and the longest.
-    pub(crate) total_wait: Duration,
-    pub(crate) max_wait: Duration,
+    /// Their waits added up, and the longest, in clock ticks.
+    pub(crate) total_wait: u64,
+    pub(crate) max_wait: u64,
 }
 
 impl WaitList {
@@ -196,7 +215,7 @@ impl WaitList {
         node: Pin<&Node>,
         bytes: usize,
         waker: Waker,
-        since: Option<Instant>,
+        since: Stamp,
     ) {
         assert_eq!(node.status.load(Acquire), IDLE, "a node is queued twice");
         let ptr = NonNull::from(node.get_ref());
@@ -209,7 +228,7 @@ impl WaitList {
             bytes,
             since,
             waker: Some(waker),
-            error: None,
+            exceeded_budget: 0,
             prev: tail,
             next: None,
             list,
@@ -268,7 +287,7 @@ impl WaitList {
         &mut self,
         mut fits: impl FnMut(usize) -> bool,
         commit: impl FnOnce(usize, bool),
-        now: Option<Instant>,
+        now: Option<Stamp>,
         wakers: &mut WakeList,
     ) -> Granted {
         let mut granted = Granted::default();
@@ -298,8 +317,8 @@ impl WaitList {
             // last access to it.
             let links = unsafe { self.links(node) };
             chain = links.next.take();
-            if let (Some(now), Some(since)) = (now, links.since) {
-                let waited = now.saturating_duration_since(since);
+            if let Some(now) = now {
+                let waited = now.ticks_since(links.since);
                 granted.total_wait = granted.total_wait.saturating_add(waited);
                 granted.max_wait = granted.max_wait.max(waited);
             }
@@ -318,7 +337,7 @@ impl WaitList {
     /// others in order; their wakers go to `wakers`. Returns how many failed.
     pub(crate) fn fail_where(
         &mut self,
-        fails: impl Fn(usize) -> Option<AllocError>,
+        fails: impl Fn(usize) -> Option<Failure>,
         wakers: &mut WakeList,
     ) -> usize {
         let mut failed = 0;
@@ -327,20 +346,26 @@ impl WaitList {
             // SAFETY: `node` is in this list.
             let links = unsafe { self.links(node) };
             cursor = links.next;
-            let Some(error) = fails(links.bytes) else {
+            let Some(failure) = fails(links.bytes) else {
                 continue;
             };
             self.unlink(node);
             // SAFETY: as above; unlinked but still `WAITING`, so still ours under the lock.
             let links = unsafe { self.links(node) };
-            links.error = Some(error);
+            let code = match failure {
+                Failure::Closed => FAILED_CLOSED,
+                Failure::ExceedsBudget { max_memory } => {
+                    links.exceeded_budget = max_memory;
+                    FAILED_EXCEEDS
+                }
+            };
             if let Some(waker) = links.waker.take() {
                 wakers.push(waker);
             }
             // SAFETY: alive until its owner sees this store.
             let status = unsafe { &node.as_ref().status };
             // `Release`: pairs with the owner's `Acquire` (`Node::status`); the last access.
-            status.store(FAILED, Release);
+            status.store(code, Release);
             failed += 1;
         }
         failed
@@ -392,12 +417,14 @@ impl WaitList {
 /// Wakers collected under the lock and woken after it is released, in the order they were
 /// served.
 ///
-/// Dropping the list wakes every waker in it. A waker that panics cannot strand the waiters
-/// after it: each wake runs under `catch_unwind`, the rest are still woken, and the first
-/// panic is passed on afterwards (unless the thread is already unwinding).
+/// Callers wake them with [`wake_all`](WakeList::wake_all) once the lock is released;
+/// dropping the list does the same (so an unwinding caller still wakes them). It is used in
+/// place, by `&mut`: moving it would copy its inline array. A waker that panics cannot strand
+/// the waiters after it: each wake runs under `catch_unwind`, the rest are still woken, and
+/// the first panic is passed on afterwards (unless the thread is already unwinding).
 #[derive(Debug, Default)]
 pub(crate) struct WakeList {
-    inline: [Option<Waker>; 8],
+    inline: [Option<Waker>; 4],
     inline_len: usize,
     /// Only when one step wakes more than the inline ones: a heap allocation per such step,
     /// never per wait.
@@ -405,6 +432,7 @@ pub(crate) struct WakeList {
 }
 
 impl WakeList {
+    #[inline]
     pub(crate) fn push(&mut self, waker: Waker) {
         if self.inline_len < self.inline.len() {
             self.inline[self.inline_len] = Some(waker);
@@ -413,16 +441,21 @@ impl WakeList {
             self.spilled.push(waker);
         }
     }
-}
 
-impl Drop for WakeList {
-    fn drop(&mut self) {
+    /// Wakes every waker pushed so far, in order. Call it after releasing the lock.
+    #[inline]
+    pub(crate) fn wake_all(&mut self) {
         if self.inline_len == 0 {
             return;
         }
+        self.wake_all_slow();
+    }
+
+    #[inline(never)]
+    fn wake_all_slow(&mut self) {
+        let inline_len = core::mem::take(&mut self.inline_len);
         let spilled = core::mem::take(&mut self.spilled);
-        let wakers = self
-            .inline
+        let wakers = self.inline[..inline_len]
             .iter_mut()
             .filter_map(Option::take)
             .chain(spilled);
@@ -438,6 +471,12 @@ impl Drop for WakeList {
                 std::panic::resume_unwind(panic);
             }
         }
+    }
+}
+
+impl Drop for WakeList {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -464,7 +503,7 @@ mod tests {
             core::pin::pin!(Node::new()),
             core::pin::pin!(Node::new()),
         );
-        let now = Some(Instant::now());
+        let now = Stamp::now();
         for (node, bytes) in [
             (a.as_ref(), 1),
             (b.as_ref(), 2),
@@ -486,7 +525,7 @@ mod tests {
         let granted = list.grant_front(
             |bytes| bytes <= 3,
             |bytes, empty| committed = Some((bytes, empty)),
-            now,
+            Some(now),
             &mut wakers,
         );
         assert_eq!((granted.bytes, granted.count), (4, 2));
@@ -496,7 +535,7 @@ mod tests {
         assert_eq!(list.front_bytes(), Some(4));
         assert_eq!(
             list.fail_where(
-                |bytes| (bytes > 3).then_some(AllocError::Closed),
+                |bytes| (bytes > 3).then_some(Failure::Closed),
                 &mut wakers
             ),
             1
@@ -521,7 +560,7 @@ mod tests {
         for i in 0..12 {
             list.push(Waker::from(Arc::new(Record(i, woken.clone()))));
         }
-        assert_eq!(list.spilled.len(), 4);
+        assert_eq!(list.spilled.len(), 8);
         let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(list)));
         assert!(panic.is_err(), "the panic is passed on");
         assert_eq!(*woken.lock().unwrap(), (0..12).collect::<Vec<_>>());
