@@ -46,6 +46,7 @@ mod config;
 mod error;
 mod filled;
 mod heap;
+mod owned;
 mod pool;
 mod recycle;
 mod size;
@@ -61,6 +62,7 @@ pub use builder::BufPoolBuilder;
 pub use config::{BufPoolCfg, ConfigError};
 pub use error::AllocError;
 pub use filled::FilledAllocation;
+pub use owned::{AllocateOwned, PollAllocate};
 pub use pool::BufPool;
 pub use size::{BufferSize, InvalidBufferSize};
 pub use stats::PoolStats;
@@ -80,6 +82,10 @@ const _: () = {
     send_sync::<FilledAllocation>();
     send_sync::<Allocate<'static>>();
     send::<Drained<'static>>();
+    const fn unpin<T: Unpin>() {}
+    send_sync::<AllocateOwned>();
+    send_sync::<PollAllocate>();
+    unpin::<PollAllocate>();
     send_sync::<AllocError>();
     send_sync::<ConfigError>();
     assert!(core::mem::size_of::<BufPoolAllocation>() <= 3 * core::mem::size_of::<usize>());

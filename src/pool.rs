@@ -133,6 +133,11 @@ impl BufPool {
         }
     }
 
+    /// The shared state, for the futures that own a handle (`owned.rs`).
+    pub(crate) fn state(&self) -> &crate::sync::Arc<State> {
+        &self.pool
+    }
+
     /// Allocates `n` contiguous buffers, waiting while the budget is spent.
     ///
     /// Waiters are served in arrival order, together with the threads in

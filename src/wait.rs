@@ -24,7 +24,9 @@ pin_project! {
     /// [`BufPool::allocate_zeroed`](crate::BufPool::allocate_zeroed).
     ///
     /// It is `!Unpin` (its queue node is pinned inside it): `.await` it, or pin it with
-    /// [`std::pin::pin!`] or [`Box::pin`] to poll it by hand.
+    /// [`std::pin::pin!`] or [`Box::pin`] to poll it by hand. It borrows the pool; to store
+    /// the wait in a struct or move it into a spawned task, use
+    /// [`AllocateOwned`](crate::AllocateOwned).
     ///
     /// # Cancel safety
     ///
@@ -47,21 +49,58 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Allocate<'a> {
         pool: &'a Arc<State>,
-        n: usize,
-        zeroed: bool,
-        stage: Stage,
         #[pin]
-        node: Node,
+        request: Request,
     }
 
     impl<'a> PinnedDrop for Allocate<'a> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Stage::Queued = *this.stage {
-                let bytes = this.pool.bytes_of(*this.n);
-                this.pool.cancel(this.node.as_ref(), bytes);
-            }
+            this.request.cancel(this.pool);
         }
+    }
+}
+
+impl<'a> Allocate<'a> {
+    pub(crate) fn new(pool: &'a Arc<State>, n: usize, zeroed: bool) -> Self {
+        Allocate {
+            pool,
+            request: Request::new(n, zeroed),
+        }
+    }
+}
+
+impl Future for Allocate<'_> {
+    type Output = Result<BufPoolAllocation, AllocError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.request.poll(this.pool, cx)
+    }
+}
+
+impl fmt::Debug for Allocate<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Allocate")
+            .field("n", &self.request.n)
+            .field("zeroed", &self.request.zeroed)
+            .field("stage", &self.request.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// One request for `n` buffers, as every allocation future makes it: the fast path
+    /// first, then (if it must wait) its node in the queue. Its owner passes the pool to each
+    /// call, and must call [`cancel`](Request::cancel) from its own drop: the node's drop
+    /// aborts if it is still queued.
+    pub(crate) struct Request {
+        n: usize,
+        zeroed: bool,
+        stage: Stage,
+        #[pin]
+        node: Node,
     }
 }
 
@@ -73,25 +112,33 @@ enum Stage {
     Done,
 }
 
-impl<'a> Allocate<'a> {
-    pub(crate) fn new(pool: &'a Arc<State>, n: usize, zeroed: bool) -> Self {
-        Allocate {
-            pool,
+impl Request {
+    pub(crate) fn new(n: usize, zeroed: bool) -> Self {
+        Request {
             n,
             zeroed,
             stage: Stage::Start,
             node: Node::new(),
         }
     }
-}
 
-impl Future for Allocate<'_> {
-    type Output = Result<BufPoolAllocation, AllocError>;
+    /// How many buffers it asks for.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Whether it has completed (and must not be polled again).
+    pub(crate) fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
 
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    pub(crate) fn poll(
+        self: Pin<&mut Self>,
+        pool: &Arc<State>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<BufPoolAllocation, AllocError>> {
         let this = self.project();
-        let pool = *this.pool;
         let result = match *this.stage {
             Stage::Start => match pool.reserve_now(*this.n) {
                 Attempt::Reserved(bytes) => Ok(bytes),
@@ -111,20 +158,21 @@ impl Future for Allocate<'_> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(result) => result.map(|()| pool.bytes_of(*this.n)),
             },
-            Stage::Done => panic!("`Allocate` polled after it completed"),
+            Stage::Done => panic!("an allocation future polled after it completed"),
         };
         *this.stage = Stage::Done;
         Poll::Ready(result.map(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
     }
-}
 
-impl fmt::Debug for Allocate<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Allocate")
-            .field("n", &self.n)
-            .field("zeroed", &self.zeroed)
-            .field("stage", &self.stage)
-            .finish_non_exhaustive()
+    /// Gives the request up: a queued node leaves the queue, a grant not taken goes on to
+    /// the next waiters. Idempotent; the request is done afterwards.
+    pub(crate) fn cancel(self: Pin<&mut Self>, pool: &State) {
+        let this = self.project();
+        if let Stage::Queued = *this.stage {
+            let bytes = pool.bytes_of(*this.n);
+            pool.cancel(this.node.as_ref(), bytes);
+        }
+        *this.stage = Stage::Done;
     }
 }
 
