@@ -49,6 +49,8 @@ pub(crate) enum Admission {
 /// What never changes after the pool is built.
 #[derive(Debug)]
 pub(crate) struct Config {
+    /// The pool's name, if it was given one.
+    pub(crate) name: Option<std::sync::Arc<str>>,
     pub(crate) buffer_size: BufferSize,
     /// Every block's alignment: `min(buffer_size, 16 or 4096)`.
     pub(crate) align: usize,
@@ -596,6 +598,7 @@ impl State {
         self.counters.assemble(
             || self.word.load(),
             Sources {
+                name: self.config.name.clone(),
                 waits,
                 max_memory: self.max_memory.load(Relaxed),
                 buffer_size: self.config.buffer_size.bytes(),

@@ -8,6 +8,7 @@
 
 use core::fmt;
 use core::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::ticks_to_duration;
@@ -73,8 +74,9 @@ pub(crate) struct WaitTotals {
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Sources {
+    pub(crate) name: Option<Arc<str>>,
     pub(crate) waits: WaitTotals,
     pub(crate) max_memory: usize,
     pub(crate) buffer_size: usize,
@@ -95,6 +97,7 @@ impl Counters {
             .wrapping_add(word.allocations());
         let releases = releases_spilled.wrapping_add(word.releases());
         PoolStats {
+            name: sources.name,
             in_use_bytes: word.in_use(),
             max_memory: sources.max_memory,
             outstanding: allocations.saturating_sub(releases),
@@ -137,9 +140,11 @@ impl Counters {
 /// drop((a, b));
 /// assert_eq!(pool.stats().in_use_bytes, 0);
 /// ```
-#[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialEq)]
+#[derive(Clone, Debug, Default, Eq, Hash, PartialEq)]
 #[non_exhaustive]
 pub struct PoolStats {
+    /// The pool's name ([`BufPoolBuilder::name`](crate::BufPoolBuilder::name)), if it has one.
+    pub name: Option<Arc<str>>,
     /// Bytes reserved by live allocations (and by waiters granted bytes they have not yet
     /// picked up).
     pub in_use_bytes: usize,
@@ -227,6 +232,9 @@ impl PoolStats {
 
 impl fmt::Display for PoolStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.name {
+            write!(f, "pool {name:?}: ")?;
+        }
         write!(
             f,
             "{} of {} bytes in use by {} allocations (peak {} bytes), {} waiting{}; \
