@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use common::*;
 use membudget::{BufferSize, FilledAllocation};
@@ -209,9 +208,11 @@ mod with_bytes {
     use super::*;
 
     use std::pin::pin;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::thread;
 
     use bytes::{BufMut, Bytes};
+    use futures::FutureExt;
 
     #[test]
     fn chunk_mut_offers_the_whole_remaining_capacity() {
@@ -557,6 +558,4 @@ mod with_bytes {
         })
         .await;
     }
-
-    use futures::FutureExt;
 }
