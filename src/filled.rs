@@ -165,9 +165,12 @@ impl FilledAllocation {
     /// [`remaining`](FilledAllocation::remaining) to tell the two apart).
     ///
     /// The reader is handed the whole unfilled part as `&mut [u8]`, so it must never see
-    /// uninitialised memory: the part of it that was never initialised is zeroed first, once
-    /// in the allocation's life (bytes already initialised, by earlier writes or reads or by
-    /// an `*_zeroed` call, are never zeroed again). A read interrupted
+    /// uninitialised memory: the part of it that was never initialised is zeroed first, at
+    /// the first call (bytes already initialised, by earlier writes or reads or by an
+    /// `*_zeroed` call, are never zeroed again; a fresh `into_filled()` starts over). So the
+    /// first call on a large fresh allocation pays one `memset` of its unfilled part; with the
+    /// `bytes` feature, tokio's `read_buf` reads into the uninitialised memory directly and
+    /// pays none. A read interrupted
     /// ([`ErrorKind::Interrupted`](io::ErrorKind::Interrupted)) is retried; any other error
     /// is returned with nothing counted as filled. A reader that reports more bytes than it
     /// was given (a bug in the reader) gives an
