@@ -8,12 +8,20 @@ use crate::BufPoolAllocation;
 use crate::heap::InitBlock;
 use crate::state::State;
 
+// `BufMut`, `freeze` and `From<FilledAllocation> for Bytes`: a child module, so it shares the
+// cursor's private fields instead of widening them.
+#[cfg(feature = "bytes")]
+mod bytes;
+
 /// An allocation being filled from the start, that reads back only what was written.
 ///
 /// Created by [`BufPoolAllocation::into_filled`]. It implements [`std::io::Write`] (a full
 /// allocation accepts no more bytes: `write` returns `Ok(0)`, `write_all` a `WriteZero`
 /// error), dereferences to the filled bytes, and gives [`IoSlice`]s of the filled buffers for
-/// [`write_vectored`](std::io::Write::write_vectored). It still holds the allocation's bytes of
+/// [`write_vectored`](std::io::Write::write_vectored).
+/// [`read_from`](FilledAllocation::read_from) reads into it from any [`std::io::Read`]; with the
+/// `bytes` feature (on by default) it is a `bytes::BufMut` (tokio's `read_buf` reads into it)
+/// and `freeze()`s into a `bytes::Bytes` without a copy. It still holds the allocation's bytes of
 /// the budget until dropped or turned back with
 /// [`into_allocation`](FilledAllocation::into_allocation).
 ///
@@ -149,6 +157,64 @@ impl FilledAllocation {
         self.inner.init_to(end, byte);
         self.filled = end;
         written
+    }
+
+    /// Reads once from `reader` into the unfilled part and counts what it read as filled;
+    /// returns how many bytes that was. `Ok(0)` means the reader is at its end, or the
+    /// allocation is full (then the reader is not called; check
+    /// [`remaining`](FilledAllocation::remaining) to tell the two apart).
+    ///
+    /// The reader is handed the whole unfilled part as `&mut [u8]`, so it must never see
+    /// uninitialised memory: the part of it that was never initialised is zeroed first, at
+    /// the first call (bytes already initialised, by earlier writes or reads or by an
+    /// `*_zeroed` call, are never zeroed again; a fresh `into_filled()` starts over). So the
+    /// first call on a large fresh allocation pays one `memset` of its unfilled part; with the
+    /// `bytes` feature, tokio's `read_buf` reads into the uninitialised memory directly and
+    /// pays none. A read interrupted
+    /// ([`ErrorKind::Interrupted`](io::ErrorKind::Interrupted)) is retried; any other error
+    /// is returned with nothing counted as filled. A reader that reports more bytes than it
+    /// was given (a bug in the reader) gives an
+    /// [`ErrorKind::InvalidData`](io::ErrorKind::InvalidData) error, not a panic.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let mut filled = pool.try_allocate(2).unwrap().into_filled();
+    /// let mut source: &[u8] = b"a file, a socket, any std::io::Read";
+    /// while filled.read_from(&mut source)? > 0 {}
+    /// assert_eq!(filled.filled(), b"a file, a socket");
+    /// assert_eq!(filled.remaining(), 0);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn read_from<R: io::Read + ?Sized>(&mut self, reader: &mut R) -> io::Result<usize> {
+        let capacity = self.capacity();
+        if self.filled == capacity {
+            return Ok(0);
+        }
+        // Zero what was never initialised (a no-op once it was), so the reader gets `&mut
+        // [u8]` of initialised bytes only.
+        self.inner.init_to(capacity, 0);
+        let unfilled = &mut self.inner.initialised_mut()[self.filled..];
+        let offered = unfilled.len();
+        loop {
+            match reader.read(unfilled) {
+                Ok(read) if read <= offered => {
+                    self.filled += read;
+                    return Ok(read);
+                }
+                Ok(read) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the reader reported {read} bytes read into a buffer of {offered}"),
+                    ));
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Forgets what was written (the allocation stays initialised, see

@@ -296,4 +296,26 @@ impl<P: Pool> InitBlock<P> {
             self.init = end;
         }
     }
+
+    /// Counts `[0, end)` (at most the whole block) as initialised, after it was written
+    /// through [`spare_mut`](InitBlock::spare_mut).
+    ///
+    /// # Safety
+    ///
+    /// Every byte in `[init_len(), end)` has been written with an initialised value.
+    #[cfg(feature = "bytes")]
+    pub(crate) unsafe fn assume_init_to(&mut self, end: usize) {
+        self.init = self.init.max(end.min(self.block.bytes()));
+    }
+
+    /// `[from, end of block)` for writing, the initialised and the uninitialised part alike.
+    /// An `UninitSlice` lets safe code write only initialised bytes, so the invariant holds
+    /// whatever is written; what was written counts once
+    /// [`assume_init_to`](InitBlock::assume_init_to) says so. Empty if `from` is past the end.
+    #[cfg(feature = "bytes")]
+    pub(crate) fn spare_mut(&mut self, from: usize) -> &mut bytes::buf::UninitSlice {
+        let whole = self.block.uninit_mut();
+        let from = from.min(whole.len());
+        bytes::buf::UninitSlice::uninit(&mut whole[from..])
+    }
 }

@@ -26,6 +26,15 @@
 //! # }).unwrap();
 //! ```
 //!
+//! # Cargo features
+//!
+//! - `bytes` (**on** by default): [`FilledAllocation`] implements `bytes::BufMut` (so tokio's
+//!   `AsyncReadExt::read_buf` reads into pooled memory), and `FilledAllocation::freeze` turns
+//!   it into a `bytes::Bytes` without a copy, for hyper, tonic or object_store; the pool's bytes stay reserved until the last clone or slice of
+//!   it is dropped. Adds the `bytes` crate (1.10.1 or later) as a dependency. Without it,
+//!   [`FilledAllocation::read_from`] still reads from any `std::io::Read`.
+//! - `loom`: for the project's own loom models only, together with `RUSTFLAGS="--cfg loom"`.
+//!
 //! See the README for the guarantees, the migration from `frozen_core::bufpool` and the
 //! measurements.
 
