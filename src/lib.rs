@@ -62,6 +62,7 @@ mod size;
 mod state;
 mod stats;
 mod sync;
+mod telemetry;
 mod wait;
 mod waiters;
 mod word;
@@ -75,6 +76,7 @@ pub use owned::{AllocateOwned, PollAllocate};
 pub use pool::BufPool;
 pub use size::{BufferSize, InvalidBufferSize};
 pub use stats::PoolStats;
+pub use telemetry::metric_names;
 pub use wait::{Allocate, Drained};
 
 /// The README's examples, compiled and run as doc tests.

@@ -133,6 +133,32 @@ impl BufPool {
         }
     }
 
+    /// Pushes the pool's gauges and totals (a [`stats`](BufPool::stats) snapshot) to the
+    /// `metrics` recorder installed now, labelled `pool = <name>`: the metrics and their
+    /// names are in [`metric_names`](crate::metric_names). Call it on a timer; each wait is
+    /// recorded into the wait histogram as it ends, by the waiter, without this call. Needs
+    /// the `metrics` feature (off by default).
+    ///
+    /// The wait histogram is registered when the pool is built: install the recorder before
+    /// building pools. Nothing of this runs on the fast path.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 })
+    ///     .name("ingest")
+    ///     .build()?;
+    /// let _held = pool.try_allocate(2).unwrap();
+    /// pool.record_metrics(); // membudget_in_use_bytes{pool="ingest"} = 128, ...
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn record_metrics(&self) {
+        crate::telemetry::record(&self.stats());
+    }
+
     /// The shared state, for the futures that own a handle (`owned.rs`).
     pub(crate) fn state(&self) -> &crate::sync::Arc<State> {
         &self.pool

@@ -97,6 +97,10 @@ pub(crate) struct State {
     counters: CacheLine<Counters>,
     queue: CacheLine<Mutex<Queue>>,
     drained: Event,
+    /// Each wait, recorded by its waiter (with the `metrics` feature, for pools that time
+    /// their waits).
+    #[cfg(feature = "metrics")]
+    wait_histogram: Option<crate::telemetry::WaitHistogram>,
 }
 
 // SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
@@ -135,6 +139,10 @@ unsafe impl Pool for State {
 impl State {
     pub(crate) fn new(max_memory: usize, config: Config, recycler: Recycler) -> Self {
         State {
+            #[cfg(feature = "metrics")]
+            wait_histogram: config
+                .time_waits
+                .then(|| crate::telemetry::WaitHistogram::register(config.name.as_ref())),
             word: CacheLine(BudgetWord::new()),
             budget: AtomicUsize::new(counted_budget(max_memory)),
             max_memory: AtomicUsize::new(max_memory),
@@ -244,7 +252,9 @@ impl State {
                 Err(actual) => word = actual,
             }
         }
-        queue.list.push_back(node, bytes, waker, since.unwrap_or_default());
+        queue
+            .list
+            .push_back(node, bytes, waker, since.unwrap_or_default());
         self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
     }
@@ -260,7 +270,7 @@ impl State {
     ) -> Poll<Result<(), AllocError>> {
         match node.status() {
             Status::Granted => {
-                self.counters.grant_taken();
+                self.grant_taken(node);
                 Poll::Ready(Ok(()))
             }
             Status::Failed(error) => Poll::Ready(Err(error)),
@@ -284,12 +294,25 @@ impl State {
         // The node may have been served while the lock was not held.
         match node.status() {
             Status::Granted => {
-                self.counters.grant_taken();
+                self.grant_taken(node);
                 Poll::Ready(Ok(()))
             }
             Status::Failed(error) => Poll::Ready(Err(error)),
             Status::Waiting | Status::Idle => Poll::Pending,
         }
+    }
+
+    /// The owner of a granted node takes its bytes: now an allocation.
+    #[inline]
+    fn grant_taken(&self, node: Pin<&Node>) {
+        self.counters.grant_taken();
+        #[cfg(feature = "metrics")]
+        if let Some(histogram) = &self.wait_histogram {
+            let waited = Stamp::now().ticks_since(node.queued_at());
+            histogram.record(crate::clock::ticks_to_duration(waited));
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = node;
     }
 
     /// A queued node's owner gives up (its future is dropped): bytes already granted to it go
@@ -543,9 +566,7 @@ impl State {
             self.max_memory.store(max_memory, Relaxed);
             self.budget.store(budget, Relaxed);
             queue.list.fail_where(
-                |bytes| {
-                    (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
-                },
+                |bytes| (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget }),
                 &mut wakers,
             );
             // Clears `QUEUED` unless requests still wait.

@@ -21,14 +21,14 @@
 //! list, so its drop aborts the process instead; the futures always remove their node first.
 //! Pinning guarantees that a node's memory stays put until its drop runs.
 
+use crate::AllocError;
+use crate::clock::Stamp;
+use crate::sync::{AtomicU8, UnsafeCell};
 use core::marker::PhantomPinned;
 use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use core::task::Waker;
-use crate::AllocError;
-use crate::clock::Stamp;
-use crate::sync::{AtomicU8, UnsafeCell};
 
 /// In no list: its owner's alone.
 const IDLE: u8 = 0;
@@ -143,6 +143,18 @@ impl Node {
     }
 }
 
+impl Node {
+    /// When it was queued (the default stamp if its pool does not time waits). For its
+    /// owner, once [`status`](Node::status) said `Granted`.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn queued_at(self: Pin<&Self>) -> Stamp {
+        debug_assert_eq!(self.status.load(Relaxed), GRANTED);
+        // SAFETY: `GRANTED`, seen by the owner with `Acquire`: the node is in no list and the
+        // releaser no longer touches it, so nothing writes the links concurrently.
+        self.links.with(|links| unsafe { (*links).since })
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if self.status.load(Acquire) == WAITING {
@@ -210,13 +222,7 @@ impl WaitList {
     /// # Panics
     ///
     /// If the node is already queued.
-    pub(crate) fn push_back(
-        &mut self,
-        node: Pin<&Node>,
-        bytes: usize,
-        waker: Waker,
-        since: Stamp,
-    ) {
+    pub(crate) fn push_back(&mut self, node: Pin<&Node>, bytes: usize, waker: Waker, since: Stamp) {
         assert_eq!(node.status.load(Acquire), IDLE, "a node is queued twice");
         let ptr = NonNull::from(node.get_ref());
         let list = self.addr();
@@ -534,10 +540,7 @@ mod tests {
         assert_eq!(c.as_ref().status(), Status::Granted);
         assert_eq!(list.front_bytes(), Some(4));
         assert_eq!(
-            list.fail_where(
-                |bytes| (bytes > 3).then_some(Failure::Closed),
-                &mut wakers
-            ),
+            list.fail_where(|bytes| (bytes > 3).then_some(Failure::Closed), &mut wakers),
             1
         );
         assert_eq!(d.as_ref().status(), Status::Failed(AllocError::Closed));

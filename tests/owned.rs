@@ -74,8 +74,7 @@ fn allocate_owned_spawned_and_aborted_while_queued_loses_no_budget() {
             let held = pool.try_allocate(2).unwrap();
             let queued = tokio::spawn(Arc::clone(&pool).allocate_owned(2));
             let behind = tokio::spawn(Arc::clone(&pool).allocate_owned(1));
-            common::wait_until_async(30, "both tasks queue", || pool.stats().waiting == 2)
-                .await;
+            common::wait_until_async(30, "both tasks queue", || pool.stats().waiting == 2).await;
             queued.abort();
             assert!(queued.await.unwrap_err().is_cancelled());
             assert_quiescent(&pool, 2, 1);
@@ -313,7 +312,10 @@ fn poll_allocate_moves_between_polls_without_losing_its_node() {
         let boxed = Box::new(poller);
         let mut poller = *boxed;
         drop(held);
-        assert!(matches!(poller.poll_allocate(&mut cx, 1), Poll::Ready(Ok(_))));
+        assert!(matches!(
+            poller.poll_allocate(&mut cx, 1),
+            Poll::Ready(Ok(_))
+        ));
         assert_quiescent(&pool, 0, 0);
     });
 }
