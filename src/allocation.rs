@@ -5,6 +5,7 @@ use core::iter::FusedIterator;
 
 use core::mem::MaybeUninit;
 
+use crate::AllocError;
 use crate::FilledAllocation;
 use crate::heap::{Block, InitBlock};
 use crate::state::State;
@@ -45,10 +46,10 @@ pub struct BufPoolAllocation {
 
 impl BufPoolAllocation {
     #[inline]
-    pub(crate) fn new(pool: &Arc<State>, bytes: usize, zeroed: bool) -> Self {
-        BufPoolAllocation {
-            block: State::block(pool, bytes, zeroed),
-        }
+    pub(crate) fn new(pool: &Arc<State>, bytes: usize, zeroed: bool) -> Result<Self, AllocError> {
+        Ok(BufPoolAllocation {
+            block: State::block(pool, bytes, zeroed)?,
+        })
     }
 
     /// The number of buffers: the `n` that was requested.

@@ -51,6 +51,7 @@ pub struct BufPoolBuilder {
     recycle_min_bytes: usize,
     drop_warning_after: Duration,
     time_waits: bool,
+    max_waiters: usize,
 }
 
 impl BufPoolBuilder {
@@ -63,6 +64,7 @@ impl BufPoolBuilder {
             recycle_min_bytes: DEFAULT_RECYCLE_MIN_BYTES,
             drop_warning_after: DEFAULT_DROP_WARNING_AFTER,
             time_waits: true,
+            max_waiters: usize::MAX,
         }
     }
 
@@ -179,6 +181,30 @@ impl BufPoolBuilder {
         self
     }
 
+    /// Sheds load instead of queueing without bound: a request that would have to wait while
+    /// `max_waiters` requests already wait fails at once with
+    /// [`AllocError::QueueFull`](crate::AllocError::QueueFull), whatever its form (async,
+    /// blocking, timed). `max_waiters(0)` never queues. Unlimited by default. Requests that
+    /// fit without waiting are never refused, and `try_allocate` never queues anyway.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 })
+    ///     .max_waiters(0)
+    ///     .build()?;
+    /// let held = pool.try_allocate(1).unwrap();
+    /// assert_eq!(pool.allocate_blocking(1).unwrap_err(), AllocError::QueueFull);
+    /// assert_eq!(pool.stats().queue_full, 1);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn max_waiters(mut self, max_waiters: usize) -> Self {
+        self.max_waiters = max_waiters;
+        self
+    }
+
     /// Names the pool: the name appears in its `Debug` output, in
     /// [`PoolStats`](crate::PoolStats) (and its `Display`) and, with the `metrics` feature,
     /// as the `pool` label of every metric it reports. Pools are unnamed by default.
@@ -231,6 +257,7 @@ impl BufPoolBuilder {
             align,
             drop_warning_after: self.drop_warning_after,
             time_waits: self.time_waits,
+            max_waiters: self.max_waiters,
         };
         Ok(BufPool::from_state(State::new(
             max_memory, config, recycler,

@@ -43,6 +43,15 @@ pub enum AllocError {
     WouldBlock,
     /// The deadline of `allocate_timeout` passed before the budget was free.
     TimedOut,
+    /// The request would have to wait, and the pool's queue already holds as many waiters as
+    /// it allows ([`BufPoolBuilder::max_waiters`](crate::BufPoolBuilder::max_waiters)).
+    QueueFull,
+    /// The budget had room, but the system allocator returned no memory for `bytes`. The
+    /// budget reserved for the request was given back at once (serving waiters).
+    OutOfMemory {
+        /// The size of the block the allocator could not provide.
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for AllocError {
@@ -66,6 +75,10 @@ impl fmt::Display for AllocError {
             AllocError::Closed => f.write_str("the pool is closed"),
             AllocError::WouldBlock => f.write_str("the budget is not free now"),
             AllocError::TimedOut => f.write_str("timed out waiting for budget"),
+            AllocError::QueueFull => f.write_str("too many requests are waiting already"),
+            AllocError::OutOfMemory { bytes } => {
+                write!(f, "the system allocator has no memory for {bytes} bytes")
+            }
         }
     }
 }

@@ -66,7 +66,7 @@ impl Memory {
     /// multiple of 8 within the budget, `align` the pool's. Out of memory ends the process, as
     /// for a `Vec`.
     #[inline(always)]
-    pub(crate) fn fresh(align: usize, bytes: usize, zeroed: bool) -> Memory {
+    pub(crate) fn fresh(align: usize, bytes: usize, zeroed: bool) -> Option<Memory> {
         let layout = layout(align, bytes);
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe {
@@ -76,10 +76,8 @@ impl Memory {
                 std::alloc::alloc(layout)
             }
         };
-        match NonNull::new(raw) {
-            Some(ptr) => Memory { ptr, layout },
-            None => std::alloc::handle_alloc_error(layout),
-        }
+        // Null: out of memory, which the caller reports as an error (no abort).
+        NonNull::new(raw).map(|ptr| Memory { ptr, layout })
     }
 
     /// Its size in bytes.

@@ -429,7 +429,7 @@ impl BufPool {
         // Matched here rather than through a shared helper's nested enum: built in place, the
         // allocation never goes through an intermediate copy (see `Block::new`).
         match self.pool.reserve_now(n) {
-            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.pool, bytes, zeroed)),
+            Attempt::Reserved(bytes) => BufPoolAllocation::new(&self.pool, bytes, zeroed),
             Attempt::MustWait(_) => Err(self.pool.would_block()),
             Attempt::Failed(error) => Err(error),
         }
@@ -443,7 +443,7 @@ impl BufPool {
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
         match self.pool.reserve_now(n) {
-            Attempt::Reserved(bytes) => Ok(BufPoolAllocation::new(&self.pool, bytes, zeroed)),
+            Attempt::Reserved(bytes) => BufPoolAllocation::new(&self.pool, bytes, zeroed),
             Attempt::MustWait(_) => self.wait_blocking_slow(n, zeroed, deadline),
             Attempt::Failed(error) => Err(error),
         }

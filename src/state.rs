@@ -58,6 +58,8 @@ pub(crate) struct Config {
     pub(crate) drop_warning_after: Duration,
     /// Whether waits are timed for the statistics (two clock reads per wait).
     pub(crate) time_waits: bool,
+    /// The most requests that may wait at once; more fail with `QueueFull`.
+    pub(crate) max_waiters: usize,
 }
 
 /// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
@@ -231,14 +233,22 @@ impl State {
                 max_memory: budget,
             });
         }
+        // Checked before `QUEUED` is set: a refused request leaves no trace. (Under the lock,
+        // `QUEUED` is set exactly while the list is not empty.)
+        let full = queue.list.len() >= self.config.max_waiters;
         let mut word = self.word.load();
         loop {
             let next = if word.is_closed() {
                 return Err(AllocError::Closed);
             } else if word.is_queued() {
+                if full {
+                    return Err(self.queue_full());
+                }
                 break;
             } else if bytes <= budget.saturating_sub(word.in_use()) {
                 word.plus(bytes)
+            } else if full {
+                return Err(self.queue_full());
             } else {
                 word.queued()
             };
@@ -363,28 +373,49 @@ impl State {
 
     // ---- allocation memory ----
 
-    /// The memory for `bytes` just reserved: fresh, or a cached block of that size.
+    /// The memory for `bytes` just reserved: fresh, or a cached block of that size. If the
+    /// system allocator has none, the bytes go back to the budget and the call fails.
     /// (An associated function: loom's `Arc` cannot be a method receiver.)
     #[inline(always)]
-    pub(crate) fn block(pool: &Arc<Self>, bytes: usize, zeroed: bool) -> Block<State> {
+    pub(crate) fn block(
+        pool: &Arc<Self>,
+        bytes: usize,
+        zeroed: bool,
+    ) -> Result<Block<State>, AllocError> {
         let memory = if pool.recycler.is_idle_for(bytes) {
             Memory::fresh(pool.config.align, bytes, zeroed)
         } else {
             pool.recycled_or_fresh(bytes, zeroed)
         };
+        let Some(memory) = memory else {
+            return Err(pool.out_of_memory(bytes));
+        };
         // SAFETY: every caller reserved `bytes` in this pool's budget word for this block
         // alone (a fast-path or locked reservation, or a grant it took), and only the block's
         // drop gives them back.
-        unsafe { Block::new(pool, memory, zeroed) }
+        Ok(unsafe { Block::new(pool, memory, zeroed) })
+    }
+
+    /// The allocator had no memory for `bytes` just reserved: they go back at once, serving
+    /// waiters, as the release of an allocation that never was (so `outstanding` stays
+    /// exact; `total_allocations` counts the attempt). The caller holds a live handle, so
+    /// the pool outlives this.
+    #[cold]
+    #[inline(never)]
+    fn out_of_memory(&self, bytes: usize) -> AllocError {
+        if !self.word.try_release(bytes) {
+            self.release_slow(bytes);
+        }
+        AllocError::OutOfMemory { bytes }
     }
 
     /// The memory when recycling is on for this size or blocks are cached.
     #[cold]
     #[inline(never)]
-    fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Memory {
+    fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
         if !zeroed {
             if let Some(memory) = self.recycler.take(bytes, || self.footprint()) {
-                return memory;
+                return Some(memory);
             }
         }
         // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
@@ -605,6 +636,13 @@ impl State {
     pub(crate) fn would_block(&self) -> AllocError {
         self.counters.would_block();
         AllocError::WouldBlock
+    }
+
+    /// Counts a request refused because the queue is full, and says so.
+    #[cold]
+    fn queue_full(&self) -> AllocError {
+        self.counters.queue_full();
+        AllocError::QueueFull
     }
 
     /// Counts a timed call that gave up, and says so.

@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     releases_spilled: AtomicUsize,
     would_block: AtomicUsize,
     timed_out: AtomicUsize,
+    queue_full: AtomicUsize,
     /// The queue's length, published under the lock for `stats()` to read without it.
     waiting: AtomicUsize,
 }
@@ -52,6 +53,10 @@ impl Counters {
 
     pub(crate) fn timed_out(&self) {
         self.timed_out.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn queue_full(&self) {
+        self.queue_full.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn set_waiting(&self, waiting: usize) {
@@ -111,6 +116,7 @@ impl Counters {
             max_wait: ticks_to_duration(sources.waits.max_ticks),
             would_block: self.would_block.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
+            queue_full: self.queue_full.load(Relaxed),
             cached_bytes: sources.cached_bytes,
         }
     }
@@ -172,6 +178,8 @@ pub struct PoolStats {
     pub would_block: usize,
     /// Timed calls that failed with [`TimedOut`](crate::AllocError::TimedOut).
     pub timed_out: usize,
+    /// Requests refused with [`QueueFull`](crate::AllocError::QueueFull).
+    pub queue_full: usize,
     /// Freed blocks kept for reuse (see [`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)).
     /// They are not in `in_use_bytes`, but `in_use_bytes + cached_bytes` stays within the
     /// budget.

@@ -37,6 +37,8 @@ pub mod metric_names {
     pub const WOULD_BLOCK_TOTAL: &str = "membudget_would_block_total";
     /// Counter: timed calls that gave up (`PoolStats::timed_out`).
     pub const TIMED_OUT_TOTAL: &str = "membudget_timed_out_total";
+    /// Counter: requests refused because the queue was full (`PoolStats::queue_full`).
+    pub const QUEUE_FULL_TOTAL: &str = "membudget_queue_full_total";
     /// Histogram: each wait, in seconds, from queueing to the waiter taking its allocation
     /// (only for pools that time their waits, the default).
     pub const WAIT_SECONDS: &str = "membudget_wait_seconds";
@@ -83,6 +85,7 @@ mod reporting {
             (WAITED_TOTAL, stats.waited_allocations),
             (WOULD_BLOCK_TOTAL, stats.would_block),
             (TIMED_OUT_TOTAL, stats.timed_out),
+            (QUEUE_FULL_TOTAL, stats.queue_full),
         ];
         for (name, value) in totals {
             counter!(name, POOL_LABEL => pool.clone()).absolute(value as u64);

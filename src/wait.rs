@@ -161,7 +161,7 @@ impl Request {
             Stage::Done => panic!("an allocation future polled after it completed"),
         };
         *this.stage = Stage::Done;
-        Poll::Ready(result.map(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
+        Poll::Ready(result.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
     }
 
     /// Gives the request up: a queued node leaves the queue, a grant not taken goes on to
