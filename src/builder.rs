@@ -46,6 +46,7 @@ const DEFAULT_DROP_WARNING_AFTER: Duration = Duration::from_secs(5);
 pub struct BufPoolBuilder {
     cfg: BufPoolCfg,
     name: Option<Arc<str>>,
+    parent: Option<crate::sync::Arc<State>>,
     align: usize,
     recycle_max_per_size: usize,
     recycle_min_bytes: usize,
@@ -59,6 +60,7 @@ impl BufPoolBuilder {
         BufPoolBuilder {
             cfg,
             name: None,
+            parent: None,
             align: DEFAULT_ALIGN,
             recycle_max_per_size: 0,
             recycle_min_bytes: DEFAULT_RECYCLE_MIN_BYTES,
@@ -226,6 +228,32 @@ impl BufPoolBuilder {
         self
     }
 
+    /// Makes the pool a child of `parent`: its bytes in use count against its own
+    /// `max_memory` and against every ancestor's, with its own buffer size, queue and
+    /// statistics. See [`BufPool::child`] for the rules; this is the same with the builder's
+    /// other options. A child of a closed pool starts closed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 });
+    /// let tenant = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 10 })
+    ///     .name("tenant-a")
+    ///     .parent(&pool)
+    ///     .recycle(8)
+    ///     .build()?;
+    /// let allocation = tenant.try_allocate(4).unwrap();
+    /// assert_eq!(pool.stats().in_use_bytes, 4 * 4096);
+    /// # drop(allocation);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn parent(mut self, parent: &BufPool) -> Self {
+        self.parent = Some(crate::sync::Arc::clone(parent.state()));
+        self
+    }
+
     /// Builds the pool.
     ///
     /// # Errors
@@ -258,9 +286,13 @@ impl BufPoolBuilder {
             drop_warning_after: self.drop_warning_after,
             time_waits: self.time_waits,
             max_waiters: self.max_waiters,
+            depth: self.parent.as_ref().map_or(0, |parent| parent.depth() + 1),
         };
-        Ok(BufPool::from_state(State::new(
-            max_memory, config, recycler,
-        )))
+        let parent = self.parent;
+        let pool = BufPool::from_state(State::new(max_memory, config, recycler, parent.clone()));
+        if let Some(parent) = parent {
+            parent.adopt(pool.state());
+        }
+        Ok(pool)
     }
 }

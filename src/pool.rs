@@ -133,6 +133,55 @@ impl BufPool {
         }
     }
 
+    /// Creates a child pool named `name`, inside this pool's budget.
+    ///
+    /// A child is a `BufPool` like any other, with its own buffer size, budget, FIFO queue,
+    /// statistics and options ([`BufPoolBuilder::parent`] gives it the builder's options).
+    /// Its bytes in use count against its own `max_memory` and against every ancestor's, so
+    /// a parent's [`stats`](BufPool::stats) `in_use_bytes` includes all its descendants'
+    /// (its `outstanding` and allocation counts are its own). Children nest to any depth;
+    /// the cost of a child's allocation grows with its depth only.
+    ///
+    /// * A request larger than the smallest cap on its chain fails at once with
+    ///   [`ExceedsBudget`](AllocError::ExceedsBudget).
+    /// * While the child's own cap is short, a request waits in the child's queue; once the
+    ///   child has room it waits, if it must, at the tail of the parent's queue, in one FIFO
+    ///   with everyone else waiting there, and so on up. A request held back by its own
+    ///   pool's cap never holds back a sibling's or the parent's requests.
+    /// * Closing a pool closes its descendants: their waiters (wherever they wait) and new
+    ///   requests get [`Closed`](AllocError::Closed); live allocations stay valid.
+    /// * Dropping a child closes it and waits for its own allocations; dropping a parent
+    ///   waits for every allocation of its subtree.
+    /// * A child's cache of freed blocks ([`BufPoolBuilder::recycle`]) counts against the
+    ///   child's own cap; a parent's `in use + cached <= budget` covers its own cache.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] as [`BufPool::try_new`], for `cfg`. A child of a closed pool is
+    /// created closed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 });
+    /// let tenant = pool.child("tenant-a", BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 10 })?;
+    /// let allocation = tenant.try_allocate(16).unwrap(); // the tenant's whole cap
+    /// assert_eq!(tenant.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    /// assert_eq!(pool.stats().in_use_bytes, 64 << 10); // the parent counts it too
+    /// assert!(matches!(tenant.try_allocate(17), Err(AllocError::ExceedsBudget { .. })));
+    /// # drop(allocation);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn child(
+        &self,
+        name: impl Into<std::sync::Arc<str>>,
+        cfg: BufPoolCfg,
+    ) -> Result<BufPool, ConfigError> {
+        BufPool::builder(cfg).name(name).parent(self).build()
+    }
+
     /// Pushes the pool's gauges and totals (a [`stats`](BufPool::stats) snapshot) to the
     /// `metrics` recorder installed now, labelled `pool = <name>`: the metrics and their
     /// names are in [`metric_names`](crate::metric_names). Call it on a timer; each wait is
@@ -716,8 +765,10 @@ impl Drop for BufPool {
             }
             block_on(drained, None);
         }
-        // `self.pool` (a `PoolHandle`) now drops its `Arc` if the pool is drained, and
-        // leaks it if a panic cut the barrier short.
+        // Out of the parent's registry (no more closes or reports reach it), then
+        // `self.pool` (a `PoolHandle`) drops its `Arc` if the pool is drained, and leaks it
+        // if a panic cut the barrier short.
+        self.pool.detach_from_parent();
     }
 }
 

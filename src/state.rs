@@ -60,6 +60,8 @@ pub(crate) struct Config {
     pub(crate) time_waits: bool,
     /// The most requests that may wait at once; more fail with `QueueFull`.
     pub(crate) max_waiters: usize,
+    /// How many pools are above this one (0 for a root pool).
+    pub(crate) depth: usize,
 }
 
 /// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
@@ -99,6 +101,13 @@ pub(crate) struct State {
     counters: CacheLine<Counters>,
     queue: CacheLine<Mutex<Queue>>,
     drained: Event,
+    /// The pool this one is a child of: every byte reserved here is reserved there too, and
+    /// in every ancestor above it (not counted as their allocations). Held strongly, so an
+    /// ancestor's state outlives its descendants'.
+    parent: Option<Arc<State>>,
+    /// Live child pools, for `close` and reports. Strong references: a child takes itself
+    /// out when its handle is dropped (`detach_from_parent`), which breaks the cycle.
+    children: Mutex<Vec<Arc<State>>>,
     /// Each wait, recorded by its waiter (with the `metrics` feature, for pools that time
     /// their waits).
     #[cfg(feature = "metrics")]
@@ -127,6 +136,10 @@ unsafe impl Pool for State {
         {
             drop(memory);
         }
+        if let Some(parent) = &self.parent {
+            // Alive: our bytes here are still counted, and we hold the parent.
+            parent.give_back_from_descendant(bytes);
+        }
         if self.word.try_release(bytes) {
             return None;
         }
@@ -139,8 +152,15 @@ unsafe impl Pool for State {
 }
 
 impl State {
-    pub(crate) fn new(max_memory: usize, config: Config, recycler: Recycler) -> Self {
+    pub(crate) fn new(
+        max_memory: usize,
+        config: Config,
+        recycler: Recycler,
+        parent: Option<Arc<State>>,
+    ) -> Self {
         State {
+            parent,
+            children: Mutex::new(Vec::new()),
             #[cfg(feature = "metrics")]
             wait_histogram: config
                 .time_waits
@@ -173,6 +193,9 @@ impl State {
             return Attempt::Failed(self.refusal(n, budget));
         }
         let bytes = n << shift;
+        if self.parent.is_some() {
+            return self.reserve_chain_now(bytes);
+        }
         match self.word.try_reserve(bytes, || self.budget()) {
             FastReserve::Reserved { wrapped, in_use } => {
                 if wrapped {
@@ -214,17 +237,26 @@ impl State {
 
     /// The slow path: under the lock, reserves `bytes` if nobody waits and they fit, or else
     /// queues `node` behind every earlier request.
+    ///
+    /// `for_descendant` is the pool the request was made to when this is one of its
+    /// ancestors: the bytes are then not an allocation here, and the request is refused if
+    /// that pool closed (`close` walks the ancestors' queues after it closes, under their
+    /// locks, so a request queued here after the walk would never be failed).
     pub(crate) fn admit(
         &self,
         node: Pin<&Node>,
         bytes: usize,
         waker: &Waker,
+        for_descendant: Option<&State>,
     ) -> Result<Admission, AllocError> {
         // Clone before the lock (user code), and read the clock before it too: other threads
         // wait for that lock. Dropped after it, if unused.
         let waker = waker.clone();
         let since = self.clock();
         let mut queue = lock(&self.queue);
+        if for_descendant.is_some_and(State::is_closed) {
+            return Err(AllocError::Closed);
+        }
         let budget = self.budget();
         if bytes > budget {
             // A concurrent shrink of the budget made the request impossible.
@@ -254,7 +286,9 @@ impl State {
             };
             match self.word.compare_exchange(word, next) {
                 Ok(_) if !next.is_queued() => {
-                    queue.waits.allocations += 1;
+                    if for_descendant.is_none() {
+                        queue.waits.allocations += 1;
+                    }
                     self.note_in_use(next.in_use());
                     return Ok(Admission::Reserved);
                 }
@@ -262,9 +296,13 @@ impl State {
                 Err(actual) => word = actual,
             }
         }
-        queue
-            .list
-            .push_back(node, bytes, waker, since.unwrap_or_default());
+        queue.list.push_back(
+            node,
+            bytes,
+            waker,
+            since.unwrap_or_default(),
+            for_descendant.unwrap_or(self).origin(),
+        );
         self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
     }
@@ -273,23 +311,32 @@ impl State {
     /// lock (the common case: the waiter was woken for it); only a node still waiting takes
     /// it, to store a new waker if the task changed.
     #[inline]
+    ///
+    /// `own`: the request was made to this pool (so a grant is an allocation of it), not to
+    /// a descendant.
     pub(crate) fn poll_queued(
         &self,
         node: Pin<&Node>,
         waker: &Waker,
+        own: bool,
     ) -> Poll<Result<(), AllocError>> {
         match node.status() {
             Status::Granted => {
-                self.grant_taken(node);
+                self.grant_taken(node, own);
                 Poll::Ready(Ok(()))
             }
             Status::Failed(error) => Poll::Ready(Err(error)),
-            Status::Waiting | Status::Idle => self.poll_waiting(node, waker),
+            Status::Waiting | Status::Idle => self.poll_waiting(node, waker, own),
         }
     }
 
     #[cold]
-    fn poll_waiting(&self, node: Pin<&Node>, waker: &Waker) -> Poll<Result<(), AllocError>> {
+    fn poll_waiting(
+        &self,
+        node: Pin<&Node>,
+        waker: &Waker,
+        own: bool,
+    ) -> Poll<Result<(), AllocError>> {
         // No user code under the lock: a new waker is cloned before it, and the one it
         // replaces is dropped after it.
         {
@@ -304,7 +351,7 @@ impl State {
         // The node may have been served while the lock was not held.
         match node.status() {
             Status::Granted => {
-                self.grant_taken(node);
+                self.grant_taken(node, own);
                 Poll::Ready(Ok(()))
             }
             Status::Failed(error) => Poll::Ready(Err(error)),
@@ -312,10 +359,13 @@ impl State {
         }
     }
 
-    /// The owner of a granted node takes its bytes: now an allocation.
+    /// The owner of a granted node takes its bytes: now an allocation, if the request was
+    /// made to this pool (`own`). Its wait is recorded here either way.
     #[inline]
-    fn grant_taken(&self, node: Pin<&Node>) {
-        self.counters.grant_taken();
+    fn grant_taken(&self, node: Pin<&Node>, own: bool) {
+        if own {
+            self.counters.grant_taken();
+        }
         #[cfg(feature = "metrics")]
         if let Some(histogram) = &self.wait_histogram {
             let waited = Stamp::now().ticks_since(node.queued_at());
@@ -371,6 +421,166 @@ impl State {
         self.after_unlock(notify_drained, &mut wakers);
     }
 
+    // ---- the chain of pools (child pools) ----
+
+    /// How many pools are above this one.
+    #[inline]
+    pub(crate) fn depth(&self) -> usize {
+        self.config.depth
+    }
+
+    /// The pool `level` steps up the chain: 0 is this one.
+    pub(crate) fn at_level(&self, level: usize) -> &State {
+        let mut pool = self;
+        for _ in 0..level {
+            pool = pool
+                .parent
+                .as_deref()
+                .expect("a level within the chain of pools");
+        }
+        pool
+    }
+
+    /// The address that tells this pool's requests apart in an ancestor's queue.
+    fn origin(&self) -> usize {
+        core::ptr::from_ref(self).addr()
+    }
+
+    /// Registers `child` (just built with this pool as its parent); a child of a closed pool
+    /// is closed. Either the child is registered before `close` copies the list, or it sees
+    /// `CLOSED` (set before the copy) here.
+    pub(crate) fn adopt(&self, child: &Arc<State>) {
+        lock(&self.children).push(Arc::clone(child));
+        if self.is_closed() {
+            child.close();
+        }
+    }
+
+    /// Takes this pool out of its parent's registry (its handle is being dropped, after its
+    /// drain).
+    pub(crate) fn detach_from_parent(&self) {
+        if let Some(parent) = &self.parent {
+            lock(&parent.children).retain(|registered| !core::ptr::eq(&**registered, self));
+        }
+    }
+
+    /// The live children, for reports.
+    pub(crate) fn children(&self) -> Vec<Arc<State>> {
+        lock(&self.children).clone()
+    }
+
+    /// The fast path of a child pool's request, all or nothing: `bytes` reserved in every
+    /// ancestor (not as their allocations) and then here (as one), or nowhere. A request
+    /// above any cap of the chain fails at once.
+    #[cold]
+    #[inline(never)]
+    fn reserve_chain_now(&self, bytes: usize) -> Attempt {
+        let mut ancestor = self.parent.as_deref();
+        while let Some(pool) = ancestor {
+            let budget = pool.budget();
+            if bytes > budget {
+                return Attempt::Failed(AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: budget,
+                });
+            }
+            ancestor = pool.parent.as_deref();
+        }
+        // A look here first: without room (or with waiters) here, the ancestors are not
+        // touched at all.
+        let word = self.word.load();
+        if word.is_closed() {
+            return Attempt::Failed(AllocError::Closed);
+        }
+        if word.is_queued() || bytes > self.budget().saturating_sub(word.in_use()) {
+            return Attempt::MustWait(bytes);
+        }
+        let mut reserved_above = 0;
+        let mut refused = None;
+        for level in 1..=self.depth() {
+            match self.at_level(level).reserve_for_descendant_now(bytes) {
+                Ok(true) => reserved_above = level,
+                Ok(false) => {
+                    refused = Some(Attempt::MustWait(bytes));
+                    break;
+                }
+                Err(error) => {
+                    refused = Some(Attempt::Failed(error));
+                    break;
+                }
+            }
+        }
+        let attempt = match refused {
+            Some(attempt) => attempt,
+            None => match self.word.try_reserve(bytes, || self.budget()) {
+                FastReserve::Reserved { wrapped, in_use } => {
+                    if wrapped {
+                        self.counters.allocations_wrapped();
+                    }
+                    self.note_in_use(in_use);
+                    return Attempt::Reserved(bytes);
+                }
+                FastReserve::Closed => Attempt::Failed(AllocError::Closed),
+                FastReserve::MustWait => Attempt::MustWait(bytes),
+            },
+        };
+        for level in 1..=reserved_above {
+            self.at_level(level).give_back_here_for_descendant(bytes);
+        }
+        attempt
+    }
+
+    /// Reserves `bytes` here for a descendant's request, without waiting: not an allocation
+    /// of this pool. `Ok(false)`: the request must wait here.
+    pub(crate) fn reserve_for_descendant_now(&self, bytes: usize) -> Result<bool, AllocError> {
+        let budget = self.budget();
+        if bytes > budget {
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory: budget,
+            });
+        }
+        match self
+            .word
+            .try_reserve_for_descendant(bytes, || self.budget())
+        {
+            FastReserve::Reserved { in_use, .. } => {
+                self.note_in_use(in_use);
+                Ok(true)
+            }
+            FastReserve::Closed => Err(AllocError::Closed),
+            FastReserve::MustWait => Ok(false),
+        }
+    }
+
+    /// Gives back `bytes` reserved here for a descendant: not a release of this pool.
+    fn give_back_here_for_descendant(&self, bytes: usize) {
+        if !self.word.try_release_for_descendant(bytes) {
+            self.release_slow(bytes, false);
+        }
+    }
+
+    /// Gives back `bytes` of a descendant's allocation or request, here and in every
+    /// ancestor above, from the top down (each level's waiters are served in turn).
+    fn give_back_from_descendant(&self, bytes: usize) {
+        if let Some(parent) = &self.parent {
+            parent.give_back_from_descendant(bytes);
+        }
+        self.give_back_here_for_descendant(bytes);
+    }
+
+    /// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (this
+    /// one counted as its allocation, the ancestors not) without making an allocation of
+    /// them. The caller holds a handle, so every pool of the chain outlives this.
+    pub(crate) fn give_back_reserved(&self, bytes: usize, levels: usize) {
+        for level in (1..levels).rev() {
+            self.at_level(level).give_back_here_for_descendant(bytes);
+        }
+        if levels > 0 && !self.word.try_release(bytes) {
+            self.release_slow(bytes, true);
+        }
+    }
+
     // ---- allocation memory ----
 
     /// The memory for `bytes` just reserved: fresh, or a cached block of that size. If the
@@ -403,9 +613,7 @@ impl State {
     #[cold]
     #[inline(never)]
     fn out_of_memory(&self, bytes: usize) -> AllocError {
-        if !self.word.try_release(bytes) {
-            self.release_slow(bytes);
-        }
+        self.give_back_reserved(bytes, self.depth() + 1);
         AllocError::OutOfMemory { bytes }
     }
 
@@ -437,14 +645,15 @@ impl State {
     #[inline(never)]
     fn release_kept_alive(bytes: usize, keep_alive: impl FnOnce() -> Arc<State>) -> Arc<State> {
         let pool = keep_alive();
-        pool.release_slow(bytes);
+        pool.release_slow(bytes, true);
         pool
     }
 
     /// A release the fast path could not make: someone waits (for budget or the drain), or
-    /// the release counter wraps.
+    /// the release counter wraps. `counted`: a release of this pool's own (not bytes of a
+    /// descendant's).
     #[cold]
-    fn release_slow(&self, bytes: usize) {
+    fn release_slow(&self, bytes: usize, counted: bool) {
         let mut wakers = WakeList::default();
         let notify_drained;
         let mut word = self.word.load();
@@ -452,10 +661,10 @@ impl State {
             if word.is_queued() {
                 let now = self.clock();
                 let mut queue = lock(&self.queue);
-                notify_drained = self.settle_locked(bytes, true, &mut queue, &mut wakers, now);
+                notify_drained = self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
                 break;
             }
-            let (next, wrapped) = word.settled(bytes, true, 0, false);
+            let (next, wrapped) = word.settled(bytes, counted, 0, false);
             match self.word.compare_exchange(word, next) {
                 Ok(_) => {
                     if wrapped {
@@ -564,14 +773,33 @@ impl State {
     // ---- close, resize, drain ----
 
     /// Closes the pool: every waiter fails with `Closed`, and so does every later reservation.
+    ///
+    /// Then its requests waiting in an ancestor's queue fail too, and then every descendant
+    /// closes the same way. (A request between two levels finds the pool closed when it
+    /// tries to queue at the next one: see `admit`.)
     pub(crate) fn close(&self) {
+        self.fail_waiters(|_, _| Some(Failure::Closed), || self.word.close());
+        let origin = self.origin();
+        let mut ancestor = self.parent.as_deref();
+        while let Some(pool) = ancestor {
+            pool.fail_waiters(|_, from| (from == origin).then_some(Failure::Closed), || {});
+            ancestor = pool.parent.as_deref();
+        }
+        // Cloned out of the lock: a child's close takes locks of its own.
+        let children = lock(&self.children).clone();
+        for child in children {
+            child.close();
+        }
+    }
+
+    /// Under the lock: runs `first`, fails every waiter `fails` picks, and serves the ones
+    /// that fit now; wakes them all after it.
+    fn fail_waiters(&self, fails: impl Fn(usize, usize) -> Option<Failure>, first: impl FnOnce()) {
         let mut wakers = WakeList::default();
         {
             let mut queue = lock(&self.queue);
-            self.word.close();
-            queue
-                .list
-                .fail_where(|_| Some(Failure::Closed), &mut wakers);
+            first();
+            queue.list.fail_where(fails, &mut wakers);
             self.serve(&mut queue, &mut wakers, None);
         }
         wakers.wake_all();
@@ -597,7 +825,9 @@ impl State {
             self.max_memory.store(max_memory, Relaxed);
             self.budget.store(budget, Relaxed);
             queue.list.fail_where(
-                |bytes| (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget }),
+                |bytes, _| {
+                    (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
+                },
                 &mut wakers,
             );
             // Clears `QUEUED` unless requests still wait.

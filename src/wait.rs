@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use crate::heap::Pool as _;
 use crate::state::{Admission, Attempt, State};
 use crate::sync::Arc;
-use crate::waiters::Node;
+use crate::waiters::{Node, Status};
 use crate::{AllocError, BufPoolAllocation};
 
 pin_project! {
@@ -95,10 +95,16 @@ pin_project! {
     /// first, then (if it must wait) its node in the queue. Its owner passes the pool to each
     /// call, and must call [`cancel`](Request::cancel) from its own drop: the node's drop
     /// aborts if it is still queued.
+    ///
+    /// A child pool's request reserves its bytes level by level up the chain of pools: here
+    /// first (waiting in this pool's queue if it must), then in the parent (waiting at the
+    /// tail of the parent's queue if it must), and so on. `levels` counts the pools, from
+    /// this one up, whose bytes it holds; the node waits in at most one queue at a time.
     pub(crate) struct Request {
         n: usize,
         zeroed: bool,
         stage: Stage,
+        levels: u32,
         #[pin]
         node: Node,
     }
@@ -107,8 +113,10 @@ pin_project! {
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Stage {
     Start,
-    /// Its node is (or was, until a grant or failure) in the queue, for `n` buffers.
+    /// Its node is (or was, until a grant or failure) in the queue of the pool `levels` up.
     Queued,
+    /// Holds the bytes of the pools `levels` up; the next one is to be tried.
+    Climbing,
     Done,
 }
 
@@ -118,6 +126,7 @@ impl Request {
             n,
             zeroed,
             stage: Stage::Start,
+            levels: 0,
             node: Node::new(),
         }
     }
@@ -139,38 +148,118 @@ impl Request {
         cx: &mut Context<'_>,
     ) -> Poll<Result<BufPoolAllocation, AllocError>> {
         let this = self.project();
-        let result = match *this.stage {
+        let node = this.node.as_ref();
+        let held = match *this.stage {
             Stage::Start => match pool.reserve_now(*this.n) {
-                Attempt::Reserved(bytes) => Ok(bytes),
+                // Every level at once (the one level of a root pool): the common case.
+                Attempt::Reserved(bytes) => Ok(Some(bytes)),
                 Attempt::Failed(error) => Err(error),
-                Attempt::MustWait(bytes) => {
-                    match pool.admit(this.node.as_ref(), bytes, cx.waker()) {
-                        Ok(Admission::Reserved) => Ok(bytes),
-                        Ok(Admission::Queued) => {
-                            *this.stage = Stage::Queued;
-                            return Poll::Pending;
-                        }
-                        Err(error) => Err(error),
+                Attempt::MustWait(bytes) => match pool.admit(node, bytes, cx.waker(), None) {
+                    Ok(Admission::Reserved) => {
+                        *this.levels = 1;
+                        Self::climb(pool, node, bytes, this.levels, this.stage, cx)
+                    }
+                    Ok(Admission::Queued) => {
+                        *this.stage = Stage::Queued;
+                        Ok(None)
+                    }
+                    Err(error) => Err(error),
+                },
+            },
+            Stage::Queued => {
+                let bytes = pool.bytes_of(*this.n);
+                let level = *this.levels as usize;
+                match pool
+                    .at_level(level)
+                    .poll_queued(node, cx.waker(), level == 0)
+                {
+                    Poll::Pending => Ok(None),
+                    Poll::Ready(Err(error)) => {
+                        pool.give_back_reserved(bytes, level);
+                        Err(error)
+                    }
+                    Poll::Ready(Ok(())) => {
+                        *this.levels += 1;
+                        Self::climb(pool, node, bytes, this.levels, this.stage, cx)
                     }
                 }
-            },
-            Stage::Queued => match pool.poll_queued(this.node.as_ref(), cx.waker()) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(result) => result.map(|()| pool.bytes_of(*this.n)),
-            },
+            }
+            Stage::Climbing => {
+                let bytes = pool.bytes_of(*this.n);
+                Self::climb(pool, node, bytes, this.levels, this.stage, cx)
+            }
             Stage::Done => panic!("an allocation future polled after it completed"),
         };
+        let result = match held {
+            Ok(None) => return Poll::Pending,
+            Ok(Some(bytes)) => BufPoolAllocation::new(pool, bytes, *this.zeroed),
+            Err(error) => Err(error),
+        };
         *this.stage = Stage::Done;
-        Poll::Ready(result.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
+        Poll::Ready(result)
+    }
+
+    /// Holds `bytes` in the pools above the `levels` already held: at once where there is
+    /// room and nobody waits, else by queueing there (`Ok(None)`, `stage` is `Queued`).
+    /// `Ok(Some(bytes))` once every level is held; on failure every level held is given
+    /// back. A root pool has no level above, so this returns at once.
+    fn climb(
+        pool: &State,
+        node: Pin<&Node>,
+        bytes: usize,
+        levels: &mut u32,
+        stage: &mut Stage,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<usize>, AllocError> {
+        *stage = Stage::Climbing;
+        while (*levels as usize) <= pool.depth() {
+            let level = *levels as usize;
+            let ancestor = pool.at_level(level);
+            let error = match ancestor.reserve_for_descendant_now(bytes) {
+                Ok(true) => {
+                    *levels += 1;
+                    continue;
+                }
+                Ok(false) => {
+                    // Out of every queue now (granted one level down, or never queued): it
+                    // queues again up here.
+                    if node.status() == Status::Granted {
+                        node.reset();
+                    }
+                    match ancestor.admit(node, bytes, cx.waker(), Some(pool)) {
+                        Ok(Admission::Reserved) => {
+                            *levels += 1;
+                            continue;
+                        }
+                        Ok(Admission::Queued) => {
+                            *stage = Stage::Queued;
+                            return Ok(None);
+                        }
+                        Err(error) => error,
+                    }
+                }
+                Err(error) => error,
+            };
+            pool.give_back_reserved(bytes, level);
+            return Err(error);
+        }
+        Ok(Some(bytes))
     }
 
     /// Gives the request up: a queued node leaves the queue, a grant not taken goes on to
-    /// the next waiters. Idempotent; the request is done afterwards.
+    /// the next waiters, and bytes held in lower levels go back. Idempotent; the request is
+    /// done afterwards.
     pub(crate) fn cancel(self: Pin<&mut Self>, pool: &State) {
         let this = self.project();
-        if let Stage::Queued = *this.stage {
-            let bytes = pool.bytes_of(*this.n);
-            pool.cancel(this.node.as_ref(), bytes);
+        let bytes = pool.bytes_of(*this.n);
+        let levels = *this.levels as usize;
+        match *this.stage {
+            Stage::Queued => {
+                pool.at_level(levels).cancel(this.node.as_ref(), bytes);
+                pool.give_back_reserved(bytes, levels);
+            }
+            Stage::Climbing => pool.give_back_reserved(bytes, levels),
+            Stage::Start | Stage::Done => {}
         }
         *this.stage = Stage::Done;
     }

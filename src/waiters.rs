@@ -83,6 +83,9 @@ struct Links {
     waker: Option<Waker>,
     /// The budget it exceeded, once `FAILED_EXCEEDS`.
     exceeded_budget: usize,
+    /// The address of the pool the request was made to (its own level), which may be a
+    /// descendant of the pool whose list it waits in: closing that pool fails it here too.
+    origin: usize,
     prev: Option<NonNull<Node>>,
     next: Option<NonNull<Node>>,
     /// The address of the list it is in: a node is only ever touched under that list's lock.
@@ -110,6 +113,7 @@ impl Node {
                 since: Stamp::default(),
                 waker: None,
                 exceeded_budget: 0,
+                origin: 0,
                 prev: None,
                 next: None,
                 list: 0,
@@ -152,6 +156,16 @@ impl Node {
         // SAFETY: `GRANTED`, seen by the owner with `Acquire`: the node is in no list and the
         // releaser no longer touches it, so nothing writes the links concurrently.
         self.links.with(|links| unsafe { (*links).since })
+    }
+}
+
+impl Node {
+    /// Makes a granted node idle again, to queue it in the next pool up (a child pool's
+    /// request climbing to its parent). For its owner, once `status` said `Granted`.
+    pub(crate) fn reset(self: Pin<&Self>) {
+        debug_assert_eq!(self.status.load(Relaxed), GRANTED);
+        // The owner's alone (no list holds it); the next `push_back` publishes it under a lock.
+        self.status.store(IDLE, Relaxed);
     }
 }
 
@@ -217,12 +231,20 @@ impl WaitList {
         node.links.with_mut(|links| unsafe { &mut *links })
     }
 
-    /// Queues `node` at the tail for `bytes`, to wake `waker` when it is served.
+    /// Queues `node` at the tail for `bytes`, to wake `waker` when it is served; `origin` is
+    /// the address of the pool the request was made to.
     ///
     /// # Panics
     ///
     /// If the node is already queued.
-    pub(crate) fn push_back(&mut self, node: Pin<&Node>, bytes: usize, waker: Waker, since: Stamp) {
+    pub(crate) fn push_back(
+        &mut self,
+        node: Pin<&Node>,
+        bytes: usize,
+        waker: Waker,
+        since: Stamp,
+        origin: usize,
+    ) {
         assert_eq!(node.status.load(Acquire), IDLE, "a node is queued twice");
         let ptr = NonNull::from(node.get_ref());
         let list = self.addr();
@@ -235,6 +257,7 @@ impl WaitList {
             since,
             waker: Some(waker),
             exceeded_budget: 0,
+            origin,
             prev: tail,
             next: None,
             list,
@@ -339,11 +362,11 @@ impl WaitList {
         granted
     }
 
-    /// Fails every waiting request for which `fails(bytes)` gives an error, keeping the
+    /// Fails every waiting request for which `fails(bytes, origin)` gives an error, keeping the
     /// others in order; their wakers go to `wakers`. Returns how many failed.
     pub(crate) fn fail_where(
         &mut self,
-        fails: impl Fn(usize) -> Option<Failure>,
+        fails: impl Fn(usize, usize) -> Option<Failure>,
         wakers: &mut WakeList,
     ) -> usize {
         let mut failed = 0;
@@ -352,7 +375,7 @@ impl WaitList {
             // SAFETY: `node` is in this list.
             let links = unsafe { self.links(node) };
             cursor = links.next;
-            let Some(failure) = fails(links.bytes) else {
+            let Some(failure) = fails(links.bytes, links.origin) else {
                 continue;
             };
             self.unlink(node);
@@ -516,7 +539,7 @@ mod tests {
             (c.as_ref(), 3),
             (d.as_ref(), 4),
         ] {
-            list.push_back(node, bytes, waker(), now);
+            list.push_back(node, bytes, waker(), now, 0);
         }
         assert_eq!(list.len(), 4);
         assert!(list.remove(b.as_ref()).is_some());

@@ -138,6 +138,16 @@ impl Word {
         }
     }
 
+    /// [`fast_released`](Word::fast_released) without counting a release.
+    #[inline(always)]
+    const fn fast_released_uncounted(self, bytes: usize) -> Option<Word> {
+        if self.0 & (QUEUED | DRAIN_WAIT) != 0 {
+            None
+        } else {
+            Some(Word(self.0 - in_use_field(bytes)))
+        }
+    }
+
     /// The word less `released` bytes (counting a release if `counted`), plus `granted`
     /// bytes, with `QUEUED` cleared if `clear_queued`, and without `DRAIN_WAIT` when that
     /// leaves nothing in use; and whether the release counter wrapped.
@@ -214,6 +224,27 @@ impl BudgetWord {
     /// so their frees (and cached blocks) happen before this reservation.
     #[inline(always)]
     pub(crate) fn try_reserve(&self, bytes: usize, budget: impl Fn() -> usize) -> FastReserve {
+        self.try_reserve_counting(bytes, budget, true)
+    }
+
+    /// [`try_reserve`](BudgetWord::try_reserve) for a descendant pool's request: the bytes
+    /// count in use here, but not as an allocation of this pool.
+    #[inline]
+    pub(crate) fn try_reserve_for_descendant(
+        &self,
+        bytes: usize,
+        budget: impl Fn() -> usize,
+    ) -> FastReserve {
+        self.try_reserve_counting(bytes, budget, false)
+    }
+
+    #[inline(always)]
+    fn try_reserve_counting(
+        &self,
+        bytes: usize,
+        budget: impl Fn() -> usize,
+        counted: bool,
+    ) -> FastReserve {
         let mut word = self.load();
         loop {
             let in_use = word.in_use();
@@ -224,7 +255,11 @@ impl BudgetWord {
                     FastReserve::MustWait
                 };
             }
-            let (next, wrapped) = word.reserved(bytes);
+            let (next, wrapped) = if counted {
+                word.reserved(bytes)
+            } else {
+                (word.plus(bytes), false)
+            };
             match self
                 .0
                 .compare_exchange_weak(word.0, next.0, Acquire, Acquire)
@@ -248,6 +283,23 @@ impl BudgetWord {
     pub(crate) fn try_release(&self, bytes: usize) -> bool {
         let mut word = Word(self.0.load(Relaxed));
         while let Some(next) = word.fast_released(bytes) {
+            match self
+                .0
+                .compare_exchange_weak(word.0, next.0, Release, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => word = Word(actual),
+            }
+        }
+        false
+    }
+
+    /// [`try_release`](BudgetWord::try_release) for bytes of a descendant pool's allocation or
+    /// request: not counted as a release of this pool. Same orderings.
+    #[inline]
+    pub(crate) fn try_release_for_descendant(&self, bytes: usize) -> bool {
+        let mut word = Word(self.0.load(Relaxed));
+        while let Some(next) = word.fast_released_uncounted(bytes) {
             match self
                 .0
                 .compare_exchange_weak(word.0, next.0, Release, Relaxed)
