@@ -150,8 +150,10 @@ impl BufPool {
     ///   pool's cap never holds back a sibling's or the parent's requests.
     /// * Closing a pool closes its descendants: their waiters (wherever they wait) and new
     ///   requests get [`Closed`](AllocError::Closed); live allocations stay valid.
-    /// * Dropping a child closes it and waits for its own allocations; dropping a parent
-    ///   waits for every allocation of its subtree.
+    /// * Dropping a child closes it (and its descendants) and waits for its own allocations
+    ///   and its descendants'; never for a sibling's. Dropping a parent waits for every
+    ///   allocation of its subtree. A child handle may outlive its parent's handle: the
+    ///   parent's state lives on until its last child is gone.
     /// * A child's cache of freed blocks ([`BufPoolBuilder::recycle`]) counts against the
     ///   child's own cap; a parent's `in use + cached <= budget` covers its own cache.
     ///
