@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use pin_project_lite::pin_project;
 
-use crate::wait::Request;
+use crate::wait::{Request, Unit};
 use crate::{AllocError, BufPool, BufPoolAllocation};
 
 impl BufPool {
@@ -112,6 +112,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct AllocateOwned {
         pool: Arc<BufPool>,
+        zeroed: bool,
         #[pin]
         request: Request,
     }
@@ -128,7 +129,8 @@ impl AllocateOwned {
     fn new(pool: Arc<BufPool>, n: usize, zeroed: bool) -> Self {
         AllocateOwned {
             pool,
-            request: Request::new(n, zeroed),
+            zeroed,
+            request: Request::new(n, Unit::Buffers),
         }
     }
 }
@@ -139,14 +141,20 @@ impl Future for AllocateOwned {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.request.poll(this.pool.state(), cx)
+        let pool = this.pool.state();
+        match this.request.poll_hold(pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => {
+                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
+            }
+        }
     }
 }
 
 impl fmt::Debug for AllocateOwned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AllocateOwned")
-            .field("n", &self.request.n())
+            .field("n", &self.request.amount())
             .finish_non_exhaustive()
     }
 }
@@ -278,17 +286,22 @@ impl PollAllocate {
         let state = self.pool.state();
         let request = match &mut self.request {
             Some(request) => {
-                if request.is_done() || request.n() != n {
+                if request.is_done() || request.amount() != n {
                     // Gives up a pending request before its node is overwritten (a node
                     // dropped while queued aborts).
                     request.as_mut().cancel(state);
-                    request.set(Request::new(n, false));
+                    request.set(Request::new(n, Unit::Buffers));
                 }
                 request
             }
-            None => self.request.insert(Box::pin(Request::new(n, false))),
+            None => self.request.insert(Box::pin(Request::new(n, Unit::Buffers))),
         };
-        request.as_mut().poll(state, cx)
+        match request.as_mut().poll_hold(state, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => {
+                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(state, bytes, false)))
+            }
+        }
     }
 }
 
@@ -316,7 +329,7 @@ impl fmt::Debug for PollAllocate {
                     .request
                     .as_ref()
                     .filter(|request| !request.is_done())
-                    .map(|request| request.n()),
+                    .map(|request| request.amount()),
             )
             .finish_non_exhaustive()
     }

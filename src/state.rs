@@ -138,7 +138,7 @@ unsafe impl Pool for State {
         }
         if let Some(parent) = &self.parent {
             // Alive: our bytes here are still counted, and we hold the parent.
-            parent.give_back_from_descendant(bytes);
+            parent.give_back_held(bytes);
         }
         if self.word.try_release(bytes) {
             return None;
@@ -194,7 +194,7 @@ impl State {
         }
         let bytes = n << shift;
         if self.parent.is_some() {
-            return self.reserve_chain_now(bytes);
+            return self.reserve_chain_now(bytes, true);
         }
         match self.word.try_reserve(bytes, || self.budget()) {
             FastReserve::Reserved { wrapped, in_use } => {
@@ -206,6 +206,26 @@ impl State {
             }
             FastReserve::Closed => Attempt::Failed(AllocError::Closed),
             FastReserve::MustWait => Attempt::MustWait(bytes),
+        }
+    }
+
+    /// The fast path of a reservation of `bytes` (a multiple of 8): held, not counted as an
+    /// allocation; bad input and a closed pool fail.
+    pub(crate) fn reserve_bytes_now(&self, bytes: usize) -> Attempt {
+        let budget = self.budget();
+        if bytes > budget {
+            return Attempt::Failed(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory: budget,
+            });
+        }
+        if self.parent.is_some() {
+            return self.reserve_chain_now(bytes, false);
+        }
+        match self.hold_now(bytes) {
+            Ok(true) => Attempt::Reserved(bytes),
+            Ok(false) => Attempt::MustWait(bytes),
+            Err(error) => Attempt::Failed(error),
         }
     }
 
@@ -238,9 +258,9 @@ impl State {
     /// The slow path: under the lock, reserves `bytes` if nobody waits and they fit, or else
     /// queues `node` behind every earlier request.
     ///
-    /// `for_descendant` is the pool the request was made to when this is one of its
-    /// ancestors: the bytes are then not an allocation here, and the request is refused if
-    /// that pool closed (`close` walks the ancestors' queues after it closes, under their
+    /// `counted`: the bytes are an allocation of this pool (not a reservation's, nor a
+    /// descendant's request's). `for_descendant` is the pool the request was made to when
+    /// this is one of its ancestors: the request is refused if that pool closed (`close` walks the ancestors' queues after it closes, under their
     /// locks, so a request queued here after the walk would never be failed).
     pub(crate) fn admit(
         &self,
@@ -248,6 +268,7 @@ impl State {
         bytes: usize,
         waker: &Waker,
         for_descendant: Option<&State>,
+        counted: bool,
     ) -> Result<Admission, AllocError> {
         // Clone before the lock (user code), and read the clock before it too: other threads
         // wait for that lock. Dropped after it, if unused.
@@ -286,7 +307,7 @@ impl State {
             };
             match self.word.compare_exchange(word, next) {
                 Ok(_) if !next.is_queued() => {
-                    if for_descendant.is_none() {
+                    if counted {
                         queue.waits.allocations += 1;
                     }
                     self.note_in_use(next.in_use());
@@ -474,7 +495,7 @@ impl State {
     /// above any cap of the chain fails at once.
     #[cold]
     #[inline(never)]
-    fn reserve_chain_now(&self, bytes: usize) -> Attempt {
+    fn reserve_chain_now(&self, bytes: usize, counted: bool) -> Attempt {
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
             let budget = pool.budget();
@@ -498,7 +519,7 @@ impl State {
         let mut reserved_above = 0;
         let mut refused = None;
         for level in 1..=self.depth() {
-            match self.at_level(level).reserve_for_descendant_now(bytes) {
+            match self.at_level(level).hold_now(bytes) {
                 Ok(true) => reserved_above = level,
                 Ok(false) => {
                     refused = Some(Attempt::MustWait(bytes));
@@ -512,6 +533,11 @@ impl State {
         }
         let attempt = match refused {
             Some(attempt) => attempt,
+            None if !counted => match self.hold_now(bytes) {
+                Ok(true) => return Attempt::Reserved(bytes),
+                Ok(false) => Attempt::MustWait(bytes),
+                Err(error) => Attempt::Failed(error),
+            },
             None => match self.word.try_reserve(bytes, || self.budget()) {
                 FastReserve::Reserved { wrapped, in_use } => {
                     if wrapped {
@@ -525,14 +551,14 @@ impl State {
             },
         };
         for level in 1..=reserved_above {
-            self.at_level(level).give_back_here_for_descendant(bytes);
+            self.at_level(level).give_back_held_here(bytes);
         }
         attempt
     }
 
-    /// Reserves `bytes` here for a descendant's request, without waiting: not an allocation
-    /// of this pool. `Ok(false)`: the request must wait here.
-    pub(crate) fn reserve_for_descendant_now(&self, bytes: usize) -> Result<bool, AllocError> {
+    /// Reserves `bytes` here without waiting, not as an allocation of this pool (for a
+    /// descendant's request, or a reservation). `Ok(false)`: the request must wait here.
+    pub(crate) fn hold_now(&self, bytes: usize) -> Result<bool, AllocError> {
         let budget = self.budget();
         if bytes > budget {
             return Err(AllocError::ExceedsBudget {
@@ -542,7 +568,7 @@ impl State {
         }
         match self
             .word
-            .try_reserve_for_descendant(bytes, || self.budget())
+            .try_reserve_uncounted(bytes, || self.budget())
         {
             FastReserve::Reserved { in_use, .. } => {
                 self.note_in_use(in_use);
@@ -553,30 +579,39 @@ impl State {
         }
     }
 
-    /// Gives back `bytes` reserved here for a descendant: not a release of this pool.
-    fn give_back_here_for_descendant(&self, bytes: usize) {
-        if !self.word.try_release_for_descendant(bytes) {
+    /// Gives back `bytes` reserved here with [`hold_now`](State::hold_now) (or the locked
+    /// equivalent): not a release of this pool.
+    fn give_back_held_here(&self, bytes: usize) {
+        if !self.word.try_release_uncounted(bytes) {
             self.release_slow(bytes, false);
         }
     }
 
-    /// Gives back `bytes` of a descendant's allocation or request, here and in every
-    /// ancestor above, from the top down (each level's waiters are served in turn).
-    fn give_back_from_descendant(&self, bytes: usize) {
+    /// Gives back `bytes` held (not counted as allocations) here and in every ancestor above,
+    /// from the top down (each level's waiters are served in turn).
+    pub(crate) fn give_back_held(&self, bytes: usize) {
         if let Some(parent) = &self.parent {
-            parent.give_back_from_descendant(bytes);
+            parent.give_back_held(bytes);
         }
-        self.give_back_here_for_descendant(bytes);
+        self.give_back_held_here(bytes);
     }
 
     /// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (this
     /// one counted as its allocation, the ancestors not) without making an allocation of
     /// them. The caller holds a handle, so every pool of the chain outlives this.
-    pub(crate) fn give_back_reserved(&self, bytes: usize, levels: usize) {
+    ///
+    /// `counted`: this pool's level was counted as an allocation (an allocation request, not
+    /// a reservation), so giving it back counts a release.
+    pub(crate) fn give_back_reserved(&self, bytes: usize, levels: usize, counted: bool) {
         for level in (1..levels).rev() {
-            self.at_level(level).give_back_here_for_descendant(bytes);
+            self.at_level(level).give_back_held_here(bytes);
         }
-        if levels > 0 && !self.word.try_release(bytes) {
+        if levels == 0 {
+            return;
+        }
+        if !counted {
+            self.give_back_held_here(bytes);
+        } else if !self.word.try_release(bytes) {
             self.release_slow(bytes, true);
         }
     }
@@ -613,7 +648,7 @@ impl State {
     #[cold]
     #[inline(never)]
     fn out_of_memory(&self, bytes: usize) -> AllocError {
-        self.give_back_reserved(bytes, self.depth() + 1);
+        self.give_back_reserved(bytes, self.depth() + 1, true);
         AllocError::OutOfMemory { bytes }
     }
 

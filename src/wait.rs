@@ -49,6 +49,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Allocate<'a> {
         pool: &'a Arc<State>,
+        zeroed: bool,
         #[pin]
         request: Request,
     }
@@ -65,7 +66,8 @@ impl<'a> Allocate<'a> {
     pub(crate) fn new(pool: &'a Arc<State>, n: usize, zeroed: bool) -> Self {
         Allocate {
             pool,
-            request: Request::new(n, zeroed),
+            zeroed,
+            request: Request::new(n, Unit::Buffers),
         }
     }
 }
@@ -76,38 +78,54 @@ impl Future for Allocate<'_> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.request.poll(this.pool, cx)
+        let pool = *this.pool;
+        match this.request.poll_hold(pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => {
+                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
+            }
+        }
     }
 }
 
 impl fmt::Debug for Allocate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Allocate")
-            .field("n", &self.request.n)
-            .field("zeroed", &self.request.zeroed)
+            .field("n", &self.request.amount)
+            .field("zeroed", &self.zeroed)
             .field("stage", &self.request.stage)
             .finish_non_exhaustive()
     }
 }
 
 pin_project! {
-    /// One request for `n` buffers, as every allocation future makes it: the fast path
-    /// first, then (if it must wait) its node in the queue. Its owner passes the pool to each
-    /// call, and must call [`cancel`](Request::cancel) from its own drop: the node's drop
-    /// aborts if it is still queued.
+    /// One request for budget, as every waiting future makes it (`n` buffers for an
+    /// allocation, or bytes for a reservation): the fast path first, then (if it must wait)
+    /// its node in the queue. Its owner passes the pool to each call, and must call
+    /// [`cancel`](Request::cancel) from its own drop: the node's drop aborts if it is still
+    /// queued.
     ///
-    /// A child pool's request reserves its bytes level by level up the chain of pools: here
+    /// A child pool's request holds its bytes level by level up the chain of pools: here
     /// first (waiting in this pool's queue if it must), then in the parent (waiting at the
     /// tail of the parent's queue if it must), and so on. `levels` counts the pools, from
     /// this one up, whose bytes it holds; the node waits in at most one queue at a time.
     pub(crate) struct Request {
-        n: usize,
-        zeroed: bool,
+        amount: usize,
+        unit: Unit,
         stage: Stage,
         levels: u32,
         #[pin]
         node: Node,
     }
+}
+
+/// What a [`Request`] asks for.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) enum Unit {
+    /// `amount` buffers for an allocation, counted as one of the pool's allocations.
+    Buffers,
+    /// `amount` bytes (a multiple of 8) for a reservation: held, not an allocation.
+    Bytes,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -121,19 +139,19 @@ enum Stage {
 }
 
 impl Request {
-    pub(crate) fn new(n: usize, zeroed: bool) -> Self {
+    pub(crate) fn new(amount: usize, unit: Unit) -> Self {
         Request {
-            n,
-            zeroed,
+            amount,
+            unit,
             stage: Stage::Start,
             levels: 0,
             node: Node::new(),
         }
     }
 
-    /// How many buffers it asks for.
-    pub(crate) fn n(&self) -> usize {
-        self.n
+    /// How many buffers (or bytes) it asks for.
+    pub(crate) fn amount(&self) -> usize {
+        self.amount
     }
 
     /// Whether it has completed (and must not be polled again).
@@ -141,58 +159,75 @@ impl Request {
         self.stage == Stage::Done
     }
 
+    fn bytes(amount: usize, unit: Unit, pool: &State) -> usize {
+        match unit {
+            Unit::Buffers => pool.bytes_of(amount),
+            Unit::Bytes => amount,
+        }
+    }
+
+    /// Polls for the bytes: `Ready(Ok(bytes))` once they are held in every pool of the
+    /// chain (for `Unit::Buffers`, counted as an allocation of `pool`). The request is done
+    /// once `Ready`.
     #[inline]
-    pub(crate) fn poll(
+    pub(crate) fn poll_hold(
         self: Pin<&mut Self>,
-        pool: &Arc<State>,
+        pool: &State,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<BufPoolAllocation, AllocError>> {
+    ) -> Poll<Result<usize, AllocError>> {
         let this = self.project();
         let node = this.node.as_ref();
+        let counted = *this.unit == Unit::Buffers;
         let held = match *this.stage {
-            Stage::Start => match pool.reserve_now(*this.n) {
-                // Every level at once (the one level of a root pool): the common case.
-                Attempt::Reserved(bytes) => Ok(Some(bytes)),
-                Attempt::Failed(error) => Err(error),
-                Attempt::MustWait(bytes) => match pool.admit(node, bytes, cx.waker(), None) {
-                    Ok(Admission::Reserved) => {
-                        *this.levels = 1;
-                        Self::climb(pool, node, bytes, this.levels, this.stage, cx)
+            Stage::Start => {
+                let attempt = match *this.unit {
+                    Unit::Buffers => pool.reserve_now(*this.amount),
+                    Unit::Bytes => pool.reserve_bytes_now(*this.amount),
+                };
+                match attempt {
+                    // Every level at once (the one level of a root pool): the common case.
+                    Attempt::Reserved(bytes) => Ok(Some(bytes)),
+                    Attempt::Failed(error) => Err(error),
+                    Attempt::MustWait(bytes) => {
+                        match pool.admit(node, bytes, cx.waker(), None, counted) {
+                            Ok(Admission::Reserved) => {
+                                *this.levels = 1;
+                                Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
+                            }
+                            Ok(Admission::Queued) => {
+                                *this.stage = Stage::Queued;
+                                Ok(None)
+                            }
+                            Err(error) => Err(error),
+                        }
                     }
-                    Ok(Admission::Queued) => {
-                        *this.stage = Stage::Queued;
-                        Ok(None)
-                    }
-                    Err(error) => Err(error),
-                },
-            },
+                }
+            }
             Stage::Queued => {
-                let bytes = pool.bytes_of(*this.n);
+                let bytes = Self::bytes(*this.amount, *this.unit, pool);
                 let level = *this.levels as usize;
-                match pool
-                    .at_level(level)
-                    .poll_queued(node, cx.waker(), level == 0)
-                {
+                let own = level == 0 && counted;
+                match pool.at_level(level).poll_queued(node, cx.waker(), own) {
                     Poll::Pending => Ok(None),
                     Poll::Ready(Err(error)) => {
-                        pool.give_back_reserved(bytes, level);
+                        pool.give_back_reserved(bytes, level, counted);
                         Err(error)
                     }
                     Poll::Ready(Ok(())) => {
                         *this.levels += 1;
-                        Self::climb(pool, node, bytes, this.levels, this.stage, cx)
+                        Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
                     }
                 }
             }
             Stage::Climbing => {
-                let bytes = pool.bytes_of(*this.n);
-                Self::climb(pool, node, bytes, this.levels, this.stage, cx)
+                let bytes = Self::bytes(*this.amount, *this.unit, pool);
+                Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
             }
-            Stage::Done => panic!("an allocation future polled after it completed"),
+            Stage::Done => panic!("a budget future polled after it completed"),
         };
         let result = match held {
             Ok(None) => return Poll::Pending,
-            Ok(Some(bytes)) => BufPoolAllocation::new(pool, bytes, *this.zeroed),
+            Ok(Some(bytes)) => Ok(bytes),
             Err(error) => Err(error),
         };
         *this.stage = Stage::Done;
@@ -207,6 +242,7 @@ impl Request {
         pool: &State,
         node: Pin<&Node>,
         bytes: usize,
+        counted: bool,
         levels: &mut u32,
         stage: &mut Stage,
         cx: &mut Context<'_>,
@@ -215,7 +251,7 @@ impl Request {
         while (*levels as usize) <= pool.depth() {
             let level = *levels as usize;
             let ancestor = pool.at_level(level);
-            let error = match ancestor.reserve_for_descendant_now(bytes) {
+            let error = match ancestor.hold_now(bytes) {
                 Ok(true) => {
                     *levels += 1;
                     continue;
@@ -226,7 +262,7 @@ impl Request {
                     if node.status() == Status::Granted {
                         node.reset();
                     }
-                    match ancestor.admit(node, bytes, cx.waker(), Some(pool)) {
+                    match ancestor.admit(node, bytes, cx.waker(), Some(pool), false) {
                         Ok(Admission::Reserved) => {
                             *levels += 1;
                             continue;
@@ -240,7 +276,7 @@ impl Request {
                 }
                 Err(error) => error,
             };
-            pool.give_back_reserved(bytes, level);
+            pool.give_back_reserved(bytes, level, counted);
             return Err(error);
         }
         Ok(Some(bytes))
@@ -251,14 +287,15 @@ impl Request {
     /// done afterwards.
     pub(crate) fn cancel(self: Pin<&mut Self>, pool: &State) {
         let this = self.project();
-        let bytes = pool.bytes_of(*this.n);
+        let bytes = Self::bytes(*this.amount, *this.unit, pool);
+        let counted = *this.unit == Unit::Buffers;
         let levels = *this.levels as usize;
         match *this.stage {
             Stage::Queued => {
                 pool.at_level(levels).cancel(this.node.as_ref(), bytes);
-                pool.give_back_reserved(bytes, levels);
+                pool.give_back_reserved(bytes, levels, counted);
             }
-            Stage::Climbing => pool.give_back_reserved(bytes, levels),
+            Stage::Climbing => pool.give_back_reserved(bytes, levels, counted),
             Stage::Start | Stage::Done => {}
         }
         *this.stage = Stage::Done;

@@ -227,10 +227,10 @@ impl BudgetWord {
         self.try_reserve_counting(bytes, budget, true)
     }
 
-    /// [`try_reserve`](BudgetWord::try_reserve) for a descendant pool's request: the bytes
-    /// count in use here, but not as an allocation of this pool.
+    /// [`try_reserve`](BudgetWord::try_reserve) for bytes that are not an allocation of this
+    /// pool (a descendant pool's request, or a reservation): in use, but not counted.
     #[inline]
-    pub(crate) fn try_reserve_for_descendant(
+    pub(crate) fn try_reserve_uncounted(
         &self,
         bytes: usize,
         budget: impl Fn() -> usize,
@@ -294,10 +294,11 @@ impl BudgetWord {
         false
     }
 
-    /// [`try_release`](BudgetWord::try_release) for bytes of a descendant pool's allocation or
-    /// request: not counted as a release of this pool. Same orderings.
+    /// [`try_release`](BudgetWord::try_release) for bytes reserved with
+    /// [`try_reserve_uncounted`](BudgetWord::try_reserve_uncounted) (or the slow path's
+    /// equivalent): not counted as a release. Same orderings.
     #[inline]
-    pub(crate) fn try_release_for_descendant(&self, bytes: usize) -> bool {
+    pub(crate) fn try_release_uncounted(&self, bytes: usize) -> bool {
         let mut word = Word(self.0.load(Relaxed));
         while let Some(next) = word.fast_released_uncounted(bytes) {
             match self
