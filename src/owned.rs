@@ -144,9 +144,9 @@ impl Future for AllocateOwned {
         let pool = this.pool.state();
         match this.request.poll_hold(pool, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => {
-                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
-            }
+            Poll::Ready(held) => Poll::Ready(
+                held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)),
+            ),
         }
     }
 }
@@ -294,7 +294,9 @@ impl PollAllocate {
                 }
                 request
             }
-            None => self.request.insert(Box::pin(Request::new(n, Unit::Buffers))),
+            None => self
+                .request
+                .insert(Box::pin(Request::new(n, Unit::Buffers))),
         };
         match request.as_mut().poll_hold(state, cx) {
             Poll::Pending => Poll::Pending,

@@ -94,6 +94,8 @@ pub(crate) struct State {
     /// The budget as configured, for [`PoolStats`].
     max_memory: AtomicUsize,
     peak_in_use: AtomicUsize,
+    /// Bytes held by this pool's reservations (part of the bytes in use).
+    reserved: AtomicUsize,
     pub(crate) config: Config,
     recycler: Recycler,
     /// Written by the waiting paths: on lines of their own, so that waiting does not slow the
@@ -169,6 +171,7 @@ impl State {
             budget: AtomicUsize::new(counted_budget(max_memory)),
             max_memory: AtomicUsize::new(max_memory),
             peak_in_use: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
             config,
             recycler,
             counters: CacheLine(Counters::default()),
@@ -227,6 +230,21 @@ impl State {
             Ok(false) => Attempt::MustWait(bytes),
             Err(error) => Attempt::Failed(error),
         }
+    }
+
+    /// Counts `delta` bytes more (or fewer) held by reservations, for the statistics.
+    pub(crate) fn note_reserved(&self, delta: isize) {
+        if delta >= 0 {
+            self.reserved.fetch_add(delta.unsigned_abs(), Relaxed);
+        } else {
+            self.reserved.fetch_sub(delta.unsigned_abs(), Relaxed);
+        }
+    }
+
+    /// Bytes a reservation held become an allocation of this pool (they stay in use; the
+    /// allocation's drop gives them back as a release).
+    pub(crate) fn held_becomes_allocation(&self) {
+        self.counters.grant_taken();
     }
 
     /// The bytes of `n` buffers, for an `n` the fast path accepted.
@@ -566,10 +584,7 @@ impl State {
                 max_memory: budget,
             });
         }
-        match self
-            .word
-            .try_reserve_uncounted(bytes, || self.budget())
-        {
+        match self.word.try_reserve_uncounted(bytes, || self.budget()) {
             FastReserve::Reserved { in_use, .. } => {
                 self.note_in_use(in_use);
                 Ok(true)
@@ -927,6 +942,7 @@ impl State {
                 max_memory: self.max_memory.load(Relaxed),
                 buffer_size: self.config.buffer_size.bytes(),
                 peak_in_use: self.peak_in_use.load(Relaxed),
+                reserved_bytes: self.reserved.load(Relaxed),
                 cached_bytes: self.recycler.cached_bytes(),
             },
         )

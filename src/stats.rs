@@ -86,6 +86,7 @@ pub(crate) struct Sources {
     pub(crate) max_memory: usize,
     pub(crate) buffer_size: usize,
     pub(crate) peak_in_use: usize,
+    pub(crate) reserved_bytes: usize,
     pub(crate) cached_bytes: usize,
 }
 
@@ -118,6 +119,7 @@ impl Counters {
             timed_out: self.timed_out.load(Relaxed),
             queue_full: self.queue_full.load(Relaxed),
             cached_bytes: sources.cached_bytes,
+            reserved_bytes: sources.reserved_bytes,
         }
     }
 }
@@ -184,6 +186,9 @@ pub struct PoolStats {
     /// They are not in `in_use_bytes`, but `in_use_bytes + cached_bytes` stays within the
     /// budget.
     pub cached_bytes: usize,
+    /// Bytes held by reservations ([`BufPool::reserve`](crate::BufPool::reserve)): part of
+    /// `in_use_bytes`.
+    pub reserved_bytes: usize,
 }
 
 impl PoolStats {

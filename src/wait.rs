@@ -81,9 +81,9 @@ impl Future for Allocate<'_> {
         let pool = *this.pool;
         match this.request.poll_hold(pool, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => {
-                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)))
-            }
+            Poll::Ready(held) => Poll::Ready(
+                held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)),
+            ),
         }
     }
 }

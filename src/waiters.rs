@@ -563,7 +563,10 @@ mod tests {
         assert_eq!(c.as_ref().status(), Status::Granted);
         assert_eq!(list.front_bytes(), Some(4));
         assert_eq!(
-            list.fail_where(|bytes| (bytes > 3).then_some(Failure::Closed), &mut wakers),
+            list.fail_where(
+                |bytes, _| (bytes > 3).then_some(Failure::Closed),
+                &mut wakers
+            ),
             1
         );
         assert_eq!(d.as_ref().status(), Status::Failed(AllocError::Closed));

@@ -33,7 +33,10 @@ type Waiting<'a> = Pin<Box<dyn Future<Output = Result<BufPoolAllocation, AllocEr
 
 fn queued<'a>(pool: &'a BufPool, n: usize) -> Waiting<'a> {
     let mut future: Waiting<'a> = Box::pin(pool.allocate(n));
-    assert!(future.as_mut().poll(&mut cx()).is_pending(), "expected to wait");
+    assert!(
+        future.as_mut().poll(&mut cx()).is_pending(),
+        "expected to wait"
+    );
     future
 }
 
@@ -91,7 +94,9 @@ fn a_request_above_the_smallest_cap_of_its_chain_fails_at_once_in_every_form() {
         assert_eq!(child.try_allocate(5).unwrap_err(), expected);
         assert_eq!(child.allocate_blocking(5).unwrap_err(), expected);
         assert_eq!(
-            child.allocate_timeout(5, Duration::from_secs(5)).unwrap_err(),
+            child
+                .allocate_timeout(5, Duration::from_secs(5))
+                .unwrap_err(),
             expected
         );
         assert_eq!(
@@ -106,10 +111,13 @@ fn a_request_above_the_smallest_cap_of_its_chain_fails_at_once_in_every_form() {
             PollAllocate::new(Arc::clone(&child)).poll_allocate(&mut cx(), 5),
             Poll::Ready(Err(e)) if e == expected
         ));
-        assert_eq!(child.try_allocate(9).unwrap_err(), AllocError::ExceedsBudget {
-            requested_bytes: 9 * B,
-            max_memory: 8 * B,
-        });
+        assert_eq!(
+            child.try_allocate(9).unwrap_err(),
+            AllocError::ExceedsBudget {
+                requested_bytes: 9 * B,
+                max_memory: 8 * B,
+            }
+        );
         assert_eq!((in_use(&child), in_use(&root)), (4, 4));
         assert_eq!((child.stats().waiting, root.stats().waiting), (0, 0));
     });
@@ -147,7 +155,11 @@ fn with_room_in_the_child_a_request_waits_at_the_tail_of_the_parents_queue() {
         let mut from_a = queued(&a, 2); // room in `a`: waits at the parent's tail
         let mut from_b = queued(&b, 3);
         assert_eq!(root.stats().waiting, 3);
-        assert_eq!((a.stats().waiting, in_use(&a)), (0, 2), "a holds its own level");
+        assert_eq!(
+            (a.stats().waiting, in_use(&a)),
+            (0, 2),
+            "a holds its own level"
+        );
         let mut later = queued(&root, 1); // behind everyone: no barging
         drop(held);
         // FIFO at the parent: 2 (root) + 2 (a) fit; b's 3 waits, and so does `later`.
@@ -288,13 +300,20 @@ fn dropping_a_child_waits_for_its_subtree_only_and_a_parent_for_all_of_its_own()
         // The child's drop waits for its own allocation and its grandchild's, not the
         // sibling's.
         drop(child);
-        assert!(step.load(SeqCst) >= 2, "the child's drop returned before its subtree drained");
+        assert!(
+            step.load(SeqCst) >= 2,
+            "the child's drop returned before its subtree drained"
+        );
         assert!(in_use(&root) <= 3);
         // The grandchild is closed (its parent was), but its handle still works.
         assert_eq!(grandchild.try_allocate(1).unwrap_err(), AllocError::Closed);
         drop(grandchild);
         drop(root); // waits for the sibling's allocation
-        assert_eq!(step.load(SeqCst), 3, "the parent's drop returned before its subtree drained");
+        assert_eq!(
+            step.load(SeqCst),
+            3,
+            "the parent's drop returned before its subtree drained"
+        );
         releaser.join().unwrap();
         drop(sibling);
     });
@@ -322,7 +341,9 @@ fn every_call_form_works_on_a_child_through_both_levels() {
         common::wait_until(30, "three wait at the parent", || root.stats().waiting == 3);
         // A timed request that cannot get in gives everything back.
         assert_eq!(
-            child.allocate_timeout(1, Duration::from_millis(10)).unwrap_err(),
+            child
+                .allocate_timeout(1, Duration::from_millis(10))
+                .unwrap_err(),
             AllocError::TimedOut
         );
         assert_eq!(in_use(&child), 3);
@@ -331,7 +352,10 @@ fn every_call_form_works_on_a_child_through_both_levels() {
             assert_eq!(waiter.join().unwrap(), Ok(1));
         }
         let mut poller = PollAllocate::new(Arc::clone(&child));
-        assert!(matches!(poller.poll_allocate(&mut cx(), 3), Poll::Ready(Ok(_))));
+        assert!(matches!(
+            poller.poll_allocate(&mut cx(), 3),
+            Poll::Ready(Ok(_))
+        ));
         assert_eq!((in_use(&child), in_use(&root)), (0, 0));
         assert_eq!(child.stats().total_allocations, 4);
     });
@@ -383,8 +407,58 @@ fn threads_on_children_and_parent_never_exceed_any_cap() {
         assert_eq!(root.stats().in_use_bytes, 0);
         for child in &children {
             let stats = child.stats();
-            assert_eq!((stats.in_use_bytes, stats.waiting, stats.outstanding), (0, 0, 0));
+            assert_eq!(
+                (stats.in_use_bytes, stats.waiting, stats.outstanding),
+                (0, 0, 0)
+            );
         }
         assert_eq!(root.stats().waiting, 0);
+    });
+}
+
+#[test]
+fn report_shows_the_tree_sorted_by_bytes_and_top_names_the_largest_holders() {
+    watchdog(30, || {
+        let root = BufPool::builder(cfg(32)).name("root").build().unwrap();
+        let a = root.child("a", cfg(8)).unwrap();
+        let b = root.child("b", cfg(16)).unwrap();
+        let b1 = b.child("b1", cfg(8)).unwrap();
+        let _x = a.try_allocate(2).unwrap();
+        let _y = b1.try_allocate(5).unwrap();
+        let _z = b.try_allocate(1).unwrap();
+        let _r = root.try_reserve(3 * B).unwrap();
+        let held = a.try_allocate(6).unwrap();
+        let mut waiting = queued(&a, 1);
+        let report = root.report();
+        assert_eq!(report.in_use_bytes, (2 + 5 + 1 + 3 + 6) * B);
+        assert_eq!((report.reserved_bytes, report.own_bytes()), (3 * B, 3 * B));
+        let names: Vec<_> = report
+            .children
+            .iter()
+            .map(|child| child.name.as_deref().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"], "sorted by bytes in use: a 8, b 6");
+        assert_eq!(report.children[0].waiting, 1);
+        assert_eq!(report.children[1].children[0].in_use_bytes, 5 * B);
+        let top: Vec<_> = report
+            .top(3)
+            .iter()
+            .map(|holder| (holder.name.as_deref().unwrap(), holder.own_bytes() / B))
+            .collect();
+        assert_eq!(top, [("a", 8), ("b1", 5), ("root", 3)]);
+        let text = report.to_string();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("root: 1088 of 2048 bytes in use"),
+            "{text}"
+        );
+        assert!(lines[1].starts_with("  a: 512 of 512"), "{text}");
+        assert!(lines[3].starts_with("    b1: 320 of 512"), "{text}");
+        // A dropped child leaves the report.
+        drop(waiting);
+        drop(held);
+        drop((_x, a));
+        assert_eq!(root.report().children.len(), 1);
     });
 }

@@ -1,0 +1,177 @@
+//! Who holds what: a [`PoolReport`] of a pool and every live descendant, for the moment memory
+//! runs short (after Arrow Java's allocator dump and DataFusion's top consumers).
+
+use core::fmt;
+use std::sync::Arc;
+
+use crate::BufPool;
+use crate::state::State;
+
+impl BufPool {
+    /// A report of this pool and every live descendant ([`BufPool::child`]): for each, its
+    /// name, budget, bytes in use (its subtree's), reserved, peak, outstanding allocations
+    /// and waiting requests. Each pool is read on its own, without stopping any, so under
+    /// load the numbers come from slightly different instants.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = |kib: usize| BufPoolCfg { buffer_size: BufferSize::S1024, max_memory: kib << 10 };
+    /// let pool = BufPool::builder(cfg(64)).name("ingest").build()?;
+    /// let a = pool.child("tenant-a", cfg(16))?;
+    /// let b = pool.child("tenant-b", cfg(16))?;
+    /// let _x = a.try_allocate(2).unwrap();
+    /// let _y = b.try_allocate(8).unwrap();
+    /// let report = pool.report();
+    /// assert_eq!(report.in_use_bytes, 10 << 10);
+    /// assert_eq!(report.top(1)[0].name.as_deref(), Some("tenant-b"));
+    /// println!("{report}");
+    /// // ingest: 10240 of 65536 bytes in use (own 0, reserved 0), peak 10240, 0 outstanding, 0 waiting
+    /// //   tenant-b: 8192 of 16384 bytes in use (own 8192, ...
+    /// //   tenant-a: 2048 of 16384 bytes in use (own 2048, ...
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn report(&self) -> PoolReport {
+        PoolReport::of(self.state())
+    }
+}
+
+/// What [`BufPool::report`] saw: one pool and, nested, its live descendants.
+///
+/// `Display` prints an indented tree, children sorted by bytes in use (largest first).
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+/// let report = pool.report();
+/// assert_eq!((report.max_memory, report.in_use_bytes, report.children.len()), (640, 0, 0));
+/// assert!(report.to_string().starts_with("unnamed: 0 of 640 bytes in use"));
+/// ```
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct PoolReport {
+    /// The pool's name, if it has one.
+    pub name: Option<Arc<str>>,
+    /// Its budget.
+    pub max_memory: usize,
+    /// Bytes in use in its subtree: its own allocations and reservations, and its
+    /// descendants'.
+    pub in_use_bytes: usize,
+    /// Bytes held by its own reservations.
+    pub reserved_bytes: usize,
+    /// The most bytes ever in use at once in its subtree.
+    pub peak_in_use_bytes: usize,
+    /// Its own live allocations.
+    pub outstanding: usize,
+    /// Requests waiting in its queue (its own, and descendants' waiting for its budget).
+    pub waiting: usize,
+    /// Its live children, largest `in_use_bytes` first.
+    pub children: Vec<PoolReport>,
+}
+
+impl PoolReport {
+    fn of(pool: &State) -> PoolReport {
+        let stats = pool.stats();
+        let mut children: Vec<PoolReport> = pool
+            .children()
+            .iter()
+            .map(|child| PoolReport::of(child))
+            .collect();
+        children.sort_by_key(|child| core::cmp::Reverse(child.in_use_bytes));
+        PoolReport {
+            name: stats.name,
+            max_memory: stats.max_memory,
+            in_use_bytes: stats.in_use_bytes,
+            reserved_bytes: stats.reserved_bytes,
+            peak_in_use_bytes: stats.peak_in_use_bytes,
+            outstanding: stats.outstanding,
+            waiting: stats.waiting,
+            children,
+        }
+    }
+
+    /// Bytes the pool holds itself: its subtree's bytes in use less its children's.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 };
+    /// let pool = BufPool::new(cfg);
+    /// let child = pool.child("c", cfg)?;
+    /// let (_a, _b) = (pool.try_allocate(1).unwrap(), child.try_allocate(2).unwrap());
+    /// assert_eq!(pool.report().own_bytes(), 64);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn own_bytes(&self) -> usize {
+        let children: usize = self.children.iter().map(|child| child.in_use_bytes).sum();
+        self.in_use_bytes.saturating_sub(children)
+    }
+
+    /// The `k` largest holders in the subtree (this pool included), by the bytes each holds
+    /// itself ([`own_bytes`](PoolReport::own_bytes)), largest first.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 };
+    /// let pool = BufPool::new(cfg);
+    /// let child = pool.child("c", cfg)?;
+    /// let grandchild = child.child("g", cfg)?;
+    /// let _held = grandchild.try_allocate(3).unwrap();
+    /// let top = pool.report();
+    /// let top = top.top(2);
+    /// assert_eq!(top[0].name.as_deref(), Some("g"));
+    /// assert_eq!(top[0].own_bytes(), 192);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn top(&self, k: usize) -> Vec<&PoolReport> {
+        let mut all = Vec::new();
+        self.collect(&mut all);
+        all.sort_by_key(|report| core::cmp::Reverse(report.own_bytes()));
+        all.truncate(k);
+        all
+    }
+
+    fn collect<'a>(&'a self, all: &mut Vec<&'a PoolReport>) {
+        all.push(self);
+        for child in &self.children {
+            child.collect(all);
+        }
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, depth: usize) -> fmt::Result {
+        writeln!(
+            f,
+            "{:indent$}{}: {} of {} bytes in use (own {}, reserved {}), peak {}, {} outstanding, {} waiting",
+            "",
+            self.name.as_deref().unwrap_or("unnamed"),
+            self.in_use_bytes,
+            self.max_memory,
+            self.own_bytes(),
+            self.reserved_bytes,
+            self.peak_in_use_bytes,
+            self.outstanding,
+            self.waiting,
+            indent = 2 * depth,
+        )?;
+        for child in &self.children {
+            child.write(f, depth + 1)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PoolReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, 0)
+    }
+}

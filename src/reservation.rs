@@ -1,0 +1,576 @@
+//! Budget without buffers: a [`Reservation`] holds bytes of a pool's budget for memory that
+//! is not an I/O buffer (decoded blocks, index pages, request bodies), in the same FIFO queue
+//! as allocations, and can hand out allocations from what it holds.
+//!
+//! A reservation holds a counted reference to its pool's state, so it may outlive the pool's
+//! handle; its bytes count in use (and in `reserved_bytes`) until it gives them back, and the
+//! pool's drop waits for them like for allocations.
+
+use core::fmt;
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use pin_project_lite::pin_project;
+
+use crate::blocking::block_on;
+use crate::state::State;
+use crate::sync::Arc;
+use crate::wait::{Request, Unit};
+use crate::{AllocError, BufPool, BufPoolAllocation};
+
+/// Reservations count in bytes rounded up to a multiple of this.
+pub(crate) const GRANULARITY: usize = 8;
+
+/// `bytes` rounded up to the granularity; `None` if that overflows.
+fn rounded(bytes: usize) -> Option<usize> {
+    bytes.checked_next_multiple_of(GRANULARITY)
+}
+
+/// The refusal of a request whose rounding overflows: above any budget.
+fn overflow(pool: &State) -> AllocError {
+    AllocError::ExceedsBudget {
+        requested_bytes: usize::MAX,
+        max_memory: pool.budget(),
+    }
+}
+
+impl BufPool {
+    /// Reserves `bytes` of the budget without buffers, waiting in the pool's FIFO queue
+    /// (with allocations) while they are not free. The size is rounded up to a multiple of
+    /// 8 bytes; `reserve(0)` gives an empty reservation at once.
+    ///
+    /// # Errors
+    ///
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget) at once if the rounded size is above the
+    /// budget (of any pool up the chain, for a child pool), [`Closed`](AllocError::Closed),
+    /// [`QueueFull`](AllocError::QueueFull).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`allocate`](BufPool::allocate): dropping the future gives up its place in the
+    /// queue, and budget already granted to it goes on to the next waiters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 });
+    /// let index_page = pool.reserve(10_000).await?;
+    /// assert_eq!(index_page.size(), 10_000);
+    /// assert_eq!(pool.stats().reserved_bytes, 10_000);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn reserve(&self, bytes: usize) -> Reserve<'_> {
+        Reserve {
+            pool: self.state(),
+            request: Request::new(rounded(bytes).unwrap_or(usize::MAX), Unit::Bytes),
+            overflowed: rounded(bytes).is_none(),
+        }
+    }
+
+    /// Like [`reserve`](BufPool::reserve), blocking the calling thread while it waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](BufPool::reserve).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread (never call it from an async task) until the bytes are free or the
+    /// request fails; it waits in the same FIFO queue as every other request.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let reservation = pool.reserve_blocking(100)?;
+    /// assert_eq!(reservation.size(), 104); // rounded up to a multiple of 8
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn reserve_blocking(&self, bytes: usize) -> Result<Reservation, AllocError> {
+        block_on(core::pin::pin!(self.reserve(bytes)), None).expect("no deadline")
+    }
+
+    /// Like [`reserve_blocking`](BufPool::reserve_blocking), giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](BufPool::reserve), and [`TimedOut`](AllocError::TimedOut).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread for at most about `timeout`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    /// use std::time::Duration;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// let all = pool.reserve_blocking(64)?;
+    /// assert_eq!(pool.reserve_timeout(8, Duration::from_millis(5)).unwrap_err(), AllocError::TimedOut);
+    /// # drop(all);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn reserve_timeout(
+        &self,
+        bytes: usize,
+        timeout: Duration,
+    ) -> Result<Reservation, AllocError> {
+        let deadline = Instant::now().checked_add(timeout);
+        match block_on(core::pin::pin!(self.reserve(bytes)), deadline) {
+            Some(result) => result,
+            None => Err(self.state().timed_out()),
+        }
+    }
+
+    /// Reserves `bytes` (rounded up to a multiple of 8) if they are free now and nobody
+    /// waits; never waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](BufPool::reserve), and [`WouldBlock`](AllocError::WouldBlock).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// let r = pool.try_reserve(60)?;
+    /// assert_eq!(r.size(), 64);
+    /// assert_eq!(pool.try_reserve(1).unwrap_err(), AllocError::WouldBlock);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn try_reserve(&self, bytes: usize) -> Result<Reservation, AllocError> {
+        let state = self.state();
+        let bytes = try_hold(state, bytes)?;
+        Ok(Reservation::holding(state, bytes))
+    }
+}
+
+/// Holds `bytes` (rounded) now or fails with `WouldBlock`.
+fn try_hold(pool: &State, bytes: usize) -> Result<usize, AllocError> {
+    let bytes = rounded(bytes).ok_or_else(|| overflow(pool))?;
+    if bytes == 0 {
+        return Ok(0);
+    }
+    match pool.reserve_bytes_now(bytes) {
+        crate::state::Attempt::Reserved(bytes) => Ok(bytes),
+        crate::state::Attempt::MustWait(_) => Err(pool.would_block()),
+        crate::state::Attempt::Failed(error) => Err(error),
+    }
+}
+
+/// Bytes of a pool's budget held without buffers. See [`BufPool::reserve`].
+///
+/// Sizes count in bytes rounded up to a multiple of 8 (the budget's granularity). Dropping a
+/// reservation gives its bytes back, serving waiters. It is `Send + Sync + 'static` and may
+/// outlive the pool's handle.
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 });
+/// let mut query = pool.try_reserve(64 << 10)?; // a query's memory, up front
+/// query.try_grow(16 << 10)?;
+/// let part = query.split(32 << 10); // handed to a sub-task
+/// assert_eq!((query.size(), part.size()), (48 << 10, 32 << 10));
+/// let buffers = query.allocate(4)?; // I/O buffers out of the reservation: never waits
+/// assert_eq!(query.size(), 32 << 10);
+/// query.merge(part).unwrap();
+/// assert_eq!(pool.stats().in_use_bytes, 80 << 10);
+/// drop((query, buffers));
+/// assert_eq!(pool.stats().in_use_bytes, 0);
+/// # Ok::<(), membudget::AllocError>(())
+/// ```
+#[must_use = "dropping a reservation gives its bytes straight back"]
+pub struct Reservation {
+    pool: Arc<State>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// A reservation of `bytes` already held in `pool` (and counted in none yet).
+    fn holding(pool: &Arc<State>, bytes: usize) -> Self {
+        pool.note_reserved(bytes as isize);
+        Reservation {
+            pool: Arc::clone(pool),
+            bytes,
+        }
+    }
+
+    /// The bytes it holds (a multiple of 8).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// assert_eq!(pool.try_reserve(1)?.size(), 8);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn size(&self) -> usize {
+        self.bytes
+    }
+
+    /// Grows by `more` bytes (rounded up to a multiple of 8) if they are free now and nobody
+    /// waits (no barging past the queue).
+    ///
+    /// # Errors
+    ///
+    /// [`WouldBlock`](AllocError::WouldBlock), [`ExceedsBudget`](AllocError::ExceedsBudget)
+    /// if `more` alone is above the budget, [`Closed`](AllocError::Closed). The reservation
+    /// is unchanged on error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 128 });
+    /// let mut r = pool.try_reserve(64)?;
+    /// r.try_grow(64)?;
+    /// assert_eq!(r.try_grow(8).unwrap_err(), AllocError::WouldBlock);
+    /// assert_eq!(r.size(), 128);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn try_grow(&mut self, more: usize) -> Result<(), AllocError> {
+        let more = try_hold(&self.pool, more)?;
+        self.add(more);
+        Ok(())
+    }
+
+    /// Grows by `more` bytes (rounded up to a multiple of 8), waiting in the pool's FIFO
+    /// queue while they are not free.
+    ///
+    /// # Errors
+    ///
+    /// As [`BufPool::reserve`]. The reservation is unchanged on error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future loses nothing: the reservation keeps its size, and budget granted
+    /// to the growth goes on to the next waiters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.reserve(100).await?;
+    /// r.grow(100).await?;
+    /// assert_eq!(r.size(), 208);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn grow(&mut self, more: usize) -> Grow<'_> {
+        let overflowed = rounded(more).is_none();
+        Grow {
+            request: Request::new(rounded(more).unwrap_or(usize::MAX), Unit::Bytes),
+            overflowed,
+            reservation: self,
+        }
+    }
+
+    /// Like [`grow`](Reservation::grow), blocking the calling thread while it waits.
+    ///
+    /// # Errors
+    ///
+    /// As [`grow`](Reservation::grow).
+    ///
+    /// # Blocking
+    ///
+    /// Blocks the thread (never call it from an async task) until the bytes are free or the
+    /// request fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.reserve_blocking(8)?;
+    /// r.grow_blocking(8)?;
+    /// assert_eq!(r.size(), 16);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn grow_blocking(&mut self, more: usize) -> Result<(), AllocError> {
+        block_on(core::pin::pin!(self.grow(more)), None).expect("no deadline")
+    }
+
+    /// Gives back `min(less, size)` bytes (`less` rounded up to a multiple of 8), serving
+    /// waiters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.try_reserve(64)?;
+    /// r.shrink(10);
+    /// assert_eq!(r.size(), 48);
+    /// r.shrink(usize::MAX);
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (0, 0));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn shrink(&mut self, less: usize) {
+        let less = rounded(less).unwrap_or(usize::MAX).min(self.bytes);
+        if less == 0 {
+            return;
+        }
+        self.bytes -= less;
+        self.pool.note_reserved(-(less as isize));
+        self.pool.give_back_held(less);
+    }
+
+    /// Takes `min(bytes, size)` bytes (`bytes` rounded up to a multiple of 8) out into a new
+    /// reservation of the same pool.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.try_reserve(64)?;
+    /// let part = r.split(24);
+    /// assert_eq!((r.size(), part.size()), (40, 24));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn split(&mut self, bytes: usize) -> Reservation {
+        let bytes = rounded(bytes).unwrap_or(usize::MAX).min(self.bytes);
+        self.bytes -= bytes;
+        Reservation {
+            pool: Arc::clone(&self.pool),
+            bytes,
+        }
+    }
+
+    /// Adds `other`'s bytes to this reservation.
+    ///
+    /// # Errors
+    ///
+    /// `other` back, unchanged, if it belongs to another pool.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 };
+    /// let (pool, other_pool) = (BufPool::new(cfg), BufPool::new(cfg));
+    /// let mut r = pool.try_reserve(8)?;
+    /// r.merge(pool.try_reserve(16)?).unwrap();
+    /// assert_eq!(r.size(), 24);
+    /// let stranger = other_pool.try_reserve(8)?;
+    /// assert_eq!(r.merge(stranger).unwrap_err().size(), 8);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn merge(&mut self, mut other: Reservation) -> Result<(), Reservation> {
+        if !Arc::ptr_eq(&self.pool, &other.pool) {
+            return Err(other);
+        }
+        self.bytes += core::mem::take(&mut other.bytes);
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous buffers out of the reservation: never waits. Their bytes
+    /// leave the reservation and go back to the pool when the allocation is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`ZeroBuffers`](AllocError::ZeroBuffers);
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget) with the reservation's size as
+    /// `max_memory` if `n` buffers are more than it holds;
+    /// [`OutOfMemory`](AllocError::OutOfMemory) (the bytes then go back to the pool, not to
+    /// the reservation). The reservation is unchanged on the first two.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S1024, max_memory: 8192 });
+    /// let mut r = pool.try_reserve(4096)?;
+    /// let allocation = r.allocate(3)?;
+    /// assert_eq!((allocation.length(), r.size()), (3, 1024));
+    /// drop(allocation);
+    /// assert_eq!(pool.stats().in_use_bytes, 1024);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn allocate(&mut self, n: usize) -> Result<BufPoolAllocation, AllocError> {
+        if n == 0 {
+            return Err(AllocError::ZeroBuffers);
+        }
+        let shift = self.pool.config.buffer_size.shift();
+        if n > self.bytes >> shift {
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: n.saturating_mul(self.pool.config.buffer_size.bytes()),
+                max_memory: self.bytes,
+            });
+        }
+        let bytes = n << shift;
+        self.bytes -= bytes;
+        self.pool.note_reserved(-(bytes as isize));
+        self.pool.held_becomes_allocation();
+        BufPoolAllocation::new(&self.pool, bytes, false)
+    }
+
+    fn add(&mut self, bytes: usize) {
+        self.pool.note_reserved(bytes as isize);
+        self.bytes += bytes;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shrink(usize::MAX);
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("size", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The future of [`BufPool::reserve`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Allocate`](crate::Allocate): dropping it at any point loses nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let reservation = pool.reserve(0).await?; // empty, at once
+    /// assert_eq!(reservation.size(), 0);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Reserve<'a> {
+        pool: &'a Arc<State>,
+        overflowed: bool,
+        #[pin]
+        request: Request,
+    }
+
+    impl<'a> PinnedDrop for Reserve<'a> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.request.cancel(this.pool);
+        }
+    }
+}
+
+impl Future for Reserve<'_> {
+    type Output = Result<Reservation, AllocError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let pool = *this.pool;
+        if *this.overflowed {
+            return Poll::Ready(Err(overflow(pool)));
+        }
+        if this.request.amount() == 0 {
+            return Poll::Ready(Ok(Reservation::holding(pool, 0)));
+        }
+        match this.request.poll_hold(pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => Poll::Ready(held.map(|bytes| Reservation::holding(pool, bytes))),
+        }
+    }
+}
+
+impl fmt::Debug for Reserve<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reserve")
+            .field("bytes", &self.request.amount())
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The future of [`Reservation::grow`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it at any point loses nothing: the reservation keeps its size.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.reserve(8).await?;
+    /// r.grow(8).await?;
+    /// assert_eq!(r.size(), 16);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Grow<'a> {
+        reservation: &'a mut Reservation,
+        overflowed: bool,
+        #[pin]
+        request: Request,
+    }
+
+    impl<'a> PinnedDrop for Grow<'a> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.request.cancel(&this.reservation.pool);
+        }
+    }
+}
+
+impl Future for Grow<'_> {
+    type Output = Result<(), AllocError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if *this.overflowed {
+            return Poll::Ready(Err(overflow(&this.reservation.pool)));
+        }
+        if this.request.amount() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match this.request.poll_hold(&this.reservation.pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => Poll::Ready(held.map(|bytes| this.reservation.add(bytes))),
+        }
+    }
+}
+
+impl fmt::Debug for Grow<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grow")
+            .field("more", &self.request.amount())
+            .finish_non_exhaustive()
+    }
+}
