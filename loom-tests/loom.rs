@@ -42,6 +42,11 @@
 //! | 17 close walks the list while a node cancels | close does not fail the listed nodes; the walk reads `next` after unlinking (stops after the first failed node); close does not serve | deadlock; deadlock; assertion (`waiting` stays 1) |
 //! | 18 re-poll with a new waker races a grant | `register` keeps the old waker | assertion (B never woken, A woken once; models 2 and 17 deadlock on it) |
 //! | 19 shrink vs in-flight fast path | (issue 10, bug 1) the fast path checks against a budget loaded before a shrink that returned before it reserved (the code before the fix) | assertion |
+//! | 20 a child's release serves another child's request waiting at the parent | a child's release gives its bytes back in the child only (not up the chain) | deadlock |
+//! | 21 a child-capped request does not hold back its sibling | the chain fast path holds the ancestors' bytes before looking at its own cap and does not give them back when its own cap is short | assertion (the sibling's `try_allocate` fails), then deadlock |
+//! | 22 `grow` racing a release and its cancel | `cancel` ignores a grant that landed (no `give_back_grant`) | assertion (`in_use_bytes` 16 with a reservation of 8) |
+//! | 23 reservation dropped racing the pool's drop barrier | a reservation's drop gives nothing back | deadlock (the barrier waits forever) |
+//! | 24 `max_waiters` at the boundary racing a cancel | the limit checked with `>` instead of `>=` | assertion (two waiters under `max_waiters(1)`) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -367,7 +372,8 @@ fn live_bytes_never_exceed_budget() {
 fn live_bytes_never_exceed_budget_recycling() {
     const MAX: usize = 2;
     model(|| {
-        let pool = Arc::new(
+        // A std `Arc`: `allocate_owned` takes one (the public API's).
+        let pool = std::sync::Arc::new(
             BufPool::builder(BufPoolCfg {
                 buffer_size: BUF,
                 max_memory: MAX * B,
@@ -729,6 +735,150 @@ fn shrink_binds_in_flight_fast_path() {
             drop(held);
         }
         worker.join().unwrap();
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+fn child_of(parent: &BufPool, name: &str, buffers: usize) -> BufPool {
+    parent
+        .child(
+            name,
+            BufPoolCfg {
+                buffer_size: BUF,
+                max_memory: buffers * B,
+            },
+        )
+        .unwrap()
+}
+
+/// Model 20: A release in one child serves a request of another child waiting in the
+/// parent's queue (the child's release gives its bytes back at every level).
+#[test]
+fn child_release_serves_parent_queue_waiter_from_another_child() {
+    model(|| {
+        let root = pool(1);
+        let a = child_of(&root, "a", 1);
+        let b = Arc::new(child_of(&root, "b", 1));
+        let held = a.try_allocate(1).unwrap();
+        let waiter = {
+            let b = b.clone();
+            thread::spawn(move || b.allocate_blocking(1).map(|allocation| allocation.length()))
+        };
+        let releaser = thread::spawn(move || drop(held));
+        assert_eq!(waiter.join().unwrap(), Ok(1));
+        releaser.join().unwrap();
+        assert_eq!(
+            (
+                root.stats().in_use_bytes,
+                a.stats().in_use_bytes,
+                b.stats().in_use_bytes
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(root.stats().waiting, 0);
+    });
+}
+
+/// Model 21: A request held back by its own child's cap never holds back a sibling: the
+/// sibling's `try_allocate` succeeds in every interleaving (nobody waits at the parent).
+#[test]
+fn child_capped_waiter_does_not_hold_back_its_sibling() {
+    model(|| {
+        let root = pool(2);
+        let a = Arc::new(child_of(&root, "a", 1));
+        let b = Arc::new(child_of(&root, "b", 1));
+        let held = a.try_allocate(1).unwrap();
+        let capped = {
+            let a = a.clone();
+            thread::spawn(move || a.allocate_blocking(1).map(|allocation| allocation.length()))
+        };
+        let sibling = {
+            let b = b.clone();
+            thread::spawn(move || b.try_allocate(1).map(|allocation| allocation.length()))
+        };
+        assert_eq!(sibling.join().unwrap(), Ok(1));
+        drop(held);
+        assert_eq!(capped.join().unwrap(), Ok(1));
+        assert_eq!(root.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 22: A reservation's `grow` waiting for budget races the release that grants it
+/// and its own cancellation: the grant is either kept by the reservation or passed back,
+/// never lost.
+#[test]
+fn grow_races_a_release_and_a_cancel() {
+    model(|| {
+        let pool = Arc::new(pool(2));
+        let mut reservation = pool.try_reserve(B).unwrap();
+        let held = pool.try_allocate(1).unwrap();
+        let releaser = thread::spawn(move || drop(held));
+        {
+            let mut grow = Box::pin(reservation.grow(B));
+            let _ = poll_once(&mut grow);
+            // Dropped here, racing the release: queued, granted, or already done.
+        }
+        releaser.join().unwrap();
+        let stats = pool.stats();
+        assert_eq!(stats.in_use_bytes, reservation.size(), "{stats:?}");
+        assert_eq!(stats.reserved_bytes, reservation.size());
+        assert_eq!(stats.waiting, 0);
+        drop(reservation);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 23: A reservation dropped on another thread races the pool's drop barrier: the
+/// barrier waits for it, and nothing is used after it is freed or leaked.
+#[test]
+fn reservation_dropped_racing_the_pool_drop_barrier() {
+    model(|| {
+        let pool = pool(2);
+        let reservation = pool.try_reserve(2 * B).unwrap();
+        let empty = pool.try_reserve(0).unwrap();
+        let dropper = thread::spawn(move || drop(reservation));
+        drop(pool);
+        dropper.join().unwrap();
+        drop(empty);
+    });
+}
+
+/// Model 24: `max_waiters(1)` at its boundary while the one waiter cancels: a newcomer is
+/// either refused (`QueueFull`) or queued, never a second waiter beside the first, and a
+/// queued newcomer is served by the release.
+#[test]
+fn max_waiters_boundary_races_a_cancel() {
+    model(|| {
+        // A std `Arc`: `allocate_owned` takes one (the public API's).
+        let pool = std::sync::Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BUF,
+                max_memory: B,
+            })
+            .max_waiters(1)
+            .build()
+            .unwrap(),
+        );
+        let held = pool.try_allocate(1).unwrap();
+        let mut first = Box::pin(std::sync::Arc::clone(&pool).allocate_owned(1));
+        assert!(poll_once(&mut first));
+        let canceller = thread::spawn(move || drop(first));
+        let mut newcomer = Box::pin(pool.allocate(1));
+        let queued = match Pin::new(&mut newcomer)
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            core::task::Poll::Pending => true,
+            core::task::Poll::Ready(Err(AllocError::QueueFull)) => false,
+            core::task::Poll::Ready(other) => panic!("neither queued nor refused: {other:?}"),
+        };
+        assert!(pool.stats().waiting <= 1);
+        canceller.join().unwrap();
+        assert_eq!(pool.stats().waiting, usize::from(queued));
+        drop(held);
+        if queued {
+            assert!(block_on(newcomer).is_ok());
+        }
         assert_eq!(pool.stats().in_use_bytes, 0);
     });
 }
