@@ -9,9 +9,10 @@ becomes one horizontal bar of its median, grouped into sections by bench group a
 (`uncontended/n=16`, `waiters (100)` for 100 queued, ...), coloured by who it measures: ours
 (membudget), tokio, frozen-core, the floor (the bare allocator, `std::alloc`), or another peer.
 Where a group declares a throughput in elements (`contention`, `many_tasks`), the median is
-divided by it: time per operation. One logarithmic axis serves the whole chart, so bars from
-nanosecond and millisecond benches can sit on one page; each bar is labelled with its value.
-Sections in which every row is ours (no peer to compare with) are left out. Missing rows,
+divided by it: time per operation. Each section has its own logarithmic axis (from a little below its fastest row to its
+slowest, at least a decade), so nanosecond and millisecond benches can sit on one page and
+small differences stay visible; each bar is labelled with its value.
+Sections with one kind of row only (all ours, say: nothing to compare) are left out. Missing rows,
 benches or files are skipped: the chart shows whatever was run.
 
 The title names the CPU (`model name` in /proc/cpuinfo of the machine drawing the chart, so
@@ -125,8 +126,8 @@ def sections_of(rows: list[Row]) -> list[tuple[str, list[Row]]]:
     out = []
     for name in sorted(by_section, key=section_key):
         members = by_section[name]
-        if all(row.peer == "ours" for row in members):
-            continue  # nothing to compare with
+        if len({row.peer for row in members}) < 2:
+            continue  # one kind of row only: nothing to compare with
         members.sort(key=lambda r: (PEER_ORDER[r.peer], natural_key(r.label)))
         out.append((name, members))
     return out
@@ -150,34 +151,70 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def nice_steps(lo: float, hi: float) -> list[float]:
+    """The 1-2-5 values from the one at or below `lo` to the one at or above `hi`."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    values = [m * 10.0**e for e in range(first, last + 1) for m in (1, 2, 5)]
+    start = max(i for i, v in enumerate(values) if v <= lo * 1.0001)
+    stop = min(i for i, v in enumerate(values) if v >= hi / 1.0001)
+    return values[start : stop + 1]
+
+
+def section_axis(members: list[Row]) -> tuple[float, float, list[float]]:
+    """A logarithmic axis for one section: from a 1-2-5 value a little below its fastest row
+    (so that row's bar is still seen) to one at or above its slowest, at least a decade wide."""
+    lo, hi = min(r.ns for r in members) / 1.3, max(r.ns for r in members)
+    if hi / lo < 10:
+        lo = hi / 10
+    steps = nice_steps(lo, hi)
+    lo, hi = steps[0], steps[-1]
+    if len(steps) > 7:  # too many to label: the decades, and both ends where there is room
+        decades = [v for v in steps if abs(math.log10(v) - round(math.log10(v))) < 1e-9]
+        room = (math.log10(hi) - math.log10(lo)) * 50 / 560  # 50 px of the 560 the bars get
+        ends = [v for v in (lo, hi) if all(abs(math.log10(v / d)) > room for d in decades)]
+        steps = sorted(set(decades + ends))
+    return lo, hi, steps
+
+
 def render(sections: list[tuple[str, list[Row]]], cpu: str, dates: str) -> str:
     font = 12
     char_w = font * 0.6  # a generous average advance for sans-serif
-    row_h, bar_h, head_h, gap = 17, 12, 24, 8
+    row_h, bar_h, head_h, tick_h, gap = 17, 12, 22, 14, 10
     labels = [row.label for _name, members in sections for row in members]
     label_w = max([len(label) for label in labels] + [20]) * char_w + 24
     bars_w, value_w = 560, 80
     left = 10
     width = round(left + label_w + bars_w + value_w + 10)
-    top = 96  # title, subtitle, legend
-
-    all_ns = [row.ns for _name, members in sections for row in members]
-    lo = 10 ** math.floor(math.log10(min(all_ns))) if all_ns else 1.0
-    hi = 10 ** math.ceil(math.log10(max(all_ns))) if all_ns else 1000.0
-    if hi <= lo:
-        hi = lo * 10
-    span = math.log10(hi) - math.log10(lo)
+    top = 84  # below the title, subtitle and legend
     x0 = left + label_w
 
-    def x_of(ns: float) -> float:
-        return x0 + bars_w * (math.log10(ns) - math.log10(lo)) / span
-
     body: list[str] = []
-    y = top + 18  # room for the axis labels
+    y = top
     for name, members in sections:
-        per_op = " (per operation: median ÷ elements per iteration)" if members[0].per_element else ""
-        body.append(f'<text x="{left}" y="{y + 15}" class="section">{escape(name)}{escape(per_op)}</text>')
+        lo, hi, ticks = section_axis(members)
+        span = math.log10(hi) - math.log10(lo)
+
+        def x_of(ns: float) -> float:
+            return x0 + bars_w * (math.log10(ns) - math.log10(lo)) / span
+
+        per_op = " (per operation)" if members[0].per_element else ""
+        body.append(f'<text x="{left}" y="{y + 16}" class="section">{escape(name + per_op)}</text>')
         y += head_h
+        rows_top, rows_bottom = y + tick_h - 2, y + tick_h + len(members) * row_h
+        decade = 10 ** math.floor(math.log10(lo))
+        while decade < hi:  # unlabelled 1-2-5 lines
+            for m in (1, 2, 5):
+                if lo < m * decade < hi and m * decade not in ticks:
+                    mx = x_of(m * decade)
+                    body.append(f'<line x1="{mx:.1f}" y1="{rows_top}" x2="{mx:.1f}" '
+                                f'y2="{rows_bottom}" class="minor"/>')
+            decade *= 10
+        for tick in ticks:
+            tx = x_of(tick)
+            body.append(f'<line x1="{tx:.1f}" y1="{rows_top}" x2="{tx:.1f}" y2="{rows_bottom}" '
+                        f'class="grid"/><text x="{tx:.1f}" y="{y + tick_h - 4}" '
+                        f'class="axis">{fmt_time(tick)}</text>')
+        y += tick_h
         for row in members:
             colour = next(c for key, _n, c, _p in PEERS if key == row.peer)
             x1 = x_of(row.ns)
@@ -190,21 +227,7 @@ def render(sections: list[tuple[str, list[Row]]], cpu: str, dates: str) -> str:
             )
             y += row_h
         y += gap
-    bottom = y
-    height = bottom + 30
-
-    grid: list[str] = []
-    for k in range(round(span) + 1):
-        ns = lo * 10**k
-        x = x_of(ns)
-        if k < round(span):
-            for minor in (2, 5):
-                mx = x_of(ns * minor)
-                grid.append(f'<line x1="{mx:.1f}" y1="{top + 4}" x2="{mx:.1f}" y2="{bottom}" '
-                            'class="minor"/>')
-        grid.append(f'<line x1="{x:.1f}" y1="{top + 4}" x2="{x:.1f}" y2="{bottom}" class="grid"/>')
-        for ty in (top, bottom + 16):
-            grid.append(f'<text x="{x:.1f}" y="{ty}" class="axis">{fmt_time(ns)}</text>')
+    height = y + 10
 
     legend: list[str] = []
     lx = left
@@ -218,8 +241,8 @@ def render(sections: list[tuple[str, list[Row]]], cpu: str, dates: str) -> str:
 
     width = max(width, lx)
     title = f"membudget vs tokio vs frozen-core vs the floor: criterion medians, {cpu}, {dates}"
-    subtitle = ("Shorter is faster. Logarithmic axis. Compare bars within a section; "
-                "regenerate with `cargo bench` then `python3 scripts/chart.py`.")
+    subtitle = ("Shorter is faster. Each section has its own logarithmic axis: compare bars "
+                "within a section. Per operation: median ÷ elements per iteration.")
     return "\n".join([
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif">',
@@ -227,7 +250,7 @@ def render(sections: list[tuple[str, list[Row]]], cpu: str, dates: str) -> str:
         f".title{{font-size:{font + 3}px;font-weight:bold}} .sub{{font-size:{font}px;fill:#444}} "
         f".section{{font-size:{font + 1}px;font-weight:bold}} "
         f".label{{font-size:{font}px;text-anchor:end}} .value{{font-size:{font - 1}px;fill:#222}} "
-        f".axis{{font-size:{font - 1}px;fill:#555;text-anchor:middle}} "
+        f".axis{{font-size:{font - 2}px;fill:#666;text-anchor:middle}} "
         f".legend{{font-size:{font}px}} .grid{{stroke:#ccc;stroke-width:1}} "
         ".minor{stroke:#eee;stroke-width:1}"
         "</style>",
@@ -235,7 +258,6 @@ def render(sections: list[tuple[str, list[Row]]], cpu: str, dates: str) -> str:
         f'<text x="{left}" y="22" class="title">{escape(title)}</text>',
         f'<text x="{left}" y="42" class="sub">{escape(subtitle)}</text>',
         *legend,
-        *grid,
         *body,
         "</svg>",
         "",
