@@ -29,7 +29,11 @@ fn children(c: &mut Criterion) {
     let child = root.child("child", cfg()).unwrap();
     let grandchild = child.child("grandchild", cfg()).unwrap();
     let mut group = c.benchmark_group("children");
-    for (name, pool) in [("root", &root), ("child", &child), ("grandchild", &grandchild)] {
+    for (name, pool) in [
+        ("root", &root),
+        ("child", &child),
+        ("grandchild", &grandchild),
+    ] {
         group.bench_function(BenchmarkId::new("try_allocate_unwrap", name), |b| {
             b.iter(|| {
                 let allocation = pool.try_allocate(1).unwrap();

@@ -89,8 +89,14 @@ fn tsc_invariant() -> bool {
     // CPUID leaf 0x8000_0007 ("advanced power management"), EDX bit 8: the TSC runs at a
     // constant rate in every P-, C- and T-state.
     const INVARIANT_TSC: u32 = 1 << 8;
-    let max_extended_leaf = __cpuid(0x8000_0000).eax;
-    max_extended_leaf >= 0x8000_0007 && __cpuid(0x8000_0007).edx & INVARIANT_TSC != 0
+    // `__cpuid` is an unsafe fn before Rust 1.94 (our MSRV is lower) and safe from 1.94 on.
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 0x8000_0000 is always valid and reports
+    // the highest extended leaf, checked before 0x8000_0007 is read.
+    #[allow(unused_unsafe)]
+    unsafe {
+        let max_extended_leaf = __cpuid(0x8000_0000).eax;
+        max_extended_leaf >= 0x8000_0007 && __cpuid(0x8000_0007).edx & INVARIANT_TSC != 0
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", not(miri), not(loom))))]

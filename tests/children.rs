@@ -428,7 +428,7 @@ fn report_shows_the_tree_sorted_by_bytes_and_top_names_the_largest_holders() {
         let _z = b.try_allocate(1).unwrap();
         let _r = root.try_reserve(3 * B).unwrap();
         let held = a.try_allocate(6).unwrap();
-        let mut waiting = queued(&a, 1);
+        let waiting = queued(&a, 1);
         let report = root.report();
         assert_eq!(report.in_use_bytes, (2 + 5 + 1 + 3 + 6) * B);
         assert_eq!((report.reserved_bytes, report.own_bytes()), (3 * B, 3 * B));
