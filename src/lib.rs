@@ -30,10 +30,15 @@
 //!
 //! - `bytes` (**on** by default): [`FilledAllocation`] implements `bytes::BufMut` (so tokio's
 //!   `AsyncReadExt::read_buf` reads into pooled memory), and `FilledAllocation::freeze` turns
-//!   it into a `bytes::Bytes` without a copy, for hyper, tonic or object_store; the pool's bytes stay reserved until the last clone or slice of
-//!   it is dropped. Adds the `bytes` crate (1.10.1 or later) as a dependency. Without it,
+//!   it into a `bytes::Bytes` without a copy, for hyper, tonic or object_store; the pool's
+//!   bytes stay reserved until the last clone or slice of it is dropped. Adds the `bytes` crate (1.10.1 or later) as a dependency. Without it,
 //!   [`FilledAllocation::read_from`] still reads from any `std::io::Read`.
-//! - `loom`: for the project's own loom models only, together with `RUSTFLAGS="--cfg loom"`.
+//! - `metrics` (off by default): `BufPool::record_metrics` pushes each pool's gauges and
+//!   totals through the `metrics` 0.24 facade, labelled `pool = <name>`, and waiters record
+//!   the wait histogram as they go; the names are in [`metric_names`]. Adds the `metrics`
+//!   crate as a dependency. Nothing of it runs on the fast path.
+//! - `loom` (off): for the project's own loom models only, together with
+//!   `RUSTFLAGS="--cfg loom"`.
 //!
 //! See the README for the guarantees, the migration from `frozen_core::bufpool` and the
 //! measurements.
