@@ -47,6 +47,7 @@
 //! | 22 `grow` racing a release and its cancel | `cancel` ignores a grant that landed (no `give_back_grant`) | assertion (`in_use_bytes` 16 with a reservation of 8) |
 //! | 23 reservation dropped racing the pool's drop barrier | a reservation's drop gives nothing back | deadlock (the barrier waits forever) |
 //! | 24 `max_waiters` at the boundary racing a cancel | the limit checked with `>` instead of `>=` | assertion (two waiters under `max_waiters(1)`) |
+//! | 25 pool drop vs a release under the lock | a release that drains the pool under the lock without taking its strong reference (then notifies the drain after unlocking) | causality violation (use after free). Removing `quiesce` (the drop's one lock round trip) was not caught, even at 7 preemptions (970,363 executions): loom does not track freed state, and `State`'s drop assertion (no lock held) never fired there |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -880,5 +881,22 @@ fn max_waiters_boundary_races_a_cancel() {
             assert!(block_on(newcomer).is_ok());
         }
         assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 25: The pool's drop races a release that gives the last bytes back under the queue
+/// lock (a waiter was queued, so `QUEUED` sends the release there) and holds no strong
+/// reference: the drop takes the lock once (`quiesce`) before it frees the state.
+#[test]
+fn pool_drop_races_a_release_under_the_lock() {
+    model(|| {
+        let pool = pool(1);
+        let held = pool.try_allocate(1).unwrap();
+        let mut waiter = Box::pin(pool.allocate(1));
+        assert!(poll_once(&mut waiter));
+        let releaser = thread::spawn(move || drop(held));
+        drop(waiter);
+        drop(pool);
+        releaser.join().unwrap();
     });
 }

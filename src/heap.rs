@@ -12,8 +12,10 @@
 //!    reserved the bytes).
 //! 2. The pool's owner drops its `Arc` ([`PoolHandle`]) only once the pool is drained, and
 //!    leaks it rather than drop it if the barrier was cut short.
-//! 3. [`Pool::release`] gives the bytes back as its very last access to the pool, unless it
-//!    first took a strong reference with the `keep_alive` it is given.
+//! 3. [`Pool::release`] gives the bytes back as its very last access to the pool, or under the
+//!    pool's lock and then touches the pool only under that lock (the owner takes the lock
+//!    once, [`Pool::quiesce`], after it saw the pool drained and before it drops its `Arc`),
+//!    unless it first took a strong reference with the `keep_alive` it is given.
 
 use core::alloc::Layout;
 use core::mem::{ManuallyDrop, MaybeUninit};
@@ -27,7 +29,8 @@ use crate::sync::Arc;
 /// # Safety
 ///
 /// `is_drained` returns `false` while the bytes of any live [`Block`] of this pool are
-/// counted, and `release` gives a block's bytes back as its last access to `self` unless it
+/// counted, and `release` gives a block's bytes back as its last access to `self`, or while
+/// it holds the lock `quiesce` takes (touching `self` after that only under it), unless it
 /// called `keep_alive` first (and then returns that handle instead of dropping it).
 pub(crate) unsafe trait Pool: Sized {
     /// The alignment of every block of this pool (fixed for its life).
@@ -38,6 +41,10 @@ pub(crate) unsafe trait Pool: Sized {
 
     /// Whether no bytes are counted in use.
     fn is_drained(&self) -> bool;
+
+    /// Waits for every release still finishing under the pool's lock (call once drained,
+    /// before dropping the last handle).
+    fn quiesce(&self);
 }
 
 /// The layout of a block of `bytes` (a non-zero multiple of 8 within the budget) aligned to
@@ -223,9 +230,12 @@ impl<P: Pool> Drop for PoolHandle<P> {
         // Only the pool's owner, inside its drop, gets here, so no call on the pool can
         // reserve bytes concurrently: drained now means drained for good.
         if self.pool.is_drained() {
+            // A release that gave the last bytes back under the pool's lock may still hold it.
+            self.pool.quiesce();
             // SAFETY: dropped once, here, and `self.pool` is never used again. No block
-            // points into it (none is counted) and a release still at work holds its own
-            // strong reference.
+            // points into it (none is counted), and a release still at work either holds its
+            // own strong reference or was done with the pool once it let go of the lock
+            // `quiesce` just took.
             unsafe { ManuallyDrop::drop(&mut self.pool) };
         }
     }

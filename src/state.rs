@@ -118,9 +118,11 @@ pub(crate) struct State {
 
 // SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
 // the reservation that made it (`State::block` is only called with reserved bytes) until
-// `release` gives them back; `release` gives them back in its last access to `self`
-// (`BudgetWord::try_release`, or the settle under the lock after `keep_alive`), and returns
-// the kept-alive handle instead of dropping it.
+// `release` gives them back. `release` gives them back in its last access to `self`
+// (`BudgetWord::try_release`), or under the queue lock and then touches `self` only under
+// that lock (`release_block_slow`: `quiesce` takes the same lock), or after `keep_alive`,
+// returning the kept-alive handle instead of dropping it. Bytes of ancestors (child pools)
+// go back first, while this pool's own bytes still keep it (and the parent it holds) alive.
 unsafe impl Pool for State {
     #[inline(always)]
     fn align(&self) -> usize {
@@ -145,11 +147,29 @@ unsafe impl Pool for State {
         if self.word.try_release(bytes) {
             return None;
         }
-        Some(Self::release_kept_alive(bytes, keep_alive))
+        self.release_block_slow(bytes, keep_alive)
     }
 
     fn is_drained(&self) -> bool {
         self.word.is_drained()
+    }
+
+    fn quiesce(&self) {
+        // A release that gave its bytes back under the lock still holds it until it is done
+        // with the pool (`release_block_slow`): taking the lock once waits for it.
+        drop(lock(&self.queue));
+    }
+}
+
+/// The drop barrier's promise, checked where it can be seen: when the state goes, no release
+/// still holds its lock (`Pool::quiesce` waited for it). Debug builds and loom models only.
+impl Drop for State {
+    fn drop(&mut self) {
+        #[cfg(any(debug_assertions, loom))]
+        assert!(
+            self.queue.try_lock().is_ok(),
+            "a pool's state dropped while its queue lock is held"
+        );
     }
 }
 
@@ -455,7 +475,7 @@ impl State {
             // Its wait still counts in the total and maximum.
             queue.waits.waited -= 1;
             let now = self.clock();
-            notify_drained = self.settle_locked(bytes, false, &mut queue, &mut wakers, now);
+            notify_drained = self.settle_locked(bytes, false, &mut queue, &mut wakers, now, || {});
         }
         self.after_unlock(notify_drained, &mut wakers);
     }
@@ -691,12 +711,48 @@ impl State {
 
     // ---- release ----
 
+    /// A block's release that the fast path could not make.
+    ///
+    /// While requests wait (`QUEUED`), the bytes go back under the queue lock, and after that
+    /// the pool is touched only under the lock: the pool's drop takes the lock once after it
+    /// sees the bytes back (`Pool::quiesce`), so it waits for us without a reference count
+    /// (two atomic read-modify-writes saved on every release that serves a waiter). Only a
+    /// release that drains the pool notifies after unlocking: it takes a strong reference
+    /// first, still under the lock. Without `QUEUED` (drain waiters, or the release counter
+    /// wraps) the bytes go back without the lock, so a strong reference is taken first.
     #[cold]
     #[inline(never)]
-    fn release_kept_alive(bytes: usize, keep_alive: impl FnOnce() -> Arc<State>) -> Arc<State> {
-        let pool = keep_alive();
-        pool.release_slow(bytes, true);
-        pool
+    fn release_block_slow(
+        &self,
+        bytes: usize,
+        keep_alive: impl FnOnce() -> Arc<State>,
+    ) -> Option<Arc<State>> {
+        if !self.word.load().is_queued() {
+            let pool = keep_alive();
+            pool.release_slow(bytes, true);
+            return Some(pool);
+        }
+        let mut keep_alive = Some(keep_alive);
+        let mut kept: Option<Arc<State>> = None;
+        let mut wakers = WakeList::default();
+        let now = self.clock();
+        let notify_drained = {
+            let mut queue = lock(&self.queue);
+            self.settle_locked(bytes, true, &mut queue, &mut wakers, now, || {
+                if let Some(keep_alive) = keep_alive.take() {
+                    kept = Some(keep_alive());
+                }
+            })
+        };
+        // Unlocked: from here on the pool may be gone, unless `kept` holds it.
+        if notify_drained {
+            kept.as_ref()
+                .expect("a draining release keeps the pool alive")
+                .drained
+                .notify(usize::MAX);
+        }
+        wakers.wake_all();
+        kept
     }
 
     /// A release the fast path could not make: someone waits (for budget or the drain), or
@@ -711,7 +767,8 @@ impl State {
             if word.is_queued() {
                 let now = self.clock();
                 let mut queue = lock(&self.queue);
-                notify_drained = self.settle_locked(bytes, counted, &mut queue, &mut wakers, now);
+                notify_drained =
+                    self.settle_locked(bytes, counted, &mut queue, &mut wakers, now, || {});
                 break;
             }
             let (next, wrapped) = word.settled(bytes, counted, 0, false);
@@ -734,7 +791,8 @@ impl State {
     /// `QUEUED` once the queue is empty, all in one compare-exchange of the word. Called
     /// whenever budget may have come free or the head changed. Returns whether the drain
     /// waiters must be notified (after the lock is released); `now` is when the grants count
-    /// as made.
+    /// as made. `before_draining` runs (under the lock) before the compare-exchange that
+    /// leaves nothing in use, when someone waits for that.
     ///
     /// While the queue is not empty (or a resize holds it) `QUEUED` is set, and while it is
     /// set and the lock is held nobody else adds or removes bytes in use (both fast paths
@@ -747,6 +805,7 @@ impl State {
         queue: &mut Queue,
         wakers: &mut WakeList,
         now: Option<Stamp>,
+        mut before_draining: impl FnMut(),
     ) -> bool {
         let budget = self.budget();
         let start = self.word.load();
@@ -768,6 +827,9 @@ impl State {
                 }
                 loop {
                     let (next, wrapped) = word.settled(released, counted, granted, now_empty);
+                    if word.drains_into(next) {
+                        before_draining();
+                    }
                     match self.word.compare_exchange(word, next) {
                         Ok(_) => {
                             if wrapped {
@@ -801,7 +863,7 @@ impl State {
     /// [`settle_locked`](State::settle_locked) with nothing given back: serves whoever fits
     /// now. Never empties the pool, so never has drain waiters to notify.
     fn serve(&self, queue: &mut Queue, wakers: &mut WakeList, now: Option<Stamp>) {
-        let drained = self.settle_locked(0, false, queue, wakers, now);
+        let drained = self.settle_locked(0, false, queue, wakers, now, || {});
         debug_assert!(!drained, "serving cannot drain the pool");
     }
 
