@@ -264,20 +264,23 @@ fn handoff(c: &mut Criterion) {
     });
     // What a tokio user builds the pool's allocation from: the permit, then the buffer
     // (freed before the permit goes back, as ours frees before it releases).
-    group.bench_function(BenchmarkId::new("tokio+buffer", "acquire_await_then_alloc"), |b| {
-        let sem = Arc::new(tokio::sync::Semaphore::new(1));
-        b.iter_custom(|iters| {
-            per_iters(iters, |rounds| {
-                task_pingpong!(rt, rounds, sem, |sem| async {
-                    let permit = sem.acquire().await.unwrap();
-                    PermitWithBuffer {
-                        buffer: black_box(Vec::<u8>::with_capacity(64)),
-                        _permit: permit,
-                    }
+    group.bench_function(
+        BenchmarkId::new("tokio+buffer", "acquire_await_then_alloc"),
+        |b| {
+            let sem = Arc::new(tokio::sync::Semaphore::new(1));
+            b.iter_custom(|iters| {
+                per_iters(iters, |rounds| {
+                    task_pingpong!(rt, rounds, sem, |sem| async {
+                        let permit = sem.acquire().await.unwrap();
+                        PermitWithBuffer {
+                            buffer: black_box(Vec::<u8>::with_capacity(64)),
+                            _permit: permit,
+                        }
+                    })
                 })
-            })
-        });
-    });
+            });
+        },
+    );
     group.finish();
 }
 

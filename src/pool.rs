@@ -475,7 +475,7 @@ impl BufPool {
         self.try_now(n, true)
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_now(&self, n: usize, zeroed: bool) -> Result<BufPoolAllocation, AllocError> {
         // Matched here rather than through a shared helper's nested enum: built in place, the
         // allocation never goes through an intermediate copy (see `Block::new`).
@@ -486,7 +486,7 @@ impl BufPool {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn wait_blocking(
         &self,
         n: usize,

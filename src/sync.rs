@@ -5,7 +5,7 @@
 #[cfg(loom)]
 pub(crate) use loom::sync::{
     Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize},
+    atomic::{AtomicBool, AtomicU64, AtomicUsize},
 };
 #[cfg(loom)]
 pub(crate) use loom_park::{Thread, current as current_thread, park};
@@ -13,7 +13,7 @@ pub(crate) use loom_park::{Thread, current as current_thread, park};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{
     Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize},
+    atomic::{AtomicBool, AtomicU64, AtomicUsize},
 };
 #[cfg(not(loom))]
 pub(crate) use std::thread::{Thread, current as current_thread, park};

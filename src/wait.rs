@@ -109,6 +109,7 @@ pin_project! {
     /// first (waiting in this pool's queue if it must), then in the parent (waiting at the
     /// tail of the parent's queue if it must), and so on. `levels` counts the pools, from
     /// this one up, whose bytes it holds; the node waits in at most one queue at a time.
+    #[project = RequestProj]
     pub(crate) struct Request {
         amount: usize,
         unit: Unit,
@@ -169,21 +170,42 @@ impl Request {
     /// Polls for the bytes: `Ready(Ok(bytes))` once they are held in every pool of the
     /// chain (for `Unit::Buffers`, counted as an allocation of `pool`). The request is done
     /// once `Ready`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn poll_hold(
         self: Pin<&mut Self>,
         pool: &State,
         cx: &mut Context<'_>,
     ) -> Poll<Result<usize, AllocError>> {
-        let this = self.project();
+        // The common case inline: a first poll whose bytes are free at every level.
+        if self.stage == Stage::Start && self.unit == Unit::Buffers {
+            let this = self.project();
+            let attempt = pool.reserve_now(*this.amount);
+            if let Attempt::Reserved(bytes) = attempt {
+                *this.stage = Stage::Done;
+                return Poll::Ready(Ok(bytes));
+            }
+            return Self::poll_hold_after(this, pool, cx, Some(attempt));
+        }
+        Self::poll_hold_after(self.project(), pool, cx, None)
+    }
+
+    /// [`poll_hold`](Request::poll_hold) past the fast path: `attempt` is the first poll's
+    /// fast-path result, if it was made.
+    #[inline(never)]
+    fn poll_hold_after(
+        this: RequestProj<'_>,
+        pool: &State,
+        cx: &mut Context<'_>,
+        attempt: Option<Attempt>,
+    ) -> Poll<Result<usize, AllocError>> {
         let node = this.node.as_ref();
         let counted = *this.unit == Unit::Buffers;
         let held = match *this.stage {
             Stage::Start => {
-                let attempt = match *this.unit {
+                let attempt = attempt.unwrap_or_else(|| match *this.unit {
                     Unit::Buffers => pool.reserve_now(*this.amount),
                     Unit::Bytes => pool.reserve_bytes_now(*this.amount),
-                };
+                });
                 match attempt {
                     // Every level at once (the one level of a root pool): the common case.
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
@@ -285,7 +307,19 @@ impl Request {
     /// Gives the request up: a queued node leaves the queue, a grant not taken goes on to
     /// the next waiters, and bytes held in lower levels go back. Idempotent; the request is
     /// done afterwards.
+    #[inline]
     pub(crate) fn cancel(self: Pin<&mut Self>, pool: &State) {
+        if let Stage::Start | Stage::Done = self.stage {
+            // Never queued, or finished: nothing to give up (the common case).
+            *self.project().stage = Stage::Done;
+            return;
+        }
+        self.cancel_waiting(pool);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn cancel_waiting(self: Pin<&mut Self>, pool: &State) {
         let this = self.project();
         let bytes = Self::bytes(*this.amount, *this.unit, pool);
         let counted = *this.unit == Unit::Buffers;
