@@ -157,6 +157,17 @@ impl BufPool {
     }
 }
 
+/// Growing a reservation of `held` bytes by `more` can never succeed if the two together are
+/// above the smallest budget of its chain: that fails at once, like any request above the
+/// budget, instead of waiting for bytes the reservation itself holds.
+fn beyond_budget(pool: &State, held: usize, more: usize) -> Option<AllocError> {
+    let budget = pool.smallest_budget();
+    (more > budget.saturating_sub(held)).then(|| AllocError::ExceedsBudget {
+        requested_bytes: held.saturating_add(more),
+        max_memory: budget,
+    })
+}
+
 /// Holds `bytes` (rounded) now or fails with `WouldBlock`.
 fn try_hold(pool: &State, bytes: usize) -> Result<usize, AllocError> {
     let bytes = rounded(bytes).ok_or_else(|| overflow(pool))?;
@@ -231,8 +242,8 @@ impl Reservation {
     /// # Errors
     ///
     /// [`WouldBlock`](AllocError::WouldBlock), [`ExceedsBudget`](AllocError::ExceedsBudget)
-    /// if `more` alone is above the budget, [`Closed`](AllocError::Closed). The reservation
-    /// is unchanged on error.
+    /// if the size and `more` together are above the budget (the smallest on the chain, for
+    /// a child pool), [`Closed`](AllocError::Closed). The reservation is unchanged on error.
     ///
     /// # Examples
     ///
@@ -247,6 +258,10 @@ impl Reservation {
     /// # Ok::<(), AllocError>(())
     /// ```
     pub fn try_grow(&mut self, more: usize) -> Result<(), AllocError> {
+        let rounded_more = rounded(more).ok_or_else(|| overflow(&self.pool))?;
+        if let Some(error) = beyond_budget(&self.pool, self.bytes, rounded_more) {
+            return Err(error);
+        }
         let more = try_hold(&self.pool, more)?;
         self.add(more);
         Ok(())
@@ -257,7 +272,9 @@ impl Reservation {
     ///
     /// # Errors
     ///
-    /// As [`BufPool::reserve`]. The reservation is unchanged on error.
+    /// As [`BufPool::reserve`], and [`ExceedsBudget`](AllocError::ExceedsBudget) at once if
+    /// the size and `more` together are above the budget (it could never be served). The
+    /// reservation is unchanged on error.
     ///
     /// # Cancel safety
     ///
@@ -278,10 +295,13 @@ impl Reservation {
     /// # }).unwrap();
     /// ```
     pub fn grow(&mut self, more: usize) -> Grow<'_> {
-        let overflowed = rounded(more).is_none();
+        let refused = match rounded(more) {
+            None => Some(overflow(&self.pool)),
+            Some(more) => beyond_budget(&self.pool, self.bytes, more),
+        };
         Grow {
             request: Request::new(rounded(more).unwrap_or(usize::MAX), Unit::Bytes),
-            overflowed,
+            refused,
             reservation: self,
         }
     }
@@ -536,7 +556,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Grow<'a> {
         reservation: &'a mut Reservation,
-        overflowed: bool,
+        refused: Option<AllocError>,
         #[pin]
         request: Request,
     }
@@ -554,8 +574,8 @@ impl Future for Grow<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if *this.overflowed {
-            return Poll::Ready(Err(overflow(&this.reservation.pool)));
+        if let Some(error) = *this.refused {
+            return Poll::Ready(Err(error));
         }
         if this.request.amount() == 0 {
             return Poll::Ready(Ok(()));

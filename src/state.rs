@@ -500,6 +500,17 @@ impl State {
         pool
     }
 
+    /// The smallest budget on the chain from this pool up: the most any request here can get.
+    pub(crate) fn smallest_budget(&self) -> usize {
+        let mut budget = self.budget();
+        let mut ancestor = self.parent.as_deref();
+        while let Some(pool) = ancestor {
+            budget = budget.min(pool.budget());
+            ancestor = pool.parent.as_deref();
+        }
+        budget
+    }
+
     /// The address that tells this pool's requests apart in an ancestor's queue.
     fn origin(&self) -> usize {
         core::ptr::from_ref(self).addr()
@@ -884,23 +895,40 @@ impl State {
 
     // ---- close, resize, drain ----
 
-    /// Closes the pool: every waiter fails with `Closed`, and so does every later reservation.
+    /// Closes the pool and every descendant: every waiter of the subtree fails with `Closed`,
+    /// wherever it waits, and so does every later reservation.
     ///
-    /// Then its requests waiting in an ancestor's queue fail too, and then every descendant
-    /// closes the same way. (A request between two levels finds the pool closed when it
-    /// tries to queue at the next one: see `admit`.)
+    /// Every pool of the subtree is closed (and its own queue failed) first; then, in each
+    /// ancestor's queue, the subtree's requests fail before the room they leave is served, so
+    /// that room only goes to requests of pools still open. (A request between two levels
+    /// finds its pool closed when it tries to queue at the next one: see `admit`.)
     pub(crate) fn close(&self) {
+        let mut descendants = Vec::new();
+        self.collect_descendants(&mut descendants);
         self.fail_waiters(|_, _| Some(Failure::Closed), || self.word.close());
-        let origin = self.origin();
+        for pool in &descendants {
+            pool.fail_waiters(|_, _| Some(Failure::Closed), || pool.word.close());
+        }
+        let mut origins = Vec::with_capacity(descendants.len() + 1);
+        origins.push(self.origin());
+        origins.extend(descendants.iter().map(|pool| pool.origin()));
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            pool.fail_waiters(|_, from| (from == origin).then_some(Failure::Closed), || {});
+            pool.fail_waiters(
+                |_, from| origins.contains(&from).then_some(Failure::Closed),
+                || {},
+            );
             ancestor = pool.parent.as_deref();
         }
-        // Cloned out of the lock: a child's close takes locks of its own.
+    }
+
+    /// Every live descendant, children before their parents. (Each registry is copied out
+    /// of its lock: no two registry locks are held at once.)
+    fn collect_descendants(&self, into: &mut Vec<Arc<State>>) {
         let children = lock(&self.children).clone();
         for child in children {
-            child.close();
+            child.collect_descendants(into);
+            into.push(child);
         }
     }
 

@@ -160,6 +160,14 @@ impl Request {
         self.stage == Stage::Done
     }
 
+    /// Whether the request's own level counts as an allocation as soon as it is held on the
+    /// waiting path: for a root pool's allocation, yes (its grant is taken as the request
+    /// completes); for a child pool's, only once every level is held (until then it is not
+    /// outstanding); for a reservation, never.
+    fn counted_while_waiting(unit: Unit, pool: &State) -> bool {
+        unit == Unit::Buffers && pool.depth() == 0
+    }
+
     fn bytes(amount: usize, unit: Unit, pool: &State) -> usize {
         match unit {
             Unit::Buffers => pool.bytes_of(amount),
@@ -199,7 +207,7 @@ impl Request {
         attempt: Option<Attempt>,
     ) -> Poll<Result<usize, AllocError>> {
         let node = this.node.as_ref();
-        let counted = *this.unit == Unit::Buffers;
+        let counted = Self::counted_while_waiting(*this.unit, pool);
         let held = match *this.stage {
             Stage::Start => {
                 let attempt = attempt.unwrap_or_else(|| match *this.unit {
@@ -249,7 +257,14 @@ impl Request {
         };
         let result = match held {
             Ok(None) => return Poll::Pending,
-            Ok(Some(bytes)) => Ok(bytes),
+            Ok(Some(bytes)) => {
+                if *this.levels > 0 && *this.unit == Unit::Buffers && !counted {
+                    // A child pool's request that waited: its own level becomes an
+                    // allocation only now that every level is held.
+                    pool.held_becomes_allocation();
+                }
+                Ok(bytes)
+            }
             Err(error) => Err(error),
         };
         *this.stage = Stage::Done;
@@ -322,7 +337,7 @@ impl Request {
     fn cancel_waiting(self: Pin<&mut Self>, pool: &State) {
         let this = self.project();
         let bytes = Self::bytes(*this.amount, *this.unit, pool);
-        let counted = *this.unit == Unit::Buffers;
+        let counted = Self::counted_while_waiting(*this.unit, pool);
         let levels = *this.levels as usize;
         match *this.stage {
             Stage::Queued => {
