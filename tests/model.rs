@@ -1823,82 +1823,86 @@ fn seeded_tree(rng: &mut common::Rng) -> Vec<PoolSpec> {
     specs
 }
 
-/// A random step from a seeded generator, weighted like the proptest strategy.
+/// A random step from a seeded generator, weighted like the proptest strategy `tree_op`
+/// (percent): the one-pool steps 55 (close only 1, so that most sequences run long on open
+/// pools), reservations 45.
 fn seeded_op(rng: &mut common::Rng) -> TreeOp {
     let any = |rng: &mut common::Rng| rng.next() as usize;
     let n = |rng: &mut common::Rng| match rng.range(0, 13) {
-        0 => usize::MAX,
-        1 => usize::MAX / 8 + 1,
-        _ => rng.range(0, 9),
+        0 => 0,
+        1 => [usize::MAX, usize::MAX / 8 + 1][rng.range(0, 1)],
+        2..=3 => rng.range(5, 9),
+        _ => rng.range(1, 4),
     };
-    let bytes = |rng: &mut common::Rng| match rng.range(0, 11) {
+    let bytes = |rng: &mut common::Rng| match rng.range(0, 19) {
         0 => usize::MAX,
         1 => usize::MAX - 7,
-        2 => rng.range(1, 4096),
-        _ => rng.range(0, 160),
+        2..=3 => rng.range(1, 4096),
+        _ => rng.range(0, 64),
     };
+    let zeroed = |rng: &mut common::Rng| rng.range(0, 1) == 0;
     let pool = any(rng);
     let pick = any(rng);
-    match rng.range(0, 41) {
-        0..=3 => on(
+    match rng.range(0, 99) {
+        0..=7 => on(
             pool,
             Op::Try {
                 n: n(rng),
-                zeroed: rng.range(0, 1) == 0,
+                zeroed: zeroed(rng),
             },
         ),
-        4..=5 => on(pool, Op::TimeoutZero { n: n(rng) }),
-        6..=11 => on(
+        8..=11 => on(pool, Op::TimeoutZero { n: n(rng) }),
+        12..=25 => on(
             pool,
             Op::Start {
                 n: n(rng),
-                zeroed: rng.range(0, 1) == 0,
+                zeroed: zeroed(rng),
             },
         ),
-        12..=14 => on(pool, Op::Poll { pick }),
-        15..=16 => on(pool, Op::DropFuture { pick }),
-        17..=20 => on(pool, Op::DropAllocation { pick }),
-        21 => on(pool, Op::Close),
-        22 => on(
+        26..=35 => on(pool, Op::Poll { pick }),
+        36..=40 => on(pool, Op::DropFuture { pick }),
+        41..=50 => on(pool, Op::DropAllocation { pick }),
+        51 => on(pool, Op::Close),
+        52..=54 => on(
             pool,
             Op::SetMax {
                 buffers: rng.range(0, 10),
                 extra: any(rng),
             },
         ),
-        23..=24 => TreeOp::TryReserve {
+        55..=60 => TreeOp::TryReserve {
             pool,
             bytes: bytes(rng),
         },
-        25 => TreeOp::ReserveTimeoutZero {
+        61..=62 => TreeOp::ReserveTimeoutZero {
             pool,
             bytes: bytes(rng),
         },
-        26..=28 => TreeOp::StartReserve {
+        63..=68 => TreeOp::StartReserve {
             pool,
             bytes: bytes(rng),
         },
-        29..=30 => TreeOp::TryGrow {
+        69..=72 => TreeOp::TryGrow {
             pick,
             more: bytes(rng),
         },
-        31..=32 => TreeOp::StartGrow {
+        73..=77 => TreeOp::StartGrow {
             pick,
             more: bytes(rng),
         },
-        33 => TreeOp::Shrink {
+        78..=80 => TreeOp::Shrink {
             pick,
             less: bytes(rng),
         },
-        34 => TreeOp::Split {
+        81..=84 => TreeOp::Split {
             pick,
             bytes: bytes(rng),
         },
-        35 => TreeOp::Merge {
+        85..=88 => TreeOp::Merge {
             pick,
             other: any(rng),
         },
-        36..=37 => TreeOp::AllocateFrom { pick, n: n(rng) },
+        89..=93 => TreeOp::AllocateFrom { pick, n: n(rng) },
         _ => TreeOp::DropReservation { pick },
     }
 }
@@ -1967,30 +1971,52 @@ mod property {
         }
     }
 
+    /// Buffers for a request on a tree (smaller than `n`: the trees' budgets are).
+    fn tree_n() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            1 => Just(0usize),
+            10 => 1usize..=4,
+            2 => 5usize..=9,
+            1 => prop_oneof![Just(usize::MAX), Just(usize::MAX / 8 + 1)],
+        ]
+    }
+
     fn bytes() -> impl Strategy<Value = usize> {
         prop_oneof![
-            16 => 0usize..=160,
+            16 => 0usize..=64,
             2 => 1usize..=4096,
             1 => Just(usize::MAX),
             1 => Just(usize::MAX - 7),
         ]
     }
 
+    /// A step on a tree, weighted in percent as `seeded_op`.
     fn tree_op() -> impl Strategy<Value = TreeOp> {
+        let on = |op: BoxedStrategy<Op>| {
+            (any::<usize>(), op).prop_map(|(pool, op)| TreeOp::On { pool, op })
+        };
         prop_oneof![
-            14 => (any::<usize>(), op()).prop_map(|(pool, op)| TreeOp::On { pool, op }),
-            2 => (any::<usize>(), bytes()).prop_map(|(pool, bytes)| TreeOp::TryReserve { pool, bytes }),
-            1 => (any::<usize>(), bytes())
+            8 => on((tree_n(), any::<bool>()).prop_map(|(n, zeroed)| Op::Try { n, zeroed }).boxed()),
+            4 => on(tree_n().prop_map(|n| Op::TimeoutZero { n }).boxed()),
+            14 => on((tree_n(), any::<bool>()).prop_map(|(n, zeroed)| Op::Start { n, zeroed }).boxed()),
+            10 => on(any::<usize>().prop_map(|pick| Op::Poll { pick }).boxed()),
+            5 => on(any::<usize>().prop_map(|pick| Op::DropFuture { pick }).boxed()),
+            10 => on(any::<usize>().prop_map(|pick| Op::DropAllocation { pick }).boxed()),
+            1 => on(Just(Op::Close).boxed()),
+            3 => on((0usize..=10, any::<usize>())
+                .prop_map(|(buffers, extra)| Op::SetMax { buffers, extra }).boxed()),
+            6 => (any::<usize>(), bytes()).prop_map(|(pool, bytes)| TreeOp::TryReserve { pool, bytes }),
+            2 => (any::<usize>(), bytes())
                 .prop_map(|(pool, bytes)| TreeOp::ReserveTimeoutZero { pool, bytes }),
-            3 => (any::<usize>(), bytes()).prop_map(|(pool, bytes)| TreeOp::StartReserve { pool, bytes }),
-            2 => (any::<usize>(), bytes()).prop_map(|(pick, more)| TreeOp::TryGrow { pick, more }),
-            2 => (any::<usize>(), bytes()).prop_map(|(pick, more)| TreeOp::StartGrow { pick, more }),
-            1 => (any::<usize>(), bytes()).prop_map(|(pick, less)| TreeOp::Shrink { pick, less }),
-            1 => (any::<usize>(), bytes()).prop_map(|(pick, bytes)| TreeOp::Split { pick, bytes }),
-            1 => (any::<usize>(), any::<usize>())
+            6 => (any::<usize>(), bytes()).prop_map(|(pool, bytes)| TreeOp::StartReserve { pool, bytes }),
+            4 => (any::<usize>(), bytes()).prop_map(|(pick, more)| TreeOp::TryGrow { pick, more }),
+            5 => (any::<usize>(), bytes()).prop_map(|(pick, more)| TreeOp::StartGrow { pick, more }),
+            3 => (any::<usize>(), bytes()).prop_map(|(pick, less)| TreeOp::Shrink { pick, less }),
+            4 => (any::<usize>(), bytes()).prop_map(|(pick, bytes)| TreeOp::Split { pick, bytes }),
+            4 => (any::<usize>(), any::<usize>())
                 .prop_map(|(pick, other)| TreeOp::Merge { pick, other }),
-            2 => (any::<usize>(), n()).prop_map(|(pick, n)| TreeOp::AllocateFrom { pick, n }),
-            3 => any::<usize>().prop_map(|pick| TreeOp::DropReservation { pick }),
+            5 => (any::<usize>(), tree_n()).prop_map(|(pick, n)| TreeOp::AllocateFrom { pick, n }),
+            6 => any::<usize>().prop_map(|pick| TreeOp::DropReservation { pick }),
         ]
     }
 
