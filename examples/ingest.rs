@@ -1,29 +1,32 @@
 //! A realistic ingest job on one memory budget.
 //!
-//! Many tokio tasks produce data into buffers from one `BufPool` and hand the filled
-//! allocations to blocking writer threads, which write them to a temporary file with vectored
-//! writes. The pool's budget is the only thing that bounds the data in flight: when it is
-//! spent, producers wait (in FIFO order) until a writer drops what it has written.
+//! Many tokio tasks produce data into buffers and hand the filled allocations to blocking
+//! writer threads, which write them to a temporary file with vectored writes. The producers
+//! come in groups, each allocating from its own child pool (`group-0`, `group-1`, ...) of one
+//! root pool (`ingest`): a group may hold at most half the budget, and all of them together
+//! at most the root's budget. The budgets are the only thing that bounds the data in flight:
+//! when one is spent, producers wait (in FIFO order) until a writer drops what it has written.
 //!
 //! ```text
 //! cargo run --release --example ingest
-//! cargo run --release --example ingest -- --total-mib 4096 --budget-mib 16 --producers 256
+//! cargo run --release --example ingest -- --total-mib 4096 --budget-mib 16 --producers 256 --groups 8
 //! ```
 //!
 //! At the end it reads the file back to check every byte arrived, deletes it, and prints the
-//! throughput, the peak bytes in use against the budget, and how many allocations waited and
-//! for how long.
+//! throughput, the peak bytes in use against the budget, how many allocations waited and for
+//! how long, the pools' report (`BufPool::report`: the tree with each pool's peak) and the
+//! three largest holders (`PoolReport::top`) at the busiest moment sampled.
 
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Read, Write};
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use membudget::{BufPool, BufPoolCfg, BufferSize, FilledAllocation};
+use membudget::{BufPool, BufPoolCfg, BufferSize, FilledAllocation, PoolReport};
 
 #[derive(Clone, Copy, Debug)]
 struct Options {
@@ -32,6 +35,7 @@ struct Options {
     buffer_size: BufferSize,
     buffers_per_allocation: usize,
     producers: usize,
+    groups: usize,
     writers: usize,
     batch: usize,
 }
@@ -44,6 +48,7 @@ impl Default for Options {
             buffer_size: BufferSize::S16384,
             buffers_per_allocation: 16,
             producers: 64,
+            groups: 4,
             writers: 2,
             batch: 8,
         }
@@ -51,7 +56,7 @@ impl Default for Options {
 }
 
 const USAGE: &str = "usage: ingest [--total-mib N] [--budget-mib N] [--buffer-bytes 8..16384] \
-[--buffers-per-allocation N] [--producers N] [--writers N] [--batch N]";
+[--buffers-per-allocation N] [--producers N] [--groups N] [--writers N] [--batch N]";
 
 fn parse_options() -> Result<Options, String> {
     let mut options = Options::default();
@@ -74,6 +79,7 @@ fn parse_options() -> Result<Options, String> {
             }
             "--buffers-per-allocation" => options.buffers_per_allocation = number,
             "--producers" => options.producers = number,
+            "--groups" => options.groups = number,
             "--writers" => options.writers = number,
             "--batch" => options.batch = number,
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
@@ -82,6 +88,7 @@ fn parse_options() -> Result<Options, String> {
     if [
         options.total_mib,
         options.producers,
+        options.groups,
         options.writers,
         options.batch,
         options.buffers_per_allocation,
@@ -133,7 +140,7 @@ fn main() {
         buffer_size: options.buffer_size,
         max_memory: options.budget_mib << 20,
     };
-    let pool = match BufPool::try_new(cfg) {
+    let pool = match BufPool::builder(cfg).name("ingest").build() {
         Ok(pool) => Arc::new(pool),
         Err(error) => {
             eprintln!("invalid budget: {error}");
@@ -147,6 +154,17 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // Each group's cap: half the budget, and at least one allocation.
+    let group_cfg = BufPoolCfg {
+        buffer_size: options.buffer_size,
+        max_memory: (cfg.max_memory / 2).max(allocation_bytes),
+    };
+    let groups: Vec<Arc<BufPool>> = (0..options.groups)
+        .map(|group| {
+            let child = pool.child(format!("group-{group}"), group_cfg);
+            Arc::new(child.expect("a group's budget is valid"))
+        })
+        .collect();
     let total_allocations = (options.total_mib << 20).div_ceil(allocation_bytes);
     println!(
         "ingest: {} MiB in {} allocations of {} x {} B, budget {} MiB ({} allocations in \
@@ -159,6 +177,12 @@ fn main() {
         cfg.max_memory / allocation_bytes,
         options.producers,
         options.writers,
+    );
+    println!(
+        "groups: {} child pools of {:.2} MiB each ({} allocations), producers spread over them",
+        options.groups,
+        mib(group_cfg.max_memory as u64),
+        group_cfg.max_memory / allocation_bytes,
     );
 
     let file = tempfile::NamedTempFile::new().expect("create a temporary file");
@@ -193,19 +217,28 @@ fn main() {
         .build()
         .expect("build the tokio runtime");
     let started = Instant::now();
-    let waits = runtime.block_on(produce(
-        pool.clone(),
-        options,
-        total_allocations,
-        senders,
-        totals.clone(),
-        started,
-    ));
+    let busiest = Arc::new(Mutex::new(PoolReport::default()));
+    let waits = runtime.block_on(async {
+        let sampler = tokio::spawn(sample_busiest(pool.clone(), busiest.clone()));
+        let waits = produce(
+            pool.clone(),
+            &groups,
+            options,
+            total_allocations,
+            senders,
+            totals.clone(),
+            started,
+        )
+        .await;
+        sampler.abort();
+        waits
+    });
     for writer in writers {
         writer.join().expect("a writer thread panicked");
     }
     let elapsed = started.elapsed();
     let stats = pool.stats();
+    let report = pool.report();
 
     // Proof that every byte arrived, then delete the file.
     let written = totals.written_bytes.load(Relaxed);
@@ -220,6 +253,32 @@ fn main() {
     );
     assert!(stats.peak_in_use_bytes <= cfg.max_memory, "the budget held");
     assert_eq!(stats.in_use_bytes, 0, "every allocation came back");
+    assert_eq!(
+        report.children.len(),
+        options.groups,
+        "every group in the report"
+    );
+    let mut group_waits = 0;
+    let mut max_wait = stats.max_wait;
+    for group in &groups {
+        let group = group.stats();
+        assert!(
+            group.peak_in_use_bytes <= group_cfg.max_memory,
+            "each group's budget held"
+        );
+        assert_eq!(
+            (group.in_use_bytes, group.outstanding),
+            (0, 0),
+            "and every allocation came back"
+        );
+        group_waits += group.waited_allocations;
+        max_wait = max_wait.max(group.max_wait);
+    }
+    let group_peaks: usize = report.children.iter().map(|c| c.peak_in_use_bytes).sum();
+    assert!(
+        report.children.iter().all(|c| c.in_use_bytes == 0) && group_peaks > 0,
+        "the report shows the groups' peaks, nothing in use"
+    );
 
     let secs = elapsed.as_secs_f64();
     println!("---");
@@ -234,13 +293,17 @@ fn main() {
         mib(cfg.max_memory as u64),
         100.0 * stats.peak_in_use_bytes as f64 / cfg.max_memory as f64
     );
+    // A request may wait in its group's queue and then again in the root's: each pool
+    // counts the waits in its own queue.
     println!(
-        "allocations:  {} made, {} waited ({:.0}%); pool stats agree: {} waited, max {:?}",
+        "allocations:  {} made, {} waited ({:.0}%); pool stats: {} waits in the groups' queues, \
+         {} in the root's, max {:?} in one queue",
         totals.allocations.load(Relaxed),
         waits.len(),
         100.0 * waits.len() as f64 / total_allocations as f64,
+        group_waits,
         stats.waited_allocations,
-        stats.max_wait,
+        max_wait,
     );
     println!(
         "wait:         p50 {:?}, p99 {:?}, max {:?} (of the allocations that waited)",
@@ -248,11 +311,29 @@ fn main() {
         percentile(&waits, 0.99),
         waits.last().copied().unwrap_or_default(),
     );
+    println!("pools at the end (peaks since the start):");
+    print!("{report}");
+    let busiest = busiest.lock().unwrap();
+    println!(
+        "top 3 holders at the busiest moment sampled ({:.2} MiB in use of {:.2} MiB):",
+        mib(busiest.in_use_bytes as u64),
+        mib(busiest.max_memory as u64),
+    );
+    for holder in busiest.top(3) {
+        println!(
+            "  {:8} {:6.2} MiB ({} allocations)",
+            holder.name.as_deref().unwrap_or("unnamed"),
+            mib(holder.own_bytes() as u64),
+            holder.outstanding,
+        );
+    }
 }
 
-/// Spawns the producer tasks and a progress printer; returns the sorted waits.
+/// Spawns the producer tasks (producer `i` allocating from group `i % groups`) and a progress
+/// printer; returns the sorted waits.
 async fn produce(
     pool: Arc<BufPool>,
+    groups: &[Arc<BufPool>],
     options: Options,
     total_allocations: usize,
     senders: Vec<mpsc::Sender<FilledAllocation>>,
@@ -263,7 +344,7 @@ async fn produce(
     let progress = tokio::spawn(print_progress(pool.clone(), totals.clone(), started));
     let mut producers = tokio::task::JoinSet::new();
     for producer in 0..options.producers {
-        let pool = pool.clone();
+        let pool = groups[producer % groups.len()].clone();
         let sender = senders[producer % senders.len()].clone();
         let next_allocation = next_allocation.clone();
         let totals = totals.clone();
@@ -319,6 +400,8 @@ async fn print_progress(pool: Arc<BufPool>, totals: Arc<Totals>, started: Instan
     loop {
         tick.tick().await;
         let stats = pool.stats();
+        let report = pool.report();
+        let waiting = stats.waiting + report.children.iter().map(|c| c.waiting).sum::<usize>();
         let written = totals.written_bytes.load(Relaxed);
         println!(
             "{:6.1} s  {:8.1} MiB written  {:6.0} MiB/s  in use {:5.2}/{:.2} MiB  {:3} waiting",
@@ -327,8 +410,26 @@ async fn print_progress(pool: Arc<BufPool>, totals: Arc<Totals>, started: Instan
             mib(written) / started.elapsed().as_secs_f64(),
             mib(stats.in_use_bytes as u64),
             mib(stats.max_memory as u64),
-            stats.waiting,
+            waiting,
         );
+    }
+}
+
+/// Keeps the report of the moment with the most bytes in use, sampled every few
+/// milliseconds, for the "who holds what" summary. A report reads each pool at its own
+/// instant, so under this churn its groups may add up to more than the root held when it was
+/// read: such a sample is no picture of one moment, and is skipped.
+async fn sample_busiest(pool: Arc<BufPool>, busiest: Arc<Mutex<PoolReport>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tick.tick().await;
+        let report = pool.report();
+        let held =
+            |report: &PoolReport| -> usize { report.children.iter().map(|c| c.in_use_bytes).sum() };
+        let mut busiest = busiest.lock().unwrap();
+        if held(&report) <= report.in_use_bytes && held(&report) > held(&busiest) {
+            *busiest = report;
+        }
     }
 }
 
