@@ -162,7 +162,8 @@ impl BufPool {
 /// budget, instead of waiting for bytes the reservation itself holds.
 fn beyond_budget(pool: &State, held: usize, more: usize) -> Option<AllocError> {
     let budget = pool.smallest_budget();
-    (more > budget.saturating_sub(held)).then(|| AllocError::ExceedsBudget {
+    // `more` alone above the budget is reported by the request itself, as for `reserve`.
+    (more <= budget && more > budget - held.min(budget)).then(|| AllocError::ExceedsBudget {
         requested_bytes: held.saturating_add(more),
         max_memory: budget,
     })

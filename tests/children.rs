@@ -462,3 +462,47 @@ fn report_shows_the_tree_sorted_by_bytes_and_top_names_the_largest_holders() {
         assert_eq!(root.report().children.len(), 1);
     });
 }
+
+#[test]
+fn closing_a_pool_fails_its_descendants_waiters_at_the_ancestors_before_serving() {
+    watchdog(30, || {
+        let root = BufPool::new(cfg(4));
+        let mid = root.child("mid", cfg(8)).unwrap();
+        let leaf = mid.child("leaf", cfg(8)).unwrap();
+        let _held = root.try_allocate(3).unwrap(); // the root has room for 1 buffer
+        let mut x = queued(&mid, 2); // waits at the root
+        let mut y = queued(&leaf, 1); // waits at the root, behind x
+        mid.close(); // closes leaf too: the room x leaves must not go to y
+        assert_eq!(ready(&mut x).unwrap_err(), AllocError::Closed);
+        assert_eq!(ready(&mut y).unwrap_err(), AllocError::Closed);
+        assert_eq!((in_use(&mid), in_use(&leaf), in_use(&root)), (0, 0, 3));
+    });
+}
+
+#[test]
+fn a_childs_request_waiting_above_is_not_outstanding_until_it_holds_every_level() {
+    watchdog(30, || {
+        let root = BufPool::new(cfg(1));
+        let child = root.child("c", cfg(1)).unwrap();
+        let held = root.try_allocate(1).unwrap();
+        let mut waiting = queued(&child, 1); // holds the child's level, waits at the root
+        let stats = child.stats();
+        assert_eq!((stats.in_use_bytes, stats.outstanding), (B, 0), "{stats:?}");
+        drop(waiting); // cancelled: never an allocation
+        assert_eq!(
+            (child.stats().outstanding, child.stats().total_allocations),
+            (0, 0)
+        );
+        waiting = queued(&child, 1);
+        drop(held);
+        let got = ready(&mut waiting).unwrap();
+        let stats = child.stats();
+        assert_eq!(
+            (stats.outstanding, stats.total_allocations),
+            (1, 1),
+            "{stats:?}"
+        );
+        drop(got);
+        assert_eq!(child.stats().outstanding, 0);
+    });
+}

@@ -238,7 +238,7 @@ struct Model {
 /// `Model::close_in_the_pools_order`), where a descendant's request can be served during the
 /// close; `true`: as issue 13 promises, every waiter of the subtree (wherever it waits)
 /// fails before anything is served. Flip it once `close` fails the whole subtree first.
-const CLOSE_FAILS_THE_SUBTREE_FIRST: bool = false;
+const CLOSE_FAILS_THE_SUBTREE_FIRST: bool = true;
 
 /// `bytes` rounded up to the reservations' granularity.
 fn rounded(bytes: usize) -> Option<usize> {
@@ -346,17 +346,29 @@ impl Model {
             .sum()
     }
 
-    /// `pool`'s own live allocations, and its allocation requests that took their bytes at
-    /// their own level (level 0) and still climb or wait above it: those count as
-    /// allocations of it already.
+    /// `pool`'s own live allocations. (A child pool's request that holds its own level while
+    /// it climbs or waits above is not one yet: it counts once it holds every level.)
     fn outstanding(&self, pool: usize) -> usize {
-        let allocations = self.allocations.iter().filter(|a| a.pool == pool).count();
-        let climbing = self
-            .requests
+        self.allocations.iter().filter(|a| a.pool == pool).count()
+    }
+
+    /// The check every growth passes first: the reservation's `held` bytes and the growth
+    /// together must fit the smallest cap of the chain, or it could never be served.
+    fn growth_bytes(&self, pool: usize, held: usize, more: usize) -> Result<usize, AllocError> {
+        let more = self.reservation_bytes(pool, more)?;
+        let smallest = self
+            .chain(pool)
             .iter()
-            .filter(|r| r.origin == pool && matches!(r.kind, Kind::Allocate { .. }) && r.held >= 1)
-            .count();
-        allocations + climbing
+            .map(|&at| self.pools[at].max_memory)
+            .min()
+            .expect("a chain has its own pool");
+        if more > smallest.saturating_sub(held) && more <= smallest {
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: held.saturating_add(more),
+                max_memory: smallest,
+            });
+        }
+        Ok(more)
     }
 
     fn room(&self, pool: usize) -> usize {
@@ -979,7 +991,8 @@ impl<'p> Harness<'p> {
                     return self.check(step, op);
                 };
                 let pool = self.model.reservations[index].pool;
-                let want = self.model.reservation_bytes(pool, more).and_then(|bytes| {
+                let held = self.model.reservations[index].bytes;
+                let want = self.model.growth_bytes(pool, held, more).and_then(|bytes| {
                     if bytes == 0 {
                         Ok(0)
                     } else {
@@ -997,8 +1010,9 @@ impl<'p> Harness<'p> {
                 let id = self.model.reservations[index].id;
                 let reservation = self.reservations[index].take().unwrap();
                 self.model.reservations[index].growing = true;
+                let held = self.model.reservations[index].bytes;
                 let future = Pending::Grow(PendingGrow::new(reservation, more));
-                let checked = self.model.reservation_bytes(pool, more);
+                let checked = self.model.growth_bytes(pool, held, more);
                 self.start(step, op, pool, future, Kind::Grow(id), checked);
             }
             TreeOp::Shrink { pick, less } => {

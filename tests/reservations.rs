@@ -252,7 +252,18 @@ fn reservations_on_a_child_hold_budget_in_every_ancestor() {
             (child.stats().reserved_bytes, root.stats().reserved_bytes),
             (104, 0)
         );
-        assert_eq!(r.try_grow(32).unwrap_err(), AllocError::WouldBlock);
+        // 104 + 32 could never fit the child's 128: refused at once.
+        assert_eq!(
+            r.try_grow(32).unwrap_err(),
+            AllocError::ExceedsBudget {
+                requested_bytes: 136,
+                max_memory: 128
+            }
+        );
+        // 16 more would fit the child, but the root is full.
+        let root_full = root.try_reserve(152).unwrap();
+        assert_eq!(r.try_grow(16).unwrap_err(), AllocError::WouldBlock);
+        drop(root_full);
         let allocation = r.allocate(1).unwrap();
         assert_eq!(child.stats().outstanding, 1);
         drop(allocation);
@@ -293,5 +304,57 @@ fn threads_reserving_growing_and_allocating_keep_the_budget() {
         }
         assert_budget(&pool, 0, 0);
         assert_eq!(pool.stats().outstanding, 0);
+    });
+}
+
+#[test]
+fn a_growth_that_could_never_fit_beside_the_reservation_fails_at_once() {
+    watchdog(30, || {
+        let pool = pool(64);
+        let mut r = pool.try_reserve(64).unwrap();
+        let expected = AllocError::ExceedsBudget {
+            requested_bytes: 72,
+            max_memory: 64,
+        };
+        assert_eq!(r.try_grow(8).unwrap_err(), expected);
+        assert_eq!(r.grow_blocking(8).unwrap_err(), expected);
+        assert_eq!(
+            futures::executor::block_on(r.grow(1)).unwrap_err(),
+            expected
+        );
+        // A growth above the budget on its own reports itself, as `reserve` does.
+        assert_eq!(
+            r.try_grow(72).unwrap_err(),
+            AllocError::ExceedsBudget {
+                requested_bytes: 72,
+                max_memory: 64
+            }
+        );
+        r.shrink(8);
+        r.try_grow(8).unwrap();
+        assert_eq!(r.size(), 64);
+        // On a child, the smallest cap of the chain counts.
+        let root = BufPool::new(BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: 128,
+        });
+        let child = root
+            .child(
+                "c",
+                BufPoolCfg {
+                    buffer_size: BufferSize::S64,
+                    max_memory: 1024,
+                },
+            )
+            .unwrap();
+        let mut r = child.try_reserve(120).unwrap();
+        assert_eq!(
+            r.try_grow(16).unwrap_err(),
+            AllocError::ExceedsBudget {
+                requested_bytes: 136,
+                max_memory: 128
+            }
+        );
+        assert_budget(&pool, 64, 64);
     });
 }
