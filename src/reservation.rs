@@ -253,9 +253,13 @@ impl Reservation {
     ///
     /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 128 });
     /// let mut r = pool.try_reserve(64)?;
-    /// r.try_grow(64)?;
+    /// r.try_grow(32)?;
+    /// let other = pool.try_reserve(32)?; // the budget is full now
     /// assert_eq!(r.try_grow(8).unwrap_err(), AllocError::WouldBlock);
-    /// assert_eq!(r.size(), 128);
+    /// // 96 + 40 could never fit a budget of 128: refused, not "try again later".
+    /// assert!(matches!(r.try_grow(40), Err(AllocError::ExceedsBudget { .. })));
+    /// assert_eq!(r.size(), 96);
+    /// # drop(other);
     /// # Ok::<(), AllocError>(())
     /// ```
     pub fn try_grow(&mut self, more: usize) -> Result<(), AllocError> {
