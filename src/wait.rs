@@ -187,33 +187,43 @@ impl Request {
         // The common case inline: a first poll whose bytes are free at every level.
         if self.stage == Stage::Start && self.unit == Unit::Buffers {
             let this = self.project();
-            let attempt = pool.reserve_now(*this.amount);
-            if let Attempt::Reserved(bytes) = attempt {
-                *this.stage = Stage::Done;
-                return Poll::Ready(Ok(bytes));
+            match pool.reserve_now(*this.amount) {
+                Attempt::Reserved(bytes) => {
+                    *this.stage = Stage::Done;
+                    return Poll::Ready(Ok(bytes));
+                }
+                Attempt::Failed(error) => {
+                    *this.stage = Stage::Done;
+                    return Poll::Ready(Err(error));
+                }
+                // Passed on as a plain number (in a register): an enum written here and
+                // read back there would stall on store forwarding.
+                Attempt::MustWait(bytes) => {
+                    return Self::poll_hold_after(this, pool, cx, Some(bytes));
+                }
             }
-            return Self::poll_hold_after(this, pool, cx, Some(attempt));
         }
         Self::poll_hold_after(self.project(), pool, cx, None)
     }
 
-    /// [`poll_hold`](Request::poll_hold) past the fast path: `attempt` is the first poll's
-    /// fast-path result, if it was made.
+    /// [`poll_hold`](Request::poll_hold) past the fast path: `must_wait` holds the bytes of a
+    /// first poll whose fast path said to wait.
     #[inline(never)]
     fn poll_hold_after(
         this: RequestProj<'_>,
         pool: &State,
         cx: &mut Context<'_>,
-        attempt: Option<Attempt>,
+        must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
         let node = this.node.as_ref();
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let held = match *this.stage {
             Stage::Start => {
-                let attempt = attempt.unwrap_or_else(|| match *this.unit {
-                    Unit::Buffers => pool.reserve_now(*this.amount),
-                    Unit::Bytes => pool.reserve_bytes_now(*this.amount),
-                });
+                let attempt = match (must_wait, *this.unit) {
+                    (Some(bytes), _) => Attempt::MustWait(bytes),
+                    (None, Unit::Buffers) => pool.reserve_now(*this.amount),
+                    (None, Unit::Bytes) => pool.reserve_bytes_now(*this.amount),
+                };
                 match attempt {
                     // Every level at once (the one level of a root pool): the common case.
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
