@@ -427,8 +427,9 @@ impl State {
         }
         #[cfg(feature = "metrics")]
         if let Some(histogram) = &self.wait_histogram {
-            let waited = Stamp::now().ticks_since(node.queued_at());
-            histogram.record(crate::clock::ticks_to_duration(waited));
+            let now = Stamp::now();
+            let waited = now.ticks_since(node.queued_at());
+            histogram.record(crate::clock::ticks_to_duration_cached(waited, now));
         }
         #[cfg(not(feature = "metrics"))]
         let _ = node;
