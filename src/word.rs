@@ -281,17 +281,7 @@ impl BudgetWord {
     /// reservation and of the drained check; after it the pool may be gone.
     #[inline(always)]
     pub(crate) fn try_release(&self, bytes: usize) -> bool {
-        let mut word = Word(self.0.load(Relaxed));
-        while let Some(next) = word.fast_released(bytes) {
-            match self
-                .0
-                .compare_exchange_weak(word.0, next.0, Release, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(actual) => word = Word(actual),
-            }
-        }
-        false
+        self.try_release_counting(bytes, true)
     }
 
     /// [`try_release`](BudgetWord::try_release) for bytes reserved with
@@ -299,8 +289,21 @@ impl BudgetWord {
     /// equivalent): not counted as a release. Same orderings.
     #[inline]
     pub(crate) fn try_release_uncounted(&self, bytes: usize) -> bool {
+        self.try_release_counting(bytes, false)
+    }
+
+    #[inline(always)]
+    fn try_release_counting(&self, bytes: usize, counted: bool) -> bool {
         let mut word = Word(self.0.load(Relaxed));
-        while let Some(next) = word.fast_released_uncounted(bytes) {
+        loop {
+            let next = if counted {
+                word.fast_released(bytes)
+            } else {
+                word.fast_released_uncounted(bytes)
+            };
+            let Some(next) = next else {
+                return false;
+            };
             match self
                 .0
                 .compare_exchange_weak(word.0, next.0, Release, Relaxed)
@@ -309,7 +312,6 @@ impl BudgetWord {
                 Err(actual) => word = Word(actual),
             }
         }
-        false
     }
 
     /// Replaces `current` with `next` if the word still is `current`; the word it found
