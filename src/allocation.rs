@@ -7,6 +7,7 @@ use core::mem::MaybeUninit;
 
 use crate::AllocError;
 use crate::FilledAllocation;
+use crate::chain;
 use crate::heap::{Block, InitBlock};
 use crate::state::State;
 use crate::sync::Arc;
@@ -48,7 +49,7 @@ impl BufPoolAllocation {
     #[inline]
     pub(crate) fn new(pool: &Arc<State>, bytes: usize, zeroed: bool) -> Result<Self, AllocError> {
         Ok(BufPoolAllocation {
-            block: State::block(pool, bytes, zeroed)?,
+            block: chain::block(pool, bytes, zeroed)?,
         })
     }
 

@@ -55,8 +55,10 @@
 mod allocation;
 mod blocking;
 mod builder;
+mod chain;
 mod clock;
 mod config;
+mod deferred;
 mod error;
 mod filled;
 mod heap;

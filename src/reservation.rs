@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use pin_project_lite::pin_project;
 
 use crate::blocking::block_on;
+use crate::chain;
 use crate::state::State;
 use crate::sync::Arc;
 use crate::wait::{Request, Unit};
@@ -360,7 +361,7 @@ impl Reservation {
         }
         self.bytes -= less;
         self.pool.note_reserved(-(less as isize));
-        self.pool.give_back_held(less);
+        chain::give_back_held(&self.pool, less);
     }
 
     /// Takes `min(bytes, size)` bytes (`bytes` rounded up to a multiple of 8) out into a new

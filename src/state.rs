@@ -6,9 +6,12 @@
 //! wait totals: while requests wait, `QUEUED` in the word sends every reservation and release
 //! here, so the room computed under the lock is exact and grants never overshoot the budget.
 //!
-//! No user code runs under the lock: wakers are cloned before it is taken, and woken or
-//! dropped after it is released ([`WakeList`]), once every state change is complete. So a
-//! waker that panics, or that re-enters the pool, can cost at most its own waiter.
+//! No user code runs under the lock, nor between two steps of one change of the books: wakers
+//! are cloned before the lock is taken, and every method here that changes the books collects
+//! the wake-ups, waker drops and drain notifications it owes in a [`Deferred`], which its
+//! caller runs once every step (every level of a chain of pools: `chain.rs`) is complete. So
+//! a waker that panics, or that re-enters the pool, finds the books consistent and can cost
+//! at most its own waiter.
 
 use core::pin::Pin;
 use core::task::{Poll, Waker};
@@ -17,11 +20,12 @@ use std::time::Duration;
 use event_listener::Event;
 
 use crate::clock::Stamp;
-use crate::heap::{Block, Memory, Pool};
+use crate::deferred::{Deferred, settle};
+use crate::heap::Memory;
 use crate::recycle::{Footprint, Recycler};
 use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
-use crate::waiters::{Failure, Node, Status, WaitList, WakeList};
+use crate::waiters::{Failure, Node, Status, WaitList};
 use crate::word::{BudgetWord, FastReserve, counted_budget};
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::Relaxed;
@@ -102,7 +106,8 @@ pub(crate) struct State {
     /// fast path of other threads.
     counters: CacheLine<Counters>,
     queue: CacheLine<Mutex<Queue>>,
-    drained: Event,
+    /// Shared, so that a release that drains the pool can notify it after the pool is gone.
+    drained: Arc<Event>,
     /// The pool this one is a child of: every byte reserved here is reserved there too, and
     /// in every ancestor above it (not counted as their allocations). Held strongly, so an
     /// ancestor's state outlives its descendants'.
@@ -114,51 +119,6 @@ pub(crate) struct State {
     /// their waits).
     #[cfg(feature = "metrics")]
     wait_histogram: Option<crate::telemetry::WaitHistogram>,
-}
-
-// SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
-// the reservation that made it (`State::block` is only called with reserved bytes) until
-// `release` gives them back. `release` gives them back in its last access to `self`
-// (`BudgetWord::try_release`), or under the queue lock and then touches `self` only under
-// that lock (`release_block_slow`: `quiesce` takes the same lock), or after `keep_alive`,
-// returning the kept-alive handle instead of dropping it. Bytes of ancestors (child pools)
-// go back first, while this pool's own bytes still keep it (and the parent it holds) alive.
-unsafe impl Pool for State {
-    #[inline(always)]
-    fn align(&self) -> usize {
-        self.config.align
-    }
-
-    #[inline(always)]
-    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
-        let bytes = memory.bytes();
-        if self.recycler.never_keeps(bytes) {
-            drop(memory);
-        } else if let Some(memory) =
-            self.recycler
-                .put(memory, || self.word.load().is_queued(), || self.footprint())
-        {
-            drop(memory);
-        }
-        if let Some(parent) = &self.parent {
-            // Alive: our bytes here are still counted, and we hold the parent.
-            parent.give_back_held(bytes);
-        }
-        if self.word.try_release(bytes) {
-            return None;
-        }
-        self.release_block_slow(bytes, keep_alive)
-    }
-
-    fn is_drained(&self) -> bool {
-        self.word.is_drained()
-    }
-
-    fn quiesce(&self) {
-        // A release that gave its bytes back under the lock still holds it until it is done
-        // with the pool (`release_block_slow`): taking the lock once waits for it.
-        drop(lock(&self.queue));
-    }
 }
 
 /// The drop barrier's promise, checked where it can be seen: when the state goes, no release
@@ -196,7 +156,7 @@ impl State {
             recycler,
             counters: CacheLine(Counters::default()),
             queue: CacheLine(Mutex::new(Queue::default())),
-            drained: Event::new(),
+            drained: Arc::new(Event::new()),
         }
     }
 
@@ -307,14 +267,56 @@ impl State {
         waker: &Waker,
         for_descendant: Option<&State>,
         counted: bool,
+        deferred: &mut Deferred,
     ) -> Result<Admission, AllocError> {
         // Clone before the lock (user code), and read the clock before it too: other threads
-        // wait for that lock. Dropped after it, if unused.
+        // wait for that lock. Dropped later by the caller's `deferred`, if unused: the
+        // caller records what it holds first.
         let waker = waker.clone();
         let since = self.clock();
         let mut queue = lock(&self.queue);
-        if for_descendant.is_some_and(State::is_closed) {
-            return Err(AllocError::Closed);
+        match self.admit_locked(&mut queue, bytes, for_descendant, counted) {
+            Ok(Admission::Queued) => {}
+            other => {
+                deferred.drop_later(waker);
+                return other;
+            }
+        }
+        queue.list.push_back(
+            node,
+            bytes,
+            waker,
+            since.unwrap_or_default(),
+            for_descendant.unwrap_or(self).origin(),
+        );
+        self.counters.set_waiting(queue.list.len());
+        Ok(Admission::Queued)
+    }
+
+    /// [`admit`](State::admit) under the lock, up to the queueing: `Queued` means the caller
+    /// links the node (`QUEUED` is set).
+    fn admit_locked(
+        &self,
+        queue: &mut Queue,
+        bytes: usize,
+        for_descendant: Option<&State>,
+        counted: bool,
+    ) -> Result<Admission, AllocError> {
+        if let Some(origin) = for_descendant {
+            if origin.is_closed() {
+                return Err(AllocError::Closed);
+            }
+            // A pool between the origin and here shrank below the request after it passed
+            // there: `set_max_memory` fails such requests in the queues it walks (after its
+            // budget store, under each queue's lock), and this check under our lock catches
+            // one that queues here after the walk passed.
+            let below = origin.smallest_budget_below(self);
+            if bytes > below {
+                return Err(AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: below,
+                });
+            }
         }
         let budget = self.budget();
         if bytes > budget {
@@ -355,14 +357,6 @@ impl State {
                 Err(actual) => word = actual,
             }
         }
-        queue.list.push_back(
-            node,
-            bytes,
-            waker,
-            since.unwrap_or_default(),
-            for_descendant.unwrap_or(self).origin(),
-        );
-        self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
     }
 
@@ -419,12 +413,11 @@ impl State {
     }
 
     /// The owner of a granted node takes its bytes: now an allocation, if the request was
-    /// made to this pool (`own`). Its wait is recorded here either way.
+    /// made to this pool (`own`). Its wait is recorded here either way, first: the metrics
+    /// recorder is user code, and should it panic, nothing is taken yet (the grant is given
+    /// back when the request is dropped).
     #[inline]
     fn grant_taken(&self, node: Pin<&Node>, own: bool) {
-        if own {
-            self.counters.grant_taken();
-        }
         #[cfg(feature = "metrics")]
         if let Some(histogram) = &self.wait_histogram {
             let now = Stamp::now();
@@ -433,60 +426,69 @@ impl State {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = node;
+        if own {
+            self.counters.grant_taken();
+        }
     }
 
     /// A queued node's owner gives up (its future is dropped): bytes already granted to it go
     /// to the next waiters, and a head that leaves lets the ones behind it move up.
-    pub(crate) fn cancel(&self, node: Pin<&Node>, bytes: usize) {
+    ///
+    /// The caller holds a handle on the pool.
+    pub(crate) fn cancel(&self, node: Pin<&Node>, bytes: usize, deferred: &mut Deferred) {
         match node.status() {
             // Out of the queue, and ours: nothing to undo.
             Status::Failed(_) | Status::Idle => {}
-            Status::Granted => self.give_back_grant(bytes),
+            Status::Granted => self.give_back_grant(bytes, deferred),
             Status::Waiting => {
-                let mut wakers = WakeList::default();
-                let own_waker;
-                {
+                let own_waker = {
                     let mut queue = lock(&self.queue);
                     // Served since the look above? Then the node is out of the list and
                     // `remove` changes nothing.
-                    own_waker = queue.list.remove(node);
+                    let own_waker = queue.list.remove(node);
                     if own_waker.is_some() {
                         let now = self.clock();
-                        self.serve(&mut queue, &mut wakers, now);
+                        self.serve(&mut queue, deferred, now);
                     }
+                    own_waker
+                };
+                // Dropped after the others' wake-ups, so that its `drop` panicking costs only
+                // us.
+                if let Some(own_waker) = own_waker {
+                    deferred.drop_later(own_waker);
                 }
-                // User code from here on, every change made: the others' wake-ups first, so
-                // that our own waker's `drop` panicking costs only us.
-                wakers.wake_all();
-                drop(own_waker);
                 if let Status::Granted = node.status() {
-                    self.give_back_grant(bytes);
+                    self.give_back_grant(bytes, deferred);
                 }
             }
         }
     }
 
     /// A grant its owner never took: not an allocation after all, so not a release either.
+    /// Its wait stays counted (in the number of waits, their total and their maximum alike),
+    /// so the wait statistics stay consistent and never go down.
     #[cold]
-    fn give_back_grant(&self, bytes: usize) {
-        let mut wakers = WakeList::default();
-        let notify_drained;
-        {
-            let mut queue = lock(&self.queue);
-            // Its wait still counts in the total and maximum.
-            queue.waits.waited -= 1;
-            let now = self.clock();
-            notify_drained = self.settle_locked(bytes, false, &mut queue, &mut wakers, now, || {});
-        }
-        self.after_unlock(notify_drained, &mut wakers);
+    fn give_back_grant(&self, bytes: usize, deferred: &mut Deferred) {
+        let now = self.clock();
+        let mut queue = lock(&self.queue);
+        self.settle_locked(bytes, false, &mut queue, deferred, now);
     }
 
     // ---- the chain of pools (child pools) ----
+    //
+    // The walks that give bytes back level by level live in `chain.rs`; here is what one
+    // level needs, and the all-or-nothing fast path of a child pool's request.
 
     /// How many pools are above this one.
     #[inline]
     pub(crate) fn depth(&self) -> usize {
         self.config.depth
+    }
+
+    /// The pool this one is a child of.
+    #[inline]
+    pub(crate) fn parent(&self) -> Option<&State> {
+        self.parent.as_deref()
     }
 
     /// The pool `level` steps up the chain: 0 is this one.
@@ -508,6 +510,18 @@ impl State {
         while let Some(pool) = ancestor {
             budget = budget.min(pool.budget());
             ancestor = pool.parent.as_deref();
+        }
+        budget
+    }
+
+    /// The smallest budget on the chain from this pool up to `ancestor`, `ancestor` not
+    /// included (`usize::MAX` if that is no pool).
+    pub(crate) fn smallest_budget_below(&self, ancestor: &State) -> usize {
+        let mut budget = usize::MAX;
+        let mut pool = Some(self);
+        while let Some(level) = pool.filter(|level| !core::ptr::eq(*level, ancestor)) {
+            budget = budget.min(level.budget());
+            pool = level.parent.as_deref();
         }
         budget
     }
@@ -600,9 +614,12 @@ impl State {
                 FastReserve::MustWait => Attempt::MustWait(bytes),
             },
         };
-        for level in 1..=reserved_above {
-            self.at_level(level).give_back_held_here(bytes);
-        }
+        // Every level held goes back before any wake-up it owes runs.
+        settle(|deferred| {
+            for level in 1..=reserved_above {
+                self.at_level(level).give_back_here(bytes, false, deferred);
+            }
+        });
         attempt
     }
 
@@ -626,77 +643,31 @@ impl State {
         }
     }
 
-    /// Gives back `bytes` reserved here with [`hold_now`](State::hold_now) (or the locked
-    /// equivalent): not a release of this pool.
-    fn give_back_held_here(&self, bytes: usize) {
-        if !self.word.try_release_uncounted(bytes) {
-            self.release_slow(bytes, false);
-        }
-    }
-
-    /// Gives back `bytes` held (not counted as allocations) here and in every ancestor above,
-    /// from the top down (each level's waiters are served in turn).
-    pub(crate) fn give_back_held(&self, bytes: usize) {
-        if let Some(parent) = &self.parent {
-            parent.give_back_held(bytes);
-        }
-        self.give_back_held_here(bytes);
-    }
-
-    /// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (this
-    /// one counted as its allocation, the ancestors not) without making an allocation of
-    /// them. The caller holds a handle, so every pool of the chain outlives this.
-    ///
-    /// `counted`: this pool's level was counted as an allocation (an allocation request, not
-    /// a reservation), so giving it back counts a release.
-    pub(crate) fn give_back_reserved(&self, bytes: usize, levels: usize, counted: bool) {
-        for level in (1..levels).rev() {
-            self.at_level(level).give_back_held_here(bytes);
-        }
-        if levels == 0 {
-            return;
-        }
-        if !counted {
-            self.give_back_held_here(bytes);
-        } else if !self.word.try_release(bytes) {
-            self.release_slow(bytes, true);
+    /// Gives back `bytes` of this level: counted as a release of this pool if `counted` (an
+    /// allocation's bytes), else held bytes ([`hold_now`](State::hold_now) or the locked
+    /// equivalent, a reservation's, a grant's). The caller holds a handle on the pool.
+    pub(crate) fn give_back_here(&self, bytes: usize, counted: bool, deferred: &mut Deferred) {
+        let fast = if counted {
+            self.word.try_release(bytes)
+        } else {
+            self.word.try_release_uncounted(bytes)
+        };
+        if !fast {
+            self.release_slow(bytes, counted, deferred);
         }
     }
 
     // ---- allocation memory ----
 
-    /// The memory for `bytes` just reserved: fresh, or a cached block of that size. If the
-    /// system allocator has none, the bytes go back to the budget and the call fails.
-    /// (An associated function: loom's `Arc` cannot be a method receiver.)
+    /// The memory for `bytes` just reserved: fresh, or a cached block of that size; `None`
+    /// if the system allocator has none.
     #[inline(always)]
-    pub(crate) fn block(
-        pool: &Arc<Self>,
-        bytes: usize,
-        zeroed: bool,
-    ) -> Result<Block<State>, AllocError> {
-        let memory = if pool.recycler.is_idle_for(bytes) {
-            Memory::fresh(pool.config.align, bytes, zeroed)
+    pub(crate) fn memory_for(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
+        if self.recycler.is_idle_for(bytes) {
+            Memory::fresh(self.config.align, bytes, zeroed)
         } else {
-            pool.recycled_or_fresh(bytes, zeroed)
-        };
-        let Some(memory) = memory else {
-            return Err(pool.out_of_memory(bytes));
-        };
-        // SAFETY: every caller reserved `bytes` in this pool's budget word for this block
-        // alone (a fast-path or locked reservation, or a grant it took), and only the block's
-        // drop gives them back.
-        Ok(unsafe { Block::new(pool, memory, zeroed) })
-    }
-
-    /// The allocator had no memory for `bytes` just reserved: they go back at once, serving
-    /// waiters, as the release of an allocation that never was (so `outstanding` stays
-    /// exact; `total_allocations` counts the attempt). The caller holds a live handle, so
-    /// the pool outlives this.
-    #[cold]
-    #[inline(never)]
-    fn out_of_memory(&self, bytes: usize) -> AllocError {
-        self.give_back_reserved(bytes, self.depth() + 1, true);
-        AllocError::OutOfMemory { bytes }
+            self.recycled_or_fresh(bytes, zeroed)
+        }
     }
 
     /// The memory when recycling is on for this size or blocks are cached.
@@ -713,6 +684,20 @@ impl State {
         Memory::fresh(self.config.align, bytes, zeroed)
     }
 
+    /// A released block's memory: cached for reuse, or freed. Touches no budget.
+    #[inline(always)]
+    pub(crate) fn recycle(&self, memory: Memory) {
+        let bytes = memory.bytes();
+        if self.recycler.never_keeps(bytes) {
+            drop(memory);
+        } else if let Some(memory) =
+            self.recycler
+                .put(memory, || self.word.load().is_queued(), || self.footprint())
+        {
+            drop(memory);
+        }
+    }
+
     /// The bytes in use and the budget now, for the recycler's decisions.
     fn footprint(&self) -> Footprint {
         Footprint {
@@ -723,65 +708,71 @@ impl State {
 
     // ---- release ----
 
+    /// The fast path of a block's release of `bytes` of this pool's own level (its
+    /// ancestors' levels already given back): one compare-exchange, after which the pool may
+    /// be gone. `false`: take [`release_block_slow`](State::release_block_slow).
+    #[inline(always)]
+    pub(crate) fn try_release_block(&self, bytes: usize) -> bool {
+        self.word.try_release(bytes)
+    }
+
+    /// A block's release of `bytes` of this pool's own level (its ancestors' levels already
+    /// given back), without a handle on the pool: after the bytes are back the pool may be
+    /// gone, unless `keep_alive` was called, whose handle is returned.
+    #[inline]
+    pub(crate) fn release_block(
+        &self,
+        bytes: usize,
+        keep_alive: impl FnOnce() -> Arc<State>,
+        deferred: &mut Deferred,
+    ) -> Option<Arc<State>> {
+        if self.try_release_block(bytes) {
+            return None;
+        }
+        self.release_block_slow(bytes, keep_alive, deferred)
+    }
+
     /// A block's release that the fast path could not make.
     ///
     /// While requests wait (`QUEUED`), the bytes go back under the queue lock, and after that
     /// the pool is touched only under the lock: the pool's drop takes the lock once after it
     /// sees the bytes back (`Pool::quiesce`), so it waits for us without a reference count
-    /// (two atomic read-modify-writes saved on every release that serves a waiter). Only a
-    /// release that drains the pool notifies after unlocking: it takes a strong reference
-    /// first, still under the lock. Without `QUEUED` (drain waiters, or the release counter
-    /// wraps) the bytes go back without the lock, so a strong reference is taken first.
+    /// (two atomic read-modify-writes saved on every release that serves a waiter). A release
+    /// that drains the pool takes a handle on the drain event (not the pool) under the lock,
+    /// to notify it later. Without `QUEUED` (drain waiters, or the release counter wraps) the
+    /// bytes go back without the lock, so a strong reference is taken first.
     #[cold]
     #[inline(never)]
-    fn release_block_slow(
+    pub(crate) fn release_block_slow(
         &self,
         bytes: usize,
         keep_alive: impl FnOnce() -> Arc<State>,
+        deferred: &mut Deferred,
     ) -> Option<Arc<State>> {
         if !self.word.load().is_queued() {
             let pool = keep_alive();
-            pool.release_slow(bytes, true);
+            pool.release_slow(bytes, true, deferred);
             return Some(pool);
         }
-        let mut keep_alive = Some(keep_alive);
-        let mut kept: Option<Arc<State>> = None;
-        let mut wakers = WakeList::default();
         let now = self.clock();
-        let notify_drained = {
-            let mut queue = lock(&self.queue);
-            self.settle_locked(bytes, true, &mut queue, &mut wakers, now, || {
-                if let Some(keep_alive) = keep_alive.take() {
-                    kept = Some(keep_alive());
-                }
-            })
-        };
-        // Unlocked: from here on the pool may be gone, unless `kept` holds it.
-        if notify_drained {
-            kept.as_ref()
-                .expect("a draining release keeps the pool alive")
-                .drained
-                .notify(usize::MAX);
-        }
-        wakers.wake_all();
-        kept
+        let mut queue = lock(&self.queue);
+        self.settle_locked(bytes, true, &mut queue, deferred, now);
+        // Unlocked when `queue` goes: from here on the pool may be gone.
+        None
     }
 
     /// A release the fast path could not make: someone waits (for budget or the drain), or
     /// the release counter wraps. `counted`: a release of this pool's own (not bytes of a
-    /// descendant's).
+    /// descendant's). The caller holds a handle on the pool.
     #[cold]
-    fn release_slow(&self, bytes: usize, counted: bool) {
-        let mut wakers = WakeList::default();
-        let notify_drained;
+    fn release_slow(&self, bytes: usize, counted: bool, deferred: &mut Deferred) {
         let mut word = self.word.load();
         loop {
             if word.is_queued() {
                 let now = self.clock();
                 let mut queue = lock(&self.queue);
-                notify_drained =
-                    self.settle_locked(bytes, counted, &mut queue, &mut wakers, now, || {});
-                break;
+                self.settle_locked(bytes, counted, &mut queue, deferred, now);
+                return;
             }
             let (next, wrapped) = word.settled(bytes, counted, 0, false);
             match self.word.compare_exchange(word, next) {
@@ -789,22 +780,22 @@ impl State {
                     if wrapped {
                         self.counters.releases_wrapped();
                     }
-                    notify_drained = word.drains_into(next);
-                    break;
+                    if word.drains_into(next) {
+                        deferred.notify_drained(Arc::clone(&self.drained));
+                    }
+                    return;
                 }
                 Err(actual) => word = actual,
             }
         }
-        self.after_unlock(notify_drained, &mut wakers);
     }
 
     /// With the lock held: gives `released` bytes back (counting a release if `counted`),
     /// grants the head of the queue its bytes for as long as they fit, in order, and clears
     /// `QUEUED` once the queue is empty, all in one compare-exchange of the word. Called
-    /// whenever budget may have come free or the head changed. Returns whether the drain
-    /// waiters must be notified (after the lock is released); `now` is when the grants count
-    /// as made. `before_draining` runs (under the lock) before the compare-exchange that
-    /// leaves nothing in use, when someone waits for that.
+    /// whenever budget may have come free or the head changed. The wake-ups it owes, and the
+    /// drain notification if it left nothing in use while someone waits for that, go to
+    /// `deferred`; `now` is when the grants count as made.
     ///
     /// While the queue is not empty (or a resize holds it) `QUEUED` is set, and while it is
     /// set and the lock is held nobody else adds or removes bytes in use (both fast paths
@@ -815,15 +806,14 @@ impl State {
         released: usize,
         counted: bool,
         queue: &mut Queue,
-        wakers: &mut WakeList,
+        deferred: &mut Deferred,
         now: Option<Stamp>,
-        mut before_draining: impl FnMut(),
-    ) -> bool {
+    ) {
         let budget = self.budget();
         let start = self.word.load();
         // Our `released` bytes are still counted, so this cannot underflow.
         let mut in_use = start.in_use() - released;
-        let mut notify_drained = false;
+        let mut drained = false;
         let granted = queue.list.grant_front(
             |bytes| {
                 let fits = bytes <= budget.saturating_sub(in_use);
@@ -839,9 +829,6 @@ impl State {
                 }
                 loop {
                     let (next, wrapped) = word.settled(released, counted, granted, now_empty);
-                    if word.drains_into(next) {
-                        before_draining();
-                    }
                     match self.word.compare_exchange(word, next) {
                         Ok(_) => {
                             if wrapped {
@@ -850,7 +837,7 @@ impl State {
                             if granted > 0 {
                                 self.note_in_use(next.in_use());
                             }
-                            notify_drained = word.drains_into(next);
+                            drained = word.drains_into(next);
                             return;
                         }
                         Err(actual) => word = actual,
@@ -858,8 +845,12 @@ impl State {
                 }
             },
             now,
-            wakers,
+            deferred,
         );
+        if drained {
+            // Still under the lock, so the pool is alive (its drop takes the lock first).
+            deferred.notify_drained(Arc::clone(&self.drained));
+        }
         if granted.count > 0 {
             let waits = &mut queue.waits;
             // Allocations once their owners take them (`Counters::grant_taken`): until then
@@ -869,23 +860,12 @@ impl State {
             waits.max_ticks = waits.max_ticks.max(granted.max_wait);
         }
         self.counters.set_waiting(queue.list.len());
-        notify_drained
     }
 
     /// [`settle_locked`](State::settle_locked) with nothing given back: serves whoever fits
     /// now. Never empties the pool, so never has drain waiters to notify.
-    fn serve(&self, queue: &mut Queue, wakers: &mut WakeList, now: Option<Stamp>) {
-        let drained = self.settle_locked(0, false, queue, wakers, now, || {});
-        debug_assert!(!drained, "serving cannot drain the pool");
-    }
-
-    /// After the lock is released: drain listeners first (a waker that panics must not cost
-    /// them their wake-up), then the wakers.
-    fn after_unlock(&self, notify_drained: bool, wakers: &mut WakeList) {
-        if notify_drained {
-            self.drained.notify(usize::MAX);
-        }
-        wakers.wake_all();
+    fn serve(&self, queue: &mut Queue, deferred: &mut Deferred, now: Option<Stamp>) {
+        self.settle_locked(0, false, queue, deferred, now);
     }
 
     /// The time for the wait statistics, if they are kept.
@@ -906,19 +886,37 @@ impl State {
     pub(crate) fn close(&self) {
         let mut descendants = Vec::new();
         self.collect_descendants(&mut descendants);
-        self.fail_waiters(|_, _| Some(Failure::Closed), || self.word.close());
-        for pool in &descendants {
-            pool.fail_waiters(|_, _| Some(Failure::Closed), || pool.word.close());
-        }
+        settle(|deferred| {
+            self.fail_waiters(|_, _| Some(Failure::Closed), || self.word.close(), deferred);
+            for pool in &descendants {
+                pool.fail_waiters(|_, _| Some(Failure::Closed), || pool.word.close(), deferred);
+            }
+            let origins = Self::origins(self, &descendants);
+            self.fail_in_ancestors(
+                |_, from| origins.contains(&from).then_some(Failure::Closed),
+                deferred,
+            );
+        });
+    }
+
+    /// The origins (see [`origin`](State::origin)) of `pool` and `descendants`.
+    fn origins(pool: &State, descendants: &[Arc<State>]) -> Vec<usize> {
         let mut origins = Vec::with_capacity(descendants.len() + 1);
-        origins.push(self.origin());
+        origins.push(pool.origin());
         origins.extend(descendants.iter().map(|pool| pool.origin()));
+        origins
+    }
+
+    /// In every ancestor's queue, fails the waiters `fails` picks and serves the room they
+    /// leave.
+    fn fail_in_ancestors(
+        &self,
+        fails: impl Fn(usize, usize) -> Option<Failure>,
+        deferred: &mut Deferred,
+    ) {
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            pool.fail_waiters(
-                |_, from| origins.contains(&from).then_some(Failure::Closed),
-                || {},
-            );
+            pool.fail_waiters(&fails, || {}, deferred);
             ancestor = pool.parent.as_deref();
         }
     }
@@ -934,50 +932,87 @@ impl State {
     }
 
     /// Under the lock: runs `first`, fails every waiter `fails` picks, and serves the ones
-    /// that fit now; wakes them all after it.
-    fn fail_waiters(&self, fails: impl Fn(usize, usize) -> Option<Failure>, first: impl FnOnce()) {
-        let mut wakers = WakeList::default();
-        {
-            let mut queue = lock(&self.queue);
-            first();
-            queue.list.fail_where(fails, &mut wakers);
-            self.serve(&mut queue, &mut wakers, None);
-        }
-        wakers.wake_all();
+    /// that fit now (timed like every other grant).
+    fn fail_waiters(
+        &self,
+        fails: impl Fn(usize, usize) -> Option<Failure>,
+        first: impl FnOnce(),
+        deferred: &mut Deferred,
+    ) {
+        let now = self.clock();
+        let mut queue = lock(&self.queue);
+        first();
+        queue.list.fail_where(fails, deferred);
+        self.serve(&mut queue, deferred, now);
     }
 
     /// Changes the budget: requests that can never fit the new one fail with
-    /// `ExceedsBudget`, those that fit now are served in order, and cached blocks are freed
-    /// until the footprint fits.
+    /// `ExceedsBudget` wherever they wait (in this pool's queue, or, for requests of this
+    /// pool and its descendants, in an ancestor's), those that fit now are served in order,
+    /// and cached blocks are freed until the footprint fits.
     ///
     /// Every reservation that succeeds after this returns is checked against the new budget.
-    /// The budget is stored while `QUEUED` is set, under the lock: a fast-path
-    /// compare-exchange that read the word before `QUEUED` was set fails and reloads the
+    /// The budget is stored under the lock, after [`BudgetWord::begin_resize`] set `QUEUED`
+    /// and moved the word's resize generation on: a fast-path compare-exchange that read the
+    /// word before that fails (the word changed, and can never change back) and reloads the
     /// budget; one that reads it while `QUEUED` is set goes to the lock; and the
-    /// compare-exchange that clears `QUEUED` again (in `serve`, after the store) publishes the
-    /// new budget to every fast path that reads the cleared word.
+    /// compare-exchange that clears `QUEUED` again (in `serve`, after the store) publishes
+    /// the new budget to every fast path that reads the cleared word. A request between two
+    /// levels of a chain, queued in no list while the walk passes, is checked against this
+    /// budget when it queues at the next level (`admit`), under that level's lock, which the
+    /// walk takes after the store.
     pub(crate) fn set_max_memory(&self, max_memory: usize) {
-        let mut wakers = WakeList::default();
-        let now = self.clock();
-        {
-            let mut queue = lock(&self.queue);
-            self.word.set_queued();
-            let budget = counted_budget(max_memory);
-            self.max_memory.store(max_memory, Relaxed);
-            self.budget.store(budget, Relaxed);
-            queue.list.fail_where(
-                |bytes, _| {
-                    (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
-                },
-                &mut wakers,
-            );
-            // Clears `QUEUED` unless requests still wait.
-            self.serve(&mut queue, &mut wakers, now);
-        }
-        // After the budget store: a block cached under the old budget is seen here, and one
-        // cached later was checked against the new budget (the cache's lock orders the two).
-        self.recycler.trim(|| self.footprint());
-        wakers.wake_all();
+        let budget = counted_budget(max_memory);
+        settle(|deferred| {
+            let now = self.clock();
+            {
+                let mut queue = lock(&self.queue);
+                // Counted under the lock, as `stats` reads the word: the resize's count on
+                // the word's allocation counter is never seen without its correction.
+                if self.word.begin_resize() {
+                    self.counters.allocations_wrapped();
+                }
+                queue.waits.resizes += 1;
+                self.max_memory.store(max_memory, Relaxed);
+                self.budget.store(budget, Relaxed);
+                queue.list.fail_where(
+                    |bytes, _| {
+                        (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
+                    },
+                    deferred,
+                );
+                // Clears `QUEUED` unless requests still wait.
+                self.serve(&mut queue, deferred, now);
+            }
+            if self.parent.is_some() {
+                let mut descendants = Vec::new();
+                self.collect_descendants(&mut descendants);
+                let origins = Self::origins(self, &descendants);
+                self.fail_in_ancestors(
+                    |bytes, from| {
+                        (bytes > budget && origins.contains(&from))
+                            .then_some(Failure::ExceedsBudget { max_memory: budget })
+                    },
+                    deferred,
+                );
+            }
+            // After the budget store: a block cached under the old budget is seen here, and
+            // one cached later was checked against the new budget (the cache's lock orders
+            // the two).
+            self.recycler.trim(|| self.footprint());
+        });
+    }
+
+    /// Whether nothing is in use: `Acquire`, pairing with the last release's `Release`.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.word.is_drained()
+    }
+
+    /// Waits for every release still finishing under the queue lock: a release that gave its
+    /// bytes back under the lock still holds it until it is done with the pool
+    /// (`release_block_slow`), so taking the lock once waits for it.
+    pub(crate) fn quiesce(&self) {
+        drop(lock(&self.queue));
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -1024,7 +1059,11 @@ impl State {
     }
 
     pub(crate) fn stats(&self) -> PoolStats {
-        let waits = lock(&self.queue).waits;
+        // The word is read under the lock, like the wait totals: a resize counts on the
+        // word's allocation counter and in `waits.resizes` under it.
+        let cached_bytes = self.recycler.cached_bytes();
+        let queue = lock(&self.queue);
+        let waits = queue.waits;
         self.counters.assemble(
             || self.word.load(),
             Sources {
@@ -1034,7 +1073,7 @@ impl State {
                 buffer_size: self.config.buffer_size.bytes(),
                 peak_in_use: self.peak_in_use.load(Relaxed),
                 reserved_bytes: self.reserved.load(Relaxed),
-                cached_bytes: self.recycler.cached_bytes(),
+                cached_bytes,
             },
         )
     }

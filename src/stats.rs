@@ -70,12 +70,16 @@ impl Counters {
 pub(crate) struct WaitTotals {
     /// Allocations reserved under the lock without waiting.
     pub(crate) allocations: usize,
-    /// Requests granted after waiting in the queue (less those dropped before they took
-    /// their grant), and how long they waited.
+    /// Requests granted after waiting in the queue (those dropped before they took their
+    /// grant included), and how long they waited: the three change together, under the lock,
+    /// so a reader always sees a mean at most the maximum, and none of them ever goes down.
     pub(crate) waited: usize,
     /// In the clock's ticks (`clock.rs`), turned into time when read.
     pub(crate) total_ticks: u64,
     pub(crate) max_ticks: u64,
+    /// Budget changes, each counted once on the word's allocation counter
+    /// (`BudgetWord::begin_resize`): subtracted from the allocations.
+    pub(crate) resizes: usize,
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
@@ -100,7 +104,8 @@ impl Counters {
         let allocations_spilled = self.allocations_spilled.load(Acquire);
         let allocations = allocations_spilled
             .wrapping_add(sources.waits.allocations)
-            .wrapping_add(word.allocations());
+            .wrapping_add(word.allocations())
+            .wrapping_sub(sources.waits.resizes);
         let releases = releases_spilled.wrapping_add(word.releases());
         PoolStats {
             name: sources.name,
@@ -170,11 +175,15 @@ pub struct PoolStats {
     pub peak_in_use_bytes: usize,
     /// Allocations ever made.
     pub total_allocations: usize,
-    /// Allocations that had to wait in the queue before they got their bytes.
+    /// Requests granted their bytes after waiting in this pool's queue: allocations, and
+    /// also reservations and child pools' requests that waited here, counting a grant whose
+    /// owner gave up before taking it (its wait happened). Never goes down.
     pub waited_allocations: usize,
-    /// The time those allocations spent waiting, added up.
+    /// The time those requests spent waiting, added up (with the pool's `time_waits` on).
+    /// Counted together with `waited_allocations` and `max_wait`, so
+    /// [`mean_wait`](PoolStats::mean_wait) is never above `max_wait`.
     pub total_wait: Duration,
-    /// The longest any allocation waited.
+    /// The longest any of those requests waited.
     pub max_wait: Duration,
     /// `try_allocate` calls that failed with [`WouldBlock`](crate::AllocError::WouldBlock).
     pub would_block: usize,

@@ -13,7 +13,8 @@ use core::task::{Context, Poll};
 use event_listener::EventListener;
 use pin_project_lite::pin_project;
 
-use crate::heap::Pool as _;
+use crate::chain;
+use crate::deferred::{Deferred, settle};
 use crate::state::{Admission, Attempt, State};
 use crate::sync::Arc;
 use crate::waiters::{Node, Status};
@@ -215,6 +216,32 @@ impl Request {
         cx: &mut Context<'_>,
         must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
+        if *this.stage == Stage::Queued && pool.depth() == 0 {
+            // A root pool's waiter (the common case): one level, nothing to give back on
+            // failure, no wake-up owed, so no `Deferred`.
+            let node = this.node.as_ref();
+            let counted = *this.unit == Unit::Buffers;
+            return match pool.poll_queued(node, cx.waker(), counted) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(result) => {
+                    *this.stage = Stage::Done;
+                    Poll::Ready(result.map(|()| Self::bytes(*this.amount, *this.unit, pool)))
+                }
+            };
+        }
+        // Every change of the request's own state (stage, levels) is recorded before the
+        // user code its steps owe runs: should that code unwind, the request's drop gives
+        // back exactly the levels it still holds.
+        settle(|deferred| Self::poll_steps(this, pool, cx, must_wait, deferred))
+    }
+
+    fn poll_steps(
+        this: RequestProj<'_>,
+        pool: &State,
+        cx: &mut Context<'_>,
+        must_wait: Option<usize>,
+        deferred: &mut Deferred,
+    ) -> Poll<Result<usize, AllocError>> {
         let node = this.node.as_ref();
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let held = match *this.stage {
@@ -229,10 +256,19 @@ impl Request {
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
                     Attempt::Failed(error) => Err(error),
                     Attempt::MustWait(bytes) => {
-                        match pool.admit(node, bytes, cx.waker(), None, counted) {
+                        match pool.admit(node, bytes, cx.waker(), None, counted, deferred) {
                             Ok(Admission::Reserved) => {
                                 *this.levels = 1;
-                                Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
+                                Self::climb(
+                                    pool,
+                                    node,
+                                    bytes,
+                                    counted,
+                                    this.levels,
+                                    this.stage,
+                                    cx,
+                                    deferred,
+                                )
                             }
                             Ok(Admission::Queued) => {
                                 *this.stage = Stage::Queued;
@@ -250,18 +286,38 @@ impl Request {
                 match pool.at_level(level).poll_queued(node, cx.waker(), own) {
                     Poll::Pending => Ok(None),
                     Poll::Ready(Err(error)) => {
-                        pool.give_back_reserved(bytes, level, counted);
+                        // Done before the levels below go back: never given back twice.
+                        *this.stage = Stage::Done;
+                        chain::give_back_reserved(pool, bytes, level, counted, deferred);
                         Err(error)
                     }
                     Poll::Ready(Ok(())) => {
                         *this.levels += 1;
-                        Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
+                        Self::climb(
+                            pool,
+                            node,
+                            bytes,
+                            counted,
+                            this.levels,
+                            this.stage,
+                            cx,
+                            deferred,
+                        )
                     }
                 }
             }
             Stage::Climbing => {
                 let bytes = Self::bytes(*this.amount, *this.unit, pool);
-                Self::climb(pool, node, bytes, counted, this.levels, this.stage, cx)
+                Self::climb(
+                    pool,
+                    node,
+                    bytes,
+                    counted,
+                    this.levels,
+                    this.stage,
+                    cx,
+                    deferred,
+                )
             }
             Stage::Done => panic!("a budget future polled after it completed"),
         };
@@ -284,7 +340,8 @@ impl Request {
     /// Holds `bytes` in the pools above the `levels` already held: at once where there is
     /// room and nobody waits, else by queueing there (`Ok(None)`, `stage` is `Queued`).
     /// `Ok(Some(bytes))` once every level is held; on failure every level held is given
-    /// back. A root pool has no level above, so this returns at once.
+    /// back (and `stage` is `Done`). A root pool has no level above, so this returns at once.
+    #[allow(clippy::too_many_arguments)]
     fn climb(
         pool: &State,
         node: Pin<&Node>,
@@ -293,12 +350,24 @@ impl Request {
         levels: &mut u32,
         stage: &mut Stage,
         cx: &mut Context<'_>,
+        deferred: &mut Deferred,
     ) -> Result<Option<usize>, AllocError> {
         *stage = Stage::Climbing;
         while (*levels as usize) <= pool.depth() {
             let level = *levels as usize;
             let ancestor = pool.at_level(level);
-            let error = match ancestor.hold_now(bytes) {
+            // A level it holds shrank below it since (`set_max_memory` fails such requests
+            // where they wait; this one was between two queues).
+            let below = pool.smallest_budget_below(ancestor);
+            let held = if bytes > below {
+                Err(AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: below,
+                })
+            } else {
+                ancestor.hold_now(bytes)
+            };
+            let error = match held {
                 Ok(true) => {
                     *levels += 1;
                     continue;
@@ -309,7 +378,7 @@ impl Request {
                     if node.status() == Status::Granted {
                         node.reset();
                     }
-                    match ancestor.admit(node, bytes, cx.waker(), Some(pool), false) {
+                    match ancestor.admit(node, bytes, cx.waker(), Some(pool), false, deferred) {
                         Ok(Admission::Reserved) => {
                             *levels += 1;
                             continue;
@@ -323,7 +392,9 @@ impl Request {
                 }
                 Err(error) => error,
             };
-            pool.give_back_reserved(bytes, level, counted);
+            // Done before the levels go back: never given back twice.
+            *stage = Stage::Done;
+            chain::give_back_reserved(pool, bytes, level, counted, deferred);
             return Err(error);
         }
         Ok(Some(bytes))
@@ -349,15 +420,19 @@ impl Request {
         let bytes = Self::bytes(*this.amount, *this.unit, pool);
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let levels = *this.levels as usize;
-        match *this.stage {
+        let stage = core::mem::replace(this.stage, Stage::Done);
+        // Done before anything goes back (above): whatever unwinds from the user code owed,
+        // nothing is given back twice. One `settle` for every level: the queue this request
+        // leaves, and each level below it, are settled before any wake-up runs.
+        settle(|deferred| match stage {
             Stage::Queued => {
-                pool.at_level(levels).cancel(this.node.as_ref(), bytes);
-                pool.give_back_reserved(bytes, levels, counted);
+                pool.at_level(levels)
+                    .cancel(this.node.as_ref(), bytes, deferred);
+                chain::give_back_reserved(pool, bytes, levels, counted, deferred);
             }
-            Stage::Climbing => pool.give_back_reserved(bytes, levels, counted),
+            Stage::Climbing => chain::give_back_reserved(pool, bytes, levels, counted, deferred),
             Stage::Start | Stage::Done => {}
-        }
-        *this.stage = Stage::Done;
+        });
     }
 }
 

@@ -1,6 +1,7 @@
 //! The FIFO of waiting requests: an intrusive doubly linked list of [`Node`]s that live,
 //! pinned, inside the waiting futures (as in tokio's `batch_semaphore`), kept under the
-//! pool's one lock; and the [`WakeList`] that wakes them after the lock is released. One of
+//! pool's one lock; the wakers of the nodes it serves go to a `Deferred`, to be woken once the
+//! lock is released and the books are settled (`deferred.rs`). One of
 //! the two modules with `unsafe` code (the other is `heap.rs`).
 //!
 //! Waiting needs no heap memory: the node is part of the future, and the list only links it.
@@ -23,6 +24,7 @@
 
 use crate::AllocError;
 use crate::clock::Stamp;
+use crate::deferred::Deferred;
 use crate::sync::{AtomicUsize, UnsafeCell};
 use core::marker::PhantomPinned;
 use core::mem::MaybeUninit;
@@ -381,7 +383,7 @@ impl WaitList {
         mut fits: impl FnMut(usize) -> bool,
         commit: impl FnOnce(usize, bool),
         now: Option<Stamp>,
-        wakers: &mut WakeList,
+        wakers: &mut Deferred,
     ) -> Granted {
         let mut granted = Granted::default();
         // The granted nodes, unlinked from the queue but still `WAITING` (so their owners
@@ -416,7 +418,7 @@ impl WaitList {
                 granted.max_wait = granted.max_wait.max(waited);
             }
             if let Some(waker) = links.waker.take() {
-                wakers.push(waker);
+                wakers.wake(waker);
             }
             // SAFETY: alive until its owner sees this store.
             let status = unsafe { &node.as_ref().status };
@@ -431,7 +433,7 @@ impl WaitList {
     pub(crate) fn fail_where(
         &mut self,
         fails: impl Fn(usize, usize) -> Option<Failure>,
-        wakers: &mut WakeList,
+        wakers: &mut Deferred,
     ) -> usize {
         let mut failed = 0;
         let mut cursor = self.head;
@@ -453,7 +455,7 @@ impl WaitList {
                 }
             };
             if let Some(waker) = links.waker.take() {
-                wakers.push(waker);
+                wakers.wake(waker);
             }
             // SAFETY: alive until its owner sees this store.
             let status = unsafe { &node.as_ref().status };
@@ -507,72 +509,6 @@ impl WaitList {
     }
 }
 
-/// Wakers collected under the lock and woken after it is released, in the order they were
-/// served.
-///
-/// Callers wake them with [`wake_all`](WakeList::wake_all) once the lock is released;
-/// dropping the list does the same (so an unwinding caller still wakes them). It is used in
-/// place, by `&mut`: moving it would copy its inline array. A waker that panics cannot strand
-/// the waiters after it: each wake runs under `catch_unwind`, the rest are still woken, and
-/// the first panic is passed on afterwards (unless the thread is already unwinding).
-#[derive(Debug, Default)]
-pub(crate) struct WakeList {
-    inline: [Option<Waker>; 4],
-    inline_len: usize,
-    /// Only when one step wakes more than the inline ones: a heap allocation per such step,
-    /// never per wait.
-    spilled: Vec<Waker>,
-}
-
-impl WakeList {
-    #[inline]
-    pub(crate) fn push(&mut self, waker: Waker) {
-        if self.inline_len < self.inline.len() {
-            self.inline[self.inline_len] = Some(waker);
-            self.inline_len += 1;
-        } else {
-            self.spilled.push(waker);
-        }
-    }
-
-    /// Wakes every waker pushed so far, in order. Call it after releasing the lock.
-    #[inline]
-    pub(crate) fn wake_all(&mut self) {
-        if self.inline_len == 0 {
-            return;
-        }
-        self.wake_all_slow();
-    }
-
-    #[inline(never)]
-    fn wake_all_slow(&mut self) {
-        let inline_len = core::mem::take(&mut self.inline_len);
-        let spilled = core::mem::take(&mut self.spilled);
-        let wakers = self.inline[..inline_len]
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(spilled);
-        let mut first_panic = None;
-        for waker in wakers {
-            let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake()));
-            if let Err(panic) = woken {
-                first_panic.get_or_insert(panic);
-            }
-        }
-        if let Some(panic) = first_panic {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-    }
-}
-
-impl Drop for WakeList {
-    fn drop(&mut self) {
-        self.wake_all();
-    }
-}
-
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -613,7 +549,7 @@ mod tests {
             "removing twice changes nothing"
         );
         assert_eq!(list.front_bytes(), Some(1));
-        let mut wakers = WakeList::default();
+        let mut wakers = Deferred::default();
         let mut committed = None;
         let granted = list.grant_front(
             |bytes| bytes <= 3,
@@ -635,27 +571,6 @@ mod tests {
         );
         assert_eq!(d.as_ref().status(), Status::Failed(AllocError::Closed));
         assert!(list.is_empty() && list.front_bytes().is_none());
-        assert_eq!(wakers.inline_len, 3);
-    }
-
-    #[test]
-    fn wake_list_wakes_in_order_and_past_a_panicking_waker() {
-        use std::sync::Mutex;
-        struct Record(usize, Arc<Mutex<Vec<usize>>>);
-        impl Wake for Record {
-            fn wake(self: Arc<Self>) {
-                self.1.lock().unwrap().push(self.0);
-                assert_ne!(self.0, 2, "waker 2 panics");
-            }
-        }
-        let woken = Arc::new(Mutex::new(Vec::new()));
-        let mut list = WakeList::default();
-        for i in 0..12 {
-            list.push(Waker::from(Arc::new(Record(i, woken.clone()))));
-        }
-        assert_eq!(list.spilled.len(), 8);
-        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(list)));
-        assert!(panic.is_err(), "the panic is passed on");
-        assert_eq!(*woken.lock().unwrap(), (0..12).collect::<Vec<_>>());
+        assert_eq!(wakers.wake_ups(), 3);
     }
 }

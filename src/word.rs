@@ -15,7 +15,9 @@
 //! * the bytes in use (a multiple of 8, stored without its three zero bits);
 //! * two counters of the allocations and releases made on the fast path, modulo
 //!   [`COUNTER_WRAP`]. Each wrap is counted elsewhere (see `stats.rs`), so the statistics are
-//!   exact without a second read-modify-write on the fast path.
+//!   exact without a second read-modify-write on the fast path. A change of the budget also
+//!   counts one on the allocation counter ([`BudgetWord::begin_resize`]), so that the word
+//!   never returns to a value read before it; `state.rs` counts those and subtracts them.
 //!
 //! # The happens-before chain the drop barrier rests on
 //!
@@ -325,10 +327,34 @@ impl BudgetWord {
             .map_err(Word)
     }
 
-    /// Sets `QUEUED`, so that every reservation and release takes the lock until it is
-    /// cleared. `AcqRel`: in-flight fast-path compare-exchanges fail (the word changed).
-    pub(crate) fn set_queued(&self) {
-        self.0.fetch_or(QUEUED, AcqRel);
+    /// Starts a change of the budget: sets `QUEUED`, so that every reservation and release
+    /// takes the lock until it is cleared, and counts one on the allocation counter (returns
+    /// whether that wrapped it, for the caller to count the wrap as an allocation's would be,
+    /// and the resize itself so that the statistics subtract it).
+    ///
+    /// Why the count: without it, a resize while nobody waits would set `QUEUED`, store the
+    /// budget and clear `QUEUED` again, leaving the word exactly as it was. A fast path that
+    /// read the word and the old budget before the resize and compare-exchanges after it would
+    /// succeed against the old budget after `set_max_memory` returned (loom model 30). With
+    /// it, that compare-exchange fails and the retry reads the new budget. For the word to
+    /// come back to the value such a fast path read, the allocations and resizes between its
+    /// load and its compare-exchange (a few instructions) would have to add up to exactly a
+    /// multiple of [`COUNTER_WRAP`], the releases too, and the bytes in use be the same.
+    ///
+    /// `AcqRel`: in-flight fast-path compare-exchanges fail (the word changed); the budget
+    /// stored after this is published by the compare-exchange that clears `QUEUED` again.
+    pub(crate) fn begin_resize(&self) -> bool {
+        let mut word = Word(self.0.load(Relaxed));
+        loop {
+            let (counted, wrapped) = word.count_one(ALLOCATED, ALLOCATED_ONE);
+            match self
+                .0
+                .compare_exchange_weak(word.0, counted.queued().0, AcqRel, Relaxed)
+            {
+                Ok(_) => return wrapped,
+                Err(actual) => word = Word(actual),
+            }
+        }
     }
 
     /// Sets `CLOSED`: in-flight fast-path compare-exchanges fail and see it.
@@ -372,5 +398,19 @@ mod tests {
             (16, false, 1)
         );
         assert_eq!(counted_budget(usize::MAX), MAX_COUNTED as usize);
+    }
+
+    #[test]
+    fn a_resize_always_changes_the_word() {
+        let word = BudgetWord::new();
+        let before = word.load();
+        for i in 1..=COUNTER_WRAP {
+            let wrapped = word.begin_resize();
+            assert_eq!(wrapped, i == COUNTER_WRAP);
+            let now = word.load();
+            assert!(now.is_queued());
+            assert_eq!(now.in_use(), before.in_use());
+            assert_eq!(now.allocations(), i % COUNTER_WRAP);
+        }
     }
 }

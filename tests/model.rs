@@ -485,7 +485,18 @@ impl Model {
                 return Outcome::Ready(Ok(bytes));
             };
             let max_memory = self.pools[pool].max_memory;
-            let error = if bytes > max_memory {
+            let below = chain[..held]
+                .iter()
+                .map(|&at| self.pools[at].max_memory)
+                .min()
+                .unwrap_or(usize::MAX);
+            let error = if bytes > below {
+                // A level it holds shrank below it since: it no longer fits there.
+                AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: below,
+                }
+            } else if bytes > max_memory {
                 // A budget shrunk while it waited below.
                 AllocError::ExceedsBudget {
                     requested_bytes: bytes,
@@ -628,6 +639,24 @@ impl Model {
             })
         });
         self.serve(pool);
+        // Requests of the pool and its descendants that wait in an ancestor's queue and can
+        // no longer fit fail there too, each ancestor from the parent up serving the room.
+        let subtree: Vec<usize> = (0..self.pools.len())
+            .filter(|&at| self.level_of(at, pool).is_some())
+            .collect();
+        let mut ancestor = self.pools[pool].parent;
+        while let Some(at) = ancestor {
+            self.fail_where(at, |request| {
+                (request.bytes > max_memory && subtree.contains(&request.origin)).then_some(
+                    AllocError::ExceedsBudget {
+                        requested_bytes: request.bytes,
+                        max_memory,
+                    },
+                )
+            });
+            self.serve(at);
+            ancestor = self.pools[at].parent;
+        }
     }
 
     /// After a step: what each pool may have in use falls with what is in use, down to its

@@ -1,0 +1,154 @@
+//! The walks over a pool and its ancestors that give bytes back level by level: a block's
+//! release, a reservation's shrink, a request's cancel or failure.
+//!
+//! A child pool's bytes are counted at every level of its chain (here as an allocation or a
+//! reservation, in each ancestor as bytes held for a descendant). Giving them back touches
+//! every level, and each level's give-back may owe user code: wake-ups of the waiters it
+//! serves, a drain notification. If that code ran level by level, a waker that panics at an
+//! ancestor would unwind through the walk before the levels below were given back, and those
+//! bytes would stay counted with nobody holding them (and the pool's drop would wait for them
+//! forever). So every walk here is one [`settle`]: each level's step only records the user
+//! code it owes in the one [`Deferred`], and that code runs once, after the last level's
+//! books are done. A panic there is passed on with every pool consistent.
+//!
+//! The rule for callers that keep their own state (a request's stage and levels, a
+//! reservation's size): record the change first, then walk, so that an unwinding walk can
+//! never make them give a level back twice.
+
+use crate::AllocError;
+use crate::deferred::{Deferred, settle};
+use crate::heap::{Block, Memory, Pool};
+use crate::state::State;
+use crate::sync::Arc;
+
+/// Gives back `bytes` held (not counted as allocations) in `pool` and in every ancestor
+/// above it, from the top down; then runs the wake-ups owed. The caller holds a handle on
+/// `pool`.
+pub(crate) fn give_back_held(pool: &State, bytes: usize) {
+    settle(|deferred| give_back_held_deferred(pool, bytes, deferred));
+}
+
+/// [`give_back_held`] with the user code owed left in `deferred`.
+fn give_back_held_deferred(pool: &State, bytes: usize, deferred: &mut Deferred) {
+    give_back_above(pool, bytes, pool.depth(), deferred);
+    pool.give_back_here(bytes, false, deferred);
+}
+
+/// Gives back `bytes` held in the `levels` pools above `pool` (its ancestors), from the top
+/// down, leaving the wake-ups owed in `deferred`.
+fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Deferred) {
+    for level in (1..=levels).rev() {
+        pool.at_level(level).give_back_here(bytes, false, deferred);
+    }
+}
+
+/// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (`pool`
+/// counted as its allocation if `counted`, the ancestors not) without making an allocation
+/// of them, into `deferred`. The caller holds a handle on `pool`, and has recorded that it
+/// no longer holds these levels.
+pub(crate) fn give_back_reserved(
+    pool: &State,
+    bytes: usize,
+    levels: usize,
+    counted: bool,
+    deferred: &mut Deferred,
+) {
+    if levels == 0 {
+        return;
+    }
+    give_back_above(pool, bytes, levels - 1, deferred);
+    pool.give_back_here(bytes, counted, deferred);
+}
+
+// SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
+// the reservation that made it (`block` below is only called with reserved bytes) until
+// `release` gives them back. `release` gives the block's own level back last: in its last
+// access to `self` (`State::release_block`'s compare-exchange), or under the queue lock,
+// touching `self` afterwards only under that lock (`quiesce` takes the same lock), or after
+// `keep_alive`, returning the kept-alive handle instead of dropping it. Bytes of ancestors
+// (child pools) go back first, while this pool's own bytes still keep it (and the parent it
+// holds) alive. The user code owed runs after that, and touches no pool: it holds wakers and
+// drain events of its own.
+unsafe impl Pool for State {
+    #[inline(always)]
+    fn align(&self) -> usize {
+        self.config.align
+    }
+
+    #[inline(always)]
+    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
+        let bytes = memory.bytes();
+        self.recycle(memory);
+        if self.parent().is_some() {
+            return release_child_block(self, bytes, keep_alive);
+        }
+        if self.try_release_block(bytes) {
+            return None;
+        }
+        release_root_block_slow(self, bytes, keep_alive)
+    }
+
+    fn is_drained(&self) -> bool {
+        State::is_drained(self)
+    }
+
+    fn quiesce(&self) {
+        State::quiesce(self);
+    }
+}
+
+/// A root pool's block whose release the fast path could not make.
+#[cold]
+#[inline(never)]
+fn release_root_block_slow(
+    pool: &State,
+    bytes: usize,
+    keep_alive: impl FnOnce() -> Arc<State>,
+) -> Option<Arc<State>> {
+    settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred))
+}
+
+/// A child pool's block: every ancestor's level first (while the block's own bytes keep the
+/// pool alive), then its own, then the user code owed.
+#[cold]
+#[inline(never)]
+fn release_child_block(
+    pool: &State,
+    bytes: usize,
+    keep_alive: impl FnOnce() -> Arc<State>,
+) -> Option<Arc<State>> {
+    settle(|deferred| {
+        give_back_above(pool, bytes, pool.depth(), deferred);
+        pool.release_block(bytes, keep_alive, deferred)
+    })
+}
+
+/// The block for `bytes` just reserved in `pool` (every level of its chain, counted as its
+/// allocation): fresh memory, or a cached block of that size. If the system allocator has
+/// none, the bytes go back to the budget (serving waiters) and the call fails.
+/// (A function of the `Arc`: loom's `Arc` cannot be a method receiver.)
+#[inline(always)]
+pub(crate) fn block(
+    pool: &Arc<State>,
+    bytes: usize,
+    zeroed: bool,
+) -> Result<Block<State>, AllocError> {
+    let Some(memory) = pool.memory_for(bytes, zeroed) else {
+        return Err(out_of_memory(pool, bytes));
+    };
+    // SAFETY: every caller reserved `bytes` in this pool's budget word for this block alone
+    // (a fast-path or locked reservation, or a grant it took), and only the block's drop
+    // gives them back.
+    Ok(unsafe { Block::new(pool, memory, zeroed) })
+}
+
+/// The allocator had no memory for `bytes` just reserved: they go back at once, serving
+/// waiters, as the release of an allocation that never was (so `outstanding` stays exact;
+/// `total_allocations` counts the attempt). The caller holds a live handle, so the pool
+/// outlives this.
+#[cold]
+#[inline(never)]
+fn out_of_memory(pool: &State, bytes: usize) -> AllocError {
+    settle(|deferred| give_back_reserved(pool, bytes, pool.depth() + 1, true, deferred));
+    AllocError::OutOfMemory { bytes }
+}

@@ -1,0 +1,214 @@
+//! The user code a change of the books owes, held back until every book is settled.
+//!
+//! Wakers are user code: `wake`, `clone` and `drop` may panic, block or re-enter the pool.
+//! So no step that changes a pool's accounting runs any of them. It collects them in a
+//! [`Deferred`] instead (the wakers to wake, the wakers to drop, the drain events to notify),
+//! and the operation that owns the `Deferred` runs them once its last step is done: after the
+//! lock is released, and after every level of a release that spans a chain of pools has been
+//! given back. Every method of `state.rs` that changes the books takes a `&mut Deferred`, and
+//! only [`Deferred::run`] (or the drop of a `Deferred`, should an internal step unwind) calls
+//! user code, so this holds by construction rather than by care at each call site.
+//!
+//! A panic in one piece of user code cannot strand the others: each runs under
+//! `catch_unwind`, the rest still run, and the first panic is passed on afterwards (unless the
+//! thread is already unwinding), when the pools are consistent again.
+
+use core::task::Waker;
+
+use event_listener::Event;
+
+use crate::sync::Arc;
+
+/// User code held back until the books are settled; see the module docs.
+///
+/// It is used in place, by `&mut`: moving it would copy its inline array. Dropping it runs
+/// what it holds, so an unwinding owner still wakes everyone it owed a wake-up.
+#[derive(Debug, Default)]
+pub(crate) struct Deferred {
+    /// The common case, a few wake-ups, without touching the heap.
+    inline: [Option<Waker>; 4],
+    inline_len: usize,
+    /// One waker to drop, inline: a request that got its bytes under the lock drops the waker
+    /// it cloned in case it had to queue.
+    dropped: Option<Waker>,
+    /// Everything else: more wake-ups than fit inline, wakers only to drop, drain events.
+    /// A heap allocation per such step, never per wait.
+    rare: Vec<Later>,
+}
+
+/// One piece of user code held back.
+#[derive(Debug)]
+enum Later {
+    Wake(Waker),
+    Drop(Waker),
+    /// The drain event of a pool whose last bytes in use came back: a shared handle, so the
+    /// pool itself may be gone by the time it is notified.
+    NotifyDrained(Arc<Event>),
+}
+
+/// Runs `books` (every step of one change of the books), then the user code it deferred.
+/// The one way the pool's operations run user code they collected.
+#[inline]
+pub(crate) fn settle<R>(books: impl FnOnce(&mut Deferred) -> R) -> R {
+    let mut deferred = Deferred::default();
+    let result = books(&mut deferred);
+    deferred.run();
+    result
+}
+
+impl Deferred {
+    /// Owes `waker` a wake-up; wake-ups run in the order they were owed.
+    #[inline]
+    pub(crate) fn wake(&mut self, waker: Waker) {
+        if self.inline_len < self.inline.len() {
+            self.inline[self.inline_len] = Some(waker);
+            self.inline_len += 1;
+        } else {
+            self.rare.push(Later::Wake(waker));
+        }
+    }
+
+    /// Drops `waker` later (its `drop` is user code).
+    #[inline]
+    pub(crate) fn drop_later(&mut self, waker: Waker) {
+        if self.dropped.is_none() {
+            self.dropped = Some(waker);
+        } else {
+            self.rare.push(Later::Drop(waker));
+        }
+    }
+
+    /// Notifies every listener of `drained` later.
+    #[cold]
+    pub(crate) fn notify_drained(&mut self, drained: Arc<Event>) {
+        self.rare.push(Later::NotifyDrained(drained));
+    }
+
+    /// How many wake-ups are owed (for tests).
+    #[cfg(test)]
+    pub(crate) fn wake_ups(&self) -> usize {
+        self.inline_len
+            + self
+                .rare
+                .iter()
+                .filter(|later| matches!(later, Later::Wake(_)))
+                .count()
+    }
+
+    /// Runs everything held back: drain listeners first (a waker that panics must not cost
+    /// them their notification), then the wake-ups in order, then the drops.
+    #[inline]
+    pub(crate) fn run(&mut self) {
+        if self.inline_len == 0 && self.dropped.is_none() && self.rare.is_empty() {
+            return;
+        }
+        self.run_slow();
+    }
+
+    #[inline(never)]
+    fn run_slow(&mut self) {
+        let inline_len = core::mem::take(&mut self.inline_len);
+        let rare = core::mem::take(&mut self.rare);
+        // Drain notifications first, then the inline wake-ups, then the rest in order.
+        let (drains, rest): (Vec<Later>, Vec<Later>) = rare
+            .into_iter()
+            .partition(|later| matches!(later, Later::NotifyDrained(_)));
+        let mut first_panic = None;
+        let mut guarded = |call: &mut dyn FnMut()| {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+                first_panic.get_or_insert(panic);
+            }
+        };
+        let later = drains.into_iter().map(Some).chain(
+            self.inline[..inline_len]
+                .iter_mut()
+                .filter_map(Option::take)
+                .map(|waker| Some(Later::Wake(waker)))
+                .chain(rest.into_iter().map(Some))
+                .chain(self.dropped.take().map(|waker| Some(Later::Drop(waker)))),
+        );
+        for mut item in later {
+            guarded(&mut || match item.take() {
+                Some(Later::Wake(waker)) => waker.wake(),
+                Some(Later::Drop(waker)) => drop(waker),
+                Some(Later::NotifyDrained(event)) => {
+                    event.notify(usize::MAX);
+                }
+                None => {}
+            });
+        }
+        if let Some(panic) = first_panic {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::task::Wake;
+
+    struct Record(usize, std::sync::Arc<Mutex<Vec<usize>>>);
+    impl Wake for Record {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.1.lock().unwrap().push(self.0);
+            assert_ne!(self.0, 2, "waker 2 panics");
+        }
+    }
+    struct PanicsOnDrop;
+    impl Wake for PanicsOnDrop {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("a waker that panics when dropped");
+        }
+    }
+
+    #[test]
+    fn wakes_in_order_and_past_a_panicking_waker() {
+        let woken = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut deferred = Deferred::default();
+        for i in 0..12 {
+            deferred.wake(Waker::from(std::sync::Arc::new(Record(i, woken.clone()))));
+        }
+        deferred.drop_later(Waker::from(std::sync::Arc::new(PanicsOnDrop)));
+        deferred.drop_later(Waker::from(std::sync::Arc::new(PanicsOnDrop)));
+        let event = Arc::new(Event::new());
+        let listener = event.listen();
+        deferred.notify_drained(Arc::clone(&event));
+        assert_eq!(deferred.wake_ups(), 12);
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(deferred)));
+        assert!(panic.is_err(), "the panic is passed on");
+        assert_eq!(*woken.lock().unwrap(), (0..12).collect::<Vec<_>>());
+        // The drain listener was notified although wakers panicked.
+        futures::executor::block_on(listener);
+    }
+
+    #[test]
+    fn settle_runs_user_code_after_the_books() {
+        let woken = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let books = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            settle(|deferred| {
+                for i in 0..3 {
+                    deferred.wake(Waker::from(std::sync::Arc::new(Record(i, woken.clone()))));
+                    // A book entry after each owed wake-up: none has run yet.
+                    books.lock().unwrap().push(woken.lock().unwrap().len());
+                }
+            })
+        }));
+        assert!(panic.is_err());
+        assert_eq!(*books.lock().unwrap(), [0, 0, 0]);
+        assert_eq!(*woken.lock().unwrap(), [0, 1, 2]);
+    }
+}
