@@ -15,7 +15,7 @@
 
 use core::task::Waker;
 
-use event_listener::Event;
+use event_listener::{Event, EventListener};
 
 use crate::sync::Arc;
 
@@ -41,9 +41,11 @@ pub(crate) struct Deferred {
 enum Later {
     Wake(Waker),
     Drop(Waker),
-    /// The drain event of a pool whose last bytes in use came back: a shared handle, so the
-    /// pool itself may be gone by the time it is notified.
-    NotifyDrained(Arc<Event>),
+    /// An event of a pool (its drain, or room in its queue): a shared handle, so the pool
+    /// itself may be gone by the time it is notified.
+    Notify(Arc<Event>),
+    /// A listener whose drop may pass a notification on to another listener's waker.
+    DropListener(EventListener),
 }
 
 /// Runs `books` (every step of one change of the books), then the user code it deferred.
@@ -78,10 +80,16 @@ impl Deferred {
         }
     }
 
-    /// Notifies every listener of `drained` later.
+    /// Notifies every listener of `event` later.
     #[cold]
-    pub(crate) fn notify_drained(&mut self, drained: Arc<Event>) {
-        self.rare.push(Later::NotifyDrained(drained));
+    pub(crate) fn notify(&mut self, event: Arc<Event>) {
+        self.rare.push(Later::Notify(event));
+    }
+
+    /// Drops `listener` later (its drop may wake another listener).
+    #[cold]
+    pub(crate) fn drop_listener(&mut self, listener: EventListener) {
+        self.rare.push(Later::DropListener(listener));
     }
 
     /// How many wake-ups are owed (for tests).
@@ -95,7 +103,7 @@ impl Deferred {
                 .count()
     }
 
-    /// Runs everything held back: drain listeners first (a waker that panics must not cost
+    /// Runs everything held back: event listeners first (a waker that panics must not cost
     /// them their notification), then the wake-ups in order, then the drops.
     #[inline]
     pub(crate) fn run(&mut self) {
@@ -109,10 +117,10 @@ impl Deferred {
     fn run_slow(&mut self) {
         let inline_len = core::mem::take(&mut self.inline_len);
         let rare = core::mem::take(&mut self.rare);
-        // Drain notifications first, then the inline wake-ups, then the rest in order.
+        // Notifications first, then the inline wake-ups, then the rest in order.
         let (drains, rest): (Vec<Later>, Vec<Later>) = rare
             .into_iter()
-            .partition(|later| matches!(later, Later::NotifyDrained(_)));
+            .partition(|later| matches!(later, Later::Notify(_)));
         let mut first_panic = None;
         let mut guarded = |call: &mut dyn FnMut()| {
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
@@ -131,9 +139,10 @@ impl Deferred {
             guarded(&mut || match item.take() {
                 Some(Later::Wake(waker)) => waker.wake(),
                 Some(Later::Drop(waker)) => drop(waker),
-                Some(Later::NotifyDrained(event)) => {
+                Some(Later::Notify(event)) => {
                     event.notify(usize::MAX);
                 }
+                Some(Later::DropListener(listener)) => drop(listener),
                 None => {}
             });
         }
@@ -185,7 +194,7 @@ mod tests {
         deferred.drop_later(Waker::from(std::sync::Arc::new(PanicsOnDrop)));
         let event = Arc::new(Event::new());
         let listener = event.listen();
-        deferred.notify_drained(Arc::clone(&event));
+        deferred.notify(Arc::clone(&event));
         assert_eq!(deferred.wake_ups(), 12);
         let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(deferred)));
         assert!(panic.is_err(), "the panic is passed on");

@@ -48,6 +48,25 @@ pub(crate) enum Admission {
     Reserved,
     /// The request's node waits in the queue.
     Queued,
+    /// The queue is full, and the request (a descendant's, which already waited below) may
+    /// not fail with `QueueFull` any more: it waits for [`State::room`] and tries again.
+    Full,
+}
+
+/// Who asks [`State::admit`] for bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Asker<'a> {
+    /// The pool the request was made to, when the pool admitting it is one of its ancestors:
+    /// the request is refused if that pool closed (`close` walks the ancestors' queues after
+    /// it closes, under their locks, so a request queued here after the walk would never be
+    /// failed), or if a pool between it and here shrank below it.
+    pub(crate) descendant: Option<&'a State>,
+    /// The bytes are an allocation of this pool (not a reservation's, nor a descendant's
+    /// request's).
+    pub(crate) counted: bool,
+    /// The request already waited in a queue below: a full queue here makes it wait for
+    /// room ([`Admission::Full`]) instead of failing with `QueueFull`.
+    pub(crate) waited: bool,
 }
 
 /// What never changes after the pool is built.
@@ -108,6 +127,9 @@ pub(crate) struct State {
     queue: CacheLine<Mutex<Queue>>,
     /// Shared, so that a release that drains the pool can notify it after the pool is gone.
     drained: Arc<Event>,
+    /// Notified when a full queue (`max_waiters`) gets room, for requests that already waited
+    /// in a descendant and wait for a place here instead of failing.
+    room: Arc<Event>,
     /// The pool this one is a child of: every byte reserved here is reserved there too, and
     /// in every ancestor above it (not counted as their allocations). Held strongly, so an
     /// ancestor's state outlives its descendants'.
@@ -157,6 +179,7 @@ impl State {
             counters: CacheLine(Counters::default()),
             queue: CacheLine(Mutex::new(Queue::default())),
             drained: Arc::new(Event::new()),
+            room: Arc::new(Event::new()),
         }
     }
 
@@ -255,27 +278,26 @@ impl State {
 
     /// The slow path: under the lock, reserves `bytes` if nobody waits and they fit, or else
     /// queues `node` behind every earlier request.
-    ///
-    /// `counted`: the bytes are an allocation of this pool (not a reservation's, nor a
-    /// descendant's request's). `for_descendant` is the pool the request was made to when
-    /// this is one of its ancestors: the request is refused if that pool closed (`close` walks the ancestors' queues after it closes, under their
-    /// locks, so a request queued here after the walk would never be failed).
     pub(crate) fn admit(
         &self,
         node: Pin<&Node>,
         bytes: usize,
         waker: &Waker,
-        for_descendant: Option<&State>,
-        counted: bool,
+        asker: Asker<'_>,
         deferred: &mut Deferred,
     ) -> Result<Admission, AllocError> {
+        let Asker {
+            descendant: for_descendant,
+            counted,
+            waited,
+        } = asker;
         // Clone before the lock (user code), and read the clock before it too: other threads
         // wait for that lock. Dropped later by the caller's `deferred`, if unused: the
         // caller records what it holds first.
         let waker = waker.clone();
         let since = self.clock();
         let mut queue = lock(&self.queue);
-        match self.admit_locked(&mut queue, bytes, for_descendant, counted) {
+        match self.admit_locked(&mut queue, bytes, for_descendant, counted, waited) {
             Ok(Admission::Queued) => {}
             other => {
                 deferred.drop_later(waker);
@@ -294,13 +316,16 @@ impl State {
     }
 
     /// [`admit`](State::admit) under the lock, up to the queueing: `Queued` means the caller
-    /// links the node (`QUEUED` is set).
+    /// links the node (`QUEUED` is set). `waited`: the request already waited in a queue
+    /// below, so a full queue here makes it wait for room (`Full`) instead of failing:
+    /// `QueueFull` comes only at once.
     fn admit_locked(
         &self,
         queue: &mut Queue,
         bytes: usize,
         for_descendant: Option<&State>,
         counted: bool,
+        waited: bool,
     ) -> Result<Admission, AllocError> {
         if let Some(origin) = for_descendant {
             if origin.is_closed() {
@@ -329,19 +354,26 @@ impl State {
         // Checked before `QUEUED` is set: a refused request leaves no trace. (Under the lock,
         // `QUEUED` is set exactly while the list is not empty.)
         let full = queue.list.len() >= self.config.max_waiters;
+        let refuse_full = || {
+            if waited && for_descendant.is_some() {
+                Ok(Admission::Full)
+            } else {
+                Err(self.queue_full())
+            }
+        };
         let mut word = self.word.load();
         loop {
             let next = if word.is_closed() {
                 return Err(AllocError::Closed);
             } else if word.is_queued() {
                 if full {
-                    return Err(self.queue_full());
+                    return refuse_full();
                 }
                 break;
             } else if bytes <= budget.saturating_sub(word.in_use()) {
                 word.plus(bytes)
             } else if full {
-                return Err(self.queue_full());
+                return refuse_full();
             } else {
                 word.queued()
             };
@@ -443,6 +475,7 @@ impl State {
             Status::Waiting => {
                 let own_waker = {
                     let mut queue = lock(&self.queue);
+                    let before = queue.list.len();
                     // Served since the look above? Then the node is out of the list and
                     // `remove` changes nothing.
                     let own_waker = queue.list.remove(node);
@@ -450,6 +483,7 @@ impl State {
                         let now = self.clock();
                         self.serve(&mut queue, deferred, now);
                     }
+                    self.note_room(before, &queue, deferred);
                     own_waker
                 };
                 // Dropped after the others' wake-ups, so that its `drop` panicking costs only
@@ -781,7 +815,7 @@ impl State {
                         self.counters.releases_wrapped();
                     }
                     if word.drains_into(next) {
-                        deferred.notify_drained(Arc::clone(&self.drained));
+                        deferred.notify(Arc::clone(&self.drained));
                     }
                     return;
                 }
@@ -811,6 +845,7 @@ impl State {
     ) {
         let budget = self.budget();
         let start = self.word.load();
+        let before = queue.list.len();
         // Our `released` bytes are still counted, so this cannot underflow.
         let mut in_use = start.in_use() - released;
         let mut drained = false;
@@ -849,7 +884,7 @@ impl State {
         );
         if drained {
             // Still under the lock, so the pool is alive (its drop takes the lock first).
-            deferred.notify_drained(Arc::clone(&self.drained));
+            deferred.notify(Arc::clone(&self.drained));
         }
         if granted.count > 0 {
             let waits = &mut queue.waits;
@@ -860,6 +895,23 @@ impl State {
             waits.max_ticks = waits.max_ticks.max(granted.max_wait);
         }
         self.counters.set_waiting(queue.list.len());
+        self.note_room(before, queue, deferred);
+    }
+
+    /// Under the lock, after waiters left the queue (`before` of them were there): if a full
+    /// queue got room, the requests waiting for a place are notified (later). Free for a pool
+    /// without `max_waiters`.
+    #[inline]
+    fn note_room(&self, before: usize, queue: &Queue, deferred: &mut Deferred) {
+        let max = self.config.max_waiters;
+        if before >= max && queue.list.len() < max {
+            deferred.notify(Arc::clone(&self.room));
+        }
+    }
+
+    /// The event notified when a full queue gets room (see [`Admission::Full`]).
+    pub(crate) fn room(&self) -> &Event {
+        &self.room
     }
 
     /// [`settle_locked`](State::settle_locked) with nothing given back: serves whoever fits
@@ -941,9 +993,11 @@ impl State {
     ) {
         let now = self.clock();
         let mut queue = lock(&self.queue);
+        let before = queue.list.len();
         first();
         queue.list.fail_where(fails, deferred);
         self.serve(&mut queue, deferred, now);
+        self.note_room(before, &queue, deferred);
     }
 
     /// Changes the budget: requests that can never fit the new one fail with
@@ -973,6 +1027,7 @@ impl State {
                     self.counters.allocations_wrapped();
                 }
                 queue.waits.resizes += 1;
+                let before = queue.list.len();
                 self.max_memory.store(max_memory, Relaxed);
                 self.budget.store(budget, Relaxed);
                 queue.list.fail_where(
@@ -983,6 +1038,7 @@ impl State {
                 );
                 // Clears `QUEUED` unless requests still wait.
                 self.serve(&mut queue, deferred, now);
+                self.note_room(before, &queue, deferred);
             }
             if self.parent.is_some() {
                 let mut descendants = Vec::new();

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 
 use crate::chain;
 use crate::deferred::{Deferred, settle};
-use crate::state::{Admission, Attempt, State};
+use crate::state::{Admission, Asker, Attempt, State};
 use crate::sync::Arc;
 use crate::waiters::{Node, Status};
 use crate::{AllocError, BufPoolAllocation};
@@ -115,10 +115,23 @@ pin_project! {
         amount: usize,
         unit: Unit,
         stage: Stage,
+        // It has waited in a queue: from then on a full queue above makes it wait for room
+        // instead of failing with `QueueFull`.
+        waited: bool,
         levels: u32,
+        // Listens for room in the full queue of the pool `levels` up (`Stage::AwaitingRoom`).
+        room: Option<EventListener>,
         #[pin]
         node: Node,
     }
+}
+
+/// The parts of a [`Request`] a climb changes.
+struct Progress<'a> {
+    stage: &'a mut Stage,
+    levels: &'a mut u32,
+    waited: &'a mut bool,
+    room: &'a mut Option<EventListener>,
 }
 
 /// What a [`Request`] asks for.
@@ -137,6 +150,8 @@ enum Stage {
     Queued,
     /// Holds the bytes of the pools `levels` up; the next one is to be tried.
     Climbing,
+    /// As `Climbing`, and the next pool's queue is full: it waits for room there (`room`).
+    AwaitingRoom,
     Done,
 }
 
@@ -146,7 +161,9 @@ impl Request {
             amount,
             unit,
             stage: Stage::Start,
+            waited: false,
             levels: 0,
+            room: None,
             node: Node::new(),
         }
     }
@@ -242,89 +259,91 @@ impl Request {
         must_wait: Option<usize>,
         deferred: &mut Deferred,
     ) -> Poll<Result<usize, AllocError>> {
-        let node = this.node.as_ref();
-        let counted = Self::counted_while_waiting(*this.unit, pool);
-        let held = match *this.stage {
+        let RequestProj {
+            amount,
+            unit,
+            stage,
+            waited,
+            levels,
+            room,
+            node,
+        } = this;
+        let node = node.as_ref();
+        let mut progress = Progress {
+            stage,
+            levels,
+            waited,
+            room,
+        };
+        let counted = Self::counted_while_waiting(*unit, pool);
+        let held = match *progress.stage {
             Stage::Start => {
-                let attempt = match (must_wait, *this.unit) {
+                let attempt = match (must_wait, *unit) {
                     (Some(bytes), _) => Attempt::MustWait(bytes),
-                    (None, Unit::Buffers) => pool.reserve_now(*this.amount),
-                    (None, Unit::Bytes) => pool.reserve_bytes_now(*this.amount),
+                    (None, Unit::Buffers) => pool.reserve_now(*amount),
+                    (None, Unit::Bytes) => pool.reserve_bytes_now(*amount),
                 };
                 match attempt {
                     // Every level at once (the one level of a root pool): the common case.
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
                     Attempt::Failed(error) => Err(error),
                     Attempt::MustWait(bytes) => {
-                        match pool.admit(node, bytes, cx.waker(), None, counted, deferred) {
+                        match pool.admit(
+                            node,
+                            bytes,
+                            cx.waker(),
+                            Asker {
+                                descendant: None,
+                                counted,
+                                waited: false,
+                            },
+                            deferred,
+                        ) {
                             Ok(Admission::Reserved) => {
-                                *this.levels = 1;
-                                Self::climb(
-                                    pool,
-                                    node,
-                                    bytes,
-                                    counted,
-                                    this.levels,
-                                    this.stage,
-                                    cx,
-                                    deferred,
-                                )
+                                *progress.levels = 1;
+                                Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
                             }
                             Ok(Admission::Queued) => {
-                                *this.stage = Stage::Queued;
+                                *progress.stage = Stage::Queued;
+                                *progress.waited = true;
                                 Ok(None)
                             }
+                            // A request made to this pool never waits for room in its own
+                            // queue: `QueueFull` at once.
+                            Ok(Admission::Full) => unreachable!("only for a descendant"),
                             Err(error) => Err(error),
                         }
                     }
                 }
             }
             Stage::Queued => {
-                let bytes = Self::bytes(*this.amount, *this.unit, pool);
-                let level = *this.levels as usize;
+                let bytes = Self::bytes(*amount, *unit, pool);
+                let level = *progress.levels as usize;
                 let own = level == 0 && counted;
                 match pool.at_level(level).poll_queued(node, cx.waker(), own) {
                     Poll::Pending => Ok(None),
                     Poll::Ready(Err(error)) => {
                         // Done before the levels below go back: never given back twice.
-                        *this.stage = Stage::Done;
+                        *progress.stage = Stage::Done;
                         chain::give_back_reserved(pool, bytes, level, counted, deferred);
                         Err(error)
                     }
                     Poll::Ready(Ok(())) => {
-                        *this.levels += 1;
-                        Self::climb(
-                            pool,
-                            node,
-                            bytes,
-                            counted,
-                            this.levels,
-                            this.stage,
-                            cx,
-                            deferred,
-                        )
+                        *progress.levels += 1;
+                        Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
                     }
                 }
             }
-            Stage::Climbing => {
-                let bytes = Self::bytes(*this.amount, *this.unit, pool);
-                Self::climb(
-                    pool,
-                    node,
-                    bytes,
-                    counted,
-                    this.levels,
-                    this.stage,
-                    cx,
-                    deferred,
-                )
+            Stage::Climbing | Stage::AwaitingRoom => {
+                let bytes = Self::bytes(*amount, *unit, pool);
+                Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
             }
             Stage::Done => panic!("a budget future polled after it completed"),
         };
         let result = match held {
             Ok(None) => return Poll::Pending,
             Ok(Some(bytes)) => {
-                if *this.levels > 0 && *this.unit == Unit::Buffers && !counted {
+                if *progress.levels > 0 && *unit == Unit::Buffers && !counted {
                     // A child pool's request that waited: its own level becomes an
                     // allocation only now that every level is held.
                     pool.held_becomes_allocation();
@@ -333,28 +352,42 @@ impl Request {
             }
             Err(error) => Err(error),
         };
-        *this.stage = Stage::Done;
+        *progress.stage = Stage::Done;
         Poll::Ready(result)
     }
 
-    /// Holds `bytes` in the pools above the `levels` already held: at once where there is
-    /// room and nobody waits, else by queueing there (`Ok(None)`, `stage` is `Queued`).
-    /// `Ok(Some(bytes))` once every level is held; on failure every level held is given
-    /// back (and `stage` is `Done`). A root pool has no level above, so this returns at once.
-    #[allow(clippy::too_many_arguments)]
+    /// Holds `bytes` in the pools above the levels already held: at once where there is
+    /// room and nobody waits, else by queueing there (`Ok(None)`, stage `Queued`), or, if
+    /// that queue is full and the request already waited below, by waiting for room there
+    /// (`Ok(None)`, stage `AwaitingRoom`). `Ok(Some(bytes))` once every level is held; on
+    /// failure every level held is given back (and the stage is `Done`). A root pool has no
+    /// level above, so this returns at once.
     fn climb(
         pool: &State,
         node: Pin<&Node>,
         bytes: usize,
         counted: bool,
-        levels: &mut u32,
-        stage: &mut Stage,
+        progress: &mut Progress<'_>,
         cx: &mut Context<'_>,
         deferred: &mut Deferred,
     ) -> Result<Option<usize>, AllocError> {
-        *stage = Stage::Climbing;
-        while (*levels as usize) <= pool.depth() {
-            let level = *levels as usize;
+        if *progress.stage == Stage::AwaitingRoom {
+            let listener = progress
+                .room
+                .as_mut()
+                .expect("listening while awaiting room");
+            match Pin::new(listener).poll(cx) {
+                Poll::Pending => return Ok(None),
+                Poll::Ready(()) => {
+                    if let Some(listener) = progress.room.take() {
+                        deferred.drop_listener(listener);
+                    }
+                }
+            }
+        }
+        *progress.stage = Stage::Climbing;
+        while (*progress.levels as usize) <= pool.depth() {
+            let level = *progress.levels as usize;
             let ancestor = pool.at_level(level);
             // A level it holds shrank below it since (`set_max_memory` fails such requests
             // where they wait; this one was between two queues).
@@ -369,7 +402,7 @@ impl Request {
             };
             let error = match held {
                 Ok(true) => {
-                    *levels += 1;
+                    *progress.levels += 1;
                     continue;
                 }
                 Ok(false) => {
@@ -378,14 +411,47 @@ impl Request {
                     if node.status() == Status::Granted {
                         node.reset();
                     }
-                    match ancestor.admit(node, bytes, cx.waker(), Some(pool), false, deferred) {
+                    let asker = Asker {
+                        descendant: Some(pool),
+                        counted: false,
+                        waited: *progress.waited,
+                    };
+                    match ancestor.admit(node, bytes, cx.waker(), asker, deferred) {
                         Ok(Admission::Reserved) => {
-                            *levels += 1;
+                            *progress.levels += 1;
                             continue;
                         }
                         Ok(Admission::Queued) => {
-                            *stage = Stage::Queued;
+                            *progress.stage = Stage::Queued;
+                            *progress.waited = true;
+                            if let Some(listener) = progress.room.take() {
+                                deferred.drop_listener(listener);
+                            }
                             return Ok(None);
+                        }
+                        Ok(Admission::Full) => {
+                            // Listen first, then look again: room made between the look and
+                            // the listen is not missed.
+                            match progress.room.take() {
+                                None => {
+                                    *progress.room = Some(ancestor.room().listen());
+                                    continue;
+                                }
+                                Some(listener) => {
+                                    *progress.stage = Stage::AwaitingRoom;
+                                    let listener = progress.room.insert(listener);
+                                    match Pin::new(listener).poll(cx) {
+                                        Poll::Pending => return Ok(None),
+                                        Poll::Ready(()) => {
+                                            if let Some(listener) = progress.room.take() {
+                                                deferred.drop_listener(listener);
+                                            }
+                                            *progress.stage = Stage::Climbing;
+                                            continue;
+                                        }
+                                    }
+                                }
+                            }
                         }
                         Err(error) => error,
                     }
@@ -393,9 +459,15 @@ impl Request {
                 Err(error) => error,
             };
             // Done before the levels go back: never given back twice.
-            *stage = Stage::Done;
+            *progress.stage = Stage::Done;
+            if let Some(listener) = progress.room.take() {
+                deferred.drop_listener(listener);
+            }
             chain::give_back_reserved(pool, bytes, level, counted, deferred);
             return Err(error);
+        }
+        if let Some(listener) = progress.room.take() {
+            deferred.drop_listener(listener);
         }
         Ok(Some(bytes))
     }
@@ -421,17 +493,25 @@ impl Request {
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let levels = *this.levels as usize;
         let stage = core::mem::replace(this.stage, Stage::Done);
+        let room = this.room.take();
         // Done before anything goes back (above): whatever unwinds from the user code owed,
         // nothing is given back twice. One `settle` for every level: the queue this request
         // leaves, and each level below it, are settled before any wake-up runs.
-        settle(|deferred| match stage {
-            Stage::Queued => {
-                pool.at_level(levels)
-                    .cancel(this.node.as_ref(), bytes, deferred);
-                chain::give_back_reserved(pool, bytes, levels, counted, deferred);
+        settle(|deferred| {
+            if let Some(listener) = room {
+                deferred.drop_listener(listener);
             }
-            Stage::Climbing => chain::give_back_reserved(pool, bytes, levels, counted, deferred),
-            Stage::Start | Stage::Done => {}
+            match stage {
+                Stage::Queued => {
+                    pool.at_level(levels)
+                        .cancel(this.node.as_ref(), bytes, deferred);
+                    chain::give_back_reserved(pool, bytes, levels, counted, deferred);
+                }
+                Stage::Climbing | Stage::AwaitingRoom => {
+                    chain::give_back_reserved(pool, bytes, levels, counted, deferred)
+                }
+                Stage::Start | Stage::Done => {}
+            }
         });
     }
 }
