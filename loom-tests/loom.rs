@@ -47,7 +47,9 @@
 //! | 22 `grow` racing a release and its cancel | `cancel` ignores a grant that landed (no `give_back_grant`) | assertion (`in_use_bytes` 16 with a reservation of 8) |
 //! | 23 reservation dropped racing the pool's drop barrier | a reservation's drop gives nothing back | deadlock (the barrier waits forever) |
 //! | 24 `max_waiters` at the boundary racing a cancel | the limit checked with `>` instead of `>=` | assertion (two waiters under `max_waiters(1)`) |
-//! | 25 pool drop vs a release under the lock | a release that drains the pool under the lock without taking its strong reference (then notifies the drain after unlocking) | causality violation (use after free). Removing `quiesce` (the drop's one lock round trip) was not caught, even at 7 preemptions (970,363 executions): loom does not track freed state, and `State`'s drop assertion (no lock held) never fired there |
+//! | 25 pool drop vs a release under the lock | a release that drains the pool under the lock without taking its strong reference (then notifies the drain after unlocking) | causality violation (use after free). Removing `quiesce` (the drop's one lock round trip) was not caught, even at 7 preemptions (970,363 executions): loom does not track freed state, and `State`'s drop assertion (no lock held) never fired there | Since issue 18 the release takes a shared handle on the drain event (not the pool) under the lock and notifies it after every level's books are done; the model still drives that path |
+//! | 26 resize vs a fast path that read the old budget | (issue 18, item 6) `begin_resize` sets `QUEUED` without counting on the word, so a resize while nobody waits leaves the word as it was (ABA) | assertion (a `try_allocate(3)` succeeds after `set_max_memory(1 buffer)` returned; model 19 passes on the same bug) |
+//! | 27 child release vs a cancel in the parent's queue, panicking waker | (issue 18, item 1) the child's release runs the root level's wake-ups before giving its own level back (two `settle`s instead of one) | assertion (the child keeps 8 bytes in use that nobody holds) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -898,5 +900,99 @@ fn pool_drop_races_a_release_under_the_lock() {
         drop(waiter);
         drop(pool);
         releaser.join().unwrap();
+    });
+}
+
+/// Model 26 (issue 18, item 6): a resize is never missed by a fast path that read the old
+/// budget. A worker's `try_allocate(3)` on a 4-buffer pool races the main thread's
+/// `set_max_memory(1 buffer)`; the worker keeps what it got until the end. If main, after
+/// its resize returned, saw nothing in use, the worker's reservation came after the resize
+/// and must have been checked against the 1-buffer budget: it cannot have succeeded. Without
+/// the resize's count on the word (`BudgetWord::begin_resize` only setting `QUEUED`), the
+/// word returns to the value the worker read, its compare-exchange succeeds against the old
+/// budget, and this fails. (Model 19 misses that bug: main's own allocation changes the word.)
+#[test]
+fn resize_is_seen_by_a_fast_path_that_read_the_old_budget() {
+    const MAX: usize = 4;
+    model(|| {
+        let pool = Arc::new(pool(MAX));
+        let worker = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.try_allocate(MAX - 1).ok())
+        };
+        pool.set_max_memory(B).unwrap();
+        let saw_nothing_in_use = pool.stats().in_use_bytes == 0;
+        let got = worker.join().unwrap();
+        assert!(
+            !(saw_nothing_in_use && got.is_some()),
+            "a try_allocate of {} buffers succeeded after set_max_memory(1 buffer) returned",
+            MAX - 1
+        );
+        drop(got);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// A waker whose `wake` panics (user code, as hostile as it gets). The first use installs a
+/// panic hook that keeps its message (once per execution) off stderr.
+struct PanicsOnWake;
+
+const WAKE_PANIC: &str = "a waker that panics in wake";
+
+fn quiet_wake_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&WAKE_PANIC) {
+                default(info);
+            }
+        }));
+    });
+}
+
+impl std::task::Wake for PanicsOnWake {
+    fn wake(self: std::sync::Arc<Self>) {
+        std::panic::panic_any(WAKE_PANIC);
+    }
+}
+
+/// Model 27 (issue 18, item 1): a child's release races a cancel in the parent's queue whose
+/// waker panics. The child holds the root's whole budget; a request waits at the root with a
+/// waker that panics when woken. One thread drops the child's allocation (its release gives
+/// the root's level back first, which grants the waiter and owes it a wake-up), another drops
+/// the waiting request (its cancel gives a grant that landed back). Whichever way they
+/// interleave, and although the wake-up panics, every level's books are settled: the child
+/// and the root end with nothing in use. With the guard removed (the child's release running
+/// the root level's wake-ups before giving its own level back), the panic skips the child's
+/// level and this fails with the child's bytes still counted.
+#[test]
+fn child_release_races_a_parent_queue_cancel_with_a_panicking_waker() {
+    quiet_wake_panics();
+    model(|| {
+        let root = Arc::new(pool(1));
+        let child = Arc::new(child_of(&root, "child", 1));
+        let held = child.try_allocate(1).unwrap();
+        let mut waiter = Box::pin(root.allocate(1));
+        let waker = Waker::from(std::sync::Arc::new(PanicsOnWake));
+        assert!(
+            waiter
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        let releaser = thread::spawn(move || {
+            let released = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(held)));
+            // The release may or may not be the one that wakes the waiter.
+            drop(released);
+        });
+        let cancelled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(waiter)));
+        drop(cancelled);
+        releaser.join().unwrap();
+        assert_eq!(
+            (child.stats().in_use_bytes, root.stats().in_use_bytes),
+            (0, 0),
+            "bytes still counted after every holder is gone"
+        );
     });
 }
