@@ -113,6 +113,15 @@ impl Deferred {
         self.run_slow();
     }
 
+    /// [`run`](Deferred::run), and if the user code panics, `undo` first, then the panic goes
+    /// on (for an operation whose result would be lost by the unwinding).
+    pub(crate) fn run_or_undo(&mut self, undo: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run())) {
+            undo();
+            std::panic::resume_unwind(panic);
+        }
+    }
+
     #[inline(never)]
     fn run_slow(&mut self) {
         let inline_len = core::mem::take(&mut self.inline_len);

@@ -249,7 +249,24 @@ impl Request {
         // Every change of the request's own state (stage, levels) is recorded before the
         // user code its steps owe runs: should that code unwind, the request's drop gives
         // back exactly the levels it still holds.
-        settle(|deferred| Self::poll_steps(this, pool, cx, must_wait, deferred))
+        let unit = *this.unit;
+        let mut deferred = Deferred::default();
+        let poll = Self::poll_steps(this, pool, cx, must_wait, &mut deferred);
+        if let Poll::Ready(Ok(bytes)) = poll {
+            // The request is done and holds every level, but its caller has yet to wrap the
+            // bytes: if the user code owed (a waker cloned for a queue it did not need, a
+            // listener) unwinds, nobody would, so they go back first (as the release of an
+            // allocation, or a reservation's give-back), and the panic goes on after that.
+            deferred.run_or_undo(|| {
+                settle(|deferred| {
+                    let counted = unit == Unit::Buffers;
+                    chain::give_back_reserved(pool, bytes, pool.depth() + 1, counted, deferred);
+                });
+            });
+        } else {
+            deferred.run();
+        }
+        poll
     }
 
     fn poll_steps(
