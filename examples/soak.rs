@@ -25,13 +25,42 @@
 //! A worker never waits without bound while it holds anything (it would deadlock with
 //! another doing the same): while it holds something it uses the try and timeout forms, and
 //! grows a reservation with `try_grow` or `grow` under a timeout.
+//!
+//! # Fault injection
+//!
+//! ```text
+//! cargo run --release --example soak -- --secs 30 --faults [--fault-rate 0.01]
+//! ```
+//!
+//! `--faults` (or `--fault-rate R`, 0 to 1, default 0.01) adds hostile workers, two threads
+//! and four tasks, that drive their requests by hand: `allocate`, `allocate_zeroed`,
+//! `reserve` and `Reservation::grow` futures on random pools of the tree (child pools
+//! included), each pinned and polled with a waker of their own whose `clone`, `wake`,
+//! `wake_by_ref` and `drop` panic at the rate `R` (a `wake` that panics forwards the wake-up
+//! first half the time, and loses it otherwise; the hostile workers poll again every half
+//! millisecond, so a lost wake-up only delays them). They hold what they get, like the other
+//! workers, and park at the checkpoints. Such a panic surfaces wherever the pool runs the
+//! waker: in a hostile poll or drop of a request, and in any release that wakes a hostile
+//! waiter (dropping an allocation or a reservation, `shrink`, a cancelled or timed-out
+//! request of any worker, `set_max_memory`, `close`). Every one of those is run under
+//! `catch_unwind` in this mode, and counted by where it was caught; a panic that was not
+//! injected fails the run. A waker never panics while its thread is already unwinding (that
+//! would abort the process), nor for the harness's own handles of it. Every check above still
+//! holds; in addition each epoch's teardown (close, drain, joins, pool drops) must end within
+//! 30 s, or the run fails naming the step (the pool being dropped). The summary adds the
+//! injected panics by kind and where they were caught.
 
-use std::pin::pin;
-use std::sync::Arc;
+use std::any::Any;
+use std::cell::Cell;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use membudget::{
     AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PoolReport, Reservation,
 };
@@ -46,6 +75,11 @@ const WORKERS: usize = TASKS + THREADS;
 const CHECKPOINTS: u32 = 3;
 /// The most items (allocations and reservations) a worker holds at once.
 const MAX_HELD: usize = 3;
+/// With `--faults`: the hostile workers, which drive their requests by hand.
+const HOSTILE_TASKS: usize = 4;
+const HOSTILE_THREADS: usize = 2;
+/// With `--faults`: an epoch's teardown (close, drain, joins, pool drops) must end within this.
+const TEARDOWN_BOUND: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct Counters {
@@ -100,6 +134,8 @@ struct Node {
 struct Epoch {
     nodes: Vec<Node>,
     checkpoint: Checkpoint,
+    /// How many workers park at a checkpoint.
+    workers: usize,
 }
 
 /// A few times an epoch the coordinator asks every worker to park between two
@@ -235,7 +271,9 @@ impl<'a> HeldReservation<'a> {
         self.epoch.nodes[self.pool]
             .reserved_bytes
             .fetch_sub(less_rounded, Relaxed);
-        self.reservation.as_mut().unwrap().shrink(less);
+        // A release: with `--faults`, a hostile waiter's waker may panic in it.
+        let reservation = self.reservation.as_mut().unwrap();
+        caught(Site::Shrink, || reservation.shrink(less));
         if self.size() != before - less_rounded {
             fail("shrink gave back a different amount");
         }
@@ -323,8 +361,21 @@ enum Item<'a> {
     Reservation(HeldReservation<'a>),
 }
 
+/// Lets go of a held item. A release: with `--faults`, a hostile waiter's waker may panic in
+/// it (the item's bytes are uncounted before they go back, so the counts hold either way).
+fn let_go(item: Item<'_>) {
+    let site = match item {
+        Item::Allocation(_) => Site::AllocationDrop,
+        Item::Reservation(_) => Site::ReservationDrop,
+    };
+    caught(site, || drop(item));
+}
+
 fn fail(message: &str) -> ! {
     eprintln!("soak: FAILED: {message}");
+    if let Some(faults) = faults() {
+        eprintln!("soak: the faults so far: {}", faults.summary());
+    }
     std::process::exit(1);
 }
 
@@ -341,6 +392,600 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection (`--faults`): wakers that panic, and the harness that catches them
+// ---------------------------------------------------------------------------------------------
+
+/// The waker call an injected panic came from.
+#[derive(Clone, Copy)]
+enum Kind {
+    Clone,
+    Wake,
+    WakeByRef,
+    Drop,
+}
+
+const KINDS: [&str; 4] = ["clone", "wake", "wake_by_ref", "drop"];
+
+/// The injected panics' payloads: the panic hook and the catch sites know them by their
+/// prefix, `INJECTED`.
+const INJECTED: &str = "injected fault";
+const PAYLOADS: [&str; 4] = [
+    "injected fault: a waker panics in clone",
+    "injected fault: a waker panics in wake",
+    "injected fault: a waker panics in wake_by_ref",
+    "injected fault: a waker panics in drop",
+];
+
+/// Where an injected panic was caught.
+#[derive(Clone, Copy)]
+enum Site {
+    /// A hostile worker's poll of its request.
+    Poll,
+    /// A hostile worker's drop of its request (given up, served, or after a panicking poll).
+    FutureDrop,
+    AllocationDrop,
+    ReservationDrop,
+    Shrink,
+    TryGrow,
+    /// A thread worker's call (a timed-out request gives back what it held).
+    BlockingCall,
+    /// A task worker's request (cancelled by a timeout, `select!` or a drop after one poll).
+    AsyncCall,
+    Resize,
+    Close,
+    PoolDrop,
+}
+
+const SITES: [&str; 11] = [
+    "polls",
+    "request drops",
+    "allocation drops",
+    "reservation drops",
+    "shrinks",
+    "try_grows",
+    "blocking calls",
+    "async calls",
+    "resizes",
+    "closes",
+    "pool drops",
+];
+
+/// The fault mode's settings and figures; set once, by `--faults`.
+#[derive(Default)]
+struct Faults {
+    rate: f64,
+    /// A waker call panics when a uniform `u64` falls below this.
+    threshold: u64,
+    /// Injected panics, by `Kind`.
+    injected: [AtomicU64; 4],
+    /// Injected panics in `wake` or `wake_by_ref` that lost the wake-up (the others forwarded
+    /// it first).
+    lost_wakeups: AtomicU64,
+    /// Calls that would have panicked while their thread was already unwinding (a second panic
+    /// there aborts the process): they did not.
+    spared: AtomicU64,
+    /// Injected panics the panic hook saw (and kept quiet).
+    hooked: AtomicU64,
+    /// Injected panics caught, by `Site`.
+    caught: [AtomicU64; 11],
+    /// The hostile workers' requests, driven by hand.
+    requests: AtomicU64,
+    /// ... of which: still pending after their first poll (or first slice, in a task),
+    pending: AtomicU64,
+    /// ... served, refused (an error), given up at their deadline or a checkpoint (dropped while
+    /// pending), or abandoned after a panicking poll (dropped).
+    served: AtomicU64,
+    refused: AtomicU64,
+    given_up: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+static FAULTS: OnceLock<Faults> = OnceLock::new();
+
+fn faults() -> Option<&'static Faults> {
+    FAULTS.get()
+}
+
+impl Faults {
+    fn injected_total(&self) -> u64 {
+        self.injected.iter().map(|count| count.load(Relaxed)).sum()
+    }
+
+    /// Counts a panic caught at `site`; a panic that was not injected fails the run.
+    fn count_caught(&self, site: Site, payload: &(dyn Any + Send)) {
+        if !is_injected(payload) {
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(not a string)");
+            fail(&format!(
+                "a panic that was not injected, caught in {}: {message}",
+                SITES[site as usize]
+            ));
+        }
+        self.caught[site as usize].fetch_add(1, Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let load = |count: &AtomicU64| count.load(Relaxed);
+        let injected = self.injected_total();
+        let caught: u64 = self.caught.iter().map(load).sum();
+        let kinds: Vec<String> = KINDS
+            .iter()
+            .zip(&self.injected)
+            .map(|(kind, count)| format!("{} in {kind}", load(count)))
+            .collect();
+        let sites: Vec<String> = SITES
+            .iter()
+            .zip(&self.caught)
+            .filter(|(_, count)| load(count) > 0)
+            .map(|(site, count)| format!("{} in {site}", load(count)))
+            .collect();
+        let left = match injected.checked_sub(caught) {
+            Some(left) => format!(
+                "{left} caught nowhere (the pool passes on the first panic of a round of \
+                 wake-ups only)"
+            ),
+            None => format!("{} more caught than injected!", caught - injected),
+        };
+        format!(
+            "rate {}: {injected} injected panics ({}; {} wake-ups lost with them; {} more spared \
+             while unwinding), {} silenced by the hook; {caught} caught ({}); {left}; hostile \
+             workers: {} requests polled by hand, {} of them pending after the first poll, {} \
+             served, {} refused, {} given up, {} abandoned after a panicking poll",
+            self.rate,
+            kinds.join(", "),
+            load(&self.lost_wakeups),
+            load(&self.spared),
+            load(&self.hooked),
+            if sites.is_empty() {
+                "none".to_string()
+            } else {
+                sites.join(", ")
+            },
+            load(&self.requests),
+            load(&self.pending),
+            load(&self.served),
+            load(&self.refused),
+            load(&self.given_up),
+            load(&self.abandoned),
+        )
+    }
+}
+
+fn is_injected(payload: &(dyn Any + Send)) -> bool {
+    payload
+        .downcast_ref::<&str>()
+        .is_some_and(|message| message.starts_with(INJECTED))
+        || payload
+            .downcast_ref::<String>()
+            .is_some_and(|message| message.starts_with(INJECTED))
+}
+
+/// Turns the fault mode on: the rate, and a panic hook that keeps the injected panics quiet
+/// (and counts them) and prints the others as the default hook does.
+fn enable_faults(rate: f64) {
+    let threshold = if rate >= 1.0 {
+        u64::MAX
+    } else {
+        (rate * 18_446_744_073_709_551_616.0) as u64
+    };
+    let settings = Faults {
+        rate,
+        threshold,
+        ..Faults::default()
+    };
+    if FAULTS.set(settings).is_err() {
+        unreachable!("faults enabled twice");
+    }
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if is_injected(info.payload()) {
+            if let Some(faults) = faults() {
+                faults.hooked.fetch_add(1, Relaxed);
+            }
+        } else {
+            default_hook(info);
+        }
+    }));
+}
+
+thread_local! {
+    static FAULT_RNG: Cell<u64> = Cell::new(fault_seed());
+    /// Set while the harness drops its own handle of a hostile waker: no fault then (it would
+    /// test nothing of the pool's).
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+fn fault_seed() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // splitmix64
+    let mut z = NEXT
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
+}
+
+fn fault_roll() -> u64 {
+    FAULT_RNG
+        .try_with(|cell| {
+            let mut rng = Rng(cell.get());
+            let roll = rng.next();
+            cell.set(rng.0);
+            roll
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Whether this waker call panics: at the fault rate, but never while the thread unwinds
+/// (a second panic there would abort the process) nor for the harness's own handles.
+fn inject(kind: Kind) -> bool {
+    let Some(faults) = faults() else {
+        return false;
+    };
+    if QUIET.try_with(Cell::get).unwrap_or(true) || fault_roll() >= faults.threshold {
+        return false;
+    }
+    if std::thread::panicking() {
+        faults.spared.fetch_add(1, Relaxed);
+        return false;
+    }
+    faults.injected[kind as usize].fetch_add(1, Relaxed);
+    true
+}
+
+fn panic_injected(kind: Kind) -> ! {
+    std::panic::panic_any(PAYLOADS[kind as usize])
+}
+
+/// Runs `f` with no faults injected on this thread (the harness's own waker handles).
+fn quietly<R>(f: impl FnOnce() -> R) -> R {
+    QUIET.set(true);
+    let result = f();
+    QUIET.set(false);
+    result
+}
+
+/// Runs `f`; with `--faults`, under `catch_unwind`: `None` if it panicked (an injected panic,
+/// counted at `site`; any other panic fails the run). Without `--faults`, just runs it.
+fn caught<R>(site: Site, f: impl FnOnce() -> R) -> Option<R> {
+    let Some(faults) = faults() else {
+        return Some(f());
+    };
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => Some(result),
+        Err(payload) => {
+            faults.count_caught(site, &*payload);
+            None
+        }
+    }
+}
+
+/// [`caught`] for a future: its polls and its drop (it is dropped inside the last poll).
+async fn caught_async<F: Future>(site: Site, future: F) -> Option<F::Output> {
+    let Some(faults) = faults() else {
+        return Some(future.await);
+    };
+    // Owned by the block: dropped when its `.await` completes, in the poll inside
+    // `catch_unwind` (not after it, as the future given to `catch_unwind` would be).
+    #[allow(
+        clippy::redundant_async_block,
+        reason = "the block moves the future's drop inside `catch_unwind`"
+    )]
+    let owned = async move { future.await };
+    match AssertUnwindSafe(owned).catch_unwind().await {
+        Ok(output) => Some(output),
+        Err(payload) => {
+            faults.count_caught(site, &*payload);
+            None
+        }
+    }
+}
+
+/// A waker that panics at the fault rate in `clone`, `wake`, `wake_by_ref` and `drop`, and
+/// otherwise forwards to `real` (the thread's unparker, or the task's waker).
+struct HostileWaker {
+    real: Waker,
+}
+
+static HOSTILE_VTABLE: RawWakerVTable = RawWakerVTable::new(
+    hostile_clone,
+    hostile_wake,
+    hostile_wake_by_ref,
+    hostile_drop,
+);
+
+fn hostile_waker(real: Waker) -> Waker {
+    let data = Arc::into_raw(Arc::new(HostileWaker { real })).cast::<()>();
+    // SAFETY: `data` is an `Arc<HostileWaker>` made raw, whose strong count the new waker
+    // owns; the vtable's functions keep that contract: `clone` adds a count, `wake` and `drop`
+    // release one (on unwinding too), `wake_by_ref` only borrows.
+    unsafe { Waker::from_raw(RawWaker::new(data, &HOSTILE_VTABLE)) }
+}
+
+/// # Safety
+///
+/// `data` is a hostile waker's (see `hostile_waker`), alive for the call.
+unsafe fn hostile_clone(data: *const ()) -> RawWaker {
+    if inject(Kind::Clone) {
+        panic_injected(Kind::Clone);
+    }
+    // SAFETY: the caller's waker holds a strong count, so the `Arc` is alive; this adds the
+    // new waker's count.
+    unsafe { Arc::increment_strong_count(data.cast::<HostileWaker>()) };
+    RawWaker::new(data, &HOSTILE_VTABLE)
+}
+
+/// # Safety
+///
+/// As `hostile_clone`; the waker is consumed.
+unsafe fn hostile_wake(data: *const ()) {
+    // SAFETY: `wake` consumes the waker: its strong count is ours to release, which the `Arc`
+    // does when dropped (when unwinding too).
+    let waker = unsafe { Arc::from_raw(data.cast::<HostileWaker>()) };
+    wake_or_panic(&waker.real, Kind::Wake);
+}
+
+/// # Safety
+///
+/// As `hostile_clone`.
+unsafe fn hostile_wake_by_ref(data: *const ()) {
+    // SAFETY: the caller's waker keeps the `Arc` alive for the call.
+    let waker = unsafe { &*data.cast::<HostileWaker>() };
+    wake_or_panic(&waker.real, Kind::WakeByRef);
+}
+
+/// # Safety
+///
+/// As `hostile_clone`; the waker is consumed.
+unsafe fn hostile_drop(data: *const ()) {
+    // SAFETY: the waker's strong count, released when this `Arc` drops (when unwinding too).
+    let waker = unsafe { Arc::from_raw(data.cast::<HostileWaker>()) };
+    if inject(Kind::Drop) {
+        panic_injected(Kind::Drop);
+    }
+    drop(waker);
+}
+
+/// A wake-up that may panic: half the time after forwarding it, else losing it.
+fn wake_or_panic(real: &Waker, kind: Kind) {
+    if inject(kind) {
+        if fault_roll() & 1 == 0 {
+            real.wake_by_ref();
+        } else if let Some(faults) = faults() {
+            faults.lost_wakeups.fetch_add(1, Relaxed);
+        }
+        panic_injected(kind);
+    }
+    real.wake_by_ref();
+}
+
+/// How a request driven by hand ended.
+enum Driven<T> {
+    Ready(T),
+    /// Still pending at its deadline (or when a checkpoint began): dropped, which cancels it.
+    GaveUp,
+    /// Its poll panicked: dropped.
+    Abandoned,
+}
+
+/// A hostile worker polls a pending request again this often at the latest: a wake-up its
+/// waker lost only delays it.
+const REPOLL: Duration = Duration::from_micros(500);
+
+/// Wakes a hostile thread parked between two polls.
+struct Unparker(std::thread::Thread);
+
+impl std::task::Wake for Unparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls `future` by hand on this thread with hostile wakers (now and then a new one, which
+/// the pool clones and registers, dropping the one it held) until it is ready, its poll
+/// panics, `bound` has passed or a checkpoint begins; then drops it. Every poll and the drop
+/// run under `catch_unwind`.
+fn drive_on_thread<F: Future>(
+    epoch: &Epoch,
+    rng: &mut Rng,
+    future: F,
+    bound: Duration,
+) -> Driven<F::Output> {
+    let faults = faults().expect("--faults");
+    faults.requests.fetch_add(1, Relaxed);
+    let deadline = Instant::now() + bound;
+    let real = Waker::from(Arc::new(Unparker(std::thread::current())));
+    let mut future = Box::pin(future);
+    let mut waker = hostile_waker(real.clone());
+    let mut polls = 0;
+    let driven = loop {
+        if polls > 0 && rng.below(2) == 0 {
+            let old = std::mem::replace(&mut waker, hostile_waker(real.clone()));
+            quietly(|| drop(old));
+        }
+        polls += 1;
+        let polled = caught(Site::Poll, || {
+            future.as_mut().poll(&mut Context::from_waker(&waker))
+        });
+        match polled {
+            None => break Driven::Abandoned,
+            Some(Poll::Ready(output)) => break Driven::Ready(output),
+            Some(Poll::Pending) => {}
+        }
+        if polls == 1 {
+            faults.pending.fetch_add(1, Relaxed);
+        }
+        let now = Instant::now();
+        if now >= deadline || epoch.checkpoint.requested.load(Relaxed) {
+            break Driven::GaveUp;
+        }
+        std::thread::park_timeout((deadline - now).min(REPOLL));
+    };
+    quietly(|| drop(waker));
+    // A request still waiting leaves the queue, one granted passes its bytes on.
+    caught(Site::FutureDrop, || drop(future));
+    driven
+}
+
+/// A request polled with hostile wakers from a task: each poll makes one that forwards to the
+/// task's waker (or, half the time, keeps the last one if the task's waker is the same). Ready
+/// with `None` if the poll panicked. The request is dropped as soon as it is ready, and when
+/// this is dropped; every poll and drop run under `catch_unwind`.
+struct Hostile<F: Future> {
+    future: Option<Pin<Box<F>>>,
+    /// The hostile waker last given to the request, and the task waker it forwards to.
+    waker: Option<(Waker, Waker)>,
+    rng: Rng,
+}
+
+impl<F: Future> Hostile<F> {
+    fn finish(&mut self) {
+        let waker = self.waker.take();
+        quietly(|| drop(waker));
+        let future = self.future.take();
+        caught(Site::FutureDrop, || drop(future));
+    }
+}
+
+impl<F: Future> Future for Hostile<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let keep = this
+            .waker
+            .as_ref()
+            .is_some_and(|(_, real)| real.will_wake(cx.waker()))
+            && this.rng.below(2) == 0;
+        if !keep {
+            let real = cx.waker().clone();
+            let old = this.waker.replace((hostile_waker(real.clone()), real));
+            quietly(|| drop(old));
+        }
+        let (Some(future), Some((waker, _))) = (this.future.as_mut(), this.waker.as_ref()) else {
+            unreachable!("a hostile request polled after it completed");
+        };
+        let polled = caught(Site::Poll, || {
+            future.as_mut().poll(&mut Context::from_waker(waker))
+        });
+        let output = match polled {
+            Some(Poll::Pending) => return Poll::Pending,
+            Some(Poll::Ready(output)) => Some(output),
+            None => None,
+        };
+        this.finish();
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future> Drop for Hostile<F> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// [`drive_on_thread`] for a task: the request is polled afresh every `REPOLL` (a tokio
+/// timer tick, in practice) until ready, `bound` or a checkpoint.
+async fn drive_in_task<F: Future>(
+    epoch: &Epoch,
+    rng: &mut Rng,
+    future: F,
+    bound: Duration,
+) -> Driven<F::Output> {
+    let faults = faults().expect("--faults");
+    faults.requests.fetch_add(1, Relaxed);
+    let deadline = Instant::now() + bound;
+    let mut hostile = Hostile {
+        future: Some(Box::pin(future)),
+        waker: None,
+        rng: Rng(rng.next() | 1),
+    };
+    let mut first = true;
+    loop {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(REPOLL);
+        match tokio::time::timeout(slice, &mut hostile).await {
+            Ok(Some(output)) => return Driven::Ready(output),
+            Ok(None) => return Driven::Abandoned,
+            Err(_) => {
+                if first {
+                    faults.pending.fetch_add(1, Relaxed);
+                    first = false;
+                }
+                if Instant::now() >= deadline || epoch.checkpoint.requested.load(Relaxed) {
+                    // Its drop cancels the request (under `catch_unwind`).
+                    drop(hostile);
+                    return Driven::GaveUp;
+                }
+            }
+        }
+    }
+}
+
+/// Counts a hand-driven request's end like any other call's: `None` if it was abandoned.
+fn tally<T>(
+    counters: &Counters,
+    driven: Driven<Result<T, AllocError>>,
+    since: Instant,
+) -> Option<Result<T, AllocError>> {
+    let faults = faults().expect("--faults");
+    let result = match driven {
+        Driven::Ready(result) => {
+            let count = if result.is_ok() {
+                &faults.served
+            } else {
+                &faults.refused
+            };
+            count.fetch_add(1, Relaxed);
+            result
+        }
+        Driven::GaveUp => {
+            faults.given_up.fetch_add(1, Relaxed);
+            counters.cancelled.fetch_add(1, Relaxed);
+            Err(AllocError::TimedOut)
+        }
+        Driven::Abandoned => {
+            faults.abandoned.fetch_add(1, Relaxed);
+            return None;
+        }
+    };
+    record(counters, &result, since.elapsed());
+    Some(result)
+}
+
+/// With `--faults`: the step of an epoch's teardown under way, and when the teardown began.
+static TEARDOWN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+/// With `--faults`, notes the teardown's next step for the watchdog.
+fn teardown_step(step: impl FnOnce() -> String) {
+    if faults().is_none() {
+        return;
+    }
+    let mut teardown = TEARDOWN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let began = teardown
+        .as_ref()
+        .map_or_else(Instant::now, |(_, began)| *began);
+    *teardown = Some((step(), began));
+}
+
+fn teardown_done() {
+    *TEARDOWN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
 }
 
 /// Counts one call's result and checks its wait.
@@ -425,7 +1070,7 @@ fn change_now<'a>(
     index: usize,
 ) -> Option<Result<(), AllocError>> {
     let Item::Reservation(reservation) = &mut held[index] else {
-        held.swap_remove(index);
+        let_go(held.swap_remove(index));
         return Some(Ok(()));
     };
     let node = &epoch.nodes[reservation.pool];
@@ -433,11 +1078,14 @@ fn change_now<'a>(
     match rng.below(6) {
         0 => {
             let before = size;
-            let result = reservation
-                .reservation
-                .as_mut()
-                .unwrap()
-                .try_grow(1 + rng.below(size.max(64)));
+            let more = 1 + rng.below(size.max(64));
+            // With `--faults`, a hostile waker may panic in it: a chain that could not hold the
+            // growth at every level gives back the levels it held, waking their waiters.
+            let reservation_ = reservation.reservation.as_mut().unwrap();
+            let Some(result) = caught(Site::TryGrow, || reservation_.try_grow(more)) else {
+                reservation.grew(before);
+                return Some(Ok(()));
+            };
             record(counters, &result, Duration::ZERO);
             match result {
                 Ok(()) => {
@@ -509,7 +1157,9 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
             epoch.checkpoint.parked.fetch_add(1, Relaxed);
             while epoch.checkpoint.requested.load(Relaxed) {
                 if !held.is_empty() && epoch.checkpoint.take_shed_token() {
-                    held.pop();
+                    if let Some(item) = held.pop() {
+                        let_go(item);
+                    }
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
@@ -517,7 +1167,7 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
         }
         let closed = match next(epoch, &mut rng, &held) {
             Next::Drop(index) => {
-                held.swap_remove(index);
+                let_go(held.swap_remove(index));
                 false
             }
             Next::Change(index) => match change_now(epoch, &counters, &mut rng, &mut held, index) {
@@ -530,57 +1180,73 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
                     let more = 1 + rng.below(before.max(64));
                     let since = Instant::now();
                     // Bounded: a worker never waits without bound while it holds anything.
-                    let result = match tokio::time::timeout(
+                    let grow = tokio::time::timeout(
                         Duration::from_micros(rng.below(500) as u64),
                         reservation.reservation.as_mut().unwrap().grow(more),
-                    )
-                    .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => {
-                            counters.cancelled.fetch_add(1, Relaxed);
-                            Err(AllocError::TimedOut)
+                    );
+                    // With `--faults`, a cancelled growth may wake a hostile waker that panics:
+                    // the reservation is counted by what it holds.
+                    match caught_async(Site::AsyncCall, grow).await {
+                        None => {
+                            reservation.grew(before);
+                            false
                         }
-                    };
-                    record(&counters, &result, since.elapsed());
-                    if result.is_ok() {
-                        reservation.grew(before);
-                        counters.grows.fetch_add(1, Relaxed);
+                        Some(outcome) => {
+                            let result = match outcome {
+                                Ok(result) => result,
+                                Err(_) => {
+                                    counters.cancelled.fetch_add(1, Relaxed);
+                                    Err(AllocError::TimedOut)
+                                }
+                            };
+                            record(&counters, &result, since.elapsed());
+                            if result.is_ok() {
+                                reservation.grew(before);
+                                counters.grows.fetch_add(1, Relaxed);
+                            }
+                            result == Err(AllocError::Closed)
+                        }
                     }
-                    result == Err(AllocError::Closed)
                 }
             },
             Next::Allocate { pool, n } => {
-                let result = task_allocate(epoch, &counters, &mut rng, pool, n, held.is_empty())
-                    .await
-                    .map(|allocation| HeldAllocation::new(epoch, pool, allocation));
-                match result {
-                    Ok(allocation) => {
+                let allocate = task_allocate(epoch, &counters, &mut rng, pool, n, held.is_empty());
+                match caught_async(Site::AsyncCall, allocate).await.map(|result| {
+                    result.map(|allocation| HeldAllocation::new(epoch, pool, allocation))
+                }) {
+                    Some(Ok(allocation)) => {
                         counters.allocations.fetch_add(1, Relaxed);
                         held.push(Item::Allocation(allocation));
                         false
                     }
-                    Err(error) => error == AllocError::Closed,
+                    Some(Err(error)) => error == AllocError::Closed,
+                    None => false,
                 }
             }
             Next::Reserve { pool, bytes } => {
                 let node = &epoch.nodes[pool];
                 let since = Instant::now();
-                let result = match rng.below(4) {
-                    0 => node.pool.try_reserve(bytes),
-                    1 if held.is_empty() => node.pool.reserve(bytes).await,
-                    _ => match tokio::time::timeout(
-                        Duration::from_micros(rng.below(500) as u64),
-                        node.pool.reserve(bytes),
-                    )
-                    .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => {
-                            counters.cancelled.fetch_add(1, Relaxed);
-                            Err(AllocError::TimedOut)
-                        }
-                    },
+                let reserve = async {
+                    match rng.below(4) {
+                        0 => node.pool.try_reserve(bytes),
+                        1 if held.is_empty() => node.pool.reserve(bytes).await,
+                        _ => match tokio::time::timeout(
+                            Duration::from_micros(rng.below(500) as u64),
+                            node.pool.reserve(bytes),
+                        )
+                        .await
+                        {
+                            Ok(result) => result,
+                            Err(_) => {
+                                counters.cancelled.fetch_add(1, Relaxed);
+                                Err(AllocError::TimedOut)
+                            }
+                        },
+                    }
+                };
+                // With `--faults`, a cancelled request may wake a hostile waker that panics.
+                let Some(result) = caught_async(Site::AsyncCall, reserve).await else {
+                    continue;
                 };
                 record(&counters, &result, since.elapsed());
                 match result {
@@ -598,6 +1264,9 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
             }
         };
         if closed {
+            // In order, as the vector's drop would; each release under `catch_unwind` with
+            // `--faults`.
+            held.drain(..).for_each(let_go);
             return;
         }
         for _ in 0..rng.below(3) {
@@ -665,7 +1334,9 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
             epoch.checkpoint.parked.fetch_add(1, Relaxed);
             while epoch.checkpoint.requested.load(Relaxed) {
                 if !held.is_empty() && epoch.checkpoint.take_shed_token() {
-                    held.pop();
+                    if let Some(item) = held.pop() {
+                        let_go(item);
+                    }
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -673,7 +1344,7 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
         }
         let closed = match next(epoch, &mut rng, &held) {
             Next::Drop(index) => {
-                held.swap_remove(index);
+                let_go(held.swap_remove(index));
                 false
             }
             // Threads grow with `try_grow` only: `grow_blocking` would wait without bound
@@ -684,7 +1355,8 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
             Next::Allocate { pool, n } => {
                 let node = &epoch.nodes[pool];
                 let since = Instant::now();
-                let result = match rng.below(4) {
+                // With `--faults`, a timed-out request may wake a hostile waker that panics.
+                let Some(result) = caught(Site::BlockingCall, || match rng.below(4) {
                     0 => node
                         .pool
                         .allocate_timeout(n, Duration::from_micros(rng.below(1000) as u64)),
@@ -694,6 +1366,8 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
                     _ => node
                         .pool
                         .allocate_zeroed_timeout(n, Duration::from_micros(rng.below(1000) as u64)),
+                }) else {
+                    continue;
                 };
                 record(counters, &result, since.elapsed());
                 match result {
@@ -710,12 +1384,14 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
             Next::Reserve { pool, bytes } => {
                 let node = &epoch.nodes[pool];
                 let since = Instant::now();
-                let result = match rng.below(3) {
+                let Some(result) = caught(Site::BlockingCall, || match rng.below(3) {
                     0 => node.pool.try_reserve(bytes),
                     1 if held.is_empty() => node.pool.reserve_blocking(bytes),
                     _ => node
                         .pool
                         .reserve_timeout(bytes, Duration::from_micros(rng.below(1000) as u64)),
+                }) else {
+                    continue;
                 };
                 record(counters, &result, since.elapsed());
                 match result {
@@ -733,6 +1409,7 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
             }
         };
         if closed {
+            held.drain(..).for_each(let_go);
             return;
         }
         for _ in 0..rng.below(3) {
@@ -741,23 +1418,261 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
     }
 }
 
-fn parse_secs() -> u64 {
-    let mut args = std::env::args().skip(1);
-    let mut secs = 30;
-    while let Some(flag) = args.next() {
-        match (flag.as_str(), args.next().map(|value| value.parse())) {
-            ("--secs", Some(Ok(value))) => secs = value,
-            _ => {
-                eprintln!("usage: soak [--secs N]");
-                std::process::exit(2);
+/// With `--faults`: how long a hostile worker drives one request at most (less while it holds
+/// something: it never waits long then).
+fn hostile_bound(rng: &mut Rng, held: &[Item<'_>]) -> Duration {
+    let most = if held.is_empty() { 20_000 } else { 2_000 };
+    Duration::from_micros(1 + rng.below(most) as u64)
+}
+
+/// Keeps what a hand-driven allocation got; `true` if the pool is closed.
+fn hold_allocation<'a>(
+    epoch: &'a Epoch,
+    counters: &Counters,
+    held: &mut Vec<Item<'a>>,
+    pool: usize,
+    result: Option<Result<BufPoolAllocation, AllocError>>,
+) -> bool {
+    match result {
+        Some(Ok(allocation)) => {
+            counters.allocations.fetch_add(1, Relaxed);
+            held.push(Item::Allocation(HeldAllocation::new(
+                epoch, pool, allocation,
+            )));
+            false
+        }
+        Some(Err(error)) => error == AllocError::Closed,
+        None => false,
+    }
+}
+
+/// Keeps what a hand-driven reservation got; `true` if the pool is closed.
+fn hold_reservation<'a>(
+    epoch: &'a Epoch,
+    counters: &Counters,
+    held: &mut Vec<Item<'a>>,
+    pool: usize,
+    result: Option<Result<Reservation, AllocError>>,
+) -> bool {
+    match result {
+        Some(Ok(reservation)) => {
+            counters.reservations.fetch_add(1, Relaxed);
+            held.push(Item::Reservation(HeldReservation::new(
+                epoch,
+                pool,
+                reservation,
+            )));
+            false
+        }
+        Some(Err(error)) => error == AllocError::Closed,
+        None => false,
+    }
+}
+
+/// Counts a hand-driven growth by what the reservation holds afterwards (the growth if it
+/// came through, else what it had); `true` if the pool is closed.
+fn grown_by_hand(
+    reservation: &mut HeldReservation<'_>,
+    counters: &Counters,
+    before: usize,
+    result: Option<Result<(), AllocError>>,
+) -> bool {
+    reservation.grew(before);
+    if result == Some(Ok(())) {
+        counters.grows.fetch_add(1, Relaxed);
+    }
+    result == Some(Err(AllocError::Closed))
+}
+
+/// With `--faults`: a hostile thread. It chooses its steps as the other workers do, but makes
+/// its requests (`allocate`, `allocate_zeroed`, `reserve`, `grow`) as futures it polls by hand
+/// with hostile wakers, each for a bounded time.
+fn hostile_thread(epoch: &Epoch, counters: &Counters, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let mut held: Vec<Item<'_>> = Vec::new();
+    loop {
+        if epoch.checkpoint.requested.load(Relaxed) {
+            epoch.checkpoint.parked.fetch_add(1, Relaxed);
+            while epoch.checkpoint.requested.load(Relaxed) {
+                if !held.is_empty() && epoch.checkpoint.take_shed_token() {
+                    if let Some(item) = held.pop() {
+                        let_go(item);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
             }
+            epoch.checkpoint.parked.fetch_sub(1, Relaxed);
+        }
+        let bound = hostile_bound(&mut rng, &held);
+        let closed = match next(epoch, &mut rng, &held) {
+            Next::Drop(index) => {
+                let_go(held.swap_remove(index));
+                false
+            }
+            Next::Change(index) => match change_now(epoch, counters, &mut rng, &mut held, index) {
+                Some(result) => result.is_err(),
+                None => {
+                    let Item::Reservation(reservation) = &mut held[index] else {
+                        unreachable!()
+                    };
+                    let before = reservation.size();
+                    let more = 1 + rng.below(before.max(64));
+                    let since = Instant::now();
+                    let grow = reservation.reservation.as_mut().unwrap().grow(more);
+                    let result = tally(
+                        counters,
+                        drive_on_thread(epoch, &mut rng, grow, bound),
+                        since,
+                    );
+                    grown_by_hand(reservation, counters, before, result)
+                }
+            },
+            Next::Allocate { pool, n } => {
+                let node = &epoch.nodes[pool];
+                let since = Instant::now();
+                let allocate = if rng.below(2) == 0 {
+                    node.pool.allocate(n)
+                } else {
+                    node.pool.allocate_zeroed(n)
+                };
+                let result = tally(
+                    counters,
+                    drive_on_thread(epoch, &mut rng, allocate, bound),
+                    since,
+                );
+                hold_allocation(epoch, counters, &mut held, pool, result)
+            }
+            Next::Reserve { pool, bytes } => {
+                let since = Instant::now();
+                let reserve = epoch.nodes[pool].pool.reserve(bytes);
+                let result = tally(
+                    counters,
+                    drive_on_thread(epoch, &mut rng, reserve, bound),
+                    since,
+                );
+                hold_reservation(epoch, counters, &mut held, pool, result)
+            }
+        };
+        if closed {
+            held.drain(..).for_each(let_go);
+            return;
+        }
+        for _ in 0..rng.below(3) {
+            std::thread::yield_now();
         }
     }
-    secs
+}
+
+/// With `--faults`: a hostile task, as [`hostile_thread`], its requests polled through
+/// [`Hostile`].
+async fn hostile_task(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
+    let epoch = &*epoch;
+    let counters = &*counters;
+    let mut rng = Rng(seed | 1);
+    let mut held: Vec<Item<'_>> = Vec::new();
+    loop {
+        if epoch.checkpoint.requested.load(Relaxed) {
+            epoch.checkpoint.parked.fetch_add(1, Relaxed);
+            while epoch.checkpoint.requested.load(Relaxed) {
+                if !held.is_empty() && epoch.checkpoint.take_shed_token() {
+                    if let Some(item) = held.pop() {
+                        let_go(item);
+                    }
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            epoch.checkpoint.parked.fetch_sub(1, Relaxed);
+        }
+        let bound = hostile_bound(&mut rng, &held);
+        let closed = match next(epoch, &mut rng, &held) {
+            Next::Drop(index) => {
+                let_go(held.swap_remove(index));
+                false
+            }
+            Next::Change(index) => match change_now(epoch, counters, &mut rng, &mut held, index) {
+                Some(result) => result.is_err(),
+                None => {
+                    let Item::Reservation(reservation) = &mut held[index] else {
+                        unreachable!()
+                    };
+                    let before = reservation.size();
+                    let more = 1 + rng.below(before.max(64));
+                    let since = Instant::now();
+                    let grow = reservation.reservation.as_mut().unwrap().grow(more);
+                    let driven = drive_in_task(epoch, &mut rng, grow, bound).await;
+                    let result = tally(counters, driven, since);
+                    grown_by_hand(reservation, counters, before, result)
+                }
+            },
+            Next::Allocate { pool, n } => {
+                let node = &epoch.nodes[pool];
+                let since = Instant::now();
+                let allocate = if rng.below(2) == 0 {
+                    node.pool.allocate(n)
+                } else {
+                    node.pool.allocate_zeroed(n)
+                };
+                let driven = drive_in_task(epoch, &mut rng, allocate, bound).await;
+                let result = tally(counters, driven, since);
+                hold_allocation(epoch, counters, &mut held, pool, result)
+            }
+            Next::Reserve { pool, bytes } => {
+                let since = Instant::now();
+                let reserve = epoch.nodes[pool].pool.reserve(bytes);
+                let driven = drive_in_task(epoch, &mut rng, reserve, bound).await;
+                let result = tally(counters, driven, since);
+                hold_reservation(epoch, counters, &mut held, pool, result)
+            }
+        };
+        if closed {
+            held.drain(..).for_each(let_go);
+            return;
+        }
+        for _ in 0..rng.below(3) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// `--secs N` (30 by default), and the fault rate if `--faults` or `--fault-rate R` is given.
+fn parse_args() -> (u64, Option<f64>) {
+    let usage = || -> ! {
+        eprintln!("usage: soak [--secs N] [--faults] [--fault-rate R (0 to 1, default 0.01)]");
+        std::process::exit(2);
+    };
+    let mut args = std::env::args().skip(1);
+    let mut secs = 30;
+    let mut fault_rate = None;
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--secs" => {
+                secs = args
+                    .next()
+                    .and_then(|value| value.parse().ok())
+                    .unwrap_or_else(|| usage());
+            }
+            "--faults" => {
+                fault_rate.get_or_insert(0.01);
+            }
+            "--fault-rate" => {
+                let rate = args
+                    .next()
+                    .and_then(|value| value.parse::<f64>().ok())
+                    .filter(|rate| (0.0..=1.0).contains(rate))
+                    .unwrap_or_else(|| usage());
+                fault_rate = Some(rate);
+            }
+            _ => usage(),
+        }
+    }
+    (secs, fault_rate)
 }
 
 fn main() {
-    let secs = parse_secs();
+    let (secs, fault_rate) = parse_args();
+    if let Some(rate) = fault_rate {
+        enable_faults(rate);
+    }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counters = Arc::new(Counters::default());
     let progress = Arc::new(AtomicU64::new(0));
@@ -773,6 +1688,23 @@ fn main() {
             let mut still_since = Instant::now();
             while !finished.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
+                // With `--faults`, an epoch's teardown has a bound of its own (some of its steps
+                // are unbounded waits, as a pool's drop): the step it is stuck at is named.
+                let teardown = TEARDOWN
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                if let Some((step, began)) = teardown {
+                    if began.elapsed() > TEARDOWN_BOUND {
+                        fail(&format!(
+                            "an epoch's teardown has taken {:?} (bound {TEARDOWN_BOUND:?}), \
+                             stuck at: {step}",
+                            began.elapsed()
+                        ));
+                    }
+                    still_since = Instant::now();
+                    continue;
+                }
                 let now = (
                     counters.allocations.load(Relaxed)
                         + counters.reservations.load(Relaxed)
@@ -801,8 +1733,12 @@ fn main() {
         progress.fetch_add(1, Relaxed);
         let epochs = counters.epochs.fetch_add(1, Relaxed) + 1;
         if epochs % 5 == 0 {
+            let faults_so_far = faults().map_or(String::new(), |faults| {
+                format!("  {} faults injected", faults.injected_total())
+            });
             println!(
-                "{:6.1} s  {} epochs  {} allocations  {} reservations  {} cancelled  max wait {} us",
+                "{:6.1} s  {} epochs  {} allocations  {} reservations  {} cancelled  max wait {} \
+                 us{faults_so_far}",
                 started.elapsed().as_secs_f64(),
                 epochs,
                 counters.allocations.load(Relaxed),
@@ -852,6 +1788,9 @@ fn main() {
         c.checked_allocations.load(Relaxed),
         c.checked_reserved_bytes.load(Relaxed),
     );
+    if let Some(faults) = faults() {
+        println!("faults:       {}", faults.summary());
+    }
 }
 
 /// A random tree: a root, two or three children, up to two grandchildren under each child.
@@ -945,6 +1884,32 @@ fn check_budgets(epoch: &Epoch) {
     }
 }
 
+/// With `--faults` (for a failure's message): every pool's stats, and what the workers hold in
+/// it.
+fn accounts(epoch: &Epoch) -> String {
+    if faults().is_none() {
+        return String::new();
+    }
+    let mut lines = String::from(":");
+    for node in &epoch.nodes {
+        let stats = node.pool.stats();
+        lines.push_str(&format!(
+            "\n  {:8} in use {:>8} (workers hold {:>8} in its subtree), reserved {:>8} (hold \
+             {:>8}), outstanding {:>3} (hold {:>3}), waiting {:>3}, budget {}",
+            node.name,
+            stats.in_use_bytes,
+            node.live_bytes.load(Relaxed),
+            stats.reserved_bytes,
+            node.reserved_bytes.load(Relaxed),
+            stats.outstanding,
+            node.allocations.load(Relaxed),
+            stats.waiting,
+            stats.max_memory,
+        ));
+    }
+    lines
+}
+
 /// With every worker parked: every pool's counters are exactly what the workers hold.
 fn check_quiescent(epoch: &Epoch, counters: &Counters) {
     for node in &epoch.nodes {
@@ -1029,7 +1994,7 @@ async fn checkpoint(epoch: &Epoch, counters: &Counters) {
     let started = Instant::now();
     let mut last_round = started;
     let mut shed = false;
-    while checkpoint.parked.load(Relaxed) < WORKERS {
+    while checkpoint.parked.load(Relaxed) < epoch.workers {
         // A worker waiting for budget that parked ones hold cannot park: they shed some of
         // it, an item each per round, until it can.
         if started.elapsed() > Duration::from_millis(50)
@@ -1041,8 +2006,10 @@ async fn checkpoint(epoch: &Epoch, counters: &Counters) {
         }
         if started.elapsed() > WAIT_BOUND {
             fail(&format!(
-                "checkpoint: only {} of {WORKERS} workers parked",
-                checkpoint.parked.load(Relaxed)
+                "checkpoint: only {} of {} workers parked{}",
+                checkpoint.parked.load(Relaxed),
+                epoch.workers,
+                accounts(epoch)
             ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1064,9 +2031,15 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
         .map(|node| node.ceiling.load(Relaxed) / node.buffer_size)
         .collect();
     let resizing = rng.below(2) == 0;
+    let hostile = if faults().is_some() {
+        HOSTILE_TASKS + HOSTILE_THREADS
+    } else {
+        0
+    };
     let epoch = Arc::new(Epoch {
         nodes,
         checkpoint: Checkpoint::default(),
+        workers: WORKERS + hostile,
     });
 
     let threads: Vec<_> = (0..THREADS)
@@ -1079,10 +2052,27 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
         .collect();
     let seeds: Vec<u64> = (0..TASKS).map(|_| rng.next()).collect();
     let resize_seed = rng.next();
+    // With `--faults`, the hostile workers (their seeds drawn last).
+    let hostile_seeds: Vec<u64> = (0..hostile).map(|_| rng.next()).collect();
+    let (hostile_thread_seeds, hostile_task_seeds) =
+        hostile_seeds.split_at(hostile.min(HOSTILE_THREADS));
+    let hostile_threads: Vec<_> = hostile_thread_seeds
+        .iter()
+        .map(|&seed| {
+            let epoch = epoch.clone();
+            let counters = counters.clone();
+            std::thread::spawn(move || hostile_thread(&epoch, &counters, seed))
+        })
+        .collect();
     runtime.block_on(async {
         let tasks: Vec<_> = seeds
             .into_iter()
             .map(|seed| tokio::spawn(task_worker(epoch.clone(), counters.clone(), seed)))
+            .chain(
+                hostile_task_seeds
+                    .iter()
+                    .map(|&seed| tokio::spawn(hostile_task(epoch.clone(), counters.clone(), seed))),
+            )
             .collect();
         let mut rng = Rng(resize_seed | 1);
         let started = Instant::now();
@@ -1104,20 +2094,32 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
                 let buffers = 1 + rng.below(2 * initial[index]);
                 let bytes = buffers * node.buffer_size;
                 node.ceiling.fetch_max(bytes, Relaxed);
-                node.pool.set_max_memory(bytes).expect("a valid budget");
+                // With `--faults`, the waiters it serves or fails may have hostile wakers.
+                caught(Site::Resize, || {
+                    node.pool.set_max_memory(bytes).expect("a valid budget");
+                });
                 counters.resizes.fetch_add(1, Relaxed);
             }
         }
         // Closing the root closes the whole tree.
         let root = &epoch.nodes[0].pool;
-        root.close();
+        teardown_step(|| "closing the root".to_string());
+        // With `--faults`, the waiters it fails may have hostile wakers; the whole tree is
+        // closed before any of them runs.
+        caught(Site::Close, || root.close());
         if epoch.nodes.iter().any(|node| !node.pool.is_closed()) {
             fail("closing the root left a pool of its tree open");
         }
+        teardown_step(|| "waiting for the root to drain".to_string());
         let drained = tokio::time::timeout(WAIT_BOUND, root.drained()).await;
         if drained.is_err() {
-            fail(&format!("drained() hung:\n{}", root.report()));
+            fail(&format!(
+                "drained() hung:\n{}{}",
+                root.report(),
+                accounts(&epoch)
+            ));
         }
+        teardown_step(|| "joining the tasks".to_string());
         for task in tasks {
             tokio::time::timeout(WAIT_BOUND, task)
                 .await
@@ -1125,7 +2127,8 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
                 .expect("a task panicked");
         }
     });
-    for thread in threads {
+    teardown_step(|| "joining the threads".to_string());
+    for thread in threads.into_iter().chain(hostile_threads) {
         thread.join().expect("a worker thread panicked");
     }
     for node in &epoch.nodes {
@@ -1135,7 +2138,11 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
             || stats.outstanding != 0
             || stats.waiting != 0
         {
-            fail(&format!("epoch ended with {} at {stats}", node.name));
+            fail(&format!(
+                "epoch ended with {} at {stats}{}",
+                node.name,
+                accounts(&epoch)
+            ));
         }
         let held = (
             node.live_bytes.load(Relaxed),
@@ -1148,5 +2155,24 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
                 node.name
             ));
         }
+    }
+    if faults().is_some() {
+        // Each pool's drop (a barrier until it is drained) in turn, in the tree's order, so
+        // that the watchdog can name the one that does not return.
+        match Arc::try_unwrap(epoch) {
+            Ok(epoch) => {
+                for node in epoch.nodes {
+                    teardown_step(|| {
+                        format!("dropping pool {} ({})", node.name, node.pool.stats())
+                    });
+                    caught(Site::PoolDrop, || drop(node));
+                }
+            }
+            Err(epoch) => {
+                teardown_step(|| "dropping the tree (still shared)".to_string());
+                caught(Site::PoolDrop, || drop(epoch));
+            }
+        }
+        teardown_done();
     }
 }
