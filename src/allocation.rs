@@ -137,8 +137,15 @@ impl BufPoolAllocation {
 
     /// The whole block as uninitialised bytes, to fill without `unsafe`.
     ///
-    /// Writing through it is safe; reading needs [`into_filled`](BufPoolAllocation::into_filled),
-    /// which tracks what was written.
+    /// Writing through it is safe, `MaybeUninit::uninit()` included, so what is written here
+    /// is not tracked: there is no safe way to read it back. To fill bytes and read them back
+    /// safely, write them through [`into_filled`](BufPoolAllocation::into_filled) instead.
+    ///
+    /// Calling it makes the allocation forget that its memory is initialised: one from an
+    /// `*_zeroed` call no longer counts as zeroed (whatever was written), so its
+    /// [`into_filled`](BufPoolAllocation::into_filled) starts with nothing initialised, as
+    /// for a plain allocation, and [`FilledAllocation::set_filled`] accepts only what was
+    /// written through the `FilledAllocation` since.
     ///
     /// # Examples
     ///
@@ -150,6 +157,12 @@ impl BufPoolAllocation {
     /// let mut allocation = pool.try_allocate(2).unwrap();
     /// allocation.uninit_mut().fill(MaybeUninit::new(7));
     /// assert_eq!(allocation.uninit_mut().len(), 16);
+    /// drop(allocation);
+    ///
+    /// let mut zeros = pool.try_allocate_zeroed(2).unwrap();
+    /// zeros.uninit_mut()[0] = MaybeUninit::uninit(); // safe
+    /// let mut filled = zeros.into_filled();
+    /// assert!(!filled.set_filled(16), "no longer known to be initialised");
     /// ```
     #[inline]
     pub fn uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
@@ -157,6 +170,10 @@ impl BufPoolAllocation {
     }
 
     /// Each buffer as uninitialised bytes, in order, to fill one by one without `unsafe`.
+    ///
+    /// As with [`uninit_mut`](BufPoolAllocation::uninit_mut), what is written is not tracked,
+    /// and the allocation forgets that its memory is initialised (a zeroed one no longer
+    /// counts as zeroed), even if no buffer is written.
     ///
     /// # Examples
     ///
@@ -180,7 +197,12 @@ impl BufPoolAllocation {
     /// Turns the allocation into a [`FilledAllocation`]: a cursor that fills it from the
     /// start (`std::io::Write`, [`extend_from_slice`](FilledAllocation::extend_from_slice)) and
     /// reads back only what was written. An allocation from an `*_zeroed` call counts as
-    /// initialised throughout (see [`FilledAllocation::set_filled`]).
+    /// initialised throughout (see [`FilledAllocation::set_filled`]), unless
+    /// [`uninit_mut`](BufPoolAllocation::uninit_mut) or
+    /// [`buffers_uninit_mut`](BufPoolAllocation::buffers_uninit_mut) was called on it: then,
+    /// as for any other allocation, nothing does until it is written through the
+    /// `FilledAllocation`. (Writes through the `FilledAllocation` keep a zeroed allocation
+    /// initialised, also through [`FilledAllocation::into_allocation`] and back.)
     ///
     /// # Examples
     ///

@@ -167,10 +167,12 @@ impl FilledAllocation {
     /// The reader is handed the whole unfilled part as `&mut [u8]`, so it must never see
     /// uninitialised memory: the part of it that was never initialised is zeroed first, at
     /// the first call (bytes already initialised, by earlier writes or reads or by an
-    /// `*_zeroed` call, are never zeroed again; a fresh `into_filled()` starts over). So the
-    /// first call on a large fresh allocation pays one `memset` of its unfilled part; with the
-    /// `bytes` feature, tokio's `read_buf` reads into the uninitialised memory directly and
-    /// pays none. A read interrupted
+    /// `*_zeroed` call, are never zeroed again; a fresh `into_filled()` starts over, and a
+    /// zeroed allocation that [`uninit_mut`](BufPoolAllocation::uninit_mut) or
+    /// [`buffers_uninit_mut`](BufPoolAllocation::buffers_uninit_mut) was called on counts as
+    /// never initialised). So the first call on a large fresh allocation pays one `memset` of
+    /// its unfilled part; with the `bytes` feature, tokio's `read_buf` reads into the
+    /// uninitialised memory directly and pays none. A read interrupted
     /// ([`ErrorKind::Interrupted`](io::ErrorKind::Interrupted)) is retried; any other error
     /// is returned with nothing counted as filled. A reader that reports more bytes than it
     /// was given (a bug in the reader) gives an
@@ -236,9 +238,18 @@ impl FilledAllocation {
         self.filled = 0;
     }
 
-    /// Sets how many bytes count as filled, up to what was ever initialised: everything for an
-    /// allocation from an `*_zeroed` call (so its zeros can be read), otherwise what was
-    /// written. Returns whether `len` was accepted.
+    /// Sets how many bytes count as filled, up to what is known to be initialised. Returns
+    /// whether `len` was accepted; a larger `len` is refused and changes nothing, so the
+    /// filled bytes are never uninitialised memory.
+    ///
+    /// Known to be initialised is everything for an allocation from an `*_zeroed` call (so
+    /// its zeros can be read), and otherwise the prefix written or zeroed through this
+    /// `FilledAllocation` since [`into_filled`](BufPoolAllocation::into_filled). Bytes written
+    /// through [`uninit_mut`](BufPoolAllocation::uninit_mut) or
+    /// [`buffers_uninit_mut`](BufPoolAllocation::buffers_uninit_mut) never count (safe code may
+    /// write `MaybeUninit::uninit()` there), and calling either on a zeroed allocation makes
+    /// it forget its zeros: after them `set_filled(k)` needs the first `k` bytes written
+    /// through the `FilledAllocation` (or zeroed by [`read_from`](FilledAllocation::read_from)).
     ///
     /// # Examples
     ///
@@ -252,6 +263,14 @@ impl FilledAllocation {
     ///
     /// let mut fresh = pool.try_allocate(2).unwrap().into_filled();
     /// assert!(!fresh.set_filled(1), "uninitialised bytes are never exposed");
+    ///
+    /// let mut viewed = pool.try_allocate_zeroed(2).unwrap();
+    /// viewed.uninit_mut()[0] = std::mem::MaybeUninit::uninit();
+    /// let mut viewed = viewed.into_filled();
+    /// assert!(!viewed.set_filled(1), "the view made it forget its zeros");
+    /// viewed.extend_from_slice(b"ab");
+    /// assert!(viewed.set_filled(1));
+    /// assert_eq!(viewed.filled(), b"a");
     /// ```
     pub fn set_filled(&mut self, len: usize) -> bool {
         let accepted = len <= self.inner.init_len();
@@ -295,7 +314,9 @@ impl FilledAllocation {
         self.buffers().map(IoSlice::new).collect()
     }
 
-    /// Back to the plain allocation (the written bytes stay in the memory).
+    /// Back to the plain allocation (the written bytes stay in the memory). One from an
+    /// `*_zeroed` call that still counted as initialised throughout still does (the cursor
+    /// writes only initialised bytes), until its uninitialised views are taken.
     ///
     /// # Examples
     ///

@@ -102,7 +102,8 @@ impl Drop for Memory {
     }
 }
 
-/// Marks a block whose every byte was zero when it was allocated.
+/// Marks a block whose every byte was zero when it was allocated, until an
+/// [`uninit_mut`](Block::uninit_mut) view of it was handed out.
 const ZEROED: usize = 1;
 
 /// `bytes` of heap memory reserved from one pool's budget; freed or cached, and given back
@@ -149,15 +150,28 @@ impl<P: Pool> Block<P> {
         self.bytes_zeroed & !ZEROED
     }
 
-    /// Whether every byte was zero when the block was allocated.
+    /// Whether every byte was zero when the block was allocated and no view that could
+    /// de-initialise a byte was handed out since ([`uninit_mut`](Block::uninit_mut) clears
+    /// it): then every byte is initialised (zero, or written since with an initialised value).
     pub(crate) fn was_zeroed(&self) -> bool {
         self.bytes_zeroed & ZEROED != 0
     }
 
     /// The whole block, for writing: safe, since writing `MaybeUninit<u8>` cannot observe
-    /// uninitialised memory.
+    /// uninitialised memory. But safe code may write `MaybeUninit::uninit()` through it, so
+    /// the block forgets it [`was_zeroed`](Block::was_zeroed): from now on it counts as
+    /// uninitialised, and an [`InitBlock`] made of it starts with nothing initialised.
     #[inline]
     pub(crate) fn uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        self.bytes_zeroed &= !ZEROED;
+        self.uninit_mut_keeping_zeroed()
+    }
+
+    /// [`uninit_mut`](Block::uninit_mut) without forgetting that the block was zeroed. Only
+    /// for [`InitBlock`] (so private to this module), which writes nothing but initialised
+    /// bytes through it: a zeroed block stays initialised throughout.
+    #[inline]
+    fn uninit_mut_keeping_zeroed(&mut self) -> &mut [MaybeUninit<u8>] {
         // SAFETY: the block is `bytes()` bytes, allocated, exclusively owned by `self` (and
         // borrowed mutably here), and `MaybeUninit<u8>` has no validity requirement.
         unsafe {
@@ -250,6 +264,8 @@ pub(crate) struct InitBlock<P: Pool> {
 }
 
 impl<P: Pool> InitBlock<P> {
+    /// Starts with the whole block initialised if it [`was_zeroed`](Block::was_zeroed) (no
+    /// [`uninit_mut`](Block::uninit_mut) view of it was handed out), with nothing otherwise.
     pub(crate) fn new(block: Block<P>) -> Self {
         let init = if block.was_zeroed() { block.bytes() } else { 0 };
         InitBlock { block, init }
@@ -284,7 +300,7 @@ impl<P: Pool> InitBlock<P> {
     /// Copies as much of `src` as fits at `offset` (at most `init_len()`, so no gap is left
     /// uninitialised) and returns how much that was.
     pub(crate) fn write_at(&mut self, offset: usize, src: &[u8]) -> usize {
-        let whole = self.block.uninit_mut();
+        let whole = self.block.uninit_mut_keeping_zeroed();
         let Some(room) = whole.get_mut(offset.min(self.init)..) else {
             return 0;
         };
@@ -299,7 +315,11 @@ impl<P: Pool> InitBlock<P> {
     /// Sets every byte from `init_len()` to `end` to `byte`, making `[0, end)` initialised.
     pub(crate) fn init_to(&mut self, end: usize, byte: u8) {
         let end = end.min(self.block.bytes());
-        if let Some(gap) = self.block.uninit_mut().get_mut(self.init..end) {
+        if let Some(gap) = self
+            .block
+            .uninit_mut_keeping_zeroed()
+            .get_mut(self.init..end)
+        {
             gap.fill(MaybeUninit::new(byte));
             self.init = end;
         }
@@ -322,7 +342,7 @@ impl<P: Pool> InitBlock<P> {
     /// [`assume_init_to`](InitBlock::assume_init_to) says so. Empty if `from` is past the end.
     #[cfg(feature = "bytes")]
     pub(crate) fn spare_mut(&mut self, from: usize) -> &mut bytes::buf::UninitSlice {
-        let whole = self.block.uninit_mut();
+        let whole = self.block.uninit_mut_keeping_zeroed();
         let from = from.min(whole.len());
         bytes::buf::UninitSlice::uninit(&mut whole[from..])
     }
