@@ -39,23 +39,32 @@ impl Stamp {
 }
 
 /// Converts a number of ticks (a wait, or waits added up) to time.
+#[cfg(test)]
 pub(crate) fn ticks_to_duration(ticks: u64) -> Duration {
+    let [duration] = ticks_to_durations([ticks]);
+    duration
+}
+
+/// Tick counts as durations, for several tick counts at once, with one measurement of the rate,
+/// so that durations read together compare as their ticks do (a mean of waits is never above
+/// their maximum just because the rate was measured twice).
+pub(crate) fn ticks_to_durations<const N: usize>(ticks: [u64; N]) -> [Duration; N] {
     let epoch = epoch();
     if !epoch.tsc_invariant {
-        return Duration::from_nanos(ticks);
+        return ticks.map(Duration::from_nanos);
     }
     // Read the TSC and the OS clock back to back, and take the rate over everything since
     // the epoch.
     let elapsed_ticks = read_tsc().saturating_sub(epoch.tsc);
     let elapsed_nanos = nanos_since(epoch.instant);
     if elapsed_ticks == 0 {
-        return Duration::ZERO;
+        return [Duration::ZERO; N];
     }
     let nanos_per_tick = elapsed_nanos as f64 / elapsed_ticks as f64;
-    Duration::from_nanos((ticks as f64 * nanos_per_tick) as u64)
+    ticks.map(|ticks| Duration::from_nanos((ticks as f64 * nanos_per_tick) as u64))
 }
 
-/// [`ticks_to_duration`] for one wait at a time (the `metrics` wait histogram): the TSC's
+/// [`ticks_to_durations`] for one wait at a time (the `metrics` wait histogram): the TSC's
 /// rate is measured at most once per 2^28 ticks (about a tenth of a second), not on every
 /// call, since two clock reads per wait would cost more than the rest of recording it.
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]

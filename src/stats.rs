@@ -11,7 +11,7 @@ use core::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::ticks_to_duration;
+use crate::clock::ticks_to_durations;
 use crate::sync::AtomicUsize;
 use crate::word::{COUNTER_WRAP, Word};
 
@@ -107,6 +107,8 @@ impl Counters {
             .wrapping_add(word.allocations())
             .wrapping_sub(sources.waits.resizes);
         let releases = releases_spilled.wrapping_add(word.releases());
+        let [total_wait, max_wait] =
+            ticks_to_durations([sources.waits.total_ticks, sources.waits.max_ticks]);
         PoolStats {
             name: sources.name,
             in_use_bytes: word.in_use(),
@@ -118,8 +120,8 @@ impl Counters {
             peak_in_use_bytes: sources.peak_in_use,
             total_allocations: allocations,
             waited_allocations: sources.waits.waited,
-            total_wait: ticks_to_duration(sources.waits.total_ticks),
-            max_wait: ticks_to_duration(sources.waits.max_ticks),
+            total_wait,
+            max_wait,
             would_block: self.would_block.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
             queue_full: self.queue_full.load(Relaxed),
