@@ -53,6 +53,18 @@ impl BufPoolAllocation {
         })
     }
 
+    /// Makes this an owned allocation: `handle` (the pool's, taken only for the first owned
+    /// allocation out) keeps the pool alive until the last owned one is back, so the pool's
+    /// drop never waits on a task that holds one and dropped its own handle.
+    pub(crate) fn owned_by(
+        mut self,
+        handle: impl FnOnce() -> std::sync::Arc<dyn Send + Sync>,
+    ) -> Self {
+        self.block.pool().own(handle);
+        self.block.set_owned();
+        self
+    }
+
     /// The number of buffers: the `n` that was requested.
     ///
     /// # Examples

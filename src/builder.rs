@@ -53,6 +53,7 @@ pub struct BufPoolBuilder {
     drop_warning_after: Duration,
     time_waits: bool,
     max_waiters: usize,
+    grows: bool,
 }
 
 impl BufPoolBuilder {
@@ -67,6 +68,7 @@ impl BufPoolBuilder {
             drop_warning_after: DEFAULT_DROP_WARNING_AFTER,
             time_waits: true,
             max_waiters: usize::MAX,
+            grows: false,
         }
     }
 
@@ -207,6 +209,39 @@ impl BufPoolBuilder {
         self
     }
 
+    /// Makes a pool whose budget a controller grows as it goes, as tokio's
+    /// `Semaphore::new(0)` and `add_permits`: the budget may be zero (at build and in
+    /// [`set_max_memory`](BufPool::set_max_memory)), and a request larger than the budget now
+    /// waits in the queue until [`add_max_memory`](BufPool::add_max_memory) or
+    /// `set_max_memory` makes room for it, instead of failing with
+    /// [`ExceedsBudget`](crate::AllocError::ExceedsBudget) (`try_` forms give
+    /// [`WouldBlock`](crate::AllocError::WouldBlock)). Only a request above the most any
+    /// budget can be (2 PiB) fails at once. Off by default.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 0 })
+    ///     .wait_for_growth()
+    ///     .build()?;
+    /// assert_eq!(pool.try_allocate(2).unwrap_err(), AllocError::WouldBlock);
+    /// let mut waiting = Box::pin(pool.allocate(2));
+    /// assert!(futures::poll!(waiting.as_mut()).is_pending());
+    /// pool.add_max_memory(64);
+    /// assert!(futures::poll!(waiting.as_mut()).is_pending()); // 64 of the 128 bytes
+    /// pool.add_max_memory(64);
+    /// assert_eq!(waiting.await.unwrap().length(), 2);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn wait_for_growth(mut self) -> Self {
+        self.grows = true;
+        self
+    }
+
     /// Names the pool: the name appears in its `Debug` output, in
     /// [`PoolStats`](crate::PoolStats) (and its `Display`) and, with the `metrics` feature,
     /// as the `pool` label of every metric it reports. Pools are unnamed by default.
@@ -273,7 +308,9 @@ impl BufPoolBuilder {
             buffer_size,
             max_memory,
         } = self.cfg;
-        validate_max_memory(buffer_size, max_memory)?;
+        if !self.grows {
+            validate_max_memory(buffer_size, max_memory)?;
+        }
         if self.time_waits {
             crate::clock::start();
         }
@@ -287,6 +324,7 @@ impl BufPoolBuilder {
             time_waits: self.time_waits,
             max_waiters: self.max_waiters,
             depth: self.parent.as_ref().map_or(0, |parent| parent.depth() + 1),
+            grows: self.grows,
         };
         let parent = self.parent;
         let pool = BufPool::from_state(State::new(max_memory, config, recycler, parent.clone()));

@@ -17,7 +17,7 @@
 
 use crate::AllocError;
 use crate::deferred::{Deferred, settle};
-use crate::heap::{Block, Memory, Pool};
+use crate::heap::{Block, Memory, Pool, Released};
 use crate::state::State;
 use crate::sync::Arc;
 
@@ -40,6 +40,22 @@ fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Def
     for level in (1..=levels).rev() {
         pool.at_level(level).give_back_here(bytes, false, deferred);
     }
+}
+
+/// Holds `bytes` more in `pool` and every ancestor whatever their budgets (a reservation's
+/// overcommit), all or nothing: fails only if some level could not count them.
+pub(crate) fn force_hold(pool: &State, bytes: usize) -> Result<(), AllocError> {
+    for level in 0..=pool.depth() {
+        if let Err(error) = pool.at_level(level).force_hold(bytes) {
+            settle(|deferred| {
+                for held in (0..level).rev() {
+                    pool.at_level(held).give_back_here(bytes, false, deferred);
+                }
+            });
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (`pool`
@@ -76,14 +92,22 @@ unsafe impl Pool for State {
     }
 
     #[inline(always)]
-    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
+    fn release(
+        &self,
+        memory: Memory,
+        owned: bool,
+        keep_alive: impl FnOnce() -> Arc<Self>,
+    ) -> Released<Self> {
         let bytes = memory.bytes();
         self.recycle(memory);
+        if owned {
+            return release_owned_block(self, bytes);
+        }
         if self.parent().is_some() {
             return release_child_block(self, bytes, keep_alive);
         }
         if self.try_release_block(bytes) {
-            return None;
+            return Released::NOTHING;
         }
         release_root_block_slow(self, bytes, keep_alive)
     }
@@ -104,8 +128,25 @@ fn release_root_block_slow(
     pool: &State,
     bytes: usize,
     keep_alive: impl FnOnce() -> Arc<State>,
-) -> Option<Arc<State>> {
-    settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred))
+) -> Released<State> {
+    let kept = settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred));
+    Released { kept, owner: None }
+}
+
+/// An owned block: the owner's handle keeps the pool alive throughout, so every level is
+/// given back as with a handle; then, if this was the last owned block, the handle goes to
+/// the caller to drop (which may run the pool's drop).
+#[cold]
+#[inline(never)]
+fn release_owned_block(pool: &State, bytes: usize) -> Released<State> {
+    settle(|deferred| {
+        give_back_above(pool, bytes, pool.depth(), deferred);
+        pool.give_back_here(bytes, true, deferred);
+    });
+    Released {
+        kept: None,
+        owner: pool.disown(),
+    }
 }
 
 /// A child pool's block: every ancestor's level first (while the block's own bytes keep the
@@ -116,11 +157,12 @@ fn release_child_block(
     pool: &State,
     bytes: usize,
     keep_alive: impl FnOnce() -> Arc<State>,
-) -> Option<Arc<State>> {
-    settle(|deferred| {
+) -> Released<State> {
+    let kept = settle(|deferred| {
         give_back_above(pool, bytes, pool.depth(), deferred);
         pool.release_block(bytes, keep_alive, deferred)
-    })
+    });
+    Released { kept, owner: None }
 }
 
 /// The block for `bytes` just reserved in `pool` (every level of its chain, counted as its

@@ -36,8 +36,15 @@ pub(crate) unsafe trait Pool: Sized {
     /// The alignment of every block of this pool (fixed for its life).
     fn align(&self) -> usize;
 
-    /// Frees or caches `memory`, then gives its bytes back to the budget.
-    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>>;
+    /// Frees or caches `memory`, then gives its bytes back to the budget. `owned`: the block
+    /// was marked with [`Block::set_owned`]; the handle that kept its pool alive for it may
+    /// be returned, for the caller to drop once `self` is no longer borrowed.
+    fn release(
+        &self,
+        memory: Memory,
+        owned: bool,
+        keep_alive: impl FnOnce() -> Arc<Self>,
+    ) -> Released<Self>;
 
     /// Whether no bytes are counted in use.
     fn is_drained(&self) -> bool;
@@ -45,6 +52,23 @@ pub(crate) unsafe trait Pool: Sized {
     /// Waits for every release still finishing under the pool's lock (call once drained,
     /// before dropping the last handle).
     fn quiesce(&self);
+}
+
+/// What a release hands back to drop after it: a strong reference it took to finish its
+/// work, and the owner's handle of an owned block (whose drop may free the pool).
+// Its fields are held only to be dropped, after the release.
+#[allow(dead_code)]
+pub(crate) struct Released<P> {
+    pub(crate) kept: Option<Arc<P>>,
+    pub(crate) owner: Option<std::sync::Arc<dyn Send + Sync>>,
+}
+
+impl<P> Released<P> {
+    /// Nothing to drop.
+    pub(crate) const NOTHING: Self = Released {
+        kept: None,
+        owner: None,
+    };
 }
 
 /// The layout of a block of `bytes` (a non-zero multiple of 8 within the budget) aligned to
@@ -106,12 +130,18 @@ impl Drop for Memory {
 /// [`uninit_mut`](Block::uninit_mut) view of it was handed out.
 const ZEROED: usize = 1;
 
+/// Marks a block whose pool is kept alive for it by an owner's handle (`Block::set_owned`).
+const OWNED: usize = 2;
+
+/// The flag bits under a block's size (a multiple of 8).
+const FLAGS: usize = ZEROED | OWNED;
+
 /// `bytes` of heap memory reserved from one pool's budget; freed or cached, and given back
 /// to that budget, on drop. Exactly three words.
 #[derive(Debug)]
 pub(crate) struct Block<P: Pool> {
     ptr: NonNull<u8>,
-    /// The size in bytes (a multiple of 8), with [`ZEROED`] in its lowest bit.
+    /// The size in bytes (a multiple of 8), with [`ZEROED`] and [`OWNED`] in its low bits.
     bytes_zeroed: usize,
     pool: NonNull<P>,
 }
@@ -147,7 +177,13 @@ impl<P: Pool> Block<P> {
 
     #[inline(always)]
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes_zeroed & !ZEROED
+        self.bytes_zeroed & !FLAGS
+    }
+
+    /// Marks the block as one whose pool an owner's handle keeps alive: its release
+    /// returns that handle to drop (see [`Pool::release`]).
+    pub(crate) fn set_owned(&mut self) {
+        self.bytes_zeroed |= OWNED;
     }
 
     /// Whether every byte was zero when the block was allocated and no view that could
@@ -210,7 +246,7 @@ impl<P: Pool> Drop for Block<P> {
             }
         };
         // Dropped here, after the last use of `pool`: it may free the pool's state.
-        drop(pool.release(memory, keep_alive));
+        drop(pool.release(memory, self.bytes_zeroed & OWNED != 0, keep_alive));
     }
 }
 

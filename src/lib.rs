@@ -84,7 +84,7 @@ pub use filled::FilledAllocation;
 pub use owned::{AllocateOwned, PollAllocate};
 pub use pool::BufPool;
 pub use report::PoolReport;
-pub use reservation::{Grow, Reservation, Reserve};
+pub use reservation::{Grow, Reservation, Reserve, ReserveOwned};
 pub use size::{BufferSize, InvalidBufferSize};
 pub use stats::PoolStats;
 pub use telemetry::metric_names;
@@ -112,6 +112,7 @@ const _: () = {
     send_sync::<PoolReport>();
     send_sync::<Reserve<'static>>();
     send_sync::<Grow<'static>>();
+    send_sync::<ReserveOwned>();
     send_sync::<AllocError>();
     send_sync::<ConfigError>();
     assert!(core::mem::size_of::<BufPoolAllocation>() <= 3 * core::mem::size_of::<usize>());

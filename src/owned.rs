@@ -18,8 +18,10 @@ impl BufPool {
     /// Like [`allocate`](BufPool::allocate), but the future owns a handle to the pool
     /// (`'static`): spawn it, or keep it in a struct.
     ///
-    /// The allocation it resolves to does not hold the handle: as for every allocation, the
-    /// pool's drop waits for it (see [`BufPool`]'s drop).
+    /// The allocation it resolves to keeps the pool alive too, as tokio's owned permits do:
+    /// a task may drop its last handle to the pool while it still holds the allocation,
+    /// without blocking; the pool's drop (its barrier) then runs when the last owned
+    /// allocation is given back (through `into_filled` and `freeze` too).
     ///
     /// # Errors
     ///
@@ -42,7 +44,9 @@ impl BufPool {
     /// let pool = Arc::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 }));
     /// let task = tokio::spawn(Arc::clone(&pool).allocate_owned(4));
     /// let allocation = task.await??;
+    /// drop(pool); // the last handle: the pool lives on for the allocation
     /// assert_eq!(allocation.length(), 4);
+    /// drop(allocation); // the pool's drop runs here, and returns at once
     /// # Ok(())
     /// # }
     /// ```
@@ -141,12 +145,14 @@ impl Future for AllocateOwned {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let pool = this.pool.state();
+        let handle = &*this.pool;
+        let pool = handle.state();
         match this.request.poll_hold(pool, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => Poll::Ready(
-                held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)),
-            ),
+            Poll::Ready(held) => Poll::Ready(held.and_then(|bytes| {
+                let allocation = BufPoolAllocation::new(pool, bytes, *this.zeroed)?;
+                Ok(allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>))
+            })),
         }
     }
 }
@@ -300,9 +306,11 @@ impl PollAllocate {
         };
         match request.as_mut().poll_hold(state, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => {
-                Poll::Ready(held.and_then(|bytes| BufPoolAllocation::new(state, bytes, false)))
-            }
+            Poll::Ready(held) => Poll::Ready(held.and_then(|bytes| {
+                let allocation = BufPoolAllocation::new(state, bytes, false)?;
+                let handle = &self.pool;
+                Ok(allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>))
+            })),
         }
     }
 }

@@ -558,9 +558,73 @@ impl BufPool {
     /// # Ok::<(), membudget::ConfigError>(())
     /// ```
     pub fn set_max_memory(&self, max_memory: usize) -> Result<(), ConfigError> {
-        validate_max_memory(self.pool.config.buffer_size, max_memory)?;
+        if !self.pool.grows() {
+            validate_max_memory(self.pool.config.buffer_size, max_memory)?;
+        }
         self.pool.set_max_memory(max_memory);
         Ok(())
+    }
+
+    /// Adds `bytes` to the budget (saturating at `usize::MAX`, which means no limit), and
+    /// returns the new `max_memory`. Changes by a delta compose: several controllers may add
+    /// and [`forget`](BufPool::forget_max_memory) budget on one pool without losing each
+    /// other's changes (tokio's `add_permits`). Serves the waiters that now fit, in FIFO
+    /// order, as [`set_max_memory`](BufPool::set_max_memory) does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 });
+    /// assert!(pool.try_allocate(2).is_err());
+    /// assert_eq!(pool.add_max_memory(64), 128);
+    /// assert_eq!(pool.try_allocate(2)?.length(), 2);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn add_max_memory(&self, bytes: usize) -> usize {
+        self.pool.resize(|now| {
+            let max_memory = now.max_memory.saturating_add(bytes);
+            (max_memory, max_memory)
+        })
+    }
+
+    /// Removes up to `bytes` of the free budget (the budget not in use) and returns how much
+    /// it removed: the bytes in use are never taken away, so this never fails and never
+    /// waits (tokio's `forget_permits`). A pool not built with
+    /// [`wait_for_growth`](crate::BufPoolBuilder::wait_for_growth) keeps a budget of at
+    /// least one buffer. Waiting requests that can never fit the smaller budget fail with
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget), as after
+    /// [`set_max_memory`](BufPool::set_max_memory). A budget above what the pool counts (2
+    /// PiB, `usize::MAX` for no limit) is counted as that before the bytes are removed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 256 });
+    /// let held = pool.try_allocate(2)?;
+    /// assert_eq!(pool.forget_max_memory(1000), 64); // 128 in use, one buffer kept
+    /// assert_eq!(pool.stats().max_memory, 192);
+    /// drop(held);
+    /// assert_eq!(pool.forget_max_memory(100), 100);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn forget_max_memory(&self, bytes: usize) -> usize {
+        let floor = if self.pool.grows() {
+            0
+        } else {
+            self.pool.config.buffer_size.bytes()
+        };
+        self.pool.resize(|now| {
+            let free = now
+                .budget
+                .saturating_sub(now.in_use)
+                .min(now.budget.saturating_sub(floor));
+            let forgotten = free.min(bytes);
+            (now.budget - forgotten, forgotten)
+        })
     }
 
     /// The configured buffer size.

@@ -74,6 +74,46 @@ impl BufPool {
         }
     }
 
+    /// Like [`reserve`](BufPool::reserve), but the future owns a handle to the pool
+    /// (`'static`: spawn it, or keep it in a struct), and so does the reservation it
+    /// resolves to, as tokio's owned permits: a task may drop its last handle to the pool
+    /// while it still holds the reservation, without blocking; the pool's drop (its
+    /// barrier) then runs when the reservation is given back. Allocations made out of it
+    /// ([`Reservation::allocate`]) hold the pool the same way.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](BufPool::reserve).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`reserve`](BufPool::reserve).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::sync::Arc;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), membudget::AllocError> {
+    /// let pool = Arc::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 }));
+    /// let task = tokio::spawn(Arc::clone(&pool).reserve_owned(128));
+    /// let reservation = task.await.unwrap()?;
+    /// drop(pool); // the last handle: the pool lives on for the reservation
+    /// assert_eq!(reservation.size(), 128);
+    /// drop(reservation); // the pool's drop runs here, and returns at once
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reserve_owned(self: std::sync::Arc<Self>, bytes: usize) -> ReserveOwned {
+        ReserveOwned {
+            request: Request::new(rounded(bytes).unwrap_or(usize::MAX), Unit::Bytes),
+            overflowed: rounded(bytes).is_none(),
+            pool: self,
+        }
+    }
+
     /// Like [`reserve`](BufPool::reserve), blocking the calling thread while it waits.
     ///
     /// # Errors
@@ -210,20 +250,34 @@ fn try_hold(pool: &State, bytes: usize) -> Result<usize, AllocError> {
 #[must_use = "dropping a reservation gives its bytes straight back"]
 pub struct Reservation {
     pool: Arc<State>,
-    bytes: usize,
+    /// The bytes held in the pool's budget: `size` rounded up to a multiple of 8.
+    held: usize,
+    /// The size its owner sees.
+    size: usize,
+    /// For [`BufPool::reserve_owned`]: the pool's handle, so the pool's drop (its barrier)
+    /// waits until this is given back without the owner keeping a handle. Dropped after the
+    /// bytes go back.
+    owner: Option<std::sync::Arc<BufPool>>,
 }
 
 impl Reservation {
-    /// A reservation of `bytes` already held in `pool` (and counted in none yet).
+    /// A reservation of `bytes` (a multiple of 8) already held in `pool` (and counted in
+    /// none yet).
     fn holding(pool: &Arc<State>, bytes: usize) -> Self {
         pool.note_reserved(bytes as isize);
         Reservation {
             pool: Arc::clone(pool),
-            bytes,
+            held: bytes,
+            size: bytes,
+            owner: None,
         }
     }
 
-    /// The bytes it holds (a multiple of 8).
+    /// Its size in bytes: a multiple of 8, except after the exact calls
+    /// ([`resize_to`](Reservation::resize_to), [`try_shrink`](Reservation::try_shrink),
+    /// [`force_grow`](Reservation::force_grow)), which set it to the byte. The pool holds it
+    /// rounded up to a multiple of 8 (its granularity); that rounding is never lost: every
+    /// byte held goes back when the reservation shrinks to zero or is dropped.
     ///
     /// # Examples
     ///
@@ -235,7 +289,7 @@ impl Reservation {
     /// # Ok::<(), membudget::AllocError>(())
     /// ```
     pub fn size(&self) -> usize {
-        self.bytes
+        self.size
     }
 
     /// Grows by `more` bytes (rounded up to a multiple of 8) if they are free now and nobody
@@ -265,7 +319,7 @@ impl Reservation {
     /// ```
     pub fn try_grow(&mut self, more: usize) -> Result<(), AllocError> {
         let rounded_more = rounded(more).ok_or_else(|| overflow(&self.pool))?;
-        if let Some(error) = beyond_budget(&self.pool, self.bytes, rounded_more) {
+        if let Some(error) = beyond_budget(&self.pool, self.held, rounded_more) {
             return Err(error);
         }
         let more = try_hold(&self.pool, more)?;
@@ -303,7 +357,7 @@ impl Reservation {
     pub fn grow(&mut self, more: usize) -> Grow<'_> {
         let refused = match rounded(more) {
             None => Some(overflow(&self.pool)),
-            Some(more) => beyond_budget(&self.pool, self.bytes, more),
+            Some(more) => beyond_budget(&self.pool, self.held, more),
         };
         Grow {
             request: Request::new(rounded(more).unwrap_or(usize::MAX), Unit::Bytes),
@@ -355,13 +409,169 @@ impl Reservation {
     /// # Ok::<(), membudget::AllocError>(())
     /// ```
     pub fn shrink(&mut self, less: usize) {
-        let less = rounded(less).unwrap_or(usize::MAX).min(self.bytes);
-        if less == 0 {
-            return;
+        let less = rounded(less).unwrap_or(usize::MAX).min(self.size);
+        self.set_smaller_size(self.size - less);
+    }
+
+    /// Shrinks to `size` (at most the size now), giving back what the pool no longer needs
+    /// to hold for it.
+    fn set_smaller_size(&mut self, size: usize) {
+        debug_assert!(size <= self.size);
+        // Never overflows: `size` is at most a size whose rounding is held.
+        let held = rounded(size).expect("a held size rounds");
+        let less = self.held - held;
+        // Recorded before the give-back, whose user code may unwind.
+        self.size = size;
+        self.held = held;
+        if less > 0 {
+            self.pool.note_reserved(-(less as isize));
+            chain::give_back_held(&self.pool, less);
         }
-        self.bytes -= less;
-        self.pool.note_reserved(-(less as isize));
-        chain::give_back_held(&self.pool, less);
+    }
+
+    /// Shrinks by exactly `less` bytes, giving back what the pool no longer holds for it
+    /// (as DataFusion's `MemoryReservation::try_shrink`).
+    ///
+    /// # Errors
+    ///
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget) with the size as `max_memory` if `less`
+    /// is more than the size; the reservation is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.try_reserve(64)?;
+    /// r.try_shrink(10)?;
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (54, 56));
+    /// assert!(matches!(r.try_shrink(55), Err(AllocError::ExceedsBudget { .. })));
+    /// assert_eq!(r.size(), 54);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn try_shrink(&mut self, less: usize) -> Result<(), AllocError> {
+        if less > self.size {
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: less,
+                max_memory: self.size,
+            });
+        }
+        self.set_smaller_size(self.size - less);
+        Ok(())
+    }
+
+    /// Gives every byte back and returns the size it had (as DataFusion's
+    /// `MemoryReservation::free`). The reservation stays usable, empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.try_reserve(100)?;
+    /// assert_eq!(r.free(), 104);
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (0, 0));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn free(&mut self) -> usize {
+        let size = self.size;
+        self.set_smaller_size(0);
+        size
+    }
+
+    /// Sets the size to exactly `size` bytes: shrinking always succeeds (the pool gives back
+    /// what it no longer holds); growing takes the difference now, as
+    /// [`try_grow`](Reservation::try_grow) would, never waiting. Rounding stays inside: a
+    /// caller that tracks exact sizes never sees a byte lost or extra, and resizing to 0
+    /// gives everything back.
+    ///
+    /// # Errors
+    ///
+    /// When growing, as [`try_grow`](Reservation::try_grow): [`WouldBlock`](AllocError::WouldBlock),
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget), [`Closed`](AllocError::Closed); the
+    /// reservation is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut r = pool.try_reserve(0)?;
+    /// r.resize_to(13)?;
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (13, 16));
+    /// r.resize_to(17)?;
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (17, 24));
+    /// r.resize_to(5)?;
+    /// assert_eq!((r.size(), pool.stats().in_use_bytes), (5, 8));
+    /// r.resize_to(0)?;
+    /// assert_eq!(pool.stats().in_use_bytes, 0);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn resize_to(&mut self, size: usize) -> Result<(), AllocError> {
+        if size <= self.size {
+            self.set_smaller_size(size);
+            return Ok(());
+        }
+        let held = rounded(size).ok_or_else(|| overflow(&self.pool))?;
+        let more = held - self.held;
+        if more > 0 {
+            if let Some(error) = beyond_budget(&self.pool, self.held, more) {
+                return Err(error);
+            }
+            let more = try_hold(&self.pool, more)?;
+            self.pool.note_reserved(more as isize);
+            self.held += more;
+        }
+        self.size = size;
+        Ok(())
+    }
+
+    /// Grows by exactly `more` bytes whatever the budget: overcommit that always succeeds
+    /// (for callers that cannot wait or fail, as DataFusion's infallible
+    /// `MemoryReservation::grow`). The bytes are held at once in this pool and every
+    /// ancestor, and may take them above their budgets; every pool counts it
+    /// ([`PoolStats::overcommit_bytes`](crate::PoolStats::overcommit_bytes)), and it is
+    /// repaid first: no request is granted in an overcommitted pool (nor, through it, in
+    /// its subtree) until releases bring it back under its budget.
+    ///
+    /// # Errors
+    ///
+    /// Only for sizes no pool can count (the bytes in use would pass 4 PiB):
+    /// [`ExceedsBudget`](AllocError::ExceedsBudget); the reservation is then unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 128 });
+    /// let mut r = pool.try_reserve(128)?;
+    /// r.force_grow(100)?;
+    /// let stats = pool.stats();
+    /// assert_eq!((r.size(), stats.in_use_bytes, stats.overcommit_bytes), (228, 232, 104));
+    /// assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    /// r.try_shrink(100)?;
+    /// assert_eq!(pool.stats().overcommit_bytes, 0);
+    /// # Ok::<(), AllocError>(())
+    /// ```
+    pub fn force_grow(&mut self, more: usize) -> Result<(), AllocError> {
+        let too_big = || AllocError::ExceedsBudget {
+            requested_bytes: self.size.saturating_add(more),
+            max_memory: self.pool.budget(),
+        };
+        let size = self.size.checked_add(more).ok_or_else(too_big)?;
+        let held = rounded(size).ok_or_else(too_big)?;
+        let extra = held - self.held;
+        if extra > 0 {
+            chain::force_hold(&self.pool, extra)?;
+            self.pool.note_reserved(extra as isize);
+            self.held = held;
+        }
+        self.size = size;
+        Ok(())
     }
 
     /// Takes `min(bytes, size)` bytes (`bytes` rounded up to a multiple of 8) out into a new
@@ -379,11 +589,17 @@ impl Reservation {
     /// # Ok::<(), membudget::AllocError>(())
     /// ```
     pub fn split(&mut self, bytes: usize) -> Reservation {
-        let bytes = rounded(bytes).unwrap_or(usize::MAX).min(self.bytes);
-        self.bytes -= bytes;
+        let part = rounded(bytes).unwrap_or(usize::MAX).min(self.size);
+        let size = self.size - part;
+        let held = rounded(size).expect("a held size rounds");
+        let part_held = self.held - held;
+        self.size = size;
+        self.held = held;
         Reservation {
             pool: Arc::clone(&self.pool),
-            bytes,
+            held: part_held,
+            size: part,
+            owner: self.owner.clone(),
         }
     }
 
@@ -411,7 +627,10 @@ impl Reservation {
         if !Arc::ptr_eq(&self.pool, &other.pool) {
             return Err(other);
         }
-        self.bytes += core::mem::take(&mut other.bytes);
+        self.held += core::mem::take(&mut other.held);
+        self.size += core::mem::take(&mut other.size);
+        // Two rounded sizes may hold 8 bytes more than their sum rounded.
+        self.set_smaller_size(self.size);
         Ok(())
     }
 
@@ -444,35 +663,45 @@ impl Reservation {
             return Err(AllocError::ZeroBuffers);
         }
         let shift = self.pool.config.buffer_size.shift();
-        if n > self.bytes >> shift {
+        if n > self.size >> shift {
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: n.saturating_mul(self.pool.config.buffer_size.bytes()),
-                max_memory: self.bytes,
+                max_memory: self.size,
             });
         }
         let bytes = n << shift;
-        self.bytes -= bytes;
+        self.size -= bytes;
+        self.held -= bytes;
         self.pool.note_reserved(-(bytes as isize));
         self.pool.held_becomes_allocation();
-        BufPoolAllocation::new(&self.pool, bytes, false)
+        let allocation = BufPoolAllocation::new(&self.pool, bytes, false)?;
+        Ok(match &self.owner {
+            // Out of an owned reservation: owned too.
+            Some(owner) => allocation
+                .owned_by(|| std::sync::Arc::clone(owner) as std::sync::Arc<dyn Send + Sync>),
+            None => allocation,
+        })
     }
 
     fn add(&mut self, bytes: usize) {
         self.pool.note_reserved(bytes as isize);
-        self.bytes += bytes;
+        self.held += bytes;
+        self.size += bytes;
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.shrink(usize::MAX);
+        // The bytes go back first; `owner` (if any) is dropped after this, which may run
+        // the pool's drop.
+        self.free();
     }
 }
 
 impl fmt::Debug for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reservation")
-            .field("size", &self.bytes)
+            .field("size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -528,6 +757,77 @@ impl Future for Reserve<'_> {
             Poll::Pending => Poll::Pending,
             Poll::Ready(held) => Poll::Ready(held.map(|bytes| Reservation::holding(pool, bytes))),
         }
+    }
+}
+
+pin_project! {
+    /// The future of [`BufPool::reserve_owned`]: [`Reserve`] with an owned pool handle,
+    /// which the reservation it resolves to keeps.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Allocate`](crate::Allocate): dropping it at any point loses nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize, ReserveOwned};
+    /// use std::sync::Arc;
+    ///
+    /// # futures::executor::block_on(async {
+    /// let pool = Arc::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 }));
+    /// let pending: ReserveOwned = Arc::clone(&pool).reserve_owned(64);
+    /// assert_eq!(pending.await?.size(), 64);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// # }).unwrap();
+    /// ```
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ReserveOwned {
+        pool: std::sync::Arc<BufPool>,
+        overflowed: bool,
+        #[pin]
+        request: Request,
+    }
+
+    impl PinnedDrop for ReserveOwned {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.request.cancel(this.pool.state());
+        }
+    }
+}
+
+impl Future for ReserveOwned {
+    type Output = Result<Reservation, AllocError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let handle = &*this.pool;
+        let pool = handle.state();
+        if *this.overflowed {
+            return Poll::Ready(Err(overflow(pool)));
+        }
+        let owned = |mut reservation: Reservation| {
+            reservation.owner = Some(std::sync::Arc::clone(handle));
+            reservation
+        };
+        if this.request.amount() == 0 {
+            return Poll::Ready(Ok(owned(Reservation::holding(pool, 0))));
+        }
+        match this.request.poll_hold(pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(held) => {
+                Poll::Ready(held.map(|bytes| owned(Reservation::holding(pool, bytes))))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ReserveOwned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReserveOwned")
+            .field("bytes", &self.request.amount())
+            .finish_non_exhaustive()
     }
 }
 

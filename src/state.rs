@@ -26,7 +26,7 @@ use crate::recycle::{Footprint, Recycler};
 use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
-use crate::word::{BudgetWord, FastReserve, counted_budget};
+use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::Relaxed;
 
@@ -69,6 +69,32 @@ pub(crate) struct Asker<'a> {
     pub(crate) waited: bool,
 }
 
+/// The handle that keeps a pool alive for its owned allocations, and how many are out.
+#[derive(Default)]
+struct Owner {
+    count: usize,
+    handle: Option<std::sync::Arc<dyn Send + Sync>>,
+}
+
+impl core::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Owner")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The budget as a resize finds it, under the lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget {
+    /// As configured.
+    pub(crate) max_memory: usize,
+    /// As enforced (`max_memory`, or the most the word counts).
+    pub(crate) budget: usize,
+    /// The bytes in use, stable while the resize holds the lock.
+    pub(crate) in_use: usize,
+}
+
 /// What never changes after the pool is built.
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -85,6 +111,9 @@ pub(crate) struct Config {
     pub(crate) max_waiters: usize,
     /// How many pools are above this one (0 for a root pool).
     pub(crate) depth: usize,
+    /// Built with `wait_for_growth`: a request above the budget waits for it to grow
+    /// instead of failing, and the budget may be zero.
+    pub(crate) grows: bool,
 }
 
 /// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
@@ -137,6 +166,10 @@ pub(crate) struct State {
     /// Live child pools, for `close` and reports. Strong references: a child takes itself
     /// out when its handle is dropped (`detach_from_parent`), which breaks the cycle.
     children: Mutex<Vec<Arc<State>>>,
+    /// The pool's handle, held while owned allocations (`allocate_owned`) are out, so that
+    /// the pool's drop (its barrier) waits until the last of them is back without the task
+    /// that holds one keeping a handle of its own.
+    owner: Mutex<Owner>,
     /// Each wait, recorded by its waiter (with the `metrics` feature, for pools that time
     /// their waits).
     #[cfg(feature = "metrics")]
@@ -165,6 +198,7 @@ impl State {
         State {
             parent,
             children: Mutex::new(Vec::new()),
+            owner: Mutex::new(Owner::default()),
             #[cfg(feature = "metrics")]
             wait_histogram: config
                 .time_waits
@@ -196,7 +230,7 @@ impl State {
         // `n * buffer_size <= budget` exactly when `n <= budget >> shift`, which also rules
         // out overflow.
         if n == 0 || n > budget >> shift {
-            return Attempt::Failed(self.refusal(n, budget));
+            return self.refusal(n);
         }
         let bytes = n << shift;
         if self.parent.is_some() {
@@ -218,11 +252,11 @@ impl State {
     /// The fast path of a reservation of `bytes` (a multiple of 8): held, not counted as an
     /// allocation; bad input and a closed pool fail.
     pub(crate) fn reserve_bytes_now(&self, bytes: usize) -> Attempt {
-        let budget = self.budget();
-        if bytes > budget {
+        let cap = self.hard_cap();
+        if bytes > cap {
             return Attempt::Failed(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
-                max_memory: budget,
+                max_memory: cap,
             });
         }
         if self.parent.is_some() {
@@ -256,15 +290,31 @@ impl State {
         n << self.config.buffer_size.shift()
     }
 
+    /// What the fast path makes of `n` buffers that are none, or more than the budget now:
+    /// an error, or (in a pool that waits for growth) a wait.
     #[cold]
-    fn refusal(&self, n: usize, budget: usize) -> AllocError {
+    fn refusal(&self, n: usize) -> Attempt {
+        let cap = self.hard_cap();
         if n == 0 {
-            AllocError::ZeroBuffers
-        } else {
-            AllocError::ExceedsBudget {
+            Attempt::Failed(AllocError::ZeroBuffers)
+        } else if n > cap >> self.config.buffer_size.shift() {
+            Attempt::Failed(AllocError::ExceedsBudget {
                 requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
-                max_memory: budget,
-            }
+                max_memory: cap,
+            })
+        } else {
+            Attempt::MustWait(self.bytes_of(n))
+        }
+    }
+
+    /// The largest request this pool can ever grant: its budget, or for a pool that waits
+    /// for growth the most any budget can be. A request above it fails at once.
+    #[inline]
+    pub(crate) fn hard_cap(&self) -> usize {
+        if self.config.grows {
+            counted_budget(usize::MAX)
+        } else {
+            self.budget()
         }
     }
 
@@ -344,11 +394,12 @@ impl State {
             }
         }
         let budget = self.budget();
-        if bytes > budget {
+        let cap = self.hard_cap();
+        if bytes > cap {
             // A concurrent shrink of the budget made the request impossible.
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
-                max_memory: budget,
+                max_memory: cap,
             });
         }
         // Checked before `QUEUED` is set: a refused request leaves no trace. (Under the lock,
@@ -538,11 +589,12 @@ impl State {
     }
 
     /// The smallest budget on the chain from this pool up: the most any request here can get.
+    /// (A pool that waits for growth counts with the most any budget can be.)
     pub(crate) fn smallest_budget(&self) -> usize {
-        let mut budget = self.budget();
+        let mut budget = self.hard_cap();
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            budget = budget.min(pool.budget());
+            budget = budget.min(pool.hard_cap());
             ancestor = pool.parent.as_deref();
         }
         budget
@@ -554,7 +606,7 @@ impl State {
         let mut budget = usize::MAX;
         let mut pool = Some(self);
         while let Some(level) = pool.filter(|level| !core::ptr::eq(*level, ancestor)) {
-            budget = budget.min(level.budget());
+            budget = budget.min(level.hard_cap());
             pool = level.parent.as_deref();
         }
         budget
@@ -596,11 +648,11 @@ impl State {
     fn reserve_chain_now(&self, bytes: usize, counted: bool) -> Attempt {
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            let budget = pool.budget();
-            if bytes > budget {
+            let cap = pool.hard_cap();
+            if bytes > cap {
                 return Attempt::Failed(AllocError::ExceedsBudget {
                     requested_bytes: bytes,
-                    max_memory: budget,
+                    max_memory: cap,
                 });
             }
             ancestor = pool.parent.as_deref();
@@ -660,11 +712,11 @@ impl State {
     /// Reserves `bytes` here without waiting, not as an allocation of this pool (for a
     /// descendant's request, or a reservation). `Ok(false)`: the request must wait here.
     pub(crate) fn hold_now(&self, bytes: usize) -> Result<bool, AllocError> {
-        let budget = self.budget();
-        if bytes > budget {
+        let cap = self.hard_cap();
+        if bytes > cap {
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
-                max_memory: budget,
+                max_memory: cap,
             });
         }
         match self.word.try_reserve_uncounted(bytes, || self.budget()) {
@@ -674,6 +726,37 @@ impl State {
             }
             FastReserve::Closed => Err(AllocError::Closed),
             FastReserve::MustWait => Ok(false),
+        }
+    }
+
+    /// Holds `bytes` more here whatever the budget, for a reservation's `force_grow`: the
+    /// bytes in use may go above the budget (overcommit), and no request is granted here
+    /// until releases bring them back under it. Fails only if the word could not count the
+    /// bytes (more than [`MAX_IN_USE`] in use). While requests wait (`QUEUED`) the bytes are
+    /// added under the lock, so that a release computing the room for grants under it sees
+    /// them.
+    pub(crate) fn force_hold(&self, bytes: usize) -> Result<(), AllocError> {
+        let mut word = self.word.load();
+        let mut queue = None;
+        loop {
+            if bytes > MAX_IN_USE - word.in_use() {
+                return Err(AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: self.budget(),
+                });
+            }
+            if word.is_queued() && queue.is_none() {
+                queue = Some(lock(&self.queue));
+                word = self.word.load();
+                continue;
+            }
+            match self.word.compare_exchange(word, word.plus(bytes)) {
+                Ok(_) => {
+                    self.note_in_use(word.in_use() + bytes);
+                    return Ok(());
+                }
+                Err(actual) => word = actual,
+            }
         }
     }
 
@@ -688,6 +771,32 @@ impl State {
         };
         if !fast {
             self.release_slow(bytes, counted, deferred);
+        }
+    }
+
+    // ---- owned allocations ----
+
+    /// One more owned allocation is out: `handle` keeps the pool alive until the last one is
+    /// back ([`disown`](State::disown)).
+    pub(crate) fn own(&self, handle: impl FnOnce() -> std::sync::Arc<dyn Send + Sync>) {
+        let mut owner = lock(&self.owner);
+        owner.count += 1;
+        if owner.handle.is_none() {
+            owner.handle = Some(handle());
+        }
+    }
+
+    /// An owned allocation is back (its bytes given back already): the handle, if it was
+    /// the last, for the caller to drop once it no longer borrows the pool (the drop may run
+    /// the pool's).
+    #[must_use = "drop the handle once the pool is no longer borrowed"]
+    pub(crate) fn disown(&self) -> Option<std::sync::Arc<dyn Send + Sync>> {
+        let mut owner = lock(&self.owner);
+        owner.count -= 1;
+        if owner.count == 0 {
+            owner.handle.take()
+        } else {
+            None
         }
     }
 
@@ -1000,26 +1109,32 @@ impl State {
         self.note_room(before, &queue, deferred);
     }
 
-    /// Changes the budget: requests that can never fit the new one fail with
-    /// `ExceedsBudget` wherever they wait (in this pool's queue, or, for requests of this
-    /// pool and its descendants, in an ancestor's), those that fit now are served in order,
-    /// and cached blocks are freed until the footprint fits.
+    /// Changes the budget to `max_memory`; see [`resize`](State::resize).
+    pub(crate) fn set_max_memory(&self, max_memory: usize) {
+        self.resize(|_| (max_memory, ()));
+    }
+
+    /// Changes the budget to what `change` makes of the budget now (it runs under the lock,
+    /// with the bytes in use stable, so changes by a delta compose): requests that can never
+    /// fit the new one fail with `ExceedsBudget` wherever they wait (in this pool's queue,
+    /// or, for requests of this pool and its descendants, in an ancestor's), unless the pool
+    /// waits for growth; those that fit now are served in order, and cached blocks are freed
+    /// until the footprint fits. Returns what `change` returned beside the new budget.
     ///
     /// Every reservation that succeeds after this returns is checked against the new budget.
     /// The budget is stored under the lock, after [`BudgetWord::begin_resize`] set `QUEUED`
-    /// and moved the word's resize generation on: a fast-path compare-exchange that read the
-    /// word before that fails (the word changed, and can never change back) and reloads the
-    /// budget; one that reads it while `QUEUED` is set goes to the lock; and the
-    /// compare-exchange that clears `QUEUED` again (in `serve`, after the store) publishes
-    /// the new budget to every fast path that reads the cleared word. A request between two
-    /// levels of a chain, queued in no list while the walk passes, is checked against this
-    /// budget when it queues at the next level (`admit`), under that level's lock, which the
-    /// walk takes after the store.
-    pub(crate) fn set_max_memory(&self, max_memory: usize) {
-        let budget = counted_budget(max_memory);
+    /// and counted one on the word: a fast-path compare-exchange that read the word before
+    /// that fails (the word changed, and does not change back) and reloads the budget; one
+    /// that reads it while `QUEUED` is set goes to the lock; and the compare-exchange that
+    /// clears `QUEUED` again (in `serve`, after the store) publishes the new budget to every
+    /// fast path that reads the cleared word. A request between two levels of a chain,
+    /// queued in no list while the walk passes, is checked against this budget when it
+    /// queues at the next level (`admit`), under that level's lock, which the walk takes
+    /// after the store.
+    pub(crate) fn resize<R>(&self, change: impl FnOnce(Budget) -> (usize, R)) -> R {
         settle(|deferred| {
             let now = self.clock();
-            {
+            let (cap, result) = {
                 let mut queue = lock(&self.queue);
                 // Counted under the lock, as `stats` reads the word: the resize's count on
                 // the word's allocation counter is never seen without its correction.
@@ -1028,26 +1143,32 @@ impl State {
                 }
                 queue.waits.resizes += 1;
                 let before = queue.list.len();
+                // `QUEUED` is set and we hold the lock: the bytes in use stay as they are.
+                let (max_memory, result) = change(Budget {
+                    max_memory: self.max_memory.load(Relaxed),
+                    budget: self.budget(),
+                    in_use: self.word.load().in_use(),
+                });
                 self.max_memory.store(max_memory, Relaxed);
-                self.budget.store(budget, Relaxed);
+                self.budget.store(counted_budget(max_memory), Relaxed);
+                let cap = self.hard_cap();
                 queue.list.fail_where(
-                    |bytes, _| {
-                        (bytes > budget).then_some(Failure::ExceedsBudget { max_memory: budget })
-                    },
+                    |bytes, _| (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap }),
                     deferred,
                 );
                 // Clears `QUEUED` unless requests still wait.
                 self.serve(&mut queue, deferred, now);
                 self.note_room(before, &queue, deferred);
-            }
+                (cap, result)
+            };
             if self.parent.is_some() {
                 let mut descendants = Vec::new();
                 self.collect_descendants(&mut descendants);
                 let origins = Self::origins(self, &descendants);
                 self.fail_in_ancestors(
                     |bytes, from| {
-                        (bytes > budget && origins.contains(&from))
-                            .then_some(Failure::ExceedsBudget { max_memory: budget })
+                        (bytes > cap && origins.contains(&from))
+                            .then_some(Failure::ExceedsBudget { max_memory: cap })
                     },
                     deferred,
                 );
@@ -1056,7 +1177,13 @@ impl State {
             // one cached later was checked against the new budget (the cache's lock orders
             // the two).
             self.recycler.trim(|| self.footprint());
-        });
+            result
+        })
+    }
+
+    /// Whether the pool waits for growth (`BufPoolBuilder::wait_for_growth`).
+    pub(crate) fn grows(&self) -> bool {
+        self.config.grows
     }
 
     /// Whether nothing is in use: `Acquire`, pairing with the last release's `Release`.
@@ -1126,6 +1253,7 @@ impl State {
                 name: self.config.name.clone(),
                 waits,
                 max_memory: self.max_memory.load(Relaxed),
+                budget: self.budget(),
                 buffer_size: self.config.buffer_size.bytes(),
                 peak_in_use: self.peak_in_use.load(Relaxed),
                 reserved_bytes: self.reserved.load(Relaxed),

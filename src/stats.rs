@@ -88,6 +88,8 @@ pub(crate) struct Sources {
     pub(crate) name: Option<Arc<str>>,
     pub(crate) waits: WaitTotals,
     pub(crate) max_memory: usize,
+    /// The budget enforced (`max_memory`, or the most the pool counts).
+    pub(crate) budget: usize,
     pub(crate) buffer_size: usize,
     pub(crate) peak_in_use: usize,
     pub(crate) reserved_bytes: usize,
@@ -112,6 +114,7 @@ impl Counters {
         PoolStats {
             name: sources.name,
             in_use_bytes: word.in_use(),
+            overcommit_bytes: word.in_use().saturating_sub(sources.budget),
             max_memory: sources.max_memory,
             outstanding: allocations.saturating_sub(releases),
             waiting: self.waiting.load(Relaxed),
@@ -200,6 +203,11 @@ pub struct PoolStats {
     /// Bytes held by reservations ([`BufPool::reserve`](crate::BufPool::reserve)): part of
     /// `in_use_bytes`.
     pub reserved_bytes: usize,
+    /// Bytes in use above the budget: growth forced by
+    /// [`Reservation::force_grow`](crate::Reservation::force_grow) here or in a descendant,
+    /// not yet repaid (or a budget shrunk below what was held). While it is above zero no
+    /// request is granted in this pool; releases repay it first.
+    pub overcommit_bytes: usize,
 }
 
 impl PoolStats {

@@ -52,6 +52,11 @@ const IN_USE: u64 = !(CLOSED | QUEUED | DRAIN_WAIT | ALLOCATED | RELEASED);
 /// below the flags. A larger `max_memory` is accepted and enforced as this.
 const MAX_COUNTED: u64 = 1 << 51;
 
+/// The most bytes in use the word counts: twice the largest budget, so bytes held above a
+/// budget (a reservation's forced growth, or a budget shrunk below what is held) stay
+/// below the flags.
+pub(crate) const MAX_IN_USE: usize = 2 * MAX_COUNTED as usize - 8;
+
 /// The budget the word enforces for a configured `max_memory`.
 pub(crate) const fn counted_budget(max_memory: usize) -> usize {
     if max_memory as u64 > MAX_COUNTED {
