@@ -605,10 +605,11 @@ impl BufPool {
     ///
     /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 256 });
     /// let held = pool.try_allocate(2)?;
-    /// assert_eq!(pool.forget_max_memory(1000), 64); // 128 in use, one buffer kept
-    /// assert_eq!(pool.stats().max_memory, 192);
+    /// assert_eq!(pool.forget_max_memory(1000), 128); // the 128 free; the 128 in use stay
+    /// assert_eq!(pool.stats().max_memory, 128);
     /// drop(held);
-    /// assert_eq!(pool.forget_max_memory(100), 100);
+    /// assert_eq!(pool.forget_max_memory(100), 64); // one buffer is kept
+    /// assert_eq!(pool.stats().max_memory, 64);
     /// # Ok::<(), membudget::AllocError>(())
     /// ```
     pub fn forget_max_memory(&self, bytes: usize) -> usize {
