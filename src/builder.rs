@@ -54,6 +54,7 @@ pub struct BufPoolBuilder {
     time_waits: bool,
     max_waiters: usize,
     grows: bool,
+    min_memory: usize,
 }
 
 impl BufPoolBuilder {
@@ -69,6 +70,7 @@ impl BufPoolBuilder {
             time_waits: true,
             max_waiters: usize::MAX,
             grows: false,
+            min_memory: 0,
         }
     }
 
@@ -242,6 +244,47 @@ impl BufPoolBuilder {
         self
     }
 
+    /// Gives a child pool a floor, as cgroup v2's `memory.min`: `bytes` (rounded up to a
+    /// multiple of 8) of its ancestors' budgets that only this pool's subtree may use. They
+    /// count as in use at every ancestor from the moment the pool is built (so no other
+    /// request there is ever granted them), go to this pool's requests before those climb
+    /// to the parent, and go back to the ancestors when the pool is dropped. Its own
+    /// `max_memory` still caps what it holds. 0 (the default) for none.
+    ///
+    /// With a floor equal to what a consumer needs, nothing the rest of the tree does can
+    /// starve it: a query engine's pool beside I/O buffers, say.
+    ///
+    /// # Errors
+    ///
+    /// From [`build`](BufPoolBuilder::build): [`ConfigError::MinMemoryWithoutParent`] on a
+    /// root pool, [`ConfigError::MinMemoryAboveMaxMemory`], and
+    /// [`ConfigError::MinMemoryUnavailable`] when the ancestors cannot set the floor aside
+    /// at once (too little free, or requests waiting there: a floor never barges).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = |max_memory| BufPoolCfg { buffer_size: BufferSize::S64, max_memory };
+    /// let root = BufPool::new(cfg(1024));
+    /// let query = BufPool::builder(cfg(512)).parent(&root).min_memory(512).build()?;
+    /// let io = root.child("io", cfg(1024))?;
+    /// assert_eq!(root.stats().in_use_bytes, 512); // set aside at once
+    /// let buffers = io.try_allocate(8)?; // the other 512
+    /// assert_eq!(io.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    /// let mine = query.try_allocate(8)?; // the floor: I/O could not take it
+    /// assert_eq!(root.stats().in_use_bytes, 1024);
+    /// drop((mine, buffers));
+    /// drop(query); // the floor goes back
+    /// assert_eq!(root.stats().in_use_bytes, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn min_memory(mut self, bytes: usize) -> Self {
+        self.min_memory = bytes;
+        self
+    }
+
     /// Names the pool: the name appears in its `Debug` output, in
     /// [`PoolStats`](crate::PoolStats) (and its `Display`) and, with the `metrics` feature,
     /// as the `pool` label of every metric it reports. Pools are unnamed by default.
@@ -311,6 +354,30 @@ impl BufPoolBuilder {
         if !self.grows {
             validate_max_memory(buffer_size, max_memory)?;
         }
+        let floor = if self.min_memory == 0 {
+            0
+        } else if self.parent.is_none() {
+            return Err(ConfigError::MinMemoryWithoutParent {
+                min_memory: self.min_memory,
+            });
+        } else if self.min_memory > max_memory {
+            return Err(ConfigError::MinMemoryAboveMaxMemory {
+                min_memory: self.min_memory,
+                max_memory,
+            });
+        } else {
+            // At most `max_memory`, so rounding cannot overflow.
+            self.min_memory.next_multiple_of(8)
+        };
+        if floor > 0 {
+            let parent = self.parent.as_deref().expect("checked above");
+            parent
+                .set_floor_aside(floor)
+                .map_err(|reason| ConfigError::MinMemoryUnavailable {
+                    min_memory: floor,
+                    reason,
+                })?;
+        }
         if self.time_waits {
             crate::clock::start();
         }
@@ -325,6 +392,12 @@ impl BufPoolBuilder {
             max_waiters: self.max_waiters,
             depth: self.parent.as_ref().map_or(0, |parent| parent.depth() + 1),
             grows: self.grows,
+            floor,
+            floors_in_chain: floor > 0
+                || self
+                    .parent
+                    .as_ref()
+                    .is_some_and(|parent| parent.floors_in_chain()),
         };
         let parent = self.parent;
         let pool = BufPool::from_state(State::new(max_memory, config, recycler, parent.clone()));

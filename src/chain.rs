@@ -21,47 +21,82 @@ use crate::heap::{Block, Memory, Pool, Released};
 use crate::state::State;
 use crate::sync::Arc;
 
-/// Gives back `bytes` held (not counted as allocations) in `pool` and in every ancestor
-/// above it, from the top down; then runs the wake-ups owed. The caller holds a handle on
-/// `pool`.
+/// Gives back `bytes` of completed holdings not counted as allocations (a reservation's)
+/// in `pool` and, following the floors' books, in its ancestors, from the top down; then
+/// runs the wake-ups owed. The caller holds a handle on `pool`.
 pub(crate) fn give_back_held(pool: &State, bytes: usize) {
-    settle(|deferred| give_back_held_deferred(pool, bytes, deferred));
+    settle(|deferred| give_back_completed(pool, bytes, false, deferred));
 }
 
-/// [`give_back_held`] with the user code owed left in `deferred`.
-fn give_back_held_deferred(pool: &State, bytes: usize, deferred: &mut Deferred) {
-    give_back_above(pool, bytes, pool.depth(), deferred);
-    pool.give_back_here(bytes, false, deferred);
+/// Gives back `bytes` of completed holdings in `pool` (counted as a release of an
+/// allocation if `counted`) and the bytes they hold in its ancestors, from the top down,
+/// `pool`'s own level last. The caller holds a handle on `pool`.
+fn give_back_completed(pool: &State, bytes: usize, counted: bool, deferred: &mut Deferred) {
+    give_back_above_completed(pool, bytes, deferred);
+    pool.give_back_here(bytes, counted, deferred);
 }
 
-/// Gives back `bytes` held in the `levels` pools above `pool` (its ancestors), from the top
-/// down, leaving the wake-ups owed in `deferred`.
-fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Deferred) {
-    for level in (1..=levels).rev() {
-        pool.at_level(level).give_back_here(bytes, false, deferred);
+/// Gives back, in the ancestors of `pool`, what `bytes` of completed holdings of `pool`
+/// hold there, from the top down. Without floors in the chain that is `bytes` at every
+/// level. With floors, each floored pool first settles its books (`State::return_climbed`:
+/// what its subtree held above its floor goes on up, the rest refills the floor), bottom
+/// up, so each level above gives back what the level below passed on.
+fn give_back_above_completed(pool: &State, bytes: usize, deferred: &mut Deferred) {
+    if !pool.floors_in_chain() {
+        give_back_above(pool, bytes, pool.depth(), deferred);
+        return;
+    }
+    let mut above = Vec::with_capacity(pool.depth());
+    let mut amount = bytes;
+    for level in 0..pool.depth() {
+        amount = pool.at_level(level).return_climbed(amount);
+        if amount == 0 {
+            break;
+        }
+        above.push(amount);
+    }
+    for (index, &amount) in above.iter().enumerate().rev() {
+        pool.at_level(index + 1)
+            .give_back_here(amount, false, deferred);
     }
 }
 
-/// Holds `bytes` more in `pool` and every ancestor whatever their budgets (a reservation's
-/// overcommit), all or nothing: fails only if some level could not count them.
+/// Gives back `bytes` held in the `levels` pools above `pool` (its ancestors), from the top
+/// down, leaving the wake-ups owed in `deferred`: a request on its way up, exactly what it
+/// holds (it took no floor: taking one completes a request), each level's climb undone.
+fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Deferred) {
+    for level in (1..=levels).rev() {
+        pool.at_level(level).give_back_here(bytes, false, deferred);
+        pool.at_level(level - 1).unclimbed(bytes);
+    }
+}
+
+/// Holds `bytes` more in `pool` and, as a request would (its floors first), in its
+/// ancestors, whatever their budgets (a reservation's overcommit), all or nothing: fails
+/// only if some level could not count them.
 pub(crate) fn force_hold(pool: &State, bytes: usize) -> Result<(), AllocError> {
-    for level in 0..=pool.depth() {
+    pool.force_hold(bytes)?;
+    for level in 1..=pool.depth() {
+        let below = pool.at_level(level - 1);
+        if below.take_floor(bytes) {
+            return Ok(());
+        }
         if let Err(error) = pool.at_level(level).force_hold(bytes) {
             settle(|deferred| {
-                for held in (0..level).rev() {
-                    pool.at_level(held).give_back_here(bytes, false, deferred);
-                }
+                give_back_above(pool, bytes, level - 1, deferred);
+                pool.give_back_here(bytes, false, deferred);
             });
             return Err(error);
         }
+        below.climbed(bytes);
     }
     Ok(())
 }
 
-/// Gives back `bytes` a request reserved in the lowest `levels` pools of the chain (`pool`
-/// counted as its allocation if `counted`, the ancestors not) without making an allocation
-/// of them, into `deferred`. The caller holds a handle on `pool`, and has recorded that it
-/// no longer holds these levels.
+/// Gives back `bytes` a request on its way up reserved in the lowest `levels` pools of the
+/// chain (`pool` counted as its allocation if `counted`, the ancestors not) without making
+/// an allocation of them, into `deferred`. The caller holds a handle on `pool`, and has
+/// recorded that it no longer holds these levels.
 pub(crate) fn give_back_reserved(
     pool: &State,
     bytes: usize,
@@ -74,6 +109,28 @@ pub(crate) fn give_back_reserved(
     }
     give_back_above(pool, bytes, levels - 1, deferred);
     pool.give_back_here(bytes, counted, deferred);
+}
+
+/// Gives back the bytes of a request that completed (every level it needs held) but whose
+/// result is lost before it became an allocation or a reservation (`counted`: it was
+/// counted as an allocation).
+pub(crate) fn give_back_completed_request(
+    pool: &State,
+    bytes: usize,
+    counted: bool,
+    deferred: &mut Deferred,
+) {
+    give_back_completed(pool, bytes, counted, deferred);
+}
+
+/// A pool's floor goes back to its ancestors (the pool is drained and being dropped).
+pub(crate) fn give_floor_back(pool: &State) {
+    let (floor, _) = pool.floor_now();
+    if floor == 0 {
+        return;
+    }
+    let parent = pool.parent().expect("a pool with a floor has a parent");
+    settle(|deferred| give_back_completed(parent, floor, false, deferred));
 }
 
 // SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
@@ -139,10 +196,7 @@ fn release_root_block_slow(
 #[cold]
 #[inline(never)]
 fn release_owned_block(pool: &State, bytes: usize) -> Released<State> {
-    settle(|deferred| {
-        give_back_above(pool, bytes, pool.depth(), deferred);
-        pool.give_back_here(bytes, true, deferred);
-    });
+    settle(|deferred| give_back_completed(pool, bytes, true, deferred));
     Released {
         kept: None,
         owner: pool.disown(),
@@ -159,7 +213,7 @@ fn release_child_block(
     keep_alive: impl FnOnce() -> Arc<State>,
 ) -> Released<State> {
     let kept = settle(|deferred| {
-        give_back_above(pool, bytes, pool.depth(), deferred);
+        give_back_above_completed(pool, bytes, deferred);
         pool.release_block(bytes, keep_alive, deferred)
     });
     Released { kept, owner: None }
@@ -191,6 +245,6 @@ pub(crate) fn block(
 #[cold]
 #[inline(never)]
 fn out_of_memory(pool: &State, bytes: usize) -> AllocError {
-    settle(|deferred| give_back_reserved(pool, bytes, pool.depth() + 1, true, deferred));
+    settle(|deferred| give_back_completed(pool, bytes, true, deferred));
     AllocError::OutOfMemory { bytes }
 }

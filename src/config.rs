@@ -81,6 +81,27 @@ pub(crate) const fn validate_max_memory(
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// `min_memory` on a pool without a parent: a floor is set aside in the ancestors'
+    /// budgets, and a root pool has none.
+    MinMemoryWithoutParent {
+        /// The floor asked for.
+        min_memory: usize,
+    },
+    /// `min_memory` above the pool's own `max_memory`: it could never use its floor.
+    MinMemoryAboveMaxMemory {
+        /// The floor asked for.
+        min_memory: usize,
+        /// The pool's budget.
+        max_memory: usize,
+    },
+    /// The ancestors cannot set the floor aside at once: too little of some ancestor's
+    /// budget is free, or requests wait there (a floor never barges past them).
+    MinMemoryUnavailable {
+        /// The floor asked for (rounded up to a multiple of 8).
+        min_memory: usize,
+        /// Why: the error setting it aside gave.
+        reason: crate::AllocError,
+    },
     /// `max_memory` cannot hold even one buffer, so every allocation would fail.
     MaxMemoryBelowBufferSize {
         /// The configured budget in bytes.
@@ -93,6 +114,21 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
+            ConfigError::MinMemoryWithoutParent { min_memory } => write!(
+                f,
+                "min_memory ({min_memory} bytes) needs a parent pool to set it aside"
+            ),
+            ConfigError::MinMemoryAboveMaxMemory {
+                min_memory,
+                max_memory,
+            } => write!(
+                f,
+                "min_memory ({min_memory} bytes) is above max_memory ({max_memory} bytes)"
+            ),
+            ConfigError::MinMemoryUnavailable { min_memory, reason } => write!(
+                f,
+                "the ancestors cannot set min_memory ({min_memory} bytes) aside now: {reason}"
+            ),
             ConfigError::MaxMemoryBelowBufferSize {
                 max_memory,
                 buffer_size,

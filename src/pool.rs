@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::BufPoolBuilder;
 use crate::blocking::block_on;
+use crate::chain;
 use crate::config::validate_max_memory;
 use crate::heap::PoolHandle;
 use crate::state::{Attempt, State};
@@ -832,10 +833,11 @@ impl Drop for BufPool {
             }
             block_on(drained, None);
         }
-        // Out of the parent's registry (no more closes or reports reach it), then
-        // `self.pool` (a `PoolHandle`) drops its `Arc` if the pool is drained, and leaks it
-        // if a panic cut the barrier short.
+        // Out of the parent's registry (no more closes or reports reach it), its floor back
+        // to the ancestors, then `self.pool` (a `PoolHandle`) drops its `Arc` if the pool is
+        // drained, and leaks it if a panic cut the barrier short.
         self.pool.detach_from_parent();
+        chain::give_floor_back(&self.pool);
     }
 }
 

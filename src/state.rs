@@ -28,7 +28,7 @@ use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
 use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
 use crate::{AllocError, BufferSize, PoolStats};
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// What the fast path made of a request.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -67,6 +67,35 @@ pub(crate) struct Asker<'a> {
     /// The request already waited in a queue below: a full queue here makes it wait for
     /// room ([`Admission::Full`]) instead of failing with `QueueFull`.
     pub(crate) waited: bool,
+}
+
+/// The books of a pool's floor (`min_memory` F, held in every ancestor since the pool was
+/// built): how much of it is free, and how many bytes the subtree holds in the parent beyond
+/// it. The parent's word counts F plus `climbed` for this subtree, and this pool's bytes in
+/// use are the floor's used part, plus `climbed`, plus the bytes of requests still on their
+/// way up (which have taken no floor: taking it completes a request).
+///
+/// A request reserved here first takes the floor if it holds all of its bytes (all or
+/// nothing, so a request on its way up holds the same bytes at every level), and climbs to
+/// the parent only otherwise (`climbed` grows once it holds the parent's level). A release
+/// of completed bytes gives back to the parent first what the subtree holds beyond the
+/// floor (`return_climbed`), and refills the floor with the rest. Both are single atomic
+/// steps on two counters; a release's two steps can interleave with others', which only
+/// delays a refill (a request may climb though the floor is about to have room): the sums
+/// stay exact, `free` never exceeds F, `climbed` never goes below zero.
+#[derive(Debug)]
+struct Floor {
+    free: AtomicUsize,
+    climbed: AtomicUsize,
+}
+
+impl Floor {
+    fn new(floor: usize) -> Self {
+        Floor {
+            free: AtomicUsize::new(floor),
+            climbed: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// The handle that keeps a pool alive for its owned allocations, and how many are out.
@@ -114,6 +143,12 @@ pub(crate) struct Config {
     /// Built with `wait_for_growth`: a request above the budget waits for it to grow
     /// instead of failing, and the budget may be zero.
     pub(crate) grows: bool,
+    /// The floor (`min_memory`, a multiple of 8): bytes of the ancestors' budgets set aside
+    /// for this pool's subtree alone. 0 for none.
+    pub(crate) floor: usize,
+    /// Whether this pool or an ancestor below the root has a floor: gives back then follow
+    /// the floors' books level by level (`chain.rs`).
+    pub(crate) floors_in_chain: bool,
 }
 
 /// Keeps what it holds on a cache line (two, for the adjacent-line prefetcher) of its own.
@@ -166,6 +201,8 @@ pub(crate) struct State {
     /// Live child pools, for `close` and reports. Strong references: a child takes itself
     /// out when its handle is dropped (`detach_from_parent`), which breaks the cycle.
     children: Mutex<Vec<Arc<State>>>,
+    /// The floor's books, for a pool with a floor: see [`Floor`].
+    floor: Floor,
     /// The pool's handle, held while owned allocations (`allocate_owned`) are out, so that
     /// the pool's drop (its barrier) waits until the last of them is back without the task
     /// that holds one keeping a handle of its own.
@@ -199,6 +236,7 @@ impl State {
             parent,
             children: Mutex::new(Vec::new()),
             owner: Mutex::new(Owner::default()),
+            floor: Floor::new(config.floor),
             #[cfg(feature = "metrics")]
             wait_histogram: config
                 .time_waits
@@ -667,10 +705,20 @@ impl State {
             return Attempt::MustWait(bytes);
         }
         let mut reserved_above = 0;
+        let mut floor_taken = None;
         let mut refused = None;
         for level in 1..=self.depth() {
+            let lower = self.at_level(level - 1);
+            if lower.take_floor(bytes) {
+                // That floor holds it all: nothing to hold above.
+                floor_taken = Some(lower);
+                break;
+            }
             match self.at_level(level).hold_now(bytes) {
-                Ok(true) => reserved_above = level,
+                Ok(true) => {
+                    reserved_above = level;
+                    lower.climbed(bytes);
+                }
                 Ok(false) => {
                     refused = Some(Attempt::MustWait(bytes));
                     break;
@@ -701,9 +749,13 @@ impl State {
             },
         };
         // Every level held goes back before any wake-up it owes runs.
+        if let Some(lower) = floor_taken {
+            lower.refill_floor(bytes);
+        }
         settle(|deferred| {
-            for level in 1..=reserved_above {
+            for level in (1..=reserved_above).rev() {
                 self.at_level(level).give_back_here(bytes, false, deferred);
+                self.at_level(level - 1).unclimbed(bytes);
             }
         });
         attempt
@@ -772,6 +824,106 @@ impl State {
         if !fast {
             self.release_slow(bytes, counted, deferred);
         }
+    }
+
+    // ---- the floor (min_memory) ----
+
+    /// Whether this pool has a floor.
+    #[inline]
+    pub(crate) fn has_floor(&self) -> bool {
+        self.config.floor > 0
+    }
+
+    /// Whether this pool or one of its ancestors has a floor.
+    #[inline]
+    pub(crate) fn floors_in_chain(&self) -> bool {
+        self.config.floors_in_chain
+    }
+
+    /// Takes `bytes` of the floor, all or nothing: `true` if the floor held them (the
+    /// request then needs nothing of the parent). `AcqRel`/`Acquire`: pairs with the
+    /// `Release` of the refill that made the room, like the budget word's reservations.
+    pub(crate) fn take_floor(&self, bytes: usize) -> bool {
+        if !self.has_floor() {
+            return false;
+        }
+        let mut free = self.floor.free.load(Acquire);
+        while free >= bytes {
+            match self
+                .floor
+                .free
+                .compare_exchange_weak(free, free - bytes, AcqRel, Acquire)
+            {
+                Ok(_) => return true,
+                Err(actual) => free = actual,
+            }
+        }
+        false
+    }
+
+    /// Gives back `bytes` taken with [`take_floor`](State::take_floor) by a request that did
+    /// not complete after all.
+    pub(crate) fn refill_floor(&self, bytes: usize) {
+        // `Release`: as in `return_climbed`.
+        self.floor.free.fetch_add(bytes, Release);
+    }
+
+    /// Sets `floor` bytes aside in this pool (and its ancestors, as a request of this pool
+    /// would) for a new child's floor, at once or not at all: held, not counted as an
+    /// allocation, never barging past waiters.
+    pub(crate) fn set_floor_aside(&self, floor: usize) -> Result<(), AllocError> {
+        match self.reserve_bytes_now(floor) {
+            Attempt::Reserved(_) => Ok(()),
+            Attempt::MustWait(_) => Err(AllocError::WouldBlock),
+            Attempt::Failed(error) => Err(error),
+        }
+    }
+
+    /// The subtree now holds `bytes` more in the parent beyond the floor (a request just
+    /// got the parent's level). Only for a pool with a floor.
+    pub(crate) fn climbed(&self, bytes: usize) {
+        if self.has_floor() {
+            self.floor.climbed.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    /// A request on its way up gives back the parent's level it held: exactly its bytes.
+    pub(crate) fn unclimbed(&self, bytes: usize) {
+        if self.has_floor() {
+            self.floor.climbed.fetch_sub(bytes, Relaxed);
+        }
+    }
+
+    /// Completed bytes come back here: returns how many of them go on to the parent (what
+    /// the subtree held there beyond the floor, first); the rest refill the floor. Without
+    /// a floor, all of them go on.
+    pub(crate) fn return_climbed(&self, bytes: usize) -> usize {
+        if !self.has_floor() {
+            return bytes;
+        }
+        let mut climbed = self.floor.climbed.load(Relaxed);
+        let up = loop {
+            let up = bytes.min(climbed);
+            match self
+                .floor
+                .climbed
+                .compare_exchange_weak(climbed, climbed - up, Relaxed, Relaxed)
+            {
+                Ok(_) => break up,
+                Err(actual) => climbed = actual,
+            }
+        };
+        if up < bytes {
+            // `Release`: pairs with `take_floor`'s `Acquire` (the memory behind these bytes
+            // is freed before another request may use them).
+            self.floor.free.fetch_add(bytes - up, Release);
+        }
+        up
+    }
+
+    /// The floor's size, and how much of it is free (for statistics).
+    pub(crate) fn floor_now(&self) -> (usize, usize) {
+        (self.config.floor, self.floor.free.load(Relaxed))
     }
 
     // ---- owned allocations ----

@@ -260,7 +260,7 @@ impl Request {
             deferred.run_or_undo(|| {
                 settle(|deferred| {
                     let counted = unit == Unit::Buffers;
-                    chain::give_back_reserved(pool, bytes, pool.depth() + 1, counted, deferred);
+                    chain::give_back_completed_request(pool, bytes, counted, deferred);
                 });
             });
         } else {
@@ -347,6 +347,10 @@ impl Request {
                     }
                     Poll::Ready(Ok(())) => {
                         *progress.levels += 1;
+                        if level > 0 {
+                            // It holds the parent's level of the pool below now.
+                            pool.at_level(level - 1).climbed(bytes);
+                        }
                         Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
                     }
                 }
@@ -406,6 +410,12 @@ impl Request {
         while (*progress.levels as usize) <= pool.depth() {
             let level = *progress.levels as usize;
             let ancestor = pool.at_level(level);
+            let lower = pool.at_level(level - 1);
+            if lower.take_floor(bytes) {
+                // The floor of the pool below holds all of it, and its ancestors counted the
+                // floor long ago: nothing more to climb.
+                break;
+            }
             // A level it holds shrank below it since (`set_max_memory` fails such requests
             // where they wait; this one was between two queues).
             let below = pool.smallest_budget_below(ancestor);
@@ -420,6 +430,7 @@ impl Request {
             let error = match held {
                 Ok(true) => {
                     *progress.levels += 1;
+                    lower.climbed(bytes);
                     continue;
                 }
                 Ok(false) => {
@@ -436,6 +447,7 @@ impl Request {
                     match ancestor.admit(node, bytes, cx.waker(), asker, deferred) {
                         Ok(Admission::Reserved) => {
                             *progress.levels += 1;
+                            lower.climbed(bytes);
                             continue;
                         }
                         Ok(Admission::Queued) => {
