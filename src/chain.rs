@@ -49,7 +49,13 @@ fn give_back_above_completed(pool: &State, bytes: usize, deferred: &mut Deferred
     let mut above = Vec::with_capacity(pool.depth());
     let mut amount = bytes;
     for level in 0..pool.depth() {
-        amount = pool.at_level(level).return_climbed(amount);
+        let lower = pool.at_level(level);
+        let up = lower.return_climbed(amount);
+        if up < amount {
+            // The floor got room: requests of its subtree waiting above may take it now.
+            lower.wake_floor_waiters(deferred);
+        }
+        amount = up;
         if amount == 0 {
             break;
         }

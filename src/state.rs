@@ -587,6 +587,23 @@ impl State {
         }
     }
 
+    /// Takes a queued node out of the queue to be served another way (a floor below): its
+    /// status afterwards. `Idle`: it left the queue (the waiters behind it are served if they
+    /// now fit); `Granted` or `Failed`: it was served first, and is handled as such.
+    pub(crate) fn withdraw(&self, node: Pin<&Node>, deferred: &mut Deferred) -> Status {
+        if node.status() == Status::Waiting {
+            let mut queue = lock(&self.queue);
+            let before = queue.list.len();
+            if let Some(own_waker) = queue.list.remove(node) {
+                let now = self.clock();
+                self.serve(&mut queue, deferred, now);
+                self.note_room(before, &queue, deferred);
+                deferred.drop_later(own_waker);
+            }
+        }
+        node.status()
+    }
+
     /// A grant its owner never took: not an allocation after all, so not a release either.
     /// Its wait stays counted (in the number of waits, their total and their maximum alike),
     /// so the wait statistics stay consistent and never go down.
@@ -919,6 +936,32 @@ impl State {
             self.floor.free.fetch_add(bytes - up, Release);
         }
         up
+    }
+
+    /// How much of the floor is free now (a hint: `take_floor` decides).
+    pub(crate) fn floor_free(&self) -> usize {
+        if self.has_floor() {
+            self.floor.free.load(Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// The floor got room: the requests of this subtree waiting in the parent's queue may be
+    /// served by it now, so they are woken (later) to look.
+    pub(crate) fn wake_floor_waiters(&self, deferred: &mut Deferred) {
+        let Some(parent) = self.parent.as_deref() else {
+            return;
+        };
+        if !parent.word.load().is_queued() {
+            return;
+        }
+        let mut descendants = Vec::new();
+        self.collect_descendants(&mut descendants);
+        let origins = Self::origins(self, &descendants);
+        lock(&parent.queue)
+            .list
+            .wake_where(|origin| origins.contains(&origin), deferred);
     }
 
     /// The floor's size, and how much of it is free (for statistics).

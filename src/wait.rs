@@ -337,6 +337,19 @@ impl Request {
                 let bytes = Self::bytes(*amount, *unit, pool);
                 let level = *progress.levels as usize;
                 let own = level == 0 && counted;
+                if level > 0 && pool.at_level(level - 1).floor_free() >= bytes {
+                    // Waiting above a floor that got room: the floor first, as always.
+                    let lower = pool.at_level(level - 1);
+                    if pool.at_level(level).withdraw(node, deferred) == Status::Idle {
+                        let held = if lower.take_floor(bytes) {
+                            Ok(Some(bytes))
+                        } else {
+                            // Taken meanwhile: up again, at the tail.
+                            Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
+                        };
+                        return Self::finish(held, &mut progress, pool, *unit, counted);
+                    }
+                }
                 match pool.at_level(level).poll_queued(node, cx.waker(), own) {
                     Poll::Pending => Ok(None),
                     Poll::Ready(Err(error)) => {
@@ -361,10 +374,21 @@ impl Request {
             }
             Stage::Done => panic!("a budget future polled after it completed"),
         };
+        Self::finish(held, &mut progress, pool, *unit, counted)
+    }
+
+    /// The poll's outcome from what its steps held: pending, or done.
+    fn finish(
+        held: Result<Option<usize>, AllocError>,
+        progress: &mut Progress<'_>,
+        pool: &State,
+        unit: Unit,
+        counted: bool,
+    ) -> Poll<Result<usize, AllocError>> {
         let result = match held {
             Ok(None) => return Poll::Pending,
             Ok(Some(bytes)) => {
-                if *progress.levels > 0 && *unit == Unit::Buffers && !counted {
+                if *progress.levels > 0 && unit == Unit::Buffers && !counted {
                     // A child pool's request that waited: its own level becomes an
                     // allocation only now that every level is held.
                     pool.held_becomes_allocation();

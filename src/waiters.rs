@@ -492,6 +492,23 @@ impl WaitList {
         links.waker.replace(waker)
     }
 
+    /// Takes the wakers of the waiting requests whose origin `picks`, to wake them (they stay
+    /// queued; the next poll stores a waker again): for requests that may now be served
+    /// another way (a floor below got room).
+    pub(crate) fn wake_where(&mut self, picks: impl Fn(usize) -> bool, wakers: &mut Deferred) {
+        let mut cursor = self.head;
+        while let Some(node) = cursor {
+            // SAFETY: `node` is in this list, whose lock `&mut self` proves held.
+            let links = unsafe { self.links(node) };
+            cursor = links.next;
+            if picks(links.origin) {
+                if let Some(waker) = links.waker.take() {
+                    wakers.wake(waker);
+                }
+            }
+        }
+    }
+
     /// The owner takes its waiting node out; returns its waker, for the caller to drop after
     /// unlocking (user code). `None` and no change if the node is not waiting here.
     #[must_use = "drop the waker after unlocking"]

@@ -1,0 +1,276 @@
+//! `BufPoolBuilder::min_memory`: a child's floor, set aside in every ancestor from its
+//! creation, never granted to anyone else, used by its own requests first, given back when
+//! it drops. Every quiescent point checks every pool's bytes in use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize, ConfigError};
+
+const B: usize = 64;
+
+fn cfg(buffers: usize) -> BufPoolCfg {
+    BufPoolCfg {
+        buffer_size: BufferSize::S64,
+        max_memory: buffers * B,
+    }
+}
+
+fn floored(parent: &BufPool, name: &str, buffers: usize, floor: usize) -> BufPool {
+    BufPool::builder(cfg(buffers))
+        .name(name)
+        .parent(parent)
+        .min_memory(floor)
+        .build()
+        .unwrap()
+}
+
+fn in_use(pools: &[&BufPool]) -> Vec<usize> {
+    pools.iter().map(|pool| pool.stats().in_use_bytes).collect()
+}
+
+/// Runs `f` on a thread and fails if it does not return within 20 s.
+fn watchdog(f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    match wait.recv_timeout(Duration::from_secs(if cfg!(miri) { 600 } else { 20 })) {
+        Ok(()) => worker.join().unwrap(),
+        Err(_) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("watchdog: the test did not finish in time"),
+        },
+    }
+}
+
+#[test]
+fn floor_is_set_aside_at_every_ancestor_and_given_back_on_drop() {
+    let root = BufPool::new(cfg(16));
+    let mid = root.child("mid", cfg(12)).unwrap();
+    let leaf = floored(&mid, "leaf", 8, 4 * B);
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [4 * B, 4 * B, 0]);
+    drop(leaf);
+    assert_eq!(in_use(&[&root, &mid]), [0, 0]);
+}
+
+#[test]
+fn floor_is_never_granted_to_a_sibling() {
+    let root = BufPool::new(cfg(8));
+    let query = floored(&root, "query", 8, 4 * B);
+    let io = root.child("io", cfg(8)).unwrap();
+    let taken = io.try_allocate(4).unwrap();
+    assert_eq!(io.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    // The query's floor is its own, whatever the sibling does.
+    let mine = query.try_allocate(4).unwrap();
+    assert_eq!(in_use(&[&root, &query, &io]), [8 * B, 4 * B, 4 * B]);
+    drop(mine);
+    // Back in the floor, not in the root's free room.
+    assert_eq!(io.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    assert_eq!(root.stats().in_use_bytes, 8 * B);
+    drop(taken);
+    drop(query);
+    assert_eq!(in_use(&[&root, &io]), [0, 0]);
+}
+
+#[test]
+fn requests_use_the_floor_first_then_climb() {
+    let root = BufPool::new(cfg(16));
+    let child = floored(&root, "child", 12, 4 * B);
+    let a = child.try_allocate(3).unwrap(); // in the floor
+    assert_eq!(root.stats().in_use_bytes, 4 * B);
+    let b = child.try_allocate(2).unwrap(); // does not fit the floor's 1 left: climbs
+    assert_eq!(root.stats().in_use_bytes, 6 * B);
+    let c = child.try_allocate(1).unwrap(); // the floor's last buffer
+    assert_eq!(root.stats().in_use_bytes, 6 * B);
+    assert_eq!(child.stats().in_use_bytes, 6 * B);
+    // Releases give back what was climbed first, then refill the floor.
+    drop(a);
+    assert_eq!(root.stats().in_use_bytes, 4 * B);
+    drop(b);
+    assert_eq!(root.stats().in_use_bytes, 4 * B);
+    drop(c);
+    assert_eq!(in_use(&[&root, &child]), [4 * B, 0]);
+    drop(child);
+    assert_eq!(root.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn building_fails_with_a_typed_error() {
+    let root = BufPool::new(cfg(8));
+    assert_eq!(
+        BufPool::builder(cfg(8)).min_memory(B).build().unwrap_err(),
+        ConfigError::MinMemoryWithoutParent { min_memory: B }
+    );
+    assert_eq!(
+        BufPool::builder(cfg(2))
+            .parent(&root)
+            .min_memory(3 * B)
+            .build()
+            .unwrap_err(),
+        ConfigError::MinMemoryAboveMaxMemory {
+            min_memory: 3 * B,
+            max_memory: 2 * B
+        }
+    );
+    let held = root.try_allocate(6).unwrap();
+    let err = BufPool::builder(cfg(8))
+        .parent(&root)
+        .min_memory(3 * B)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::MinMemoryUnavailable {
+            min_memory: 3 * B,
+            reason: AllocError::WouldBlock
+        }
+    );
+    assert!(err.to_string().contains("cannot set min_memory"));
+    // A failed build leaves nothing behind.
+    assert_eq!(root.stats().in_use_bytes, 6 * B);
+    // A floor above an ancestor's budget can never be set aside.
+    assert!(matches!(
+        BufPool::builder(cfg(16))
+            .parent(&root)
+            .min_memory(16 * B)
+            .build()
+            .unwrap_err(),
+        ConfigError::MinMemoryUnavailable {
+            reason: AllocError::ExceedsBudget { .. },
+            ..
+        }
+    ));
+    drop(held);
+    // Rounded up to a multiple of 8.
+    let child = BufPool::builder(cfg(8))
+        .parent(&root)
+        .min_memory(1)
+        .build()
+        .unwrap();
+    assert_eq!(root.stats().in_use_bytes, 8);
+    drop(child);
+    assert_eq!(root.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn floor_never_barges_past_waiters() {
+    watchdog(|| {
+        let root = Arc::new(BufPool::new(cfg(4)));
+        let held = root.try_allocate(4).unwrap();
+        let waiter = {
+            let root = Arc::clone(&root);
+            std::thread::spawn(move || root.allocate_blocking(2).map(|a| a.length()))
+        };
+        while root.stats().waiting == 0 {
+            std::thread::yield_now();
+        }
+        drop(held);
+        assert_eq!(waiter.join().unwrap(), Ok(2));
+        // With nobody waiting, the floor is set aside at once.
+        let child = floored(&root, "child", 2, 2 * B);
+        assert_eq!(root.stats().in_use_bytes, 2 * B);
+        drop(child);
+    });
+}
+
+#[test]
+fn nested_floors_and_reservations_keep_exact_books() {
+    let root = BufPool::new(cfg(32));
+    let mid = floored(&root, "mid", 16, 8 * B);
+    let leaf = floored(&mid, "leaf", 8, 4 * B);
+    // The leaf's floor comes out of the mid's floor.
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
+    // 6 do not fit the leaf's floor (4), nor what is left of the mid's (4): a floor takes a
+    // request whole or not at all, so these climb to the root.
+    let mut r = leaf.try_reserve(6 * B).unwrap();
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [14 * B, 10 * B, 6 * B]);
+    r.force_grow(2 * B).unwrap();
+    r.resize_to(3 * B + 5).unwrap();
+    r.try_shrink(5).unwrap();
+    assert_eq!(leaf.stats().in_use_bytes, 3 * B);
+    let mine = mid.try_allocate(5).unwrap(); // more than the mid's floor has free: climbs
+    drop(r);
+    assert_eq!(in_use(&[&root, &leaf]), [13 * B, 0]);
+    drop(mine);
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
+    drop(leaf);
+    assert_eq!(in_use(&[&root, &mid]), [8 * B, 0]);
+    drop(mid);
+    assert_eq!(root.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn waiting_requests_take_the_floor_too() {
+    watchdog(|| {
+        let root = Arc::new(BufPool::new(cfg(8)));
+        let child = Arc::new(floored(&root, "child", 4, 2 * B));
+        let mine = child.try_allocate(2).unwrap(); // the floor, all of it
+        let io = root.try_allocate(6).unwrap(); // the rest of the root
+        let waiter = {
+            let child = Arc::clone(&child);
+            std::thread::spawn(move || child.allocate_blocking(2).map(|a| a.length()))
+        };
+        while root.stats().waiting + child.stats().waiting == 0 {
+            std::thread::yield_now();
+        }
+        // Its own allocation comes back to the floor, which serves the waiter (it waits at
+        // the root, where I/O holds everything else, and climbs no further).
+        drop(mine);
+        assert_eq!(waiter.join().unwrap(), Ok(2));
+        assert_eq!(root.stats().in_use_bytes, 8 * B);
+        drop(io);
+        assert_eq!(in_use(&[&root, &child]), [2 * B, 0]);
+    });
+}
+
+/// Many threads on a floored child and an unfloored sibling, with cancels and resizes; at
+/// the end every pool is back to exactly its floor.
+#[test]
+fn stress_floor_beside_a_busy_sibling() {
+    watchdog(|| {
+        let root = Arc::new(BufPool::new(cfg(16)));
+        let query = Arc::new(floored(&root, "query", 8, 6 * B));
+        let io = Arc::new(root.child("io", cfg(16)).unwrap());
+        let rounds = if cfg!(miri) { 20 } else { 2_000 };
+        let mut workers = Vec::new();
+        for (index, pool) in [&query, &io, &query, &io].into_iter().enumerate() {
+            let pool = Arc::clone(pool);
+            let root = Arc::clone(&root);
+            let query = Arc::clone(&query);
+            workers.push(std::thread::spawn(move || {
+                for round in 0..rounds {
+                    let n = 1 + (round + index) % 4;
+                    match round % 3 {
+                        0 => drop(pool.try_allocate(n)),
+                        1 => drop(pool.allocate_timeout(n, Duration::from_micros(50))),
+                        _ => {
+                            if let Ok(mut r) = pool.try_reserve(n * B) {
+                                let _ = r.try_grow(B);
+                                r.force_grow(3).unwrap();
+                                let _ = r.resize_to(n * B / 2 + 1);
+                            }
+                        }
+                    }
+                    // The root never holds more than its budget plus what was forced.
+                    let stats = root.stats();
+                    assert!(stats.in_use_bytes <= 16 * B + 4 * 16);
+                    // The query's floor stays available to it: it can always hold 6 buffers
+                    // at the root's level (checked at the end, when it is quiet).
+                    let _ = query.stats();
+                }
+            }));
+        }
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        assert_eq!(in_use(&[&root, &query, &io]), [6 * B, 0, 0]);
+        // Quiet now: the query gets its whole floor even with I/O holding the rest.
+        let rest = io.try_allocate(10).unwrap();
+        let floor = query.try_allocate(6).unwrap();
+        assert_eq!(root.stats().in_use_bytes, 16 * B);
+        drop((rest, floor));
+        assert_eq!(in_use(&[&root, &query, &io]), [6 * B, 0, 0]);
+    });
+}
