@@ -36,6 +36,29 @@ impl BufPool {
     pub fn report(&self) -> PoolReport {
         PoolReport::of(self.state())
     }
+
+    /// A report of the whole tree this pool belongs to: [`report`](BufPool::report) of its
+    /// root. For error messages that name the largest holders anywhere in the budget (a
+    /// query's pool naming the I/O pool that holds the rest, say).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 };
+    /// let root = BufPool::builder(cfg).name("process").build()?;
+    /// let io = root.child("io", cfg)?;
+    /// let query = root.child("query", cfg)?;
+    /// let _held = io.try_allocate(4).unwrap();
+    /// let tree = query.tree_report();
+    /// assert_eq!(tree.name.as_deref(), Some("process"));
+    /// assert_eq!(tree.top(1)[0].name.as_deref(), Some("io"));
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn tree_report(&self) -> PoolReport {
+        PoolReport::of(self.state().at_level(self.state().depth()))
+    }
 }
 
 /// What [`BufPool::report`] saw: one pool and, nested, its live descendants.
@@ -70,6 +93,12 @@ pub struct PoolReport {
     pub outstanding: usize,
     /// Requests waiting in its queue (its own, and descendants' waiting for its budget).
     pub waiting: usize,
+    /// Its floor ([`min_memory`](crate::BufPoolBuilder::min_memory)), set aside in its
+    /// ancestors: counted in their `in_use_bytes` even while it holds less.
+    pub min_memory: usize,
+    /// Bytes in use above its budget (see
+    /// [`PoolStats::overcommit_bytes`](crate::PoolStats::overcommit_bytes)).
+    pub overcommit_bytes: usize,
     /// Its live children, largest `in_use_bytes` first.
     pub children: Vec<PoolReport>,
 }
@@ -91,11 +120,15 @@ impl PoolReport {
             peak_in_use_bytes: stats.peak_in_use_bytes,
             outstanding: stats.outstanding,
             waiting: stats.waiting,
+            min_memory: pool.floor_now().0,
+            overcommit_bytes: stats.overcommit_bytes,
             children,
         }
     }
 
-    /// Bytes the pool holds itself: its subtree's bytes in use less its children's.
+    /// Bytes the pool holds itself: its subtree's bytes in use less its children's (a child
+    /// with a floor counts as holding at least its floor here, since the floor is set aside
+    /// in this pool).
     ///
     /// # Examples
     ///
@@ -110,7 +143,11 @@ impl PoolReport {
     /// # Ok::<(), membudget::ConfigError>(())
     /// ```
     pub fn own_bytes(&self) -> usize {
-        let children: usize = self.children.iter().map(|child| child.in_use_bytes).sum();
+        let children: usize = self
+            .children
+            .iter()
+            .map(|child| child.in_use_bytes.max(child.min_memory))
+            .sum();
         self.in_use_bytes.saturating_sub(children)
     }
 
