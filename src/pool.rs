@@ -625,6 +625,10 @@ impl BufPool {
                 .saturating_sub(now.in_use)
                 .min(now.budget.saturating_sub(floor));
             let forgotten = free.min(bytes);
+            if forgotten == 0 {
+                // Nothing removed: the budget stays as configured (`usize::MAX` included).
+                return (now.max_memory, 0);
+            }
             (now.budget - forgotten, forgotten)
         })
     }

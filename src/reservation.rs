@@ -629,6 +629,11 @@ impl Reservation {
         }
         self.held += core::mem::take(&mut other.held);
         self.size += core::mem::take(&mut other.size);
+        if self.owner.is_none() {
+            // The merged bytes keep the pool alive as `other` did: its handle may be the
+            // last, and dropping it here would run the pool's drop while we hold them.
+            self.owner = other.owner.take();
+        }
         // Two rounded sizes may hold 8 bytes more than their sum rounded.
         self.set_smaller_size(self.size);
         Ok(())

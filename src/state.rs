@@ -332,17 +332,22 @@ impl State {
     /// an error, or (in a pool that waits for growth) a wait.
     #[cold]
     fn refusal(&self, n: usize) -> Attempt {
-        let cap = self.hard_cap();
         if n == 0 {
-            Attempt::Failed(AllocError::ZeroBuffers)
-        } else if n > cap >> self.config.buffer_size.shift() {
-            Attempt::Failed(AllocError::ExceedsBudget {
-                requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
-                max_memory: cap,
-            })
-        } else {
-            Attempt::MustWait(self.bytes_of(n))
+            return Attempt::Failed(AllocError::ZeroBuffers);
         }
+        let shift = self.config.buffer_size.shift();
+        // This pool's cap first, then the smallest of the chain's: a pool that waits for
+        // growth under a fixed ancestor still refuses at once what the ancestor could never
+        // grant.
+        for cap in [self.hard_cap(), self.smallest_budget()] {
+            if n > cap >> shift {
+                return Attempt::Failed(AllocError::ExceedsBudget {
+                    requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
+                    max_memory: cap,
+                });
+            }
+        }
+        Attempt::MustWait(self.bytes_of(n))
     }
 
     /// The largest request this pool can ever grant: its budget, or for a pool that waits

@@ -115,12 +115,7 @@ pin_project! {
         amount: usize,
         unit: Unit,
         stage: Stage,
-        // It has waited in a queue: from then on a full queue above makes it wait for room
-        // instead of failing with `QueueFull`.
-        waited: bool,
         levels: u32,
-        // Listens for room in the full queue of the pool `levels` up (`Stage::AwaitingRoom`).
-        room: Option<EventListener>,
         #[pin]
         node: Node,
     }
@@ -130,8 +125,9 @@ pin_project! {
 struct Progress<'a> {
     stage: &'a mut Stage,
     levels: &'a mut u32,
-    waited: &'a mut bool,
-    room: &'a mut Option<EventListener>,
+    /// It has waited in a queue (the stage says so, see [`Stage::waited`]): from then on a
+    /// full queue above makes it wait for room instead of failing with `QueueFull`.
+    waited: bool,
 }
 
 /// What a [`Request`] asks for.
@@ -150,9 +146,24 @@ enum Stage {
     Queued,
     /// Holds the bytes of the pools `levels` up; the next one is to be tried.
     Climbing,
-    /// As `Climbing`, and the next pool's queue is full: it waits for room there (`room`).
+    /// As `Climbing`, for a request that has waited in a queue.
+    ClimbingAfterWait,
+    /// As `ClimbingAfterWait`, and the next pool's queue is full: it waits for room there
+    /// (its node's room listener).
     AwaitingRoom,
     Done,
+}
+
+impl Stage {
+    /// Whether a request at this stage has waited in a queue (kept in the stage, not a field
+    /// of its own: every future carries a request, and a fresh one writes as few bytes as it
+    /// can, see `Node`).
+    fn waited(self) -> bool {
+        matches!(
+            self,
+            Stage::Queued | Stage::ClimbingAfterWait | Stage::AwaitingRoom
+        )
+    }
 }
 
 impl Request {
@@ -161,9 +172,7 @@ impl Request {
             amount,
             unit,
             stage: Stage::Start,
-            waited: false,
             levels: 0,
-            room: None,
             node: Node::new(),
         }
     }
@@ -280,17 +289,15 @@ impl Request {
             amount,
             unit,
             stage,
-            waited,
             levels,
-            room,
             node,
         } = this;
         let node = node.as_ref();
+        let waited = stage.waited();
         let mut progress = Progress {
             stage,
             levels,
             waited,
-            room,
         };
         let counted = Self::counted_while_waiting(*unit, pool);
         let held = match *progress.stage {
@@ -322,7 +329,6 @@ impl Request {
                             }
                             Ok(Admission::Queued) => {
                                 *progress.stage = Stage::Queued;
-                                *progress.waited = true;
                                 Ok(None)
                             }
                             // A request made to this pool never waits for room in its own
@@ -368,7 +374,7 @@ impl Request {
                     }
                 }
             }
-            Stage::Climbing | Stage::AwaitingRoom => {
+            Stage::Climbing | Stage::ClimbingAfterWait | Stage::AwaitingRoom => {
                 let bytes = Self::bytes(*amount, *unit, pool);
                 Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
             }
@@ -417,20 +423,23 @@ impl Request {
         deferred: &mut Deferred,
     ) -> Result<Option<usize>, AllocError> {
         if *progress.stage == Stage::AwaitingRoom {
-            let listener = progress
-                .room
-                .as_mut()
-                .expect("listening while awaiting room");
-            match Pin::new(listener).poll(cx) {
-                Poll::Pending => return Ok(None),
-                Poll::Ready(()) => {
-                    if let Some(listener) = progress.room.take() {
-                        deferred.drop_listener(listener);
-                    }
-                }
+            let heard = node.with_room(|room| {
+                let listener = room.as_mut().expect("listening while awaiting room");
+                Pin::new(listener).poll(cx).is_ready()
+            });
+            if !heard {
+                return Ok(None);
             }
+            Self::drop_room_listener(node, deferred);
         }
-        *progress.stage = Stage::Climbing;
+        // Queued, granted and climbing again: it has waited.
+        progress.waited |= progress.stage.waited();
+        let climbing = if progress.waited {
+            Stage::ClimbingAfterWait
+        } else {
+            Stage::Climbing
+        };
+        *progress.stage = climbing;
         while (*progress.levels as usize) <= pool.depth() {
             let level = *progress.levels as usize;
             let ancestor = pool.at_level(level);
@@ -466,7 +475,7 @@ impl Request {
                     let asker = Asker {
                         descendant: Some(pool),
                         counted: false,
-                        waited: *progress.waited,
+                        waited: progress.waited,
                     };
                     match ancestor.admit(node, bytes, cx.waker(), asker, deferred) {
                         Ok(Admission::Reserved) => {
@@ -476,35 +485,28 @@ impl Request {
                         }
                         Ok(Admission::Queued) => {
                             *progress.stage = Stage::Queued;
-                            *progress.waited = true;
-                            if let Some(listener) = progress.room.take() {
-                                deferred.drop_listener(listener);
-                            }
+                            Self::drop_room_listener(node, deferred);
                             return Ok(None);
                         }
                         Ok(Admission::Full) => {
                             // Listen first, then look again: room made between the look and
                             // the listen is not missed.
-                            match progress.room.take() {
-                                None => {
-                                    *progress.room = Some(ancestor.room().listen());
-                                    continue;
-                                }
-                                Some(listener) => {
-                                    *progress.stage = Stage::AwaitingRoom;
-                                    let listener = progress.room.insert(listener);
-                                    match Pin::new(listener).poll(cx) {
-                                        Poll::Pending => return Ok(None),
-                                        Poll::Ready(()) => {
-                                            if let Some(listener) = progress.room.take() {
-                                                deferred.drop_listener(listener);
-                                            }
-                                            *progress.stage = Stage::Climbing;
-                                            continue;
-                                        }
-                                    }
-                                }
+                            let listening = node.with_room(|room| room.is_some());
+                            if !listening {
+                                node.with_room(|room| *room = Some(ancestor.room().listen()));
+                                continue;
                             }
+                            *progress.stage = Stage::AwaitingRoom;
+                            let heard = node.with_room(|room| {
+                                let listener = room.as_mut().expect("listening");
+                                Pin::new(listener).poll(cx).is_ready()
+                            });
+                            if !heard {
+                                return Ok(None);
+                            }
+                            Self::drop_room_listener(node, deferred);
+                            *progress.stage = climbing;
+                            continue;
                         }
                         Err(error) => error,
                     }
@@ -513,16 +515,19 @@ impl Request {
             };
             // Done before the levels go back: never given back twice.
             *progress.stage = Stage::Done;
-            if let Some(listener) = progress.room.take() {
-                deferred.drop_listener(listener);
-            }
+            Self::drop_room_listener(node, deferred);
             chain::give_back_reserved(pool, bytes, level, counted, deferred);
             return Err(error);
         }
-        if let Some(listener) = progress.room.take() {
+        Self::drop_room_listener(node, deferred);
+        Ok(Some(bytes))
+    }
+
+    /// The node's room listener, if any, goes (its drop may wake another listener: later).
+    fn drop_room_listener(node: Pin<&Node>, deferred: &mut Deferred) {
+        if let Some(listener) = node.with_room(Option::take) {
             deferred.drop_listener(listener);
         }
-        Ok(Some(bytes))
     }
 
     /// Gives the request up: a queued node leaves the queue, a grant not taken goes on to
@@ -546,7 +551,7 @@ impl Request {
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let levels = *this.levels as usize;
         let stage = core::mem::replace(this.stage, Stage::Done);
-        let room = this.room.take();
+        let room = this.node.as_ref().with_room(Option::take);
         // Done before anything goes back (above): whatever unwinds from the user code owed,
         // nothing is given back twice. One `settle` for every level: the queue this request
         // leaves, and each level below it, are settled before any wake-up runs.
@@ -560,7 +565,7 @@ impl Request {
                         .cancel(this.node.as_ref(), bytes, deferred);
                     chain::give_back_reserved(pool, bytes, levels, counted, deferred);
                 }
-                Stage::Climbing | Stage::AwaitingRoom => {
+                Stage::Climbing | Stage::ClimbingAfterWait | Stage::AwaitingRoom => {
                     chain::give_back_reserved(pool, bytes, levels, counted, deferred)
                 }
                 Stage::Start | Stage::Done => {}

@@ -32,6 +32,7 @@ use core::pin::Pin;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use core::task::Waker;
+use event_listener::EventListener;
 
 /// In no list: its owner's alone.
 const IDLE: usize = 0;
@@ -81,6 +82,10 @@ pub(crate) enum Status {
 #[repr(C)]
 pub(crate) struct Node {
     status: AtomicUsize,
+    /// The owner's listener for room in a full queue (`wait.rs`, `Stage::AwaitingRoom`):
+    /// touched by the owner alone, never by a list. Zero bytes when empty, so a fresh node
+    /// stays all zeros but its waker slot.
+    room: UnsafeCell<Option<EventListener>>,
     links: UnsafeCell<Links>,
     _pinned: PhantomPinned,
 }
@@ -172,6 +177,7 @@ impl Node {
     pub(crate) fn new() -> Self {
         Node {
             status: AtomicUsize::new(IDLE),
+            room: UnsafeCell::new(None),
             links: UnsafeCell::new(Links {
                 bytes: 0,
                 since: Stamp::default(),
@@ -224,6 +230,19 @@ impl Node {
 }
 
 impl Node {
+    /// The owner's slot for its room listener (see the field).
+    ///
+    /// For the node's owner only, while it polls or drops its request (it holds the request
+    /// by `&mut`, so no other call of its own runs meanwhile); lists never touch the slot.
+    pub(crate) fn with_room<R>(
+        self: Pin<&Self>,
+        f: impl FnOnce(&mut Option<EventListener>) -> R,
+    ) -> R {
+        // SAFETY: only the owner calls this (see above), one call at a time, and nothing else
+        // reads or writes `room`, so this is the only reference into it.
+        self.room.with_mut(|room| f(unsafe { &mut *room }))
+    }
+
     /// Makes a granted node idle again, to queue it in the next pool up (a child pool's
     /// request climbing to its parent). For its owner, once `status` said `Granted`.
     pub(crate) fn reset(self: Pin<&Self>) {
