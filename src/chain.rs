@@ -17,7 +17,7 @@
 
 use crate::AllocError;
 use crate::deferred::{Deferred, settle};
-use crate::heap::{Block, Memory, Pool, Released};
+use crate::heap::{Block, Memory, Pool};
 use crate::state::State;
 use crate::sync::Arc;
 
@@ -155,24 +155,28 @@ unsafe impl Pool for State {
     }
 
     #[inline(always)]
-    fn release(
-        &self,
-        memory: Memory,
-        owned: bool,
-        keep_alive: impl FnOnce() -> Arc<Self>,
-    ) -> Released<Self> {
+    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
         let bytes = memory.bytes();
         self.recycle(memory);
-        if owned {
-            return release_owned_block(self, bytes);
-        }
         if self.parent().is_some() {
             return release_child_block(self, bytes, keep_alive);
         }
         if self.try_release_block(bytes) {
-            return Released::NOTHING;
+            return None;
         }
         release_root_block_slow(self, bytes, keep_alive)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_owned(&self, memory: Memory) -> Option<std::sync::Arc<dyn Send + Sync>> {
+        let bytes = memory.bytes();
+        self.recycle(memory);
+        // The owner's handle keeps the pool alive throughout: every level is given back as
+        // with a handle; then, if this was the last owned block, the handle goes to the
+        // caller to drop (which may run the pool's drop).
+        settle(|deferred| give_back_completed(self, bytes, true, deferred));
+        self.disown()
     }
 
     fn is_drained(&self) -> bool {
@@ -191,22 +195,8 @@ fn release_root_block_slow(
     pool: &State,
     bytes: usize,
     keep_alive: impl FnOnce() -> Arc<State>,
-) -> Released<State> {
-    let kept = settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred));
-    Released { kept, owner: None }
-}
-
-/// An owned block: the owner's handle keeps the pool alive throughout, so every level is
-/// given back as with a handle; then, if this was the last owned block, the handle goes to
-/// the caller to drop (which may run the pool's drop).
-#[cold]
-#[inline(never)]
-fn release_owned_block(pool: &State, bytes: usize) -> Released<State> {
-    settle(|deferred| give_back_completed(pool, bytes, true, deferred));
-    Released {
-        kept: None,
-        owner: pool.disown(),
-    }
+) -> Option<Arc<State>> {
+    settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred))
 }
 
 /// A child pool's block: every ancestor's level first (while the block's own bytes keep the
@@ -217,12 +207,11 @@ fn release_child_block(
     pool: &State,
     bytes: usize,
     keep_alive: impl FnOnce() -> Arc<State>,
-) -> Released<State> {
-    let kept = settle(|deferred| {
+) -> Option<Arc<State>> {
+    settle(|deferred| {
         give_back_above_completed(pool, bytes, deferred);
         pool.release_block(bytes, keep_alive, deferred)
-    });
-    Released { kept, owner: None }
+    })
 }
 
 /// The block for `bytes` just reserved in `pool` (every level of its chain, counted as its

@@ -46,11 +46,13 @@ enum Later {
     Notify(Arc<Event>),
     /// A listener whose drop may pass a notification on to another listener's waker.
     DropListener(EventListener),
+    /// Run already (a notification taken out in the first pass).
+    Ran,
 }
 
 /// Runs `books` (every step of one change of the books), then the user code it deferred.
 /// The one way the pool's operations run user code they collected.
-#[inline]
+#[inline(always)]
 pub(crate) fn settle<R>(books: impl FnOnce(&mut Deferred) -> R) -> R {
     let mut deferred = Deferred::default();
     let result = books(&mut deferred);
@@ -124,42 +126,53 @@ impl Deferred {
 
     #[inline(never)]
     fn run_slow(&mut self) {
-        let inline_len = core::mem::take(&mut self.inline_len);
-        let rare = core::mem::take(&mut self.rare);
-        // Notifications first, then the inline wake-ups, then the rest in order.
-        let (drains, rest): (Vec<Later>, Vec<Later>) = rare
-            .into_iter()
-            .partition(|later| matches!(later, Later::Notify(_)));
         let mut first_panic = None;
-        let mut guarded = |call: &mut dyn FnMut()| {
-            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
-                first_panic.get_or_insert(panic);
-            }
-        };
-        let later = drains.into_iter().map(Some).chain(
-            self.inline[..inline_len]
-                .iter_mut()
-                .filter_map(Option::take)
-                .map(|waker| Some(Later::Wake(waker)))
-                .chain(rest.into_iter().map(Some))
-                .chain(self.dropped.take().map(|waker| Some(Later::Drop(waker)))),
-        );
-        for mut item in later {
-            guarded(&mut || match item.take() {
-                Some(Later::Wake(waker)) => waker.wake(),
-                Some(Later::Drop(waker)) => drop(waker),
-                Some(Later::Notify(event)) => {
-                    event.notify(usize::MAX);
+        let mut rare = core::mem::take(&mut self.rare);
+        // Notifications first.
+        if !rare.is_empty() {
+            for later in rare.iter_mut() {
+                if let Later::Notify(_) = later {
+                    if let Later::Notify(event) = core::mem::replace(later, Later::Ran) {
+                        guarded(&mut first_panic, || {
+                            event.notify(usize::MAX);
+                        });
+                    }
                 }
-                Some(Later::DropListener(listener)) => drop(listener),
-                None => {}
-            });
+            }
+        }
+        // The common case: a few wake-ups inline.
+        let inline_len = core::mem::take(&mut self.inline_len);
+        for slot in &mut self.inline[..inline_len] {
+            if let Some(waker) = slot.take() {
+                guarded(&mut first_panic, || waker.wake());
+            }
+        }
+        if !rare.is_empty() {
+            for later in rare {
+                guarded(&mut first_panic, || match later {
+                    Later::Wake(waker) => waker.wake(),
+                    Later::Drop(waker) => drop(waker),
+                    Later::DropListener(listener) => drop(listener),
+                    Later::Notify(_) | Later::Ran => {}
+                });
+            }
+        }
+        if let Some(waker) = self.dropped.take() {
+            guarded(&mut first_panic, || drop(waker));
         }
         if let Some(panic) = first_panic {
             if !std::thread::panicking() {
                 std::panic::resume_unwind(panic);
             }
         }
+    }
+}
+
+/// Runs `call` (user code); its panic, if it is the first, is kept in `first_panic`.
+#[inline(always)]
+fn guarded(first_panic: &mut Option<Box<dyn core::any::Any + Send>>, call: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        first_panic.get_or_insert(panic);
     }
 }
 

@@ -36,15 +36,13 @@ pub(crate) unsafe trait Pool: Sized {
     /// The alignment of every block of this pool (fixed for its life).
     fn align(&self) -> usize;
 
-    /// Frees or caches `memory`, then gives its bytes back to the budget. `owned`: the block
-    /// was marked with [`Block::set_owned`]; the handle that kept its pool alive for it may
-    /// be returned, for the caller to drop once `self` is no longer borrowed.
-    fn release(
-        &self,
-        memory: Memory,
-        owned: bool,
-        keep_alive: impl FnOnce() -> Arc<Self>,
-    ) -> Released<Self>;
+    /// Frees or caches `memory`, then gives its bytes back to the budget.
+    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>>;
+
+    /// [`release`](Pool::release) for a block marked with [`Block::set_owned`]: the pool is
+    /// kept alive throughout by its owner's handle, which may be returned (the last owned
+    /// block's), for the caller to drop once `self` is no longer borrowed.
+    fn release_owned(&self, memory: Memory) -> Option<std::sync::Arc<dyn Send + Sync>>;
 
     /// Whether no bytes are counted in use.
     fn is_drained(&self) -> bool;
@@ -52,23 +50,6 @@ pub(crate) unsafe trait Pool: Sized {
     /// Waits for every release still finishing under the pool's lock (call once drained,
     /// before dropping the last handle).
     fn quiesce(&self);
-}
-
-/// What a release hands back to drop after it: a strong reference it took to finish its
-/// work, and the owner's handle of an owned block (whose drop may free the pool).
-// Its fields are held only to be dropped, after the release.
-#[allow(dead_code)]
-pub(crate) struct Released<P> {
-    pub(crate) kept: Option<Arc<P>>,
-    pub(crate) owner: Option<std::sync::Arc<dyn Send + Sync>>,
-}
-
-impl<P> Released<P> {
-    /// Nothing to drop.
-    pub(crate) const NOTHING: Self = Released {
-        kept: None,
-        owner: None,
-    };
 }
 
 /// The layout of a block of `bytes` (a non-zero multiple of 8 within the budget) aligned to
@@ -246,7 +227,12 @@ impl<P: Pool> Drop for Block<P> {
             }
         };
         // Dropped here, after the last use of `pool`: it may free the pool's state.
-        drop(pool.release(memory, self.bytes_zeroed & OWNED != 0, keep_alive));
+        if self.bytes_zeroed & OWNED != 0 {
+            // Dropped here, after the last use of `pool`: it may run the pool's drop.
+            drop(pool.release_owned(memory));
+            return;
+        }
+        drop(pool.release(memory, keep_alive));
     }
 }
 

@@ -180,6 +180,9 @@ pub(crate) struct State {
     budget: AtomicUsize,
     /// The budget as configured, for [`PoolStats`].
     max_memory: AtomicUsize,
+    /// The largest request the pool can ever grant: `budget`, or for a pool that waits for
+    /// growth the most any budget can be (read by every allocation, next to `budget`).
+    hard_cap: AtomicUsize,
     peak_in_use: AtomicUsize,
     /// Bytes held by this pool's reservations (part of the bytes in use).
     reserved: AtomicUsize,
@@ -243,6 +246,11 @@ impl State {
                 .then(|| crate::telemetry::WaitHistogram::register(config.name.as_ref())),
             word: CacheLine(BudgetWord::new()),
             budget: AtomicUsize::new(counted_budget(max_memory)),
+            hard_cap: AtomicUsize::new(if config.grows {
+                counted_budget(usize::MAX)
+            } else {
+                counted_budget(max_memory)
+            }),
             max_memory: AtomicUsize::new(max_memory),
             peak_in_use: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
@@ -262,13 +270,14 @@ impl State {
     #[inline(always)]
     pub(crate) fn reserve_now(&self, n: usize) -> Attempt {
         let shift = self.config.buffer_size.shift();
-        // Checked against the budget read now; the word's compare-exchange checks again
-        // against the budget in force (see `BudgetWord::try_reserve`).
-        let budget = self.budget();
-        // `n * buffer_size <= budget` exactly when `n <= budget >> shift`, which also rules
-        // out overflow.
-        if n == 0 || n > budget >> shift {
-            return self.refusal(n);
+        // Checked against the largest request the pool can ever grant (its budget, read now,
+        // unless it waits for growth); the word's compare-exchange checks the bytes against
+        // the budget in force (see `BudgetWord::try_reserve`).
+        let cap = self.hard_cap();
+        // `n * buffer_size <= cap` exactly when `n <= cap >> shift`, which also rules out
+        // overflow.
+        if n == 0 || n > cap >> shift {
+            return Attempt::Failed(self.refusal(n, cap));
         }
         let bytes = n << shift;
         if self.parent.is_some() {
@@ -328,37 +337,25 @@ impl State {
         n << self.config.buffer_size.shift()
     }
 
-    /// What the fast path makes of `n` buffers that are none, or more than the budget now:
-    /// an error, or (in a pool that waits for growth) a wait.
+    /// Why the fast path refuses `n` buffers: none, or more than `cap` (the pool's
+    /// [`hard_cap`](State::hard_cap), which it checked against).
     #[cold]
-    fn refusal(&self, n: usize) -> Attempt {
+    fn refusal(&self, n: usize, cap: usize) -> AllocError {
         if n == 0 {
-            return Attempt::Failed(AllocError::ZeroBuffers);
-        }
-        let shift = self.config.buffer_size.shift();
-        // This pool's cap first, then the smallest of the chain's: a pool that waits for
-        // growth under a fixed ancestor still refuses at once what the ancestor could never
-        // grant.
-        for cap in [self.hard_cap(), self.smallest_budget()] {
-            if n > cap >> shift {
-                return Attempt::Failed(AllocError::ExceedsBudget {
-                    requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
-                    max_memory: cap,
-                });
+            AllocError::ZeroBuffers
+        } else {
+            AllocError::ExceedsBudget {
+                requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
+                max_memory: cap,
             }
         }
-        Attempt::MustWait(self.bytes_of(n))
     }
 
     /// The largest request this pool can ever grant: its budget, or for a pool that waits
     /// for growth the most any budget can be. A request above it fails at once.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn hard_cap(&self) -> usize {
-        if self.config.grows {
-            counted_budget(usize::MAX)
-        } else {
-            self.budget()
-        }
+        self.hard_cap.load(Relaxed)
     }
 
     /// Keeps the peak: a plain load in the common case that it did not grow.
@@ -377,7 +374,7 @@ impl State {
         bytes: usize,
         waker: &Waker,
         asker: Asker<'_>,
-        deferred: &mut Deferred,
+        unused: &mut Option<Waker>,
     ) -> Result<Admission, AllocError> {
         let Asker {
             descendant: for_descendant,
@@ -385,15 +382,15 @@ impl State {
             waited,
         } = asker;
         // Clone before the lock (user code), and read the clock before it too: other threads
-        // wait for that lock. Dropped later by the caller's `deferred`, if unused: the
-        // caller records what it holds first.
+        // wait for that lock. Handed back in `unused` if not needed, for the caller to drop
+        // (user code) once it has recorded what it holds.
         let waker = waker.clone();
         let since = self.clock();
         let mut queue = lock(&self.queue);
         match self.admit_locked(&mut queue, bytes, for_descendant, counted, waited) {
             Ok(Admission::Queued) => {}
             other => {
-                deferred.drop_later(waker);
+                *unused = Some(waker);
                 return other;
             }
         }
@@ -1351,6 +1348,9 @@ impl State {
                 });
                 self.max_memory.store(max_memory, Relaxed);
                 self.budget.store(counted_budget(max_memory), Relaxed);
+                if !self.config.grows {
+                    self.hard_cap.store(counted_budget(max_memory), Relaxed);
+                }
                 let cap = self.hard_cap();
                 queue.list.fail_where(
                     |bytes, _| (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap }),

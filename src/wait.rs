@@ -242,6 +242,9 @@ impl Request {
         cx: &mut Context<'_>,
         must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
+        if *this.stage == Stage::Start && pool.depth() == 0 {
+            return Self::first_wait_at_root(this, pool, cx, must_wait);
+        }
         if *this.stage == Stage::Queued && pool.depth() == 0 {
             // A root pool's waiter (the common case): one level, nothing to give back on
             // failure, no wake-up owed, so no `Deferred`.
@@ -274,6 +277,69 @@ impl Request {
             });
         } else {
             deferred.run();
+        }
+        poll
+    }
+
+    /// A root pool's request past its fast path (the common case of a first wait): admitted
+    /// or queued under the lock, with no `Deferred`: the one piece of user code it may owe
+    /// (the waker it cloned for a queue it did not need) is dropped once its stage is
+    /// recorded, and should that unwind, bytes it got go back first.
+    fn first_wait_at_root(
+        this: RequestProj<'_>,
+        pool: &State,
+        cx: &mut Context<'_>,
+        must_wait: Option<usize>,
+    ) -> Poll<Result<usize, AllocError>> {
+        let counted = *this.unit == Unit::Buffers;
+        let attempt = match (must_wait, *this.unit) {
+            (Some(bytes), _) => Attempt::MustWait(bytes),
+            (None, Unit::Buffers) => pool.reserve_now(*this.amount),
+            (None, Unit::Bytes) => pool.reserve_bytes_now(*this.amount),
+        };
+        let bytes = match attempt {
+            Attempt::Reserved(bytes) => {
+                *this.stage = Stage::Done;
+                return Poll::Ready(Ok(bytes));
+            }
+            Attempt::Failed(error) => {
+                *this.stage = Stage::Done;
+                return Poll::Ready(Err(error));
+            }
+            Attempt::MustWait(bytes) => bytes,
+        };
+        let asker = Asker {
+            descendant: None,
+            counted,
+            waited: false,
+        };
+        let mut unused = None;
+        let poll = match pool.admit(this.node.as_ref(), bytes, cx.waker(), asker, &mut unused) {
+            Ok(Admission::Queued) => {
+                *this.stage = Stage::Queued;
+                Poll::Pending
+            }
+            Ok(Admission::Reserved) => {
+                *this.stage = Stage::Done;
+                Poll::Ready(Ok(bytes))
+            }
+            // Only a descendant's request waits for room.
+            Ok(Admission::Full) => unreachable!("a root pool's own request never waits for room"),
+            Err(error) => {
+                *this.stage = Stage::Done;
+                Poll::Ready(Err(error))
+            }
+        };
+        if let Some(waker) = unused {
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(waker)));
+            if let Err(panic) = dropped {
+                if let Poll::Ready(Ok(bytes)) = poll {
+                    settle(|deferred| {
+                        chain::give_back_completed_request(pool, bytes, counted, deferred);
+                    });
+                }
+                std::panic::resume_unwind(panic);
+            }
         }
         poll
     }
@@ -312,17 +378,17 @@ impl Request {
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
                     Attempt::Failed(error) => Err(error),
                     Attempt::MustWait(bytes) => {
-                        match pool.admit(
-                            node,
-                            bytes,
-                            cx.waker(),
-                            Asker {
-                                descendant: None,
-                                counted,
-                                waited: false,
-                            },
-                            deferred,
-                        ) {
+                        let asker = Asker {
+                            descendant: None,
+                            counted,
+                            waited: false,
+                        };
+                        let mut unused = None;
+                        let admission = pool.admit(node, bytes, cx.waker(), asker, &mut unused);
+                        if let Some(waker) = unused {
+                            deferred.drop_later(waker);
+                        }
+                        match admission {
                             Ok(Admission::Reserved) => {
                                 *progress.levels = 1;
                                 Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
@@ -477,7 +543,12 @@ impl Request {
                         counted: false,
                         waited: progress.waited,
                     };
-                    match ancestor.admit(node, bytes, cx.waker(), asker, deferred) {
+                    let mut unused = None;
+                    let admission = ancestor.admit(node, bytes, cx.waker(), asker, &mut unused);
+                    if let Some(waker) = unused {
+                        deferred.drop_later(waker);
+                    }
+                    match admission {
                         Ok(Admission::Reserved) => {
                             *progress.levels += 1;
                             lower.climbed(bytes);

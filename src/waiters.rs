@@ -27,6 +27,7 @@ use crate::clock::Stamp;
 use crate::deferred::Deferred;
 use crate::sync::{AtomicUsize, UnsafeCell};
 use core::marker::PhantomPinned;
+use core::mem::ManuallyDrop;
 use core::mem::MaybeUninit;
 use core::pin::Pin;
 use core::ptr::NonNull;
@@ -85,7 +86,9 @@ pub(crate) struct Node {
     /// The owner's listener for room in a full queue (`wait.rs`, `Stage::AwaitingRoom`):
     /// touched by the owner alone, never by a list. Zero bytes when empty, so a fresh node
     /// stays all zeros but its waker slot.
-    room: UnsafeCell<Option<EventListener>>,
+    /// (Never dropped with the node: the request takes its listener out first, so the fast
+    /// path pays no drop glue for it.)
+    room: UnsafeCell<ManuallyDrop<Option<EventListener>>>,
     links: UnsafeCell<Links>,
     _pinned: PhantomPinned,
 }
@@ -177,7 +180,7 @@ impl Node {
     pub(crate) fn new() -> Self {
         Node {
             status: AtomicUsize::new(IDLE),
-            room: UnsafeCell::new(None),
+            room: UnsafeCell::new(ManuallyDrop::new(None)),
             links: UnsafeCell::new(Links {
                 bytes: 0,
                 since: Stamp::default(),
@@ -253,12 +256,20 @@ impl Node {
 }
 
 impl Drop for Node {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         if self.status.load(Acquire) == WAITING {
             // Still linked: freeing it would leave the list pointing at freed memory. The
             // futures always remove their node before dropping it; this is the last guard.
             std::process::abort();
+        }
+        // The room slot is empty here: a request holds a room listener only at a stage
+        // whose drop (`Request::cancel_waiting`) takes it out first.
+        #[cfg(debug_assertions)]
+        {
+            // SAFETY: `&mut self`: nobody else holds a reference into the node.
+            let listening = self.room.with_mut(|room| unsafe { (*room).is_some() });
+            debug_assert!(!listening, "a node dropped with its room listener");
         }
     }
 }
