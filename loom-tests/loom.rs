@@ -581,8 +581,8 @@ fn poll_with<F: Future + Unpin>(future: &mut F, waker: &Waker) -> bool {
 /// Model 15: a queued waiter's future is dropped on one thread while a release on another
 /// grants it its bytes (the grant may land before the cancel looks at the node, while it
 /// waits for the lock, or after it left the list): whichever wins, the bytes come back. The
-/// pool ends with nothing in use or waiting, no allocation counted for the grant nobody took,
-/// and the whole budget can be taken again.
+/// pool ends with nothing in use or waiting, no allocation counted for the grant nobody took
+/// (its wait stays counted if it landed), and the whole budget can be taken again.
 #[test]
 fn node_cancelled_while_release_grants_it() {
     model(|| {
@@ -601,7 +601,9 @@ fn node_cancelled_while_release_grants_it() {
             stats.total_allocations, 1,
             "a grant never taken is no allocation"
         );
-        assert_eq!(stats.waited_allocations, 0);
+        // A grant that landed before the cancel is a wait that happened: counted (with its
+        // time) even though nobody took it (issue 18: the wait figures never go down).
+        assert!(stats.waited_allocations <= 1);
         let whole = pool
             .try_allocate(2)
             .expect("the whole budget is free again");
