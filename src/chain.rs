@@ -173,10 +173,14 @@ unsafe impl Pool for State {
         let bytes = memory.bytes();
         self.recycle(memory);
         // The owner's handle keeps the pool alive throughout: every level is given back as
-        // with a handle; then, if this was the last owned block, the handle goes to the
-        // caller to drop (which may run the pool's drop).
-        settle(|deferred| give_back_completed(self, bytes, true, deferred));
-        self.disown()
+        // with a handle, and the block is disowned, before any user code runs (a panicking
+        // waker must not leave the pool owned forever); then, if this was the last owned
+        // block, the handle goes to the caller to drop (which may run the pool's drop), or is
+        // dropped by the unwinding.
+        settle(|deferred| {
+            give_back_completed(self, bytes, true, deferred);
+            self.disown()
+        })
     }
 
     fn is_drained(&self) -> bool {

@@ -817,7 +817,9 @@ impl BufPool {
 impl Drop for BufPool {
     /// Closes the pool and blocks until every allocation has been dropped.
     fn drop(&mut self) {
-        self.pool.close();
+        // Closing wakes the waiters (user code): a waker that panics must not cut the
+        // barrier short, so its panic goes on only once the pool is drained and dropped.
+        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pool.close()));
         let mut drained = pin!(Drained::new(&self.pool));
         let warn_after = self.pool.config.drop_warning_after;
         let warn_at = Instant::now().checked_add(warn_after);
@@ -842,6 +844,11 @@ impl Drop for BufPool {
         // drained, and leaks it if a panic cut the barrier short.
         self.pool.detach_from_parent();
         chain::give_floor_back(&self.pool);
+        if let Err(panic) = closed {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 }
 
