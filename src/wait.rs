@@ -292,12 +292,7 @@ impl Request {
         must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
         let counted = *this.unit == Unit::Buffers;
-        let attempt = match (must_wait, *this.unit) {
-            (Some(bytes), _) => Attempt::MustWait(bytes),
-            (None, Unit::Buffers) => pool.reserve_now(*this.amount),
-            (None, Unit::Bytes) => pool.reserve_bytes_now(*this.amount),
-        };
-        let bytes = match attempt {
+        let bytes = match Self::first_attempt(pool, *this.amount, *this.unit, must_wait) {
             Attempt::Reserved(bytes) => {
                 *this.stage = Stage::Done;
                 return Poll::Ready(Ok(bytes));
@@ -344,6 +339,15 @@ impl Request {
         poll
     }
 
+    /// The fast path of a first poll, unless it already said to wait for `must_wait` bytes.
+    fn first_attempt(pool: &State, amount: usize, unit: Unit, must_wait: Option<usize>) -> Attempt {
+        match (must_wait, unit) {
+            (Some(bytes), _) => Attempt::MustWait(bytes),
+            (None, Unit::Buffers) => pool.reserve_now(amount),
+            (None, Unit::Bytes) => pool.reserve_bytes_now(amount),
+        }
+    }
+
     fn poll_steps(
         this: RequestProj<'_>,
         pool: &State,
@@ -368,12 +372,7 @@ impl Request {
         let counted = Self::counted_while_waiting(*unit, pool);
         let held = match *progress.stage {
             Stage::Start => {
-                let attempt = match (must_wait, *unit) {
-                    (Some(bytes), _) => Attempt::MustWait(bytes),
-                    (None, Unit::Buffers) => pool.reserve_now(*amount),
-                    (None, Unit::Bytes) => pool.reserve_bytes_now(*amount),
-                };
-                match attempt {
+                match Self::first_attempt(pool, *amount, *unit, must_wait) {
                     // Every level at once (the one level of a root pool): the common case.
                     Attempt::Reserved(bytes) => Ok(Some(bytes)),
                     Attempt::Failed(error) => Err(error),
