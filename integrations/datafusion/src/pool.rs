@@ -32,18 +32,17 @@ use crate::{Holder, HolderKind, Refusal, RefusalReason};
 #[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialEq)]
 #[non_exhaustive]
 pub enum Policy {
-    /// The default. Spillable consumers are capped at a fair share, as with DataFusion's
-    /// `FairSpillPool`, with two differences that keep unspillable reservations from
-    /// failing (see the crate README, "Beyond parity"):
+    /// The default. Spillable reservations are capped at a fair share, as with DataFusion's
+    /// `FairSpillPool`, with two differences that keep the queries `FairSpillPool` fails
+    /// from failing (see the crate README, "Beyond parity"):
     ///
     /// * the share is `(limit - set_aside) / spillable consumers`, where `set_aside` is,
-    ///   summed over the registered unspillable consumers, the most each has held through
-    ///   `try_grow` while registered (or what it holds now, if more). A sorter that frees its
-    ///   merge headroom to spill finds it still there when it reserves it again: no spiller
-    ///   took it meanwhile;
-    /// * the cap applies to a consumer's bytes over all its reservations (`FairSpillPool`
-    ///   checks each reservation on its own, so a consumer that splits its reservation can
-    ///   hold several shares).
+    ///   summed over the registered unspillable consumers, what each holds or, if it gave
+    ///   everything back since, what it held just before (until it reserves again). A
+    ///   sorter that frees its merge headroom to spill finds the room still there when it
+    ///   reserves it again: no spiller's share grew into it meanwhile;
+    /// * see below: requests refused only because spillers hold more than their shares
+    ///   overcommit.
     ///
     /// Unspillable consumers take what the budget has free.
     ///
@@ -188,8 +187,8 @@ struct Consumer {
     bytes: usize,
     /// The most it ever held.
     peak: usize,
-    /// For an unspillable consumer under [`Policy::Fair`]: the most it held through
-    /// `try_grow`, kept aside from the spillers' shares while it is registered.
+    /// For an unspillable consumer under [`Policy::Fair`]: what it held the last time it
+    /// gave everything back, kept aside from the spillers' shares while it is registered.
     claim: usize,
 }
 
@@ -643,8 +642,12 @@ impl MembudgetPool {
             .report()
             .min_memory
             .saturating_sub(mine.in_use_bytes);
-        let root_free = tree.max_memory.saturating_sub(tree.in_use_bytes) + floor_left;
-        mine.available_bytes().min(root_free)
+        // Exact: the core's figures count this pool's rounding to a multiple of 8.
+        let exact = self.reserved.load(Relaxed);
+        let rounding = mine.in_use_bytes.saturating_sub(exact);
+        let root_free = tree.max_memory.saturating_sub(tree.in_use_bytes) + floor_left + rounding;
+        let own_room = mine.max_memory.saturating_sub(exact);
+        own_room.min(root_free)
     }
 }
 
@@ -733,6 +736,11 @@ impl MemoryPool for MembudgetPool {
         let mut books = self.lock();
         let consumer = books.consumer(reservation.consumer());
         let shrink = shrink.min(consumer.bytes);
+        if !consumer.can_spill && shrink == consumer.bytes {
+            // Everything given back: under `Fair`, kept aside from the spillers' shares
+            // until it is reserved again (a sorter's merge headroom, freed to spill).
+            consumer.claim = consumer.bytes;
+        }
         consumer.bytes -= shrink;
         let size = books.held.size() - shrink;
         self.reserved.store(size, Relaxed);
@@ -752,10 +760,7 @@ impl MemoryPool for MembudgetPool {
         // The policy's share, for a spillable consumer.
         let refused = if can_spill && self.policy != Policy::Greedy {
             let share = books.share(self.limit(), self.policy);
-            let held = match self.policy {
-                Policy::FairSpill => reservation.size(),
-                _ => consumer_bytes,
-            };
+            let held = reservation.size();
             (held.saturating_add(additional) > share)
                 .then(|| (RefusalReason::Share { share }, share.saturating_sub(held)))
         } else {
@@ -800,6 +805,21 @@ impl MemoryPool for MembudgetPool {
                     books.stats.forced_shares += 1;
                     None
                 }
+                // A budget that is not a multiple of 8: the exact bytes fit it, their
+                // rounding (the core's unit) does not. Up to 7 bytes of counted overcommit
+                // keep `try_grow` exact against the limit.
+                Some(Err(_))
+                    if target.is_some_and(|t| {
+                        let limit = self.limit();
+                        t <= limit && t.next_multiple_of(8) > limit
+                    }) =>
+                {
+                    books
+                        .held
+                        .force_grow(additional)
+                        .expect("within the pool's budget");
+                    None
+                }
                 Some(Err(cause)) => Some((RefusalReason::Budget { cause }, usize::MAX)),
                 None => Some((
                     RefusalReason::Budget {
@@ -816,10 +836,6 @@ impl MemoryPool for MembudgetPool {
         let Some((reason, available)) = refused else {
             books.add(id, additional);
             books.stats.granted += 1;
-            let consumer = books.consumers.get_mut(&id).expect("registered");
-            if !consumer.can_spill {
-                consumer.claim = consumer.claim.max(consumer.bytes);
-            }
             self.reserved.store(books.held.size(), Relaxed);
             return Ok(());
         };
