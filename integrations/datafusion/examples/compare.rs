@@ -18,8 +18,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
 
 use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool};
 use membudget::{BufPool, BufPoolCfg, BufferSize};
@@ -63,48 +61,6 @@ fn options() -> Options {
         }
     }
     o
-}
-
-/// Two threads that keep the I/O pool as full as the root lets it be.
-struct Io {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    cycles: Arc<AtomicUsize>,
-}
-
-fn start_io(io: Arc<BufPool>) -> Io {
-    let stop = Arc::new(AtomicBool::new(false));
-    let cycles = Arc::new(AtomicUsize::new(0));
-    let threads = (0..2)
-        .map(|_| {
-            let (io, stop, cycles) = (Arc::clone(&io), Arc::clone(&stop), Arc::clone(&cycles));
-            std::thread::spawn(move || {
-                let mut held = std::collections::VecDeque::new();
-                while !stop.load(Relaxed) {
-                    match io.allocate_timeout(16, Duration::from_millis(5)) {
-                        Ok(a) => held.push_back(a),
-                        Err(_) => drop(held.pop_front()),
-                    }
-                    if held.len() > 64 {
-                        held.pop_front();
-                    }
-                    cycles.fetch_add(1, Relaxed);
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            })
-        })
-        .collect();
-    Io { stop, threads, cycles }
-}
-
-impl Io {
-    fn stop(self) -> usize {
-        self.stop.store(true, Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        self.cycles.load(Relaxed)
-    }
 }
 
 #[tokio::main(worker_threads = 2)]
@@ -157,7 +113,7 @@ async fn main() {
                 let pool = Arc::new(MembudgetPool::builder().policy(policy).build(child));
                 if o.io {
                     let io_pool = Arc::new(root.child("io", BufPoolCfg { buffer_size: BufferSize::S16384, max_memory: 2 * o.limit }).unwrap());
-                    io = Some(start_io(io_pool));
+                    io = Some(common::start_io(io_pool));
                 }
                 membudget = Some(Arc::clone(&pool));
                 pool

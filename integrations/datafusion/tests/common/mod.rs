@@ -4,7 +4,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+use membudget::BufPool;
 
 use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
@@ -181,3 +184,46 @@ pub async fn reference(sql: &str, table: &Arc<MemTable>) -> Digest {
 pub async fn run_fair(sql: &str, table: &Arc<MemTable>, limit: usize) -> Run {
     run(sql, table, Arc::new(FairSpillPool::new(limit))).await
 }
+
+/// Two threads that keep the I/O pool as full as the root lets it be.
+pub struct Io {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    cycles: Arc<AtomicUsize>,
+}
+
+pub fn start_io(io: Arc<BufPool>) -> Io {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cycles = Arc::new(AtomicUsize::new(0));
+    let threads = (0..2)
+        .map(|_| {
+            let (io, stop, cycles) = (Arc::clone(&io), Arc::clone(&stop), Arc::clone(&cycles));
+            std::thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                while !stop.load(Relaxed) {
+                    match io.allocate_timeout(16, Duration::from_millis(5)) {
+                        Ok(a) => held.push_back(a),
+                        Err(_) => drop(held.pop_front()),
+                    }
+                    if held.len() > 64 {
+                        held.pop_front();
+                    }
+                    cycles.fetch_add(1, Relaxed);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            })
+        })
+        .collect();
+    Io { stop, threads, cycles }
+}
+
+impl Io {
+    pub fn stop(self) -> usize {
+        self.stop.store(true, Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.cycles.load(Relaxed)
+    }
+}
+
