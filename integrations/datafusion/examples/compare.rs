@@ -79,7 +79,11 @@ async fn main() {
         o.rows,
         o.limit as f64 / 1048576.0,
         o.runs,
-        if o.io { format!(", beside I/O, floor {} x limit", o.floor) } else { String::new() }
+        if o.io {
+            format!(", beside I/O, floor {} x limit", o.floor)
+        } else {
+            String::new()
+        }
     );
     for name in &o.pools {
         let (mut ok, mut wrong, mut failed, mut spills, mut secs) = (0, 0, 0, 0, 0.0);
@@ -87,10 +91,13 @@ async fn main() {
         let mut io_cycles = 0;
         for _ in 0..o.runs {
             let root = Arc::new(
-                BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S16384, max_memory: 2 * o.limit })
-                    .name("process")
-                    .build()
-                    .unwrap(),
+                BufPool::builder(BufPoolCfg {
+                    buffer_size: BufferSize::S16384,
+                    max_memory: 2 * o.limit,
+                })
+                .name("process")
+                .build()
+                .unwrap(),
             );
             let mut io = None;
             let mut membudget = None;
@@ -103,16 +110,32 @@ async fn main() {
                     "greedy" => Policy::Greedy,
                     other => panic!("unknown pool {other}"),
                 };
-                let floor = if o.io { (o.limit as f64 * o.floor) as usize } else { o.limit };
-                let child = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: o.limit })
-                    .name("query")
-                    .parent(&root)
-                    .min_memory(floor)
-                    .build()
-                    .unwrap();
+                let floor = if o.io {
+                    (o.limit as f64 * o.floor) as usize
+                } else {
+                    o.limit
+                };
+                let child = BufPool::builder(BufPoolCfg {
+                    buffer_size: BufferSize::S8,
+                    max_memory: o.limit,
+                })
+                .name("query")
+                .parent(&root)
+                .min_memory(floor)
+                .build()
+                .unwrap();
                 let pool = Arc::new(MembudgetPool::builder().policy(policy).build(child));
                 if o.io {
-                    let io_pool = Arc::new(root.child("io", BufPoolCfg { buffer_size: BufferSize::S16384, max_memory: 2 * o.limit }).unwrap());
+                    let io_pool = Arc::new(
+                        root.child(
+                            "io",
+                            BufPoolCfg {
+                                buffer_size: BufferSize::S16384,
+                                max_memory: 2 * o.limit,
+                            },
+                        )
+                        .unwrap(),
+                    );
                     io = Some(common::start_io(io_pool));
                 }
                 membudget = Some(Arc::clone(&pool));
@@ -130,9 +153,14 @@ async fn main() {
                 Err(e) => {
                     failed += 1;
                     let text = e.to_string();
-                    let key = if o.verbose { text } else {
+                    let key = if o.verbose {
+                        text
+                    } else {
                         // The refused consumer, enough to tell the failures apart.
-                        text.split(" for ").nth(1).map(|s| s.split(" with ").next().unwrap_or(s).to_owned()).unwrap_or(text)
+                        text.split(" for ")
+                            .nth(1)
+                            .map(|s| s.split([' ', '#']).next().unwrap_or(s).to_owned())
+                            .unwrap_or(text)
                     };
                     *messages.entry(key).or_default() += 1;
                 }
@@ -145,7 +173,11 @@ async fn main() {
             "{name:>10}: {ok} ok, {failed} failed, {wrong} wrong; spills {:.1}/run; {:.2} s/run{}",
             spills as f64 / o.runs as f64,
             secs / o.runs as f64,
-            if o.io { format!("; {} I/O cycles", io_cycles) } else { String::new() }
+            if o.io {
+                format!("; {} I/O cycles", io_cycles)
+            } else {
+                String::new()
+            }
         );
         for (message, n) in messages {
             println!("            {n} x refused: {message}");

@@ -34,7 +34,12 @@
 //! See the README for the policy, how reservations map to the core, the measured failure
 //! rates and the differences from DataFusion's own pools.
 
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 mod pool;
 mod refusal;

@@ -237,7 +237,6 @@ impl Books {
         }
     }
 
-
     /// Bytes the unspillable consumers hold or, under [`Policy::Fair`], have claimed.
     fn set_aside(&self, policy: Policy) -> usize {
         self.consumers
@@ -627,7 +626,7 @@ impl MembudgetPool {
             })
             .collect();
         consumers.append(&mut pools);
-        consumers.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        consumers.sort_by_key(|h| core::cmp::Reverse(h.bytes));
         consumers.truncate(self.holders);
         consumers
     }
@@ -780,7 +779,13 @@ impl MemoryPool for MembudgetPool {
                     let fair_total: usize = books
                         .consumers
                         .values()
-                        .map(|c| if c.can_spill { c.bytes.min(share) } else { c.bytes })
+                        .map(|c| {
+                            if c.can_spill {
+                                c.bytes.min(share)
+                            } else {
+                                c.bytes
+                            }
+                        })
                         .sum();
                     fair_total.saturating_add(additional) <= limit
                 }
@@ -846,9 +851,12 @@ impl MemoryPool for MembudgetPool {
             RefusalReason::Budget { .. } => books.stats.refused_by_budget += 1,
         }
         let consumers: Vec<Holder> = {
-            let mut all: Vec<(&usize, &Consumer)> =
-                books.consumers.iter().filter(|(_, c)| c.bytes > 0).collect();
-            all.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+            let mut all: Vec<(&usize, &Consumer)> = books
+                .consumers
+                .iter()
+                .filter(|(_, c)| c.bytes > 0)
+                .collect();
+            all.sort_by_key(|c| core::cmp::Reverse(c.1.bytes));
             all.into_iter()
                 .take(self.holders)
                 .map(|(&id, c)| Holder {

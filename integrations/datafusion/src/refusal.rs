@@ -40,7 +40,11 @@ impl fmt::Display for RefusalReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RefusalReason::Share { share } => {
-                write!(f, "its fair share ({}) is spent", human_readable_size(*share))
+                write!(
+                    f,
+                    "its fair share ({}) is spent",
+                    human_readable_size(*share)
+                )
             }
             RefusalReason::Budget { cause } => {
                 write!(f, "the budget has not the bytes free (core: {cause})")

@@ -15,7 +15,10 @@ const ROWS: usize = 1_000_000;
 async fn check(sql: &str, limit: usize) {
     let table = common::table(ROWS);
     let expected = common::reference(sql, &table).await;
-    assert_eq!(expected.rows, if sql == common::SORT { ROWS } else { ROWS / 2 });
+    assert_eq!(
+        expected.rows,
+        if sql == common::SORT { ROWS } else { ROWS / 2 }
+    );
 
     let fair = common::run_fair(sql, &table, limit).await;
     let root = BufPool::builder(BufPoolCfg {

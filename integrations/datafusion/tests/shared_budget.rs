@@ -88,7 +88,9 @@ async fn a_floor_too_small_fails_with_an_error_naming_the_io_holder() {
     // I/O holds all the root but the query's floor and 1 MiB.
     let held = io.try_allocate((14 << 20) / 16384).unwrap();
     let outcome = common::run(common::SORT, &table, query.clone()).await;
-    let error = outcome.result.expect_err("1 MiB floor and 1 MiB free: too little");
+    let error = outcome
+        .result
+        .expect_err("1 MiB floor and 1 MiB free: too little");
     let message = error.to_string();
     println!("{message}");
     assert!(
@@ -102,7 +104,10 @@ async fn a_floor_too_small_fails_with_an_error_naming_the_io_holder() {
         .iter()
         .find(|h| h.name == "io")
         .expect("the I/O pool is named");
-    assert_eq!((io_holder.kind, io_holder.bytes), (HolderKind::Pool, 14 << 20));
+    assert_eq!(
+        (io_holder.kind, io_holder.bytes),
+        (HolderKind::Pool, 14 << 20)
+    );
     assert_eq!(refusal.holders[0].name, "io", "the largest holder first");
     drop(held);
 }

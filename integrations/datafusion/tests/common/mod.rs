@@ -214,7 +214,11 @@ pub fn start_io(io: Arc<BufPool>) -> Io {
             })
         })
         .collect();
-    Io { stop, threads, cycles }
+    Io {
+        stop,
+        threads,
+        cycles,
+    }
 }
 
 impl Io {
@@ -226,4 +230,3 @@ impl Io {
         self.cycles.load(Relaxed)
     }
 }
-
