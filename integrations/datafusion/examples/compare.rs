@@ -1,0 +1,186 @@
+//! Runs one of the two test queries (a spilling sort, a high-cardinality GROUP BY) many times
+//! under DataFusion's `FairSpillPool` and under `MembudgetPool`, alone or beside I/O that
+//! cycles the rest of the root's budget, and prints failures, spills and times: the figures
+//! in the crate README.
+//!
+//! ```text
+//! cargo run --example compare -- --query sort --rows 1000000 --limit-mib 16 --runs 6
+//! cargo run --example compare -- --query sort --rows 200000 --limit-mib 8 --runs 20 --io --floor 0.5
+//! ```
+//!
+//! `--pools fair,membudget,fair_spill,greedy` picks the pools (`fair` is DataFusion's
+//! `FairSpillPool`; the others are `MembudgetPool` policies). `--io` puts the query's pool
+//! under a root of twice the limit whose other half (and whatever the query's floor leaves)
+//! two threads cycle through 256 KiB I/O allocations; `--floor F` sets the query's floor to
+//! `F * limit` (1 by default).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool};
+use membudget::{BufPool, BufPoolCfg, BufferSize};
+use membudget_datafusion::{MembudgetPool, Policy};
+
+struct Options {
+    query: String,
+    rows: usize,
+    limit: usize,
+    runs: usize,
+    io: bool,
+    floor: f64,
+    pools: Vec<String>,
+    verbose: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        query: "sort".into(),
+        rows: 1_000_000,
+        limit: 16 << 20,
+        runs: 6,
+        io: false,
+        floor: 1.0,
+        pools: vec!["fair".into(), "membudget".into()],
+        verbose: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().expect("a value after the flag");
+        match flag.as_str() {
+            "--query" => o.query = value(),
+            "--rows" => o.rows = value().parse().unwrap(),
+            "--limit-mib" => o.limit = (value().parse::<f64>().unwrap() * 1048576.0) as usize,
+            "--runs" => o.runs = value().parse().unwrap(),
+            "--io" => o.io = true,
+            "--floor" => o.floor = value().parse().unwrap(),
+            "--pools" => o.pools = value().split(',').map(str::to_owned).collect(),
+            "--verbose" => o.verbose = true,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    o
+}
+
+#[tokio::main(worker_threads = 2)]
+async fn main() {
+    let o = options();
+    let sql = match o.query.as_str() {
+        "sort" => common::SORT,
+        "groupby" => common::GROUP_BY,
+        other => panic!("--query sort|groupby, not {other}"),
+    };
+    let table = common::table(o.rows);
+    let expected = common::reference(sql, &table).await;
+    println!(
+        "{} over {} rows, limit {:.1} MiB, {} runs{}",
+        o.query,
+        o.rows,
+        o.limit as f64 / 1048576.0,
+        o.runs,
+        if o.io {
+            format!(", beside I/O, floor {} x limit", o.floor)
+        } else {
+            String::new()
+        }
+    );
+    for name in &o.pools {
+        let (mut ok, mut wrong, mut failed, mut spills, mut secs) = (0, 0, 0, 0, 0.0);
+        let mut messages = std::collections::BTreeMap::<String, usize>::new();
+        let mut io_cycles = 0;
+        for _ in 0..o.runs {
+            let root = Arc::new(
+                BufPool::builder(BufPoolCfg {
+                    buffer_size: BufferSize::S16384,
+                    max_memory: 2 * o.limit,
+                })
+                .name("process")
+                .build()
+                .unwrap(),
+            );
+            let mut io = None;
+            let mut membudget = None;
+            let pool: Arc<dyn MemoryPool> = if name == "fair" {
+                Arc::new(FairSpillPool::new(o.limit))
+            } else {
+                let policy = match name.as_str() {
+                    "membudget" => Policy::Fair,
+                    "fair_spill" => Policy::FairSpill,
+                    "greedy" => Policy::Greedy,
+                    other => panic!("unknown pool {other}"),
+                };
+                let floor = if o.io {
+                    (o.limit as f64 * o.floor) as usize
+                } else {
+                    o.limit
+                };
+                let child = BufPool::builder(BufPoolCfg {
+                    buffer_size: BufferSize::S8,
+                    max_memory: o.limit,
+                })
+                .name("query")
+                .parent(&root)
+                .min_memory(floor)
+                .build()
+                .unwrap();
+                let pool = Arc::new(MembudgetPool::builder().policy(policy).build(child));
+                if o.io {
+                    let io_pool = Arc::new(
+                        root.child(
+                            "io",
+                            BufPoolCfg {
+                                buffer_size: BufferSize::S16384,
+                                max_memory: 2 * o.limit,
+                            },
+                        )
+                        .unwrap(),
+                    );
+                    io = Some(common::start_io(io_pool));
+                }
+                membudget = Some(Arc::clone(&pool));
+                pool
+            };
+            let run = common::run(sql, &table, pool).await;
+            if let Some(io) = io {
+                io_cycles += io.stop();
+            }
+            spills += run.spills;
+            secs += run.elapsed.as_secs_f64();
+            match run.result {
+                Ok(d) if d == expected => ok += 1,
+                Ok(_) => wrong += 1,
+                Err(e) => {
+                    failed += 1;
+                    let text = e.to_string();
+                    let key = if o.verbose {
+                        text
+                    } else {
+                        // The refused consumer, enough to tell the failures apart.
+                        text.split(" for ")
+                            .nth(1)
+                            .map(|s| s.split([' ', '#']).next().unwrap_or(s).to_owned())
+                            .unwrap_or(text)
+                    };
+                    *messages.entry(key).or_default() += 1;
+                }
+            }
+            if let (Some(p), true) = (&membudget, o.verbose) {
+                println!("  {:?}", p.stats());
+            }
+        }
+        println!(
+            "{name:>10}: {ok} ok, {failed} failed, {wrong} wrong; spills {:.1}/run; {:.2} s/run{}",
+            spills as f64 / o.runs as f64,
+            secs / o.runs as f64,
+            if o.io {
+                format!("; {} I/O cycles", io_cycles)
+            } else {
+                String::new()
+            }
+        );
+        for (message, n) in messages {
+            println!("            {n} x refused: {message}");
+        }
+    }
+}

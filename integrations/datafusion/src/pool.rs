@@ -1,0 +1,917 @@
+//! [`MembudgetPool`]: DataFusion's `MemoryPool` over a membudget `BufPool`.
+
+use core::fmt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use datafusion::common::Result;
+use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, human_readable_size,
+};
+use membudget::{BufPool, BufPoolCfg, BufferSize, ConfigError, PoolReport, Reservation};
+
+use crate::{Holder, HolderKind, Refusal, RefusalReason};
+
+/// How a [`MembudgetPool`] shares its budget among DataFusion's consumers. Whatever the
+/// policy, the `BufPool`'s budget (and its ancestors') has the last word: a `try_grow` the
+/// policy allows still fails if the bytes are not free in the tree now.
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::{MembudgetPool, Policy};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 << 20 });
+/// let query = MembudgetPool::builder().policy(Policy::FairSpill).build(pool);
+/// assert_eq!(query.policy(), Policy::FairSpill);
+/// assert_eq!(Policy::default(), Policy::Fair);
+/// ```
+#[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialEq)]
+#[non_exhaustive]
+pub enum Policy {
+    /// The default. Spillable reservations are capped at a fair share, as with DataFusion's
+    /// `FairSpillPool`, with two differences that keep the queries `FairSpillPool` fails
+    /// from failing (see the crate README, "Beyond parity"):
+    ///
+    /// * the share is `(limit - set_aside) / spillable consumers`, where `set_aside` is,
+    ///   summed over the registered unspillable consumers, what each holds or, if it gave
+    ///   everything back since, what it held just before (until it reserves again). A
+    ///   sorter that frees its merge headroom to spill finds the room still there when it
+    ///   reserves it again: no spiller's share grew into it meanwhile;
+    /// * see below: requests refused only because spillers hold more than their shares
+    ///   overcommit.
+    ///
+    /// Unspillable consumers take what the budget has free.
+    ///
+    /// A request that finds this pool's own budget spent only because spillers hold more
+    /// than their shares (they took the room before the others registered, say: it fits
+    /// the limit once each spiller is counted at most at its share) gets the bytes as
+    /// counted overcommit
+    /// ([`MembudgetStats::forced_shares`]): `FairSpillPool` never checks the total for
+    /// spillers, and a sorter refused with nothing buffered fails the query. When the room
+    /// is missing higher up the tree (the I/O side holds it), it is refused.
+    #[default]
+    Fair,
+    /// DataFusion's `FairSpillPool` rule, unchanged: a spillable *reservation* may hold
+    /// `(limit - unspillable bytes) / spillable consumers`; unspillable ones take what is
+    /// free. Within its share, a spillable reservation refused by this pool's own budget
+    /// overcommits as under [`Policy::Fair`].
+    FairSpill,
+    /// First come, first served (DataFusion's `GreedyMemoryPool`): only the budget caps.
+    Greedy,
+}
+
+impl Policy {
+    fn name(self) -> &'static str {
+        match self {
+            Policy::Fair => "fair",
+            Policy::FairSpill => "fair_spill",
+            Policy::Greedy => "greedy",
+        }
+    }
+}
+
+/// A [`MembudgetPool`]'s options. See [`MembudgetPool::builder`].
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::{MembudgetPool, Policy};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1 << 20 });
+/// let query = MembudgetPool::builder()
+///     .policy(Policy::Greedy)
+///     .holders_in_errors(3)
+///     .build(pool);
+/// assert_eq!(query.policy(), Policy::Greedy);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct MembudgetPoolBuilder {
+    policy: Policy,
+    holders: usize,
+}
+
+impl Default for MembudgetPoolBuilder {
+    fn default() -> Self {
+        MembudgetPoolBuilder {
+            policy: Policy::default(),
+            holders: 5,
+        }
+    }
+}
+
+impl MembudgetPoolBuilder {
+    /// The policy ([`Policy::Fair`] by default).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::{MembudgetPool, Policy};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1 << 20 });
+    /// assert_eq!(MembudgetPool::builder().policy(Policy::Greedy).build(pool).policy(), Policy::Greedy);
+    /// ```
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How many of the tree's largest holders a refusal names (5 by default).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1024 });
+    /// let query = Arc::new(MembudgetPool::builder().holders_in_errors(1).build(pool));
+    /// let pool: Arc<dyn MemoryPool> = query.clone();
+    /// let (a, b) = (MemoryConsumer::new("a").register(&pool), MemoryConsumer::new("b").register(&pool));
+    /// a.try_grow(600).unwrap();
+    /// b.try_grow(400).unwrap();
+    /// assert!(b.try_grow(100).is_err());
+    /// assert_eq!(query.last_refusal().unwrap().holders.len(), 1);
+    /// ```
+    pub fn holders_in_errors(mut self, k: usize) -> Self {
+        self.holders = k;
+        self
+    }
+
+    /// Makes the `MemoryPool` over `pool`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1 << 20 });
+    /// let query = MembudgetPool::builder().build(pool);
+    /// assert_eq!(query.pool().stats().max_memory, 1 << 20);
+    /// ```
+    pub fn build(self, pool: BufPool) -> MembudgetPool {
+        let held = pool
+            .try_reserve(0)
+            .expect("an empty reservation is always granted");
+        MembudgetPool {
+            books: Mutex::new(Books {
+                held,
+                consumers: HashMap::new(),
+                spillers: 0,
+                peak: 0,
+                stats: MembudgetStats::default(),
+                last_refusal: None,
+            }),
+            reserved: AtomicUsize::new(0),
+            policy: self.policy,
+            holders: self.holders,
+            pool,
+        }
+    }
+}
+
+/// One registered consumer's books.
+#[derive(Debug)]
+struct Consumer {
+    name: String,
+    can_spill: bool,
+    /// Bytes over all its reservations, exact.
+    bytes: usize,
+    /// The most it ever held.
+    peak: usize,
+    /// For an unspillable consumer under [`Policy::Fair`]: what it held the last time it
+    /// gave everything back, kept aside from the spillers' shares while it is registered.
+    claim: usize,
+}
+
+#[derive(Debug)]
+struct Books {
+    /// The core reservation holding every consumer's bytes: its `size()` is their exact sum.
+    held: Reservation,
+    consumers: HashMap<usize, Consumer>,
+    /// Registered consumers that can spill.
+    spillers: usize,
+    peak: usize,
+    stats: MembudgetStats,
+    last_refusal: Option<Refusal>,
+}
+
+impl Books {
+    fn consumer(&mut self, consumer: &MemoryConsumer) -> &mut Consumer {
+        // A consumer is registered before it reserves; one that was not (a pool used
+        // through another path) is registered on first use.
+        if !self.consumers.contains_key(&consumer.id()) {
+            self.register(consumer);
+        }
+        self.consumers
+            .get_mut(&consumer.id())
+            .expect("registered above")
+    }
+
+    fn register(&mut self, consumer: &MemoryConsumer) {
+        let previous = self.consumers.insert(
+            consumer.id(),
+            Consumer {
+                name: consumer.name().to_owned(),
+                can_spill: consumer.can_spill(),
+                bytes: 0,
+                peak: 0,
+                claim: 0,
+            },
+        );
+        match previous {
+            Some(previous) => {
+                // Registered twice (ids are unique, so the same consumer): keep its books.
+                self.consumers.insert(consumer.id(), previous);
+            }
+            None if consumer.can_spill() => self.spillers += 1,
+            None => {}
+        }
+    }
+
+    /// Bytes the unspillable consumers hold or, under [`Policy::Fair`], have claimed.
+    fn set_aside(&self, policy: Policy) -> usize {
+        self.consumers
+            .values()
+            .filter(|c| !c.can_spill)
+            .map(|c| match policy {
+                Policy::Fair => c.bytes.max(c.claim),
+                _ => c.bytes,
+            })
+            .sum()
+    }
+
+    /// A spillable consumer's share: `(limit - set_aside) / spillers`.
+    fn share(&self, limit: usize, policy: Policy) -> usize {
+        let spill_room = limit.saturating_sub(self.set_aside(policy));
+        spill_room.checked_div(self.spillers).unwrap_or(spill_room)
+    }
+
+    /// Books `more` bytes for `id` already held by `held`.
+    fn add(&mut self, id: usize, more: usize) {
+        let consumer = self.consumers.get_mut(&id).expect("a registered consumer");
+        consumer.bytes += more;
+        consumer.peak = consumer.peak.max(consumer.bytes);
+        self.peak = self.peak.max(self.held.size());
+    }
+}
+
+/// Counters of a [`MembudgetPool`], from [`MembudgetPool::stats`].
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::MembudgetPool;
+///
+/// let query = Arc::new(MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 100 })));
+/// let pool: Arc<dyn MemoryPool> = query.clone();
+/// let join = MemoryConsumer::new("join").register(&pool);
+/// join.grow(150); // infallible: 50 bytes of overcommit
+/// assert!(join.try_grow(1).is_err());
+/// let stats = query.stats();
+/// assert_eq!((stats.reserved, stats.peak_reserved, stats.forced_grows, stats.refused), (150, 150, 1, 1));
+/// assert_eq!(query.pool().stats().overcommit_bytes, 52); // 150 held as 152: units of 8
+/// ```
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct MembudgetStats {
+    /// Bytes the consumers hold now, exact (what `MemoryPool::reserved` returns).
+    pub reserved: usize,
+    /// The most they ever held at once.
+    pub peak_reserved: usize,
+    /// Consumers registered now.
+    pub consumers: usize,
+    /// `try_grow` calls granted.
+    pub granted: u64,
+    /// `try_grow` calls refused (each one a `ResourcesExhausted` error).
+    pub refused: u64,
+    /// ... of which the policy's share refused.
+    pub refused_by_share: u64,
+    /// ... of which the budget refused (the bytes were not free in the tree).
+    pub refused_by_budget: u64,
+    /// `try_grow` calls granted as overcommit: a consumer within its share (or claim) found
+    /// this pool's budget spent by spillers above their shares (see [`Policy::Fair`]).
+    pub forced_shares: u64,
+    /// `grow` calls (infallible) that found the bytes not free and overcommitted.
+    pub forced_grows: u64,
+    /// `grow` calls in all.
+    pub grows: u64,
+}
+
+/// One consumer's usage, from [`MembudgetPool::consumers`].
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::MembudgetPool;
+///
+/// let query = Arc::new(MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1000 })));
+/// let pool: Arc<dyn MemoryPool> = query.clone();
+/// let sorter = MemoryConsumer::new("ExternalSorter[0]").with_can_spill(true).register(&pool);
+/// sorter.try_grow(300).unwrap();
+/// sorter.shrink(100);
+/// let usage = &query.consumers()[0];
+/// assert_eq!((usage.name.as_str(), usage.bytes, usage.peak, usage.can_spill), ("ExternalSorter[0]", 200, 300, true));
+/// ```
+#[derive(Clone, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct ConsumerUsage {
+    /// `MemoryConsumer::id`.
+    pub id: usize,
+    /// `MemoryConsumer::name`.
+    pub name: String,
+    /// `MemoryConsumer::can_spill`.
+    pub can_spill: bool,
+    /// Bytes over all its reservations now.
+    pub bytes: usize,
+    /// The most it held at once.
+    pub peak: usize,
+}
+
+/// DataFusion's [`MemoryPool`] over a membudget [`BufPool`]: a query's memory counts against
+/// the same budget tree as the program's I/O buffers.
+///
+/// * `try_grow` never waits: it asks the policy ([`Policy`]), then the `BufPool` (and so
+///   every ancestor), and when refused returns `DataFusionError::ResourcesExhausted` (the
+///   error on which DataFusion's operators spill) naming the consumer, the bytes asked and
+///   the largest holders in the whole tree ([`Refusal`]).
+/// * `grow` (infallible in DataFusion) takes the bytes at once as overcommit the core counts
+///   (`Reservation::force_grow`): `PoolStats::overcommit_bytes` at every ancestor, and no
+///   new grant anywhere in the tree until it is repaid.
+/// * `reserved()` is exact to the byte; the core holds the sum rounded up to a multiple of 8.
+/// * `memory_limit()` is the `BufPool`'s `max_memory`.
+///
+/// All the consumers' bytes live in one core [`Reservation`] of the pool, behind one mutex
+/// with the consumers' books (name, id, bytes, peak): DataFusion's reservations are `&self`
+/// and used from many threads, and the policy's decision and the grant happen together.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::MembudgetPool;
+///
+/// let root = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 20 });
+/// // The query may use 16 MiB of the root's 64, and no I/O can take its first 8.
+/// let query = MembudgetPool::child_of(&root, "query", 16 << 20, 8 << 20)?;
+/// let pool: Arc<dyn MemoryPool> = Arc::new(query);
+/// let reservation = MemoryConsumer::new("sorter").with_can_spill(true).register(&pool);
+/// reservation.try_grow(1_000_001)?;
+/// assert_eq!(pool.reserved(), 1_000_001);
+/// assert_eq!(root.stats().in_use_bytes, 8 << 20); // within the floor, set aside already
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// With a `SessionContext`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+/// use datafusion::prelude::{SessionConfig, SessionContext};
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+/// use membudget_datafusion::MembudgetPool;
+///
+/// let root = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 20 });
+/// let query = Arc::new(MembudgetPool::child_of(&root, "query", 16 << 20, 16 << 20)?);
+/// let runtime = RuntimeEnvBuilder::new().with_memory_pool(query.clone()).build_arc()?;
+/// let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
+/// # drop(ctx);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct MembudgetPool {
+    // Declared before `pool`: the core reservation goes back before the pool's drop barrier.
+    books: Mutex<Books>,
+    /// `books.held.size()`, readable without the lock.
+    reserved: AtomicUsize,
+    policy: Policy,
+    holders: usize,
+    pool: BufPool,
+}
+
+impl MembudgetPool {
+    /// A `MemoryPool` over `pool` (typically a child of the program's root pool) with the
+    /// default [`Policy`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let root = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 20 });
+    /// let child = root.child("query", BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 16 << 20 })?;
+    /// let query = MembudgetPool::new(child);
+    /// assert_eq!(query.pool().stats().name.as_deref(), Some("query"));
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn new(pool: BufPool) -> MembudgetPool {
+        MembudgetPoolBuilder::default().build(pool)
+    }
+
+    /// Options: the [`Policy`], how many holders errors name.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::{MembudgetPool, Policy};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 1 << 20 });
+    /// let query = MembudgetPool::builder().policy(Policy::FairSpill).build(pool);
+    /// assert_eq!(query.policy(), Policy::FairSpill);
+    /// ```
+    pub fn builder() -> MembudgetPoolBuilder {
+        MembudgetPoolBuilder::default()
+    }
+
+    /// A `MemoryPool` over a new child of `parent` named `name`, whose budget is `limit`
+    /// bytes and whose floor is `floor` bytes (`BufPoolBuilder::min_memory`: set aside in
+    /// every ancestor now, usable by nobody else; 0 for none), with the default policy.
+    ///
+    /// # Errors
+    ///
+    /// The child pool's [`ConfigError`]: `limit` below 8 bytes, `floor` above `limit`, or
+    /// the ancestors unable to set the floor aside now
+    /// ([`ConfigError::MinMemoryUnavailable`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize, ConfigError};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let root = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 32 << 20 });
+    /// let query = MembudgetPool::child_of(&root, "query", 16 << 20, 16 << 20)?;
+    /// assert_eq!(root.stats().in_use_bytes, 16 << 20);
+    /// let refused = MembudgetPool::child_of(&root, "second", 32 << 20, 32 << 20).unwrap_err();
+    /// assert!(matches!(refused, ConfigError::MinMemoryUnavailable { .. }));
+    /// # drop(query);
+    /// # Ok::<(), ConfigError>(())
+    /// ```
+    pub fn child_of(
+        parent: &BufPool,
+        name: &str,
+        limit: usize,
+        floor: usize,
+    ) -> Result<MembudgetPool, ConfigError> {
+        let pool = BufPool::builder(BufPoolCfg {
+            buffer_size: BufferSize::S8,
+            max_memory: limit,
+        })
+        .name(name)
+        .parent(parent)
+        .min_memory(floor)
+        .build()?;
+        Ok(MembudgetPool::new(pool))
+    }
+
+    /// The `BufPool` the consumers' bytes are held in.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let query = MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 4096 }));
+    /// assert_eq!(query.pool().stats().max_memory, 4096);
+    /// ```
+    pub fn pool(&self) -> &BufPool {
+        &self.pool
+    }
+
+    /// The policy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::{MembudgetPool, Policy};
+    ///
+    /// let query = MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 4096 }));
+    /// assert_eq!(query.policy(), Policy::Fair);
+    /// ```
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The pool's counters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let query = MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 4096 }));
+    /// assert_eq!(query.stats().refused, 0);
+    /// ```
+    pub fn stats(&self) -> MembudgetStats {
+        let books = self.lock();
+        MembudgetStats {
+            reserved: books.held.size(),
+            peak_reserved: books.peak,
+            consumers: books.consumers.len(),
+            ..books.stats.clone()
+        }
+    }
+
+    /// The registered consumers and their bytes, largest first.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let query = Arc::new(MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 4096 })));
+    /// let pool: Arc<dyn MemoryPool> = query.clone();
+    /// let a = MemoryConsumer::new("a").register(&pool);
+    /// let b = MemoryConsumer::new("b").register(&pool);
+    /// a.try_grow(10).unwrap();
+    /// b.try_grow(20).unwrap();
+    /// let names: Vec<_> = query.consumers().into_iter().map(|c| c.name).collect();
+    /// assert_eq!(names, ["b", "a"]);
+    /// drop(b);
+    /// assert_eq!(query.consumers().len(), 1);
+    /// ```
+    pub fn consumers(&self) -> Vec<ConsumerUsage> {
+        let books = self.lock();
+        let mut all: Vec<ConsumerUsage> = books
+            .consumers
+            .iter()
+            .map(|(&id, c)| ConsumerUsage {
+                id,
+                name: c.name.clone(),
+                can_spill: c.can_spill,
+                bytes: c.bytes,
+                peak: c.peak,
+            })
+            .collect();
+        all.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// The last `try_grow` refused, typed (the `ResourcesExhausted` error DataFusion got is
+    /// its `Display`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool};
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use membudget_datafusion::MembudgetPool;
+    ///
+    /// let query = Arc::new(MembudgetPool::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 4096 })));
+    /// let pool: Arc<dyn MemoryPool> = query.clone();
+    /// let r = MemoryConsumer::new("r").register(&pool);
+    /// assert!(query.last_refusal().is_none());
+    /// let error = r.try_grow(5000).unwrap_err();
+    /// let refusal = query.last_refusal().unwrap();
+    /// assert_eq!(refusal.requested, 5000);
+    /// assert!(error.to_string().contains(&refusal.to_string()));
+    /// ```
+    pub fn last_refusal(&self) -> Option<Refusal> {
+        self.lock().last_refusal.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Books> {
+        // The books are consistent at every point a panic can start (a waker run by the
+        // core's give-back comes after they are written), so a poisoned lock is usable.
+        self.books.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether this pool's own budget (not an ancestor's) is too small for `more` bytes.
+    fn own_budget_spent(&self, more: usize) -> bool {
+        let stats = self.pool.stats();
+        stats.in_use_bytes.saturating_add(more) > stats.max_memory
+    }
+
+    fn limit(&self) -> usize {
+        self.pool.stats().max_memory
+    }
+
+    /// The holders a refusal names: this pool's consumers and the tree's other pools, by
+    /// the bytes each holds itself, largest first, at most `self.holders` of them.
+    fn holders(&self, mut consumers: Vec<Holder>) -> Vec<Holder> {
+        let tree = self.pool.tree_report();
+        let mine = self.pool.stats();
+        let mut pools: Vec<Holder> = tree
+            .top(self.holders + 1)
+            .into_iter()
+            .filter(|report| report.own_bytes() > 0 && !is_this_pool(report, &mine))
+            .map(|report| Holder {
+                name: report.name.as_deref().unwrap_or("unnamed").to_owned(),
+                bytes: report.own_bytes(),
+                kind: HolderKind::Pool,
+            })
+            .collect();
+        consumers.append(&mut pools);
+        consumers.sort_by_key(|h| core::cmp::Reverse(h.bytes));
+        consumers.truncate(self.holders);
+        consumers
+    }
+
+    /// About what the budget has free for this pool: its own room, the root's free room
+    /// plus this pool's unused floor.
+    fn budget_room(&self) -> usize {
+        let mine = self.pool.stats();
+        let tree = self.pool.tree_report();
+        let floor_left = self
+            .pool
+            .report()
+            .min_memory
+            .saturating_sub(mine.in_use_bytes);
+        // Exact: the core's figures count this pool's rounding to a multiple of 8.
+        let exact = self.reserved.load(Relaxed);
+        let rounding = mine.in_use_bytes.saturating_sub(exact);
+        let root_free = tree.max_memory.saturating_sub(tree.in_use_bytes) + floor_left + rounding;
+        let own_room = mine.max_memory.saturating_sub(exact);
+        own_room.min(root_free)
+    }
+}
+
+/// Whether `report` is the pool whose stats are `mine` (named pools share the name's `Arc`).
+fn is_this_pool(report: &PoolReport, mine: &membudget::PoolStats) -> bool {
+    match (&report.name, &mine.name) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        (None, None) => {
+            report.max_memory == mine.max_memory && report.reserved_bytes == mine.reserved_bytes
+        }
+        _ => false,
+    }
+}
+
+impl fmt::Debug for MembudgetPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MembudgetPool")
+            .field("policy", &self.policy)
+            .field("reserved", &self.reserved.load(Relaxed))
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for MembudgetPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stats = self.pool.stats();
+        write!(
+            f,
+            "membudget(pool: {}, used: {}, pool_size: {}, policy: {})",
+            stats.name.as_deref().unwrap_or("unnamed"),
+            human_readable_size(self.reserved.load(Relaxed)),
+            human_readable_size(stats.max_memory),
+            self.policy.name(),
+        )
+    }
+}
+
+impl MemoryPool for MembudgetPool {
+    fn name(&self) -> &str {
+        "membudget"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.lock().register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        let mut books = self.lock();
+        if let Some(gone) = books.consumers.remove(&consumer.id()) {
+            if gone.can_spill {
+                books.spillers -= 1;
+            }
+            if gone.bytes > 0 {
+                // DataFusion frees every reservation before it unregisters; bytes left
+                // here were never shrunk: give them back rather than keep them forever.
+                let size = books.held.size() - gone.bytes;
+                books
+                    .held
+                    .resize_to(size)
+                    .expect("shrinking always succeeds");
+                self.reserved.store(size, Relaxed);
+            }
+        }
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        let mut books = self.lock();
+        let id = reservation.consumer().id();
+        books.consumer(reservation.consumer());
+        books.stats.grows += 1;
+        let size = books.held.size();
+        // Take the bytes if they are free; overcommit (counted by the core) if not.
+        if books.held.resize_to(size + additional).is_err() {
+            books.stats.forced_grows += 1;
+            books
+                .held
+                .force_grow(additional)
+                .expect("a DataFusion reservation of more than 4 PiB");
+        }
+        books.add(id, additional);
+        self.reserved.store(books.held.size(), Relaxed);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        let mut books = self.lock();
+        let consumer = books.consumer(reservation.consumer());
+        let shrink = shrink.min(consumer.bytes);
+        if !consumer.can_spill && shrink == consumer.bytes {
+            // Everything given back: under `Fair`, kept aside from the spillers' shares
+            // until it is reserved again (a sorter's merge headroom, freed to spill).
+            consumer.claim = consumer.bytes;
+        }
+        consumer.bytes -= shrink;
+        let size = books.held.size() - shrink;
+        self.reserved.store(size, Relaxed);
+        // Last: the give-back may wake the tree's waiters (their wakers are user code).
+        books
+            .held
+            .resize_to(size)
+            .expect("shrinking always succeeds");
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
+        let id = reservation.consumer().id();
+        let mut books = self.lock();
+        let consumer = books.consumer(reservation.consumer());
+        let (can_spill, consumer_bytes) = (consumer.can_spill, consumer.bytes);
+
+        // The policy's share, for a spillable consumer.
+        let refused = if can_spill && self.policy != Policy::Greedy {
+            let share = books.share(self.limit(), self.policy);
+            let held = reservation.size();
+            (held.saturating_add(additional) > share)
+                .then(|| (RefusalReason::Share { share }, share.saturating_sub(held)))
+        } else {
+            None
+        };
+        // Whether the request is within what the policy entitles the consumer to: under
+        // `Fair`, whether it fits the limit once every spiller's bytes are counted at most
+        // at its share (the room spillers hold above their shares is the entitled
+        // consumer's); under `FairSpill`, a spillable reservation within its share.
+        let entitled = refused.is_none()
+            && match self.policy {
+                Policy::Greedy => false,
+                Policy::FairSpill => can_spill,
+                Policy::Fair => {
+                    let limit = self.limit();
+                    let share = books.share(limit, self.policy);
+                    let fair_total: usize = books
+                        .consumers
+                        .values()
+                        .map(|c| {
+                            if c.can_spill {
+                                c.bytes.min(share)
+                            } else {
+                                c.bytes
+                            }
+                        })
+                        .sum();
+                    fair_total.saturating_add(additional) <= limit
+                }
+            };
+        // Then the budget.
+        let refused = refused.or_else(|| {
+            let size = books.held.size();
+            let target = size.checked_add(additional);
+            let limit = self.limit();
+            // Exact against the limit: the core's rounding (or an overcommit) may leave a
+            // few bytes held that are not the consumers'; they are no room to grant.
+            let attempt = target.map(|target| {
+                if target > limit {
+                    Err(membudget::AllocError::ExceedsBudget {
+                        requested_bytes: target,
+                        max_memory: limit,
+                    })
+                } else {
+                    books.held.resize_to(target)
+                }
+            });
+            match attempt {
+                Some(Ok(())) => None,
+                // A consumer within its entitlement, refused because this pool's own
+                // budget is spent: other spillers hold more than their shares (they took
+                // the room before it registered, or hold split reservations). It cannot
+                // take bytes back from them, and may have nothing to spill: as
+                // `FairSpillPool` (which never checks the total for spillers), it gets the
+                // bytes, as overcommit the core counts, repaid as the others spill.
+                Some(Err(_)) if entitled && self.own_budget_spent(additional) => {
+                    books
+                        .held
+                        .force_grow(additional)
+                        .expect("within the pool's budget plus a share");
+                    books.stats.forced_shares += 1;
+                    None
+                }
+                // A budget that is not a multiple of 8: the exact bytes fit it, their
+                // rounding (the core's unit) does not. Up to 7 bytes of counted overcommit
+                // keep `try_grow` exact against the limit.
+                Some(Err(_))
+                    if target.is_some_and(|t| {
+                        let limit = self.limit();
+                        t <= limit && t.next_multiple_of(8) > limit
+                    }) =>
+                {
+                    books
+                        .held
+                        .force_grow(additional)
+                        .expect("within the pool's budget");
+                    None
+                }
+                Some(Err(cause)) => Some((RefusalReason::Budget { cause }, usize::MAX)),
+                None => Some((
+                    RefusalReason::Budget {
+                        cause: membudget::AllocError::ExceedsBudget {
+                            requested_bytes: usize::MAX,
+                            max_memory: self.limit(),
+                        },
+                    },
+                    usize::MAX,
+                )),
+            }
+        });
+
+        let Some((reason, available)) = refused else {
+            books.add(id, additional);
+            books.stats.granted += 1;
+            self.reserved.store(books.held.size(), Relaxed);
+            return Ok(());
+        };
+
+        books.stats.refused += 1;
+        match reason {
+            RefusalReason::Share { .. } => books.stats.refused_by_share += 1,
+            RefusalReason::Budget { .. } => books.stats.refused_by_budget += 1,
+        }
+        let consumers: Vec<Holder> = {
+            let mut all: Vec<(&usize, &Consumer)> = books
+                .consumers
+                .iter()
+                .filter(|(_, c)| c.bytes > 0)
+                .collect();
+            all.sort_by_key(|c| core::cmp::Reverse(c.1.bytes));
+            all.into_iter()
+                .take(self.holders)
+                .map(|(&id, c)| Holder {
+                    name: c.name.clone(),
+                    bytes: c.bytes,
+                    kind: HolderKind::Consumer {
+                        id,
+                        can_spill: c.can_spill,
+                    },
+                })
+                .collect()
+        };
+        let name = reservation.consumer().name().to_owned();
+        drop(books);
+
+        // Outside the lock: the tree's report reads every pool.
+        let refusal = Refusal {
+            consumer: name,
+            consumer_id: id,
+            can_spill,
+            requested: additional,
+            reservation_size: reservation.size(),
+            consumer_bytes,
+            available: if available == usize::MAX {
+                self.budget_room()
+            } else {
+                available
+            },
+            reason,
+            holders: self.holders(consumers),
+            pool: self.to_string(),
+        };
+        let error = DataFusionError::ResourcesExhausted(refusal.to_string());
+        self.lock().last_refusal = Some(refusal);
+        Err(error)
+    }
+
+    fn reserved(&self) -> usize {
+        self.reserved.load(Relaxed)
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        MemoryLimit::Finite(self.limit())
+    }
+}
