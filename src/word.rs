@@ -340,7 +340,7 @@ impl BudgetWord {
     /// Why the count: without it, a resize while nobody waits would set `QUEUED`, store the
     /// budget and clear `QUEUED` again, leaving the word exactly as it was. A fast path that
     /// read the word and the old budget before the resize and compare-exchanges after it would
-    /// succeed against the old budget after `set_max_memory` returned (loom model 30). With
+    /// succeed against the old budget after `set_max_memory` returned (loom model 26). With
     /// it, that compare-exchange fails and the retry reads the new budget. For the word to
     /// come back to the value such a fast path read, the allocations and resizes between its
     /// load and its compare-exchange (a few instructions) would have to add up to exactly a
