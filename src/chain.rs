@@ -147,7 +147,9 @@ pub(crate) fn give_floor_back(pool: &State) {
 // `keep_alive`, returning the kept-alive handle instead of dropping it. Bytes of ancestors
 // (child pools) go back first, while this pool's own bytes still keep it (and the parent it
 // holds) alive. The user code owed runs after that, and touches no pool: it holds wakers and
-// drain events of its own.
+// drain events of its own. `release_owned` runs only for blocks marked owned (`own` counted
+// them while the owner's handle is kept in the pool), so the pool outlives it: it disowns the
+// block after giving its bytes back and returns the handle rather than dropping it.
 unsafe impl Pool for State {
     #[inline(always)]
     fn align(&self) -> usize {

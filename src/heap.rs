@@ -32,6 +32,8 @@ use crate::sync::Arc;
 /// counted, and `release` gives a block's bytes back as its last access to `self`, or while
 /// it holds the lock `quiesce` takes (touching `self` after that only under it), unless it
 /// called `keep_alive` first (and then returns that handle instead of dropping it).
+/// `release_owned` is called only for blocks marked owned, whose pool an owner's handle keeps
+/// alive until that release returns the handle: it may touch `self` after the bytes are back.
 pub(crate) unsafe trait Pool: Sized {
     /// The alignment of every block of this pool (fixed for its life).
     fn align(&self) -> usize;
