@@ -52,6 +52,7 @@
 //! | 27 child release vs a cancel in the parent's queue, panicking waker | (issue 18, item 1) the child's release runs the root level's wake-ups before giving its own level back (two `settle`s instead of one) | assertion (the child keeps 8 bytes in use that nobody holds) |
 //! | 28 a floor vs a sibling's fast path | (issue 19) a release gives every byte back to the root instead of refilling the child's floor | assertion (the sibling's `try_allocate(2)` gets the floor) |
 //! | 29 overcommit repaid first, racing a release and a waiter | (issue 19) `force_grow`'s bytes kept out of the budget word | assertion (the waiter granted over budget). Adding them without the queue lock while requests wait was not caught (see the model) |
+//! | 30 a floor's release vs a request on its way up | (found by CI's floor stress after issue 19) a request counted in the floor's `climbed` as soon as it holds the parent's level, not when it completes (the code before the fix) | assertion (root and `x` each one buffer short: `[24, 0, 0, 0]` instead of `[32, 8, 0, 0]`) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1097,5 +1098,44 @@ fn overcommit_is_repaid_first_racing_a_release_and_a_waiter() {
         drop(r);
         waiter.join().unwrap();
         assert_eq!(root.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 30 (found by `tests/floors.rs`'s stress in CI): a floor's release races a request
+/// on its way up. Four levels: root (4 buffers) <- x <- a (floor of 1, which it holds) <-
+/// leaf; the root's other 3 buffers are taken. A thread's request for 2 buffers of the leaf
+/// holds the leaf, `a` and `x` (beyond the floor), waits at the root, and is cancelled,
+/// while the main thread gives the floor's buffer back. Whatever the order, every level
+/// ends with exactly the floor set aside, and the floor is whole. With a request counted as
+/// its subtree's bytes beyond the floor as soon as it holds the parent's level (not when it
+/// completes), the floor's release takes the waiting request's level in `x` for its own and
+/// gives it back under it; the cancel then gives it back again.
+#[test]
+fn floor_release_races_a_request_on_its_way_up() {
+    model(|| {
+        let root = Arc::new(pool(4));
+        let x = child_of(&root, "x", 8);
+        let a = floored(&x, 8, 1);
+        let leaf = child_of(&a, "leaf", 8);
+        let held = a.try_allocate(1).unwrap();
+        let full = root.try_allocate(3).unwrap();
+        let asker = thread::spawn(move || {
+            let mut waiting = Box::pin(leaf.allocate(2));
+            assert!(poll_once(&mut waiting), "the root is full");
+            drop(waiting);
+            leaf
+        });
+        drop(held);
+        let leaf = asker.join().unwrap();
+        let books = [&root, &x, &a, &leaf].map(|pool| pool.stats().in_use_bytes);
+        assert_eq!(books, [4 * B, B, 0, 0], "root, x, a, leaf");
+        let again = a.try_allocate(1);
+        assert!(again.is_ok(), "the floor is whole: {again:?}");
+        drop((again, full, leaf, a));
+        assert_eq!(
+            root.stats().in_use_bytes,
+            0,
+            "the floor went back with its pool"
+        );
     });
 }

@@ -69,11 +69,11 @@ fn give_back_above_completed(pool: &State, bytes: usize, deferred: &mut Deferred
 
 /// Gives back `bytes` held in the `levels` pools above `pool` (its ancestors), from the top
 /// down, leaving the wake-ups owed in `deferred`: a request on its way up, exactly what it
-/// holds (it took no floor: taking one completes a request), each level's climb undone.
+/// holds (it took no floor and no floor counted it as climbed: both happen only when a
+/// request completes).
 fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Deferred) {
     for level in (1..=levels).rev() {
         pool.at_level(level).give_back_here(bytes, false, deferred);
-        pool.at_level(level - 1).unclimbed(bytes);
     }
 }
 
@@ -82,20 +82,21 @@ fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Def
 /// only if some level could not count them.
 pub(crate) fn force_hold(pool: &State, bytes: usize) -> Result<(), AllocError> {
     pool.force_hold(bytes)?;
-    for level in 1..=pool.depth() {
-        let below = pool.at_level(level - 1);
-        if below.take_floor(bytes) {
-            return Ok(());
+    let mut levels = 1;
+    while levels <= pool.depth() {
+        if pool.at_level(levels - 1).take_floor(bytes) {
+            break;
         }
-        if let Err(error) = pool.at_level(level).force_hold(bytes) {
+        if let Err(error) = pool.at_level(levels).force_hold(bytes) {
             settle(|deferred| {
-                give_back_above(pool, bytes, level - 1, deferred);
+                give_back_above(pool, bytes, levels - 1, deferred);
                 pool.give_back_here(bytes, false, deferred);
             });
             return Err(error);
         }
-        below.climbed(bytes);
+        levels += 1;
     }
+    pool.note_climbed(bytes, levels);
     Ok(())
 }
 

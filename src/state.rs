@@ -71,13 +71,16 @@ pub(crate) struct Asker<'a> {
 
 /// The books of a pool's floor (`min_memory` F, held in every ancestor since the pool was
 /// built): how much of it is free, and how many bytes the subtree holds in the parent beyond
-/// it. The parent's word counts F plus `climbed` for this subtree, and this pool's bytes in
-/// use are the floor's used part, plus `climbed`, plus the bytes of requests still on their
-/// way up (which have taken no floor: taking it completes a request).
+/// it. The parent's word counts F plus `climbed` plus the bytes of this subtree's requests
+/// still on their way up that hold it, and this pool's bytes in use are the floor's used
+/// part, plus `climbed`, plus the bytes of requests still on their way up (which have taken
+/// no floor and count in no `climbed`: taking a floor completes a request).
 ///
 /// A request reserved here first takes the floor if it holds all of its bytes (all or
 /// nothing, so a request on its way up holds the same bytes at every level), and climbs to
-/// the parent only otherwise (`climbed` grows once it holds the parent's level). A release
+/// the parent only otherwise; `climbed` counts its bytes only once it completed
+/// (`note_climbed`), so a release never mistakes a request's in-flight level for
+/// completed bytes beyond the floor and gives it away under the request. A release
 /// of completed bytes gives back to the parent first what the subtree holds beyond the
 /// floor (`return_climbed`), and refills the floor with the rest. Both are single atomic
 /// steps on two counters; a release's two steps can interleave with others', which only
@@ -725,19 +728,18 @@ impl State {
         }
         let mut reserved_above = 0;
         let mut floor_taken = None;
+        let mut levels = 1 + self.depth();
         let mut refused = None;
         for level in 1..=self.depth() {
             let lower = self.at_level(level - 1);
             if lower.take_floor(bytes) {
                 // That floor holds it all: nothing to hold above.
                 floor_taken = Some(lower);
+                levels = level;
                 break;
             }
             match self.at_level(level).hold_now(bytes) {
-                Ok(true) => {
-                    reserved_above = level;
-                    lower.climbed(bytes);
-                }
+                Ok(true) => reserved_above = level,
                 Ok(false) => {
                     refused = Some(Attempt::MustWait(bytes));
                     break;
@@ -751,7 +753,10 @@ impl State {
         let attempt = match refused {
             Some(attempt) => attempt,
             None if !counted => match self.hold_now(bytes) {
-                Ok(true) => return Attempt::Reserved(bytes),
+                Ok(true) => {
+                    self.note_climbed(bytes, levels);
+                    return Attempt::Reserved(bytes);
+                }
                 Ok(false) => Attempt::MustWait(bytes),
                 Err(error) => Attempt::Failed(error),
             },
@@ -761,6 +766,7 @@ impl State {
                         self.counters.allocations_wrapped();
                     }
                     self.note_in_use(in_use);
+                    self.note_climbed(bytes, levels);
                     return Attempt::Reserved(bytes);
                 }
                 FastReserve::Closed => Attempt::Failed(AllocError::Closed),
@@ -774,7 +780,6 @@ impl State {
         settle(|deferred| {
             for level in (1..=reserved_above).rev() {
                 self.at_level(level).give_back_here(bytes, false, deferred);
-                self.at_level(level - 1).unclimbed(bytes);
             }
         });
         attempt
@@ -898,18 +903,28 @@ impl State {
         }
     }
 
-    /// The subtree now holds `bytes` more in the parent beyond the floor (a request just
-    /// got the parent's level). Only for a pool with a floor.
+    /// The subtree now holds `bytes` more in the parent beyond the floor: a request that
+    /// holds the parent's level just completed (`chain::note_climbed`). No-op without a
+    /// floor.
     pub(crate) fn climbed(&self, bytes: usize) {
         if self.has_floor() {
             self.floor.climbed.fetch_add(bytes, Relaxed);
         }
     }
 
-    /// A request on its way up gives back the parent's level it held: exactly its bytes.
-    pub(crate) fn unclimbed(&self, bytes: usize) {
-        if self.has_floor() {
-            self.floor.climbed.fetch_sub(bytes, Relaxed);
+    /// A request of this pool just completed holding `bytes` in the lowest `levels` pools of
+    /// its chain (and, if it stopped below the root, in the floor of the highest of them):
+    /// every floored pool whose parent's level it holds counts these bytes as its subtree's
+    /// beyond the floor ([`climbed`](State::climbed)). Only now, not level by level on the
+    /// way up: a release of completed bytes meanwhile ([`return_climbed`](State::return_climbed))
+    /// would otherwise take a request's in-flight level for its own and give it back to the
+    /// parent, and the request's own give-back of that level would then count it twice.
+    pub(crate) fn note_climbed(&self, bytes: usize, levels: usize) {
+        if !self.floors_in_chain() {
+            return;
+        }
+        for level in 1..levels {
+            self.at_level(level - 1).climbed(bytes);
         }
     }
 

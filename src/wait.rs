@@ -413,6 +413,7 @@ impl Request {
                     let lower = pool.at_level(level - 1);
                     if pool.at_level(level).withdraw(node, deferred) == Status::Idle {
                         let held = if lower.take_floor(bytes) {
+                            pool.note_climbed(bytes, level);
                             Ok(Some(bytes))
                         } else {
                             // Taken meanwhile: up again, at the tail.
@@ -431,10 +432,6 @@ impl Request {
                     }
                     Poll::Ready(Ok(())) => {
                         *progress.levels += 1;
-                        if level > 0 {
-                            // It holds the parent's level of the pool below now.
-                            pool.at_level(level - 1).climbed(bytes);
-                        }
                         Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
                     }
                 }
@@ -528,7 +525,6 @@ impl Request {
             let error = match held {
                 Ok(true) => {
                     *progress.levels += 1;
-                    lower.climbed(bytes);
                     continue;
                 }
                 Ok(false) => {
@@ -550,7 +546,6 @@ impl Request {
                     match admission {
                         Ok(Admission::Reserved) => {
                             *progress.levels += 1;
-                            lower.climbed(bytes);
                             continue;
                         }
                         Ok(Admission::Queued) => {
@@ -590,6 +585,8 @@ impl Request {
             return Err(error);
         }
         Self::drop_room_listener(node, deferred);
+        // Complete: only now do the floors below the levels it holds count it as climbed.
+        pool.note_climbed(bytes, *progress.levels as usize);
         Ok(Some(bytes))
     }
 

@@ -229,48 +229,101 @@ fn waiting_requests_take_the_floor_too() {
 /// the end every pool is back to exactly its floor.
 #[test]
 fn stress_floor_beside_a_busy_sibling() {
-    watchdog(|| {
-        let root = Arc::new(BufPool::new(cfg(16)));
-        let query = Arc::new(floored(&root, "query", 8, 6 * B));
-        let io = Arc::new(root.child("io", cfg(16)).unwrap());
-        let rounds = if cfg!(miri) { 20 } else { 2_000 };
-        let mut workers = Vec::new();
-        for (index, pool) in [&query, &io, &query, &io].into_iter().enumerate() {
-            let pool = Arc::clone(pool);
-            let root = Arc::clone(&root);
-            let query = Arc::clone(&query);
-            workers.push(std::thread::spawn(move || {
-                for round in 0..rounds {
-                    let n = 1 + (round + index) % 4;
-                    match round % 3 {
-                        0 => drop(pool.try_allocate(n)),
-                        1 => drop(pool.allocate_timeout(n, Duration::from_micros(50))),
-                        _ => {
-                            if let Ok(mut r) = pool.try_reserve(n * B) {
-                                let _ = r.try_grow(B);
-                                r.force_grow(3).unwrap();
-                                let _ = r.resize_to(n * B / 2 + 1);
-                            }
+    watchdog(|| stress_floor(false));
+}
+
+/// The same with a pool between the root and the floored child: a request of the child
+/// holds the middle level (beyond the floor) while it climbs on to the root, and releases of
+/// the floor's bytes race it.
+#[test]
+fn stress_floor_below_a_middle_pool() {
+    watchdog(|| stress_floor(true));
+}
+
+fn stress_floor(deep: bool) {
+    let root = Arc::new(BufPool::new(cfg(16)));
+    let top = if deep {
+        Arc::new(root.child("middle", cfg(16)).unwrap())
+    } else {
+        Arc::clone(&root)
+    };
+    let query = Arc::new(floored(&top, "query", 8, 6 * B));
+    let io = Arc::new(top.child("io", cfg(16)).unwrap());
+    let rounds = if cfg!(miri) { 20 } else { 20_000 };
+    let mut workers = Vec::new();
+    for (index, pool) in [&query, &io, &query, &io].into_iter().enumerate() {
+        let pool = Arc::clone(pool);
+        let root = Arc::clone(&root);
+        workers.push(std::thread::spawn(move || {
+            for round in 0..rounds {
+                let n = 1 + (round + index) % 4;
+                match round % 3 {
+                    0 => drop(pool.try_allocate(n)),
+                    1 => drop(pool.allocate_timeout(n, Duration::from_micros(50))),
+                    _ => {
+                        if let Ok(mut r) = pool.try_reserve(n * B) {
+                            let _ = r.try_grow(B);
+                            r.force_grow(3).unwrap();
+                            let _ = r.resize_to(n * B / 2 + 1);
                         }
                     }
-                    // The root never holds more than its budget plus what was forced.
-                    let stats = root.stats();
-                    assert!(stats.in_use_bytes <= 16 * B + 4 * 16);
-                    // The query's floor stays available to it: it can always hold 6 buffers
-                    // at the root's level (checked at the end, when it is quiet).
-                    let _ = query.stats();
                 }
-            }));
-        }
-        for worker in workers {
-            worker.join().unwrap();
-        }
-        assert_eq!(in_use(&[&root, &query, &io]), [6 * B, 0, 0]);
-        // Quiet now: the query gets its whole floor even with I/O holding the rest.
-        let rest = io.try_allocate(10).unwrap();
-        let floor = query.try_allocate(6).unwrap();
-        assert_eq!(root.stats().in_use_bytes, 16 * B);
-        drop((rest, floor));
-        assert_eq!(in_use(&[&root, &query, &io]), [6 * B, 0, 0]);
-    });
+                // The root never holds more than its budget plus what was forced.
+                let stats = root.stats();
+                assert!(stats.in_use_bytes <= 16 * B + 4 * 16);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    assert_eq!(in_use(&[&root, &top, &query, &io]), [6 * B, 6 * B, 0, 0]);
+    // Quiet now: the query gets its whole floor even with I/O holding the rest.
+    let rest = io.try_allocate(10).unwrap();
+    let floor = query.try_allocate(6).unwrap();
+    assert_eq!(root.stats().in_use_bytes, 16 * B);
+    drop((rest, floor));
+    assert_eq!(in_use(&[&root, &top, &query, &io]), [6 * B, 6 * B, 0, 0]);
+}
+
+/// A request on its way up (it holds a floored pool's parent level but waits higher) is not
+/// yet part of what the floored subtree holds above its floor: a release of the floor's own
+/// bytes meanwhile must refill the floor, not give the in-flight request's bytes away. Found
+/// by `stress_floor_beside_a_busy_sibling` in CI (the root lost the floor's 384 bytes, then
+/// the word underflowed); deterministic here with four levels.
+#[test]
+fn release_of_the_floor_does_not_give_away_a_request_on_its_way_up() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let root = BufPool::new(cfg(4));
+    let x = root.child("x", cfg(8)).unwrap();
+    let a = floored(&x, "a", 8, B);
+    let leaf = a.child("leaf", cfg(8)).unwrap();
+    // The floor is set aside in x and in the root.
+    assert_eq!(in_use(&[&root, &x, &a, &leaf]), [B, B, 0, 0]);
+    let mine = a.try_allocate(1).unwrap(); // the floor, all of it
+    let full = root.try_allocate(3).unwrap(); // the rest of the root
+    // The leaf's request holds leaf, a and x (beyond a's floor), and waits at the root.
+    let mut waiting = Box::pin(leaf.allocate(2));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Pending));
+    assert_eq!(
+        in_use(&[&root, &x, &a, &leaf]),
+        [4 * B, 3 * B, 3 * B, 2 * B]
+    );
+    // The floor's own bytes come back: they refill the floor (x and the root unchanged).
+    drop(mine);
+    assert_eq!(
+        in_use(&[&root, &x, &a, &leaf]),
+        [4 * B, 3 * B, 2 * B, 2 * B]
+    );
+    drop(waiting);
+    assert_eq!(in_use(&[&root, &x, &a, &leaf]), [4 * B, B, 0, 0]);
+    // The floor is whole again: a takes it while the root is full.
+    let again = a.try_allocate(1).unwrap();
+    drop((again, full));
+    assert_eq!(in_use(&[&root, &x, &a, &leaf]), [B, B, 0, 0]);
+    drop(leaf);
+    drop(a);
+    assert_eq!(in_use(&[&root, &x]), [0, 0]);
 }
