@@ -13,6 +13,7 @@ use crate::chain;
 use crate::config::validate_max_memory;
 use crate::heap::PoolHandle;
 use crate::state::{Attempt, State};
+use crate::sync::Arc;
 use crate::wait::{Allocate, Drained};
 use crate::{AllocError, BufPoolAllocation, BufPoolCfg, ConfigError, PoolStats};
 
@@ -671,6 +672,120 @@ impl BufPool {
         self.pool.close();
     }
 
+    /// Registers a reclaimer: a holder of this pool's memory (a cache, buffered data that can
+    /// be spilled) that a waiting request may ask to give some back. Lower `priority` is
+    /// asked first; among equal priorities, the largest
+    /// [`estimate`](crate::Reclaimer::estimate) first.
+    ///
+    /// When a request of this pool, or of a descendant that is short at this pool's level,
+    /// has to wait, the request itself (inside its poll, async or blocking; nothing is
+    /// spawned) asks the reclaimers of this pool and of its descendants, one at a time, for
+    /// what the head of the queue still needs beyond the free room, until what they report
+    /// freed covers it or every one was asked. Freed bytes go out in FIFO order. One round
+    /// is in flight per pool; a round that cannot cover its shortfall is not repeated until
+    /// the pool changes (a release, a registration, a resize). `try_allocate` never
+    /// triggers reclaim; [`reclaim_ahead`](BufPool::reclaim_ahead) serves callers that
+    /// cannot wait. See README, "Reclaim", and [`Reclaimer`](crate::Reclaimer) for the
+    /// contract.
+    ///
+    /// Registering wakes the head of this pool's and each ancestor's queue, so that a
+    /// request that waits can ask the new reclaimer. Dropping the returned handle
+    /// unregisters it; dropping the pool drops its registrations before the shutdown
+    /// barrier waits (so a cache whose only owner is its registration gives its allocations
+    /// back then).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::future::Future;
+    /// use std::pin::Pin;
+    /// use std::sync::{Arc, Mutex};
+    /// use membudget::{BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, Reclaimer};
+    ///
+    /// struct Cache(Mutex<Option<BufPoolAllocation>>);
+    /// impl Reclaimer for Cache {
+    ///     fn estimate(&self) -> usize {
+    ///         self.0.lock().unwrap().as_ref().map_or(0, |a| a.allocated_bytes())
+    ///     }
+    ///     fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+    ///         let freed = self.0.lock().unwrap().take().map_or(0, |a| a.allocated_bytes());
+    ///         Box::pin(async move { freed })
+    ///     }
+    /// }
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 256 });
+    /// let cache = Arc::new(Cache(Mutex::new(Some(pool.try_allocate(4)?))));
+    /// let handle = pool.register_reclaimer("cache", 0, cache);
+    /// // A blocking waiter drives reclaim too.
+    /// let allocation = pool.allocate_blocking(1)?;
+    /// assert_eq!(pool.stats().reclaim_rounds, 1);
+    /// # drop((allocation, handle));
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn register_reclaimer(
+        &self,
+        name: impl Into<std::sync::Arc<str>>,
+        priority: u32,
+        reclaimer: std::sync::Arc<dyn crate::Reclaimer>,
+    ) -> crate::ReclaimerHandle {
+        let name = name.into();
+        let id = self
+            .pool
+            .register_reclaimer(std::sync::Arc::clone(&name), priority, reclaimer);
+        crate::ReclaimerHandle::new(Arc::clone(&self.pool), id, name)
+    }
+
+    /// A future that keeps this pool's free room at or above `low_water` bytes by running
+    /// reclaim rounds ahead of need: for callers that fail instead of waiting
+    /// (`try_allocate`, DataFusion's `try_grow`), which waiter-driven reclaim never helps.
+    /// Spawn it once, on any runtime; it sleeps while the room is above the mark and
+    /// resolves when the pool closes. See [`ReclaimAhead`](crate::ReclaimAhead).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it ends a round it drives; nothing else is lost.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::future::Future;
+    /// use std::pin::Pin;
+    /// use std::sync::{Arc, Mutex};
+    /// use membudget::{BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, Reclaimer};
+    ///
+    /// struct Cache(Mutex<Vec<BufPoolAllocation>>);
+    /// impl Reclaimer for Cache {
+    ///     fn estimate(&self) -> usize { self.0.lock().unwrap().len() * 64 }
+    ///     fn reclaim(&self, target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+    ///         let mut entries = self.0.lock().unwrap();
+    ///         let mut freed = 0;
+    ///         while freed < target && entries.pop().is_some() {
+    ///             freed += 64;
+    ///         }
+    ///         Box::pin(async move { freed })
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), membudget::AllocError> {
+    /// let pool = Arc::new(BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 64 * 8 }));
+    /// let entries = (0..8).map(|_| pool.try_allocate(1)).collect::<Result<_, _>>()?;
+    /// let _handle = pool.register_reclaimer("cache", 0, Arc::new(Cache(Mutex::new(entries))));
+    /// let ahead = tokio::spawn(pool.reclaim_ahead(64 * 2));
+    /// // The cache is trimmed to leave two buffers free, without anyone waiting.
+    /// while pool.stats().available_bytes() < 64 * 2 {
+    ///     tokio::task::yield_now().await;
+    /// }
+    /// assert!(pool.try_allocate(2).is_ok());
+    /// pool.close();
+    /// ahead.await.unwrap();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reclaim_ahead(&self, low_water: usize) -> crate::ReclaimAhead {
+        crate::ReclaimAhead::new(Arc::clone(&self.pool), low_water)
+    }
+
     /// Whether [`close`](BufPool::close) was called.
     ///
     /// # Examples
@@ -820,6 +935,13 @@ impl Drop for BufPool {
         // Closing wakes the waiters (user code): a waker that panics must not cut the
         // barrier short, so its panic goes on only once the pool is drained and dropped.
         let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pool.close()));
+        // The registrations go before the barrier waits: a reclaimer that owns allocations
+        // (a cache) gives them back as it drops, if the registration held it last. Dropped
+        // outside every lock; a panic goes on after the barrier, like the close's.
+        let registrations = self.pool.unregister_all();
+        let unregistered =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registrations)));
+        let closed = closed.and(unregistered);
         let mut drained = pin!(Drained::new(&self.pool));
         let warn_after = self.pool.config.drop_warning_after;
         let warn_at = Instant::now().checked_add(warn_after);

@@ -99,8 +99,50 @@ pub struct PoolReport {
     /// Bytes in use above its budget (see
     /// [`PoolStats::overcommit_bytes`](crate::PoolStats::overcommit_bytes)).
     pub overcommit_bytes: usize,
+    /// The reclaimers registered with it, in the order a round would ask them (lowest
+    /// priority, then largest estimate, first).
+    pub reclaimers: Vec<ReclaimerReport>,
     /// Its live children, largest `in_use_bytes` first.
     pub children: Vec<PoolReport>,
+}
+
+/// One registered reclaimer, as [`PoolReport::reclaimers`] lists it.
+///
+/// # Examples
+///
+/// ```
+/// # use std::{future::Future, pin::Pin, sync::Arc};
+/// # use membudget::{BufPool, BufPoolCfg, BufferSize, Reclaimer};
+/// struct Fixed(usize);
+/// impl Reclaimer for Fixed {
+///     fn estimate(&self) -> usize { self.0 }
+///     fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+///         Box::pin(async { 0 })
+///     }
+/// }
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+/// let _a = pool.register_reclaimer("small", 1, Arc::new(Fixed(64)));
+/// let _b = pool.register_reclaimer("big", 1, Arc::new(Fixed(512)));
+/// let report = pool.report();
+/// assert_eq!(report.reclaimers[0].name.as_ref(), "big");
+/// assert_eq!(report.reclaimers[0].estimate, 512);
+/// assert!(report.to_string().contains("reclaimer \"big\""));
+/// ```
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct ReclaimerReport {
+    /// The name it was registered under.
+    pub name: Arc<str>,
+    /// Its priority (lower is asked first).
+    pub priority: u32,
+    /// Its [`estimate`](crate::Reclaimer::estimate) now (0 if that panicked).
+    pub estimate: usize,
+    /// How many times a round asked it.
+    pub times_asked: usize,
+    /// Bytes it was asked for, added up.
+    pub asked_bytes: usize,
+    /// Bytes it reported freed, added up.
+    pub reclaimed_bytes: usize,
 }
 
 impl PoolReport {
@@ -122,8 +164,35 @@ impl PoolReport {
             waiting: stats.waiting,
             min_memory: pool.floor_now().0,
             overcommit_bytes: stats.overcommit_bytes,
+            reclaimers: Self::reclaimers_of(pool),
             children,
         }
+    }
+
+    /// The pool's reclaimers, estimates read now (user code: no lock is held here).
+    fn reclaimers_of(pool: &State) -> Vec<ReclaimerReport> {
+        let mut reclaimers: Vec<ReclaimerReport> = pool
+            .registrations()
+            .iter()
+            .map(|registration| {
+                let (times_asked, asked_bytes, reclaimed_bytes) = registration.counts();
+                ReclaimerReport {
+                    name: Arc::clone(&registration.name),
+                    priority: registration.priority,
+                    estimate: registration.estimate().unwrap_or(0),
+                    times_asked,
+                    asked_bytes,
+                    reclaimed_bytes,
+                }
+            })
+            .collect();
+        // Stable: registration order among equals, as a round.
+        reclaimers.sort_by(|a, b| {
+            a.priority
+                .cmp(&b.priority)
+                .then(b.estimate.cmp(&a.estimate))
+        });
+        reclaimers
     }
 
     /// Bytes the pool holds itself: its subtree's bytes in use less its children's (a child
@@ -200,6 +269,20 @@ impl PoolReport {
             self.waiting,
             indent = 2 * depth,
         )?;
+        for reclaimer in &self.reclaimers {
+            writeln!(
+                f,
+                "{:indent$}reclaimer {:?} (priority {}): estimate {} bytes, asked {} times for {} bytes, freed {}",
+                "",
+                reclaimer.name,
+                reclaimer.priority,
+                reclaimer.estimate,
+                reclaimer.times_asked,
+                reclaimer.asked_bytes,
+                reclaimer.reclaimed_bytes,
+                indent = 2 * depth + 2,
+            )?;
+        }
         for child in &self.children {
             child.write(f, depth + 1)?;
         }

@@ -265,12 +265,17 @@ impl Reservation {
     /// none yet).
     fn holding(pool: &Arc<State>, bytes: usize) -> Self {
         pool.note_reserved(bytes as isize);
-        Reservation {
+        let reservation = Reservation {
             pool: Arc::clone(pool),
             held: bytes,
             size: bytes,
             owner: None,
+        };
+        // Once the bytes are the reservation's (a panic here gives them back as it drops).
+        if bytes > 0 {
+            reservation.pool.check_pressure();
         }
+        reservation
     }
 
     /// Its size in bytes: a multiple of 8, except after the exact calls
@@ -524,6 +529,8 @@ impl Reservation {
             let more = try_hold(&self.pool, more)?;
             self.pool.note_reserved(more as isize);
             self.held += more;
+            self.size = size;
+            self.pool.check_pressure();
         }
         self.size = size;
         Ok(())
@@ -569,6 +576,8 @@ impl Reservation {
             chain::force_hold(&self.pool, extra)?;
             self.pool.note_reserved(extra as isize);
             self.held = held;
+            self.size = size;
+            self.pool.check_pressure();
         }
         self.size = size;
         Ok(())
@@ -692,6 +701,7 @@ impl Reservation {
         self.pool.note_reserved(bytes as isize);
         self.held += bytes;
         self.size += bytes;
+        self.pool.check_pressure();
     }
 }
 

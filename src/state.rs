@@ -23,6 +23,7 @@ use crate::clock::Stamp;
 use crate::deferred::{Deferred, settle};
 use crate::heap::Memory;
 use crate::recycle::{Footprint, Recycler};
+use crate::registry::{Outcome, Reclaimer, Registration, Registry};
 use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
@@ -172,6 +173,63 @@ impl<T> core::ops::Deref for CacheLine<T> {
 struct Queue {
     list: WaitList,
     waits: WaitTotals,
+    reclaim: RoundBooks,
+}
+
+/// A pool's reclaim rounds (see `reclaim.rs`), under its queue lock: at most one in flight,
+/// none retried after one that could not cover its shortfall until the pool's state changes.
+#[derive(Debug, Default)]
+struct RoundBooks {
+    in_flight: bool,
+    /// A round ran out of reclaimers without covering its shortfall: no new round until a
+    /// release, a registration or a resize. Holds what the pool looked like then (a release
+    /// on the fast path, while nobody waits, changes it without the lock).
+    stalled: Option<Stall>,
+    /// Counts registrations in scope and resizes: a round that started before one of them
+    /// does not stall the pool.
+    generation: u64,
+    rounds: usize,
+    asked_bytes: usize,
+    reclaimed_bytes: usize,
+    nanos: u64,
+}
+
+/// A stalled pool as its stalling round left it: its count of releases, and its bytes in
+/// use. Any release since changes one or the other (a counted one the count; a reservation's
+/// or a descendant's lowers the bytes in use, unless allocations made up for it meanwhile).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+struct Stall {
+    releases: usize,
+    in_use: usize,
+}
+
+impl Stall {
+    /// Whether `now` is still the same stall: no release seen since.
+    fn holds(self, now: Stall) -> bool {
+        now.releases == self.releases && now.in_use >= self.in_use
+    }
+}
+
+/// What a reclaim round starts with (see [`State::begin_round`]).
+#[derive(Debug)]
+pub(crate) struct RoundStart {
+    /// The registrations in scope: this pool's and its descendants'.
+    pub(crate) registrations: Vec<std::sync::Arc<Registration>>,
+    /// What is short.
+    pub(crate) shortfall: usize,
+    /// The most one reclaimer is asked for.
+    pub(crate) cap: usize,
+    /// The pool's generation when it started (see `RoundBooks`).
+    pub(crate) generation: u64,
+}
+
+/// What a round is short of.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Shortfall {
+    /// What the head of the queue needs beyond the free room (a waiting request's round).
+    Head,
+    /// What keeps the free room below this many bytes (`reclaim_ahead`).
+    LowWater(usize),
 }
 
 #[derive(Debug)]
@@ -209,6 +267,15 @@ pub(crate) struct State {
     children: Mutex<Vec<Arc<State>>>,
     /// The floor's books, for a pool with a floor: see [`Floor`].
     floor: Floor,
+    /// The reclaimers registered with this pool.
+    registry: Registry,
+    /// Reclaimers registered with this pool and its descendants: a waiting request looks at
+    /// reclaim only when this is not zero (the one cost reclaim adds to a pool without it).
+    reclaimers_in_scope: AtomicUsize,
+    /// `reclaim_ahead`: the bytes in use above which the free room is below a low-water mark
+    /// (`usize::MAX` when none is set), and the event its future sleeps on.
+    pressure_mark: AtomicUsize,
+    pressure: Arc<Event>,
     /// The pool's handle, held while owned allocations (`allocate_owned`) are out, so that
     /// the pool's drop (its barrier) waits until the last of them is back without the task
     /// that holds one keeping a handle of its own.
@@ -263,6 +330,10 @@ impl State {
             queue: CacheLine(Mutex::new(Queue::default())),
             drained: Arc::new(Event::new()),
             room: Arc::new(Event::new()),
+            registry: Registry::default(),
+            reclaimers_in_scope: AtomicUsize::new(0),
+            pressure_mark: AtomicUsize::new(usize::MAX),
+            pressure: Arc::new(Event::new()),
         }
     }
 
@@ -1217,6 +1288,11 @@ impl State {
         }
         self.counters.set_waiting(queue.list.len());
         self.note_room(before, queue, deferred);
+        if released > 0 && queue.reclaim.stalled.is_some() {
+            // The state changed: the head may start a new reclaim round.
+            queue.reclaim.stalled = None;
+            queue.list.wake_front(deferred);
+        }
     }
 
     /// Under the lock, after waiters left the queue (`before` of them were there): if a full
@@ -1247,6 +1323,200 @@ impl State {
         self.config.time_waits.then(Stamp::now)
     }
 
+    // ---- reclaim ----
+
+    /// Registers a reclaimer here; returns its id. Counted in the scope of this pool and every
+    /// ancestor, and each of them gets a new generation: a stalled pool may start a round
+    /// again, and the head of its queue is woken to do so.
+    pub(crate) fn register_reclaimer(
+        &self,
+        name: std::sync::Arc<str>,
+        priority: u32,
+        reclaimer: std::sync::Arc<dyn Reclaimer>,
+    ) -> u64 {
+        let id = self.registry.add(name, priority, reclaimer);
+        settle(|deferred| {
+            let mut level = Some(self);
+            while let Some(pool) = level {
+                pool.reclaimers_in_scope.fetch_add(1, Relaxed);
+                let mut queue = lock(&pool.queue);
+                queue.reclaim.generation += 1;
+                queue.reclaim.stalled = None;
+                queue.list.wake_front(deferred);
+                drop(queue);
+                deferred.notify(Arc::clone(&pool.pressure));
+                level = pool.parent.as_deref();
+            }
+        });
+        id
+    }
+
+    /// Takes the registration `id` out, if it is still registered, and uncounts it from the
+    /// scopes; returns it for the caller to drop (user code) outside every lock.
+    pub(crate) fn unregister_reclaimer(&self, id: u64) -> Option<std::sync::Arc<Registration>> {
+        let registration = self.registry.remove(id)?;
+        self.uncount_reclaimers(1);
+        Some(registration)
+    }
+
+    /// Takes every registration out (the pool's handle is being dropped), for the caller to
+    /// drop outside every lock.
+    pub(crate) fn unregister_all(&self) -> Vec<std::sync::Arc<Registration>> {
+        let all = self.registry.take_all();
+        self.uncount_reclaimers(all.len());
+        all
+    }
+
+    fn uncount_reclaimers(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let mut level = Some(self);
+        while let Some(pool) = level {
+            pool.reclaimers_in_scope.fetch_sub(count, Relaxed);
+            level = pool.parent.as_deref();
+        }
+    }
+
+    /// Whether any reclaimer is registered here or in a descendant (a hint: a round reads
+    /// the registrations themselves).
+    #[inline]
+    pub(crate) fn reclaim_in_scope(&self) -> bool {
+        self.reclaimers_in_scope.load(Relaxed) > 0
+    }
+
+    /// This pool's registrations, for reports.
+    pub(crate) fn registrations(&self) -> Vec<std::sync::Arc<Registration>> {
+        let mut all = Vec::new();
+        self.registry.snapshot(&mut all);
+        all
+    }
+
+    /// The pool as a stall sees it.
+    fn stall_now(&self) -> Stall {
+        let word = self.word.load();
+        Stall {
+            releases: self.counters.releases_now(word),
+            in_use: word.in_use(),
+        }
+    }
+
+    /// Starts a reclaim round for this pool if one is wanted and allowed: none in flight, the
+    /// pool not stalled by a round that changed nothing since, and something short (see
+    /// [`Shortfall`]). Marks it in flight; the caller must end it with
+    /// [`end_round`](State::end_round), whatever happens.
+    pub(crate) fn begin_round(&self, short: Shortfall) -> Option<RoundStart> {
+        let (shortfall, cap, generation) = {
+            let mut queue = lock(&self.queue);
+            let books = &queue.reclaim;
+            if books.in_flight || self.word.load().is_closed() {
+                return None;
+            }
+            if books
+                .stalled
+                .is_some_and(|stall| stall.holds(self.stall_now()))
+            {
+                return None;
+            }
+            let free = self.budget().saturating_sub(self.word.load().in_use());
+            let (shortfall, cap) = match short {
+                Shortfall::Head => {
+                    let head = queue.list.front_bytes()?;
+                    (head.saturating_sub(free), head)
+                }
+                Shortfall::LowWater(low_water) => {
+                    let short = low_water.saturating_sub(free);
+                    (short, short)
+                }
+            };
+            if shortfall == 0 {
+                return None;
+            }
+            queue.reclaim.in_flight = true;
+            queue.reclaim.stalled = None;
+            (shortfall, cap, queue.reclaim.generation)
+        };
+        let mut registrations = Vec::new();
+        self.registry.snapshot(&mut registrations);
+        let mut descendants = Vec::new();
+        self.collect_descendants(&mut descendants);
+        for pool in &descendants {
+            pool.registry.snapshot(&mut registrations);
+        }
+        Some(RoundStart {
+            registrations,
+            shortfall,
+            cap,
+            generation,
+        })
+    }
+
+    /// Ends the round begun at `generation`: counts it, and if it ran out of reclaimers
+    /// without covering its shortfall (and nothing registered or resized meanwhile), stalls
+    /// the pool until it changes. A round left early (its driver went) wakes the head of the
+    /// queue, which may start another.
+    pub(crate) fn end_round(&self, outcome: Outcome, generation: u64) {
+        settle(|deferred| {
+            let mut queue = lock(&self.queue);
+            let now = self.stall_now();
+            let books = &mut queue.reclaim;
+            books.in_flight = false;
+            books.rounds += 1;
+            books.asked_bytes = books.asked_bytes.saturating_add(outcome.asked);
+            books.reclaimed_bytes = books.reclaimed_bytes.saturating_add(outcome.freed);
+            books.nanos = books.nanos.saturating_add(outcome.nanos);
+            if !outcome.finished {
+                queue.list.wake_front(deferred);
+            } else if !outcome.covered && books.generation == generation {
+                books.stalled = Some(now);
+            }
+            drop(queue);
+            // A `reclaim_ahead` that found this round in flight looks again.
+            deferred.notify(Arc::clone(&self.pressure));
+        });
+    }
+
+    /// The free room: the budget less the bytes in use (0 when over budget).
+    pub(crate) fn room_now(&self) -> usize {
+        self.budget().saturating_sub(self.word.load().in_use())
+    }
+
+    /// Arms `reclaim_ahead`'s notification: from now on, a reservation that leaves the free
+    /// room below `low_water` notifies [`pressure`](State::pressure).
+    pub(crate) fn arm_pressure(&self, low_water: usize) {
+        let mark = self.budget().saturating_sub(low_water);
+        self.pressure_mark.fetch_min(mark, Relaxed);
+    }
+
+    /// The event `reclaim_ahead` sleeps on.
+    pub(crate) fn pressure(&self) -> &Event {
+        &self.pressure
+    }
+
+    /// After bytes were reserved in this pool's chain, by a caller that may run user code
+    /// now (the bytes are already recorded in what it returns, so a panic here gives them
+    /// back): notifies a sleeping `reclaim_ahead` of any level whose free room fell below its
+    /// low-water mark. One load per level when none is set.
+    #[inline]
+    pub(crate) fn check_pressure(&self) {
+        let mut level = Some(self);
+        while let Some(pool) = level {
+            let mark = pool.pressure_mark.load(Relaxed);
+            if mark != usize::MAX {
+                pool.notify_pressure(mark);
+            }
+            level = pool.parent.as_deref();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn notify_pressure(&self, mark: usize) {
+        if self.word.load().in_use() > mark {
+            self.pressure.notify(usize::MAX);
+        }
+    }
+
     // ---- close, resize, drain ----
 
     /// Closes the pool and every descendant: every waiter of the subtree fails with `Closed`,
@@ -1269,6 +1539,11 @@ impl State {
                 |_, from| origins.contains(&from).then_some(Failure::Closed),
                 deferred,
             );
+            // A `reclaim_ahead` of the subtree ends.
+            deferred.notify(Arc::clone(&self.pressure));
+            for pool in &descendants {
+                deferred.notify(Arc::clone(&pool.pressure));
+            }
         });
     }
 
@@ -1354,6 +1629,8 @@ impl State {
                     self.counters.allocations_wrapped();
                 }
                 queue.waits.resizes += 1;
+                queue.reclaim.generation += 1;
+                queue.reclaim.stalled = None;
                 let before = queue.list.len();
                 // `QUEUED` is set and we hold the lock: the bytes in use stay as they are.
                 let (max_memory, result) = change(Budget {
@@ -1388,6 +1665,8 @@ impl State {
                     deferred,
                 );
             }
+            // A sleeping `reclaim_ahead` looks at the new room.
+            deferred.notify(Arc::clone(&self.pressure));
             // After the budget store: a block cached under the old budget is seen here, and
             // one cached later was checked against the new budget (the cache's lock orders
             // the two).
@@ -1473,6 +1752,12 @@ impl State {
                 peak_in_use: self.peak_in_use.load(Relaxed),
                 reserved_bytes: self.reserved.load(Relaxed),
                 cached_bytes,
+                reclaim: (
+                    queue.reclaim.rounds,
+                    queue.reclaim.asked_bytes,
+                    queue.reclaim.reclaimed_bytes,
+                    queue.reclaim.nanos,
+                ),
             },
         )
     }

@@ -42,6 +42,13 @@ impl Counters {
         self.releases_spilled.fetch_add(COUNTER_WRAP, Relaxed);
     }
 
+    /// Releases counted so far, wrapping (a stamp to tell whether any happened since).
+    pub(crate) fn releases_now(&self, word: Word) -> usize {
+        self.releases_spilled
+            .load(Relaxed)
+            .wrapping_add(word.releases())
+    }
+
     /// A waiter took the bytes granted to it: an allocation, counted without the lock.
     pub(crate) fn grant_taken(&self) {
         self.allocations_spilled.fetch_add(1, Relaxed);
@@ -94,6 +101,8 @@ pub(crate) struct Sources {
     pub(crate) peak_in_use: usize,
     pub(crate) reserved_bytes: usize,
     pub(crate) cached_bytes: usize,
+    /// `(rounds, bytes asked, bytes reclaimed, nanoseconds)`.
+    pub(crate) reclaim: (usize, usize, usize, u64),
 }
 
 impl Counters {
@@ -130,6 +139,10 @@ impl Counters {
             queue_full: self.queue_full.load(Relaxed),
             cached_bytes: sources.cached_bytes,
             reserved_bytes: sources.reserved_bytes,
+            reclaim_rounds: sources.reclaim.0,
+            reclaim_asked_bytes: sources.reclaim.1,
+            reclaimed_bytes: sources.reclaim.2,
+            reclaim_time: Duration::from_nanos(sources.reclaim.3),
         }
     }
 }
@@ -208,6 +221,16 @@ pub struct PoolStats {
     /// not yet repaid (or a budget shrunk below what was held). While it is above zero no
     /// request is granted in this pool; releases repay it first.
     pub overcommit_bytes: usize,
+    /// Reclaim rounds run for this pool's budget (see
+    /// [`BufPool::register_reclaimer`](crate::BufPool::register_reclaimer)): by requests
+    /// waiting in its queue, or by [`reclaim_ahead`](crate::BufPool::reclaim_ahead).
+    pub reclaim_rounds: usize,
+    /// Bytes those rounds asked reclaimers for, added up.
+    pub reclaim_asked_bytes: usize,
+    /// Bytes the reclaimers reported freed in those rounds, added up.
+    pub reclaimed_bytes: usize,
+    /// Time those rounds took, from their start to their end, added up.
+    pub reclaim_time: Duration,
 }
 
 impl PoolStats {
@@ -283,6 +306,17 @@ impl fmt::Display for PoolStats {
             self.max_wait,
             self.would_block,
             self.timed_out,
-        )
+        )?;
+        if self.reclaim_rounds > 0 {
+            write!(
+                f,
+                "; {} reclaim rounds freed {} of {} bytes asked in {:?}",
+                self.reclaim_rounds,
+                self.reclaimed_bytes,
+                self.reclaim_asked_bytes,
+                self.reclaim_time,
+            )?;
+        }
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ use pin_project_lite::pin_project;
 
 use crate::chain;
 use crate::deferred::{Deferred, settle};
+use crate::reclaim::{self, Slot};
 use crate::state::{Admission, Asker, Attempt, State};
 use crate::sync::Arc;
 use crate::waiters::{Node, Status};
@@ -116,6 +117,9 @@ pin_project! {
         unit: Unit,
         stage: Stage,
         levels: u32,
+        // The reclaim round this request drives, if any (see `reclaim.rs`): it starts one
+        // when it waits in a queue whose pool has reclaimers in scope and none in flight.
+        round: Slot,
         #[pin]
         node: Node,
     }
@@ -173,6 +177,7 @@ impl Request {
             unit,
             stage: Stage::Start,
             levels: 0,
+            round: None,
             node: Node::new(),
         }
     }
@@ -207,13 +212,13 @@ impl Request {
     /// once `Ready`.
     #[inline(always)]
     pub(crate) fn poll_hold(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         pool: &State,
         cx: &mut Context<'_>,
     ) -> Poll<Result<usize, AllocError>> {
         // The common case inline: a first poll whose bytes are free at every level.
         if self.stage == Stage::Start && self.unit == Unit::Buffers {
-            let this = self.project();
+            let this = self.as_mut().project();
             match pool.reserve_now(*this.amount) {
                 Attempt::Reserved(bytes) => {
                     *this.stage = Stage::Done;
@@ -226,17 +231,51 @@ impl Request {
                 // Passed on as a plain number (in a register): an enum written here and
                 // read back there would stall on store forwarding.
                 Attempt::MustWait(bytes) => {
-                    return Self::poll_hold_after(this, pool, cx, Some(bytes));
+                    return Self::poll_hold_after(self, pool, cx, Some(bytes));
                 }
             }
         }
-        Self::poll_hold_after(self.project(), pool, cx, None)
+        Self::poll_hold_after(self, pool, cx, None)
     }
 
     /// [`poll_hold`](Request::poll_hold) past the fast path: `must_wait` holds the bytes of a
-    /// first poll whose fast path said to wait.
+    /// first poll whose fast path said to wait. A request that waits in a queue drives
+    /// reclaim there (see `reclaim.rs`) once its own step is done.
     #[inline(never)]
     fn poll_hold_after(
+        mut self: Pin<&mut Self>,
+        pool: &State,
+        cx: &mut Context<'_>,
+        must_wait: Option<usize>,
+    ) -> Poll<Result<usize, AllocError>> {
+        let poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
+        let this = self.project();
+        match poll {
+            Poll::Pending if *this.stage == Stage::Queued => {
+                reclaim::drive(this.round, pool, *this.levels as usize, cx);
+            }
+            Poll::Pending => {}
+            Poll::Ready(_) if this.round.is_none() => {}
+            Poll::Ready(ref result) => {
+                // Served (or failed) while driving a round: the round ends first. Should its
+                // reclaimer's code unwind, bytes the request got go back before the panic goes
+                // on (nobody would wrap them).
+                if let Some(panic) = reclaim::leave(this.round, pool) {
+                    if let Ok(bytes) = *result {
+                        let counted = *this.unit == Unit::Buffers;
+                        settle(|deferred| {
+                            chain::give_back_completed_request(pool, bytes, counted, deferred);
+                        });
+                    }
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+        poll
+    }
+
+    /// The steps of a poll past the fast path.
+    fn poll_wait(
         this: RequestProj<'_>,
         pool: &State,
         cx: &mut Context<'_>,
@@ -361,6 +400,7 @@ impl Request {
             stage,
             levels,
             node,
+            ..
         } = this;
         let node = node.as_ref();
         let waited = stage.waited();
@@ -638,6 +678,8 @@ impl Request {
                 Stage::Start | Stage::Done => {}
             }
         });
+        // A round it drives ends, after the books (its reclaimer's future is user code).
+        reclaim::pass_on(reclaim::leave(this.round, pool));
     }
 }
 

@@ -370,13 +370,6 @@ impl WaitList {
         node.status.store(WAITING, Relaxed);
     }
 
-    /// The bytes the head waits for.
-    #[cfg(test)]
-    fn front_bytes(&self) -> Option<usize> {
-        // SAFETY: the head is in this list.
-        self.head.map(|head| unsafe { self.links(head) }.bytes)
-    }
-
     /// Whether `node` (pinned by its owner) waits in this list.
     fn is_linked_here(&self, node: Pin<&Node>) -> bool {
         node.status.load(Relaxed) == WAITING
@@ -520,6 +513,24 @@ impl WaitList {
         // SAFETY: `node` waits in this list, whose lock we hold.
         let links = unsafe { self.links(NonNull::from(node.get_ref())) };
         links.waker.replace(waker)
+    }
+
+    /// The bytes the head of the queue asks for, if anyone waits.
+    pub(crate) fn front_bytes(&self) -> Option<usize> {
+        // SAFETY: the head is in this list, whose lock `&self` (borrowed from the guard)
+        // proves held.
+        self.head.map(|head| unsafe { self.links(head) }.bytes)
+    }
+
+    /// Takes the head's waker to wake it (it stays queued; its next poll stores a waker
+    /// again): for a head that may now be able to do more than wait (start a reclaim round).
+    pub(crate) fn wake_front(&mut self, wakers: &mut Deferred) {
+        if let Some(head) = self.head {
+            // SAFETY: the head is in this list, whose lock `&mut self` proves held.
+            if let Some(waker) = unsafe { self.links(head) }.waker.take() {
+                wakers.wake(waker);
+            }
+        }
     }
 
     /// Takes the wakers of the waiting requests whose origin `picks`, to wake them (they stay

@@ -1,0 +1,340 @@
+//! Cooperative reclaim: who starts a round, who drives it, and how it ends.
+//!
+//! A round is driven by whoever needs it, inside its own poll: a request that waits in a
+//! pool's queue ([`drive`], called by `wait.rs`), or a [`ReclaimAhead`] future the program
+//! spawns. Nothing is spawned and no runtime is assumed; a blocking waiter drives it from the
+//! blocking shim's loop like any other poll. The pool's queue lock keeps one round in flight
+//! per pool ([`State::begin_round`] / [`State::end_round`]); the round itself (the user's
+//! reclaimers, their futures) runs outside every lock, and between no two steps of a
+//! give-back: a reclaimer frees memory by dropping or shrinking its own allocations, which
+//! are ordinary releases.
+//!
+//! A driver that leaves (cancelled, or served while a reclaimer's future is pending) drops
+//! that future and ends the round (it is not handed to another waiter); the head of the
+//! queue is woken to start a new one if the pool is still short.
+
+use core::fmt;
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+use event_listener::EventListener;
+
+use crate::registry::{Exclusive, Panic, Round};
+use crate::state::{RoundStart, Shortfall, State};
+use crate::sync::Arc;
+
+/// A round being driven, and where it counts.
+#[derive(Debug)]
+pub(crate) struct Driving {
+    round: Round,
+    /// The pool whose budget is short, as a level above the driver's own pool.
+    level: usize,
+    generation: u64,
+}
+
+/// Where a driver keeps its round: empty unless it drives one (the one word a request pays).
+pub(crate) type Slot = Option<Box<Exclusive<Driving>>>;
+
+/// Starts a round for `scope` (at `level` above `pool`), if one is wanted and allowed, into
+/// `slot`. A reclaimer's `estimate` that panics ends the round at once, and the panic goes
+/// on.
+fn start(slot: &mut Slot, pool: &State, level: usize, short: Shortfall) {
+    let scope = pool.at_level(level);
+    let Some(RoundStart {
+        registrations,
+        shortfall,
+        cap,
+        generation,
+    }) = scope.begin_round(short)
+    else {
+        return;
+    };
+    let (round, panic) = Round::new(registrations, shortfall, cap);
+    *slot = Some(Box::new(Exclusive::new(Driving {
+        round,
+        level,
+        generation,
+    })));
+    if let Some(panic) = panic {
+        let dropped = leave(slot, pool);
+        drop(dropped);
+        resume_unwind(panic);
+    }
+}
+
+/// A request of `pool`, pending in the queue `level` pools up, drives reclaim: it starts a
+/// round there if the pool's scope has reclaimers and no round is in flight, and polls the
+/// round it drives (which may have been started at a lower level, before it climbed). A
+/// reclaimer's panic ends the round first, then goes on.
+#[inline]
+pub(crate) fn drive(slot: &mut Slot, pool: &State, level: usize, cx: &mut Context<'_>) {
+    if slot.is_none() {
+        if !pool.at_level(level).reclaim_in_scope() {
+            return;
+        }
+        start(slot, pool, level, Shortfall::Head);
+        if slot.is_none() {
+            return;
+        }
+    }
+    if let Some(panic) = poll_round(slot, pool, cx) {
+        resume_unwind(panic);
+    }
+}
+
+/// Polls the round in `slot`; once it is over, counts it at its pool and empties the slot.
+/// Returns a reclaimer's panic, to pass on.
+fn poll_round(slot: &mut Slot, pool: &State, cx: &mut Context<'_>) -> Option<Panic> {
+    let driving = slot.as_mut()?.get_mut();
+    let Poll::Ready((outcome, panic)) = driving.round.poll(cx) else {
+        return None;
+    };
+    let (level, generation) = (driving.level, driving.generation);
+    pool.at_level(level).end_round(outcome, generation);
+    // The registrations it held go now: the last one of an unregistered reclaimer drops
+    // the user's reclaimer (user code, after the books).
+    let dropped = catch_unwind(AssertUnwindSafe(|| *slot = None));
+    panic.or(dropped.err())
+}
+
+/// The driver leaves (cancelled, served, or dropped): a round it drives is abandoned (its
+/// reclaimer's future dropped), ended at its pool, and dropped. Returns a panic of that user
+/// code, for the caller to pass on when it may.
+#[cold]
+pub(crate) fn leave(slot: &mut Slot, pool: &State) -> Option<Panic> {
+    let mut boxed = slot.take()?;
+    let driving = boxed.get_mut();
+    let (outcome, panic) = driving.round.abandon();
+    pool.at_level(driving.level)
+        .end_round(outcome, driving.generation);
+    let dropped = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    panic.or(dropped.err())
+}
+
+/// Passes `panic` on unless the thread is already unwinding (a drop during unwinding).
+pub(crate) fn pass_on(panic: Option<Panic>) {
+    if let Some(panic) = panic {
+        if !std::thread::panicking() {
+            resume_unwind(panic);
+        }
+    }
+}
+
+/// Keeps a registration alive: dropping it unregisters the reclaimer.
+///
+/// Returned by [`BufPool::register_reclaimer`](crate::BufPool::register_reclaimer). It may
+/// outlive its pool (dropping it then does nothing). Dropping it does not wait for a round
+/// that is asking this reclaimer: that round's future (from
+/// [`Reclaimer::reclaim`](crate::Reclaimer::reclaim)) runs to its end or is dropped by its
+/// driver, and no later round asks the reclaimer. The pool keeps the `Arc` of the reclaimer
+/// until then; the last `Arc` is dropped outside every lock.
+///
+/// # Examples
+///
+/// ```
+/// use std::future::Future;
+/// use std::pin::Pin;
+/// use std::sync::Arc;
+/// use membudget::{BufPool, BufPoolCfg, BufferSize, Reclaimer};
+///
+/// struct Nothing;
+/// impl Reclaimer for Nothing {
+///     fn estimate(&self) -> usize { 0 }
+///     fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+///         Box::pin(async { 0 })
+///     }
+/// }
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+/// let handle = pool.register_reclaimer("nothing", 7, Arc::new(Nothing));
+/// assert_eq!(pool.report().reclaimers.len(), 1);
+/// drop(handle);
+/// assert!(pool.report().reclaimers.is_empty());
+/// ```
+#[must_use = "dropping the handle unregisters the reclaimer at once"]
+pub struct ReclaimerHandle {
+    pool: Arc<State>,
+    id: u64,
+    name: std::sync::Arc<str>,
+}
+
+impl ReclaimerHandle {
+    pub(crate) fn new(pool: Arc<State>, id: u64, name: std::sync::Arc<str>) -> Self {
+        ReclaimerHandle { pool, id, name }
+    }
+
+    /// The name it was registered under.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::{future::Future, pin::Pin, sync::Arc};
+    /// # use membudget::{BufPool, BufPoolCfg, BufferSize, Reclaimer};
+    /// # struct Nothing;
+    /// # impl Reclaimer for Nothing {
+    /// #     fn estimate(&self) -> usize { 0 }
+    /// #     fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+    /// #         Box::pin(async { 0 })
+    /// #     }
+    /// # }
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let handle = pool.register_reclaimer("block cache", 0, Arc::new(Nothing));
+    /// assert_eq!(handle.name(), "block cache");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ReclaimerHandle {
+    fn drop(&mut self) {
+        // Dropped here, outside the registry's lock: the last `Arc` of the user's reclaimer
+        // may go with it.
+        drop(self.pool.unregister_reclaimer(self.id));
+    }
+}
+
+impl fmt::Debug for ReclaimerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimerHandle")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The future of [`BufPool::reclaim_ahead`](crate::BufPool::reclaim_ahead): keeps the pool's
+/// free room above a low-water mark by running reclaim rounds, for callers that cannot wait
+/// (`try_allocate`, DataFusion's `try_grow`).
+///
+/// Spawn it once, on any runtime. It sleeps, costing nothing, while the free room is at or
+/// above the mark; when a reservation leaves it below (or a registration or a resize
+/// changes the picture), it runs rounds by the same order and rules as a waiting request's,
+/// asking for what is missing up to the mark, until the room is back or a round frees
+/// nothing (then it sleeps until the pool changes). It shares the pool's one round in
+/// flight with waiting requests. It resolves once the pool is closed.
+///
+/// # Cancel safety
+///
+/// Dropping it ends a round it drives (its reclaimer's future is dropped); nothing else is
+/// lost.
+///
+/// # Examples
+///
+/// ```
+/// # use std::{future::Future, pin::Pin, sync::Arc};
+/// # use membudget::{BufPool, BufPoolCfg, BufferSize, Reclaimer};
+/// # struct Nothing;
+/// # impl Reclaimer for Nothing {
+/// #     fn estimate(&self) -> usize { 0 }
+/// #     fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+/// #         Box::pin(async { 0 })
+/// #     }
+/// # }
+/// # futures::executor::block_on(async {
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+/// let _cache = pool.register_reclaimer("cache", 0, Arc::new(Nothing));
+/// let ahead = pool.reclaim_ahead(128);
+/// pool.close(); // (in a program: spawned, and running until the pool closes)
+/// ahead.await;
+/// # });
+/// ```
+#[must_use = "futures do nothing unless polled"]
+pub struct ReclaimAhead {
+    pool: Arc<State>,
+    low_water: usize,
+    listener: Option<EventListener>,
+    round: Slot,
+    /// The free room when the round in flight started: a round after which the room did not
+    /// grow is not followed by another at once.
+    room_before: usize,
+    /// No round starts until the next notification (see `poll`).
+    quiet: bool,
+}
+
+impl ReclaimAhead {
+    pub(crate) fn new(pool: Arc<State>, low_water: usize) -> Self {
+        ReclaimAhead {
+            pool,
+            low_water,
+            listener: None,
+            round: None,
+            room_before: 0,
+            quiet: false,
+        }
+    }
+}
+
+impl Future for ReclaimAhead {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let pool = &*this.pool;
+        loop {
+            if pool.is_closed() {
+                pass_on(leave(&mut this.round, pool));
+                return Poll::Ready(());
+            }
+            if this.round.is_some() {
+                if let Some(panic) = poll_round(&mut this.round, pool, cx) {
+                    resume_unwind(panic);
+                }
+                if this.round.is_some() {
+                    return Poll::Pending;
+                }
+                // A round that left no more room than it found (everything it freed went to
+                // others, or it freed nothing) is not followed by another until notified.
+                this.quiet = pool.room_now() <= this.room_before;
+                continue;
+            }
+            if !this.quiet && pool.room_now() < this.low_water {
+                this.room_before = pool.room_now();
+                start(
+                    &mut this.round,
+                    pool,
+                    0,
+                    Shortfall::LowWater(this.low_water),
+                );
+                if this.round.is_some() {
+                    continue;
+                }
+                // A round is in flight elsewhere, or the pool is stalled: wait for a change.
+                this.quiet = true;
+            }
+            match this.listener.as_mut() {
+                None => {
+                    // Listen first, then look again: a notification between the look and the
+                    // listen is not missed.
+                    // (`quiet` stays: a round that left no more room is followed by
+                    // another only after a notification.)
+                    pool.arm_pressure(this.low_water);
+                    this.listener = Some(pool.pressure().listen());
+                }
+                Some(listener) => match Pin::new(listener).poll(cx) {
+                    Poll::Ready(()) => {
+                        this.listener = None;
+                        this.quiet = false;
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
+        }
+    }
+}
+
+impl Drop for ReclaimAhead {
+    fn drop(&mut self) {
+        pass_on(leave(&mut self.round, &self.pool));
+    }
+}
+
+impl fmt::Debug for ReclaimAhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReclaimAhead")
+            .field("low_water", &self.low_water)
+            .field("reclaiming", &self.round.is_some())
+            .finish_non_exhaustive()
+    }
+}
