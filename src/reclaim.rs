@@ -68,20 +68,24 @@ fn start(slot: &mut Slot, pool: &State, level: usize, short: Shortfall) {
 /// round there if the pool's scope has reclaimers and no round is in flight, and polls the
 /// round it drives (which may have been started at a lower level, before it climbed). A
 /// reclaimer's panic ends the round first, then goes on.
+///
+/// Returns whether a round ended in this call: what it freed may have been granted to this
+/// very request, so the caller looks at its request once more before it returns `Pending`.
 #[inline]
-pub(crate) fn drive(slot: &mut Slot, pool: &State, level: usize, cx: &mut Context<'_>) {
+pub(crate) fn drive(slot: &mut Slot, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
     if slot.is_none() {
         if !pool.at_level(level).reclaim_in_scope() {
-            return;
+            return false;
         }
         start(slot, pool, level, Shortfall::Head);
         if slot.is_none() {
-            return;
+            return false;
         }
     }
     if let Some(panic) = poll_round(slot, pool, cx) {
         resume_unwind(panic);
     }
+    slot.is_none()
 }
 
 /// Polls the round in `slot`; once it is over, counts it at its pool and empties the slot.

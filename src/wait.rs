@@ -248,12 +248,17 @@ impl Request {
         cx: &mut Context<'_>,
         must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
-        let poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
+        let mut poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
+        let this = self.as_mut().project();
+        if poll.is_pending() && *this.stage == Stage::Queued {
+            let level = *this.levels as usize;
+            if reclaim::drive(this.round, pool, level, cx) {
+                // The round ended here: what it freed may be this request's now.
+                poll = Self::poll_wait(self.as_mut().project(), pool, cx, None);
+            }
+        }
         let this = self.project();
         match poll {
-            Poll::Pending if *this.stage == Stage::Queued => {
-                reclaim::drive(this.round, pool, *this.levels as usize, cx);
-            }
             Poll::Pending => {}
             Poll::Ready(_) if this.round.is_none() => {}
             Poll::Ready(ref result) => {
