@@ -333,7 +333,7 @@ fn cancelling_the_driver_drops_its_round_and_wakes_the_head() {
     cache.gate.store(true, SeqCst);
     assert!(poll_once(next.as_mut()).is_ready());
     drop(next);
-    assert_eq!(pool.stats().in_use_bytes, 7 * B - 0);
+    assert_eq!(pool.stats().in_use_bytes, 7 * B);
 }
 
 #[test]
