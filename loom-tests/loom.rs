@@ -53,6 +53,7 @@
 //! | 28 a floor vs a sibling's fast path | (issue 19) a release gives every byte back to the root instead of refilling the child's floor | assertion (the sibling's `try_allocate(2)` gets the floor) |
 //! | 29 overcommit repaid first, racing a release and a waiter | (issue 19) `force_grow`'s bytes kept out of the budget word | assertion (the waiter granted over budget). Adding them without the queue lock while requests wait was not caught (see the model) |
 //! | 30 a floor's release vs a request on its way up | (found by CI's floor stress after issue 19) a request counted in the floor's `climbed` as soon as it holds the parent's level, not when it completes (the code before the fix) | assertion (root and `x` each one buffer short: `[24, 0, 0, 0]` instead of `[32, 8, 0, 0]`) |
+//! | 31 a reclaim round vs a release and a cancel | (issue 21) `begin_round` does not check for a round in flight | assertion (two reclaimer futures alive at once). A round abandoned by its driver that does not wake the head was **not** caught here: the release wakes the blocked request anyway |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1137,5 +1138,92 @@ fn floor_release_races_a_request_on_its_way_up() {
             0,
             "the floor went back with its pool"
         );
+    });
+}
+
+/// A cache for model 31: one allocation it gives back when asked, and a count of the
+/// reclaimer futures alive at once.
+struct LoomCache {
+    slot: loom::sync::Mutex<Option<membudget::BufPoolAllocation>>,
+    active: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts itself out of `active` when dropped (completed or not).
+struct Active(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl membudget::Reclaimer for LoomCache {
+    fn estimate(&self) -> usize {
+        self.slot
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |a| a.allocated_bytes())
+    }
+
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        let before = self
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(before, 0, "two reclaim rounds in flight in one pool");
+        let active = Active(self.active.clone());
+        let taken = self.slot.lock().unwrap().take();
+        let freed = taken.as_ref().map_or(0, |a| a.allocated_bytes());
+        // Given back outside the cache's lock.
+        drop(taken);
+        Box::pin(async move {
+            let _active = active;
+            freed
+        })
+    }
+}
+
+/// Model 31 (issue 21): a reclaim round races a release and a cancel. The pool holds 2
+/// buffers: a registered cache holds one, the main thread the other. One thread's request
+/// waits (`block_on`) and drives reclaim; another's waits, polled once, and is cancelled
+/// (perhaps while it drives the round); the main thread drops its buffer. Whatever the
+/// order: the blocked request is served (no lost wake-up), at most one reclaimer future is
+/// alive at a time (no second round while one is in flight), and every byte comes back.
+#[test]
+fn reclaim_round_races_a_release_and_a_cancel() {
+    model(|| {
+        let pool = Arc::new(pool(2));
+        let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cache = std::sync::Arc::new(LoomCache {
+            slot: loom::sync::Mutex::new(Some(pool.try_allocate(1).unwrap())),
+            active: active.clone(),
+        });
+        let held = pool.try_allocate(1).unwrap();
+        let handle = pool.register_reclaimer("cache", 0, cache.clone());
+        let canceller = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut waiting = Box::pin(pool.allocate(1));
+                let _ = poll_once(&mut waiting);
+                drop(waiting);
+            })
+        };
+        let driver = {
+            let pool = pool.clone();
+            thread::spawn(move || block_on(pool.allocate(1)).unwrap())
+        };
+        drop(held);
+        canceller.join().unwrap();
+        let got = driver.join().unwrap();
+        drop(got);
+        drop(handle);
+        assert_eq!(active.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let cached = cache.slot.lock().unwrap().is_some();
+        assert_eq!(
+            pool.stats().in_use_bytes,
+            if cached { B } else { 0 },
+            "every byte back"
+        );
+        drop(cache);
     });
 }
