@@ -25,96 +25,138 @@ use crate::registry::{Exclusive, Panic, Round};
 use crate::state::{RoundStart, Shortfall, State};
 use crate::sync::Arc;
 
-/// A round being driven, and where it counts.
-#[derive(Debug)]
-pub(crate) struct Driving {
-    round: Round,
-    /// The pool whose budget is short, as a level above the driver's own pool.
-    level: usize,
-    generation: u64,
-}
-
-/// Where a driver keeps its round: empty unless it drives one (the one word a request pays).
-pub(crate) type Slot = Option<Box<Exclusive<Driving>>>;
-
-/// Starts a round for `scope` (at `level` above `pool`), if one is wanted and allowed, into
-/// `slot`. A reclaimer's `estimate` that panics ends the round at once, and the panic goes
-/// on.
-fn start(slot: &mut Slot, pool: &State, level: usize, short: Shortfall) {
+/// Starts a round for the pool `level` pools above `pool`, if one is wanted and allowed.
+/// A reclaimer's `estimate` that panics ends the round at once (counted), and the panic is
+/// returned.
+fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Round>>, Panic> {
     let scope = pool.at_level(level);
     let Some(RoundStart {
         registrations,
         shortfall,
         cap,
-        generation,
     }) = scope.begin_round(short)
     else {
-        return;
+        return Ok(None);
     };
     let (round, panic) = Round::new(registrations, shortfall, cap);
-    *slot = Some(Box::new(Exclusive::new(Driving {
-        round,
-        level,
-        generation,
-    })));
-    if let Some(panic) = panic {
-        let dropped = leave(slot, pool);
-        drop(dropped);
-        resume_unwind(panic);
+    let mut round = Box::new(round);
+    match panic {
+        None => Ok(Some(round)),
+        Some(panic) => {
+            let (outcome, _) = round.abandon();
+            scope.end_round(outcome);
+            drop_quietly(round);
+            Err(panic)
+        }
     }
 }
 
-/// A request of `pool`, pending in the queue `level` pools up, drives reclaim: it starts a
-/// round there if the pool's scope has reclaimers and no round is in flight, and polls the
-/// round it drives (which may have been started at a lower level, before it climbed). A
-/// reclaimer's panic ends the round first, then goes on.
+/// Drops a finished round (the registrations it holds: the last `Arc` of an unregistered
+/// reclaimer drops the user's reclaimer, user code) after the books; a panic of that drop
+/// is returned.
+fn drop_quietly(round: Box<Round>) -> Option<Panic> {
+    catch_unwind(AssertUnwindSafe(move || drop(round))).err()
+}
+
+/// Polls `round` (for the pool at `level` above `pool`): `Ok(Some(round))` while it is not
+/// over; once it is, counts it at its pool and returns `Ok(None)`, or the panic of a
+/// reclaimer to pass on.
+fn poll_round(
+    mut round: Box<Round>,
+    pool: &State,
+    level: usize,
+    cx: &mut Context<'_>,
+) -> Result<Option<Box<Round>>, Panic> {
+    let Poll::Ready((outcome, panic)) = round.poll(cx) else {
+        return Ok(Some(round));
+    };
+    pool.at_level(level).end_round(outcome);
+    match panic.or_else(|| drop_quietly(round)) {
+        Some(panic) => Err(panic),
+        None => Ok(None),
+    }
+}
+
+/// A request of `pool`, pending in the queue `level` pools up, drives reclaim. `driving`
+/// is the request's note of the round it drives (0: none; `k`: the round of the pool
+/// `k - 1` levels up, parked there between polls). It starts a round at its queue's pool if
+/// that pool's scope has reclaimers and no round is in flight, and polls the round it
+/// drives (which may have been started at a lower level, before it climbed). A reclaimer's
+/// panic ends the round first, then goes on.
 ///
 /// Returns whether a round ended in this call: what it freed may have been granted to this
 /// very request, so the caller looks at its request once more before it returns `Pending`.
-#[inline]
-pub(crate) fn drive(slot: &mut Slot, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
-    if slot.is_none() {
-        if !pool.at_level(level).reclaim_in_scope() {
-            return false;
-        }
-        start(slot, pool, level, Shortfall::Head);
-        if slot.is_none() {
+#[inline(always)]
+pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
+    // The one cost to a pool without reclaimers: a load, inline.
+    if *driving == 0 {
+        let scope = if level == 0 {
+            pool
+        } else {
+            pool.at_level(level)
+        };
+        if !scope.reclaim_in_scope() {
             return false;
         }
     }
-    if let Some(panic) = poll_round(slot, pool, cx) {
-        resume_unwind(panic);
-    }
-    slot.is_none()
+    drive_round(driving, pool, level, cx)
 }
 
-/// Polls the round in `slot`; once it is over, counts it at its pool and empties the slot.
-/// Returns a reclaimer's panic, to pass on.
-fn poll_round(slot: &mut Slot, pool: &State, cx: &mut Context<'_>) -> Option<Panic> {
-    let driving = slot.as_mut()?.get_mut();
-    let Poll::Ready((outcome, panic)) = driving.round.poll(cx) else {
-        return None;
+#[cold]
+#[inline(never)]
+fn drive_round(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
+    let (round, level) = if *driving == 0 {
+        // A chain deeper than a `u8` counts drives no reclaim above that depth.
+        let Ok(note) = u8::try_from(level + 1) else {
+            return false;
+        };
+        match start(pool, level, Shortfall::Head) {
+            Ok(Some(round)) => {
+                *driving = note;
+                (round, level)
+            }
+            Ok(None) => return false,
+            Err(panic) => resume_unwind(panic),
+        }
+    } else {
+        let level = usize::from(*driving - 1);
+        match pool.at_level(level).take_round() {
+            Some(round) => (round, level),
+            // Not parked (cannot happen: only its driver takes it): nothing to drive.
+            None => {
+                *driving = 0;
+                return false;
+            }
+        }
     };
-    let (level, generation) = (driving.level, driving.generation);
-    pool.at_level(level).end_round(outcome, generation);
-    // The registrations it held go now: the last one of an unregistered reclaimer drops
-    // the user's reclaimer (user code, after the books).
-    let dropped = catch_unwind(AssertUnwindSafe(|| *slot = None));
-    panic.or(dropped.err())
+    match poll_round(round, pool, level, cx) {
+        Ok(Some(round)) => {
+            pool.at_level(level).park_round(round);
+            false
+        }
+        Ok(None) => {
+            *driving = 0;
+            true
+        }
+        Err(panic) => {
+            *driving = 0;
+            resume_unwind(panic)
+        }
+    }
 }
 
-/// The driver leaves (cancelled, served, or dropped): a round it drives is abandoned (its
+/// The driver leaves (cancelled, served, or failed): the round it drives is abandoned (its
 /// reclaimer's future dropped), ended at its pool, and dropped. Returns a panic of that user
 /// code, for the caller to pass on when it may.
 #[cold]
-pub(crate) fn leave(slot: &mut Slot, pool: &State) -> Option<Panic> {
-    let mut boxed = slot.take()?;
-    let driving = boxed.get_mut();
-    let (outcome, panic) = driving.round.abandon();
-    pool.at_level(driving.level)
-        .end_round(outcome, driving.generation);
-    let dropped = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
-    panic.or(dropped.err())
+#[inline(never)]
+pub(crate) fn leave(driving: &mut u8, pool: &State) -> Option<Panic> {
+    let level = usize::from(core::mem::take(driving).checked_sub(1)?);
+    let scope = pool.at_level(level);
+    let mut round = scope.take_round()?;
+    let (outcome, panic) = round.abandon();
+    scope.end_round(outcome);
+    panic.or_else(|| drop_quietly(round))
 }
 
 /// Passes `panic` on unless the thread is already unwinding (a drop during unwinding).
@@ -249,7 +291,8 @@ pub struct ReclaimAhead {
     pool: Arc<State>,
     low_water: usize,
     listener: Option<EventListener>,
-    round: Slot,
+    /// The round it drives, if any (`Exclusive`: the future stays `Sync`).
+    round: Option<Exclusive<Box<Round>>>,
     /// The free room when the round in flight started: a round after which the room did not
     /// grow is not followed by another at once.
     room_before: usize,
@@ -270,23 +313,35 @@ impl ReclaimAhead {
     }
 }
 
+impl ReclaimAhead {
+    /// Ends the round it drives, if any; returns a panic of that user code.
+    fn leave(&mut self) -> Option<Panic> {
+        let mut round = self.round.take()?.into_inner();
+        let (outcome, panic) = round.abandon();
+        self.pool.end_round(outcome);
+        panic.or_else(|| drop_quietly(round))
+    }
+}
+
 impl Future for ReclaimAhead {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let pool = &*this.pool;
         loop {
+            let pool = &*this.pool;
             if pool.is_closed() {
-                pass_on(leave(&mut this.round, pool));
+                pass_on(this.leave());
                 return Poll::Ready(());
             }
-            if this.round.is_some() {
-                if let Some(panic) = poll_round(&mut this.round, pool, cx) {
-                    resume_unwind(panic);
-                }
-                if this.round.is_some() {
-                    return Poll::Pending;
+            if let Some(round) = this.round.take() {
+                match poll_round(round.into_inner(), pool, 0, cx) {
+                    Ok(Some(round)) => {
+                        this.round = Some(Exclusive::new(round));
+                        return Poll::Pending;
+                    }
+                    Ok(None) => {}
+                    Err(panic) => resume_unwind(panic),
                 }
                 // A round that left no more room than it found (everything it freed went to
                 // others, or it freed nothing) is not followed by another until notified.
@@ -295,14 +350,13 @@ impl Future for ReclaimAhead {
             }
             if !this.quiet && pool.room_now() < this.low_water {
                 this.room_before = pool.room_now();
-                start(
-                    &mut this.round,
-                    pool,
-                    0,
-                    Shortfall::LowWater(this.low_water),
-                );
-                if this.round.is_some() {
-                    continue;
+                match start(pool, 0, Shortfall::LowWater(this.low_water)) {
+                    Ok(Some(round)) => {
+                        this.round = Some(Exclusive::new(round));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(panic) => resume_unwind(panic),
                 }
                 // A round is in flight elsewhere, or the pool is stalled: wait for a change.
                 this.quiet = true;
@@ -310,9 +364,8 @@ impl Future for ReclaimAhead {
             match this.listener.as_mut() {
                 None => {
                     // Listen first, then look again: a notification between the look and the
-                    // listen is not missed.
-                    // (`quiet` stays: a round that left no more room is followed by
-                    // another only after a notification.)
+                    // listen is not missed. (`quiet` stays: a round that left no more room
+                    // is followed by another only after a notification.)
                     pool.arm_pressure(this.low_water);
                     this.listener = Some(pool.pressure().listen());
                 }
@@ -330,7 +383,7 @@ impl Future for ReclaimAhead {
 
 impl Drop for ReclaimAhead {
     fn drop(&mut self) {
-        pass_on(leave(&mut self.round, &self.pool));
+        pass_on(self.leave());
     }
 }
 

@@ -343,9 +343,9 @@ impl<T> Exclusive<T> {
         Exclusive(std::sync::Mutex::new(value))
     }
 
-    pub(crate) fn get_mut(&mut self) -> &mut T {
+    pub(crate) fn into_inner(self) -> T {
         self.0
-            .get_mut()
+            .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

@@ -23,7 +23,7 @@ use crate::clock::Stamp;
 use crate::deferred::{Deferred, settle};
 use crate::heap::Memory;
 use crate::recycle::{Footprint, Recycler};
-use crate::registry::{Outcome, Reclaimer, Registration, Registry};
+use crate::registry::{Outcome, Reclaimer, Registration, Registry, Round};
 use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
@@ -178,7 +178,7 @@ struct Queue {
 
 /// A pool's reclaim rounds (see `reclaim.rs`), under its queue lock: at most one in flight,
 /// none retried after one that could not cover its shortfall until the pool's state changes.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct RoundBooks {
     in_flight: bool,
     /// A round ran out of reclaimers without covering its shortfall: no new round until a
@@ -188,10 +188,27 @@ struct RoundBooks {
     /// Counts registrations in scope and resizes: a round that started before one of them
     /// does not stall the pool.
     generation: u64,
+    /// The generation when the round in flight started.
+    round_generation: u64,
+    /// The round in flight, parked here between its driver's polls (a waiting request's;
+    /// `reclaim_ahead` keeps its own). Kept in the pool rather than in the request, so that
+    /// every request future stays as small as it was (a request only notes which level's
+    /// round it drives).
+    parked: Option<Box<Round>>,
     rounds: usize,
     asked_bytes: usize,
     reclaimed_bytes: usize,
     nanos: u64,
+}
+
+impl core::fmt::Debug for RoundBooks {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RoundBooks")
+            .field("in_flight", &self.in_flight)
+            .field("stalled", &self.stalled)
+            .field("rounds", &self.rounds)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A stalled pool as its stalling round left it: its count of releases, and its bytes in
@@ -219,8 +236,6 @@ pub(crate) struct RoundStart {
     pub(crate) shortfall: usize,
     /// The most one reclaimer is asked for.
     pub(crate) cap: usize,
-    /// The pool's generation when it started (see `RoundBooks`).
-    pub(crate) generation: u64,
 }
 
 /// What a round is short of.
@@ -1406,7 +1421,7 @@ impl State {
     /// [`Shortfall`]). Marks it in flight; the caller must end it with
     /// [`end_round`](State::end_round), whatever happens.
     pub(crate) fn begin_round(&self, short: Shortfall) -> Option<RoundStart> {
-        let (shortfall, cap, generation) = {
+        let (shortfall, cap) = {
             let mut queue = lock(&self.queue);
             let books = &queue.reclaim;
             if books.in_flight || self.word.load().is_closed() {
@@ -1432,9 +1447,11 @@ impl State {
             if shortfall == 0 {
                 return None;
             }
-            queue.reclaim.in_flight = true;
-            queue.reclaim.stalled = None;
-            (shortfall, cap, queue.reclaim.generation)
+            let books = &mut queue.reclaim;
+            books.in_flight = true;
+            books.stalled = None;
+            books.round_generation = books.generation;
+            (shortfall, cap)
         };
         let mut registrations = Vec::new();
         self.registry.snapshot(&mut registrations);
@@ -1447,15 +1464,24 @@ impl State {
             registrations,
             shortfall,
             cap,
-            generation,
         })
     }
 
-    /// Ends the round begun at `generation`: counts it, and if it ran out of reclaimers
-    /// without covering its shortfall (and nothing registered or resized meanwhile), stalls
+    /// Parks the round in flight between its driver's polls.
+    pub(crate) fn park_round(&self, round: Box<Round>) {
+        lock(&self.queue).reclaim.parked = Some(round);
+    }
+
+    /// Takes the parked round back, to poll it (or end it) outside the lock.
+    pub(crate) fn take_round(&self) -> Option<Box<Round>> {
+        lock(&self.queue).reclaim.parked.take()
+    }
+
+    /// Ends the round in flight: counts it, and if it ran out of reclaimers without
+    /// covering its shortfall (and nothing registered or resized since it started), stalls
     /// the pool until it changes. A round left early (its driver went) wakes the head of the
     /// queue, which may start another.
-    pub(crate) fn end_round(&self, outcome: Outcome, generation: u64) {
+    pub(crate) fn end_round(&self, outcome: Outcome) {
         settle(|deferred| {
             let mut queue = lock(&self.queue);
             let now = self.stall_now();
@@ -1467,7 +1493,7 @@ impl State {
             books.nanos = books.nanos.saturating_add(outcome.nanos);
             if !outcome.finished {
                 queue.list.wake_front(deferred);
-            } else if !outcome.covered && books.generation == generation {
+            } else if !outcome.covered && books.generation == books.round_generation {
                 books.stalled = Some(now);
             }
             drop(queue);

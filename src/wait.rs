@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 
 use crate::chain;
 use crate::deferred::{Deferred, settle};
-use crate::reclaim::{self, Slot};
+use crate::reclaim;
 use crate::state::{Admission, Asker, Attempt, State};
 use crate::sync::Arc;
 use crate::waiters::{Node, Status};
@@ -117,9 +117,10 @@ pin_project! {
         unit: Unit,
         stage: Stage,
         levels: u32,
-        // The reclaim round this request drives, if any (see `reclaim.rs`): it starts one
-        // when it waits in a queue whose pool has reclaimers in scope and none in flight.
-        round: Slot,
+        // Which round of reclaim this request drives (see `reclaim::drive`): 0 for none
+        // (nearly always), else the level above its pool plus one; the round itself is
+        // parked in that pool. A byte in what was padding: the future stays its size.
+        driving: u8,
         #[pin]
         node: Node,
     }
@@ -177,7 +178,7 @@ impl Request {
             unit,
             stage: Stage::Start,
             levels: 0,
-            round: None,
+            driving: 0,
             node: Node::new(),
         }
     }
@@ -252,7 +253,7 @@ impl Request {
         let this = self.as_mut().project();
         if poll.is_pending() && *this.stage == Stage::Queued {
             let level = *this.levels as usize;
-            if reclaim::drive(this.round, pool, level, cx) {
+            if reclaim::drive(this.driving, pool, level, cx) {
                 // The round ended here: what it freed may be this request's now.
                 poll = Self::poll_wait(self.as_mut().project(), pool, cx, None);
             }
@@ -260,12 +261,12 @@ impl Request {
         let this = self.project();
         match poll {
             Poll::Pending => {}
-            Poll::Ready(_) if this.round.is_none() => {}
+            Poll::Ready(_) if *this.driving == 0 => {}
             Poll::Ready(ref result) => {
                 // Served (or failed) while driving a round: the round ends first. Should its
                 // reclaimer's code unwind, bytes the request got go back before the panic goes
                 // on (nobody would wrap them).
-                if let Some(panic) = reclaim::leave(this.round, pool) {
+                if let Some(panic) = reclaim::leave(this.driving, pool) {
                     if let Ok(bytes) = *result {
                         let counted = *this.unit == Unit::Buffers;
                         settle(|deferred| {
@@ -279,7 +280,8 @@ impl Request {
         poll
     }
 
-    /// The steps of a poll past the fast path.
+    /// The steps of a poll past the fast path (inlined into its one caller).
+    #[inline(always)]
     fn poll_wait(
         this: RequestProj<'_>,
         pool: &State,
@@ -329,6 +331,7 @@ impl Request {
     /// or queued under the lock, with no `Deferred`: the one piece of user code it may owe
     /// (the waker it cloned for a queue it did not need) is dropped once its stage is
     /// recorded, and should that unwind, bytes it got go back first.
+    #[inline(always)]
     fn first_wait_at_root(
         this: RequestProj<'_>,
         pool: &State,
@@ -648,8 +651,13 @@ impl Request {
     #[inline]
     pub(crate) fn cancel(self: Pin<&mut Self>, pool: &State) {
         if let Stage::Start | Stage::Done = self.stage {
-            // Never queued, or finished: nothing to give up (the common case).
-            *self.project().stage = Stage::Done;
+            // Never queued, or finished: nothing to give up (the common case), unless a poll
+            // that finished unwound before it could end the round it drove.
+            let this = self.project();
+            *this.stage = Stage::Done;
+            if *this.driving != 0 {
+                reclaim::pass_on(reclaim::leave(this.driving, pool));
+            }
             return;
         }
         self.cancel_waiting(pool);
@@ -684,7 +692,9 @@ impl Request {
             }
         });
         // A round it drives ends, after the books (its reclaimer's future is user code).
-        reclaim::pass_on(reclaim::leave(this.round, pool));
+        if *this.driving != 0 {
+            reclaim::pass_on(reclaim::leave(this.driving, pool));
+        }
     }
 }
 
