@@ -54,6 +54,7 @@
 //! | 29 overcommit repaid first, racing a release and a waiter | (issue 19) `force_grow`'s bytes kept out of the budget word | assertion (the waiter granted over budget). Adding them without the queue lock while requests wait was not caught (see the model) |
 //! | 30 a floor's release vs a request on its way up | (found by CI's floor stress after issue 19) a request counted in the floor's `climbed` as soon as it holds the parent's level, not when it completes (the code before the fix) | assertion (root and `x` each one buffer short: `[24, 0, 0, 0]` instead of `[32, 8, 0, 0]`) |
 //! | 31 a reclaim round vs a release and a cancel | (issue 21) `begin_round` does not check for a round in flight | assertion (two reclaimer futures alive at once). A round abandoned by its driver that does not wake the head was **not** caught here: the release wakes the blocked request anyway |
+//! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round | deadlock |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1225,5 +1226,36 @@ fn reclaim_round_races_a_release_and_a_cancel() {
             "every byte back"
         );
         drop(cache);
+    });
+}
+
+/// Model 32 (issue 21, found by Miri's scheduler in `tests/reclaim.rs`): two blocking
+/// waiters on a pool whose whole budget a registered cache holds, and nothing else
+/// releases. One drives the round; the other found it in flight and started none. Whatever
+/// the order, both are served. With a finished round that does not wake the head of the
+/// queue, the second sleeps forever.
+#[test]
+fn a_finished_round_wakes_the_waiter_that_found_it_in_flight() {
+    model(|| {
+        let pool = Arc::new(pool(2));
+        let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let first = std::sync::Arc::new(LoomCache {
+            slot: loom::sync::Mutex::new(Some(pool.try_allocate(1).unwrap())),
+            active: active.clone(),
+        });
+        let second = std::sync::Arc::new(LoomCache {
+            slot: loom::sync::Mutex::new(Some(pool.try_allocate(1).unwrap())),
+            active: active.clone(),
+        });
+        let _h1 = pool.register_reclaimer("first", 0, first);
+        let _h2 = pool.register_reclaimer("second", 0, second);
+        let other = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.allocate_blocking(1).unwrap())
+        };
+        let mine = pool.allocate_blocking(1).unwrap();
+        let theirs = other.join().unwrap();
+        assert_eq!(pool.stats().in_use_bytes, 2 * B);
+        drop((mine, theirs));
     });
 }

@@ -190,6 +190,11 @@ struct RoundBooks {
     generation: u64,
     /// The generation when the round in flight started.
     round_generation: u64,
+    /// The head's shortfall when the round in flight started (0 for a `reclaim_ahead`
+    /// round): a finished round after which the head is short by as much still stalls the
+    /// pool, whatever the reclaimers reported (no storm of rounds on reclaimers that report
+    /// bytes they did not free).
+    round_shortfall: usize,
     /// The round in flight, parked here between its driver's polls (a waiting request's;
     /// `reclaim_ahead` keeps its own). Kept in the pool rather than in the request, so that
     /// every request future stays as small as it was (a request only notes which level's
@@ -1451,6 +1456,10 @@ impl State {
             books.in_flight = true;
             books.stalled = None;
             books.round_generation = books.generation;
+            books.round_shortfall = match short {
+                Shortfall::Head => shortfall,
+                Shortfall::LowWater(_) => 0,
+            };
             (shortfall, cap)
         };
         let mut registrations = Vec::new();
@@ -1478,23 +1487,36 @@ impl State {
     }
 
     /// Ends the round in flight: counts it, and if it ran out of reclaimers without
-    /// covering its shortfall (and nothing registered or resized since it started), stalls
-    /// the pool until it changes. A round left early (its driver went) wakes the head of the
-    /// queue, which may start another.
+    /// covering its shortfall, or covered it by their reports while the head is as short as
+    /// before (and nothing registered or resized since it started), stalls the pool until it
+    /// changes. Otherwise it wakes the head of the queue, which may start
+    /// the next round (waiters that found this one in flight started none).
     pub(crate) fn end_round(&self, outcome: Outcome) {
         settle(|deferred| {
             let mut queue = lock(&self.queue);
             let now = self.stall_now();
+            let free = self.budget().saturating_sub(now.in_use);
+            let head_short = queue
+                .list
+                .front_bytes()
+                .map_or(0, |head| head.saturating_sub(free));
             let books = &mut queue.reclaim;
+            let no_progress = books.round_shortfall > 0 && head_short >= books.round_shortfall;
             books.in_flight = false;
             books.rounds += 1;
             books.asked_bytes = books.asked_bytes.saturating_add(outcome.asked);
             books.reclaimed_bytes = books.reclaimed_bytes.saturating_add(outcome.freed);
             books.nanos = books.nanos.saturating_add(outcome.nanos);
-            if !outcome.finished {
-                queue.list.wake_front(deferred);
-            } else if !outcome.covered && books.generation == books.round_generation {
+            if outcome.finished
+                && (!outcome.covered || no_progress)
+                && books.generation == books.round_generation
+            {
                 books.stalled = Some(now);
+            } else {
+                // The waiters that found this round in flight did not start their own: the
+                // head looks again now (served by what the round freed, or still short and
+                // free to start the next round).
+                queue.list.wake_front(deferred);
             }
             drop(queue);
             // A `reclaim_ahead` that found this round in flight looks again.
