@@ -39,6 +39,15 @@ pub mod metric_names {
     pub const TIMED_OUT_TOTAL: &str = "membudget_timed_out_total";
     /// Counter: requests refused because the queue was full (`PoolStats::queue_full`).
     pub const QUEUE_FULL_TOTAL: &str = "membudget_queue_full_total";
+    /// Counter: reclaim rounds run for the pool's budget (`PoolStats::reclaim_rounds`).
+    pub const RECLAIM_ROUNDS_TOTAL: &str = "membudget_reclaim_rounds_total";
+    /// Counter: bytes reclaim rounds asked for (`PoolStats::reclaim_asked_bytes`).
+    pub const RECLAIM_ASKED_BYTES_TOTAL: &str = "membudget_reclaim_asked_bytes_total";
+    /// Counter: bytes reclaimers reported freed (`PoolStats::reclaimed_bytes`).
+    pub const RECLAIMED_BYTES_TOTAL: &str = "membudget_reclaimed_bytes_total";
+    /// Gauge holding a running total: seconds spent in reclaim rounds
+    /// (`PoolStats::reclaim_time`).
+    pub const RECLAIM_SECONDS_TOTAL: &str = "membudget_reclaim_seconds_total";
     /// Histogram: each wait, in seconds, from queueing to the waiter taking its allocation
     /// (only for pools that time their waits, the default).
     pub const WAIT_SECONDS: &str = "membudget_wait_seconds";
@@ -86,10 +95,17 @@ mod reporting {
             (WOULD_BLOCK_TOTAL, stats.would_block),
             (TIMED_OUT_TOTAL, stats.timed_out),
             (QUEUE_FULL_TOTAL, stats.queue_full),
+            (RECLAIM_ROUNDS_TOTAL, stats.reclaim_rounds),
+            (RECLAIM_ASKED_BYTES_TOTAL, stats.reclaim_asked_bytes),
+            (RECLAIMED_BYTES_TOTAL, stats.reclaimed_bytes),
         ];
         for (name, value) in totals {
             counter!(name, POOL_LABEL => pool.clone()).absolute(value as u64);
         }
+        // A counter of seconds, as Prometheus spells time totals (a float: the facade's
+        // counters count integers, so it goes as a gauge set to the running total).
+        gauge!(RECLAIM_SECONDS_TOTAL, POOL_LABEL => pool.clone())
+            .set(stats.reclaim_time.as_secs_f64());
     }
 
     /// The wait histogram of one pool: registered once, when the pool is built, with the

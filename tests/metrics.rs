@@ -197,3 +197,61 @@ fn waits_are_recorded_by_threads_and_tasks_alike_and_untimed_pools_record_none()
         assert!(histogram(&values, metric_names::WAIT_SECONDS, "untimed").is_empty());
     });
 }
+
+#[test]
+fn record_metrics_reports_reclaim() {
+    use std::future::Future as _;
+    use std::sync::{Arc, Mutex};
+
+    struct Cache(Mutex<Vec<membudget::BufPoolAllocation>>);
+    impl membudget::Reclaimer for Cache {
+        fn estimate(&self) -> usize {
+            self.0.lock().unwrap().len() * 64
+        }
+        fn reclaim(
+            &self,
+            target: usize,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>> {
+            let mut entries = self.0.lock().unwrap();
+            let mut freed = 0;
+            while freed < target && entries.pop().is_some() {
+                freed += 64;
+            }
+            Box::pin(async move { freed })
+        }
+    }
+
+    watchdog(30, || {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let pool = BufPool::builder(BufPoolCfg {
+                buffer_size: BufferSize::S64,
+                max_memory: 64 * 4,
+            })
+            .name("cached")
+            .build()
+            .unwrap();
+            let entries = (0..4).map(|_| pool.try_allocate(1).unwrap()).collect();
+            let _handle = pool.register_reclaimer("cache", 0, Arc::new(Cache(Mutex::new(entries))));
+            let mut waiter = Box::pin(pool.allocate(2));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(waiter.as_mut().poll(&mut cx).is_ready());
+            pool.record_metrics();
+            let values = snapshot(&snapshotter);
+            assert_eq!(
+                counter(&values, metric_names::RECLAIM_ROUNDS_TOTAL, "cached"),
+                1
+            );
+            assert_eq!(
+                counter(&values, metric_names::RECLAIM_ASKED_BYTES_TOTAL, "cached"),
+                128
+            );
+            assert_eq!(
+                counter(&values, metric_names::RECLAIMED_BYTES_TOTAL, "cached"),
+                128
+            );
+            assert!(gauge(&values, metric_names::RECLAIM_SECONDS_TOTAL, "cached") >= 0.0);
+        });
+    });
+}
