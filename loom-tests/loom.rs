@@ -54,7 +54,7 @@
 //! | 29 overcommit repaid first, racing a release and a waiter | (issue 19) `force_grow`'s bytes kept out of the budget word | assertion (the waiter granted over budget). Adding them without the queue lock while requests wait was not caught (see the model) |
 //! | 30 a floor's release vs a request on its way up | (found by CI's floor stress after issue 19) a request counted in the floor's `climbed` as soon as it holds the parent's level, not when it completes (the code before the fix) | assertion (root and `x` each one buffer short: `[24, 0, 0, 0]` instead of `[32, 8, 0, 0]`) |
 //! | 31 a reclaim round vs a release and a cancel | (issue 21) `begin_round` does not check for a round in flight | assertion (two reclaimer futures alive at once). A round abandoned by its driver that does not wake the head was **not** caught here: the release wakes the blocked request anyway |
-//! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round | deadlock |
+//! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round; the no-storm rule judging progress by the head's shortfall without checking it is the same head (a served head's successor looks like no progress) | deadlock; deadlock |
 
 use core::future::Future;
 use core::pin::Pin;

@@ -195,6 +195,8 @@ struct RoundBooks {
     /// pool, whatever the reclaimers reported (no storm of rounds on reclaimers that report
     /// bytes they did not free).
     round_shortfall: usize,
+    /// Which request headed the queue then.
+    round_head: Option<usize>,
     /// The round in flight, parked here between its driver's polls (a waiting request's;
     /// `reclaim_ahead` keeps its own). Kept in the pool rather than in the request, so that
     /// every request future stays as small as it was (a request only notes which level's
@@ -1452,6 +1454,7 @@ impl State {
             if shortfall == 0 {
                 return None;
             }
+            let head = queue.list.front_id();
             let books = &mut queue.reclaim;
             books.in_flight = true;
             books.stalled = None;
@@ -1460,6 +1463,7 @@ impl State {
                 Shortfall::Head => shortfall,
                 Shortfall::LowWater(_) => 0,
             };
+            books.round_head = head;
             (shortfall, cap)
         };
         let mut registrations = Vec::new();
@@ -1500,8 +1504,12 @@ impl State {
                 .list
                 .front_bytes()
                 .map_or(0, |head| head.saturating_sub(free));
+            let head = queue.list.front_id();
             let books = &mut queue.reclaim;
-            let no_progress = books.round_shortfall > 0 && head_short >= books.round_shortfall;
+            // The same request still heads the queue, as short as it was.
+            let no_progress = books.round_shortfall > 0
+                && head == books.round_head
+                && head_short >= books.round_shortfall;
             books.in_flight = false;
             books.rounds += 1;
             books.asked_bytes = books.asked_bytes.saturating_add(outcome.asked);

@@ -522,6 +522,11 @@ impl WaitList {
         self.head.map(|head| unsafe { self.links(head) }.bytes)
     }
 
+    /// Which node heads the queue (its address: an identity while it stays queued), if any.
+    pub(crate) fn front_id(&self) -> Option<usize> {
+        self.head.map(|head| head.as_ptr().addr())
+    }
+
     /// Takes the head's waker to wake it (it stays queued; its next poll stores a waker
     /// again): for a head that may now be able to do more than wait (start a reclaim round).
     pub(crate) fn wake_front(&mut self, wakers: &mut Deferred) {
