@@ -77,6 +77,18 @@ fn poll_round(
     }
 }
 
+/// Whether the pool `level` pools above `pool` has reclaimers in scope: the one cost reclaim
+/// adds to a waiting request of a pool without any (a load, inline).
+#[inline(always)]
+pub(crate) fn in_scope(pool: &State, level: usize) -> bool {
+    let scope = if level == 0 {
+        pool
+    } else {
+        pool.at_level(level)
+    };
+    scope.reclaim_in_scope()
+}
+
 /// A request of `pool`, pending in the queue `level` pools up, drives reclaim. `driving`
 /// is the request's note of the round it drives (0: none; `k`: the round of the pool
 /// `k - 1` levels up, parked there between polls). It starts a round at its queue's pool if
@@ -86,26 +98,11 @@ fn poll_round(
 ///
 /// Returns whether a round ended in this call: what it freed may have been granted to this
 /// very request, so the caller looks at its request once more before it returns `Pending`.
-#[inline(always)]
 pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
-    // The one cost to a pool without reclaimers: a load, inline.
-    if *driving == 0 {
-        let scope = if level == 0 {
-            pool
-        } else {
-            pool.at_level(level)
-        };
-        if !scope.reclaim_in_scope() {
+    let (round, level) = if *driving == 0 {
+        if !in_scope(pool, level) {
             return false;
         }
-    }
-    drive_round(driving, pool, level, cx)
-}
-
-#[cold]
-#[inline(never)]
-fn drive_round(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
-    let (round, level) = if *driving == 0 {
         // A chain deeper than a `u8` counts drives no reclaim above that depth.
         let Ok(note) = u8::try_from(level + 1) else {
             return false;

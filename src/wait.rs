@@ -241,7 +241,8 @@ impl Request {
 
     /// [`poll_hold`](Request::poll_hold) past the fast path: `must_wait` holds the bytes of a
     /// first poll whose fast path said to wait. A request that waits in a queue drives
-    /// reclaim there (see `reclaim.rs`) once its own step is done.
+    /// reclaim there (see `reclaim.rs`) once its own step is done; for a pool without
+    /// reclaimers in scope that costs one inline load.
     #[inline(never)]
     fn poll_hold_after(
         mut self: Pin<&mut Self>,
@@ -249,35 +250,75 @@ impl Request {
         cx: &mut Context<'_>,
         must_wait: Option<usize>,
     ) -> Poll<Result<usize, AllocError>> {
-        let mut poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
-        let this = self.as_mut().project();
-        if poll.is_pending() && *this.stage == Stage::Queued {
-            let level = *this.levels as usize;
-            if reclaim::drive(this.driving, pool, level, cx) {
-                // The round ended here: what it freed may be this request's now.
-                poll = Self::poll_wait(self.as_mut().project(), pool, cx, None);
-            }
-        }
-        let this = self.project();
+        let poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
         match poll {
-            Poll::Pending => {}
-            Poll::Ready(_) if *this.driving == 0 => {}
-            Poll::Ready(ref result) => {
-                // Served (or failed) while driving a round: the round ends first. Should its
-                // reclaimer's code unwind, bytes the request got go back before the panic goes
-                // on (nobody would wrap them).
-                if let Some(panic) = reclaim::leave(this.driving, pool) {
-                    if let Ok(bytes) = *result {
-                        let counted = *this.unit == Unit::Buffers;
-                        settle(|deferred| {
-                            chain::give_back_completed_request(pool, bytes, counted, deferred);
-                        });
-                    }
-                    std::panic::resume_unwind(panic);
+            Poll::Pending => {
+                if self.stage != Stage::Queued
+                    || (self.driving == 0 && !reclaim::in_scope(pool, self.levels as usize))
+                {
+                    return Poll::Pending;
                 }
+                Self::reclaim_then_poll(self, pool, cx)
             }
+            Poll::Ready(_) if self.driving == 0 => poll,
+            Poll::Ready(result) => Self::served_while_driving(self, pool, result),
         }
-        poll
+    }
+
+    /// A pending request that waits in a queue with reclaimers in scope drives reclaim; if a
+    /// round ended in this call, what it freed may be this request's now, so it looks once
+    /// more (without starting another round).
+    #[cold]
+    #[inline(never)]
+    fn reclaim_then_poll(
+        mut self: Pin<&mut Self>,
+        pool: &State,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<usize, AllocError>> {
+        let this = self.as_mut().project();
+        let level = *this.levels as usize;
+        if !reclaim::drive(this.driving, pool, level, cx) {
+            return Poll::Pending;
+        }
+        match Self::poll_wait_again(self.as_mut().project(), pool, cx) {
+            Poll::Ready(result) if self.driving != 0 => {
+                Self::served_while_driving(self, pool, result)
+            }
+            poll => poll,
+        }
+    }
+
+    /// [`poll_wait`](Request::poll_wait), out of line, for the cold path above.
+    #[inline(never)]
+    fn poll_wait_again(
+        this: RequestProj<'_>,
+        pool: &State,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<usize, AllocError>> {
+        Self::poll_wait(this, pool, cx, None)
+    }
+
+    /// Served (or failed) while driving a round: the round ends first. Should its
+    /// reclaimer's code unwind, bytes the request got go back before the panic goes on
+    /// (nobody would wrap them).
+    #[cold]
+    #[inline(never)]
+    fn served_while_driving(
+        self: Pin<&mut Self>,
+        pool: &State,
+        result: Result<usize, AllocError>,
+    ) -> Poll<Result<usize, AllocError>> {
+        let this = self.project();
+        if let Some(panic) = reclaim::leave(this.driving, pool) {
+            if let Ok(bytes) = result {
+                let counted = *this.unit == Unit::Buffers;
+                settle(|deferred| {
+                    chain::give_back_completed_request(pool, bytes, counted, deferred);
+                });
+            }
+            std::panic::resume_unwind(panic);
+        }
+        Poll::Ready(result)
     }
 
     /// The steps of a poll past the fast path (inlined into its one caller).
