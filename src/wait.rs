@@ -253,8 +253,9 @@ impl Request {
         let poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
         match poll {
             Poll::Pending => {
-                if self.stage != Stage::Queued
-                    || (self.driving == 0 && !reclaim::in_scope(pool, self.levels as usize))
+                if self.driving == 0
+                    && (self.stage != Stage::Queued
+                        || !reclaim::in_scope(pool, self.levels as usize))
                 {
                     return Poll::Pending;
                 }
@@ -276,6 +277,12 @@ impl Request {
         cx: &mut Context<'_>,
     ) -> Poll<Result<usize, AllocError>> {
         let this = self.as_mut().project();
+        if *this.stage != Stage::Queued {
+            // It drives a round but waits in no queue now (granted below, it waits for room
+            // in a full queue above): the round is left, so that another may start there.
+            reclaim::pass_on(reclaim::leave(this.driving, pool));
+            return Poll::Pending;
+        }
         let level = *this.levels as usize;
         if !reclaim::drive(this.driving, pool, level, cx) {
             return Poll::Pending;
