@@ -732,7 +732,10 @@ impl BufPool {
         let id = self
             .pool
             .register_reclaimer(std::sync::Arc::clone(&name), priority, reclaimer);
-        crate::ReclaimerHandle::new(Arc::clone(&self.pool), id, name)
+        // The handle first: should a woken waiter's waker panic below, its drop unregisters.
+        let handle = crate::ReclaimerHandle::new(Arc::clone(&self.pool), id, name);
+        self.pool.announce_registration();
+        handle
     }
 
     /// A future that keeps this pool's free room at or above `low_water` bytes by running

@@ -21,6 +21,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use event_listener::EventListener;
 
+use crate::deferred::{Deferred, settle};
 use crate::registry::{Exclusive, Panic, Round};
 use crate::state::{RoundStart, Shortfall, State};
 use crate::sync::Arc;
@@ -44,8 +45,8 @@ fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Roun
         None => Ok(Some(round)),
         Some(panic) => {
             let (outcome, _) = round.abandon();
-            scope.end_round(outcome);
             drop_quietly(round);
+            settle(|deferred| scope.end_round(outcome, deferred));
             Err(panic)
         }
     }
@@ -70,8 +71,11 @@ fn poll_round(
     let Poll::Ready((outcome, panic)) = round.poll(cx) else {
         return Ok(Some(round));
     };
-    pool.at_level(level).end_round(outcome);
-    match panic.or_else(|| drop_quietly(round)) {
+    // The round's user code first (dropped, under `catch_unwind`), then the books, then the
+    // wake-ups they owe.
+    let panic = panic.or_else(|| drop_quietly(round));
+    settle(|deferred| pool.at_level(level).end_round(outcome, deferred));
+    match panic {
         Some(panic) => Err(panic),
         None => Ok(None),
     }
@@ -143,17 +147,27 @@ pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Conte
 }
 
 /// The driver leaves (cancelled, served, or failed): the round it drives is abandoned (its
-/// reclaimer's future dropped), ended at its pool, and dropped. Returns a panic of that user
-/// code, for the caller to pass on when it may.
+/// reclaimer's future dropped), dropped, and ended at its pool, the wake-ups that owes left
+/// in `deferred` for the caller to run when it may. Returns a panic of the reclaimer's code,
+/// for the caller to pass on when it may.
 #[cold]
 #[inline(never)]
-pub(crate) fn leave(driving: &mut u8, pool: &State) -> Option<Panic> {
+pub(crate) fn leave(driving: &mut u8, pool: &State, deferred: &mut Deferred) -> Option<Panic> {
     let level = usize::from(core::mem::take(driving).checked_sub(1)?);
     let scope = pool.at_level(level);
     let mut round = scope.take_round()?;
     let (outcome, panic) = round.abandon();
-    scope.end_round(outcome);
-    panic.or_else(|| drop_quietly(round))
+    let panic = panic.or_else(|| drop_quietly(round));
+    scope.end_round(outcome, deferred);
+    panic
+}
+
+/// [`leave`], running the wake-ups it owes at once: for a driver that holds nothing a
+/// panic could strand (a cancel, after its books; a request still waiting).
+#[cold]
+#[inline(never)]
+pub(crate) fn leave_now(driving: &mut u8, pool: &State) -> Option<Panic> {
+    settle(|deferred| leave(driving, pool, deferred))
 }
 
 /// Passes `panic` on unless the thread is already unwinding (a drop during unwinding).
@@ -315,8 +329,9 @@ impl ReclaimAhead {
     fn leave(&mut self) -> Option<Panic> {
         let mut round = self.round.take()?.into_inner();
         let (outcome, panic) = round.abandon();
-        self.pool.end_round(outcome);
-        panic.or_else(|| drop_quietly(round))
+        let panic = panic.or_else(|| drop_quietly(round));
+        settle(|deferred| self.pool.end_round(outcome, deferred));
+        panic
     }
 }
 

@@ -1348,8 +1348,11 @@ impl State {
     // ---- reclaim ----
 
     /// Registers a reclaimer here; returns its id. Counted in the scope of this pool and every
-    /// ancestor, and each of them gets a new generation: a stalled pool may start a round
-    /// again, and the head of its queue is woken to do so.
+    /// ancestor.
+    ///
+    /// Runs no user code: the caller wraps the id in its handle first, then calls
+    /// [`announce_registration`](State::announce_registration) (whose wake-ups may panic:
+    /// the handle's drop then unregisters).
     pub(crate) fn register_reclaimer(
         &self,
         name: std::sync::Arc<str>,
@@ -1357,10 +1360,21 @@ impl State {
         reclaimer: std::sync::Arc<dyn Reclaimer>,
     ) -> u64 {
         let id = self.registry.add(name, priority, reclaimer);
+        let mut level = Some(self);
+        while let Some(pool) = level {
+            pool.reclaimers_in_scope.fetch_add(1, Relaxed);
+            level = pool.parent.as_deref();
+        }
+        id
+    }
+
+    /// A reclaimer was registered here: this pool and every ancestor get a new generation
+    /// (a stalled pool may start a round again), and the head of each queue is woken (the
+    /// new reclaimer alone may serve it).
+    pub(crate) fn announce_registration(&self) {
         settle(|deferred| {
             let mut level = Some(self);
             while let Some(pool) = level {
-                pool.reclaimers_in_scope.fetch_add(1, Relaxed);
                 let mut queue = lock(&pool.queue);
                 queue.reclaim.generation += 1;
                 queue.reclaim.stalled = None;
@@ -1370,7 +1384,6 @@ impl State {
                 level = pool.parent.as_deref();
             }
         });
-        id
     }
 
     /// Takes the registration `id` out, if it is still registered, and uncounts it from the
@@ -1495,8 +1508,12 @@ impl State {
     /// before (and nothing registered or resized since it started), stalls the pool until it
     /// changes. Otherwise it wakes the head of the queue, which may start
     /// the next round (waiters that found this one in flight started none).
-    pub(crate) fn end_round(&self, outcome: Outcome) {
-        settle(|deferred| {
+    ///
+    /// The user code it owes (the head's wake-up, `reclaim_ahead`'s notification) goes to
+    /// `deferred`: a caller that holds bytes a panic would strand runs it with
+    /// `Deferred::run_or_undo`.
+    pub(crate) fn end_round(&self, outcome: Outcome, deferred: &mut Deferred) {
+        {
             let mut queue = lock(&self.queue);
             let now = self.stall_now();
             let free = self.budget().saturating_sub(now.in_use);
@@ -1526,10 +1543,9 @@ impl State {
                 // free to start the next round).
                 queue.list.wake_front(deferred);
             }
-            drop(queue);
-            // A `reclaim_ahead` that found this round in flight looks again.
-            deferred.notify(Arc::clone(&self.pressure));
-        });
+        }
+        // A `reclaim_ahead` that found this round in flight looks again.
+        deferred.notify(Arc::clone(&self.pressure));
     }
 
     /// The free room: the budget less the bytes in use (0 when over budget).

@@ -280,7 +280,7 @@ impl Request {
         if *this.stage != Stage::Queued {
             // It drives a round but waits in no queue now (granted below, it waits for room
             // in a full queue above): the round is left, so that another may start there.
-            reclaim::pass_on(reclaim::leave(this.driving, pool));
+            reclaim::pass_on(reclaim::leave_now(this.driving, pool));
             return Poll::Pending;
         }
         let level = *this.levels as usize;
@@ -316,15 +316,24 @@ impl Request {
         result: Result<usize, AllocError>,
     ) -> Poll<Result<usize, AllocError>> {
         let this = self.project();
-        if let Some(panic) = reclaim::leave(this.driving, pool) {
+        let counted = *this.unit == Unit::Buffers;
+        let give_back = || {
             if let Ok(bytes) = result {
-                let counted = *this.unit == Unit::Buffers;
                 settle(|deferred| {
                     chain::give_back_completed_request(pool, bytes, counted, deferred);
                 });
             }
+        };
+        let mut deferred = Deferred::default();
+        let panic = reclaim::leave(this.driving, pool, &mut deferred);
+        if let Some(panic) = panic {
+            // Nothing wraps the bytes if this unwinds: they go back first; the wake-ups owed
+            // still run (the `Deferred`'s drop), then the panic goes on.
+            give_back();
+            drop(deferred);
             std::panic::resume_unwind(panic);
         }
+        deferred.run_or_undo(give_back);
         Poll::Ready(result)
     }
 
@@ -704,7 +713,7 @@ impl Request {
             let this = self.project();
             *this.stage = Stage::Done;
             if *this.driving != 0 {
-                reclaim::pass_on(reclaim::leave(this.driving, pool));
+                reclaim::pass_on(reclaim::leave_now(this.driving, pool));
             }
             return;
         }
@@ -741,7 +750,7 @@ impl Request {
         });
         // A round it drives ends, after the books (its reclaimer's future is user code).
         if *this.driving != 0 {
-            reclaim::pass_on(reclaim::leave(this.driving, pool));
+            reclaim::pass_on(reclaim::leave_now(this.driving, pool));
         }
     }
 }

@@ -721,3 +721,102 @@ fn stress_reclaim_with_waiters_cancels_and_refills() {
         assert!(stats.reclaim_rounds > 0);
     });
 }
+
+/// A waker that panics the first time it is woken, then counts.
+struct PanicOnce {
+    woken: AtomicUsize,
+}
+
+impl std::task::Wake for PanicOnce {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.woken.fetch_add(1, SeqCst) == 0 {
+            panic!("a waker that panics once");
+        }
+    }
+}
+
+fn panic_once_waker() -> (Waker, Arc<PanicOnce>) {
+    let inner = Arc::new(PanicOnce {
+        woken: AtomicUsize::new(0),
+    });
+    (Waker::from(Arc::clone(&inner)), inner)
+}
+
+/// Found by the soak's `--faults`: a registration whose announcement wakes a waiter with a
+/// panicking waker must not stay registered with no handle to remove it.
+#[test]
+fn a_registration_whose_wake_up_panics_is_not_left_behind() {
+    let pool = BufPool::new(cfg(2));
+    let held = entries(&pool, 2);
+    let (waker, _inner) = panic_once_waker();
+    let mut waiting = Box::pin(pool.allocate(1));
+    assert!(
+        waiting
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    let log = log();
+    let registered = catch_unwind(AssertUnwindSafe(|| {
+        pool.register_reclaimer(
+            "leaked?",
+            0,
+            Cache::new("leaked?", Vec::new(), Behaviour::Nothing, &log),
+        )
+    }));
+    assert!(registered.is_err(), "the waker's panic goes on");
+    assert!(
+        pool.report().reclaimers.is_empty(),
+        "and nothing stays registered"
+    );
+    drop((waiting, held));
+    assert_eq!(pool.stats().in_use_bytes, 0);
+}
+
+/// Found by the soak's `--faults`: a request served while it drives a round ends the round
+/// (which wakes the head of the queue); if that wake-up panics, the bytes it was served go
+/// back before the panic goes on (nobody would hold them otherwise).
+#[test]
+fn a_driver_served_whose_round_end_wakes_a_panicking_waker_loses_nothing() {
+    let pool = BufPool::new(cfg(3));
+    let log = log();
+    let cache = Cache::new("gated", entries(&pool, 2), Behaviour::Gated, &log);
+    let _handle = pool.register_reclaimer("gated", 0, cache.clone());
+    let held = pool.try_allocate(1).unwrap();
+    // The driver heads the queue; its round's future holds one of the cache's entries.
+    let mut driver = Box::pin(pool.allocate(1));
+    assert!(poll_once(driver.as_mut()).is_pending());
+    // Behind it, a request for 2 with a waker that panics once.
+    let (waker, _inner) = panic_once_waker();
+    let mut behind = Box::pin(pool.allocate(2));
+    assert!(
+        behind
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    // The driver is served by a release while its round is pending.
+    drop(held);
+    let served = catch_unwind(AssertUnwindSafe(|| poll_once(driver.as_mut())));
+    assert!(
+        served.is_err(),
+        "the head's wake-up panicked, and that goes on"
+    );
+    drop(driver);
+    // The driver's bytes went back: the round's entry and the driver's buffer are free, the
+    // cache holds the other entry; the request behind was granted what came back.
+    assert_eq!(cache.held(), B);
+    let stats = pool.stats();
+    assert_eq!(stats.in_use_bytes, 3 * B, "{stats:?}");
+    let Poll::Ready(Ok(got)) = poll_once(behind.as_mut()) else {
+        panic!("the request behind was served");
+    };
+    assert_eq!(got.length(), 2);
+    drop(got);
+    cache.entries.lock().unwrap().clear();
+    let stats = pool.stats();
+    assert_eq!((stats.in_use_bytes, stats.outstanding), (0, 0));
+}
