@@ -22,6 +22,27 @@
 //! `waiting` is 0, and `report()` agrees. At the end of every epoch, every pool is back to
 //! zero. It prints the operation counts, the waits and the longest one.
 //!
+//! # Reclaiming caches
+//!
+//! Every epoch also runs two caches, each registered as a `Reclaimer` (at a random priority)
+//! on a pool of the tree (the first on the root or a child, the second on any pool). Workers
+//! put some of what they get into the cache of that pool (an allocation or a reservation, up
+//! to the cache's capacity) instead of holding it; the cache keeps it, counted in the pool's
+//! books like the workers' items, until a reclaim round asks for it back. Asked for `target`
+//! bytes, a cache gives back (by dropping entries, oldest first) about that much, half of it,
+//! twice it, everything or nothing, at random; at once, or from a future that yields once or
+//! more and then drops a batch it took, or drops one entry per poll. Now and then a cache
+//! re-registers itself from inside its `reclaim`, and the coordinator drops registrations and
+//! makes them again during the epoch. Half the epochs also run a `reclaim_ahead` on one cache's
+//! pool, dropped and made again every few milliseconds (and at every checkpoint). The
+//! checkpoints count the caches' entries as live memory (and check each pool's report lists
+//! its registered caches with their estimates); a checkpoint that has to shed makes the caches
+//! shed too; the root's close empties them. At the end of every epoch, the bytes the caches'
+//! futures reported freed equal the pools' `reclaimed_bytes` added up. With `--faults`, a
+//! cache's `reclaim` or its future's poll also panics at the fault rate: the pool passes the
+//! panic on to the poll of the request that drove the round, where it is caught and counted
+//! like an injected waker panic.
+//!
 //! A worker never waits without bound while it holds anything (it would deadlock with
 //! another doing the same): while it holds something it uses the try and timeout forms, and
 //! grows a reservation with `try_grow` or `grow` under a timeout.
@@ -52,17 +73,19 @@
 
 use std::any::Any;
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use membudget::{
-    AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PoolReport, Reservation,
+    AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PoolReport, Reclaimer,
+    ReclaimerHandle, Reservation,
 };
 
 /// No single wait may take longer than this; a longer one is reported as a hang.
@@ -80,6 +103,10 @@ const HOSTILE_TASKS: usize = 4;
 const HOSTILE_THREADS: usize = 2;
 /// With `--faults`: an epoch's teardown (close, drain, joins, pool drops) must end within this.
 const TEARDOWN_BOUND: Duration = Duration::from_secs(30);
+/// Reclaiming caches per epoch.
+const CACHES: usize = 2;
+/// The priorities a cache registers with.
+const PRIORITIES: [u32; 4] = [0, 1, 5, 10];
 
 #[derive(Default)]
 struct Counters {
@@ -105,6 +132,31 @@ struct Counters {
     checkpoint_sheds: AtomicU64,
     checked_allocations: AtomicU64,
     checked_reserved_bytes: AtomicU64,
+    /// Items workers put into caches, and their bytes.
+    stashed: AtomicU64,
+    stashed_bytes: AtomicU64,
+    /// Calls of a cache's `reclaim`: giving back at once, from a future after yields (a batch
+    /// taken at the call), or one entry per poll.
+    reclaim_now: AtomicU64,
+    reclaim_batch: AtomicU64,
+    reclaim_trickle: AtomicU64,
+    /// Bytes the caches' futures reported freed.
+    cache_reported: AtomicU64,
+    /// Registrations made by the coordinator, dropped by it, and made again by a cache inside
+    /// its own `reclaim`.
+    registrations: AtomicU64,
+    unregistrations: AtomicU64,
+    self_registrations: AtomicU64,
+    /// `reclaim_ahead` futures run (each for a slice of time).
+    ahead_runs: AtomicU64,
+    /// Entries the caches shed at checkpoints, and emptied at the epoch's close.
+    cache_sheds: AtomicU64,
+    cache_cleared: AtomicU64,
+    /// The pools' reclaim figures (`stats()`), added up at the end of every epoch.
+    reclaim_rounds: AtomicU64,
+    reclaim_asked_bytes: AtomicU64,
+    reclaimed_bytes: AtomicU64,
+    reclaim_nanos: AtomicU64,
 }
 
 /// One pool of an epoch's tree, and what the workers hold in it.
@@ -122,11 +174,12 @@ struct Node {
     /// The largest budget set during the epoch (a shrink applies to live memory only as it
     /// comes back).
     ceiling: AtomicUsize,
-    /// Bytes the workers hold in this pool's subtree (allocations and reservations).
+    /// Bytes the workers (and the caches) hold in this pool's subtree (allocations and
+    /// reservations).
     live_bytes: AtomicUsize,
-    /// Bytes of this pool's own reservations the workers hold.
+    /// Bytes of this pool's own reservations the workers (and the caches) hold.
     reserved_bytes: AtomicUsize,
-    /// This pool's own allocations the workers hold.
+    /// This pool's own allocations the workers (and the caches) hold.
     allocations: AtomicUsize,
 }
 
@@ -136,6 +189,10 @@ struct Epoch {
     checkpoint: Checkpoint,
     /// How many workers park at a checkpoint.
     workers: usize,
+    /// The reclaiming caches.
+    caches: Vec<Arc<Cache>>,
+    /// Each cache's registration and its priority, while it is registered.
+    registrations: Vec<Mutex<Option<(ReclaimerHandle, u32)>>>,
 }
 
 /// A few times an epoch the coordinator asks every worker to park between two
@@ -371,6 +428,357 @@ fn let_go(item: Item<'_>) {
     caught(site, || drop(item));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reclaiming caches: entries the workers put in, given back when a reclaim round asks
+// ---------------------------------------------------------------------------------------------
+
+/// What a cache entry holds.
+enum Held {
+    Allocation(BufPoolAllocation),
+    Reservation(Reservation),
+}
+
+/// An allocation or a reservation a cache keeps: counted in its pool's books (as it was while
+/// a worker held it) until it is dropped, which uncounts it before the bytes go back.
+struct Entry {
+    held: Option<Held>,
+    pool: usize,
+    epoch: Weak<Epoch>,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        match &self.held {
+            Some(Held::Allocation(allocation)) => allocation.allocated_bytes(),
+            Some(Held::Reservation(reservation)) => reservation.size(),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        if let Some(epoch) = self.epoch.upgrade() {
+            let node = &epoch.nodes[self.pool];
+            match &held {
+                Held::Allocation(allocation) => {
+                    node.allocations.fetch_sub(1, Relaxed);
+                    epoch.count_out(self.pool, allocation.allocated_bytes());
+                }
+                Held::Reservation(reservation) => {
+                    node.reserved_bytes.fetch_sub(reservation.size(), Relaxed);
+                    epoch.count_out(self.pool, reservation.size());
+                }
+            }
+        }
+        // A release: with `--faults`, a hostile waiter's waker may panic in it.
+        drop(held);
+    }
+}
+
+/// A cache of one pool's allocations and reservations, registered as that pool's reclaimer
+/// (see the module docs). It holds no handle on its pool or its epoch (a `Weak` one).
+struct Cache {
+    slot: usize,
+    pool: usize,
+    /// The most bytes it keeps.
+    capacity: usize,
+    epoch: Weak<Epoch>,
+    counters: Arc<Counters>,
+    state: Mutex<CacheState>,
+    /// The bytes of its entries (its estimate), changed under `state`'s lock.
+    bytes: AtomicUsize,
+    /// Bytes its futures reported freed.
+    reported: Arc<AtomicUsize>,
+}
+
+struct CacheState {
+    /// Oldest first.
+    entries: VecDeque<Entry>,
+    /// Set when the epoch's root closes: it takes nothing in any more.
+    closed: bool,
+    rng: Rng,
+}
+
+/// How a cache gives back when asked.
+enum Giving {
+    /// Drops its entries in `reclaim` itself; the future is ready.
+    Now,
+    /// Takes its entries out at once, drops them when its future has yielded (or is dropped).
+    Batch,
+    /// Its future drops one entry per poll, yielding in between.
+    Trickle,
+}
+
+/// Pending once (waking its task at once), then ready.
+#[derive(Default)]
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        // With `--faults`, the waker of a hostile request may panic here.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Cache {
+    fn state(&self) -> MutexGuard<'_, CacheState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes `item` in (it stays counted: the cache holds it now), unless the cache is closed,
+    /// full, of another pool, or the item is empty: then it is given back.
+    fn stash<'a>(&self, item: Item<'a>) -> Result<usize, Item<'a>> {
+        let (pool, bytes) = match &item {
+            Item::Allocation(allocation) => (
+                allocation.pool,
+                allocation
+                    .allocation
+                    .as_ref()
+                    .map_or(0, |a| a.allocated_bytes()),
+            ),
+            Item::Reservation(reservation) => (reservation.pool, reservation.size()),
+        };
+        let mut state = self.state();
+        if state.closed
+            || pool != self.pool
+            || bytes == 0
+            || self.bytes.load(Relaxed) + bytes > self.capacity
+        {
+            return Err(item);
+        }
+        let held = match item {
+            Item::Allocation(mut allocation) => {
+                Held::Allocation(allocation.allocation.take().expect("a held allocation"))
+            }
+            Item::Reservation(mut reservation) => {
+                Held::Reservation(reservation.reservation.take().expect("a held reservation"))
+            }
+        };
+        state.entries.push_back(Entry {
+            held: Some(held),
+            pool,
+            epoch: self.epoch.clone(),
+        });
+        self.bytes.fetch_add(bytes, Relaxed);
+        Ok(bytes)
+    }
+
+    /// Takes the oldest entry out (the caller drops it, outside the lock).
+    fn pop(&self) -> Option<Entry> {
+        let mut state = self.state();
+        let entry = state.entries.pop_front()?;
+        self.bytes.fetch_sub(entry.bytes(), Relaxed);
+        Some(entry)
+    }
+
+    /// Takes the oldest entries out until they cover `goal` bytes (or none are left).
+    fn take_up_to(&self, goal: usize) -> (Vec<Entry>, usize) {
+        let mut state = self.state();
+        let (mut taken, mut bytes) = (Vec::new(), 0);
+        while bytes < goal {
+            let Some(entry) = state.entries.pop_front() else {
+                break;
+            };
+            bytes += entry.bytes();
+            taken.push(entry);
+        }
+        self.bytes.fetch_sub(bytes, Relaxed);
+        (taken, bytes)
+    }
+
+    /// Takes nothing in from now on; hands out every entry (for the caller to drop).
+    fn close(&self) -> Vec<Entry> {
+        let mut state = self.state();
+        state.closed = true;
+        let entries: Vec<Entry> = state.entries.drain(..).collect();
+        self.bytes.store(0, Relaxed);
+        entries
+    }
+}
+
+impl Reclaimer for Cache {
+    fn estimate(&self) -> usize {
+        self.bytes.load(Relaxed)
+    }
+
+    fn reclaim(&self, target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        if inject(Kind::Reclaim) {
+            panic_injected(Kind::Reclaim);
+        }
+        let (goal, giving, yields, reregister, closed) = {
+            let mut state = self.state();
+            let rng = &mut state.rng;
+            // About what was asked (whole entries: often a little more), less, more,
+            // everything, nothing.
+            let goal = match rng.below(10) {
+                0 => 0,
+                1 => target / 2,
+                2 => target.saturating_mul(2),
+                3 => usize::MAX,
+                _ => target,
+            };
+            let giving = match rng.below(4) {
+                0 | 1 => Giving::Now,
+                2 => Giving::Batch,
+                _ => Giving::Trickle,
+            };
+            let yields = 1 + rng.below(3);
+            let reregister = rng.below(32) == 0;
+            let priority = PRIORITIES[rng.below(PRIORITIES.len())];
+            (
+                goal,
+                giving,
+                yields,
+                reregister.then_some(priority),
+                state.closed,
+            )
+        };
+        if let (Some(priority), false) = (reregister, closed) {
+            // Drops its own registration in the middle of a round that asks it, and makes a
+            // new one (which wakes the heads of the pool's and its ancestors' queues).
+            if let Some(epoch) = self.epoch.upgrade() {
+                register(&epoch, self.slot, priority);
+                self.counters.self_registrations.fetch_add(1, Relaxed);
+            }
+        }
+        let reported = Arc::clone(&self.reported);
+        let counters = Arc::clone(&self.counters);
+        let report = move |freed: usize| {
+            reported.fetch_add(freed, Relaxed);
+            counters.cache_reported.fetch_add(freed as u64, Relaxed);
+            freed
+        };
+        match giving {
+            Giving::Now => {
+                self.counters.reclaim_now.fetch_add(1, Relaxed);
+                let (taken, freed) = self.take_up_to(goal);
+                // Releases: with `--faults`, a hostile waiter's waker may panic in one (the
+                // others still go back, each uncounted first).
+                drop(taken);
+                Box::pin(async move { report(freed) })
+            }
+            Giving::Batch => {
+                self.counters.reclaim_batch.fetch_add(1, Relaxed);
+                // Taken out now; given back when the future has yielded, or when it is
+                // dropped before that (a driver that leaves, a panic).
+                let (taken, freed) = self.take_up_to(goal);
+                Box::pin(async move {
+                    for _ in 0..yields {
+                        YieldOnce::default().await;
+                    }
+                    if inject(Kind::ReclaimPoll) {
+                        panic_injected(Kind::ReclaimPoll);
+                    }
+                    drop(taken);
+                    report(freed)
+                })
+            }
+            Giving::Trickle => {
+                self.counters.reclaim_trickle.fetch_add(1, Relaxed);
+                let (epoch, slot) = (self.epoch.clone(), self.slot);
+                Box::pin(async move {
+                    for _ in 1..yields {
+                        YieldOnce::default().await;
+                    }
+                    let mut freed = 0;
+                    while freed < goal {
+                        if inject(Kind::ReclaimPoll) {
+                            panic_injected(Kind::ReclaimPoll);
+                        }
+                        // No strong handle on the epoch across a yield: a round parked in a
+                        // pool would keep the pool alive.
+                        let Some(entry) =
+                            epoch.upgrade().and_then(|epoch| epoch.caches[slot].pop())
+                        else {
+                            break;
+                        };
+                        freed += entry.bytes();
+                        drop(entry);
+                        YieldOnce::default().await;
+                    }
+                    report(freed)
+                })
+            }
+        }
+    }
+}
+
+/// Registers cache `slot` with its pool at `priority`, dropping its registration before (if
+/// any, after the new one is made). With `--faults`, the wake-ups of a registration may meet
+/// a hostile waker that panics.
+fn register(epoch: &Epoch, slot: usize, priority: u32) {
+    let cache = &epoch.caches[slot];
+    let reclaimer: Arc<dyn Reclaimer> = Arc::clone(cache) as Arc<dyn Reclaimer>;
+    let handle = epoch.nodes[cache.pool].pool.register_reclaimer(
+        format!("cache{slot}"),
+        priority,
+        reclaimer,
+    );
+    let old = epoch.registrations[slot]
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .replace((handle, priority));
+    drop(old);
+}
+
+/// Drops cache `slot`'s registration, if it has one.
+fn unregister(epoch: &Epoch, slot: usize) -> bool {
+    let old = epoch.registrations[slot]
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    let had = old.is_some();
+    drop(old);
+    had
+}
+
+/// Keeps a new item, or (half the time, if a cache of its pool has room) puts it into that
+/// cache, which keeps it until a reclaim round asks for it.
+fn keep<'a>(
+    epoch: &'a Epoch,
+    counters: &Counters,
+    rng: &mut Rng,
+    held: &mut Vec<Item<'a>>,
+    item: Item<'a>,
+) {
+    let mut item = item;
+    if rng.below(2) == 0 {
+        let pool = match &item {
+            Item::Allocation(allocation) => allocation.pool,
+            Item::Reservation(reservation) => reservation.pool,
+        };
+        let first = rng.below(CACHES);
+        for slot in (0..CACHES).map(|i| (first + i) % CACHES) {
+            let cache = &epoch.caches[slot];
+            if cache.pool != pool {
+                continue;
+            }
+            match cache.stash(item) {
+                Ok(bytes) => {
+                    counters.stashed.fetch_add(1, Relaxed);
+                    counters.stashed_bytes.fetch_add(bytes as u64, Relaxed);
+                    return;
+                }
+                Err(back) => item = back,
+            }
+        }
+    }
+    held.push(item);
+}
+
 fn fail(message: &str) -> ! {
     eprintln!("soak: FAILED: {message}");
     if let Some(faults) = faults() {
@@ -398,25 +806,38 @@ impl Rng {
 // Fault injection (`--faults`): wakers that panic, and the harness that catches them
 // ---------------------------------------------------------------------------------------------
 
-/// The waker call an injected panic came from.
+/// The waker call (or cache's reclaimer call) an injected panic came from.
 #[derive(Clone, Copy)]
 enum Kind {
     Clone,
     Wake,
     WakeByRef,
     Drop,
+    /// A cache's `Reclaimer::reclaim`.
+    Reclaim,
+    /// A poll of a cache's reclaim future.
+    ReclaimPoll,
 }
 
-const KINDS: [&str; 4] = ["clone", "wake", "wake_by_ref", "drop"];
+const KINDS: [&str; 6] = [
+    "clone",
+    "wake",
+    "wake_by_ref",
+    "drop",
+    "a cache's reclaim",
+    "a cache's reclaim future",
+];
 
 /// The injected panics' payloads: the panic hook and the catch sites know them by their
 /// prefix, `INJECTED`.
 const INJECTED: &str = "injected fault";
-const PAYLOADS: [&str; 4] = [
+const PAYLOADS: [&str; 6] = [
     "injected fault: a waker panics in clone",
     "injected fault: a waker panics in wake",
     "injected fault: a waker panics in wake_by_ref",
     "injected fault: a waker panics in drop",
+    "injected fault: a cache's reclaim panics",
+    "injected fault: a cache's reclaim future panics in poll",
 ];
 
 /// Where an injected panic was caught.
@@ -437,9 +858,15 @@ enum Site {
     Resize,
     Close,
     PoolDrop,
+    /// A `reclaim_ahead` future's poll or drop.
+    Ahead,
+    /// The coordinator's registration of a cache (its wake-ups).
+    Register,
+    /// The coordinator's drop of a cache's entry (shed at a checkpoint, emptied at close).
+    CacheDrop,
 }
 
-const SITES: [&str; 11] = [
+const SITES: [&str; 14] = [
     "polls",
     "request drops",
     "allocation drops",
@@ -451,6 +878,9 @@ const SITES: [&str; 11] = [
     "resizes",
     "closes",
     "pool drops",
+    "reclaim-ahead polls",
+    "registrations",
+    "cache drops",
 ];
 
 /// The fault mode's settings and figures; set once, by `--faults`.
@@ -460,7 +890,7 @@ struct Faults {
     /// A waker call panics when a uniform `u64` falls below this.
     threshold: u64,
     /// Injected panics, by `Kind`.
-    injected: [AtomicU64; 4],
+    injected: [AtomicU64; 6],
     /// Injected panics in `wake` or `wake_by_ref` that lost the wake-up (the others forwarded
     /// it first).
     lost_wakeups: AtomicU64,
@@ -470,7 +900,7 @@ struct Faults {
     /// Injected panics the panic hook saw (and kept quiet).
     hooked: AtomicU64,
     /// Injected panics caught, by `Site`.
-    caught: [AtomicU64; 11],
+    caught: [AtomicU64; 14],
     /// The hostile workers' requests, driven by hand.
     requests: AtomicU64,
     /// ... of which: still pending after their first poll (or first slice, in a task),
@@ -965,6 +1395,43 @@ fn tally<T>(
     Some(result)
 }
 
+/// The epoch under way, for the watchdog's failure message.
+static CURRENT: Mutex<Option<Weak<Epoch>>> = Mutex::new(None);
+
+/// The epoch under way's pools (report and books), if there is one.
+fn current_accounts() -> String {
+    let current = CURRENT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .as_ref()
+        .and_then(Weak::upgrade);
+    let Some(epoch) = current else {
+        return String::new();
+    };
+    let mut lines = format!("\n{}", epoch.nodes[0].pool.report());
+    for node in &epoch.nodes {
+        lines.push_str(&format!(
+            "\n  {:8} {} (workers and caches hold {} in its subtree)",
+            node.name,
+            node.pool.stats(),
+            node.live_bytes.load(Relaxed)
+        ));
+    }
+    for (slot, cache) in epoch.caches.iter().enumerate() {
+        let registered = epoch.registrations[slot]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map(|(_, priority)| *priority);
+        lines.push_str(&format!(
+            "\n  cache{slot} on {}: {} bytes, registered at {registered:?}",
+            epoch.nodes[cache.pool].name,
+            cache.estimate()
+        ));
+    }
+    lines
+}
+
 /// With `--faults`: the step of an epoch's teardown under way, and when the teardown began.
 static TEARDOWN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
 
@@ -1216,7 +1683,8 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
                 }) {
                     Some(Ok(allocation)) => {
                         counters.allocations.fetch_add(1, Relaxed);
-                        held.push(Item::Allocation(allocation));
+                        let item = Item::Allocation(allocation);
+                        keep(epoch, &counters, &mut rng, &mut held, item);
                         false
                     }
                     Some(Err(error)) => error == AllocError::Closed,
@@ -1252,11 +1720,9 @@ async fn task_worker(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
                 match result {
                     Ok(reservation) => {
                         counters.reservations.fetch_add(1, Relaxed);
-                        held.push(Item::Reservation(HeldReservation::new(
-                            epoch,
-                            pool,
-                            reservation,
-                        )));
+                        let item =
+                            Item::Reservation(HeldReservation::new(epoch, pool, reservation));
+                        keep(epoch, &counters, &mut rng, &mut held, item);
                         false
                     }
                     Err(error) => error == AllocError::Closed,
@@ -1373,9 +1839,8 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
                 match result {
                     Ok(allocation) => {
                         counters.allocations.fetch_add(1, Relaxed);
-                        held.push(Item::Allocation(HeldAllocation::new(
-                            epoch, pool, allocation,
-                        )));
+                        let item = Item::Allocation(HeldAllocation::new(epoch, pool, allocation));
+                        keep(epoch, counters, &mut rng, &mut held, item);
                         false
                     }
                     Err(error) => error == AllocError::Closed,
@@ -1397,11 +1862,9 @@ fn thread_worker(epoch: &Epoch, counters: &Counters, seed: u64) {
                 match result {
                     Ok(reservation) => {
                         counters.reservations.fetch_add(1, Relaxed);
-                        held.push(Item::Reservation(HeldReservation::new(
-                            epoch,
-                            pool,
-                            reservation,
-                        )));
+                        let item =
+                            Item::Reservation(HeldReservation::new(epoch, pool, reservation));
+                        keep(epoch, counters, &mut rng, &mut held, item);
                         false
                     }
                     Err(error) => error == AllocError::Closed,
@@ -1429,6 +1892,7 @@ fn hostile_bound(rng: &mut Rng, held: &[Item<'_>]) -> Duration {
 fn hold_allocation<'a>(
     epoch: &'a Epoch,
     counters: &Counters,
+    rng: &mut Rng,
     held: &mut Vec<Item<'a>>,
     pool: usize,
     result: Option<Result<BufPoolAllocation, AllocError>>,
@@ -1436,9 +1900,8 @@ fn hold_allocation<'a>(
     match result {
         Some(Ok(allocation)) => {
             counters.allocations.fetch_add(1, Relaxed);
-            held.push(Item::Allocation(HeldAllocation::new(
-                epoch, pool, allocation,
-            )));
+            let item = Item::Allocation(HeldAllocation::new(epoch, pool, allocation));
+            keep(epoch, counters, rng, held, item);
             false
         }
         Some(Err(error)) => error == AllocError::Closed,
@@ -1450,6 +1913,7 @@ fn hold_allocation<'a>(
 fn hold_reservation<'a>(
     epoch: &'a Epoch,
     counters: &Counters,
+    rng: &mut Rng,
     held: &mut Vec<Item<'a>>,
     pool: usize,
     result: Option<Result<Reservation, AllocError>>,
@@ -1457,11 +1921,8 @@ fn hold_reservation<'a>(
     match result {
         Some(Ok(reservation)) => {
             counters.reservations.fetch_add(1, Relaxed);
-            held.push(Item::Reservation(HeldReservation::new(
-                epoch,
-                pool,
-                reservation,
-            )));
+            let item = Item::Reservation(HeldReservation::new(epoch, pool, reservation));
+            keep(epoch, counters, rng, held, item);
             false
         }
         Some(Err(error)) => error == AllocError::Closed,
@@ -1540,7 +2001,7 @@ fn hostile_thread(epoch: &Epoch, counters: &Counters, seed: u64) {
                     drive_on_thread(epoch, &mut rng, allocate, bound),
                     since,
                 );
-                hold_allocation(epoch, counters, &mut held, pool, result)
+                hold_allocation(epoch, counters, &mut rng, &mut held, pool, result)
             }
             Next::Reserve { pool, bytes } => {
                 let since = Instant::now();
@@ -1550,7 +2011,7 @@ fn hostile_thread(epoch: &Epoch, counters: &Counters, seed: u64) {
                     drive_on_thread(epoch, &mut rng, reserve, bound),
                     since,
                 );
-                hold_reservation(epoch, counters, &mut held, pool, result)
+                hold_reservation(epoch, counters, &mut rng, &mut held, pool, result)
             }
         };
         if closed {
@@ -1614,14 +2075,14 @@ async fn hostile_task(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
                 };
                 let driven = drive_in_task(epoch, &mut rng, allocate, bound).await;
                 let result = tally(counters, driven, since);
-                hold_allocation(epoch, counters, &mut held, pool, result)
+                hold_allocation(epoch, counters, &mut rng, &mut held, pool, result)
             }
             Next::Reserve { pool, bytes } => {
                 let since = Instant::now();
                 let reserve = epoch.nodes[pool].pool.reserve(bytes);
                 let driven = drive_in_task(epoch, &mut rng, reserve, bound).await;
                 let result = tally(counters, driven, since);
-                hold_reservation(epoch, counters, &mut held, pool, result)
+                hold_reservation(epoch, counters, &mut rng, &mut held, pool, result)
             }
         };
         if closed {
@@ -1630,6 +2091,40 @@ async fn hostile_task(epoch: Arc<Epoch>, counters: Arc<Counters>, seed: u64) {
         }
         for _ in 0..rng.below(3) {
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Runs `reclaim_ahead(low_water)` on `pool` (in half the epochs): each future for a few
+/// milliseconds, then dropped (ending a round it drives) and made again; at a checkpoint it is
+/// dropped and the task parks like a worker. It ends when the pool closes.
+async fn ahead_worker(
+    epoch: Arc<Epoch>,
+    counters: Arc<Counters>,
+    pool: usize,
+    low_water: usize,
+    seed: u64,
+) {
+    let mut rng = Rng(seed | 1);
+    loop {
+        if epoch.checkpoint.requested.load(Relaxed) {
+            epoch.checkpoint.parked.fetch_add(1, Relaxed);
+            while epoch.checkpoint.requested.load(Relaxed) {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            epoch.checkpoint.parked.fetch_sub(1, Relaxed);
+        }
+        counters.ahead_runs.fetch_add(1, Relaxed);
+        let ahead = epoch.nodes[pool].pool.reclaim_ahead(low_water);
+        let slice = Duration::from_micros(500 + rng.below(5_000) as u64);
+        // With `--faults`, a cache's panic is passed on to its poll (or its drop, which ends
+        // the round it drives), and a hostile waker may panic in a release the round makes.
+        let run = caught_async(Site::Ahead, tokio::time::timeout(slice, ahead)).await;
+        if let Some(Ok(())) = run {
+            return;
+        }
+        if epoch.nodes[pool].pool.is_closed() {
+            return;
         }
     }
 }
@@ -1715,7 +2210,10 @@ fn main() {
                     last = now;
                     still_since = Instant::now();
                 } else if still_since.elapsed() > WAIT_BOUND {
-                    fail(&format!("no progress for {WAIT_BOUND:?}: hang"));
+                    fail(&format!(
+                        "no progress for {WAIT_BOUND:?}: hang{}",
+                        current_accounts()
+                    ));
                 }
             }
         })
@@ -1787,6 +2285,31 @@ fn main() {
         c.checkpoint_sheds.load(Relaxed),
         c.checked_allocations.load(Relaxed),
         c.checked_reserved_bytes.load(Relaxed),
+    );
+    println!(
+        "reclaim:      {} rounds freed {} of {} bytes asked in {:.3} s (pools' stats, every \
+         epoch's equal to what the caches' futures reported); caches: {} items put in ({} \
+         bytes), asked {} times ({} gave back at once, {} from a batch after yields, {} one \
+         entry per poll), {} registrations, {} dropped, {} made again from inside reclaim, \
+         {} entries shed at checkpoints, {} emptied at close; {} reclaim_ahead runs",
+        c.reclaim_rounds.load(Relaxed),
+        c.reclaimed_bytes.load(Relaxed),
+        c.reclaim_asked_bytes.load(Relaxed),
+        Duration::from_nanos(c.reclaim_nanos.load(Relaxed)).as_secs_f64(),
+        c.stashed.load(Relaxed),
+        c.stashed_bytes.load(Relaxed),
+        c.reclaim_now.load(Relaxed)
+            + c.reclaim_batch.load(Relaxed)
+            + c.reclaim_trickle.load(Relaxed),
+        c.reclaim_now.load(Relaxed),
+        c.reclaim_batch.load(Relaxed),
+        c.reclaim_trickle.load(Relaxed),
+        c.registrations.load(Relaxed),
+        c.unregistrations.load(Relaxed),
+        c.self_registrations.load(Relaxed),
+        c.cache_sheds.load(Relaxed),
+        c.cache_cleared.load(Relaxed),
+        c.ahead_runs.load(Relaxed),
     );
     if let Some(faults) = faults() {
         println!("faults:       {}", faults.summary());
@@ -1973,6 +2496,29 @@ fn check_report(epoch: &Epoch, report: &PoolReport, index: usize, seen: &mut usi
             node.name
         ));
     }
+    // The caches registered with this pool, by name, with their priorities and estimates.
+    let mut want: Vec<(String, u32, usize)> = Vec::new();
+    for (slot, cache) in epoch.caches.iter().enumerate() {
+        let registration = epoch.registrations[slot]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let (true, Some((_, priority))) = (cache.pool == index, registration.as_ref()) {
+            want.push((format!("cache{slot}"), *priority, cache.estimate()));
+        }
+    }
+    let mut got: Vec<(String, u32, usize)> = report
+        .reclaimers
+        .iter()
+        .map(|r| (r.name.to_string(), r.priority, r.estimate))
+        .collect();
+    want.sort();
+    got.sort();
+    if want != got {
+        fail(&format!(
+            "checkpoint: {} reports the reclaimers {got:?}, registered are {want:?}:\n{report}",
+            node.name
+        ));
+    }
     for child in &report.children {
         let Some(&child_index) = node
             .children
@@ -2001,6 +2547,14 @@ async fn checkpoint(epoch: &Epoch, counters: &Counters) {
             && last_round.elapsed() > Duration::from_millis(2)
         {
             checkpoint.shed_tokens.fetch_add(1, Relaxed);
+            // The caches shed an entry each too (a cache whose registration is dropped now
+            // gives nothing back to a waiter).
+            for cache in &epoch.caches {
+                if let Some(entry) = cache.pop() {
+                    counters.cache_sheds.fetch_add(1, Relaxed);
+                    caught(Site::CacheDrop, || drop(entry));
+                }
+            }
             last_round = Instant::now();
             shed = true;
         }
@@ -2036,11 +2590,60 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
     } else {
         0
     };
-    let epoch = Arc::new(Epoch {
+    // The caches: the first on the root or a child, the second on any pool; each keeps up to
+    // a quarter to three quarters of its pool's first budget.
+    let caches: Vec<(usize, usize, u64)> = (0..CACHES)
+        .map(|slot| {
+            let pool = match (slot, rng.below(2)) {
+                (0, 0) => 0,
+                (0, _) => nodes[0].children[rng.below(nodes[0].children.len())],
+                _ => rng.below(nodes.len()),
+            };
+            let capacity = nodes[pool].ceiling.load(Relaxed) * (1 + rng.below(3)) / 4;
+            (pool, capacity, rng.next())
+        })
+        .collect();
+    // Half the epochs: a `reclaim_ahead` on one cache's pool, its low-water mark a fifth to a
+    // half of the pool's first budget.
+    let ahead = (rng.below(2) == 0).then(|| {
+        let pool = caches[rng.below(CACHES)].0;
+        let low_water = nodes[pool].ceiling.load(Relaxed) / (2 + rng.below(4));
+        (pool, low_water, rng.next())
+    });
+    let epoch = Arc::new_cyclic(|weak: &Weak<Epoch>| Epoch {
         nodes,
         checkpoint: Checkpoint::default(),
-        workers: WORKERS + hostile,
+        workers: WORKERS + hostile + usize::from(ahead.is_some()),
+        caches: caches
+            .iter()
+            .enumerate()
+            .map(|(slot, &(pool, capacity, seed))| {
+                Arc::new(Cache {
+                    slot,
+                    pool,
+                    capacity,
+                    epoch: weak.clone(),
+                    counters: Arc::clone(counters),
+                    state: Mutex::new(CacheState {
+                        entries: VecDeque::new(),
+                        closed: false,
+                        rng: Rng(seed | 1),
+                    }),
+                    bytes: AtomicUsize::new(0),
+                    reported: Arc::new(AtomicUsize::new(0)),
+                })
+            })
+            .collect(),
+        registrations: (0..CACHES).map(|_| Mutex::new(None)).collect(),
     });
+    *CURRENT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::downgrade(&epoch));
+    let mut cache_rng = Rng(rng.next() | 1);
+    for slot in 0..CACHES {
+        register(&epoch, slot, PRIORITIES[cache_rng.below(PRIORITIES.len())]);
+        counters.registrations.fetch_add(1, Relaxed);
+    }
 
     let threads: Vec<_> = (0..THREADS)
         .map(|i| {
@@ -2073,6 +2676,15 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
                     .iter()
                     .map(|&seed| tokio::spawn(hostile_task(epoch.clone(), counters.clone(), seed))),
             )
+            .chain(ahead.map(|(pool, low_water, seed)| {
+                tokio::spawn(ahead_worker(
+                    epoch.clone(),
+                    counters.clone(),
+                    pool,
+                    low_water,
+                    seed,
+                ))
+            }))
             .collect();
         let mut rng = Rng(resize_seed | 1);
         let started = Instant::now();
@@ -2100,6 +2712,18 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
                 });
                 counters.resizes.fetch_add(1, Relaxed);
             }
+            // Half the ticks: a cache's registration dropped, or made again (at a new priority,
+            // replacing the one it has, if any).
+            if cache_rng.below(2) == 0 {
+                let slot = cache_rng.below(CACHES);
+                let priority = PRIORITIES[cache_rng.below(PRIORITIES.len())];
+                if cache_rng.below(2) == 0 && unregister(&epoch, slot) {
+                    counters.unregistrations.fetch_add(1, Relaxed);
+                } else {
+                    caught(Site::Register, || register(&epoch, slot, priority));
+                    counters.registrations.fetch_add(1, Relaxed);
+                }
+            }
         }
         // Closing the root closes the whole tree.
         let root = &epoch.nodes[0].pool;
@@ -2109,6 +2733,16 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
         caught(Site::Close, || root.close());
         if epoch.nodes.iter().any(|node| !node.pool.is_closed()) {
             fail("closing the root left a pool of its tree open");
+        }
+        // The caches take nothing in any more and give everything back (the pools cannot
+        // drain otherwise); their registrations go.
+        teardown_step(|| "emptying the caches".to_string());
+        for (slot, cache) in epoch.caches.iter().enumerate() {
+            for entry in cache.close() {
+                counters.cache_cleared.fetch_add(1, Relaxed);
+                caught(Site::CacheDrop, || drop(entry));
+            }
+            unregister(&epoch, slot);
         }
         teardown_step(|| "waiting for the root to drain".to_string());
         let drained = tokio::time::timeout(WAIT_BOUND, root.drained()).await;
@@ -2130,6 +2764,41 @@ fn run_epoch(runtime: &tokio::runtime::Runtime, rng: &mut Rng, counters: &Arc<Co
     teardown_step(|| "joining the threads".to_string());
     for thread in threads.into_iter().chain(hostile_threads) {
         thread.join().expect("a worker thread panicked");
+    }
+    // A cache may have registered itself again from a round that raced the close.
+    for (slot, cache) in epoch.caches.iter().enumerate() {
+        unregister(&epoch, slot);
+        if cache.estimate() != 0 || !cache.state().entries.is_empty() {
+            fail(&format!("cache{slot} not empty at the end of the epoch"));
+        }
+    }
+    let mut reclaimed = 0;
+    for node in &epoch.nodes {
+        let stats = node.pool.stats();
+        counters
+            .reclaim_rounds
+            .fetch_add(stats.reclaim_rounds as u64, Relaxed);
+        counters
+            .reclaim_asked_bytes
+            .fetch_add(stats.reclaim_asked_bytes as u64, Relaxed);
+        counters
+            .reclaimed_bytes
+            .fetch_add(stats.reclaimed_bytes as u64, Relaxed);
+        counters
+            .reclaim_nanos
+            .fetch_add(stats.reclaim_time.as_nanos() as u64, Relaxed);
+        reclaimed += stats.reclaimed_bytes;
+    }
+    let reported: usize = epoch
+        .caches
+        .iter()
+        .map(|cache| cache.reported.load(Relaxed))
+        .sum();
+    if reported != reclaimed {
+        fail(&format!(
+            "the caches' futures reported {reported} bytes freed, the pools count {reclaimed} \
+             reclaimed"
+        ));
     }
     for node in &epoch.nodes {
         let stats = node.pool.stats();
