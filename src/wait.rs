@@ -731,8 +731,11 @@ impl Request {
         let room = this.node.as_ref().with_room(Option::take);
         // Done before anything goes back (above): whatever unwinds from the user code owed,
         // nothing is given back twice. One `settle` for every level: the queue this request
-        // leaves, and each level below it, are settled before any wake-up runs.
-        settle(|deferred| {
+        // leaves, each level below it, and a round of reclaim it drives are settled before
+        // any wake-up runs (a wake-up that panics must not skip ending the round: the pool
+        // would keep it in flight for good).
+        let driving = this.driving;
+        let reclaimer_panic = settle(|deferred| {
             if let Some(listener) = room {
                 deferred.drop_listener(listener);
             }
@@ -747,11 +750,15 @@ impl Request {
                 }
                 Stage::Start | Stage::Done => {}
             }
+            // The reclaimer's future it drops is user code, under `catch_unwind`: its panic
+            // goes on after everything else.
+            if *driving != 0 {
+                reclaim::leave(driving, pool, deferred)
+            } else {
+                None
+            }
         });
-        // A round it drives ends, after the books (its reclaimer's future is user code).
-        if *this.driving != 0 {
-            reclaim::pass_on(reclaim::leave_now(this.driving, pool));
-        }
+        reclaim::pass_on(reclaimer_panic);
     }
 }
 

@@ -820,3 +820,45 @@ fn a_driver_served_whose_round_end_wakes_a_panicking_waker_loses_nothing() {
     let stats = pool.stats();
     assert_eq!((stats.in_use_bytes, stats.outstanding), (0, 0));
 }
+
+/// Found by the soak's `--faults`: a driver cancelled while its cancel's wake-ups panic must
+/// still end its round (else the pool keeps it in flight for good: no round ever again, and
+/// what the round's future holds is never given back).
+#[test]
+fn a_driver_cancelled_while_a_wake_up_panics_still_ends_its_round() {
+    let pool = BufPool::new(cfg(3));
+    let log = log();
+    let cache = Cache::new("gated", entries(&pool, 2), Behaviour::Gated, &log);
+    let _handle = pool.register_reclaimer("gated", 0, cache.clone());
+    let held = pool.try_allocate(1).unwrap();
+    let mut driver = Box::pin(pool.allocate(1));
+    assert!(poll_once(driver.as_mut()).is_pending());
+    let (waker, _inner) = panic_once_waker();
+    let mut behind = Box::pin(pool.allocate(1));
+    assert!(
+        behind
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    // The driver is granted the released buffer, then dropped: its grant goes on to the
+    // request behind, whose waker panics.
+    drop(held);
+    let cancelled = catch_unwind(AssertUnwindSafe(move || drop(driver)));
+    assert!(cancelled.is_err());
+    assert_eq!(
+        cache.futures_dropped.load(SeqCst),
+        1,
+        "the round's future went"
+    );
+    assert_eq!(pool.stats().reclaim_rounds, 1, "the round ended");
+    let Poll::Ready(Ok(got)) = poll_once(behind.as_mut()) else {
+        panic!("the request behind was served");
+    };
+    // A new round can start.
+    let mut next = Box::pin(pool.allocate(2));
+    cache.gate.store(true, SeqCst);
+    assert!(poll_once(next.as_mut()).is_ready());
+    assert_eq!(asked(&log).len(), 2);
+    drop((got, next));
+}
