@@ -16,6 +16,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/trace_pool.rs"]
+mod trace_pool;
 
 use std::sync::Arc;
 
@@ -32,6 +34,8 @@ struct Options {
     floor: f64,
     pools: Vec<String>,
     verbose: bool,
+    /// On a failure, print this many of the pool's last calls.
+    trace: usize,
 }
 
 fn options() -> Options {
@@ -44,6 +48,7 @@ fn options() -> Options {
         floor: 1.0,
         pools: vec!["fair".into(), "membudget".into()],
         verbose: false,
+        trace: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -57,6 +62,7 @@ fn options() -> Options {
             "--floor" => o.floor = value().parse().unwrap(),
             "--pools" => o.pools = value().split(',').map(str::to_owned).collect(),
             "--verbose" => o.verbose = true,
+            "--trace" => o.trace = value().parse().unwrap(),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -141,7 +147,16 @@ async fn main() {
                 membudget = Some(Arc::clone(&pool));
                 pool
             };
+            let traced = (o.trace > 0).then(|| Arc::new(trace_pool::TracePool::new(pool.clone())));
+            let pool: Arc<dyn MemoryPool> = match &traced {
+                Some(t) => t.clone(),
+                None => pool,
+            };
             let run = common::run(sql, &table, pool).await;
+            if let (Some(t), Err(e)) = (&traced, &run.result) {
+                println!("  failed: {e}");
+                t.dump(o.trace);
+            }
             if let Some(io) = io {
                 io_cycles += io.stop();
             }
