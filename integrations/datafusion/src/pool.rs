@@ -249,9 +249,41 @@ impl Books {
             .sum()
     }
 
-    /// A spillable consumer's share: `(limit - set_aside) / spillers`.
-    fn share(&self, limit: usize, policy: Policy) -> usize {
+    /// Room an unspillable consumer claimed and does not hold now (under [`Policy::Fair`]):
+    /// `claim - bytes` summed over the unspillable consumers but `except`.
+    fn unheld_claims(&self, except: usize) -> usize {
+        self.consumers
+            .iter()
+            .filter(|(id, c)| !c.can_spill && **id != except)
+            .map(|(_, c)| c.claim.saturating_sub(c.bytes))
+            .sum()
+    }
+
+    /// Under [`Policy::Fair`], room kept free for an unspillable consumer of ordinary size
+    /// (the next partition's merge headroom, a merge's next batch): the most any registered
+    /// unspillable consumer but `except` holds or claims, at most one more share of
+    /// `limit - set_aside`. Spillers never take it, nor an unspillable consumer that holds
+    /// more than it and than its own claim.
+    fn headroom(&self, limit: usize, policy: Policy, except: usize) -> usize {
+        if policy != Policy::Fair {
+            return 0;
+        }
+        let largest = self
+            .consumers
+            .iter()
+            .filter(|(id, c)| !c.can_spill && **id != except)
+            .map(|(_, c)| c.bytes.max(c.claim))
+            .max()
+            .unwrap_or(0);
         let spill_room = limit.saturating_sub(self.set_aside(policy));
+        largest.min(spill_room / (self.spillers + 1))
+    }
+
+    /// A spillable consumer's share: `(limit - set_aside - headroom) / spillers`.
+    fn share(&self, limit: usize, policy: Policy) -> usize {
+        let spill_room = limit
+            .saturating_sub(self.set_aside(policy))
+            .saturating_sub(self.headroom(limit, policy, usize::MAX));
         spill_room.checked_div(self.spillers).unwrap_or(spill_room)
     }
 
@@ -736,9 +768,12 @@ impl MemoryPool for MembudgetPool {
         let consumer = books.consumer(reservation.consumer());
         let shrink = shrink.min(consumer.bytes);
         if !consumer.can_spill && shrink == consumer.bytes {
-            // Everything given back: under `Fair`, kept aside from the spillers' shares
-            // until it is reserved again (a sorter's merge headroom, freed to spill).
-            consumer.claim = consumer.bytes;
+            // Everything given back: under `Fair`, kept aside from the spillers (their
+            // shares and the room they may take) while it is registered (a sorter's merge
+            // headroom, freed to spill and reserved again after; or passed on to the
+            // merge that reads its spills). The largest such release is kept: a merge
+            // stream of the same consumer that grows and ends inside it does not lower it.
+            consumer.claim = consumer.claim.max(consumer.bytes);
         }
         consumer.bytes -= shrink;
         let size = books.held.size() - shrink;
@@ -756,25 +791,59 @@ impl MemoryPool for MembudgetPool {
         let consumer = books.consumer(reservation.consumer());
         let (can_spill, consumer_bytes) = (consumer.can_spill, consumer.bytes);
 
+        let limit = self.limit();
         // The policy's share, for a spillable consumer.
-        let refused = if can_spill && self.policy != Policy::Greedy {
-            let share = books.share(self.limit(), self.policy);
+        let mut refused = if can_spill && self.policy != Policy::Greedy {
+            let share = books.share(limit, self.policy);
             let held = reservation.size();
             (held.saturating_add(additional) > share)
                 .then(|| (RefusalReason::Share { share }, share.saturating_sub(held)))
         } else {
             None
         };
-        // Whether the request is within what the policy entitles the consumer to: under
-        // `Fair`, whether it fits the limit once every spiller's bytes are counted at most
-        // at its share (the room spillers hold above their shares is the entitled
-        // consumer's); under `FairSpill`, a spillable reservation within its share.
+        // Under `Fair`, room set aside: a spillable consumer that holds something (it can
+        // spill it) takes none of what the unspillable consumers claimed and do not hold
+        // now, nor the headroom: it spills instead. An unspillable consumer that holds
+        // more than the headroom and than its own claim takes none of what the *other*
+        // unspillable ones claimed: a final merge grows for as many spill files as it is
+        // granted, and must not take the room another partition's merge gave back to
+        // spill. A smaller one (a merge's next batch, `SortPreservingMergeExec`) takes
+        // what is free.
+        let first_bytes = can_spill && consumer_bytes == 0;
+        if refused.is_none() && self.policy == Policy::Fair && !first_bytes {
+            let set_aside = if can_spill {
+                books
+                    .unheld_claims(usize::MAX)
+                    .saturating_add(books.headroom(limit, self.policy, usize::MAX))
+            } else {
+                let headroom = books.headroom(limit, self.policy, id);
+                let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
+                let large = consumer_bytes.saturating_add(additional) > headroom.max(claim);
+                if large { books.unheld_claims(id) } else { 0 }
+            };
+            let held = books.held.size();
+            if held.saturating_add(additional).saturating_add(set_aside) > limit {
+                refused = Some((
+                    RefusalReason::SetAside { set_aside },
+                    limit.saturating_sub(held.saturating_add(set_aside)),
+                ));
+            }
+        }
+        // Whether the request is within what the policy entitles the consumer to, if this
+        // pool's own budget is spent (then it overcommits, counted). Under `Fair`, only a
+        // spillable consumer that holds nothing (a sorter's first batch: it has nothing to
+        // spill, and `FairSpillPool` would grant it) whose request fits the limit once every
+        // spiller's bytes are counted at most at its share (the room spillers hold above
+        // their shares is the entitled consumer's). A consumer that holds bytes is never
+        // entitled: refused, a spillable one spills; an unspillable one may be a merge
+        // that asks for more only to read more spill files at once. Under `FairSpill`, a
+        // spillable reservation within its share.
         let entitled = refused.is_none()
             && match self.policy {
                 Policy::Greedy => false,
                 Policy::FairSpill => can_spill,
+                Policy::Fair if !first_bytes => false,
                 Policy::Fair => {
-                    let limit = self.limit();
                     let share = books.share(limit, self.policy);
                     let fair_total: usize = books
                         .consumers
@@ -860,7 +929,9 @@ impl MemoryPool for MembudgetPool {
 
         books.stats.refused += 1;
         match reason {
-            RefusalReason::Share { .. } => books.stats.refused_by_share += 1,
+            RefusalReason::Share { .. } | RefusalReason::SetAside { .. } => {
+                books.stats.refused_by_share += 1
+            }
             RefusalReason::Budget { .. } => books.stats.refused_by_budget += 1,
         }
         let consumers: Vec<Holder> = {

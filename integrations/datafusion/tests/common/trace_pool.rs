@@ -89,15 +89,33 @@ impl MemoryPool for TracePool {
     }
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         self.inner.grow(reservation, additional);
-        self.log(reservation.consumer(), "grow", additional, reservation.size(), true);
+        self.log(
+            reservation.consumer(),
+            "grow",
+            additional,
+            reservation.size(),
+            true,
+        );
     }
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         self.inner.shrink(reservation, shrink);
-        self.log(reservation.consumer(), "shrink", shrink, reservation.size(), true);
+        self.log(
+            reservation.consumer(),
+            "shrink",
+            shrink,
+            reservation.size(),
+            true,
+        );
     }
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
         let r = self.inner.try_grow(reservation, additional);
-        self.log(reservation.consumer(), "try_grow", additional, reservation.size(), r.is_ok());
+        self.log(
+            reservation.consumer(),
+            "try_grow",
+            additional,
+            reservation.size(),
+            r.is_ok(),
+        );
         r
     }
     fn reserved(&self) -> usize {
