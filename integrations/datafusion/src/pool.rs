@@ -33,26 +33,28 @@ use crate::{Holder, HolderKind, Refusal, RefusalReason};
 #[non_exhaustive]
 pub enum Policy {
     /// The default. Spillable reservations are capped at a fair share, as with DataFusion's
-    /// `FairSpillPool`, with two differences that keep the queries `FairSpillPool` fails
-    /// from failing (see the crate README, "Beyond parity"):
+    /// `FairSpillPool`, with differences that keep the queries `FairSpillPool` fails from
+    /// failing (see the crate README, "Policies" and "Beyond parity"):
     ///
-    /// * the share is `(limit - set_aside) / spillable consumers`, where `set_aside` is,
-    ///   summed over the registered unspillable consumers, what each holds or, if it gave
-    ///   everything back since, what it held just before (until it reserves again). A
-    ///   sorter that frees its merge headroom to spill finds the room still there when it
-    ///   reserves it again: no spiller's share grew into it meanwhile;
-    /// * see below: requests refused only because spillers hold more than their shares
-    ///   overcommit.
+    /// * the share is `(limit - set_aside - headroom) / spillable consumers`, where
+    ///   `set_aside` is, summed over the registered unspillable consumers, what each holds
+    ///   or its claim if larger (the largest single request it was granted while it held
+    ///   nothing: a sorter's merge headroom, freed to spill and reserved again after), and
+    ///   `headroom` is room kept
+    ///   for one more unspillable consumer (the largest one registered holds or claims, at
+    ///   most one more share);
+    /// * a spillable consumer that holds bytes is also refused when the free room less the
+    ///   unheld claims and the headroom is too small ([`RefusalReason::SetAside`]): it
+    ///   spills. It never overcommits. One that holds nothing (a sorter's first batch) may
+    ///   take that room, or, if this pool's own budget is spent and the request fits the
+    ///   limit with every spiller counted at most at its share, counted overcommit
+    ///   ([`MembudgetStats::forced_shares`]);
+    /// * unspillable consumers take what the budget has free, except that one holding more
+    ///   than the headroom and than its own claim leaves the other unspillable consumers'
+    ///   unheld claims alone.
     ///
-    /// Unspillable consumers take what the budget has free.
-    ///
-    /// A request that finds this pool's own budget spent only because spillers hold more
-    /// than their shares (they took the room before the others registered, say: it fits
-    /// the limit once each spiller is counted at most at its share) gets the bytes as
-    /// counted overcommit
-    /// ([`MembudgetStats::forced_shares`]): `FairSpillPool` never checks the total for
-    /// spillers, and a sorter refused with nothing buffered fails the query. When the room
-    /// is missing higher up the tree (the I/O side holds it), it is refused.
+    /// When the room is missing higher up the tree (the I/O side holds it), requests are
+    /// refused: the pool's floor is what protects the query there.
     #[default]
     Fair,
     /// DataFusion's `FairSpillPool` rule, unchanged: a spillable *reservation* may hold
@@ -187,8 +189,9 @@ struct Consumer {
     bytes: usize,
     /// The most it ever held.
     peak: usize,
-    /// For an unspillable consumer under [`Policy::Fair`]: what it held the last time it
-    /// gave everything back, kept aside from the spillers' shares while it is registered.
+    /// For an unspillable consumer under [`Policy::Fair`]: the largest single `try_grow` it
+    /// was granted while it held nothing (a sorter's merge headroom, reserved in one
+    /// request), kept aside while it is registered, whether it holds it or not.
     claim: usize,
 }
 
@@ -328,12 +331,13 @@ pub struct MembudgetStats {
     pub granted: u64,
     /// `try_grow` calls refused (each one a `ResourcesExhausted` error).
     pub refused: u64,
-    /// ... of which the policy's share refused.
+    /// ... of which the policy refused (a share, or room set aside).
     pub refused_by_share: u64,
     /// ... of which the budget refused (the bytes were not free in the tree).
     pub refused_by_budget: u64,
-    /// `try_grow` calls granted as overcommit: a consumer within its share (or claim) found
-    /// this pool's budget spent by spillers above their shares (see [`Policy::Fair`]).
+    /// `try_grow` calls granted as overcommit: under [`Policy::Fair`], a spillable consumer
+    /// that held nothing found this pool's budget spent by spillers above their shares;
+    /// under [`Policy::FairSpill`], a spillable reservation within its share.
     pub forced_shares: u64,
     /// `grow` calls (infallible) that found the bytes not free and overcommitted.
     pub forced_grows: u64,
@@ -767,14 +771,6 @@ impl MemoryPool for MembudgetPool {
         let mut books = self.lock();
         let consumer = books.consumer(reservation.consumer());
         let shrink = shrink.min(consumer.bytes);
-        if !consumer.can_spill && shrink == consumer.bytes {
-            // Everything given back: under `Fair`, kept aside from the spillers (their
-            // shares and the room they may take) while it is registered (a sorter's merge
-            // headroom, freed to spill and reserved again after; or passed on to the
-            // merge that reads its spills). The largest such release is kept: a merge
-            // stream of the same consumer that grows and ends inside it does not lower it.
-            consumer.claim = consumer.claim.max(consumer.bytes);
-        }
         consumer.bytes -= shrink;
         let size = books.held.size() - shrink;
         self.reserved.store(size, Relaxed);
@@ -819,7 +815,11 @@ impl MemoryPool for MembudgetPool {
                 let headroom = books.headroom(limit, self.policy, id);
                 let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
                 let large = consumer_bytes.saturating_add(additional) > headroom.max(claim);
-                if large { books.unheld_claims(id) } else { 0 }
+                if large {
+                    books.unheld_claims(id).saturating_add(additional)
+                } else {
+                    0
+                }
             };
             let held = books.held.size();
             if held.saturating_add(additional).saturating_add(set_aside) > limit {
@@ -921,6 +921,15 @@ impl MemoryPool for MembudgetPool {
         });
 
         let Some((reason, available)) = refused else {
+            let consumer = books.consumers.get_mut(&id).expect("registered above");
+            if !consumer.can_spill && consumer.bytes == 0 {
+                // Its claim (under `Fair`): a sorter's merge headroom is reserved in one
+                // request from nothing, freed to spill and reserved again after, or passed
+                // on to the merge that reads the spills; the room stays set aside from
+                // the spillers meanwhile. The growth of a merge stream of the same
+                // consumer, in small steps, does not raise it.
+                consumer.claim = consumer.claim.max(additional);
+            }
             books.add(id, additional);
             books.stats.granted += 1;
             self.reserved.store(books.held.size(), Relaxed);
