@@ -175,6 +175,11 @@ impl MembudgetPoolBuilder {
             reserved: AtomicUsize::new(0),
             policy: self.policy,
             holders: self.holders,
+            floor: {
+                let (floor, limit) = (pool.report().min_memory, pool.stats().max_memory);
+                let in_tree = !is_this_pool(&pool.tree_report(), &pool.stats());
+                (in_tree && floor > 0 && floor < limit).then_some(floor)
+            },
             pool,
         }
     }
@@ -437,6 +442,9 @@ pub struct MembudgetPool {
     reserved: AtomicUsize,
     policy: Policy,
     holders: usize,
+    /// A child pool's floor (`min_memory`), when it is above 0 and below its budget: what
+    /// `Policy::Fair` sizes the spillers from.
+    floor: Option<usize>,
     pool: BufPool,
 }
 
@@ -787,7 +795,16 @@ impl MemoryPool for MembudgetPool {
         let consumer = books.consumer(reservation.consumer());
         let (can_spill, consumer_bytes) = (consumer.can_spill, consumer.bytes);
 
-        let limit = self.limit();
+        // Under `Fair`, the shares, the headroom and the room spillers may take come from
+        // the room the pool is sure of: its budget or, when it is a child with a floor
+        // below its budget, the floor. Room above the floor that is free now may be gone
+        // when the next partition needs it (the I/O side takes it back, and a sorter in
+        // its output phase cannot give it back): spillers do not build on it. Unspillable
+        // consumers may use it (the budget still has the last word).
+        let limit = match (self.policy, self.floor) {
+            (Policy::Fair, Some(floor)) => floor,
+            _ => self.limit(),
+        };
         // The policy's share, for a spillable consumer.
         let mut refused = if can_spill && self.policy != Policy::Greedy {
             let share = books.share(limit, self.policy);
@@ -800,11 +817,12 @@ impl MemoryPool for MembudgetPool {
         // Under `Fair`, room set aside: a spillable consumer that holds something (it can
         // spill it) takes none of what the unspillable consumers claimed and do not hold
         // now, nor the headroom: it spills instead. An unspillable consumer that holds
-        // more than the headroom and than its own claim takes none of what the *other*
-        // unspillable ones claimed: a final merge grows for as many spill files as it is
-        // granted, and must not take the room another partition's merge gave back to
-        // spill. A smaller one (a merge's next batch, `SortPreservingMergeExec`) takes
-        // what is free.
+        // bytes and would hold more than the headroom and than its own claim ("large")
+        // takes none of what the *other* unspillable ones claimed, and leaves as much as
+        // it asks free (at most the headroom): a final merge grows for as many spill files
+        // as it is granted, and must not take the room another partition's merge gave
+        // back to spill, nor the last room `SortPreservingMergeExec` needs for its next
+        // batch. A smaller one, or a first request, takes what is free.
         let first_bytes = can_spill && consumer_bytes == 0;
         if refused.is_none() && self.policy == Policy::Fair && !first_bytes {
             let set_aside = if can_spill {
@@ -814,15 +832,23 @@ impl MemoryPool for MembudgetPool {
             } else {
                 let headroom = books.headroom(limit, self.policy, id);
                 let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
-                let large = consumer_bytes.saturating_add(additional) > headroom.max(claim);
+                // Large: it holds bytes already (a first request sets its claim) and would
+                // hold more than the headroom and its claim.
+                let large = consumer_bytes > 0
+                    && consumer_bytes.saturating_add(additional) > headroom.max(claim);
                 if large {
-                    books.unheld_claims(id).saturating_add(additional)
+                    books
+                        .unheld_claims(id)
+                        .saturating_add(additional.min(headroom))
                 } else {
                     0
                 }
             };
             let held = books.held.size();
-            if held.saturating_add(additional).saturating_add(set_aside) > limit {
+            // (A request the budget itself cannot hold is refused by the budget, below.)
+            if held.saturating_add(additional).saturating_add(set_aside) > limit
+                && held.saturating_add(additional) <= self.limit()
+            {
                 refused = Some((
                     RefusalReason::SetAside { set_aside },
                     limit.saturating_sub(held.saturating_add(set_aside)),
@@ -831,33 +857,20 @@ impl MemoryPool for MembudgetPool {
         }
         // Whether the request is within what the policy entitles the consumer to, if this
         // pool's own budget is spent (then it overcommits, counted). Under `Fair`, only a
-        // spillable consumer that holds nothing (a sorter's first batch: it has nothing to
-        // spill, and `FairSpillPool` would grant it) whose request fits the limit once every
-        // spiller's bytes are counted at most at its share (the room spillers hold above
-        // their shares is the entitled consumer's). A consumer that holds bytes is never
-        // entitled: refused, a spillable one spills; an unspillable one may be a merge
-        // that asks for more only to read more spill files at once. Under `FairSpill`, a
-        // spillable reservation within its share.
+        // request within its share on an *empty* spillable reservation: a sorter's first
+        // batch (it has nothing to spill), or an operator's new reservation beside another
+        // of the same consumer that it cannot spill from there (a GROUP BY reading its
+        // spills back while its replay table holds the rest). `FairSpillPool` grants
+        // these, checking the reservation against the share and never the total. A
+        // request on a reservation that holds bytes is never entitled: refused, a
+        // spillable consumer spills there; an unspillable one may be a merge that asks
+        // for more only to read more spill files at once. Under `FairSpill`, any spillable
+        // reservation within its share.
         let entitled = refused.is_none()
             && match self.policy {
                 Policy::Greedy => false,
                 Policy::FairSpill => can_spill,
-                Policy::Fair if !first_bytes => false,
-                Policy::Fair => {
-                    let share = books.share(limit, self.policy);
-                    let fair_total: usize = books
-                        .consumers
-                        .values()
-                        .map(|c| {
-                            if c.can_spill {
-                                c.bytes.min(share)
-                            } else {
-                                c.bytes
-                            }
-                        })
-                        .sum();
-                    fair_total.saturating_add(additional) <= limit
-                }
+                Policy::Fair => can_spill && reservation.size() == 0,
             };
         // Then the budget.
         let refused = refused.or_else(|| {
