@@ -36,22 +36,28 @@ pub enum Policy {
     /// `FairSpillPool`, with differences that keep the queries `FairSpillPool` fails from
     /// failing (see the crate README, "Policies" and "Beyond parity"):
     ///
-    /// * the share is `(limit - set_aside - headroom) / spillable consumers`, where
-    ///   `set_aside` is, summed over the registered unspillable consumers, what each holds
-    ///   or its claim if larger (the largest single request it was granted while it held
-    ///   nothing: a sorter's merge headroom, freed to spill and reserved again after), and
-    ///   `headroom` is room kept
-    ///   for one more unspillable consumer (the largest one registered holds or claims, at
-    ///   most one more share);
-    /// * a spillable consumer that holds bytes is also refused when the free room less the
-    ///   unheld claims and the headroom is too small ([`RefusalReason::SetAside`]): it
-    ///   spills. It never overcommits. One that holds nothing (a sorter's first batch) may
-    ///   take that room, or, if this pool's own budget is spent and the request fits the
-    ///   limit with every spiller counted at most at its share, counted overcommit
-    ///   ([`MembudgetStats::forced_shares`]);
-    /// * unspillable consumers take what the budget has free, except that one holding more
-    ///   than the headroom and than its own claim leaves the other unspillable consumers'
-    ///   unheld claims alone.
+    /// * the share is `(base - set_aside - headroom) / spillable consumers`. `base` is the
+    ///   pool's budget or, for a child pool whose floor (`min_memory`) is above 0 and below
+    ///   its budget, the floor. `set_aside` is, summed over the registered unspillable
+    ///   consumers, what each holds or its claim if larger (the largest single request it
+    ///   was granted while it held nothing: a sorter's merge headroom, freed to spill and
+    ///   reserved again after). `headroom` is room kept for one more unspillable consumer:
+    ///   the most a registered one holds or claims, at most one more share;
+    /// * a request on a spillable reservation that holds more than half its consumer's
+    ///   bytes (where the consumer buffers: it can spill them) is also refused when the
+    ///   room below `base` less the unheld claims and the headroom is too small
+    ///   ([`RefusalReason::SetAside`]): it spills. It never overcommits;
+    /// * any other spillable request within its share (a sorter's first batch, a sorted
+    ///   run's output beside the batches it is sorted from, a GROUP BY's merge of its
+    ///   spills beside its replay table: the consumer cannot spill from there, and
+    ///   `FairSpillPool` checks such a reservation against the share alone) may take that
+    ///   room and, when the budget is spent (this pool's, or the tree's for a pool with a
+    ///   floor), is granted as counted overcommit ([`MembudgetStats::forced_shares`]);
+    /// * unspillable consumers take what the budget has free, except that one that holds
+    ///   bytes and would hold more than the headroom and than its own claim (a final merge
+    ///   growing to read more spill files at once) leaves the other unspillable
+    ///   consumers' unheld claims alone, and as much as it asks free (at most the
+    ///   headroom). They never overcommit through `try_grow`.
     ///
     /// When the room is missing higher up the tree (the I/O side holds it), requests are
     /// refused: the pool's floor is what protects the query there.
@@ -176,9 +182,8 @@ impl MembudgetPoolBuilder {
             policy: self.policy,
             holders: self.holders,
             floor: {
-                let (floor, limit) = (pool.report().min_memory, pool.stats().max_memory);
                 let in_tree = !is_this_pool(&pool.tree_report(), &pool.stats());
-                (in_tree && floor > 0 && floor < limit).then_some(floor)
+                if in_tree { pool.report().min_memory } else { 0 }
             },
             pool,
         }
@@ -340,9 +345,10 @@ pub struct MembudgetStats {
     pub refused_by_share: u64,
     /// ... of which the budget refused (the bytes were not free in the tree).
     pub refused_by_budget: u64,
-    /// `try_grow` calls granted as overcommit: under [`Policy::Fair`], a spillable consumer
-    /// that held nothing found this pool's budget spent by spillers above their shares;
-    /// under [`Policy::FairSpill`], a spillable reservation within its share.
+    /// `try_grow` calls granted as overcommit: a request within its share on a spillable
+    /// reservation that holds at most half its consumer's bytes ([`Policy::Fair`]; also
+    /// when the tree above a pool with a floor is full) or on any spillable reservation
+    /// ([`Policy::FairSpill`]) that found this pool's own budget spent.
     pub forced_shares: u64,
     /// `grow` calls (infallible) that found the bytes not free and overcommitted.
     pub forced_grows: u64,
@@ -442,9 +448,9 @@ pub struct MembudgetPool {
     reserved: AtomicUsize,
     policy: Policy,
     holders: usize,
-    /// A child pool's floor (`min_memory`), when it is above 0 and below its budget: what
-    /// `Policy::Fair` sizes the spillers from.
-    floor: Option<usize>,
+    /// A child pool's floor (`min_memory`; 0 for a root): when it is above 0 and below the
+    /// budget, `Policy::Fair` sizes the spillers from it.
+    floor: usize,
     pool: BufPool,
 }
 
@@ -801,8 +807,8 @@ impl MemoryPool for MembudgetPool {
         // when the next partition needs it (the I/O side takes it back, and a sorter in
         // its output phase cannot give it back): spillers do not build on it. Unspillable
         // consumers may use it (the budget still has the last word).
-        let limit = match (self.policy, self.floor) {
-            (Policy::Fair, Some(floor)) => floor,
+        let limit = match self.policy {
+            Policy::Fair if self.floor > 0 && self.floor < self.limit() => self.floor,
             _ => self.limit(),
         };
         // The policy's share, for a spillable consumer.
@@ -823,8 +829,12 @@ impl MemoryPool for MembudgetPool {
         // as it is granted, and must not take the room another partition's merge gave
         // back to spill, nor the last room `SortPreservingMergeExec` needs for its next
         // batch. A smaller one, or a first request, takes what is free.
-        let first_bytes = can_spill && consumer_bytes == 0;
-        if refused.is_none() && self.policy == Policy::Fair && !first_bytes {
+        // A spillable reservation that holds at most half its consumer's bytes: a sorter's
+        // first batch (nothing held), a sorted run's output beside the batches it is
+        // being sorted from, a GROUP BY's merge of its spills beside its replay table. The
+        // consumer cannot spill from it; `FairSpillPool` checks it against the share alone.
+        let secondary = can_spill && reservation.size().saturating_mul(2) <= consumer_bytes;
+        if refused.is_none() && self.policy == Policy::Fair && !secondary {
             let set_aside = if can_spill {
                 books
                     .unheld_claims(usize::MAX)
@@ -855,22 +865,19 @@ impl MemoryPool for MembudgetPool {
                 ));
             }
         }
-        // Whether the request is within what the policy entitles the consumer to, if this
-        // pool's own budget is spent (then it overcommits, counted). Under `Fair`, only a
-        // request within its share on an *empty* spillable reservation: a sorter's first
-        // batch (it has nothing to spill), or an operator's new reservation beside another
-        // of the same consumer that it cannot spill from there (a GROUP BY reading its
-        // spills back while its replay table holds the rest). `FairSpillPool` grants
-        // these, checking the reservation against the share and never the total. A
-        // request on a reservation that holds bytes is never entitled: refused, a
-        // spillable consumer spills there; an unspillable one may be a merge that asks
-        // for more only to read more spill files at once. Under `FairSpill`, any spillable
-        // reservation within its share.
+        // Whether the request is within what the policy entitles the consumer to, if the
+        // budget is spent (then it overcommits, counted). Under `Fair`, a request within
+        // its share on a secondary spillable reservation (above): `FairSpillPool` grants
+        // these, checking the reservation against the share and never the total. A request
+        // on a reservation where the consumer buffers is never entitled: refused, it
+        // spills there; nor is an unspillable one (a merge may ask for more only to read
+        // more spill files at once). Under `FairSpill`, any spillable reservation within
+        // its share.
         let entitled = refused.is_none()
             && match self.policy {
                 Policy::Greedy => false,
                 Policy::FairSpill => can_spill,
-                Policy::Fair => can_spill && reservation.size() == 0,
+                Policy::Fair => secondary,
             };
         // Then the budget.
         let refused = refused.or_else(|| {
@@ -891,13 +898,17 @@ impl MemoryPool for MembudgetPool {
             });
             match attempt {
                 Some(Ok(())) => None,
-                // A consumer within its entitlement, refused because this pool's own
-                // budget is spent: other spillers hold more than their shares (they took
-                // the room before it registered, or hold split reservations). It cannot
-                // take bytes back from them, and may have nothing to spill: as
-                // `FairSpillPool` (which never checks the total for spillers), it gets the
-                // bytes, as overcommit the core counts, repaid as the others spill.
-                Some(Err(_)) if entitled && self.own_budget_spent(additional) => {
+                // A request within its entitlement, refused because this pool's own budget
+                // is spent (other consumers hold more than their shares, or the same
+                // consumer holds the rest in another reservation) or, for a pool with a
+                // floor, because the tree above it has no room (`FairSpillPool` of the
+                // floor's size would grant it: it never checks the total for spillers).
+                // It may have nothing to spill from this reservation: it gets the bytes, as
+                // overcommit the core counts at every level, repaid as the others spill or
+                // finish (the I/O side waits meanwhile).
+                Some(Err(_))
+                    if entitled && (self.floor > 0 || self.own_budget_spent(additional)) =>
+                {
                     books
                         .held
                         .force_grow(additional)
