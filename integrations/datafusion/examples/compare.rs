@@ -36,6 +36,9 @@ struct Options {
     verbose: bool,
     /// On a failure, print this many of the pool's last calls.
     trace: usize,
+    /// A run longer than this is reported as hung (with `--trace`, its last calls) and the
+    /// program exits with status 3.
+    hang_secs: u64,
 }
 
 fn options() -> Options {
@@ -49,6 +52,7 @@ fn options() -> Options {
         pools: vec!["fair".into(), "membudget".into()],
         verbose: false,
         trace: 0,
+        hang_secs: 600,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -63,6 +67,7 @@ fn options() -> Options {
             "--pools" => o.pools = value().split(',').map(str::to_owned).collect(),
             "--verbose" => o.verbose = true,
             "--trace" => o.trace = value().parse().unwrap(),
+            "--hang-secs" => o.hang_secs = value().parse().unwrap(),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -152,7 +157,25 @@ async fn main() {
                 Some(t) => t.clone(),
                 None => pool,
             };
-            let run = common::run(sql, &table, pool).await;
+            let run = match tokio::time::timeout(
+                std::time::Duration::from_secs(o.hang_secs),
+                common::run(sql, &table, pool),
+            )
+            .await
+            {
+                Ok(run) => run,
+                Err(_) => {
+                    // A run that makes no progress: say so, with the pool's last calls.
+                    println!("  run hung for {} s", o.hang_secs);
+                    if let Some(t) = &traced {
+                        t.dump(o.trace);
+                    }
+                    if let Some(p) = &membudget {
+                        println!("  {:?}\n  {:?}", p.stats(), p.consumers());
+                    }
+                    std::process::exit(3);
+                }
+            };
             if let (Some(t), Err(e)) = (&traced, &run.result) {
                 println!("  failed: {e}");
                 t.dump(o.trace);
