@@ -820,10 +820,11 @@ impl MemoryPool for MembudgetPool {
         } else {
             None
         };
-        // Under `Fair`, room set aside: a spillable consumer that holds something (it can
-        // spill it) takes none of what the unspillable consumers claimed and do not hold
-        // now, nor the headroom: it spills instead. An unspillable consumer that holds
-        // bytes and would hold more than the headroom and than its own claim ("large")
+        // Under `Fair`, room set aside: a request on a spillable reservation where its
+        // consumer buffers (more than half its bytes: it can spill them) takes none of what
+        // the unspillable consumers claimed and do not hold now, nor the headroom: the
+        // consumer spills instead. A secondary one (below) may. An unspillable consumer
+        // that holds bytes and would hold more than the headroom and its own claim ("large")
         // takes none of what the *other* unspillable ones claimed, and leaves as much as
         // it asks free (at most the headroom): a final merge grows for as many spill files
         // as it is granted, and must not take the room another partition's merge gave
@@ -907,7 +908,9 @@ impl MemoryPool for MembudgetPool {
                 // overcommit the core counts at every level, repaid as the others spill or
                 // finish (the I/O side waits meanwhile).
                 Some(Err(_))
-                    if entitled && (self.floor > 0 || self.own_budget_spent(additional)) =>
+                    if entitled
+                        && ((self.policy == Policy::Fair && self.floor > 0)
+                            || self.own_budget_spent(additional)) =>
                 {
                     books
                         .held
