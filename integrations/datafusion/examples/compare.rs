@@ -16,6 +16,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/trace_pool.rs"]
+mod trace_pool;
 
 use std::sync::Arc;
 
@@ -32,6 +34,11 @@ struct Options {
     floor: f64,
     pools: Vec<String>,
     verbose: bool,
+    /// On a failure, print this many of the pool's last calls.
+    trace: usize,
+    /// A run longer than this is reported as hung (with `--trace`, its last calls) and the
+    /// program exits with status 3.
+    hang_secs: u64,
 }
 
 fn options() -> Options {
@@ -44,6 +51,8 @@ fn options() -> Options {
         floor: 1.0,
         pools: vec!["fair".into(), "membudget".into()],
         verbose: false,
+        trace: 0,
+        hang_secs: 600,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -57,6 +66,8 @@ fn options() -> Options {
             "--floor" => o.floor = value().parse().unwrap(),
             "--pools" => o.pools = value().split(',').map(str::to_owned).collect(),
             "--verbose" => o.verbose = true,
+            "--trace" => o.trace = value().parse().unwrap(),
+            "--hang-secs" => o.hang_secs = value().parse().unwrap(),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -141,7 +152,34 @@ async fn main() {
                 membudget = Some(Arc::clone(&pool));
                 pool
             };
-            let run = common::run(sql, &table, pool).await;
+            let traced = (o.trace > 0).then(|| Arc::new(trace_pool::TracePool::new(pool.clone())));
+            let pool: Arc<dyn MemoryPool> = match &traced {
+                Some(t) => t.clone(),
+                None => pool,
+            };
+            let run = match tokio::time::timeout(
+                std::time::Duration::from_secs(o.hang_secs),
+                common::run(sql, &table, pool),
+            )
+            .await
+            {
+                Ok(run) => run,
+                Err(_) => {
+                    // A run that makes no progress: say so, with the pool's last calls.
+                    println!("  run hung for {} s", o.hang_secs);
+                    if let Some(t) = &traced {
+                        t.dump(o.trace);
+                    }
+                    if let Some(p) = &membudget {
+                        println!("  {:?}\n  {:?}", p.stats(), p.consumers());
+                    }
+                    std::process::exit(3);
+                }
+            };
+            if let (Some(t), Err(e)) = (&traced, &run.result) {
+                println!("  failed: {e}");
+                t.dump(o.trace);
+            }
             if let Some(io) = io {
                 io_cycles += io.stop();
             }

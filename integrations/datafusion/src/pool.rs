@@ -33,26 +33,34 @@ use crate::{Holder, HolderKind, Refusal, RefusalReason};
 #[non_exhaustive]
 pub enum Policy {
     /// The default. Spillable reservations are capped at a fair share, as with DataFusion's
-    /// `FairSpillPool`, with two differences that keep the queries `FairSpillPool` fails
-    /// from failing (see the crate README, "Beyond parity"):
+    /// `FairSpillPool`, with differences that keep the queries `FairSpillPool` fails from
+    /// failing (see the crate README, "Policies" and "Beyond parity"):
     ///
-    /// * the share is `(limit - set_aside) / spillable consumers`, where `set_aside` is,
-    ///   summed over the registered unspillable consumers, what each holds or, if it gave
-    ///   everything back since, what it held just before (until it reserves again). A
-    ///   sorter that frees its merge headroom to spill finds the room still there when it
-    ///   reserves it again: no spiller's share grew into it meanwhile;
-    /// * see below: requests refused only because spillers hold more than their shares
-    ///   overcommit.
+    /// * the share is `(base - set_aside - headroom) / spillable consumers`. `base` is the
+    ///   pool's budget or, for a child pool whose floor (`min_memory`) is above 0 and below
+    ///   its budget, the floor. `set_aside` is, summed over the registered unspillable
+    ///   consumers, what each holds or its claim if larger (the largest single request it
+    ///   was granted while it held nothing: a sorter's merge headroom, freed to spill and
+    ///   reserved again after). `headroom` is room kept for one more unspillable consumer:
+    ///   the most a registered one holds or claims, at most one more share;
+    /// * a request on a spillable reservation that holds more than half its consumer's
+    ///   bytes (where the consumer buffers: it can spill them) is also refused when the
+    ///   room below `base` less the unheld claims and the headroom is too small
+    ///   ([`RefusalReason::SetAside`]): it spills. It never overcommits;
+    /// * any other spillable request within its share (a sorter's first batch, a sorted
+    ///   run's output beside the batches it is sorted from, a GROUP BY's merge of its
+    ///   spills beside its replay table: the consumer cannot spill from there, and
+    ///   `FairSpillPool` checks such a reservation against the share alone) may take that
+    ///   room and, when the budget is spent (this pool's, or the tree's for a pool with a
+    ///   floor), is granted as counted overcommit ([`MembudgetStats::forced_shares`]);
+    /// * unspillable consumers take what the budget has free, except that one that holds
+    ///   bytes and would hold more than the headroom and than its own claim (a final merge
+    ///   growing to read more spill files at once) leaves the other unspillable
+    ///   consumers' unheld claims alone, and as much as it asks free (at most the
+    ///   headroom). They never overcommit through `try_grow`.
     ///
-    /// Unspillable consumers take what the budget has free.
-    ///
-    /// A request that finds this pool's own budget spent only because spillers hold more
-    /// than their shares (they took the room before the others registered, say: it fits
-    /// the limit once each spiller is counted at most at its share) gets the bytes as
-    /// counted overcommit
-    /// ([`MembudgetStats::forced_shares`]): `FairSpillPool` never checks the total for
-    /// spillers, and a sorter refused with nothing buffered fails the query. When the room
-    /// is missing higher up the tree (the I/O side holds it), it is refused.
+    /// When the room is missing higher up the tree (the I/O side holds it), requests are
+    /// refused: the pool's floor is what protects the query there.
     #[default]
     Fair,
     /// DataFusion's `FairSpillPool` rule, unchanged: a spillable *reservation* may hold
@@ -173,6 +181,10 @@ impl MembudgetPoolBuilder {
             reserved: AtomicUsize::new(0),
             policy: self.policy,
             holders: self.holders,
+            floor: {
+                let in_tree = !is_this_pool(&pool.tree_report(), &pool.stats());
+                if in_tree { pool.report().min_memory } else { 0 }
+            },
             pool,
         }
     }
@@ -187,8 +199,9 @@ struct Consumer {
     bytes: usize,
     /// The most it ever held.
     peak: usize,
-    /// For an unspillable consumer under [`Policy::Fair`]: what it held the last time it
-    /// gave everything back, kept aside from the spillers' shares while it is registered.
+    /// For an unspillable consumer under [`Policy::Fair`]: the largest single `try_grow` it
+    /// was granted while it held nothing (a sorter's merge headroom, reserved in one
+    /// request), kept aside while it is registered, whether it holds it or not.
     claim: usize,
 }
 
@@ -249,9 +262,41 @@ impl Books {
             .sum()
     }
 
-    /// A spillable consumer's share: `(limit - set_aside) / spillers`.
-    fn share(&self, limit: usize, policy: Policy) -> usize {
+    /// Room an unspillable consumer claimed and does not hold now (under [`Policy::Fair`]):
+    /// `claim - bytes` summed over the unspillable consumers but `except`.
+    fn unheld_claims(&self, except: usize) -> usize {
+        self.consumers
+            .iter()
+            .filter(|(id, c)| !c.can_spill && **id != except)
+            .map(|(_, c)| c.claim.saturating_sub(c.bytes))
+            .sum()
+    }
+
+    /// Under [`Policy::Fair`], room kept free for an unspillable consumer of ordinary size
+    /// (the next partition's merge headroom, a merge's next batch): the most any registered
+    /// unspillable consumer but `except` holds or claims, at most one more share of
+    /// `limit - set_aside`. Spillers never take it, nor an unspillable consumer that holds
+    /// more than it and than its own claim.
+    fn headroom(&self, limit: usize, policy: Policy, except: usize) -> usize {
+        if policy != Policy::Fair {
+            return 0;
+        }
+        let largest = self
+            .consumers
+            .iter()
+            .filter(|(id, c)| !c.can_spill && **id != except)
+            .map(|(_, c)| c.bytes.max(c.claim))
+            .max()
+            .unwrap_or(0);
         let spill_room = limit.saturating_sub(self.set_aside(policy));
+        largest.min(spill_room / (self.spillers + 1))
+    }
+
+    /// A spillable consumer's share: `(limit - set_aside - headroom) / spillers`.
+    fn share(&self, limit: usize, policy: Policy) -> usize {
+        let spill_room = limit
+            .saturating_sub(self.set_aside(policy))
+            .saturating_sub(self.headroom(limit, policy, usize::MAX));
         spill_room.checked_div(self.spillers).unwrap_or(spill_room)
     }
 
@@ -296,12 +341,14 @@ pub struct MembudgetStats {
     pub granted: u64,
     /// `try_grow` calls refused (each one a `ResourcesExhausted` error).
     pub refused: u64,
-    /// ... of which the policy's share refused.
+    /// ... of which the policy refused (a share, or room set aside).
     pub refused_by_share: u64,
     /// ... of which the budget refused (the bytes were not free in the tree).
     pub refused_by_budget: u64,
-    /// `try_grow` calls granted as overcommit: a consumer within its share (or claim) found
-    /// this pool's budget spent by spillers above their shares (see [`Policy::Fair`]).
+    /// `try_grow` calls granted as overcommit: a request within its share on a spillable
+    /// reservation that holds at most half its consumer's bytes ([`Policy::Fair`]; also
+    /// when the tree above a pool with a floor is full) or on any spillable reservation
+    /// ([`Policy::FairSpill`]) that found this pool's own budget spent.
     pub forced_shares: u64,
     /// `grow` calls (infallible) that found the bytes not free and overcommitted.
     pub forced_grows: u64,
@@ -401,6 +448,9 @@ pub struct MembudgetPool {
     reserved: AtomicUsize,
     policy: Policy,
     holders: usize,
+    /// A child pool's floor (`min_memory`; 0 for a root): when it is above 0 and below the
+    /// budget, `Policy::Fair` sizes the spillers from it.
+    floor: usize,
     pool: BufPool,
 }
 
@@ -735,11 +785,6 @@ impl MemoryPool for MembudgetPool {
         let mut books = self.lock();
         let consumer = books.consumer(reservation.consumer());
         let shrink = shrink.min(consumer.bytes);
-        if !consumer.can_spill && shrink == consumer.bytes {
-            // Everything given back: under `Fair`, kept aside from the spillers' shares
-            // until it is reserved again (a sorter's merge headroom, freed to spill).
-            consumer.claim = consumer.bytes;
-        }
         consumer.bytes -= shrink;
         let size = books.held.size() - shrink;
         self.reserved.store(size, Relaxed);
@@ -756,39 +801,84 @@ impl MemoryPool for MembudgetPool {
         let consumer = books.consumer(reservation.consumer());
         let (can_spill, consumer_bytes) = (consumer.can_spill, consumer.bytes);
 
+        // Under `Fair`, the shares, the headroom and the room spillers may take come from
+        // the room the pool is sure of: its budget or, when it is a child with a floor
+        // below its budget, the floor. Room above the floor that is free now may be gone
+        // when the next partition needs it (the I/O side takes it back, and a sorter in
+        // its output phase cannot give it back): spillers do not build on it. Unspillable
+        // consumers may use it (the budget still has the last word).
+        let limit = match self.policy {
+            Policy::Fair if self.floor > 0 && self.floor < self.limit() => self.floor,
+            _ => self.limit(),
+        };
         // The policy's share, for a spillable consumer.
-        let refused = if can_spill && self.policy != Policy::Greedy {
-            let share = books.share(self.limit(), self.policy);
+        let mut refused = if can_spill && self.policy != Policy::Greedy {
+            let share = books.share(limit, self.policy);
             let held = reservation.size();
             (held.saturating_add(additional) > share)
                 .then(|| (RefusalReason::Share { share }, share.saturating_sub(held)))
         } else {
             None
         };
-        // Whether the request is within what the policy entitles the consumer to: under
-        // `Fair`, whether it fits the limit once every spiller's bytes are counted at most
-        // at its share (the room spillers hold above their shares is the entitled
-        // consumer's); under `FairSpill`, a spillable reservation within its share.
+        // Under `Fair`, room set aside: a request on a spillable reservation where its
+        // consumer buffers (more than half its bytes: it can spill them) takes none of what
+        // the unspillable consumers claimed and do not hold now, nor the headroom: the
+        // consumer spills instead. A secondary one (below) may. An unspillable consumer
+        // that holds bytes and would hold more than the headroom and its own claim ("large")
+        // takes none of what the *other* unspillable ones claimed, and leaves as much as
+        // it asks free (at most the headroom): a final merge grows for as many spill files
+        // as it is granted, and must not take the room another partition's merge gave
+        // back to spill, nor the last room `SortPreservingMergeExec` needs for its next
+        // batch. A smaller one, or a first request, takes what is free.
+        // A spillable reservation that holds at most half its consumer's bytes: a sorter's
+        // first batch (nothing held), a sorted run's output beside the batches it is
+        // being sorted from, a GROUP BY's merge of its spills beside its replay table. The
+        // consumer cannot spill from it; `FairSpillPool` checks it against the share alone.
+        let secondary = can_spill && reservation.size().saturating_mul(2) <= consumer_bytes;
+        if refused.is_none() && self.policy == Policy::Fair && !secondary {
+            let set_aside = if can_spill {
+                books
+                    .unheld_claims(usize::MAX)
+                    .saturating_add(books.headroom(limit, self.policy, usize::MAX))
+            } else {
+                let headroom = books.headroom(limit, self.policy, id);
+                let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
+                // Large: it holds bytes already (a first request sets its claim) and would
+                // hold more than the headroom and its claim.
+                let large = consumer_bytes > 0
+                    && consumer_bytes.saturating_add(additional) > headroom.max(claim);
+                if large {
+                    books
+                        .unheld_claims(id)
+                        .saturating_add(additional.min(headroom))
+                } else {
+                    0
+                }
+            };
+            let held = books.held.size();
+            // (A request the budget itself cannot hold is refused by the budget, below.)
+            if held.saturating_add(additional).saturating_add(set_aside) > limit
+                && held.saturating_add(additional) <= self.limit()
+            {
+                refused = Some((
+                    RefusalReason::SetAside { set_aside },
+                    limit.saturating_sub(held.saturating_add(set_aside)),
+                ));
+            }
+        }
+        // Whether the request is within what the policy entitles the consumer to, if the
+        // budget is spent (then it overcommits, counted). Under `Fair`, a request within
+        // its share on a secondary spillable reservation (above): `FairSpillPool` grants
+        // these, checking the reservation against the share and never the total. A request
+        // on a reservation where the consumer buffers is never entitled: refused, it
+        // spills there; nor is an unspillable one (a merge may ask for more only to read
+        // more spill files at once). Under `FairSpill`, any spillable reservation within
+        // its share.
         let entitled = refused.is_none()
             && match self.policy {
                 Policy::Greedy => false,
                 Policy::FairSpill => can_spill,
-                Policy::Fair => {
-                    let limit = self.limit();
-                    let share = books.share(limit, self.policy);
-                    let fair_total: usize = books
-                        .consumers
-                        .values()
-                        .map(|c| {
-                            if c.can_spill {
-                                c.bytes.min(share)
-                            } else {
-                                c.bytes
-                            }
-                        })
-                        .sum();
-                    fair_total.saturating_add(additional) <= limit
-                }
+                Policy::Fair => secondary,
             };
         // Then the budget.
         let refused = refused.or_else(|| {
@@ -809,13 +899,19 @@ impl MemoryPool for MembudgetPool {
             });
             match attempt {
                 Some(Ok(())) => None,
-                // A consumer within its entitlement, refused because this pool's own
-                // budget is spent: other spillers hold more than their shares (they took
-                // the room before it registered, or hold split reservations). It cannot
-                // take bytes back from them, and may have nothing to spill: as
-                // `FairSpillPool` (which never checks the total for spillers), it gets the
-                // bytes, as overcommit the core counts, repaid as the others spill.
-                Some(Err(_)) if entitled && self.own_budget_spent(additional) => {
+                // A request within its entitlement, refused because this pool's own budget
+                // is spent (other consumers hold more than their shares, or the same
+                // consumer holds the rest in another reservation) or, for a pool with a
+                // floor, because the tree above it has no room (`FairSpillPool` of the
+                // floor's size would grant it: it never checks the total for spillers).
+                // It may have nothing to spill from this reservation: it gets the bytes, as
+                // overcommit the core counts at every level, repaid as the others spill or
+                // finish (the I/O side waits meanwhile).
+                Some(Err(_))
+                    if entitled
+                        && ((self.policy == Policy::Fair && self.floor > 0)
+                            || self.own_budget_spent(additional)) =>
+                {
                     books
                         .held
                         .force_grow(additional)
@@ -852,6 +948,15 @@ impl MemoryPool for MembudgetPool {
         });
 
         let Some((reason, available)) = refused else {
+            let consumer = books.consumers.get_mut(&id).expect("registered above");
+            if !consumer.can_spill && consumer.bytes == 0 {
+                // Its claim (under `Fair`): a sorter's merge headroom is reserved in one
+                // request from nothing, freed to spill and reserved again after, or passed
+                // on to the merge that reads the spills; the room stays set aside from
+                // the spillers meanwhile. The growth of a merge stream of the same
+                // consumer, in small steps, does not raise it.
+                consumer.claim = consumer.claim.max(additional);
+            }
             books.add(id, additional);
             books.stats.granted += 1;
             self.reserved.store(books.held.size(), Relaxed);
@@ -860,7 +965,9 @@ impl MemoryPool for MembudgetPool {
 
         books.stats.refused += 1;
         match reason {
-            RefusalReason::Share { .. } => books.stats.refused_by_share += 1,
+            RefusalReason::Share { .. } | RefusalReason::SetAside { .. } => {
+                books.stats.refused_by_share += 1
+            }
             RefusalReason::Budget { .. } => books.stats.refused_by_budget += 1,
         }
         let consumers: Vec<Holder> = {

@@ -34,6 +34,13 @@ pub enum RefusalReason {
         /// The core's refusal.
         cause: AllocError,
     },
+    /// Under [`Policy::Fair`](crate::Policy::Fair), a spillable consumer that holds bytes
+    /// (it can spill them) asked for room set aside for the unspillable consumers: what they
+    /// claimed and do not hold now, and the headroom kept for one yet to come.
+    SetAside {
+        /// The bytes set aside.
+        set_aside: usize,
+    },
 }
 
 impl fmt::Display for RefusalReason {
@@ -49,6 +56,11 @@ impl fmt::Display for RefusalReason {
             RefusalReason::Budget { cause } => {
                 write!(f, "the budget has not the bytes free (core: {cause})")
             }
+            RefusalReason::SetAside { set_aside } => write!(
+                f,
+                "the room left is set aside for unspillable consumers ({})",
+                human_readable_size(*set_aside)
+            ),
         }
     }
 }
