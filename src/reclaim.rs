@@ -90,7 +90,8 @@ pub(crate) fn in_scope(pool: &State, level: usize) -> bool {
     } else {
         pool.at_level(level)
     };
-    scope.reclaim_in_scope()
+    // A request notes its round's level in a byte: deeper than that, it drives none.
+    level < usize::from(u8::MAX) && scope.reclaim_in_scope()
 }
 
 /// A request of `pool`, pending in the queue `level` pools up, drives reclaim. `driving`
@@ -103,46 +104,38 @@ pub(crate) fn in_scope(pool: &State, level: usize) -> bool {
 /// Returns whether a round ended in this call: what it freed may have been granted to this
 /// very request, so the caller looks at its request once more before it returns `Pending`.
 pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
-    let (round, level) = if *driving == 0 {
-        if !in_scope(pool, level) {
-            return false;
-        }
-        // A chain deeper than a `u8` counts drives no reclaim above that depth.
-        let Ok(note) = u8::try_from(level + 1) else {
-            return false;
-        };
-        match start(pool, level, Shortfall::Head) {
-            Ok(Some(round)) => {
-                *driving = note;
-                (round, level)
-            }
-            Ok(None) => return false,
-            Err(panic) => resume_unwind(panic),
-        }
-    } else {
-        let level = usize::from(*driving - 1);
-        match pool.at_level(level).take_round() {
-            Some(round) => (round, level),
-            // Not parked (cannot happen: only its driver takes it): nothing to drive.
-            None => {
-                *driving = 0;
+    // The note is cleared while the round is in hand, and set again only when it is parked:
+    // whatever unwinds from the user code below, the request never names a round it does
+    // not drive (it would take, or end, another driver's later round).
+    let (round, level) = match core::mem::take(driving) {
+        0 => {
+            if !in_scope(pool, level) {
                 return false;
+            }
+            match start(pool, level, Shortfall::Head) {
+                Ok(Some(round)) => (round, level),
+                Ok(None) => return false,
+                Err(panic) => resume_unwind(panic),
+            }
+        }
+        note => {
+            let level = usize::from(note - 1);
+            match pool.at_level(level).take_round() {
+                Some(round) => (round, level),
+                // Not parked (cannot happen: only its driver takes it): nothing to drive.
+                None => return false,
             }
         }
     };
     match poll_round(round, pool, level, cx) {
         Ok(Some(round)) => {
             pool.at_level(level).park_round(round);
+            // `in_scope` started no round at a level a byte cannot note.
+            *driving = u8::try_from(level + 1).expect("a level `in_scope` allowed");
             false
         }
-        Ok(None) => {
-            *driving = 0;
-            true
-        }
-        Err(panic) => {
-            *driving = 0;
-            resume_unwind(panic)
-        }
+        Ok(None) => true,
+        Err(panic) => resume_unwind(panic),
     }
 }
 
