@@ -237,11 +237,7 @@ pub(crate) fn block(
     // SAFETY: every caller reserved `bytes` in this pool's budget word for this block alone
     // (a fast-path or locked reservation, or a grant it took), and only the block's drop
     // gives them back.
-    let block = unsafe { Block::new(pool, memory, zeroed) };
-    // A `reclaim_ahead` learns of the room taken once the block holds the bytes (should its
-    // waker unwind, the block gives them back as it drops).
-    pool.check_pressure();
-    Ok(block)
+    Ok(unsafe { Block::new(pool, memory, zeroed) })
 }
 
 /// The allocator had no memory for `bytes` just reserved: they go back at once, serving

@@ -259,11 +259,13 @@ impl fmt::Debug for ReclaimerHandle {
 /// (`try_allocate`, DataFusion's `try_grow`).
 ///
 /// Spawn it once, on any runtime. It sleeps, costing nothing, while the free room is at or
-/// above the mark; when a reservation leaves it below (or a registration or a resize
-/// changes the picture), it runs rounds by the same order and rules as a waiting request's,
+/// above the mark; when a reservation leaves it below, or a `try_` call is refused (or a
+/// registration or a resize changes the picture), it runs rounds by the same order and rules as a waiting request's,
 /// asking for what is missing up to the mark, until the room is back or a round frees
 /// nothing (then it sleeps until the pool changes). It shares the pool's one round in
-/// flight with waiting requests. It resolves once the pool is closed.
+/// flight with waiting requests. It resolves once the pool is closed. Buffer allocations
+/// that succeed do not wake it (a check on that path cost `try_allocate` half again its
+/// time): with buffers alone, it hears of the pressure at the first refusal.
 ///
 /// # Cancel safety
 ///

@@ -272,7 +272,7 @@ impl Reservation {
             owner: None,
         };
         // Once the bytes are the reservation's (a panic here gives them back as it drops).
-        if bytes > 0 {
+        if bytes > 0 && reservation.pool.pressure_armed() {
             reservation.pool.check_pressure();
         }
         reservation
@@ -530,7 +530,9 @@ impl Reservation {
             self.pool.note_reserved(more as isize);
             self.held += more;
             self.size = size;
-            self.pool.check_pressure();
+            if self.pool.pressure_armed() {
+                self.pool.check_pressure();
+            }
         }
         self.size = size;
         Ok(())
@@ -577,7 +579,9 @@ impl Reservation {
             self.pool.note_reserved(extra as isize);
             self.held = held;
             self.size = size;
-            self.pool.check_pressure();
+            if self.pool.pressure_armed() {
+                self.pool.check_pressure();
+            }
         }
         self.size = size;
         Ok(())
@@ -701,7 +705,9 @@ impl Reservation {
         self.pool.note_reserved(bytes as isize);
         self.held += bytes;
         self.size += bytes;
-        self.pool.check_pressure();
+        if self.pool.pressure_armed() {
+            self.pool.check_pressure();
+        }
     }
 }
 

@@ -620,19 +620,26 @@ fn reclaim_ahead_keeps_the_low_water_mark_and_sleeps_above_it() {
                 tokio::task::yield_now().await;
             }
             assert!(asked(&log).is_empty());
-            // Take 6: room 2 < 4, so the cache gives 2 back, with no request waiting.
-            let taken = pool.try_allocate(6).unwrap();
+            // A reservation takes 6: room 2 < 4, so the cache gives 2 back, with no request
+            // waiting.
+            let taken = pool.try_reserve(6 * B).unwrap();
             while pool.stats().available_bytes() < 4 * B {
                 tokio::task::yield_now().await;
             }
             assert_eq!(asked(&log), [("cache".to_owned(), 2 * B)]);
             assert_eq!(cache.held(), 6 * B);
-            // The callers that cannot wait succeed.
+            // Buffer allocations do not wake it as they succeed; a refusal does.
             let more = pool.try_allocate(4).unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(asked(&log).len(), 1);
+            assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
             while pool.stats().available_bytes() < 4 * B {
                 tokio::task::yield_now().await;
             }
             assert_eq!(cache.held(), 2 * B);
+            assert!(pool.try_allocate(4).is_ok());
             drop((taken, more));
             pool.close();
             ahead.await.unwrap();
