@@ -223,9 +223,9 @@ pub(crate) type Panic = Box<dyn std::any::Any + Send>;
 impl Round {
     /// A round asking `registrations` for `shortfall` bytes, no one for more than `cap`: it
     /// reads their estimates (user code, so without any lock) and orders them: lowest
-    /// priority first, then largest estimate first, then in registration order. A reclaimer
-    /// whose estimate panics is asked last among its priority; the panic is returned with the
-    /// round, to be passed on by its driver.
+    /// priority first, then largest estimate first, then in registration order. If an
+    /// estimate panics, the first panic is returned with the round: its driver
+    /// (`reclaim::start`) ends the round at once, unasked, and passes the panic on.
     pub(crate) fn new(
         mut registrations: Vec<Arc<Registration>>,
         shortfall: usize,
