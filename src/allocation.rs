@@ -8,7 +8,7 @@ use core::mem::MaybeUninit;
 use crate::AllocError;
 use crate::FilledAllocation;
 use crate::chain;
-use crate::heap::{Block, InitBlock};
+use crate::heap::{Block, InitBlock, Memory};
 use crate::state::State;
 use crate::sync::Arc;
 
@@ -51,6 +51,15 @@ impl BufPoolAllocation {
         Ok(BufPoolAllocation {
             block: chain::block(pool, bytes, zeroed)?,
         })
+    }
+
+    /// An allocation of `memory`, a block handed over by the release that granted its
+    /// request's bytes (`State::release_block_queued`): zeroed here if asked.
+    #[cold]
+    pub(crate) fn handed(pool: &Arc<State>, memory: Memory, zeroed: bool) -> Self {
+        BufPoolAllocation {
+            block: chain::handed_block(pool, memory, zeroed),
+        }
     }
 
     /// Makes this an owned allocation: `handle` (the pool's, taken only for the first owned

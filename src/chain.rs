@@ -160,10 +160,15 @@ unsafe impl Pool for State {
     #[inline(always)]
     fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
         let bytes = memory.bytes();
-        self.recycle(memory);
         if self.parent().is_some() {
+            self.recycle(memory);
             return release_child_block(self, bytes, keep_alive);
         }
+        if self.is_queued() {
+            // Someone waits: the head may take this very block (no free, no allocation).
+            return release_root_block_queued(self, memory, keep_alive);
+        }
+        self.recycle(memory);
         if self.try_release_block(bytes) {
             return None;
         }
@@ -193,6 +198,18 @@ unsafe impl Pool for State {
     fn quiesce(&self) {
         State::quiesce(self);
     }
+}
+
+/// A root pool's block released while requests wait: handed to the head, or freed and
+/// settled (`State::release_block_queued`).
+#[cold]
+#[inline(never)]
+fn release_root_block_queued(
+    pool: &State,
+    memory: Memory,
+    keep_alive: impl FnOnce() -> Arc<State>,
+) -> Option<Arc<State>> {
+    settle(|deferred| pool.release_block_queued(memory, keep_alive, deferred))
 }
 
 /// A root pool's block whose release the fast path could not make.
@@ -238,6 +255,19 @@ pub(crate) fn block(
     // (a fast-path or locked reservation, or a grant it took), and only the block's drop
     // gives them back.
     Ok(unsafe { Block::new(pool, memory, zeroed) })
+}
+
+/// The block for a request that a release granted its own block with the bytes
+/// (`State::release_block_queued`): `memory` is of the request's bytes and this pool's
+/// alignment; zeroed here if asked.
+pub(crate) fn handed_block(pool: &Arc<State>, mut memory: Memory, zeroed: bool) -> Block<State> {
+    if zeroed {
+        memory.fill_zero();
+    }
+    // SAFETY: the grant reserved the block's bytes in this pool's budget word for this
+    // request alone (the releaser's bytes stayed counted, now as this block's), and only the
+    // block's drop gives them back.
+    unsafe { Block::new(pool, memory, zeroed) }
 }
 
 /// The allocator had no memory for `bytes` just reserved: they go back at once, serving

@@ -98,6 +98,34 @@ impl Memory {
     pub(crate) fn bytes(&self) -> usize {
         self.layout.size()
     }
+
+    /// Writes zeros over every byte.
+    pub(crate) fn fill_zero(&mut self) {
+        // SAFETY: `ptr` points to `bytes()` bytes owned by `self` alone.
+        unsafe { self.ptr.as_ptr().write_bytes(0, self.bytes()) };
+    }
+
+    /// Gives up ownership: the pointer and alignment to rebuild it with
+    /// [`from_raw`](Memory::from_raw) (with its [`bytes`](Memory::bytes)).
+    #[inline(always)]
+    pub(crate) fn into_raw(self) -> (NonNull<u8>, usize) {
+        let memory = ManuallyDrop::new(self);
+        (memory.ptr, memory.layout.align())
+    }
+
+    /// Takes back ownership of what [`into_raw`](Memory::into_raw) gave up.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` and `align` came from `into_raw` of a `Memory` of `bytes`, and this is the only
+    /// `from_raw` for them.
+    #[inline(always)]
+    pub(crate) unsafe fn from_raw(ptr: NonNull<u8>, align: usize, bytes: usize) -> Memory {
+        Memory {
+            ptr,
+            layout: layout(align, bytes),
+        }
+    }
 }
 
 impl Drop for Memory {

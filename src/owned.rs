@@ -147,11 +147,10 @@ impl Future for AllocateOwned {
         let this = self.project();
         let handle = &*this.pool;
         let pool = handle.state();
-        match this.request.poll_hold(pool, cx) {
+        match this.request.poll_allocation(pool, *this.zeroed, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => Poll::Ready(held.and_then(|bytes| {
-                let allocation = BufPoolAllocation::new(pool, bytes, *this.zeroed)?;
-                Ok(allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>))
+            Poll::Ready(allocation) => Poll::Ready(allocation.map(|allocation| {
+                allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>)
             })),
         }
     }
@@ -304,12 +303,11 @@ impl PollAllocate {
                 .request
                 .insert(Box::pin(Request::new(n, Unit::Buffers))),
         };
-        match request.as_mut().poll_hold(state, cx) {
+        match request.as_mut().poll_allocation(state, false, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => Poll::Ready(held.and_then(|bytes| {
-                let allocation = BufPoolAllocation::new(state, bytes, false)?;
+            Poll::Ready(allocation) => Poll::Ready(allocation.map(|allocation| {
                 let handle = &self.pool;
-                Ok(allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>))
+                allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>)
             })),
         }
     }

@@ -28,6 +28,11 @@ use crate::stats::{Counters, Sources, WaitTotals};
 use crate::sync::{Arc, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
 use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
+
+/// Blocks of at least this many bytes whose release cannot hand them to the head are freed
+/// outside the queue's lock: the allocator may return them to the system (glibc does from
+/// 128 KiB on), which is a system call.
+const FREE_UNLOCKED_FROM: usize = 64 * 1024;
 use crate::{AllocError, BufferSize, PoolStats};
 use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -490,12 +495,16 @@ impl State {
                 return other;
             }
         }
+        // A root pool's own allocation takes the block of a release that serves it (see
+        // `release_block_queued`); a reservation or a child pool's request takes bytes only.
+        let takes_block = counted && for_descendant.is_none() && self.parent().is_none();
         queue.list.push_back(
             node,
             bytes,
             waker,
             since.unwrap_or_default(),
             for_descendant.unwrap_or(self).origin(),
+            takes_block,
         );
         self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
@@ -658,7 +667,7 @@ impl State {
         match node.status() {
             // Out of the queue, and ours: nothing to undo.
             Status::Failed(_) | Status::Idle => {}
-            Status::Granted => self.give_back_grant(bytes, deferred),
+            Status::Granted => self.give_back_grant(node, bytes, deferred),
             Status::Waiting => {
                 let own_waker = {
                     let mut queue = lock(&self.queue);
@@ -679,7 +688,7 @@ impl State {
                     deferred.drop_later(own_waker);
                 }
                 if let Status::Granted = node.status() {
-                    self.give_back_grant(bytes, deferred);
+                    self.give_back_grant(node, bytes, deferred);
                 }
             }
         }
@@ -705,8 +714,10 @@ impl State {
     /// A grant its owner never took: not an allocation after all, so not a release either.
     /// Its wait stays counted (in the number of waits, their total and their maximum alike),
     /// so the wait statistics stay consistent and never go down.
+    /// A block handed over with the grant is freed first.
     #[cold]
-    fn give_back_grant(&self, bytes: usize, deferred: &mut Deferred) {
+    fn give_back_grant(&self, node: Pin<&Node>, bytes: usize, deferred: &mut Deferred) {
+        drop(node.take_block());
         let now = self.clock();
         let mut queue = lock(&self.queue);
         self.settle_locked(bytes, false, &mut queue, deferred, now);
@@ -1209,6 +1220,45 @@ impl State {
         None
     }
 
+    /// A root pool's block released while requests wait (`QUEUED` was seen before its memory
+    /// was freed): if the head asks for exactly this block's bytes, takes blocks (a root
+    /// pool's own allocation) and fits once they are back, it gets the block itself with its
+    /// grant: the memory moves from the releaser to the waiter, with no free and no
+    /// allocation, and the bytes in use stay as they are. Otherwise the memory is freed (still
+    /// before its bytes go back) and the release settles as any other. Either way the bytes go
+    /// back under the lock, as in [`release_block_slow`](State::release_block_slow), and the
+    /// pool is touched only under it afterwards.
+    #[inline]
+    pub(crate) fn release_block_queued(
+        &self,
+        memory: Memory,
+        keep_alive: impl FnOnce() -> Arc<State>,
+        deferred: &mut Deferred,
+    ) -> Option<Arc<State>> {
+        let bytes = memory.bytes();
+        let now = self.clock();
+        let mut queue = lock(&self.queue);
+        let word = self.word.load();
+        // Under the lock with `QUEUED` set, nobody else changes the bytes in use, and the
+        // budget changes only under the lock: the fit is exact.
+        let fits = || bytes <= self.budget().saturating_sub(word.in_use() - bytes);
+        if word.is_queued() && queue.list.front_takes_block(bytes) && fits() {
+            self.settle_locked_handing(bytes, true, &mut queue, deferred, now, Some(memory));
+            return None;
+        }
+        if bytes >= FREE_UNLOCKED_FROM {
+            // Freeing a large block may be a system call: not under the lock others wait for.
+            // Our bytes are still counted, so the pool stays alive meanwhile.
+            drop(queue);
+            self.recycle(memory);
+            return self.release_block_slow(bytes, keep_alive, deferred);
+        }
+        // Queued, so the recycler would not keep it: freed.
+        self.recycle(memory);
+        self.settle_locked(bytes, true, &mut queue, deferred, now);
+        None
+    }
+
     /// A release the fast path could not make: someone waits (for budget or the drain), or
     /// the release counter wraps. `counted`: a release of this pool's own (not bytes of a
     /// descendant's). The caller holds a handle on the pool.
@@ -1257,6 +1307,21 @@ impl State {
         deferred: &mut Deferred,
         now: Option<Stamp>,
     ) {
+        self.settle_locked_handing(released, counted, queue, deferred, now, None);
+    }
+
+    /// [`settle_locked`](State::settle_locked), handing `block` (the memory of the released
+    /// block, which the head takes and fits: see `release_block_queued`) to the head with its
+    /// grant.
+    fn settle_locked_handing(
+        &self,
+        released: usize,
+        counted: bool,
+        queue: &mut Queue,
+        deferred: &mut Deferred,
+        now: Option<Stamp>,
+        block: Option<Memory>,
+    ) {
         let budget = self.budget();
         let start = self.word.load();
         let before = queue.list.len();
@@ -1294,6 +1359,7 @@ impl State {
                 }
             },
             now,
+            block,
             deferred,
         );
         if drained {
@@ -1777,6 +1843,12 @@ impl State {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.word.load().is_closed()
+    }
+
+    /// Whether requests wait in the queue now (a hint: it may change at once).
+    #[inline(always)]
+    pub(crate) fn is_queued(&self) -> bool {
+        self.word.load().is_queued()
     }
 
     /// Whether nothing is in use; otherwise makes sure the release that gets there notifies

@@ -80,13 +80,7 @@ impl Future for Allocate<'_> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let pool = *this.pool;
-        match this.request.poll_hold(pool, cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => Poll::Ready(
-                held.and_then(|bytes| BufPoolAllocation::new(pool, bytes, *this.zeroed)),
-            ),
-        }
+        this.request.poll_allocation(this.pool, *this.zeroed, cx)
     }
 }
 
@@ -239,6 +233,30 @@ impl Request {
         Self::poll_hold_after(self, pool, cx, None)
     }
 
+    /// [`poll_hold`](Request::poll_hold) for an allocation of `pool` (`Unit::Buffers`): its
+    /// block is fresh memory, or the very block whose release served this request (a root
+    /// pool's head waiter takes the releaser's memory with its bytes, see
+    /// `State::release_block_queued`), zeroed here if asked.
+    #[inline(always)]
+    pub(crate) fn poll_allocation(
+        mut self: Pin<&mut Self>,
+        pool: &Arc<State>,
+        zeroed: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<BufPoolAllocation, AllocError>> {
+        debug_assert_eq!(self.unit, Unit::Buffers);
+        match self.as_mut().poll_hold(pool, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Ready(Ok(bytes)) => {
+                Poll::Ready(match self.project().node.as_ref().take_block() {
+                    Some(memory) => Ok(BufPoolAllocation::handed(pool, memory, zeroed)),
+                    None => BufPoolAllocation::new(pool, bytes, zeroed),
+                })
+            }
+        }
+    }
+
     /// [`poll_hold`](Request::poll_hold) past the fast path: `must_wait` holds the bytes of a
     /// first poll whose fast path said to wait. A request that waits in a queue drives
     /// reclaim there (see `reclaim.rs`) once its own step is done; for a pool without
@@ -317,8 +335,11 @@ impl Request {
     ) -> Poll<Result<usize, AllocError>> {
         let this = self.project();
         let counted = *this.unit == Unit::Buffers;
+        let node = this.node.as_ref();
         let give_back = || {
             if let Ok(bytes) = result {
+                // A block handed with the grant is freed before its bytes go back.
+                drop(node.take_block());
                 settle(|deferred| {
                     chain::give_back_completed_request(pool, bytes, counted, deferred);
                 });

@@ -17,6 +17,9 @@
 //!   the node is its owner's alone again: the owner's `Acquire` load of the status pairs with
 //!   that store, so it sees the grant without taking the lock, and may drop the node.
 //! * The owner gives up ([`WaitList::remove`]), under the lock: `WAITING` → `IDLE`.
+//! * A release may hand its own block to the head it grants (`GRANTED_BLOCK`, see
+//!   [`WaitList::grant_front`]): the node then owns that memory until its owner takes it
+//!   ([`Node::take_block`]), or frees it on drop.
 //!
 //! A node that is dropped while `WAITING` (still linked) would leave a dangling pointer in the
 //! list, so its drop aborts the process instead; the futures always remove their node first.
@@ -25,6 +28,7 @@
 use crate::AllocError;
 use crate::clock::Stamp;
 use crate::deferred::Deferred;
+use crate::heap::Memory;
 use crate::sync::{AtomicUsize, UnsafeCell};
 use core::marker::PhantomPinned;
 use core::mem::ManuallyDrop;
@@ -44,8 +48,16 @@ const GRANTED: usize = 2;
 /// Out of the list: it will never get its bytes, since the pool closed.
 const FAILED_CLOSED: usize = 3;
 /// Out of the list: it will never get its bytes, since they exceed the budget now in force
-/// (`exceeded_budget`).
+/// (`outcome`).
 const FAILED_EXCEEDS: usize = 4;
+/// Out of the list: its bytes were reserved for it, and the releaser handed it the memory of
+/// the block it released as well (`outcome`, with the alignment in `list`): the node owns
+/// that memory until its owner takes it.
+const GRANTED_BLOCK: usize = 5;
+
+/// `outcome` of a waiting node that takes a released block of its size: a root pool's own
+/// allocation. (An address no block has: blocks are at least 8-aligned.)
+const TAKES_BLOCK: usize = 1;
 
 /// Why a waiting request fails.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -99,14 +111,17 @@ struct Links {
     bytes: usize,
     /// When it was queued, for the wait statistics (if its pool times waits).
     since: Stamp,
-    /// The budget it exceeded, once `FAILED_EXCEEDS`.
-    exceeded_budget: usize,
+    /// While it waits: [`TAKES_BLOCK`] (without provenance) if it takes a released block,
+    /// else null. Once `FAILED_EXCEEDS`: the budget it exceeded (without provenance). Once
+    /// `GRANTED_BLOCK`: the block handed to it.
+    outcome: *mut u8,
     /// The address of the pool the request was made to (its own level), which may be a
     /// descendant of the pool whose list it waits in: closing that pool fails it here too.
     origin: usize,
     prev: Option<NonNull<Node>>,
     next: Option<NonNull<Node>>,
     /// The address of the list it is in: a node is only ever touched under that list's lock.
+    /// Once `GRANTED_BLOCK`: the alignment of the block handed to it.
     list: usize,
     waker: WakerSlot,
 }
@@ -184,7 +199,7 @@ impl Node {
             links: UnsafeCell::new(Links {
                 bytes: 0,
                 since: Stamp::default(),
-                exceeded_budget: 0,
+                outcome: core::ptr::null_mut(),
                 origin: 0,
                 prev: None,
                 next: None,
@@ -203,7 +218,7 @@ impl Node {
         match self.status.load(Acquire) {
             IDLE => Status::Idle,
             WAITING => Status::Waiting,
-            GRANTED => Status::Granted,
+            GRANTED | GRANTED_BLOCK => Status::Granted,
             FAILED_CLOSED => Status::Failed(AllocError::Closed),
             _ => Status::Failed(
                 self.links
@@ -212,7 +227,7 @@ impl Node {
                     .with(|links| unsafe {
                         AllocError::ExceedsBudget {
                             requested_bytes: (*links).bytes,
-                            max_memory: (*links).exceeded_budget,
+                            max_memory: (*links).outcome.addr(),
                         }
                     }),
             ),
@@ -225,7 +240,7 @@ impl Node {
     /// owner, once [`status`](Node::status) said `Granted`.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn queued_at(self: Pin<&Self>) -> Stamp {
-        debug_assert_eq!(self.status.load(Relaxed), GRANTED);
+        debug_assert!(matches!(self.status.load(Relaxed), GRANTED | GRANTED_BLOCK));
         // SAFETY: `GRANTED`, seen by the owner with `Acquire`: the node is in no list and the
         // releaser no longer touches it, so nothing writes the links concurrently.
         self.links.with(|links| unsafe { (*links).since })
@@ -233,6 +248,36 @@ impl Node {
 }
 
 impl Node {
+    /// The memory a release handed to this granted node with its bytes, if any: the owner's
+    /// from now on (the node is `GRANTED` again). For its owner, once `status` said `Granted`
+    /// (before that, `None`: nothing is handed to a node that still waits).
+    #[inline(always)]
+    pub(crate) fn take_block(self: Pin<&Self>) -> Option<Memory> {
+        self.get_ref().take_handed_block()
+    }
+
+    #[inline(always)]
+    fn take_handed_block(&self) -> Option<Memory> {
+        if self.status.load(Acquire) != GRANTED_BLOCK {
+            return None;
+        }
+        // The owner's alone: no list holds it, and nobody else writes the status now.
+        self.status.store(GRANTED, Relaxed);
+        // SAFETY: `GRANTED_BLOCK`, seen with `Acquire` (pairs with the releaser's `Release`
+        // store, its last access): the node is in no list and the releaser no longer touches
+        // it. `grant_front` stored in `outcome` the pointer of a `Memory` it forgot, of the
+        // node's `bytes` and the alignment in `list`; the status just went back to `GRANTED`,
+        // so it is read out once.
+        self.links.with(|links| unsafe {
+            let links = &*links;
+            Some(Memory::from_raw(
+                NonNull::new_unchecked(links.outcome),
+                links.list,
+                links.bytes,
+            ))
+        })
+    }
+
     /// The owner's slot for its room listener (see the field).
     ///
     /// For the node's owner only, while it polls or drops its request (it holds the request
@@ -249,6 +294,7 @@ impl Node {
     /// Makes a granted node idle again, to queue it in the next pool up (a child pool's
     /// request climbing to its parent). For its owner, once `status` said `Granted`.
     pub(crate) fn reset(self: Pin<&Self>) {
+        // A climbing request is a child pool's: never handed a block.
         debug_assert_eq!(self.status.load(Relaxed), GRANTED);
         // The owner's alone (no list holds it); the next `push_back` publishes it under a lock.
         self.status.store(IDLE, Relaxed);
@@ -263,6 +309,9 @@ impl Drop for Node {
             // futures always remove their node before dropping it; this is the last guard.
             std::process::abort();
         }
+        // A block handed to a request that never took it (its owner frees it before giving
+        // the bytes back; this is the last guard against a leak).
+        drop(self.take_handed_block());
         // The room slot is empty here: a request holds a room listener only at a stage
         // whose drop (`Request::cancel_waiting`) takes it out first.
         #[cfg(debug_assertions)]
@@ -327,7 +376,8 @@ impl WaitList {
     }
 
     /// Queues `node` at the tail for `bytes`, to wake `waker` when it is served; `origin` is
-    /// the address of the pool the request was made to.
+    /// the address of the pool the request was made to. `takes_block`: a release of a block
+    /// of `bytes` may hand it that block with the grant (see [`grant_front`](Self::grant_front)).
     ///
     /// # Panics
     ///
@@ -339,6 +389,7 @@ impl WaitList {
         waker: Waker,
         since: Stamp,
         origin: usize,
+        takes_block: bool,
     ) {
         assert_eq!(node.status.load(Acquire), IDLE, "a node is queued twice");
         let ptr = NonNull::from(node.get_ref());
@@ -351,7 +402,11 @@ impl WaitList {
             bytes,
             since,
             waker: WakerSlot::empty(),
-            exceeded_budget: 0,
+            outcome: if takes_block {
+                core::ptr::without_provenance_mut(TAKES_BLOCK)
+            } else {
+                core::ptr::null_mut()
+            },
             origin,
             prev: tail,
             next: None,
@@ -397,15 +452,31 @@ impl WaitList {
         self.len -= 1;
     }
 
+    /// Whether the head takes a released block of `bytes` with its grant (it asks for exactly
+    /// that many, and takes blocks): see [`grant_front`](Self::grant_front).
+    pub(crate) fn front_takes_block(&self, bytes: usize) -> bool {
+        self.head.is_some_and(|head| {
+            // SAFETY: the head is in this list, whose lock `&self` (borrowed from the guard)
+            // proves held.
+            let links = unsafe { self.links(head) };
+            links.bytes == bytes && links.outcome.addr() == TAKES_BLOCK
+        })
+    }
+
     /// Serves the head for as long as `fits(bytes)` says yes: unlinks each such node, then
     /// calls `commit(granted_bytes, now_empty)` once (which counts the bytes in the budget
     /// word), and only then marks the nodes granted, takes their wakers into `wakers` and
     /// returns the wait statistics. `commit` is called even when nothing fits.
+    ///
+    /// `block`: the memory of the block whose release frees the bytes, for the head, which
+    /// the caller made sure [`front_takes_block`](Self::front_takes_block) and fits: it is
+    /// handed over with the grant (`GRANTED_BLOCK`), so neither side goes to the allocator.
     pub(crate) fn grant_front(
         &mut self,
         mut fits: impl FnMut(usize) -> bool,
         commit: impl FnOnce(usize, bool),
         now: Option<Stamp>,
+        mut block: Option<Memory>,
         wakers: &mut Deferred,
     ) -> Granted {
         let mut granted = Granted::default();
@@ -443,11 +514,25 @@ impl WaitList {
             if let Some(waker) = links.waker.take() {
                 wakers.wake(waker);
             }
+            let code = match block.take() {
+                Some(memory) => {
+                    debug_assert!(
+                        links.outcome.addr() == TAKES_BLOCK && links.bytes == memory.bytes()
+                    );
+                    let (ptr, align) = memory.into_raw();
+                    links.outcome = ptr.as_ptr();
+                    links.list = align;
+                    GRANTED_BLOCK
+                }
+                None => GRANTED,
+            };
             // SAFETY: alive until its owner sees this store.
             let status = unsafe { &node.as_ref().status };
-            // `Release`: pairs with the owner's `Acquire` (`Node::status`); the last access.
-            status.store(GRANTED, Release);
+            // `Release`: pairs with the owner's `Acquire` (`Node::status`, `take_block`); the
+            // last access.
+            status.store(code, Release);
         }
+        debug_assert!(block.is_none(), "a block for a head that was not granted");
         granted
     }
 
@@ -473,7 +558,7 @@ impl WaitList {
             let code = match failure {
                 Failure::Closed => FAILED_CLOSED,
                 Failure::ExceedsBudget { max_memory } => {
-                    links.exceeded_budget = max_memory;
+                    links.outcome = core::ptr::without_provenance_mut(max_memory);
                     FAILED_EXCEEDS
                 }
             };
@@ -602,7 +687,7 @@ mod tests {
             (c.as_ref(), 3),
             (d.as_ref(), 4),
         ] {
-            list.push_back(node, bytes, waker(), now, 0);
+            list.push_back(node, bytes, waker(), now, 0, false);
         }
         assert_eq!(list.len(), 4);
         assert!(list.remove(b.as_ref()).is_some());
@@ -618,6 +703,7 @@ mod tests {
             |bytes| bytes <= 3,
             |bytes, empty| committed = Some((bytes, empty)),
             Some(now),
+            None,
             &mut wakers,
         );
         assert_eq!((granted.bytes, granted.count), (4, 2));

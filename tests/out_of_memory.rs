@@ -152,18 +152,20 @@ fn a_granted_waiter_that_gets_no_memory_passes_its_bytes_to_the_next() {
 fn a_blocking_waiter_that_gets_no_memory_fails_and_leaves_no_budget_behind() {
     watchdog(60, || {
         let pool = pool(5);
+        // Not the waiter's size: its release cannot hand the waiter its block, so the waiter
+        // asks the allocator (see the next test for the hand-over).
         let held = pool.try_allocate(5).unwrap();
         let waiter = {
             let pool = Arc::clone(&pool);
-            std::thread::spawn(move || pool.allocate_blocking(5).map(|a| a.length()))
+            std::thread::spawn(move || pool.allocate_blocking(4).map(|a| a.length()))
         };
         common::wait_until(30, "the thread waits", || pool.stats().waiting == 1);
         {
-            let _failing = failing(5 * 4096);
+            let _failing = failing(4 * 4096);
             drop(held);
             assert_eq!(
                 waiter.join().unwrap(),
-                Err(AllocError::OutOfMemory { bytes: 5 * 4096 })
+                Err(AllocError::OutOfMemory { bytes: 4 * 4096 })
             );
         }
         let stats = pool.stats();
@@ -174,5 +176,31 @@ fn a_blocking_waiter_that_gets_no_memory_fails_and_leaves_no_budget_behind() {
         );
         // The pool works on.
         assert_eq!(pool.allocate_blocking(5).unwrap().length(), 5);
+    });
+}
+
+#[test]
+fn a_waiter_handed_the_released_block_needs_no_memory_from_the_allocator() {
+    watchdog(60, || {
+        let pool = pool(5);
+        let held = pool.try_allocate(5).unwrap();
+        let address = held.first();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || pool.allocate_blocking(5).map(|a| a.first() as usize))
+        };
+        common::wait_until(30, "the thread waits", || pool.stats().waiting == 1);
+        {
+            // The allocator would fail the waiter's size: the release hands it its own block.
+            let _failing = failing(5 * 4096);
+            drop(held);
+            assert_eq!(waiter.join().unwrap(), Ok(address as usize));
+        }
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.in_use_bytes, stats.outstanding, stats.waiting),
+            (0, 0, 0),
+            "{stats:?}"
+        );
     });
 }
