@@ -57,6 +57,10 @@ pub(crate) fn settle<R>(books: impl FnOnce(&mut Deferred) -> R) -> R {
     let mut deferred = Deferred::default();
     let result = books(&mut deferred);
     deferred.run();
+    // `run` left it empty: nothing to drop (its drop glue would check every slot again).
+    // Should `books` or `run` unwind, the drop runs instead, and runs what is left.
+    debug_assert!(deferred.is_empty());
+    core::mem::forget(deferred);
     result
 }
 
@@ -94,6 +98,12 @@ impl Deferred {
         self.rare.push(Later::DropListener(listener));
     }
 
+    /// Whether nothing is owed.
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.inline_len == 0 && self.dropped.is_none() && self.rare.is_empty()
+    }
+
     /// How many wake-ups are owed (for tests).
     #[cfg(test)]
     pub(crate) fn wake_ups(&self) -> usize {
@@ -109,10 +119,26 @@ impl Deferred {
     /// them their notification), then the wake-ups in order, then the drops.
     #[inline]
     pub(crate) fn run(&mut self) {
-        if self.inline_len == 0 && self.dropped.is_none() && self.rare.is_empty() {
-            return;
+        if self.dropped.is_none() && self.rare.is_empty() {
+            match self.inline_len {
+                0 => return,
+                // A release that served one waiter: the common case of a wake-up.
+                1 => return self.run_one(),
+                _ => {}
+            }
         }
         self.run_slow();
+    }
+
+    /// [`run`](Deferred::run) when one wake-up is all it owes.
+    #[inline(never)]
+    fn run_one(&mut self) {
+        self.inline_len = 0;
+        if let Some(waker) = self.inline[0].take() {
+            let mut first_panic = None;
+            guarded(&mut first_panic, || waker.wake());
+            pass_on(first_panic);
+        }
     }
 
     /// [`run`](Deferred::run), and if the user code panics, `undo` first, then the panic goes
@@ -160,10 +186,16 @@ impl Deferred {
         if let Some(waker) = self.dropped.take() {
             guarded(&mut first_panic, || drop(waker));
         }
-        if let Some(panic) = first_panic {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
+        pass_on(first_panic);
+    }
+}
+
+/// Resumes the first panic of the user code that ran, unless the thread already unwinds.
+#[inline(always)]
+fn pass_on(first_panic: Option<Box<dyn core::any::Any + Send>>) {
+    if let Some(panic) = first_panic {
+        if !std::thread::panicking() {
+            std::panic::resume_unwind(panic);
         }
     }
 }

@@ -465,6 +465,7 @@ impl Request {
     }
 
     /// The fast path of a first poll, unless it already said to wait for `must_wait` bytes.
+    #[inline(always)]
     fn first_attempt(pool: &State, amount: usize, unit: Unit, must_wait: Option<usize>) -> Attempt {
         match (must_wait, unit) {
             (Some(bytes), _) => Attempt::MustWait(bytes),
