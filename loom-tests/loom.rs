@@ -55,6 +55,7 @@
 //! | 30 a floor's release vs a request on its way up | (found by CI's floor stress after issue 19) a request counted in the floor's `climbed` as soon as it holds the parent's level, not when it completes (the code before the fix) | assertion (root and `x` each one buffer short: `[24, 0, 0, 0]` instead of `[32, 8, 0, 0]`) |
 //! | 31 a reclaim round vs a release and a cancel | (issue 21) `begin_round` does not check for a round in flight | assertion (two reclaimer futures alive at once). A round abandoned by its driver that does not wake the head was **not** caught here: the release wakes the blocked request anyway |
 //! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round; the no-storm rule judging progress by the head's shortfall without checking it is the same head (a served head's successor looks like no progress) | deadlock; deadlock |
+//! | 33 a handed block moves with its bytes | (issue 22) a cancelled head gives its grant back before freeing the block handed to it (the node's drop frees it later); a cancelled head never frees it | assertion (16,384 bytes of blocks alive at once on a budget of 8,192); assertion (a block leaked) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1257,5 +1258,100 @@ fn a_finished_round_wakes_the_waiter_that_found_it_in_flight() {
         let theirs = other.join().unwrap();
         assert_eq!(pool.stats().in_use_bytes, 2 * B);
         drop((mine, theirs));
+    });
+}
+
+/// The bytes of live blocks aligned to 4096 (only model 33 makes such blocks: a pool of
+/// 4096-byte buffers with `direct_io_alignment`), and the most there were at once since the
+/// model's iteration began. Bookkeeping of the harness (std atomics, outside the model): loom
+/// runs an iteration's threads on one OS thread, and the other models' blocks are 8-aligned.
+static ALIGNED_LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALIGNED_PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `System`, counting the blocks of model 33.
+struct CountingAligned;
+
+// SAFETY: forwards every call to `System` unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingAligned {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_aligned(layout, true);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_aligned(layout, true);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        note_aligned(layout, false);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING_ALIGNED: CountingAligned = CountingAligned;
+
+fn note_aligned(layout: std::alloc::Layout, made: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if layout.align() < 4096 {
+        return;
+    }
+    if made {
+        let live = ALIGNED_LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
+        ALIGNED_PEAK.fetch_max(live, Relaxed);
+    } else {
+        ALIGNED_LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+}
+
+/// Model 33 (issue 22): a release hands its block to the head waiter of its size (no free, no
+/// allocation), racing the head's cancel and a second waiter behind it. Whatever the order,
+/// the memory moves with its bytes: the blocks alive at once never hold more than the budget
+/// (a cancelled head frees a handed block before its bytes go on), every block is freed once
+/// (none left when all is dropped), and the budget is whole again.
+#[test]
+fn a_handed_block_moves_with_its_bytes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const PAGE: usize = 4096;
+    model(|| {
+        let pool = Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BufferSize::S4096,
+                max_memory: 2 * PAGE,
+            })
+            .direct_io_alignment()
+            .build()
+            .unwrap(),
+        );
+        assert_eq!(
+            ALIGNED_LIVE.load(Relaxed),
+            0,
+            "a block of the last iteration lives"
+        );
+        ALIGNED_PEAK.store(0, Relaxed);
+        let held = pool.try_allocate(2).unwrap();
+        let mut first = Box::pin(pool.allocate(2));
+        assert!(poll_once(&mut first));
+        let second = {
+            let pool = pool.clone();
+            thread::spawn(move || drop(block_on(pool.allocate(2)).unwrap()))
+        };
+        let releaser = thread::spawn(move || drop(held));
+        // The head gives up: before the release (it leaves the queue), or after it was
+        // handed the block (it frees it, then its bytes go to `second`).
+        drop(first);
+        releaser.join().unwrap();
+        second.join().unwrap();
+        assert_eq!(pool.stats().in_use_bytes, 0);
+        assert_eq!(ALIGNED_LIVE.load(Relaxed), 0, "a block leaked");
+        let peak = ALIGNED_PEAK.load(Relaxed);
+        assert!(
+            peak <= 2 * PAGE,
+            "{peak} bytes of blocks alive at once, over the budget"
+        );
     });
 }
