@@ -177,7 +177,20 @@ unsafe impl Pool for State {
 
     #[cold]
     #[inline(never)]
-    fn release_owned(&self, memory: Memory) -> Option<std::sync::Arc<dyn Send + Sync>> {
+    fn release_owned(
+        &self,
+        memory: Memory,
+        keep_alive: impl FnOnce() -> Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn Send + Sync>> {
+        if self.parent().is_none() && self.is_queued() {
+            // As `release`: the head may take this very block. The owner's handle keeps the
+            // pool alive; the block is disowned once its bytes are back.
+            return settle(|deferred| {
+                // Not the last handle (the owner's is), so its drop runs nothing.
+                drop(self.release_block_queued(memory, keep_alive, deferred));
+                self.disown()
+            });
+        }
         let bytes = memory.bytes();
         self.recycle(memory);
         // The owner's handle keeps the pool alive throughout: every level is given back as

@@ -44,7 +44,11 @@ pub(crate) unsafe trait Pool: Sized {
     /// [`release`](Pool::release) for a block marked with [`Block::set_owned`]: the pool is
     /// kept alive throughout by its owner's handle, which may be returned (the last owned
     /// block's), for the caller to drop once `self` is no longer borrowed.
-    fn release_owned(&self, memory: Memory) -> Option<std::sync::Arc<dyn Send + Sync>>;
+    fn release_owned(
+        &self,
+        memory: Memory,
+        keep_alive: impl FnOnce() -> Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn Send + Sync>>;
 
     /// Whether no bytes are counted in use.
     fn is_drained(&self) -> bool;
@@ -259,7 +263,7 @@ impl<P: Pool> Drop for Block<P> {
         // Dropped here, after the last use of `pool`: it may free the pool's state.
         if self.bytes_zeroed & OWNED != 0 {
             // Dropped here, after the last use of `pool`: it may run the pool's drop.
-            drop(pool.release_owned(memory));
+            drop(pool.release_owned(memory, keep_alive));
             return;
         }
         drop(pool.release(memory, keep_alive));
