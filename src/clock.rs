@@ -5,8 +5,9 @@
 //! queue lock's shadow, just before it), so the clock must be cheap. `Instant::now` costs
 //! 25-40 ns on the KVM guests we measure on; the CPU's time-stamp counter (`rdtsc`) about
 //! 10 ns. So on x86_64 with an *invariant* TSC (constant rate, synchronised across cores:
-//! every x86_64 CPU of the last decade, and KVM passes the flag through) stamps are TSC ticks;
-//! elsewhere, under Miri, or without that flag, they are nanoseconds of the OS clock.
+//! every x86_64 CPU of the last decade), or one the Linux kernel offers as a clocksource (a
+//! guest whose hypervisor hides the invariant flag), stamps are TSC ticks; elsewhere, under
+//! Miri, or without either, they are nanoseconds of the OS clock.
 //!
 //! Ticks become time only when the statistics are read: the TSC's rate is measured then
 //! against the OS clock, over the whole time since the process first needed the clock (so the
@@ -125,8 +126,27 @@ fn nanos_since(instant: Instant) -> u64 {
     u64::try_from(instant.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Whether the TSC can stamp waits: the CPU says it is invariant, or (Linux) the kernel found
+/// it stable enough to offer it as a clocksource. Many hypervisors hide the invariant flag
+/// (it would stop live migration) while the TSC runs at a constant rate and the guest's
+/// kernel, which checks it against other clocks at boot, lists it; without this second check
+/// such a guest stamps every wait with `Instant::now` (two per wait: measured +55-70 ns on the
+/// release-to-waiter path, README "Performance", issue 22).
 #[cfg(all(target_arch = "x86_64", not(miri), not(loom)))]
 fn tsc_invariant() -> bool {
+    cpu_says_invariant() || kernel_offers_tsc()
+}
+
+/// Linux's clocksources that passed its checks (`tsc` is taken off the list if the kernel
+/// found it unstable).
+#[cfg(all(target_arch = "x86_64", not(miri), not(loom)))]
+fn kernel_offers_tsc() -> bool {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/available_clocksource")
+        .is_ok_and(|sources| sources.split_whitespace().any(|source| source == "tsc"))
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri), not(loom)))]
+fn cpu_says_invariant() -> bool {
     use core::arch::x86_64::__cpuid;
     // CPUID leaf 0x8000_0007 ("advanced power management"), EDX bit 8: the TSC runs at a
     // constant rate in every P-, C- and T-state.
