@@ -13,6 +13,13 @@
 //! allocation built from a semaphore.
 //! `ours_untimed/*` is ours built with `time_waits(false)`: no clock reads for the wait
 //! statistics (two per wait otherwise, from the TSC where it is invariant).
+//! `ours_recycling/*` keeps freed 64-byte blocks for reuse (`recycle(4).recycle_min_bytes(64)`):
+//! compare it with `tokio/*`, the bare permit, since neither touches the allocator for the
+//! buffer (ours hands the released block to the head, see README "Performance").
+//!
+//! Since issue 22 the release hands its block to the head waiter (same size), so `ours/*`
+//! calls the allocator only for the boxed future, as `tokio/*` does; `tokio+buffer/*` still
+//! pays a malloc and a free for its buffer.
 //!
 //! Both rows box their futures (`Box::pin`, polled through `Pin<Box<dyn Future>>`): tokio's
 //! `Acquire` and our `Allocate` are `!Unpin` (the waiter node lives inside the future). Each iteration therefore pays one box allocation,
@@ -47,15 +54,18 @@ fn enqueue_ours<'a>(
 }
 
 /// `time_waits`: the builder option that times each wait for the statistics (two clock
-/// reads per wait; on by default).
-fn ours(queued: usize, iters: u64, time_waits: bool) -> Duration {
-    let pool = membudget::BufPool::builder(membudget::BufPoolCfg {
+/// reads per wait; on by default). `recycling`: freed 64-byte blocks are kept for reuse
+/// (`recycle(4).recycle_min_bytes(64)`).
+fn ours(queued: usize, iters: u64, time_waits: bool, recycling: bool) -> Duration {
+    let mut builder = membudget::BufPool::builder(membudget::BufPoolCfg {
         buffer_size: membudget::BufferSize::S64,
         max_memory: 64,
     })
-    .time_waits(time_waits)
-    .build()
-    .unwrap();
+    .time_waits(time_waits);
+    if recycling {
+        builder = builder.recycle(4).recycle_min_bytes(64);
+    }
+    let pool = builder.build().unwrap();
     let mut cx = Context::from_waker(noop_waker_ref());
     let mut held = pool.try_allocate(1).unwrap();
     let mut queue: VecDeque<BoxedAllocate<'_>> = VecDeque::with_capacity(queued + 1);
@@ -135,12 +145,18 @@ fn waiters(c: &mut Criterion) {
     let mut group = c.benchmark_group("waiters");
     for queued in QUEUE_LENGTHS {
         group.bench_function(BenchmarkId::new("ours/release_to_head", queued), |b| {
-            b.iter_custom(|iters| ours(queued, iters, true));
+            b.iter_custom(|iters| ours(queued, iters, true, false));
         });
+        group.bench_function(
+            BenchmarkId::new("ours_recycling/release_to_head", queued),
+            |b| {
+                b.iter_custom(|iters| ours(queued, iters, true, true));
+            },
+        );
         group.bench_function(
             BenchmarkId::new("ours_untimed/release_to_head", queued),
             |b| {
-                b.iter_custom(|iters| ours(queued, iters, false));
+                b.iter_custom(|iters| ours(queued, iters, false, false));
             },
         );
         group.bench_function(BenchmarkId::new("tokio/release_to_head", queued), |b| {
