@@ -48,6 +48,11 @@
 //! * `LATENCY_WATCHDOG_SECS`: the whole bench aborts with a message after this long; default
 //!   120. It never hangs.
 //!
+//! * `LATENCY_DIAG=1`: in `mixed`, a third run per round, `ours_fbo`: ours with the blocking
+//!   threads on `futures::executor::block_on(pool.allocate(1))` instead of
+//!   `allocate_blocking(1)`, the same queue without our blocking shim's spin-then-park (see
+//!   docs/latency.md for what it showed).
+//!
 //! `-- --quick` runs one round of a tenth of the requests (a smoke test).
 //!
 //! Run: `cargo bench --bench latency` (about 10-30 s on 2 cores).
@@ -104,6 +109,28 @@ impl Budget for Ours {
 
     fn acquire_blocking(&self) -> BufPoolAllocation {
         self.0.allocate_blocking(1).unwrap()
+    }
+}
+
+/// Ours again, with the blocking threads driving `allocate(1)` through
+/// `futures::executor::block_on` instead of `allocate_blocking(1)`: a diagnostic
+/// (`LATENCY_DIAG=1`) that separates our blocking shim (spin, then park) from the queue.
+struct OursFuturesBlockOn(Ours);
+
+impl Budget for OursFuturesBlockOn {
+    const PEER: &'static str = "ours_fbo";
+    type Held<'a> = BufPoolAllocation;
+
+    fn new() -> Self {
+        OursFuturesBlockOn(Ours::new())
+    }
+
+    fn acquire(&self) -> impl Future<Output = BufPoolAllocation> + Send {
+        self.0.acquire()
+    }
+
+    fn acquire_blocking(&self) -> BufPoolAllocation {
+        futures::executor::block_on(self.0.0.allocate(1)).unwrap()
     }
 }
 
@@ -348,7 +375,7 @@ fn record_run<B: Budget>(
             continue;
         };
         println!(
-            "{:<14} {:<8} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9.0} {:>8.0}",
+            "{:<14} {:<8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9.0} {:>8.0}",
             scenario.name(),
             name,
             B::PEER,
@@ -477,7 +504,7 @@ fn print_summary(records: &[Record]) {
     println!();
     println!("Median over runs [min-max], ns:");
     println!(
-        "{:<14} {:<8} {:<6} {:>22} {:>22} {:>22} {:>22} {:>24}",
+        "{:<14} {:<8} {:<8} {:>22} {:>22} {:>22} {:>22} {:>24}",
         "scenario", "series", "peer", "p50", "p90", "p99", "p99.9", "max"
     );
     let mut keys: Vec<(&str, &str)> = Vec::new();
@@ -487,7 +514,7 @@ fn print_summary(records: &[Record]) {
         }
     }
     for &(scenario, series) in &keys {
-        for peer in ["ours", "tokio"] {
+        for peer in [Ours::PEER, Tokio::PEER, OursFuturesBlockOn::PEER] {
             let runs: Vec<&Record> = records
                 .iter()
                 .filter(|r| r.scenario == scenario && r.series == series && r.peer == peer)
@@ -504,41 +531,47 @@ fn print_summary(records: &[Record]) {
                 })
                 .collect();
             println!(
-                "{scenario:<14} {series:<8} {peer:<6} {:>22} {:>22} {:>22} {:>22} {:>24}",
+                "{scenario:<14} {series:<8} {peer:<8} {:>22} {:>22} {:>22} {:>22} {:>24}",
                 cells[0], cells[1], cells[2], cells[3], cells[4]
             );
         }
     }
     println!();
-    println!("p99 ours / tokio, per round (target <= 1.0 in every run):");
+    println!(
+        "p99 ours / tokio per round (target <= 1.0 in every run), and beside it the run's time \
+         ours / tokio (the tasks' throughput, inverted):"
+    );
+    let rounds = records.iter().map(|r| r.round + 1).max().unwrap_or(0);
     for &(scenario, series) in &keys {
-        let p99 = |peer: &str, round: usize| {
-            records
-                .iter()
-                .find(|r| {
-                    r.scenario == scenario
-                        && r.series == series
-                        && r.peer == peer
-                        && r.round == round
-                })
-                .map(|r| r.summary.values[2])
+        let find = |peer: &str, round: usize| {
+            records.iter().find(|r| {
+                r.scenario == scenario && r.series == series && r.peer == peer && r.round == round
+            })
         };
-        let rounds = records.iter().map(|r| r.round + 1).max().unwrap_or(0);
-        let ratios: Vec<f64> = (0..rounds)
-            .filter_map(|round| Some(p99("ours", round)? as f64 / p99("tokio", round)? as f64))
+        let pairs: Vec<(f64, f64)> = (0..rounds)
+            .filter_map(|round| {
+                let (ours, tokio) = (find(Ours::PEER, round)?, find(Tokio::PEER, round)?);
+                Some((
+                    ours.summary.values[2] as f64 / tokio.summary.values[2] as f64,
+                    ours.elapsed.as_secs_f64() / tokio.elapsed.as_secs_f64(),
+                ))
+            })
             .collect();
-        let met = ratios.iter().all(|&ratio| ratio <= 1.0);
-        let shown: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
+        let met = pairs.iter().all(|&(p99, _)| p99 <= 1.0);
+        let p99s: Vec<String> = pairs.iter().map(|(p99, _)| format!("{p99:.2}")).collect();
+        let times: Vec<String> = pairs.iter().map(|(_, time)| format!("{time:.2}")).collect();
         println!(
-            "{scenario:<14} {series:<8} {}  -> {}",
-            shown.join(", "),
-            if met { "met" } else { "NOT met" }
+            "{scenario:<14} {series:<8} p99 {:<20} {:<8} run time {}",
+            p99s.join(", "),
+            if met { "met" } else { "NOT met" },
+            times.join(", ")
         );
     }
 }
 
 fn main() {
     let quick = std::env::args().any(|arg| arg == "--quick");
+    let diag = std::env::var_os("LATENCY_DIAG").is_some_and(|value| value != "0");
     let setup = Setup {
         rounds: if quick {
             1
@@ -579,7 +612,7 @@ fn main() {
     }
 
     println!(
-        "{:<14} {:<8} {:<6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9} {:>8}",
+        "{:<14} {:<8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9} {:>8}",
         "scenario",
         "series",
         "peer",
@@ -602,6 +635,15 @@ fn main() {
             } else {
                 record_run::<Tokio>(&rt, scenario, setup.per_task, round, &mut records);
                 record_run::<Ours>(&rt, scenario, setup.per_task, round, &mut records);
+            }
+            if diag && scenario == Scenario::Mixed {
+                record_run::<OursFuturesBlockOn>(
+                    &rt,
+                    scenario,
+                    setup.per_task,
+                    round,
+                    &mut records,
+                );
             }
         }
     }
