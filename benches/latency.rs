@@ -48,10 +48,11 @@
 //! * `LATENCY_WATCHDOG_SECS`: the whole bench aborts with a message after this long; default
 //!   120. It never hangs.
 //!
-//! * `LATENCY_DIAG=1`: in `mixed`, a third run per round, `ours_fbo`: ours with the blocking
-//!   threads on `futures::executor::block_on(pool.allocate(1))` instead of
-//!   `allocate_blocking(1)`, the same queue without our blocking shim's spin-then-park (see
-//!   docs/latency.md for what it showed).
+//! * `LATENCY_DIAG=1`: diagnostic runs after ours and tokio in every round (see
+//!   docs/latency.md for what they showed): `ours_untimed`, ours with `time_waits(false)` (no
+//!   clock reads for the wait statistics), in both scenarios; and in `mixed`, `ours_fbo`, ours
+//!   with the blocking threads on `futures::executor::block_on(pool.allocate(1))` instead of
+//!   `allocate_blocking(1)` (the same queue without our blocking shim's spin-then-park).
 //!
 //! `-- --quick` runs one round of a tenth of the requests (a smoke test).
 //!
@@ -134,6 +135,32 @@ impl Budget for OursFuturesBlockOn {
     }
 }
 
+/// Ours with `time_waits(false)`: no clock reads for the wait statistics (a diagnostic,
+/// `LATENCY_DIAG=1`).
+struct OursUntimed(Ours);
+
+impl Budget for OursUntimed {
+    const PEER: &'static str = "ours_untimed";
+    type Held<'a> = BufPoolAllocation;
+
+    fn new() -> Self {
+        let cfg = BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: ROOM * BUF,
+        };
+        let pool = BufPool::builder(cfg).time_waits(false).build();
+        OursUntimed(Ours(pool.expect("valid configuration")))
+    }
+
+    fn acquire(&self) -> impl Future<Output = BufPoolAllocation> + Send {
+        self.0.acquire()
+    }
+
+    fn acquire_blocking(&self) -> BufPoolAllocation {
+        self.0.acquire_blocking()
+    }
+}
+
 struct Tokio(Semaphore);
 
 /// A permit and the buffer a tokio user allocates with it. Fields drop in order: the buffer
@@ -206,12 +233,25 @@ async fn task_loop<B: Budget>(budget: Arc<B>, window: Arc<Window>, requests: usi
     latencies
 }
 
-fn thread_loop<B: Budget>(budget: &B, window: &Window, capacity: usize) -> Vec<u64> {
+/// This thread's time on a CPU and waiting in the run queue so far, in ns
+/// (`/proc/thread-self/schedstat`; `None` where there is none).
+fn sched_stat() -> Option<[u64; 2]> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    Some([fields.next()?.ok()?, fields.next()?.ok()?])
+}
+
+fn thread_loop<B: Budget>(
+    budget: &B,
+    window: &Window,
+    capacity: usize,
+) -> (Vec<u64>, Option<[u64; 2]>) {
     let mut latencies = Vec::with_capacity(capacity);
     window.ready.fetch_add(1, Ordering::Relaxed);
     while !window.all_ready() {
         std::thread::yield_now();
     }
+    let sched_before = sched_stat();
     while !window.over.load(Ordering::Relaxed) {
         let asked = Instant::now();
         let held = budget.acquire_blocking();
@@ -222,7 +262,10 @@ fn thread_loop<B: Budget>(budget: &B, window: &Window, capacity: usize) -> Vec<u
         }
         drop(black_box(held));
     }
-    latencies
+    let sched = sched_before
+        .zip(sched_stat())
+        .map(|(before, after)| [after[0] - before[0], after[1] - before[1]]);
+    (latencies, sched)
 }
 
 /// Sets the flag when dropped (panicking or not).
@@ -260,6 +303,8 @@ impl Scenario {
 struct Samples {
     tasks: Vec<u64>,
     threads: Vec<u64>,
+    /// The blocking threads' summed time on a CPU and in the run queue while recording, ns.
+    thread_sched: Option<[u64; 2]>,
     elapsed: Duration,
 }
 
@@ -295,13 +340,19 @@ fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: us
         });
         let elapsed = started.elapsed();
         drop(stopper);
-        let threads = threads
-            .into_iter()
-            .flat_map(|thread| thread.join().expect("a blocking thread panicked"))
-            .collect();
+        let mut latencies = Vec::new();
+        let mut thread_sched = Some([0, 0]);
+        for thread in threads {
+            let (thread_latencies, sched) = thread.join().expect("a blocking thread panicked");
+            latencies.extend(thread_latencies);
+            thread_sched = thread_sched
+                .zip(sched)
+                .map(|(sum, one)| [sum[0] + one[0], sum[1] + one[1]]);
+        }
         Samples {
             tasks: per_task_latencies.concat(),
-            threads,
+            threads: latencies,
+            thread_sched: thread_sched.filter(|_| scenario.threads() > 0),
             elapsed,
         }
     })
@@ -349,6 +400,9 @@ struct Record {
     round: usize,
     elapsed: Duration,
     summary: Summary,
+    /// For the `threads` series: the blocking threads' summed time on a CPU and waiting in
+    /// the run queue while they recorded, ns.
+    sched: Option<[u64; 2]>,
 }
 
 fn record_run<B: Budget>(
@@ -374,8 +428,16 @@ fn record_run<B: Budget>(
             );
             continue;
         };
+        let sched = samples.thread_sched.filter(|_| name == "threads");
+        let sched_note = sched.map_or(String::new(), |[cpu, queued]| {
+            format!(
+                "  threads: {:.0} ms on a CPU, {:.0} ms runnable but waiting for one",
+                cpu as f64 / 1e6,
+                queued as f64 / 1e6
+            )
+        });
         println!(
-            "{:<14} {:<8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9.0} {:>8.0}",
+            "{:<14} {:<8} {:<12} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9.0} {:>8.0}{}",
             scenario.name(),
             name,
             B::PEER,
@@ -388,6 +450,7 @@ fn record_run<B: Budget>(
             summary.count,
             summary.mean,
             samples.elapsed.as_secs_f64() * 1e3,
+            sched_note,
         );
         records.push(Record {
             scenario: scenario.name(),
@@ -396,6 +459,7 @@ fn record_run<B: Budget>(
             round,
             elapsed: samples.elapsed,
             summary,
+            sched,
         });
     }
 }
@@ -466,7 +530,7 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
         json += &format!(
             "    {{\"scenario\": \"{}\", \"series\": \"{}\", \"peer\": \"{}\", \"round\": {}, \
              \"count\": {}, \"elapsed_ms\": {:.1}, \"mean\": {:.0}, \"p50\": {}, \"p90\": {}, \
-             \"p99\": {}, \"p999\": {}, \"max\": {}}}{}\n",
+             \"p99\": {}, \"p999\": {}, \"max\": {}{}}}{}\n",
             record.scenario,
             record.series,
             record.peer,
@@ -479,6 +543,11 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
             s.values[2],
             s.values[3],
             s.max,
+            record.sched.map_or(String::new(), |[cpu, queued]| format!(
+                ", \"thread_cpu_ms\": {:.1}, \"thread_runq_ms\": {:.1}",
+                cpu as f64 / 1e6,
+                queued as f64 / 1e6
+            )),
             if i + 1 < records.len() { "," } else { "" },
         );
     }
@@ -504,7 +573,7 @@ fn print_summary(records: &[Record]) {
     println!();
     println!("Median over runs [min-max], ns:");
     println!(
-        "{:<14} {:<8} {:<8} {:>22} {:>22} {:>22} {:>22} {:>24}",
+        "{:<14} {:<8} {:<12} {:>22} {:>22} {:>22} {:>22} {:>24}",
         "scenario", "series", "peer", "p50", "p90", "p99", "p99.9", "max"
     );
     let mut keys: Vec<(&str, &str)> = Vec::new();
@@ -514,7 +583,12 @@ fn print_summary(records: &[Record]) {
         }
     }
     for &(scenario, series) in &keys {
-        for peer in [Ours::PEER, Tokio::PEER, OursFuturesBlockOn::PEER] {
+        for peer in [
+            Ours::PEER,
+            Tokio::PEER,
+            OursUntimed::PEER,
+            OursFuturesBlockOn::PEER,
+        ] {
             let runs: Vec<&Record> = records
                 .iter()
                 .filter(|r| r.scenario == scenario && r.series == series && r.peer == peer)
@@ -531,7 +605,7 @@ fn print_summary(records: &[Record]) {
                 })
                 .collect();
             println!(
-                "{scenario:<14} {series:<8} {peer:<8} {:>22} {:>22} {:>22} {:>22} {:>24}",
+                "{scenario:<14} {series:<8} {peer:<12} {:>22} {:>22} {:>22} {:>22} {:>24}",
                 cells[0], cells[1], cells[2], cells[3], cells[4]
             );
         }
@@ -612,7 +686,7 @@ fn main() {
     }
 
     println!(
-        "{:<14} {:<8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9} {:>8}",
+        "{:<14} {:<8} {:<12} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>9} {:>8}",
         "scenario",
         "series",
         "peer",
@@ -635,6 +709,9 @@ fn main() {
             } else {
                 record_run::<Tokio>(&rt, scenario, setup.per_task, round, &mut records);
                 record_run::<Ours>(&rt, scenario, setup.per_task, round, &mut records);
+            }
+            if diag {
+                record_run::<OursUntimed>(&rt, scenario, setup.per_task, round, &mut records);
             }
             if diag && scenario == Scenario::Mixed {
                 record_run::<OursFuturesBlockOn>(
