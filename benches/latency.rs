@@ -19,8 +19,16 @@
 //!   stop when the first task is done, so every thread sample is taken under the full load
 //!   (without that window the threads, free of the queue once the tasks end, add thousands
 //!   of 70 ns samples while the runtime winds down). Reported for the tasks, the threads and
-//!   both together (`all`). With 2 workers and 2 blocking threads on a
-//!   2-core machine the cores are oversubscribed, as in a real program that mixes them.
+//!   both together (`all`). With 2 workers and 2 blocking threads on a 2-core machine the
+//!   cores are oversubscribed, as in a real program that mixes them. For the threads it also
+//!   prints their time on a CPU and their time runnable but waiting for one
+//!   (`/proc/thread-self/schedstat`), which shows what a blocking wait costs in CPU.
+//!
+//! Both are closed loops: 64 requesters and room for 8, so a request mostly waits behind
+//! the 56 others, and its latency is about 56 hand-offs (release, grant, wake, the waiter
+//! running) plus the holders' work. The percentiles therefore scale with the cost of a
+//! hand-off and with how fairly the queue serves (both sides are FIFO), and everything the
+//! OS does to the threads (a preempted worker, a 4 ms scheduler tick) lands in the tail.
 //!
 //! Each runs for ours (`BufPool` with 64-byte buffers and `max_memory` = 8 × 64: `allocate(1)`,
 //! `allocate_blocking(1)`) and for tokio (`tokio::sync::Semaphore::new(8)`: `acquire().await`,
@@ -28,7 +36,7 @@
 //! ours allocates and frees its buffer in every request; the buffer is dropped before the
 //! permit). A tokio user's blocking thread has no blocking `acquire`, so it drives the future
 //! with `futures::executor::block_on(sem.acquire())`, as the `handoff` and `contention`
-//! benches do (`Handle::block_on` parks the thread the same way). Ours and tokio run in the
+//! benches do (tokio's own `Handle::block_on` parks the thread too). Ours and tokio run in the
 //! same process, alternating, and the order flips every round (ours first in even rounds,
 //! tokio first in odd) so a drift in the machine's load does not favour one side. A short
 //! warm-up of each runs first and is not recorded.
@@ -47,7 +55,6 @@
 //!   640,000 (10,000 per task: 640 samples above the p99.9). The blocking threads add theirs.
 //! * `LATENCY_WATCHDOG_SECS`: the whole bench aborts with a message after this long; default
 //!   120. It never hangs.
-//!
 //! * `LATENCY_DIAG=1`: diagnostic runs after ours and tokio in every round (see
 //!   docs/latency.md for what they showed): `ours_untimed`, ours with `time_waits(false)` (no
 //!   clock reads for the wait statistics), in both scenarios; and in `mixed`, `ours_fbo`, ours
@@ -56,7 +63,7 @@
 //!
 //! `-- --quick` runs one round of a tenth of the requests (a smoke test).
 //!
-//! Run: `cargo bench --bench latency` (about 10-30 s on 2 cores).
+//! Run: `cargo bench --bench latency` (about 5-10 s on 2 cores; 10-15 s with `LATENCY_DIAG=1`).
 
 use std::future::Future;
 use std::hint::{black_box, spin_loop};
