@@ -312,10 +312,49 @@ struct Samples {
     threads: Vec<u64>,
     /// The blocking threads' summed time on a CPU and in the run queue while recording, ns.
     thread_sched: Option<[u64; 2]>,
+    /// Other processes' CPU time and the steal time during the run, ms.
+    others: Option<[u64; 2]>,
     elapsed: Duration,
 }
 
+/// The machine's busy CPU time (user, nice, system, irq, softirq), its steal time (a VM's
+/// vCPUs waiting for the host), and this process's CPU time, in ms (`/proc/stat` and
+/// `/proc/self/stat`, counted in Linux's USER_HZ of 100 per second); `None` where there are
+/// none.
+fn cpu_times() -> Option<[u64; 3]> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let machine: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let mine: Vec<u64> = me
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = machine[0] + machine[1] + machine[2] + machine.get(5)? + machine.get(6)?;
+    Some([busy, *machine.get(7)?, mine[0] + mine[1]].map(|ticks| ticks * 10))
+}
+
+/// What the rest of the machine did during a run, in ms: the CPU time other processes used
+/// (the machine's busy time minus ours), and the steal time.
+fn others_during(before: Option<[u64; 3]>, after: Option<[u64; 3]>) -> Option<[u64; 2]> {
+    let ([busy0, steal0, mine0], [busy1, steal1, mine1]) = (before?, after?);
+    Some([
+        (busy1 - busy0).saturating_sub(mine1 - mine0),
+        steal1 - steal0,
+    ])
+}
+
 fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: usize) -> Samples {
+    let cpu_before = cpu_times();
     let budget = Arc::new(B::new());
     let window = Arc::new(Window {
         ready: AtomicUsize::new(0),
@@ -360,6 +399,7 @@ fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: us
             tasks: per_task_latencies.concat(),
             threads: latencies,
             thread_sched: thread_sched.filter(|_| scenario.threads() > 0),
+            others: others_during(cpu_before, cpu_times()),
             elapsed,
         }
     })
@@ -410,6 +450,8 @@ struct Record {
     /// For the `threads` series: the blocking threads' summed time on a CPU and waiting in
     /// the run queue while they recorded, ns.
     sched: Option<[u64; 2]>,
+    /// Other processes' CPU time and the steal time during the run, ms.
+    others: Option<[u64; 2]>,
 }
 
 fn record_run<B: Budget>(
@@ -436,7 +478,13 @@ fn record_run<B: Budget>(
             continue;
         };
         let sched = samples.thread_sched.filter(|_| name == "threads");
-        let sched_note = sched.map_or(String::new(), |[cpu, queued]| {
+        let others_note = samples
+            .others
+            .filter(|_| name == "tasks")
+            .map_or(String::new(), |[cpu, steal]| {
+                format!("  others: {cpu} ms CPU, steal {steal} ms")
+            });
+        let sched_note = sched.map_or(others_note, |[cpu, queued]| {
             format!(
                 "  threads: {:.0} ms on a CPU, {:.0} ms runnable but waiting for one",
                 cpu as f64 / 1e6,
@@ -467,6 +515,7 @@ fn record_run<B: Budget>(
             elapsed: samples.elapsed,
             summary,
             sched,
+            others: samples.others,
         });
     }
 }
@@ -537,7 +586,7 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
         json += &format!(
             "    {{\"scenario\": \"{}\", \"series\": \"{}\", \"peer\": \"{}\", \"round\": {}, \
              \"count\": {}, \"elapsed_ms\": {:.1}, \"mean\": {:.0}, \"p50\": {}, \"p90\": {}, \
-             \"p99\": {}, \"p999\": {}, \"max\": {}{}}}{}\n",
+             \"p99\": {}, \"p999\": {}, \"max\": {}{}{}}}{}\n",
             record.scenario,
             record.series,
             record.peer,
@@ -554,6 +603,9 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
                 ", \"thread_cpu_ms\": {:.1}, \"thread_runq_ms\": {:.1}",
                 cpu as f64 / 1e6,
                 queued as f64 / 1e6
+            )),
+            record.others.map_or(String::new(), |[cpu, steal]| format!(
+                ", \"others_cpu_ms\": {cpu}, \"steal_ms\": {steal}"
             )),
             if i + 1 < records.len() { "," } else { "" },
         );
