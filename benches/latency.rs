@@ -63,7 +63,7 @@
 //!
 //! `-- --quick` runs one round of a tenth of the requests (a smoke test).
 //!
-//! Run: `cargo bench --bench latency` (about 5-10 s on 2 cores; 10-15 s with `LATENCY_DIAG=1`).
+//! Run: `cargo bench --bench latency` (about 6 s on 2 quiet cores, 8 s with `LATENCY_DIAG=1`).
 
 use std::future::Future;
 use std::hint::{black_box, spin_loop};
