@@ -41,8 +41,10 @@
 //! tokio first in odd) so a drift in the machine's load does not favour one side. A short
 //! warm-up of each runs first and is not recorded.
 //!
-//! Output: per run, the percentiles in ns; then per scenario and series, the median over the
-//! runs of each percentile with its spread (min-max), and ours ÷ tokio for p99 per round. The
+//! Output: per run, the percentiles in ns, with the CPU time other processes used during the
+//! run and the VM's steal time (`/proc/stat`; on a shared machine, a run where these are
+//! large was disturbed); then per scenario and series, the median over the runs of each
+//! percentile with its spread (min-max), and ours ÷ tokio for p99 per round. The
 //! raw per-run figures go to `$CARGO_TARGET_DIR/latency/results.json` (`target/latency/...`
 //! when unset, relative to the package root, where cargo runs benches);
 //! `python3 scripts/latency_plot.py` draws `docs/latency.svg` from it.
