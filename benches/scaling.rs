@@ -152,14 +152,18 @@ impl Leased {
     #[inline(always)]
     fn try_allocate(&self, me: usize, bytes: u64) -> bool {
         let slot = &self.slots[me].0;
-        let have = slot.load(Ordering::Relaxed);
-        // Acquire: pairs with the Release of whoever put the bytes in the slot.
-        if have >= bytes
-            && slot
-                .compare_exchange(have, have - bytes, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        {
-            return true;
+        let mut have = slot.load(Ordering::Relaxed);
+        while have >= bytes {
+            // Acquire: pairs with the Release of whoever put the bytes in the slot.
+            match slot.compare_exchange_weak(
+                have,
+                have - bytes,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => have = actual,
+            }
         }
         self.try_allocate_shared(me, bytes)
     }
@@ -216,15 +220,18 @@ impl Leased {
     #[inline(always)]
     fn release(&self, me: usize, bytes: u64) {
         let slot = &self.slots[me].0;
-        let have = slot.load(Ordering::Relaxed);
+        let mut have = slot.load(Ordering::Relaxed);
         // Only into a slot that is not empty: an empty one may have been recalled.
-        if have != 0
-            && have + bytes <= 2 * LEASE
-            && slot
-                .compare_exchange(have, have + bytes, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
-        {
-            return;
+        while have != 0 && have + bytes <= 2 * LEASE {
+            match slot.compare_exchange_weak(
+                have,
+                have + bytes,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => have = actual,
+            }
         }
         self.release_shared(me, bytes);
     }
