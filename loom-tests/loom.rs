@@ -1343,7 +1343,7 @@ mod lease_model {
             );
         }
 
-        fn from_lease(&self, me: usize) -> bool {
+        fn take_from_lease(&self, me: usize) -> bool {
             let slot = &self.slots[me];
             let mut have = slot.load(Relaxed);
             loop {
@@ -1378,7 +1378,7 @@ mod lease_model {
 
         /// One byte for owner `me`, without waiting.
         fn allocate(&self, me: usize) -> bool {
-            if self.from_lease(me) {
+            if self.take_from_lease(me) {
                 return true;
             }
             let mut word = self.word.load(Acquire);
@@ -1412,7 +1412,7 @@ mod lease_model {
                 }
                 return false;
             }
-            self.from_lease(me)
+            self.take_from_lease(me)
         }
 
         fn release(&self, me: usize) {
