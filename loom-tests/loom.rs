@@ -56,6 +56,7 @@
 //! | 31 a reclaim round vs a release and a cancel | (issue 21) `begin_round` does not check for a round in flight | assertion (two reclaimer futures alive at once). A round abandoned by its driver that does not wake the head was **not** caught here: the release wakes the blocked request anyway |
 //! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round; the no-storm rule judging progress by the head's shortfall without checking it is the same head (a served head's successor looks like no progress) | deadlock; deadlock |
 //! | 33 a handed block moves with its bytes | (issue 22) a cancelled head gives its grant back before freeing the block handed to it (the node's drop frees it later); a cancelled head never frees it | assertion (16,384 bytes of blocks alive at once on a budget of 8,192); assertion (a block leaked) |
+//! | 34 (a model of the *proposed* lease design of issue 22, not crate code) | an owner publishes its lease without re-reading the budget word (kept as 34b, `should_panic`); a release into an emptied slot; a recall that empties a slot with a load and a store | assertion (b); assertion (b); assertion (a). A plain `Acquire` load as the re-check was not caught |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1354,4 +1355,255 @@ fn a_handed_block_moves_with_its_bytes() {
             "{peak} bytes of blocks alive at once, over the budget"
         );
     });
+}
+
+/// Model 34 (issue 22): a model of the **proposed** per-thread lease design of
+/// `docs/many-cores.md`, re-implemented here with loom's atomics. It is *not* crate code
+/// (the crate has no leases); it is the protocol of the `leased` prototype in
+/// `benches/scaling.rs`, reduced to two slots and a budget of 4 bytes.
+///
+/// The budget word holds `RECALL` and the bytes in use, leased-but-unused bytes included.
+/// Each of two owner threads has a slot with the unused bytes of its lease. An owner
+/// allocates one byte from its slot (a compare-exchange), or else takes a lease of 2 from
+/// the word (refused under `RECALL`), publishes it in its slot and then re-reads the word
+/// with a read-modify-write: if `RECALL` is up, it takes its slot back and returns it. It
+/// releases into its slot only if the slot is not empty (an empty slot may have been
+/// recalled), else to the word; at the end it returns its lease. The main thread is the one
+/// that wants to wait: it raises `RECALL`, swaps each slot to empty and returns what it
+/// found, and only then takes 2 bytes from the word.
+///
+/// Checked: (a) the bytes live at once never exceed the budget, and no give-back takes more
+/// from the word than it holds; (b) once the recall has emptied a slot, nobody allocates
+/// from that slot again (each slot carries a ghost count of the recalls that emptied it,
+/// above its bytes, read only by this assertion); (c) at the end every byte is back: the
+/// word is its start value plus `RECALL`, every slot empty.
+///
+/// The bug it catches (put in by hand, and kept as model 34b below, which must fail): an
+/// owner that publishes its lease without re-reading the word afterwards. A lease taken
+/// just before `RECALL` went up and published just after the recaller swept that slot
+/// escapes the recall, and the owner's next allocation comes from it: assertion (b),
+/// "allocated from a lease after the recall emptied its slot" (21,567 executions pass at
+/// `LOOM_MAX_PREEMPTIONS=2` without the bug, ~2 s).
+///
+/// Other bugs put in by hand and taken out again: a release into an *emptied* slot (no
+/// "not empty" check) fails (b) too; a recall that empties a slot with a load and a store
+/// instead of one read-modify-write fails (a), "gave back more than was in use" (the owner
+/// allocated a byte the recaller also returned). Not caught: the re-check as a plain
+/// `Acquire` load instead of a read-modify-write. That is a store-buffering pattern the
+/// language's memory model allows to miss the recall (both sides need a read-modify-write
+/// on the word, or `SeqCst` on all four accesses), which loom did not find here (25,916
+/// executions); the protocol keeps the read-modify-write. The allocation and the release
+/// on a slot are compare-exchange *loops*: with one load and one compare-exchange, the
+/// emptied-slot bug above was not caught (loom's first load never read the swept slot in
+/// the schedules it explored).
+mod lease_model {
+    use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+    use std::sync::atomic::AtomicUsize as Ghost;
+
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicUsize;
+    use loom::thread;
+
+    const RECALL: usize = 1 << 16;
+    const IN_USE: usize = RECALL - 1;
+    const BUDGET: usize = 4;
+    const LEASE: usize = 2;
+    /// A slot's bytes lie below this; above it, the ghost count of recall sweeps.
+    const SWEPT_SHIFT: u32 = 8;
+    const BYTES: usize = (1 << SWEPT_SHIFT) - 1;
+
+    struct Leases {
+        word: AtomicUsize,
+        slots: [AtomicUsize; 2],
+        /// Ghost: bytes allocated and not yet released (not part of the protocol).
+        live: Ghost,
+        /// Whether owners re-read the word after publishing a lease (false: the bug).
+        recheck: bool,
+    }
+
+    impl Leases {
+        fn live(&self, bytes: usize) {
+            let now = self.live.fetch_add(bytes, Relaxed) + bytes;
+            assert!(now <= BUDGET, "(a) {now} bytes live, budget {BUDGET}");
+        }
+
+        fn unlive(&self, bytes: usize) {
+            self.live.fetch_sub(bytes, Relaxed);
+        }
+
+        fn give_back(&self, bytes: usize) {
+            let before = self.word.fetch_sub(bytes, AcqRel);
+            assert!(
+                before & IN_USE >= bytes,
+                "(a) gave back more than was in use"
+            );
+        }
+
+        fn take_from_lease(&self, me: usize) -> bool {
+            let slot = &self.slots[me];
+            let mut have = slot.load(Relaxed);
+            loop {
+                if have & BYTES == 0 {
+                    return false;
+                }
+                match slot.compare_exchange(have, have - 1, AcqRel, Relaxed) {
+                    Ok(_) => break,
+                    Err(actual) => have = actual,
+                }
+            }
+            assert_eq!(
+                have >> SWEPT_SHIFT,
+                0,
+                "(b) allocated from a lease after the recall emptied its slot"
+            );
+            true
+        }
+
+        /// Empties `me`'s slot, keeping its ghost count; returns the bytes that were there.
+        fn take_slot(&self, me: usize, swept: usize) -> usize {
+            let slot = &self.slots[me];
+            let mut have = slot.load(Relaxed);
+            loop {
+                let next = ((have >> SWEPT_SHIFT) + swept) << SWEPT_SHIFT;
+                match slot.compare_exchange(have, next, AcqRel, Relaxed) {
+                    Ok(_) => return have & BYTES,
+                    Err(actual) => have = actual,
+                }
+            }
+        }
+
+        /// One byte for owner `me`, without waiting.
+        fn allocate(&self, me: usize) -> bool {
+            if self.take_from_lease(me) {
+                return true;
+            }
+            let mut word = self.word.load(Acquire);
+            loop {
+                if word & RECALL != 0 {
+                    return false; // it would wait: the recaller is ahead of it
+                }
+                let free = BUDGET - (word & IN_USE);
+                let take = if free >= LEASE {
+                    LEASE
+                } else if free >= 1 {
+                    1
+                } else {
+                    return false;
+                };
+                match self
+                    .word
+                    .compare_exchange(word, word + take, AcqRel, Acquire)
+                {
+                    Ok(_) if take == 1 => return true,
+                    Ok(_) => break,
+                    Err(actual) => word = actual,
+                }
+            }
+            // Publish the lease, then make sure no recall missed it.
+            self.slots[me].fetch_add(LEASE, AcqRel);
+            if self.recheck && self.word.fetch_add(0, AcqRel) & RECALL != 0 {
+                let back = self.take_slot(me, 0);
+                if back != 0 {
+                    self.give_back(back);
+                }
+                return false;
+            }
+            self.take_from_lease(me)
+        }
+
+        fn release(&self, me: usize) {
+            let slot = &self.slots[me];
+            let mut have = slot.load(Relaxed);
+            // Only into a slot that is not empty: an empty one may have been recalled.
+            while have & BYTES != 0 {
+                match slot.compare_exchange(have, have + 1, AcqRel, Relaxed) {
+                    Ok(_) => return,
+                    Err(actual) => have = actual,
+                }
+            }
+            self.give_back(1);
+        }
+
+        fn owner(&self, me: usize) {
+            for _ in 0..2 {
+                if self.allocate(me) {
+                    self.live(1);
+                    self.unlive(1);
+                    self.release(me);
+                }
+            }
+            let back = self.take_slot(me, 0);
+            if back != 0 {
+                self.give_back(back);
+            }
+        }
+
+        /// Raises `RECALL`, empties every slot, then takes 2 bytes if they fit.
+        fn recall_and_take(&self) {
+            self.word.fetch_or(RECALL, AcqRel);
+            for me in 0..2 {
+                let back = self.take_slot(me, 1);
+                if back != 0 {
+                    self.give_back(back);
+                }
+            }
+            let mut word = self.word.load(Acquire);
+            while BUDGET - (word & IN_USE) >= 2 {
+                match self.word.compare_exchange(word, word + 2, AcqRel, Acquire) {
+                    Ok(_) => {
+                        self.live(2);
+                        self.unlive(2);
+                        self.give_back(2);
+                        return;
+                    }
+                    Err(actual) => word = actual,
+                }
+            }
+        }
+    }
+
+    pub(super) fn check(recheck: bool) {
+        super::model(move || {
+            let leases = Arc::new(Leases {
+                word: AtomicUsize::new(0),
+                slots: [AtomicUsize::new(0), AtomicUsize::new(0)],
+                live: Ghost::new(0),
+                recheck,
+            });
+            let owners: Vec<_> = (0..2)
+                .map(|me| {
+                    let leases = leases.clone();
+                    thread::spawn(move || leases.owner(me))
+                })
+                .collect();
+            leases.recall_and_take();
+            for owner in owners {
+                owner.join().unwrap();
+            }
+            assert_eq!(leases.word.load(Relaxed), RECALL, "(c) every byte back");
+            for slot in &leases.slots {
+                assert_eq!(
+                    slot.load(Relaxed) & BYTES,
+                    0,
+                    "(c) a slot still holds bytes"
+                );
+            }
+            assert_eq!(leases.live.load(Relaxed), 0);
+        });
+    }
+}
+
+/// Model 34: the proposed lease protocol (issue 22, `docs/many-cores.md`; a model of the
+/// design, not of crate code): budget, no allocation from a recalled lease, every byte back.
+#[test]
+fn lease_recall_model_keeps_the_budget_and_strands_nothing() {
+    lease_model::check(true);
+}
+
+/// Model 34b: the same protocol with the bug put in (an owner publishes its lease without
+/// re-reading the word afterwards). It must fail, on (b).
+#[test]
+#[should_panic(expected = "(b) allocated from a lease after the recall emptied its slot")]
+fn lease_recall_model_without_the_recheck_fails() {
+    lease_model::check(false);
 }
