@@ -506,7 +506,6 @@ impl State {
             for_descendant.unwrap_or(self).origin(),
             takes_block,
         );
-        self.counters.set_waiting(queue.list.len());
         Ok(Admission::Queued)
     }
 
@@ -1374,7 +1373,6 @@ impl State {
             waits.total_ticks = waits.total_ticks.saturating_add(granted.total_wait);
             waits.max_ticks = waits.max_ticks.max(granted.max_wait);
         }
-        self.counters.set_waiting(queue.list.len());
         self.note_room(before, queue, deferred);
         if released > 0 && queue.reclaim.stalled.is_some() {
             // The state changed: the head may start a new reclaim round.
@@ -1902,11 +1900,13 @@ impl State {
         let cached_bytes = self.recycler.cached_bytes();
         let queue = lock(&self.queue);
         let waits = queue.waits;
+        let waiting = queue.list.len();
         self.counters.assemble(
             || self.word.load(),
             Sources {
                 name: self.config.name.clone(),
                 waits,
+                waiting,
                 max_memory: self.max_memory.load(Relaxed),
                 budget: self.budget(),
                 buffer_size: self.config.buffer_size.bytes(),

@@ -26,8 +26,6 @@ pub(crate) struct Counters {
     would_block: AtomicUsize,
     timed_out: AtomicUsize,
     queue_full: AtomicUsize,
-    /// The queue's length, published under the lock for `stats()` to read without it.
-    waiting: AtomicUsize,
 }
 
 impl Counters {
@@ -65,10 +63,6 @@ impl Counters {
     pub(crate) fn queue_full(&self) {
         self.queue_full.fetch_add(1, Relaxed);
     }
-
-    pub(crate) fn set_waiting(&self, waiting: usize) {
-        self.waiting.store(waiting, Relaxed);
-    }
 }
 
 /// Allocations made under the queue lock and the waits behind them, kept under that lock at
@@ -94,6 +88,10 @@ pub(crate) struct WaitTotals {
 pub(crate) struct Sources {
     pub(crate) name: Option<Arc<str>>,
     pub(crate) waits: WaitTotals,
+    /// The queue's length, read under its lock (the waiting paths keep no counter of it: a
+    /// wait writes no cache line beyond the word, the queue and its node, and the grant
+    /// taken).
+    pub(crate) waiting: usize,
     pub(crate) max_memory: usize,
     /// The budget enforced (`max_memory`, or the most the pool counts).
     pub(crate) budget: usize,
@@ -126,7 +124,7 @@ impl Counters {
             overcommit_bytes: word.in_use().saturating_sub(sources.budget),
             max_memory: sources.max_memory,
             outstanding: allocations.saturating_sub(releases),
-            waiting: self.waiting.load(Relaxed),
+            waiting: sources.waiting,
             buffer_size: sources.buffer_size,
             closed: word.is_closed(),
             peak_in_use_bytes: sources.peak_in_use,
