@@ -1242,7 +1242,7 @@ impl State {
         // budget changes only under the lock: the fit is exact.
         let fits = || bytes <= self.budget().saturating_sub(word.in_use() - bytes);
         if word.is_queued() && queue.list.front_takes_block(bytes) && fits() {
-            self.settle_locked_handing(bytes, true, &mut queue, deferred, now, Some(memory));
+            self.hand_over_locked(memory, &mut queue, deferred, now);
             return None;
         }
         if bytes >= FREE_UNLOCKED_FROM {
@@ -1256,6 +1256,60 @@ impl State {
         self.recycle(memory);
         self.settle_locked(bytes, true, &mut queue, deferred, now);
         None
+    }
+
+    /// With the lock held and `QUEUED` set: the head takes the released block with its bytes
+    /// (the caller checked it takes blocks of this size and fits). As
+    /// [`settle_locked`](State::settle_locked) for this one case: one compare-exchange counts
+    /// the release (the bytes in use stay as they are) and clears `QUEUED` if the queue is
+    /// now empty; then the requests the head held back that fit in the room there was all
+    /// along are served.
+    fn hand_over_locked(
+        &self,
+        memory: Memory,
+        queue: &mut Queue,
+        deferred: &mut Deferred,
+        now: Option<Stamp>,
+    ) {
+        let bytes = memory.bytes();
+        let before = queue.list.len();
+        let start = self.word.load();
+        let granted = queue.list.hand_front(
+            memory,
+            |now_empty| {
+                let mut word = start;
+                loop {
+                    let (next, wrapped) = word.settled(bytes, true, bytes, now_empty);
+                    // Only flag bits change behind our back while `QUEUED` is set and the
+                    // lock is held (see `settle_locked`).
+                    match self.word.compare_exchange(word, next) {
+                        Ok(_) => {
+                            if wrapped {
+                                self.counters.releases_wrapped();
+                            }
+                            return;
+                        }
+                        Err(actual) => word = actual,
+                    }
+                }
+            },
+            now,
+            deferred,
+        );
+        let waits = &mut queue.waits;
+        waits.waited += 1;
+        waits.total_ticks = waits.total_ticks.saturating_add(granted.total_wait);
+        waits.max_ticks = waits.max_ticks.max(granted.max_wait);
+        self.note_room(before, queue, deferred);
+        if queue.reclaim.stalled.is_some() {
+            // The state changed: the head may start a new reclaim round.
+            queue.reclaim.stalled = None;
+            queue.list.wake_front(deferred);
+        }
+        let room = self.budget().saturating_sub(start.in_use());
+        if queue.list.front_bytes().is_some_and(|next| next <= room) {
+            self.serve(queue, deferred, now);
+        }
     }
 
     /// A release the fast path could not make: someone waits (for budget or the drain), or
@@ -1306,21 +1360,6 @@ impl State {
         deferred: &mut Deferred,
         now: Option<Stamp>,
     ) {
-        self.settle_locked_handing(released, counted, queue, deferred, now, None);
-    }
-
-    /// [`settle_locked`](State::settle_locked), handing `block` (the memory of the released
-    /// block, which the head takes and fits: see `release_block_queued`) to the head with its
-    /// grant.
-    fn settle_locked_handing(
-        &self,
-        released: usize,
-        counted: bool,
-        queue: &mut Queue,
-        deferred: &mut Deferred,
-        now: Option<Stamp>,
-        block: Option<Memory>,
-    ) {
         let budget = self.budget();
         let start = self.word.load();
         let before = queue.list.len();
@@ -1358,7 +1397,6 @@ impl State {
                 }
             },
             now,
-            block,
             deferred,
         );
         if drained {

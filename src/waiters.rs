@@ -467,16 +467,11 @@ impl WaitList {
     /// calls `commit(granted_bytes, now_empty)` once (which counts the bytes in the budget
     /// word), and only then marks the nodes granted, takes their wakers into `wakers` and
     /// returns the wait statistics. `commit` is called even when nothing fits.
-    ///
-    /// `block`: the memory of the block whose release frees the bytes, for the head, which
-    /// the caller made sure [`front_takes_block`](Self::front_takes_block) and fits: it is
-    /// handed over with the grant (`GRANTED_BLOCK`), so neither side goes to the allocator.
     pub(crate) fn grant_front(
         &mut self,
         mut fits: impl FnMut(usize) -> bool,
         commit: impl FnOnce(usize, bool),
         now: Option<Stamp>,
-        mut block: Option<Memory>,
         wakers: &mut Deferred,
     ) -> Granted {
         let mut granted = Granted::default();
@@ -502,38 +497,81 @@ impl WaitList {
         }
         commit(granted.bytes, self.is_empty());
         while let Some(node) = chain {
-            // SAFETY: as above; the node is marked granted at the end of this iteration, our
-            // last access to it.
-            let links = unsafe { self.links(node) };
-            chain = links.next.take();
-            if let Some(now) = now {
-                let waited = now.ticks_since(links.since);
-                granted.total_wait = granted.total_wait.saturating_add(waited);
-                granted.max_wait = granted.max_wait.max(waited);
-            }
-            if let Some(waker) = links.waker.take() {
-                wakers.wake(waker);
-            }
-            let code = match block.take() {
-                Some(memory) => {
-                    debug_assert!(
-                        links.outcome.addr() == TAKES_BLOCK && links.bytes == memory.bytes()
-                    );
-                    let (ptr, align) = memory.into_raw();
-                    links.outcome = ptr.as_ptr();
-                    links.list = align;
-                    GRANTED_BLOCK
-                }
-                None => GRANTED,
-            };
-            // SAFETY: alive until its owner sees this store.
-            let status = unsafe { &node.as_ref().status };
-            // `Release`: pairs with the owner's `Acquire` (`Node::status`, `take_block`); the
-            // last access.
-            status.store(code, Release);
+            // SAFETY: as above.
+            chain = unsafe { self.links(node) }.next.take();
+            // SAFETY: unlinked above, still `WAITING`: ours under the lock until marked.
+            unsafe { self.mark_granted(node, None, now, wakers, &mut granted) };
         }
-        debug_assert!(block.is_none(), "a block for a head that was not granted");
         granted
+    }
+
+    /// [`grant_front`](Self::grant_front) for the head alone, which takes `block`, the memory
+    /// of the block whose release frees its bytes (the caller made sure it
+    /// [takes](Self::front_takes_block) a block of that size and fits): unlinks it, calls
+    /// `commit(now_empty)`, then marks it granted with the block (`GRANTED_BLOCK`), so neither
+    /// the releaser nor the waiter goes to the allocator.
+    pub(crate) fn hand_front(
+        &mut self,
+        block: Memory,
+        commit: impl FnOnce(bool),
+        now: Option<Stamp>,
+        wakers: &mut Deferred,
+    ) -> Granted {
+        let mut granted = Granted::default();
+        let Some(head) = self.head else {
+            debug_assert!(false, "a block handed to an empty queue");
+            return granted;
+        };
+        self.unlink(head);
+        commit(self.is_empty());
+        // SAFETY: the head is in this list.
+        granted.bytes = unsafe { self.links(head) }.bytes;
+        granted.count = 1;
+        // SAFETY: unlinked just now, still `WAITING`: ours under the lock until marked.
+        unsafe { self.mark_granted(head, Some(block), now, wakers, &mut granted) };
+        granted
+    }
+
+    /// Marks `node` granted, handing it `block` if given: its wait goes into `granted`, its
+    /// waker to `wakers`, and the `Release` store of its status is the last access.
+    ///
+    /// # Safety
+    ///
+    /// `node` was unlinked from this list under the lock `&mut self` proves held, and is
+    /// still `WAITING` (so its owner takes that lock before it touches it).
+    unsafe fn mark_granted(
+        &mut self,
+        node: NonNull<Node>,
+        block: Option<Memory>,
+        now: Option<Stamp>,
+        wakers: &mut Deferred,
+        granted: &mut Granted,
+    ) {
+        // SAFETY: the caller's contract: ours until the status store below.
+        let links = unsafe { self.links(node) };
+        if let Some(now) = now {
+            let waited = now.ticks_since(links.since);
+            granted.total_wait = granted.total_wait.saturating_add(waited);
+            granted.max_wait = granted.max_wait.max(waited);
+        }
+        if let Some(waker) = links.waker.take() {
+            wakers.wake(waker);
+        }
+        let code = match block {
+            Some(memory) => {
+                debug_assert!(links.outcome.addr() == TAKES_BLOCK && links.bytes == memory.bytes());
+                let (ptr, align) = memory.into_raw();
+                links.outcome = ptr.as_ptr();
+                links.list = align;
+                GRANTED_BLOCK
+            }
+            None => GRANTED,
+        };
+        // SAFETY: alive until its owner sees this store.
+        let status = unsafe { &node.as_ref().status };
+        // `Release`: pairs with the owner's `Acquire` (`Node::status`, `take_block`); the
+        // last access.
+        status.store(code, Release);
     }
 
     /// Fails every waiting request for which `fails(bytes, origin)` gives an error, keeping the
@@ -703,7 +741,6 @@ mod tests {
             |bytes| bytes <= 3,
             |bytes, empty| committed = Some((bytes, empty)),
             Some(now),
-            None,
             &mut wakers,
         );
         assert_eq!((granted.bytes, granted.count), (4, 2));

@@ -330,3 +330,29 @@ fn a_failed_waiter_never_holds_a_block() {
     drop(big);
     assert_idle(&pool);
 }
+
+#[test]
+fn a_hand_over_also_serves_the_requests_the_head_held_back() {
+    // Room for 3: 2 held, the head asks 2 (1 free is not enough), the one behind it asks 1
+    // (it would fit, but waits behind the head: FIFO).
+    let pool = pool(BufferSize::S64, 3);
+    let held = pool.try_allocate(2).unwrap();
+    let mut head = pin!(pool.allocate(2));
+    let mut behind = pin!(pool.allocate(1));
+    assert!(head.as_mut().poll(&mut cx()).is_pending());
+    assert!(behind.as_mut().poll(&mut cx()).is_pending());
+    drop(held); // the head takes the block; the 1 free byte-range serves the one behind
+    let Poll::Ready(Ok(first)) = head.as_mut().poll(&mut cx()) else {
+        panic!("the head was not served");
+    };
+    let Poll::Ready(Ok(second)) = behind.as_mut().poll(&mut cx()) else {
+        panic!("the request behind the head was left waiting in the room it fits in");
+    };
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.in_use_bytes, stats.outstanding, stats.waiting),
+        (192, 2, 0)
+    );
+    drop((first, second));
+    assert_full_budget_back(&pool);
+}
