@@ -43,7 +43,8 @@ pub(crate) unsafe trait Pool: Sized {
 
     /// [`release`](Pool::release) for a block marked with [`Block::set_owned`]: the pool is
     /// kept alive throughout by its owner's handle, which may be returned (the last owned
-    /// block's), for the caller to drop once `self` is no longer borrowed.
+    /// block's), for the caller to drop once `self` is no longer borrowed. `keep_alive` as for
+    /// `release` (a path that gives the bytes back outside the lock may take a handle).
     fn release_owned(
         &self,
         memory: Memory,
