@@ -1260,10 +1260,17 @@ impl State {
 
     /// With the lock held and `QUEUED` set: the head takes the released block with its bytes
     /// (the caller checked it takes blocks of this size and fits). As
-    /// [`settle_locked`](State::settle_locked) for this one case: one compare-exchange counts
-    /// the release (the bytes in use stay as they are) and clears `QUEUED` if the queue is
-    /// now empty; then the requests the head held back that fit in the room there was all
-    /// along are served.
+    /// [`settle_locked`](State::settle_locked) for this one case: the bytes in use stay as
+    /// they are, so if others still wait the word does not change at all and the release is
+    /// counted under the lock (`WaitTotals::handed_over`); if the queue is now empty, one
+    /// compare-exchange counts the release and clears `QUEUED`. Then the requests the head
+    /// held back that fit in the room there was all along are served.
+    ///
+    /// Skipping the word is sound because nobody else changes it meanwhile in a way that
+    /// needs ours: with `QUEUED` set and the lock held, both fast paths refuse and every slow
+    /// path waits for the lock; a reclaim stall, which dates progress by the word's release
+    /// count, is cleared here under the lock instead; and `stats()`, which adds the count
+    /// kept here to the word's, reads both under the lock.
     fn hand_over_locked(
         &self,
         memory: Memory,
@@ -1274,9 +1281,15 @@ impl State {
         let bytes = memory.bytes();
         let before = queue.list.len();
         let start = self.word.load();
+        let mut counted_on_the_word = false;
         let granted = queue.list.hand_front(
             memory,
             |now_empty| {
+                if !now_empty {
+                    // Others wait: `QUEUED` stays, and so does the whole word.
+                    return;
+                }
+                counted_on_the_word = true;
                 let mut word = start;
                 loop {
                     let (next, wrapped) = word.settled(bytes, true, bytes, now_empty);
@@ -1297,6 +1310,9 @@ impl State {
             deferred,
         );
         let waits = &mut queue.waits;
+        if !counted_on_the_word {
+            waits.handed_over += 1;
+        }
         waits.waited += 1;
         waits.total_ticks = waits.total_ticks.saturating_add(granted.total_wait);
         waits.max_ticks = waits.max_ticks.max(granted.max_wait);

@@ -81,6 +81,10 @@ pub(crate) struct WaitTotals {
     /// Budget changes, each counted once on the word's allocation counter
     /// (`BudgetWord::begin_resize`): subtracted from the allocations.
     pub(crate) resizes: usize,
+    /// Releases that handed their block to the head while others still waited behind it:
+    /// counted here instead of on the word, whose compare-exchange they skip (the bytes in
+    /// use and `QUEUED` stay as they are, so nothing else in the word would change).
+    pub(crate) handed_over: usize,
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
@@ -115,7 +119,9 @@ impl Counters {
             .wrapping_add(sources.waits.allocations)
             .wrapping_add(word.allocations())
             .wrapping_sub(sources.waits.resizes);
-        let releases = releases_spilled.wrapping_add(word.releases());
+        let releases = releases_spilled
+            .wrapping_add(word.releases())
+            .wrapping_add(sources.waits.handed_over);
         let [total_wait, max_wait] =
             ticks_to_durations([sources.waits.total_ticks, sources.waits.max_ticks]);
         PoolStats {

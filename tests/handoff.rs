@@ -356,3 +356,41 @@ fn a_hand_over_also_serves_the_requests_the_head_held_back() {
     drop((first, second));
     assert_full_budget_back(&pool);
 }
+
+#[test]
+fn hand_overs_along_a_queue_keep_every_count_exact() {
+    // Each release hands its block to the next of three waiters while the others still
+    // wait (the word itself does not change then): the counts stay exact at every step.
+    let pool = pool(BufferSize::S64, 1);
+    let mut held = pool.try_allocate(1).unwrap();
+    let mut waiters: Vec<_> = (0..3).map(|_| Box::pin(pool.allocate(1))).collect();
+    for waiter in &mut waiters {
+        assert!(waiter.as_mut().poll(&mut cx()).is_pending());
+    }
+    for (served, waiter) in waiters.iter_mut().enumerate() {
+        let address = held.first();
+        drop(held);
+        let Poll::Ready(Ok(next)) = waiter.as_mut().poll(&mut cx()) else {
+            panic!("waiter {served} was not served");
+        };
+        assert_eq!(next.first(), address);
+        held = next;
+        let stats = pool.stats();
+        assert_eq!(
+            (
+                stats.in_use_bytes,
+                stats.outstanding,
+                stats.waiting,
+                stats.total_allocations,
+                stats.waited_allocations
+            ),
+            (64, 1, 2 - served, 2 + served, 1 + served),
+            "after hand-over {served}: {stats:?}"
+        );
+    }
+    drop(held);
+    drop(waiters);
+    let stats = pool.stats();
+    assert_eq!((stats.outstanding, stats.total_allocations), (0, 4));
+    assert_full_budget_back(&pool);
+}
