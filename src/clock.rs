@@ -137,8 +137,9 @@ fn tsc_invariant() -> bool {
     cpu_says_invariant() || kernel_offers_tsc()
 }
 
-/// Linux's clocksources that passed its checks (`tsc` is taken off the list if the kernel
-/// found it unstable).
+/// Whether Linux lists `tsc` among its available clocksources. A TSC the kernel's watchdog
+/// found unstable loses its high-resolution flag, and on a kernel with high-resolution timers
+/// or a tickless idle (every common configuration) the list then leaves it out.
 #[cfg(all(target_arch = "x86_64", not(miri), not(loom)))]
 fn kernel_offers_tsc() -> bool {
     std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/available_clocksource")
