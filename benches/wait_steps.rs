@@ -120,6 +120,14 @@ type Ticks = [u64; 6];
 /// The time-stamp counter once every earlier instruction has executed (`rdtscp`; later ones
 /// may start early, as in real code, so steps overlap as they do there: a fence on both sides,
 /// `lfence; rdtsc`, serialises each step and adds 5-20 ns to each here).
+/// Adds the ticks between consecutive stamps of one cycle to the sums of its steps.
+#[inline(always)]
+fn add_spans(sum: &mut Ticks, stamps: [u64; 7]) {
+    for (slot, span) in sum.iter_mut().zip(stamps.windows(2)) {
+        *slot += span[1] - span[0];
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn ticks() -> u64 {
@@ -159,13 +167,7 @@ fn ours(cycles: u64, time_waits: bool) -> Ticks {
         let t5 = ticks();
         black_box(probe(t5));
         let t6 = ticks();
-        for (slot, (from, to)) in sum.iter_mut().zip(
-            [t0, t1, t2, t3, t4, t5]
-                .into_iter()
-                .zip([t1, t2, t3, t4, t5, t6]),
-        ) {
-            *slot += to - from;
-        }
+        add_spans(&mut sum, [t0, t1, t2, t3, t4, t5, t6]);
     }
     sum
 }
@@ -192,13 +194,7 @@ fn tokio(cycles: u64, buffer: bool) -> Ticks {
         let t5 = ticks();
         black_box(probe(t5));
         let t6 = ticks();
-        for (slot, (from, to)) in sum.iter_mut().zip(
-            [t0, t1, t2, t3, t4, t5]
-                .into_iter()
-                .zip([t1, t2, t3, t4, t5, t6]),
-        ) {
-            *slot += to - from;
-        }
+        add_spans(&mut sum, [t0, t1, t2, t3, t4, t5, t6]);
     }
     sum
 }
