@@ -9,7 +9,7 @@ use core::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::sync::{
-    AtomicBool, SPINS_BEFORE_PARK, Thread, current_thread, deadline_passed, park, park_until,
+    AtomicBool, SPINS, SPINS_BEFORE_PARK, Thread, current_thread, deadline_passed, park, park_until,
     thread_local,
 };
 
@@ -88,7 +88,7 @@ fn drive<F: Future>(
             woken.store(false, Relaxed);
             continue;
         }
-        let parked_at = (SPINS_BEFORE_PARK > 0).then(Instant::now);
+        let parked_at = SPINS.then(Instant::now);
         while !woken.swap(false, Acquire) {
             match deadline {
                 None => park(),

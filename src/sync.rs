@@ -126,6 +126,9 @@ pub(crate) fn deadline_passed(deadline: std::time::Instant) -> bool {
 /// spinning gains nothing and every spin would be a step to model.
 pub(crate) const SPINS_BEFORE_PARK: u32 = if cfg!(loom) { 0 } else { 512 };
 
+/// Whether blocking waiters spin before they park at all (not under loom).
+pub(crate) const SPINS: bool = SPINS_BEFORE_PARK != 0;
+
 /// Parks the current thread until it is unparked or `deadline` passes.
 ///
 /// loom has no clock, so under a model a deadline only yields: timeouts are tested with real
