@@ -364,7 +364,7 @@ enum Release {
 
 /// One case of the fan-out: `n` waiters of one buffer each (allocations and reservations
 /// alternating), the one at `panicking` with a waker of `mode`, the others calm; `release`
-/// frees room for all `n` at once.
+/// frees room for all `n` at once. `panicking: None`: every waker has `mode`.
 ///
 /// Checks guarantees 3 and 4 (every waiter that fits is woken by the one give-back), 5
 /// (served in order: all of them, none left waiting), 9 (the panic is passed on only after
@@ -372,8 +372,8 @@ enum Release {
 /// the panicking waiter's own grant still there to take), and 10 (stats exact when
 /// quiescent), then that everything given back leaves the pool idle with its full budget,
 /// that the pool dropped every clone of every waker, and that the pool's drop returns.
-fn fan_out_case(release: Release, n: usize, panicking: usize, mode: Mode) {
-    let case = format!("{release:?}, {n} waiters, waiter {panicking} {mode:?}");
+fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode) {
+    let case = format!("{release:?}, {n} waiters, waiter {panicking:?} (None: all) {mode:?}");
     let capacity = match release {
         Release::DropAllocation | Release::DropReservation => n,
         Release::ShrinkReservation => n + 1,
@@ -403,7 +403,12 @@ fn fan_out_case(release: Release, n: usize, panicking: usize, mode: Mode) {
     let mut probes = Vec::new();
     let mut waiters = Vec::new();
     for i in 0..n {
-        let (probe, waker) = Probe::new(if i == panicking { mode } else { Mode::Calm });
+        let this_mode = if panicking.is_none_or(|p| p == i) {
+            mode
+        } else {
+            Mode::Calm
+        };
+        let (probe, waker) = Probe::new(this_mode);
         let mut future = request(&pool, i, 1);
         assert!(
             poll_with(future.as_mut(), &waker).is_pending(),
@@ -487,10 +492,12 @@ fn fan_out(release: Release) {
         positions.dedup();
         for mode in [Mode::PanicWake, Mode::PanicDrop] {
             for &panicking in &positions {
-                fan_out_case(release, n, panicking, mode);
+                fan_out_case(release, n, Some(panicking), mode);
             }
+            // Every waker panics: only the first panic goes on, every waiter is woken.
+            fan_out_case(release, n, None, mode);
         }
-        fan_out_case(release, n, 0, Mode::Calm);
+        fan_out_case(release, n, None, Mode::Calm);
     }
 }
 
@@ -763,6 +770,92 @@ fn replaced_waker_whose_drop_panics_keeps_the_request_queued() {
         drop((got, p, behind));
         assert_exact_and_idle("replaced waker", &pool);
         drop_pool("pool", pool);
+    });
+}
+
+/// A waker that, when woken, gives back an allocation of the pool it waits in (re-entering
+/// the pool from inside the `Deferred` of the release that woke it: a nested give-back with
+/// its own wake-ups), then panics if `panics`.
+struct Reentrant {
+    stash: Mutex<Option<BufPoolAllocation>>,
+    woken: AtomicUsize,
+    panics: bool,
+}
+
+impl std::task::Wake for Reentrant {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.fetch_add(1, SeqCst);
+        let stash = self.stash.lock().unwrap().take();
+        drop(stash);
+        if self.panics && !thread::panicking() {
+            panic!("{PANIC} (re-entrant wake)");
+        }
+    }
+}
+
+/// Guarantee 9 ("a waker that re-enters the pool, even one that owns an allocation of it,
+/// costs at most its own waiter") with several waiters: a release serves waiters 0 (a waker
+/// that gives back the allocation it owns, then maybe panics, in `wake`) and 1 (calm); the
+/// nested give-back inside waiter 0's wake serves waiters 2 and 3 (3's waker panics in the
+/// panicking variant too), and waiter 4 keeps waiting for the last release. Every waiter is
+/// woken exactly once, the books are exact at each step, and all ends idle.
+#[test]
+fn reentrant_waker_releasing_in_wake_amid_other_waiters() {
+    watched(|| {
+        for panics in [false, true] {
+            let case = format!("re-entrant, panics {panics}");
+            let pool = pool(5);
+            let first = pool.try_allocate(2).unwrap();
+            let owned_by_waker = pool.try_allocate(2).unwrap();
+            let last = pool.try_allocate(1).unwrap();
+            let reentrant = Arc::new(Reentrant {
+                stash: Mutex::new(Some(owned_by_waker)),
+                woken: AtomicUsize::new(0),
+                panics,
+            });
+            let reentrant_waker = Waker::from(Arc::clone(&reentrant));
+            let mut probes = Vec::new();
+            let mut waiters = Vec::new();
+            for i in 0..5 {
+                let mut future = request(&pool, i, 1);
+                if i == 0 {
+                    assert!(poll_with(future.as_mut(), &reentrant_waker).is_pending());
+                    probes.push(None);
+                } else {
+                    let mode = if i == 3 && panics { Mode::PanicWake } else { Mode::Calm };
+                    let (probe, waker) = Probe::new(mode);
+                    assert!(poll_with(future.as_mut(), &waker).is_pending());
+                    probes.push(Some(probe));
+                }
+                waiters.push(future);
+            }
+            drop(reentrant_waker);
+            let panicked = probe_panicked(|| drop(first)).unwrap();
+            assert_eq!(panicked, panics, "{case}");
+            assert_eq!(reentrant.woken.load(SeqCst), 1, "{case}");
+            for (i, probe) in probes.iter().enumerate().skip(1) {
+                let want = usize::from(i < 4);
+                assert_eq!(probe.as_ref().unwrap().woken(), want, "{case}: waiter {i}");
+            }
+            let stats = pool.stats();
+            assert_eq!((stats.in_use_bytes, stats.waiting), (5 * B, 1), "{case}: {stats}");
+            let mut held: Vec<Held> = waiters[..4]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, future)| granted(&format!("{case}: waiter {i}"), future))
+                .collect();
+            drop(last);
+            assert_eq!(probes[4].as_ref().unwrap().woken(), 1, "{case}: waiter 4");
+            held.push(granted(&format!("{case}: waiter 4"), &mut waiters[4]));
+            assert_eq!(pool.stats().in_use_bytes, 5 * B, "{case}");
+            drop((held, waiters));
+            assert_exact_and_idle(&case, &pool);
+            drop_pool(&case, pool);
+        }
     });
 }
 
