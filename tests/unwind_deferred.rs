@@ -361,7 +361,6 @@ enum Release {
     AddMaxMemory,
 }
 
-
 /// One case of the fan-out: `n` waiters of one buffer each (allocations and reservations
 /// alternating), the one at `panicking` with a waker of `mode`, the others calm; `release`
 /// frees room for all `n` at once. `panicking: None`: every waker has `mode`.
@@ -392,7 +391,10 @@ fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode
         Release::CancelHead => {
             allocation = Some(pool.try_allocate(n).unwrap());
             let mut future = Box::pin(pool.allocate(n + 1));
-            assert!(poll_with(future.as_mut(), Waker::noop()).is_pending(), "{case}: setup");
+            assert!(
+                poll_with(future.as_mut(), Waker::noop()).is_pending(),
+                "{case}: setup"
+            );
             head = Some(future);
         }
         Release::SetMaxMemory | Release::AddMaxMemory => {
@@ -418,7 +420,11 @@ fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode
         probes.push(probe);
         waiters.push(future);
     }
-    assert_eq!(pool.stats().waiting, n + usize::from(head.is_some()), "{case}: setup");
+    assert_eq!(
+        pool.stats().waiting,
+        n + usize::from(head.is_some()),
+        "{case}: setup"
+    );
 
     let outcome = probe_panicked(|| match release {
         Release::DropAllocation | Release::DropReservation => {
@@ -442,7 +448,12 @@ fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode
     // Guarantees 3, 4, 9: every waiter woken, once (the panicking one included: its wake-up
     // ran, then it panicked).
     for (i, probe) in probes.iter().enumerate() {
-        assert_eq!(probe.woken(), 1, "{case}: waiter {i} woken {} times", probe.woken());
+        assert_eq!(
+            probe.woken(),
+            1,
+            "{case}: waiter {i} woken {} times",
+            probe.woken()
+        );
     }
     // Release::SetMaxMemory / AddMaxMemory: the change itself took effect.
     let stats = pool.stats();
@@ -469,7 +480,10 @@ fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode
         held.push(got);
     }
     let stats = pool.stats();
-    assert_eq!(stats.in_use_bytes, want_in_use, "{case}: after taking: {stats}");
+    assert_eq!(
+        stats.in_use_bytes, want_in_use,
+        "{case}: after taking: {stats}"
+    );
     assert_eq!(
         stats.reserved_bytes,
         n / 2 * B + reservation.as_ref().map_or(0, Reservation::size),
@@ -486,7 +500,11 @@ fn fan_out_case(release: Release, n: usize, panicking: Option<usize>, mode: Mode
 }
 
 fn fan_out(release: Release) {
-    let sizes: &[usize] = if cfg!(miri) { &[1, 2, 5] } else { &[1, 2, 4, 5, 9] };
+    let sizes: &[usize] = if cfg!(miri) {
+        &[1, 2, 5]
+    } else {
+        &[1, 2, 4, 5, 9]
+    };
     for &n in sizes {
         let mut positions = vec![0, n / 2, n - 1];
         positions.dedup();
@@ -574,7 +592,11 @@ fn close_wakes_every_waiter_past_panicking_wakers() {
                 assert_eq!(probe.woken(), 1, "{case}: waiter {i}");
             }
             let stats = pool.stats();
-            assert_eq!((stats.in_use_bytes, stats.waiting), (2 * B, 0), "{case}: {stats}");
+            assert_eq!(
+                (stats.in_use_bytes, stats.waiting),
+                (2 * B, 0),
+                "{case}: {stats}"
+            );
             for (i, future) in waiters.iter_mut().enumerate() {
                 match poll_with(future.as_mut(), Waker::noop()) {
                     Poll::Ready(Err(AllocError::Closed)) => {}
@@ -588,7 +610,12 @@ fn close_wakes_every_waiter_past_panicking_wakers() {
             drop(live);
             let stats = pool.stats();
             assert_eq!(
-                (stats.in_use_bytes, stats.outstanding, stats.reserved_bytes, stats.waiting),
+                (
+                    stats.in_use_bytes,
+                    stats.outstanding,
+                    stats.reserved_bytes,
+                    stats.waiting
+                ),
                 (0, 0, 0, 0),
                 "{case}: {stats}"
             );
@@ -618,8 +645,7 @@ fn child_release_serves_parent_waiters_past_a_panicking_waker() {
                 let mut probes = Vec::new();
                 let mut root_waiters = Vec::new();
                 for i in 0..3 {
-                    let (probe, waker) =
-                        Probe::new(if i == panicking { mode } else { Mode::Calm });
+                    let (probe, waker) = Probe::new(if i == panicking { mode } else { Mode::Calm });
                     let mut future = request(&root, i, 1);
                     assert!(poll_with(future.as_mut(), &waker).is_pending(), "{case}");
                     probes.push(probe);
@@ -627,8 +653,15 @@ fn child_release_serves_parent_waiters_past_a_panicking_waker() {
                 }
                 let (kid_probe, kid_waker) = Probe::new(Mode::Calm);
                 let mut kid_waiter = request(&kid, 1, 1);
-                assert!(poll_with(kid_waiter.as_mut(), &kid_waker).is_pending(), "{case}");
-                assert_eq!((root.stats().waiting, kid.stats().waiting), (3, 1), "{case}");
+                assert!(
+                    poll_with(kid_waiter.as_mut(), &kid_waker).is_pending(),
+                    "{case}"
+                );
+                assert_eq!(
+                    (root.stats().waiting, kid.stats().waiting),
+                    (3, 1),
+                    "{case}"
+                );
 
                 let panicked = probe_panicked(|| drop(in_kid)).unwrap();
                 assert!(panicked, "{case}: the waker's panic was not passed on");
@@ -639,7 +672,11 @@ fn child_release_serves_parent_waiters_past_a_panicking_waker() {
                 // The child's level: the child's waiter holds 1 there, waits for nothing yet.
                 let kid_stats = kid.stats();
                 assert_eq!(
-                    (kid_stats.in_use_bytes, kid_stats.outstanding, kid_stats.waiting),
+                    (
+                        kid_stats.in_use_bytes,
+                        kid_stats.outstanding,
+                        kid_stats.waiting
+                    ),
                     (B, 0, 0),
                     "{case}: child: {kid_stats}"
                 );
@@ -699,7 +736,11 @@ fn waker_clone_panicking_at_registration_costs_only_its_own_request() {
             probe_panicked(|| drop(poll_with(never.as_mut(), &bad))),
             Ok(true)
         );
-        assert_eq!(pool.stats().waiting, 1, "the request whose clone panicked queued");
+        assert_eq!(
+            pool.stats().waiting,
+            1,
+            "the request whose clone panicked queued"
+        );
 
         // A queued request re-polled with a waker that cannot be cloned keeps its old one.
         let (c_probe, c_waker) = Probe::new(Mode::Calm);
@@ -757,9 +798,17 @@ fn replaced_waker_whose_drop_panics_keeps_the_request_queued() {
         let outcome = probe_panicked(|| {
             assert!(poll_with(p.as_mut(), &new).is_pending());
         });
-        assert_eq!(outcome, Ok(true), "the old waker's drop panic was not passed on");
+        assert_eq!(
+            outcome,
+            Ok(true),
+            "the old waker's drop panic was not passed on"
+        );
         assert_eq!(old_probe.live_clones(), 0, "the old waker was not dropped");
-        assert_eq!(pool.stats().waiting, 2, "the re-polled request lost its place");
+        assert_eq!(
+            pool.stats().waiting,
+            2,
+            "the re-polled request lost its place"
+        );
 
         assert_eq!(probe_panicked(|| drop(held)), Ok(false));
         assert_eq!(old_probe.woken(), 0, "the replaced waker was woken");
@@ -826,7 +875,11 @@ fn reentrant_waker_releasing_in_wake_amid_other_waiters() {
                     assert!(poll_with(future.as_mut(), &reentrant_waker).is_pending());
                     probes.push(None);
                 } else {
-                    let mode = if i == 3 && panics { Mode::PanicWake } else { Mode::Calm };
+                    let mode = if i == 3 && panics {
+                        Mode::PanicWake
+                    } else {
+                        Mode::Calm
+                    };
                     let (probe, waker) = Probe::new(mode);
                     assert!(poll_with(future.as_mut(), &waker).is_pending());
                     probes.push(Some(probe));
@@ -842,7 +895,11 @@ fn reentrant_waker_releasing_in_wake_amid_other_waiters() {
                 assert_eq!(probe.as_ref().unwrap().woken(), want, "{case}: waiter {i}");
             }
             let stats = pool.stats();
-            assert_eq!((stats.in_use_bytes, stats.waiting), (5 * B, 1), "{case}: {stats}");
+            assert_eq!(
+                (stats.in_use_bytes, stats.waiting),
+                (5 * B, 1),
+                "{case}: {stats}"
+            );
             let mut held: Vec<Held> = waiters[..4]
                 .iter_mut()
                 .enumerate()
@@ -952,14 +1009,22 @@ fn deadlines_expiring_during_spin_and_during_park() {
                 let took = start.elapsed();
                 assert_eq!(result.unwrap_err(), AllocError::TimedOut, "{timeout:?}");
                 expected_timeouts += 1;
-                assert!(took >= timeout, "returned before its deadline: {took:?} < {timeout:?}");
+                assert!(
+                    took >= timeout,
+                    "returned before its deadline: {took:?} < {timeout:?}"
+                );
                 assert!(
                     took < timeout + Duration::from_millis(500),
                     "not prompt: {took:?} for {timeout:?}"
                 );
                 let stats = pool.stats();
                 assert_eq!(
-                    (stats.in_use_bytes, stats.waiting, stats.timed_out, stats.outstanding),
+                    (
+                        stats.in_use_bytes,
+                        stats.waiting,
+                        stats.timed_out,
+                        stats.outstanding
+                    ),
                     (2 * B, 0, expected_timeouts, 1),
                     "after a {timeout:?} timeout: {stats}"
                 );
@@ -1019,7 +1084,9 @@ fn deadline_racing_a_release_then_a_new_wait_on_the_same_thread() {
         for round in 0..rounds {
             let timeout = Duration::from_micros([2, 10, 40, 200, 1000][round % 5]);
             let release_after = timeout.mul_f64([0.5, 0.9, 1.0, 1.1, 1.5][(round / 5) % 5]);
-            go_tx.send((release_after, Duration::from_micros(50))).unwrap();
+            go_tx
+                .send((release_after, Duration::from_micros(50)))
+                .unwrap();
             ack_rx.recv().unwrap();
             match pool.allocate_timeout(1, timeout) {
                 Ok(allocation) => {
@@ -1117,7 +1184,9 @@ fn stale_wake_of_the_thread_waker_lands_in_the_next_wait() {
         };
         wait_waiting(&pool, 2);
         let releaser = thread::spawn(move || drop(held));
-        common::wait_until(10, "the release reaches the gate", || gate.entered.load(SeqCst));
+        common::wait_until(10, "the release reaches the gate", || {
+            gate.entered.load(SeqCst)
+        });
         // T: its deadline passes, its last poll takes the grant.
         assert_eq!(
             phase_rx.recv_timeout(Duration::from_secs(10) * SLOWDOWN),
@@ -1127,7 +1196,9 @@ fn stale_wake_of_the_thread_waker_lands_in_the_next_wait() {
         next_tx.send(()).unwrap();
         let recv = |want: &str| {
             assert_eq!(
-                phase_rx.recv_timeout(Duration::from_secs(10) * SLOWDOWN).as_deref(),
+                phase_rx
+                    .recv_timeout(Duration::from_secs(10) * SLOWDOWN)
+                    .as_deref(),
                 Ok(want)
             );
         };
@@ -1169,7 +1240,12 @@ fn stale_wake_of_the_thread_waker_lands_in_the_next_wait() {
 /// its grant briefly. Every wait of the run waited (they are all queued before the release),
 /// so the counts are exact. Meanwhile a reader checks, at every snapshot, that the mean is
 /// at most the maximum, the maximum at most the total, and no figure goes down.
-fn wait_stats_run(time_waits: bool, threads: usize, rounds: usize, hold: Duration) -> membudget::PoolStats {
+fn wait_stats_run(
+    time_waits: bool,
+    threads: usize,
+    rounds: usize,
+    hold: Duration,
+) -> membudget::PoolStats {
     let pool = Arc::new(
         BufPool::builder(cfg(1))
             .time_waits(time_waits)
@@ -1186,11 +1262,17 @@ fn wait_stats_run(time_waits: bool, threads: usize, rounds: usize, hold: Duratio
                 let now = pool.stats();
                 assert!(now.mean_wait() <= now.max_wait, "mean above max: {now}");
                 assert!(now.max_wait <= now.total_wait, "max above total: {now}");
-                assert!(now.waited_allocations >= last.waited_allocations, "{now} after {last}");
+                assert!(
+                    now.waited_allocations >= last.waited_allocations,
+                    "{now} after {last}"
+                );
                 // (That `total_wait` and `max_wait` never go down is checked, and found
                 // broken, by `wait_durations_never_go_down`.)
                 if !time_waits {
-                    assert_eq!((now.total_wait, now.max_wait), (Duration::ZERO, Duration::ZERO));
+                    assert_eq!(
+                        (now.total_wait, now.max_wait),
+                        (Duration::ZERO, Duration::ZERO)
+                    );
                 }
                 last = now;
                 thread::yield_now();
@@ -1275,14 +1357,22 @@ fn wait_stats_untimed_count_exactly_and_stay_zero() {
 fn wait_stats_count_grants_not_timeouts() {
     watched(|| {
         for time_waits in [true, false] {
-            let pool = BufPool::builder(cfg(1)).time_waits(time_waits).build().unwrap();
+            let pool = BufPool::builder(cfg(1))
+                .time_waits(time_waits)
+                .build()
+                .unwrap();
             let held = pool.try_allocate(1).unwrap();
             assert_eq!(
-                pool.allocate_timeout(1, Duration::from_millis(1)).unwrap_err(),
+                pool.allocate_timeout(1, Duration::from_millis(1))
+                    .unwrap_err(),
                 AllocError::TimedOut
             );
             let stats = pool.stats();
-            assert_eq!((stats.waited_allocations, stats.timed_out), (0, 1), "{stats}");
+            assert_eq!(
+                (stats.waited_allocations, stats.timed_out),
+                (0, 1),
+                "{stats}"
+            );
             assert_eq!(stats.max_wait, Duration::ZERO, "{stats}");
 
             let mut granted_untaken = request(&pool, 0, 1);
