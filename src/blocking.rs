@@ -9,8 +9,8 @@ use core::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::sync::{
-    AtomicBool, SPINS, SPINS_BEFORE_PARK, Thread, current_thread, deadline_passed, park, park_until,
-    thread_local,
+    AtomicBool, SPINS, SPINS_BEFORE_PARK, Thread, current_thread, deadline_passed, park,
+    park_until, thread_local,
 };
 
 /// Wakes a parked thread; remembers a wake that comes before the park.

@@ -1952,10 +1952,10 @@ impl State {
         // The word is read under the lock, like the wait totals: a resize counts on the
         // word's allocation counter and in `waits.resizes` under it.
         let cached_bytes = self.recycler.cached_bytes();
-        let queue = lock(&self.queue);
+        let mut queue = lock(&self.queue);
         let waits = queue.waits;
         let waiting = queue.list.len();
-        self.counters.assemble(
+        let stats = self.counters.assemble(
             || self.word.load(),
             Sources {
                 name: self.config.name.clone(),
@@ -1974,6 +1974,9 @@ impl State {
                     queue.reclaim.nanos,
                 ),
             },
-        )
+        );
+        // Under the same lock as the counts they go with (see `WaitTotals::reported_wait`).
+        queue.waits.reported_wait = [stats.total_wait, stats.max_wait];
+        stats
     }
 }

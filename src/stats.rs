@@ -85,6 +85,12 @@ pub(crate) struct WaitTotals {
     /// counted here instead of on the word, whose compare-exchange they skip (the bytes in
     /// use and `QUEUED` stay as they are, so nothing else in the word would change).
     pub(crate) handed_over: usize,
+    /// The total and the maximum wait as last reported by `stats()`, which reports no less
+    /// again: with the TSC every read measures the tick rate anew (against the OS clock,
+    /// since the epoch), and a slightly lower estimate would turn the same ticks into less
+    /// time. Ratcheted under the lock with the counts they go with, so the mean stays at most
+    /// the maximum (a floor of an earlier report goes with no more waits than now).
+    pub(crate) reported_wait: [Duration; 2],
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
@@ -124,6 +130,8 @@ impl Counters {
             .wrapping_add(sources.waits.handed_over);
         let [total_wait, max_wait] =
             ticks_to_durations([sources.waits.total_ticks, sources.waits.max_ticks]);
+        let [reported_total, reported_max] = sources.waits.reported_wait;
+        let (total_wait, max_wait) = (total_wait.max(reported_total), max_wait.max(reported_max));
         PoolStats {
             name: sources.name,
             in_use_bytes: word.in_use(),
