@@ -1081,3 +1081,202 @@ fn stress_root_and_child_requests_of_one_size_share_hand_overs() {
         assert_full_budget_back(&root);
     });
 }
+
+/// A cache reclaimer whose one entry is a block of the waiting head's size.
+struct Cache {
+    entry: Mutex<Option<BufPoolAllocation>>,
+    panic_after_freeing: bool,
+}
+
+impl membudget::Reclaimer for Cache {
+    fn estimate(&self) -> usize {
+        self.entry
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, BufPoolAllocation::allocated_bytes)
+    }
+
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        let freed = self
+            .entry
+            .lock()
+            .unwrap()
+            .take()
+            .map_or(0, |a| a.allocated_bytes());
+        if self.panic_after_freeing {
+            panic!("chaos: reclaimer");
+        }
+        Box::pin(async move { freed })
+    }
+}
+
+/// The head drives a reclaim round, and the reclaimer frees a block of the head's size from
+/// inside the head's own poll: the release hands that block to the very head that is being
+/// polled, which completes with it; the round's books are exact (guarantees 17, 18). If the
+/// reclaimer panics after freeing, the panic leaves through the head's poll and no byte or
+/// block is lost either way (guarantee 9).
+#[test]
+fn a_reclaimer_freeing_a_block_of_the_heads_size_from_inside_its_poll() {
+    for panic_after_freeing in [false, true] {
+        let _tracked = tracked();
+        quiet_chaos_panics();
+        let pool = tracked_pool(2);
+        let cached = pool.try_allocate(2).unwrap();
+        let address = cached.first();
+        let cache = Arc::new(Cache {
+            entry: Mutex::new(Some(cached)),
+            panic_after_freeing,
+        });
+        let handle = pool.register_reclaimer("cache", 0, Arc::clone(&cache) as _);
+        let mut head = Box::pin(pool.allocate(2));
+        let polled = catch_unwind(AssertUnwindSafe(|| head.as_mut().poll(&mut noop())));
+        assert!(cache.entry.lock().unwrap().is_none(), "the reclaimer ran");
+        match polled {
+            Ok(poll) => {
+                assert!(!panic_after_freeing);
+                let allocation = take(poll);
+                assert_eq!(allocation.first(), address, "handed the reclaimed block");
+                let s = pool.stats();
+                assert_eq!(
+                    (s.in_use_bytes, s.outstanding, s.waiting, s.reclaim_rounds),
+                    (2 * B, 1, 0, 1)
+                );
+                assert_eq!(s.reclaimed_bytes, 2 * B);
+                drop(allocation);
+            }
+            Err(_) => {
+                assert!(panic_after_freeing);
+                // Whatever the head got is given back when it goes.
+            }
+        }
+        drop(head);
+        drop(handle);
+        let s = pool.stats();
+        assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
+        assert_eq!(live_blocks(), 0, "panic {panic_after_freeing}");
+        assert_full_budget_back(&pool);
+    }
+}
+
+/// A child's request that waited in its own queue finds the root's queue full
+/// (`max_waiters(1)`, the head there waits for a block of its size) and waits for a place.
+/// The hand-over that empties the root's queue must announce the room, or that request
+/// would sleep forever (guarantees 3, 13, 18).
+#[test]
+fn a_hand_over_that_empties_a_full_queue_wakes_the_requests_waiting_for_room() {
+    let _tracked = tracked();
+    let root = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S4096,
+        max_memory: 3 * B,
+    })
+    .direct_io_alignment()
+    .max_waiters(1)
+    .build()
+    .unwrap();
+    let child = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S4096,
+        max_memory: B,
+    })
+    .direct_io_alignment()
+    .parent(&root)
+    .build()
+    .unwrap();
+    let held = root.try_allocate(2).unwrap();
+    let address = held.first();
+    let in_child = child.try_allocate(1).unwrap();
+    let mut head = Box::pin(root.allocate(2));
+    assert!(head.as_mut().poll(&mut noop()).is_pending());
+    let child_chaos = Chaos::new();
+    let mut climber = Box::pin(child.allocate(1));
+    assert!(poll_with(climber.as_mut(), &child_chaos.waker()).is_pending());
+    drop(in_child); // the climber is granted in the child, and finds the root's queue full
+    let _ = poll_with(climber.as_mut(), &child_chaos.waker());
+    assert!(
+        poll_with(climber.as_mut(), &child_chaos.waker()).is_pending(),
+        "the root is full and its queue too"
+    );
+    assert_eq!(root.stats().waiting, 1);
+    let woken_before = child_chaos.woken();
+    drop(held); // handed to the head; the root's queue is empty now
+    let first = take(head.as_mut().poll(&mut noop()));
+    assert_eq!(first.first(), address);
+    assert!(
+        child_chaos.woken() > woken_before,
+        "the request waiting for room in the root's queue was not woken"
+    );
+    let second = take(poll_with(climber.as_mut(), &child_chaos.waker()));
+    let (r, c) = (root.stats(), child.stats());
+    assert_eq!((r.in_use_bytes, r.waiting, c.in_use_bytes, c.outstanding), (3 * B, 0, B, 1));
+    assert_eq!(r.queue_full, 0, "a request that waited below is never refused");
+    drop((first, second, head, climber));
+    assert_idle(&child);
+    assert_eq!(live_blocks(), 0);
+    assert_full_budget_back(&root);
+}
+
+/// With recycling on, hand-overs, zeroed requests and cancels from several threads: the
+/// cache never takes a block a head could have had while live plus cached bytes stay within
+/// the budget at every quiescent point, zeroed memory is zero, and once the pool is dropped
+/// no block is alive (guarantees 1, 16, 18).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn stress_hand_overs_with_recycling_stay_within_the_budget() {
+    let _tracked = tracked();
+    watchdog(120, || {
+        let pool = Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BufferSize::S4096,
+                max_memory: 4 * B,
+            })
+            .direct_io_alignment()
+            .recycle(4)
+            .recycle_min_bytes(B)
+            .build()
+            .unwrap(),
+        );
+        for phase in 0..5u64 {
+            let workers: Vec<_> = (0..3)
+                .map(|t| {
+                    let pool = Arc::clone(&pool);
+                    std::thread::spawn(move || {
+                        let mut rng = Rng::new(phase * 10 + t + 1);
+                        for _ in 0..1_000 {
+                            let n = rng.range(1, 2);
+                            match rng.next() % 3 {
+                                0 => {
+                                    let a = pool.allocate_zeroed_blocking(n).unwrap();
+                                    // SAFETY: zeroed memory of `n * B` bytes owned by `a`.
+                                    let data =
+                                        unsafe { std::slice::from_raw_parts(a.first(), n * B) };
+                                    assert!(data.iter().all(|&b| b == 0), "not zero");
+                                }
+                                1 => {
+                                    let mut w = Box::pin(pool.allocate(n));
+                                    if let Poll::Ready(r) = w.as_mut().poll(&mut noop()) {
+                                        drop(r.unwrap());
+                                    }
+                                    std::thread::yield_now();
+                                }
+                                _ => {
+                                    let mut a = pool.allocate_blocking(n).unwrap();
+                                    fill(&mut a, 0xFF);
+                                    std::thread::yield_now();
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker.join().unwrap();
+            }
+            let s = pool.stats();
+            assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
+            assert!(s.in_use_bytes + s.cached_bytes <= s.max_memory, "{s}");
+        }
+        let pool = Arc::try_unwrap(pool).unwrap();
+        drop(pool);
+    });
+    assert_eq!(live_blocks(), 0, "a block leaked");
+}
