@@ -1280,3 +1280,78 @@ fn stress_hand_overs_with_recycling_stay_within_the_budget() {
     });
     assert_eq!(live_blocks(), 0, "a block leaked");
 }
+
+/// Hundreds of hand-overs, most while others still wait (counted under the lock, the word
+/// untouched), some emptying the queue (counted on the word), mixed with fast-path
+/// allocations, refusals and cancels of handed heads, so that the word's 6-bit counters wrap
+/// many times: every count is exact after every step, checked against the test's own model
+/// (guarantee 10), and the wait figures stay consistent (mean at most the maximum).
+#[test]
+fn hundreds_of_hand_overs_keep_every_count_exact_across_counter_wraps() {
+    let _tracked = tracked();
+    let pool = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S4096,
+        max_memory: 2 * B,
+    })
+    .direct_io_alignment()
+    .time_waits(true)
+    .build()
+    .unwrap();
+    let rounds = common::rounds(300, 70);
+    let mut rng = Rng::new(5);
+    let (mut total, mut waited, mut would_block) = (0usize, 0usize, 0usize);
+    let mut held = pool.try_allocate(1).unwrap();
+    total += 1;
+    for i in 0..rounds {
+        // One to three waiters of the held block's size queue behind it (the other buffer
+        // is free, so a waiter of 1 buffer would not wait: take it first).
+        let other = pool.try_allocate(1).unwrap();
+        total += 1;
+        let queued = rng.range(1, 3);
+        let mut waiters: Vec<_> = (0..queued).map(|_| Box::pin(pool.allocate(1))).collect();
+        for w in &mut waiters {
+            assert!(w.as_mut().poll(&mut noop()).is_pending());
+        }
+        assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+        would_block += 1;
+        // Every waiter is granted once, in order: the first by the release of `other`
+        // (a hand-over), each next one by the release of the block the previous one took
+        // (a hand-over), or by the grant the previous one gave up untaken.
+        let mut handed = Some(other.first());
+        drop(other);
+        waited += queued;
+        for (j, mut w) in waiters.into_iter().enumerate() {
+            let s = pool.stats();
+            assert_eq!(
+                (s.in_use_bytes, s.waiting, s.waited_allocations, s.total_allocations),
+                (2 * B, queued - j - 1, waited - queued + j + 1, total),
+                "round {i}, waiter {j} granted: {s}"
+            );
+            if rng.next() % 4 == 0 {
+                drop(w); // granted, never taken: its block is freed, its bytes go on
+                handed = None;
+            } else {
+                let next = take(w.as_mut().poll(&mut noop()));
+                total += 1;
+                if let Some(address) = handed {
+                    assert_eq!(next.first(), address, "round {i}: not the released block");
+                }
+                handed = Some(held.first());
+                drop(std::mem::replace(&mut held, next));
+            }
+        }
+        let s = pool.stats();
+        assert_eq!(
+            (s.total_allocations, s.would_block, s.outstanding, s.waiting, s.in_use_bytes),
+            (total, would_block, 1, 0, B),
+            "round {i}: {s}"
+        );
+        assert_eq!(s.waited_allocations, waited, "round {i}: {s}");
+        assert!(s.mean_wait() <= s.max_wait, "round {i}: {s}");
+    }
+    drop(held);
+    let s = pool.stats();
+    assert_eq!((s.outstanding, s.total_allocations), (0, total));
+    assert_eq!(live_blocks(), 0);
+    assert_full_budget_back(&pool);
+}
