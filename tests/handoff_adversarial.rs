@@ -265,14 +265,25 @@ fn a_head_waker_panicking_in_wake_costs_no_byte_and_no_wakeup() {
     assert!(poll_with(behind.as_mut(), &behind_chaos.waker()).is_pending());
     let allocs_before = block_allocs();
     let dropped = catch_unwind(AssertUnwindSafe(|| drop(held)));
-    assert!(dropped.is_err(), "the head's waker panic reaches the releaser");
+    assert!(
+        dropped.is_err(),
+        "the head's waker panic reaches the releaser"
+    );
     assert_eq!(head_chaos.woken(), 1);
-    assert_eq!(behind_chaos.woken(), 1, "the waiter behind the panic was woken");
+    assert_eq!(
+        behind_chaos.woken(),
+        1,
+        "the waiter behind the panic was woken"
+    );
     assert_eq!(books(&pool), (3 * B, 0, 0, 1, 2));
     let first = take(head.as_mut().poll(&mut noop()));
     assert_eq!(first.first(), address, "the head got the released block");
     let second = take(behind.as_mut().poll(&mut noop()));
-    assert_eq!(block_allocs() - allocs_before, 1, "only the one behind allocated");
+    assert_eq!(
+        block_allocs() - allocs_before,
+        1,
+        "only the one behind allocated"
+    );
     assert_eq!(books(&pool), (3 * B, 2, 0, 3, 2));
     drop((first, second, head, behind));
     assert_eq!(live_blocks(), 0);
@@ -297,7 +308,11 @@ fn a_waker_clone_that_releases_the_block_the_polling_head_waits_for() {
     chaos.on_clone(move || drop(released.lock().unwrap().take()));
     let allocation = take(poll_with(head.as_mut(), &chaos.waker()));
     assert!(slot.lock().unwrap().is_none(), "the clone hook ran");
-    assert_eq!(allocation.first(), address, "the head got the released block");
+    assert_eq!(
+        allocation.first(),
+        address,
+        "the head got the released block"
+    );
     assert_eq!(books(&pool), (B, 1, 0, 2, 1));
     drop((allocation, head));
     assert_eq!(live_blocks(), 0);
@@ -358,8 +373,9 @@ fn a_wake_that_drops_the_handed_head_frees_its_block_and_serves_the_next() {
     let _tracked = tracked();
     let pool = Arc::new(tracked_pool(1));
     let held = pool.try_allocate(1).unwrap();
-    let slot: Arc<Mutex<Option<Pin<Box<AllocateOwned>>>>> =
-        Arc::new(Mutex::new(Some(Box::pin(Arc::clone(&pool).allocate_owned(1)))));
+    let slot: Arc<Mutex<Option<Pin<Box<AllocateOwned>>>>> = Arc::new(Mutex::new(Some(Box::pin(
+        Arc::clone(&pool).allocate_owned(1),
+    ))));
     let chaos = Chaos::new();
     let head_slot = Arc::clone(&slot);
     chaos.on_wake(move || drop(head_slot.lock().unwrap().take()));
@@ -421,7 +437,11 @@ fn inline_executors_pass_one_block_down_the_queue_re_entrantly() {
     let allocs_before = block_allocs();
     drop(held);
     assert_eq!(*seen.lock().unwrap(), vec![address; WAITERS]);
-    assert_eq!(block_allocs(), allocs_before, "no allocator call for a hand-over");
+    assert_eq!(
+        block_allocs(),
+        allocs_before,
+        "no allocator call for a hand-over"
+    );
     for (slot, chaos) in &keep {
         assert!(slot.lock().unwrap().is_none());
         assert_eq!(chaos.woken(), 1);
@@ -522,7 +542,10 @@ fn safe_views_of_handed_blocks_never_expose_old_or_uninitialised_bytes() {
     drop(released);
     let mut filled = take(head.as_mut().poll(&mut noop())).into_filled();
     assert!(filled.filled().is_empty());
-    assert!(!filled.set_filled(B), "a plain handed block is not initialised");
+    assert!(
+        !filled.set_filled(B),
+        "a plain handed block is not initialised"
+    );
     assert_eq!(filled.fill(7, 10), 10);
     assert_eq!(filled.filled(), &[7u8; 10][..]);
     assert_eq!(filled.remaining(), B - 10);
@@ -542,7 +565,10 @@ fn safe_views_of_handed_blocks_never_expose_old_or_uninitialised_bytes() {
     let mut zeroed_again = Box::pin(pool.allocate_zeroed(1));
     assert!(zeroed_again.as_mut().poll(&mut noop()).is_pending());
     drop(bytes);
-    assert!(zeroed_again.as_mut().poll(&mut noop()).is_pending(), "a slice still holds it");
+    assert!(
+        zeroed_again.as_mut().poll(&mut noop()).is_pending(),
+        "a slice still holds it"
+    );
     assert_eq!(&slice[..], &[0xFF; 100][..]);
     drop(slice);
     let allocation = take(zeroed_again.as_mut().poll(&mut noop()));
@@ -553,10 +579,16 @@ fn safe_views_of_handed_blocks_never_expose_old_or_uninitialised_bytes() {
     let mut allocation = filled.into_allocation();
     allocation.uninit_mut().fill(MaybeUninit::uninit());
     let mut plain = Box::pin(pool.allocate(1));
-    assert!(plain.as_mut().poll(&mut noop()).is_pending(), "nothing free");
+    assert!(
+        plain.as_mut().poll(&mut noop()).is_pending(),
+        "nothing free"
+    );
     drop(allocation);
     let mut filled = take(plain.as_mut().poll(&mut noop())).into_filled();
-    assert!(!filled.set_filled(1), "a plain handed block is not initialised");
+    assert!(
+        !filled.set_filled(1),
+        "a plain handed block is not initialised"
+    );
     assert_eq!(filled.extend_from_slice(b"abc"), 3);
     assert_eq!(&filled[..], b"abc");
     assert_eq!(books(&pool), (B, 1, 0, 5, 4));
@@ -577,7 +609,10 @@ fn a_block_out_of_a_reservation_handed_to_a_zeroed_head_reads_zeros() {
     fill(&mut out, 0xFF);
     let address = out.first();
     let s = pool.stats();
-    assert_eq!((s.in_use_bytes, s.reserved_bytes, s.outstanding), (3 * B, B, 1));
+    assert_eq!(
+        (s.in_use_bytes, s.reserved_bytes, s.outstanding),
+        (3 * B, B, 1)
+    );
     let mut head = Box::pin(pool.allocate_zeroed(2));
     assert!(head.as_mut().poll(&mut noop()).is_pending());
     drop(out);
@@ -611,7 +646,11 @@ fn a_reservation_at_the_head_is_never_skipped_for_a_block_of_the_next_size() {
     assert!(reserve.as_mut().poll(&mut noop()).is_pending());
     assert!(behind.as_mut().poll(&mut noop()).is_pending());
     drop(held);
-    assert_eq!(live_blocks(), 0, "the released block was freed, not handed past the head");
+    assert_eq!(
+        live_blocks(),
+        0,
+        "the released block was freed, not handed past the head"
+    );
     let reservation = take(reserve.as_mut().poll(&mut noop()));
     assert!(behind.as_mut().poll(&mut noop()).is_pending());
     let s = pool.stats();
@@ -639,15 +678,26 @@ fn nothing_barges_ahead_of_a_head_about_to_be_handed_a_block() {
     let mut head = Box::pin(pool.allocate(2));
     assert!(head.as_mut().poll(&mut noop()).is_pending());
     assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
-    assert_eq!(pool.try_allocate_zeroed(1).unwrap_err(), AllocError::WouldBlock);
+    assert_eq!(
+        pool.try_allocate_zeroed(1).unwrap_err(),
+        AllocError::WouldBlock
+    );
     assert_eq!(pool.try_reserve(8).unwrap_err(), AllocError::WouldBlock);
     drop(held);
     let first = take(head.as_mut().poll(&mut noop()));
-    let second = pool.try_allocate(1).expect("the room beside the head is free now");
+    let second = pool
+        .try_allocate(1)
+        .expect("the room beside the head is free now");
     assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
     let s = pool.stats();
     assert_eq!(
-        (s.in_use_bytes, s.outstanding, s.waiting, s.would_block, s.total_allocations),
+        (
+            s.in_use_bytes,
+            s.outstanding,
+            s.waiting,
+            s.would_block,
+            s.total_allocations
+        ),
         (3 * B, 2, 0, 4, 3)
     );
     drop((first, second, head));
@@ -670,10 +720,16 @@ fn a_shrink_between_hand_over_and_take_keeps_the_grant_and_counts_overcommit() {
     drop(held);
     pool.set_max_memory(B).unwrap();
     let s = pool.stats();
-    assert_eq!((s.in_use_bytes, s.overcommit_bytes, s.waiting), (2 * B, B, 1));
+    assert_eq!(
+        (s.in_use_bytes, s.overcommit_bytes, s.waiting),
+        (2 * B, B, 1)
+    );
     let allocation = take(head.as_mut().poll(&mut noop()));
     assert_eq!(allocation.first(), address);
-    assert!(behind.as_mut().poll(&mut noop()).is_pending(), "overcommitted: no grant");
+    assert!(
+        behind.as_mut().poll(&mut noop()).is_pending(),
+        "overcommitted: no grant"
+    );
     drop(allocation); // repays the overcommit, then serves the one behind
     let one = take(behind.as_mut().poll(&mut noop()));
     let s = pool.stats();
@@ -710,10 +766,16 @@ fn a_wake_that_closes_the_pool_after_its_hand_over() {
         Poll::Ready(Err(AllocError::Closed))
     ));
     let mut drained = Box::pin(pool.drained());
-    assert!(drained.as_mut().poll(&mut noop()).is_pending(), "a grant is held");
+    assert!(
+        drained.as_mut().poll(&mut noop()).is_pending(),
+        "a grant is held"
+    );
     let allocation = take(head.as_mut().poll(&mut noop()));
     drop(head);
-    assert!(drained.as_mut().poll(&mut noop()).is_pending(), "an allocation is out");
+    assert!(
+        drained.as_mut().poll(&mut noop()).is_pending(),
+        "an allocation is out"
+    );
     drop(allocation);
     assert!(drained.as_mut().poll(&mut noop()).is_ready());
     drop((drained, behind));
@@ -790,8 +852,11 @@ fn stress_threads_every_form_with_resizes_no_leak_exact_books() {
         };
         let workers: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (pool, live_bytes, tally) =
-                    (Arc::clone(&pool), Arc::clone(&live_bytes), Arc::clone(&tally));
+                let (pool, live_bytes, tally) = (
+                    Arc::clone(&pool),
+                    Arc::clone(&live_bytes),
+                    Arc::clone(&tally),
+                );
                 std::thread::spawn(move || {
                     let mut rng = Rng::new(t as u64 + 7);
                     let tag = 0x10 + t as u8;
@@ -852,7 +917,8 @@ fn stress_threads_every_form_with_resizes_no_leak_exact_books() {
                             std::thread::yield_now();
                             let len = allocation.allocated_bytes();
                             // SAFETY: `len` bytes just initialised, owned by `allocation`.
-                            let data = unsafe { std::slice::from_raw_parts(allocation.first(), len) };
+                            let data =
+                                unsafe { std::slice::from_raw_parts(allocation.first(), len) };
                             assert!(data.iter().all(|&b| b == tag), "two owners of one block");
                             live_bytes.fetch_sub(len, SeqCst);
                             drop(allocation);
@@ -867,11 +933,7 @@ fn stress_threads_every_form_with_resizes_no_leak_exact_books() {
         stop.store(true, SeqCst);
         resizer.join().unwrap();
         let s = pool.stats();
-        assert_eq!(
-            (s.in_use_bytes, s.outstanding, s.waiting),
-            (0, 0, 0),
-            "{s}"
-        );
+        assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
         assert_eq!(s.total_allocations, tally.allocations.load(SeqCst), "{s}");
         assert_eq!(live_blocks(), 0, "a block leaked");
         assert_full_budget_back(&pool);
@@ -931,8 +993,7 @@ fn stress_tokio_tasks_cancelled_at_every_point_no_leak_exact_books() {
                                     z
                                 }
                                 2 => {
-                                    let handle =
-                                        tokio::spawn(Arc::clone(&pool).allocate_owned(n));
+                                    let handle = tokio::spawn(Arc::clone(&pool).allocate_owned(n));
                                     if rng.next() % 2 == 0 {
                                         tokio::task::yield_now().await;
                                         handle.abort();
@@ -1207,8 +1268,14 @@ fn a_hand_over_that_empties_a_full_queue_wakes_the_requests_waiting_for_room() {
     );
     let second = take(poll_with(climber.as_mut(), &child_chaos.waker()));
     let (r, c) = (root.stats(), child.stats());
-    assert_eq!((r.in_use_bytes, r.waiting, c.in_use_bytes, c.outstanding), (3 * B, 0, B, 1));
-    assert_eq!(r.queue_full, 0, "a request that waited below is never refused");
+    assert_eq!(
+        (r.in_use_bytes, r.waiting, c.in_use_bytes, c.outstanding),
+        (3 * B, 0, B, 1)
+    );
+    assert_eq!(
+        r.queue_full, 0,
+        "a request that waited below is never refused"
+    );
     drop((first, second, head, climber));
     assert_idle(&child);
     assert_eq!(live_blocks(), 0);
@@ -1323,7 +1390,12 @@ fn hundreds_of_hand_overs_keep_every_count_exact_across_counter_wraps() {
         for (j, mut w) in waiters.into_iter().enumerate() {
             let s = pool.stats();
             assert_eq!(
-                (s.in_use_bytes, s.waiting, s.waited_allocations, s.total_allocations),
+                (
+                    s.in_use_bytes,
+                    s.waiting,
+                    s.waited_allocations,
+                    s.total_allocations
+                ),
                 (2 * B, queued - j - 1, waited - queued + j + 1, total),
                 "round {i}, waiter {j} granted: {s}"
             );
@@ -1342,7 +1414,13 @@ fn hundreds_of_hand_overs_keep_every_count_exact_across_counter_wraps() {
         }
         let s = pool.stats();
         assert_eq!(
-            (s.total_allocations, s.would_block, s.outstanding, s.waiting, s.in_use_bytes),
+            (
+                s.total_allocations,
+                s.would_block,
+                s.outstanding,
+                s.waiting,
+                s.in_use_bytes
+            ),
             (total, would_block, 1, 0, B),
             "round {i}: {s}"
         );
@@ -1354,4 +1432,41 @@ fn hundreds_of_hand_overs_keep_every_count_exact_across_counter_wraps() {
     assert_eq!((s.outstanding, s.total_allocations), (0, total));
     assert_eq!(live_blocks(), 0);
     assert_full_budget_back(&pool);
+}
+
+/// `drained()` waits across a hand-over: the release that hands its block on leaves the
+/// bytes in use, so the drain waiter is not woken then, and it is woken (no lost wake-up)
+/// when the head gives its handed block back, whether it took it or dropped it untaken
+/// (guarantees 3, 8, 18).
+#[test]
+fn a_drain_waiter_sleeps_through_a_hand_over_and_wakes_when_the_block_comes_back() {
+    for take_it in [true, false] {
+        let _tracked = tracked();
+        let pool = tracked_pool(1);
+        let held = pool.try_allocate(1).unwrap();
+        let mut head = Box::pin(pool.allocate(1));
+        assert!(head.as_mut().poll(&mut noop()).is_pending());
+        let drain_chaos = Chaos::new();
+        let mut drained = Box::pin(pool.drained());
+        assert!(poll_with(drained.as_mut(), &drain_chaos.waker()).is_pending());
+        drop(held);
+        assert!(poll_with(drained.as_mut(), &drain_chaos.waker()).is_pending());
+        assert_eq!(books(&pool), (B, 0, 0, 1, 1));
+        if take_it {
+            let allocation = take(head.as_mut().poll(&mut noop()));
+            assert_eq!(drain_chaos.woken(), 0, "woken while a block is out");
+            drop(allocation);
+        }
+        drop(head);
+        assert_eq!(
+            drain_chaos.woken(),
+            1,
+            "the drain waiter was not woken ({take_it})"
+        );
+        assert!(poll_with(drained.as_mut(), &drain_chaos.waker()).is_ready());
+        assert_eq!(books(&pool), (0, 0, 0, 1 + take_it as usize, 1));
+        drop(drained);
+        assert_eq!(live_blocks(), 0);
+        assert_full_budget_back(&pool);
+    }
 }
