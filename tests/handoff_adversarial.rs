@@ -36,6 +36,17 @@ use membudget::{
 const TRACKED_ALIGN: usize = 4096;
 static LIVE_BLOCKS: AtomicUsize = AtomicUsize::new(0);
 static BLOCK_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+/// The bytes of live tracked blocks, and the most there ever were at once (reset by
+/// `tracked`): guarantee 18 says the blocks alive never hold more than the budget.
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+fn count_alloc(layout: Layout) {
+    LIVE_BLOCKS.fetch_add(1, SeqCst);
+    BLOCK_ALLOCS.fetch_add(1, SeqCst);
+    let live = LIVE_BYTES.fetch_add(layout.size(), SeqCst) + layout.size();
+    PEAK_BYTES.fetch_max(live, SeqCst);
+}
 
 struct CountingAllocator;
 
@@ -45,8 +56,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         // SAFETY: the caller's contract, passed on.
         let ptr = unsafe { System.alloc(layout) };
         if layout.align() == TRACKED_ALIGN && !ptr.is_null() {
-            LIVE_BLOCKS.fetch_add(1, SeqCst);
-            BLOCK_ALLOCS.fetch_add(1, SeqCst);
+            count_alloc(layout);
         }
         ptr
     }
@@ -55,8 +65,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         // SAFETY: the caller's contract, passed on.
         let ptr = unsafe { System.alloc_zeroed(layout) };
         if layout.align() == TRACKED_ALIGN && !ptr.is_null() {
-            LIVE_BLOCKS.fetch_add(1, SeqCst);
-            BLOCK_ALLOCS.fetch_add(1, SeqCst);
+            count_alloc(layout);
         }
         ptr
     }
@@ -64,6 +73,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.align() == TRACKED_ALIGN {
             LIVE_BLOCKS.fetch_sub(1, SeqCst);
+            LIVE_BYTES.fetch_sub(layout.size(), SeqCst);
         }
         // SAFETY: the caller's contract, passed on.
         unsafe { System.dealloc(ptr, layout) }
@@ -79,7 +89,18 @@ static TRACKED: Mutex<()> = Mutex::new(());
 fn tracked() -> MutexGuard<'static, ()> {
     let guard = TRACKED.lock().unwrap_or_else(|poison| poison.into_inner());
     assert_eq!(live_blocks(), 0, "a previous test leaked a block");
+    PEAK_BYTES.store(0, SeqCst);
     guard
+}
+
+/// Asserts the tracked blocks alive never held more than `budget` bytes at once.
+#[track_caller]
+fn assert_peak_within(budget: usize) {
+    let peak = PEAK_BYTES.load(SeqCst);
+    assert!(
+        peak <= budget,
+        "blocks alive held {peak} bytes at once, above the budget of {budget}"
+    );
 }
 
 fn live_blocks() -> usize {
@@ -936,6 +957,7 @@ fn stress_threads_every_form_with_resizes_no_leak_exact_books() {
         assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
         assert_eq!(s.total_allocations, tally.allocations.load(SeqCst), "{s}");
         assert_eq!(live_blocks(), 0, "a block leaked");
+        assert_peak_within(6 * B);
         assert_full_budget_back(&pool);
     });
 }
@@ -1032,6 +1054,7 @@ fn stress_tokio_tasks_cancelled_at_every_point_no_leak_exact_books() {
         });
     });
     assert_eq!(live_blocks(), 0, "a block leaked");
+    assert_peak_within(4 * B);
 }
 
 /// Blocking waiters of the handed size racing releases and `close()`: each gets its
@@ -1080,6 +1103,7 @@ fn stress_hand_overs_racing_close() {
             assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
         });
         assert_eq!(live_blocks(), 0, "a block leaked (round {round})");
+        assert_peak_within(2 * B);
     }
 }
 
@@ -1138,6 +1162,7 @@ fn stress_root_and_child_requests_of_one_size_share_hand_overs() {
         assert_eq!(r.total_allocations, per_pool[0], "{r}");
         assert_eq!(c.total_allocations, per_pool[1], "{c}");
         assert_eq!(live_blocks(), 0, "a block leaked");
+        assert_peak_within(3 * B);
         assert_full_budget_back(&child);
         assert_full_budget_back(&root);
     });
@@ -1282,10 +1307,10 @@ fn a_hand_over_that_empties_a_full_queue_wakes_the_requests_waiting_for_room() {
     assert_full_budget_back(&root);
 }
 
-/// With recycling on, hand-overs, zeroed requests and cancels from several threads: the
-/// cache never takes a block a head could have had while live plus cached bytes stay within
-/// the budget at every quiescent point, zeroed memory is zero, and once the pool is dropped
-/// no block is alive (guarantees 1, 16, 18).
+/// With recycling on, hand-overs, zeroed requests and cancels from several threads: live
+/// plus cached bytes stay within the budget at every quiescent point, where the blocks alive
+/// are exactly the cached ones, zeroed memory is zero, and once the pool is dropped no block
+/// is alive (guarantees 1, 16, 18).
 #[test]
 #[cfg_attr(miri, ignore)]
 fn stress_hand_overs_with_recycling_stay_within_the_budget() {
@@ -1341,11 +1366,18 @@ fn stress_hand_overs_with_recycling_stay_within_the_budget() {
             let s = pool.stats();
             assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
             assert!(s.in_use_bytes + s.cached_bytes <= s.max_memory, "{s}");
+            // Quiescent: every block alive is a cached one, and the cache says so.
+            assert_eq!(LIVE_BYTES.load(SeqCst), s.cached_bytes, "{s}");
         }
         let pool = Arc::try_unwrap(pool).unwrap();
         drop(pool);
     });
     assert_eq!(live_blocks(), 0, "a block leaked");
+    // Not `assert_peak_within`: with recycling the README bounds live plus cached bytes at
+    // quiescent points only (guarantee 1), and between them the blocks alive were seen one
+    // block above the budget, as often without the hand-over as with it (see the report of
+    // this file's commit: a cached block evicted and still being freed while fresh memory is
+    // allocated).
 }
 
 /// Hundreds of hand-overs, most while others still wait (counted under the lock, the word
@@ -1431,6 +1463,7 @@ fn hundreds_of_hand_overs_keep_every_count_exact_across_counter_wraps() {
     let s = pool.stats();
     assert_eq!((s.outstanding, s.total_allocations), (0, total));
     assert_eq!(live_blocks(), 0);
+    assert_peak_within(2 * B);
     assert_full_budget_back(&pool);
 }
 
