@@ -1503,3 +1503,73 @@ fn a_drain_waiter_sleeps_through_a_hand_over_and_wakes_when_the_block_comes_back
         assert_full_budget_back(&pool);
     }
 }
+
+/// A pool that waits for growth, overcommitted by a shrink: a release of the head's exact
+/// size while the head would not fit the smaller budget must not hand its block over (it
+/// is freed, and the head keeps waiting); growth then serves the head with fresh memory, and
+/// the blocks alive never exceed the largest budget in force (guarantees 1, 14, 18).
+#[test]
+fn a_release_that_does_not_fit_a_grown_pools_head_frees_its_block() {
+    let _tracked = tracked();
+    let pool = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S4096,
+        max_memory: 2 * B,
+    })
+    .direct_io_alignment()
+    .wait_for_growth()
+    .build()
+    .unwrap();
+    let held = pool.try_allocate(2).unwrap();
+    pool.set_max_memory(B).unwrap();
+    let mut head = Box::pin(pool.allocate(2));
+    let chaos = Chaos::new();
+    assert!(poll_with(head.as_mut(), &chaos.waker()).is_pending());
+    drop(held);
+    assert_eq!(live_blocks(), 0, "the block was freed, not handed to a head that does not fit");
+    assert_eq!(chaos.woken(), 0);
+    assert_eq!(books(&pool), (0, 0, 1, 1, 0));
+    assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock, "no barging");
+    pool.add_max_memory(B);
+    assert_eq!(chaos.woken(), 1);
+    let allocation = take(head.as_mut().poll(&mut noop()));
+    assert_eq!(books(&pool), (2 * B, 1, 0, 2, 1));
+    drop((allocation, head));
+    assert_eq!(live_blocks(), 0);
+    assert_peak_within(2 * B);
+    assert_full_budget_back(&pool);
+}
+
+/// The head's wake shrinks the budget (re-entry) right after its hand-over: the waiter behind
+/// it that can no longer fit fails with `ExceedsBudget` at once, the head keeps the grant it
+/// was handed (counted as overcommit until it goes back), and the books are exact
+/// (guarantees 1, 9, 14, 18).
+#[test]
+fn a_wake_that_shrinks_the_budget_after_its_hand_over() {
+    let _tracked = tracked();
+    let pool = Arc::new(tracked_pool(3));
+    let held = pool.try_allocate(2).unwrap();
+    let address = held.first();
+    let chaos = Chaos::new();
+    let shrinker = Arc::clone(&pool);
+    chaos.on_wake(move || shrinker.set_max_memory(B).unwrap());
+    let mut head = Box::pin(Arc::clone(&pool).allocate_owned(2));
+    let mut behind = Box::pin(pool.allocate(2));
+    assert!(poll_with(head.as_mut(), &chaos.waker()).is_pending());
+    assert!(behind.as_mut().poll(&mut noop()).is_pending());
+    drop(held);
+    assert!(matches!(
+        behind.as_mut().poll(&mut noop()),
+        Poll::Ready(Err(AllocError::ExceedsBudget { .. }))
+    ));
+    let allocation = take(head.as_mut().poll(&mut noop()));
+    assert_eq!(allocation.first(), address);
+    let s = pool.stats();
+    assert_eq!(
+        (s.in_use_bytes, s.overcommit_bytes, s.outstanding, s.waiting),
+        (2 * B, B, 1, 0)
+    );
+    drop((allocation, head, behind));
+    assert_eq!(live_blocks(), 0);
+    assert_peak_within(3 * B);
+    assert_full_budget_back(&pool);
+}
