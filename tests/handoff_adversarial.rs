@@ -1525,10 +1525,18 @@ fn a_release_that_does_not_fit_a_grown_pools_head_frees_its_block() {
     let chaos = Chaos::new();
     assert!(poll_with(head.as_mut(), &chaos.waker()).is_pending());
     drop(held);
-    assert_eq!(live_blocks(), 0, "the block was freed, not handed to a head that does not fit");
+    assert_eq!(
+        live_blocks(),
+        0,
+        "the block was freed, not handed to a head that does not fit"
+    );
     assert_eq!(chaos.woken(), 0);
     assert_eq!(books(&pool), (0, 0, 1, 1, 0));
-    assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock, "no barging");
+    assert_eq!(
+        pool.try_allocate(1).unwrap_err(),
+        AllocError::WouldBlock,
+        "no barging"
+    );
     pool.add_max_memory(B);
     assert_eq!(chaos.woken(), 1);
     let allocation = take(head.as_mut().poll(&mut noop()));
@@ -1572,4 +1580,60 @@ fn a_wake_that_shrinks_the_budget_after_its_hand_over() {
     assert_eq!(live_blocks(), 0);
     assert_peak_within(3 * B);
     assert_full_budget_back(&pool);
+}
+
+/// Blocking callers whose deadlines fall around the moment a release hands them a block:
+/// each call ends with its allocation or `TimedOut`, never both and never a lost grant.
+/// `timed_out` counts exactly the `TimedOut` results, `total_allocations` exactly the
+/// allocations, nothing is left in use, and no block leaks or exceeds the budget
+/// (guarantees 6, 10, 18).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn stress_deadlines_around_hand_overs_count_exactly() {
+    let _tracked = tracked();
+    watchdog(120, || {
+        let pool = Arc::new(tracked_pool(2));
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(t + 77);
+                    let (mut ok, mut timed_out) = (0, 0);
+                    for _ in 0..2_000 {
+                        let wait = Duration::from_micros(rng.range(1, 30) as u64);
+                        let result = if rng.next() % 2 == 0 {
+                            pool.allocate_timeout(1, wait)
+                        } else {
+                            pool.allocate_zeroed_timeout(1, wait)
+                        };
+                        match result {
+                            Ok(mut a) => {
+                                ok += 1;
+                                fill(&mut a, t as u8);
+                                for _ in 0..rng.range(0, 5_000) {
+                                    std::hint::spin_loop();
+                                }
+                            }
+                            Err(AllocError::TimedOut) => timed_out += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    (ok, timed_out)
+                })
+            })
+            .collect();
+        let (mut ok, mut timed_out) = (0, 0);
+        for worker in workers {
+            let (o, t) = worker.join().unwrap();
+            ok += o;
+            timed_out += t;
+        }
+        let s = pool.stats();
+        assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
+        assert_eq!((s.total_allocations, s.timed_out), (ok, timed_out), "{s}");
+        assert!(s.waited_allocations <= ok + timed_out, "{s}");
+        assert_eq!(live_blocks(), 0, "a block leaked");
+        assert_peak_within(2 * B);
+        assert_full_budget_back(&pool);
+    });
 }
