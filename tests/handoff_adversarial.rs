@@ -1637,3 +1637,71 @@ fn stress_deadlines_around_hand_overs_count_exactly() {
         assert_full_budget_back(&pool);
     });
 }
+
+/// An owned allocation's release hands its block to an owned head whose `wake` panics, after
+/// the last `Arc<BufPool>` is gone: the panic reaches the releaser only once the block is
+/// handed and the releaser's hold on the pool is given up, so the head takes the block and
+/// the pool's drop still runs (once, without hanging) when the head's allocation goes
+/// (guarantees 8, 9, 18).
+#[test]
+fn an_owned_release_whose_hand_over_wakes_a_panicking_waker_still_lets_the_pool_go() {
+    let _tracked = tracked();
+    watchdog(30, || {
+        let pool = Arc::new(tracked_pool(1));
+        let weak = Arc::downgrade(&pool);
+        let held = futures::executor::block_on(Arc::clone(&pool).allocate_owned(1)).unwrap();
+        let address = held.first();
+        let chaos = Chaos::new();
+        chaos.panic_on_wake.store(true, SeqCst);
+        let mut head = Box::pin(Arc::clone(&pool).allocate_owned(1));
+        assert!(poll_with(head.as_mut(), &chaos.waker()).is_pending());
+        drop(pool);
+        let dropped = catch_unwind(AssertUnwindSafe(|| drop(held)));
+        assert!(dropped.is_err(), "the waker's panic reaches the releaser");
+        let allocation = take(head.as_mut().poll(&mut noop()));
+        assert_eq!(allocation.first(), address);
+        drop(head);
+        {
+            let pool = weak
+                .upgrade()
+                .expect("the head's allocation keeps the pool");
+            assert_eq!(books(&pool), (B, 1, 0, 2, 1));
+        }
+        drop(allocation);
+        assert!(weak.upgrade().is_none(), "the pool's drop ran");
+    });
+    assert_eq!(live_blocks(), 0);
+}
+
+/// The releaser is already unwinding (its thread panicked while it held the allocation) when
+/// its drop hands the block to a head whose `wake` panics: that second panic must not be
+/// resumed during the unwinding (which would abort the process); the head still gets its
+/// block and the books are exact (guarantee 9, 18).
+#[test]
+fn a_hand_over_during_unwinding_to_a_panicking_waker_does_not_abort() {
+    let _tracked = tracked();
+    let pool = tracked_pool(1);
+    let held = pool.try_allocate(1).unwrap();
+    let address = held.first();
+    let chaos = Chaos::new();
+    chaos.panic_on_wake.store(true, SeqCst);
+    let mut head = Box::pin(pool.allocate(1));
+    assert!(poll_with(head.as_mut(), &chaos.waker()).is_pending());
+    let unwound = catch_unwind(AssertUnwindSafe(move || {
+        let _held = held;
+        panic!("chaos: the releaser's own panic");
+    }));
+    let payload = unwound.expect_err("the releaser panicked");
+    assert_eq!(
+        payload.downcast_ref::<&str>().copied(),
+        Some("chaos: the releaser's own panic"),
+        "the first panic is the one that goes on"
+    );
+    assert_eq!(chaos.woken(), 1);
+    let allocation = take(head.as_mut().poll(&mut noop()));
+    assert_eq!(allocation.first(), address);
+    assert_eq!(books(&pool), (B, 1, 0, 2, 1));
+    drop((allocation, head));
+    assert_eq!(live_blocks(), 0);
+    assert_full_budget_back(&pool);
+}
