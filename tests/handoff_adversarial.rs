@@ -1705,3 +1705,135 @@ fn a_hand_over_during_unwinding_to_a_panicking_waker_does_not_abort() {
     assert_eq!(live_blocks(), 0);
     assert_full_budget_back(&pool);
 }
+
+/// A root with `max_waiters(2)` under hand-overs: callers beyond the bound fail at once with
+/// `QueueFull` (counted exactly), the queue never holds more than two, hand-overs that free
+/// a place let the next caller in, and the books are exact at the end (guarantees 13, 18).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn stress_a_bounded_queue_under_hand_overs_counts_refusals_exactly() {
+    let _tracked = tracked();
+    watchdog(120, || {
+        let pool = Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BufferSize::S4096,
+                max_memory: 2 * B,
+            })
+            .direct_io_alignment()
+            .max_waiters(2)
+            .build()
+            .unwrap(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    let waiting = pool.stats().waiting;
+                    assert!(waiting <= 2, "{waiting} waiting in a queue bounded to 2");
+                    std::thread::yield_now();
+                }
+            })
+        };
+        // Six callers against two buffers and two places: some are refused.
+        let workers: Vec<_> = (0..6)
+            .map(|t| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(t + 500);
+                    let (mut ok, mut full) = (0, 0);
+                    for _ in 0..2_000 {
+                        match pool.allocate_blocking(1) {
+                            Ok(mut a) => {
+                                ok += 1;
+                                fill(&mut a, t as u8);
+                                for _ in 0..rng.range(0, 2_000) {
+                                    std::hint::spin_loop();
+                                }
+                            }
+                            Err(AllocError::QueueFull) => full += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    (ok, full)
+                })
+            })
+            .collect();
+        let (mut ok, mut full) = (0, 0);
+        for worker in workers {
+            let (o, f) = worker.join().unwrap();
+            ok += o;
+            full += f;
+        }
+        stop.store(true, SeqCst);
+        watcher.join().unwrap();
+        let s = pool.stats();
+        assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "{s}");
+        assert_eq!((s.total_allocations, s.queue_full), (ok, full), "{s}");
+        assert_eq!(live_blocks(), 0, "a block leaked");
+        assert_peak_within(2 * B);
+        assert_full_budget_back(&pool);
+    });
+}
+
+/// Closing a child pool while its requests wait in the root's queue among the root's own
+/// requests of the same size, which releases keep handing blocks to: the child's callers
+/// end with `Closed` (none hangs), the root's keep being served, and both pools' books are
+/// exact at the end with no block alive (guarantees 8, 11, 18).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn stress_closing_a_child_while_the_root_hands_blocks_over() {
+    let _tracked = tracked();
+    for round in 0..10u64 {
+        watchdog(60, move || {
+            let root = Arc::new(tracked_pool(2));
+            let child = Arc::new(
+                BufPool::builder(BufPoolCfg {
+                    buffer_size: BufferSize::S4096,
+                    max_memory: 2 * B,
+                })
+                .direct_io_alignment()
+                .parent(&root)
+                .build()
+                .unwrap(),
+            );
+            let workers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let pool = Arc::clone(if t % 2 == 0 { &root } else { &child });
+                    std::thread::spawn(move || {
+                        let mut rng = Rng::new(round * 10 + t + 1);
+                        let mut ok = 0;
+                        for _ in 0..1_000 {
+                            match pool.allocate_blocking(rng.range(1, 2)) {
+                                Ok(mut a) => {
+                                    ok += 1;
+                                    fill(&mut a, t as u8);
+                                    std::thread::yield_now();
+                                }
+                                Err(AllocError::Closed) if t % 2 == 1 => break,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        ((t % 2) as usize, ok)
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(2));
+            child.close();
+            let mut per_pool = [0; 2];
+            for worker in workers {
+                let (which, ok) = worker.join().unwrap();
+                per_pool[which] += ok;
+            }
+            let (r, c) = (root.stats(), child.stats());
+            assert_eq!((r.in_use_bytes, r.outstanding, r.waiting), (0, 0, 0), "{r}");
+            assert_eq!((c.in_use_bytes, c.outstanding, c.waiting), (0, 0, 0), "{c}");
+            assert_eq!(r.total_allocations, per_pool[0], "{r}");
+            assert_eq!(c.total_allocations, per_pool[1], "{c}");
+            assert!(c.closed);
+            assert_full_budget_back(&root);
+        });
+        assert_eq!(live_blocks(), 0, "a block leaked (round {round})");
+        assert_peak_within(2 * B);
+    }
+}
