@@ -1373,11 +1373,13 @@ fn stress_hand_overs_with_recycling_stay_within_the_budget() {
         drop(pool);
     });
     assert_eq!(live_blocks(), 0, "a block leaked");
-    // Not `assert_peak_within`: with recycling the README bounds live plus cached bytes at
-    // quiescent points only (guarantee 1), and between them the blocks alive were seen one
-    // block above the budget, as often without the hand-over as with it (see the report of
-    // this file's commit: a cached block evicted and still being freed while fresh memory is
-    // allocated).
+    // The README promises live plus cached bytes within the budget at quiescent points
+    // (guarantee 1, checked above); between them, without a shrink, the blocks alive stay
+    // within it too since evicted blocks are freed under the cache's lock. Before that, a
+    // block evicted and still being freed beside a fresh one showed here one block over the
+    // budget in 6 runs of 600 (0 of 600 since; a loom model cannot show it: no model step
+    // lies between the unlock and the free).
+    assert_peak_within(4 * B);
 }
 
 /// Hundreds of hand-overs, most while others still wait (counted under the lock, the word
