@@ -180,7 +180,7 @@ impl Recycler {
     /// would be counted by no other decision meanwhile (they count the cache), and a fresh
     /// block allocated beside it would put the footprint over the budget until the free
     /// finished (`tests/handoff_adversarial.rs`'s recycling stress saw one block over a budget
-    /// of four in 6 runs of 600 that way; none in 600 since). Only evictions pay it: a shrink,
+    /// of four in 6 runs of 600 that way; none in 1,020 since). Only evictions pay it: a shrink,
     /// or fresh memory while blocks of other sizes are cached.
     #[cold]
     fn evict_locked(&self, cache: &mut [SizeClass], footprint: Footprint) {
