@@ -1081,3 +1081,120 @@ fn stress_hostile_reclaimers_with_tasks_timeouts_and_registrations() {
         assert_drained(&pool, 16);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// reclaim_ahead
+// ---------------------------------------------------------------------------------------
+
+/// "Lifetimes": dropping the pool drops its registrations before the barrier waits, so a
+/// cache whose only owner is its registration gives its allocations back. Here a
+/// `reclaim_ahead` task drives a round on that cache whose future is pending: the pool's
+/// drop must still complete (the round is ended by the close, or at least does not keep the
+/// cache alive for good).
+#[test]
+#[ignore = "bug: the pool's drop barrier waits for good while reclaim_ahead's round is \
+            pending (same cause as reclaim_ahead_resolves_on_close_while_its_round_is_pending: \
+            the round keeps the registration, hence the cache and its allocations)"]
+fn dropping_the_pool_while_reclaim_ahead_drives_a_pending_round() {
+    watchdog(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = BufPool::new(cfg(8));
+        let gate = Gate::default();
+        let cache = Hostile::new(entries(&pool, 8), gated(&gate, false));
+        // The registration is the cache's only owner.
+        let handle = pool.register_reclaimer("gated", 0, cache);
+        let ahead = rt.spawn(pool.reclaim_ahead(2 * B));
+        while gate.polls.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        let (done, wait) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(pool);
+            let _ = done.send(());
+        });
+        let finished = wait.recv_timeout(Duration::from_secs(3)).is_ok();
+        // Unstick it either way, so the test ends.
+        gate.open();
+        dropper.join().unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), ahead)
+                .await
+                .expect("reclaim_ahead resolves once the pool is closed")
+                .unwrap();
+        });
+        drop(handle);
+        assert!(
+            finished,
+            "the pool's drop waited for reclaim_ahead's pending round"
+        );
+    });
+}
+
+/// `ReclaimAhead`'s cancel safety ("Dropping it ends a round it drives; nothing else is
+/// lost") with a hostile future whose drop panics: the panic goes on from the drop, the
+/// round is over (counted, future dropped, the bytes it held back), and a waiter can start
+/// the next round at once.
+#[test]
+fn dropping_reclaim_ahead_mid_round_with_a_panicking_future_drop() {
+    watchdog(|| {
+        let pool = BufPool::new(cfg(8));
+        let gate = Gate::default();
+        let cache = Hostile::new(entries(&pool, 8), gated(&gate, true));
+        let _h = pool.register_reclaimer("gated", 0, cache.clone());
+        let mut ahead = Box::pin(pool.reclaim_ahead(2 * B));
+        assert!(poll_once(ahead.as_mut()).is_pending());
+        assert_eq!(cache.asked(), [2 * B]);
+        // A waiter meanwhile starts no round of its own: one in flight per pool.
+        let mut waiter = Box::pin(pool.allocate(3));
+        assert!(poll_once(waiter.as_mut()).is_pending());
+        assert_eq!(cache.asked().len(), 1);
+        let caught = catch_unwind(AssertUnwindSafe(|| drop(ahead)));
+        assert!(
+            caught.is_err(),
+            "the future's drop panic goes on from the drop"
+        );
+        assert_eq!(gate.dropped.load(SeqCst), 1);
+        // The 2 entries the dropped future held went back: the waiter needs 1 more.
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.reclaim_rounds, stats.in_use_bytes),
+            (1, 6 * B),
+            "{stats:?}"
+        );
+        gate.open();
+        let got = futures::executor::block_on(waiter.as_mut()).unwrap();
+        assert_eq!(cache.asked(), [2 * B, B]);
+        assert_eq!(pool.stats().reclaim_rounds, 2);
+        drop(got);
+        drop(waiter);
+        cache.clear();
+        assert_drained(&pool, 8);
+    });
+}
+
+/// "No storm" for `reclaim_ahead`: a reclaimer that reports what it was asked without
+/// freeing anything is asked once, then `reclaim_ahead` sleeps until the pool changes.
+#[test]
+fn reclaim_ahead_with_a_liar_causes_no_storm() {
+    watchdog(|| {
+        let pool = BufPool::new(cfg(4));
+        let held = entries(&pool, 4);
+        let liar = Hostile::new(Vec::new(), |_, target| Box::pin(async move { target }));
+        let _h = pool.register_reclaimer("liar", 0, liar.clone());
+        let mut ahead = Box::pin(pool.reclaim_ahead(2 * B));
+        for _ in 0..50 {
+            assert!(poll_once(ahead.as_mut()).is_pending());
+        }
+        assert_eq!(liar.asked().len(), 1, "one round, then asleep");
+        let rounds = pool.stats().reclaim_rounds;
+        assert_eq!(rounds, 1);
+        drop(ahead);
+        assert_eq!(pool.stats().reclaim_rounds, rounds, "never goes down");
+        drop(held);
+        assert_drained(&pool, 4);
+    });
+}
