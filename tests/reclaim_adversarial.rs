@@ -1198,3 +1198,103 @@ fn reclaim_ahead_with_a_liar_causes_no_storm() {
         assert_drained(&pool, 4);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Rounds at another level than the queue the driver waits in
+// ---------------------------------------------------------------------------------------
+
+/// Guarantee 17 ("a cancelled driver's round is ended before any other starts") and 8
+/// (closing a pool closes its descendants, wherever their waiters wait): a child's request
+/// that waits in the root's queue drives the root's round (parked at the root); closing the
+/// child fails it and ends that round at the root (future dropped), so a root waiter starts
+/// the next one.
+#[test]
+fn closing_a_child_whose_request_drives_the_roots_round_ends_that_round() {
+    watchdog(|| {
+        let root = BufPool::new(cfg(4));
+        let child = root.child("child", cfg(4)).unwrap();
+        let gate = Gate::default();
+        let cache = Hostile::new(entries(&root, 4), gated(&gate, false));
+        let _h = root.register_reclaimer("gated", 0, cache.clone());
+        let mut driver = Box::pin(child.allocate(2));
+        assert!(poll_once(driver.as_mut()).is_pending());
+        assert_eq!(cache.asked(), [2 * B]);
+        let mut root_waiter = Box::pin(root.allocate(3));
+        assert!(poll_once(root_waiter.as_mut()).is_pending());
+        assert_eq!(cache.asked().len(), 1, "one round in flight at the root");
+        child.close();
+        assert!(matches!(
+            poll_once(driver.as_mut()),
+            Poll::Ready(Err(AllocError::Closed))
+        ));
+        drop(driver);
+        assert_eq!(gate.dropped.load(SeqCst), 1);
+        assert_eq!(root.stats().reclaim_rounds, 1);
+        assert_eq!(child.stats().reclaim_rounds, 0);
+        // The round is over: the root's waiter (now the head, 2 free of the 3 it needs)
+        // starts the next one.
+        gate.open();
+        let got = futures::executor::block_on(root_waiter.as_mut()).unwrap();
+        assert_eq!(cache.asked(), [2 * B, B]);
+        assert_eq!(root.stats().reclaim_rounds, 2);
+        drop(got);
+        drop(root_waiter);
+        cache.clear();
+        // The child is closed (nothing to allocate there): its books are empty.
+        let c = child.stats();
+        assert_eq!(
+            (c.in_use_bytes, c.outstanding, c.waiting),
+            (0, 0, 0),
+            "{c:?}"
+        );
+        assert_drained(&root, 4);
+    });
+}
+
+/// "Who drives it" / guarantee 17: a child's request that started a round at its own level
+/// and then climbs to the root's queue (a grow of the child) keeps driving that round (no
+/// second round starts at the root while it does); once the round ends the request is
+/// served, each level counts only its own round, and the books are exact.
+#[test]
+fn a_driver_that_climbs_keeps_driving_the_round_it_started_below() {
+    watchdog(|| {
+        let root = BufPool::new(cfg(4));
+        let child = root.child("child", cfg(2)).unwrap();
+        let gate = Gate::default();
+        let cache = Hostile::new(entries(&child, 2), gated(&gate, false));
+        let _h = child.register_reclaimer("gated", 0, cache.clone());
+        let root_held = entries(&root, 2);
+        let mut driver = Box::pin(child.allocate(2));
+        assert!(poll_once(driver.as_mut()).is_pending());
+        assert_eq!(cache.asked(), [2 * B]);
+        assert_eq!(
+            child.stats().reclaim_rounds,
+            0,
+            "in flight, not yet counted"
+        );
+        // The child grows: its own cap no longer holds the request back, the root is full.
+        child.set_max_memory(4 * B).unwrap();
+        for _ in 0..5 {
+            assert!(poll_once(driver.as_mut()).is_pending());
+        }
+        assert_eq!(
+            cache.asked().len(),
+            1,
+            "no second round while it drives one"
+        );
+        gate.open();
+        let got = match poll_once(driver.as_mut()) {
+            Poll::Ready(Ok(got)) => got,
+            other => panic!("not served after its round freed 2: {other:?}"),
+        };
+        let (r, c) = (root.stats(), child.stats());
+        assert_eq!(c.reclaim_rounds + r.reclaim_rounds, 1, "{r:?} {c:?}");
+        assert_eq!(r.in_use_bytes, 4 * B);
+        drop(got);
+        drop(driver);
+        drop(root_held);
+        cache.clear();
+        assert_drained(&child, 4);
+        assert_drained(&root, 4);
+    });
+}
