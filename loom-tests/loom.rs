@@ -57,6 +57,7 @@
 //! | 32 a finished round wakes the waiter that found it in flight | (issue 21, found by Miri in `tests/reclaim.rs`) `end_round` wakes the head only for an abandoned round; the no-storm rule judging progress by the head's shortfall without checking it is the same head (a served head's successor looks like no progress) | deadlock; deadlock |
 //! | 33 a handed block moves with its bytes | (issue 22) a cancelled head gives its grant back before freeing the block handed to it (the node's drop frees it later); a cancelled head never frees it | assertion (16,384 bytes of blocks alive at once on a budget of 8,192); assertion (a block leaked) |
 //! | 34 (a model of the *proposed* lease design of issue 22, not crate code) | an owner publishes its lease without re-reading the budget word (kept as 34b, `should_panic`); a release into an emptied slot; a recall that empties a slot with a load and a store | assertion (b); assertion (b); assertion (a). A plain `Acquire` load as the re-check was not caught |
+//! | 35 reclaim_ahead ends on close while its round is pending | `ReclaimAhead` listens to the pressure event only while it has no round (as before this model) | loom: deadlock (both threads blocked) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1228,6 +1229,44 @@ fn reclaim_round_races_a_release_and_a_cancel() {
             "every byte back"
         );
         drop(cache);
+    });
+}
+
+/// A reclaimer that holds memory it never gives back: its futures stay pending for good
+/// (and never wake anyone).
+struct Stubborn;
+
+impl membudget::Reclaimer for Stubborn {
+    fn estimate(&self) -> usize {
+        B
+    }
+
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        Box::pin(core::future::pending())
+    }
+}
+
+/// Model 35: `reclaim_ahead` drives a round whose reclaimer's future never finishes, racing
+/// `close()`. Whatever the order (the round started before the close, or not at all), the
+/// future resolves once the pool is closed: `close` notifies the pressure event, which it
+/// listens to while its round is pending too. Without that listener a close after the
+/// round started left it pending for good (loom reports the blocked thread), and the pool's
+/// drop barrier waited for the registrations the round kept.
+#[test]
+fn reclaim_ahead_ends_on_close_while_its_round_is_pending() {
+    model(|| {
+        let pool = Arc::new(pool(1));
+        let held = pool.try_allocate(1).unwrap();
+        let handle = pool.register_reclaimer("stubborn", 0, std::sync::Arc::new(Stubborn));
+        let ahead = {
+            let pool = pool.clone();
+            thread::spawn(move || block_on(pool.reclaim_ahead(B)))
+        };
+        pool.close();
+        ahead.join().unwrap();
+        drop(handle);
+        drop(held);
+        assert_eq!(pool.stats().in_use_bytes, 0);
     });
 }
 

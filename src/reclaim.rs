@@ -345,9 +345,32 @@ impl Future for ReclaimAhead {
                 match poll_round(round.into_inner(), pool, 0, cx) {
                     Ok(Some(round)) => {
                         this.round = Some(Exclusive::new(round));
-                        return Poll::Pending;
+                        // The reclaimer's future may never finish: listen to the pressure
+                        // event as well, which `close` notifies, so that closing ends the
+                        // round (and drops the registrations it holds, which the pool's drop
+                        // barrier may be waiting for). Listen first, then look again.
+                        let listener = match &mut this.listener {
+                            Some(listener) => listener,
+                            None => {
+                                let listener = this.listener.insert(pool.pressure().listen());
+                                if pool.is_closed() {
+                                    continue;
+                                }
+                                listener
+                            }
+                        };
+                        match Pin::new(listener).poll(cx) {
+                            Poll::Ready(()) => {
+                                this.listener = None;
+                                continue;
+                            }
+                            Poll::Pending => return Poll::Pending,
+                        }
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // A listener taken while the round ran was not armed for the mark.
+                        this.listener = None;
+                    }
                     Err(panic) => resume_unwind(panic),
                 }
                 // A round that left no more room than it found (everything it freed went to

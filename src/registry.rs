@@ -270,9 +270,10 @@ impl Round {
 
     /// Drives the round: asks the next reclaimer when the current one has reported, until the
     /// shortfall is covered or everyone was asked. `Ready` with the outcome when it is over.
-    /// A panic of a reclaimer (its `reclaim` or its future's `poll`) ends the round (its
-    /// future dropped first; a panic of that drop is ignored in favour of the first) and is
-    /// returned with the outcome, to be passed on once the round is counted.
+    /// A panic of a reclaimer (its `reclaim`, its future's `poll`, or the drop of a future
+    /// that finished) ends the round (a future that panicked in `poll` is dropped first; a
+    /// panic of that drop is ignored in favour of the first) and is returned with the
+    /// outcome, to be passed on once the round is counted.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<(Outcome, Option<Panic>)> {
         loop {
             if self.current.is_none() {
@@ -283,7 +284,7 @@ impl Round {
                 self.next += 1;
                 let target = self.remaining.min(self.cap);
                 registration.asked.fetch_add(1, Relaxed);
-                registration.asked_bytes.fetch_add(target, Relaxed);
+                saturating_add(&registration.asked_bytes, target);
                 self.outcome.asked += target;
                 match catch_unwind(AssertUnwindSafe(|| registration.reclaimer.reclaim(target))) {
                     Ok(future) => self.current = Some((registration, future)),
@@ -295,10 +296,15 @@ impl Round {
             match polled {
                 Ok(Poll::Pending) => return Poll::Pending,
                 Ok(Poll::Ready(freed)) => {
-                    registration.freed_bytes.fetch_add(freed, Relaxed);
+                    // Saturating, as the pool's totals: a reclaimer may report any number.
+                    saturating_add(&registration.freed_bytes, freed);
                     self.outcome.freed = self.outcome.freed.saturating_add(freed);
                     self.remaining = self.remaining.saturating_sub(freed);
-                    self.drop_current();
+                    // The drop of a finished future is user code too: its panic ends the
+                    // round like any other of the reclaimer's.
+                    if let Some(panic) = self.drop_current() {
+                        return Poll::Ready((self.finish(true), Some(panic)));
+                    }
                 }
                 Err(panic) => {
                     self.drop_current();
@@ -328,6 +334,13 @@ impl Round {
         self.next = self.order.len();
         self.outcome
     }
+}
+
+/// Adds `value` to a figure of the report, stopping at `usize::MAX` rather than wrapping (a
+/// figure that never goes down). A plain count: no other memory is published through it.
+fn saturating_add(figure: &AtomicUsize, value: usize) {
+    // The closure always returns `Some`: the update cannot fail.
+    let _ = figure.fetch_update(Relaxed, Relaxed, |now| Some(now.saturating_add(value)));
 }
 
 /// A [`Round`] kept inside a future that must stay `Sync` (every future of the crate is): the

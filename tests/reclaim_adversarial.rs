@@ -290,8 +290,6 @@ fn a_future_whose_drop_panics_when_its_driver_is_cancelled() {
 /// panics as it is dropped afterwards: the books must stay exact and the request be served
 /// or stay a valid waiter; the panic should reach the driver's poll.
 #[test]
-#[ignore = "bug: a panic in the drop of a reclaimer's future that completed is swallowed \
-            (registry.rs Round::poll ignores drop_current()'s result on Ready)"]
 fn a_future_whose_drop_panics_after_it_completed_is_passed_on() {
     watchdog(|| {
         let pool = BufPool::new(cfg(4));
@@ -421,8 +419,6 @@ fn an_estimate_panic_among_honest_reclaimers_then_recovery() {
 /// (`usize::MAX`) must not make any figure wrap: the pool's `reclaimed_bytes` and the
 /// report's per-reclaimer `reclaimed_bytes` only grow (saturate).
 #[test]
-#[ignore = "bug: the report's per-reclaimer reclaimed_bytes wraps (registry.rs Round::poll: \
-            freed_bytes.fetch_add(freed) on an AtomicUsize, while the pool's total saturates)"]
 fn a_reclaimer_reporting_usize_max_never_makes_a_figure_go_down() {
     watchdog(|| {
         let pool = BufPool::new(cfg(4));
@@ -810,9 +806,6 @@ fn a_pending_reclaimer_woken_from_another_thread_is_not_lost() {
 /// drives a round whose future is pending (and will not wake it): `close()` must still make
 /// it resolve.
 #[test]
-#[ignore = "bug: reclaim_ahead driving a pending round never resolves after close() \
-            (close does not wake it: reclaim.rs ReclaimAhead::poll only listens to `pressure` \
-            when it has no round)"]
 fn reclaim_ahead_resolves_on_close_while_its_round_is_pending() {
     watchdog(|| {
         tokio_rt().block_on(async {
@@ -1092,9 +1085,6 @@ fn stress_hostile_reclaimers_with_tasks_timeouts_and_registrations() {
 /// drop must still complete (the round is ended by the close, or at least does not keep the
 /// cache alive for good).
 #[test]
-#[ignore = "bug: the pool's drop barrier waits for good while reclaim_ahead's round is \
-            pending (same cause as reclaim_ahead_resolves_on_close_while_its_round_is_pending: \
-            the round keeps the registration, hence the cache and its allocations)"]
 fn dropping_the_pool_while_reclaim_ahead_drives_a_pending_round() {
     watchdog(|| {
         let rt = tokio::runtime::Builder::new_multi_thread()
