@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+mod common;
+
 use membudget::{
     AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, Reclaimer, ReclaimerHandle,
 };
@@ -28,23 +30,10 @@ fn cfg(buffers: usize) -> BufPoolCfg {
     }
 }
 
-/// Runs `f` on a thread and fails if it does not return within 20 s (a hang is a failure).
+/// Runs `f` on a thread and fails if it does not return within 20 s (a hang is a failure);
+/// a panic in `f` is passed on.
 fn watchdog(f: impl FnOnce() + Send + 'static) {
-    let (done, wait) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        f();
-        let _ = done.send(());
-    });
-    match wait.recv_timeout(Duration::from_secs(if cfg!(miri) { 600 } else { 20 })) {
-        Ok(()) => worker.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!(),
-        },
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("watchdog: the test did not finish in time (a hang)")
-        }
-    }
+    common::watchdog(20, f);
 }
 
 fn poll_once<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
