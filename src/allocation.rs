@@ -6,13 +6,23 @@ use core::iter::FusedIterator;
 use core::mem::MaybeUninit;
 
 use crate::AllocError;
-use crate::FilledAllocation;
 use crate::chain;
 use crate::heap::{Block, InitBlock, Memory};
 use crate::state::State;
 use crate::sync::Arc;
 
 /// A pointer to the first byte of one buffer, as in `frozen_core::bufpool`.
+///
+/// # Examples
+///
+/// ```
+/// use membudget::{BufPool, BufPoolCfg, BufferPointer, BufferSize};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 256 });
+/// let allocation = pool.try_allocate(2).unwrap();
+/// let second: BufferPointer = allocation.iter().nth(1).unwrap();
+/// assert_eq!(second as usize - allocation.first() as usize, 64);
+/// ```
 pub type BufferPointer = *mut u8;
 
 /// `n` contiguous buffers, `[[buf0][buf1]…]`, each [`buffer_size`](crate::BufPoolCfg::buffer_size)
@@ -165,7 +175,7 @@ impl BufPoolAllocation {
     /// Calling it makes the allocation forget that its memory is initialised: one from an
     /// `*_zeroed` call no longer counts as zeroed (whatever was written), so its
     /// [`into_filled`](BufPoolAllocation::into_filled) starts with nothing initialised, as
-    /// for a plain allocation, and [`FilledAllocation::set_filled`] accepts only what was
+    /// for a plain allocation, and [`FilledAllocation::set_filled`](crate::FilledAllocation::set_filled) accepts only what was
     /// written through the `FilledAllocation` since.
     ///
     /// # Examples
@@ -215,33 +225,11 @@ impl BufPoolAllocation {
         self.block.uninit_mut().chunks_exact_mut(buffer_size)
     }
 
-    /// Turns the allocation into a [`FilledAllocation`]: a cursor that fills it from the
-    /// start (`std::io::Write`, [`extend_from_slice`](FilledAllocation::extend_from_slice)) and
-    /// reads back only what was written. An allocation from an `*_zeroed` call counts as
-    /// initialised throughout (see [`FilledAllocation::set_filled`]), unless
-    /// [`uninit_mut`](BufPoolAllocation::uninit_mut) or
-    /// [`buffers_uninit_mut`](BufPoolAllocation::buffers_uninit_mut) was called on it: then,
-    /// as for any other allocation, nothing does until it is written through the
-    /// `FilledAllocation`. (Writes through the `FilledAllocation` keep a zeroed allocation
-    /// initialised, also through [`FilledAllocation::into_allocation`] and back.)
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
-    /// use std::io::Write;
-    ///
-    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
-    /// let mut filled = pool.try_allocate(2).unwrap().into_filled();
-    /// write!(filled, "hello, world")?;
-    /// assert_eq!(filled.filled(), b"hello, world");
-    /// let buffers: Vec<&[u8]> = filled.buffers().collect();
-    /// assert_eq!(buffers, [&b"hello, w"[..], &b"orld"[..]]);
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
+    /// The block, with what is known about its initialised bytes: for
+    /// [`into_filled`](BufPoolAllocation::into_filled), which lives with the cursor it makes.
     #[inline]
-    pub fn into_filled(self) -> FilledAllocation {
-        FilledAllocation::new(InitBlock::new(self.block))
+    pub(crate) fn into_init_block(self) -> InitBlock<State> {
+        InitBlock::new(self.block)
     }
 
     pub(crate) fn from_block(block: Block<State>) -> Self {

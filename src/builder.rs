@@ -407,3 +407,23 @@ impl BufPoolBuilder {
         Ok(pool)
     }
 }
+
+impl BufPool {
+    /// A builder for the options beyond [`BufPoolCfg`]: direct-I/O alignment and block
+    /// recycling.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 })
+    ///     .direct_io_alignment()
+    ///     .build()?;
+    /// assert_eq!(pool.try_allocate(1).unwrap().first() as usize % 4096, 0);
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn builder(cfg: BufPoolCfg) -> BufPoolBuilder {
+        BufPoolBuilder::new(cfg)
+    }
+}

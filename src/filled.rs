@@ -47,6 +47,37 @@ pub struct FilledAllocation {
     filled: usize,
 }
 
+impl BufPoolAllocation {
+    /// Turns the allocation into a [`FilledAllocation`]: a cursor that fills it from the
+    /// start (`std::io::Write`, [`extend_from_slice`](FilledAllocation::extend_from_slice)) and
+    /// reads back only what was written. An allocation from an `*_zeroed` call counts as
+    /// initialised throughout (see [`FilledAllocation::set_filled`]), unless
+    /// [`uninit_mut`](BufPoolAllocation::uninit_mut) or
+    /// [`buffers_uninit_mut`](BufPoolAllocation::buffers_uninit_mut) was called on it: then,
+    /// as for any other allocation, nothing does until it is written through the
+    /// `FilledAllocation`. (Writes through the `FilledAllocation` keep a zeroed allocation
+    /// initialised, also through [`FilledAllocation::into_allocation`] and back.)
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    /// use std::io::Write;
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S8, max_memory: 64 });
+    /// let mut filled = pool.try_allocate(2).unwrap().into_filled();
+    /// write!(filled, "hello, world")?;
+    /// assert_eq!(filled.filled(), b"hello, world");
+    /// let buffers: Vec<&[u8]> = filled.buffers().collect();
+    /// assert_eq!(buffers, [&b"hello, w"[..], &b"orld"[..]]);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[inline]
+    pub fn into_filled(self) -> FilledAllocation {
+        FilledAllocation::new(self.into_init_block())
+    }
+}
+
 impl FilledAllocation {
     pub(crate) fn new(inner: InitBlock<State>) -> Self {
         FilledAllocation { inner, filled: 0 }

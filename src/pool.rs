@@ -7,7 +7,6 @@ use core::task::Poll;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::BufPoolBuilder;
 use crate::blocking::block_on;
 use crate::chain;
 use crate::config::validate_max_memory;
@@ -111,24 +110,6 @@ impl BufPool {
         BufPool::builder(cfg).build()
     }
 
-    /// A builder for the options beyond [`BufPoolCfg`]: direct-I/O alignment and block
-    /// recycling.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
-    ///
-    /// let pool = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 1 << 20 })
-    ///     .direct_io_alignment()
-    ///     .build()?;
-    /// assert_eq!(pool.try_allocate(1).unwrap().first() as usize % 4096, 0);
-    /// # Ok::<(), membudget::ConfigError>(())
-    /// ```
-    pub fn builder(cfg: BufPoolCfg) -> BufPoolBuilder {
-        BufPoolBuilder::new(cfg)
-    }
-
     pub(crate) fn from_state(state: State) -> Self {
         BufPool {
             pool: PoolHandle::new(state),
@@ -138,7 +119,7 @@ impl BufPool {
     /// Creates a child pool named `name`, inside this pool's budget.
     ///
     /// A child is a `BufPool` like any other, with its own buffer size, budget, FIFO queue,
-    /// statistics and options ([`BufPoolBuilder::parent`] gives it the builder's options).
+    /// statistics and options ([`BufPoolBuilder::parent`](crate::BufPoolBuilder::parent) gives it the builder's options).
     /// Its bytes in use count against its own `max_memory` and against every ancestor's, so
     /// a parent's [`stats`](BufPool::stats) `in_use_bytes` includes all its descendants'
     /// (its `outstanding` and allocation counts are its own). Children nest to any depth;
@@ -156,7 +137,7 @@ impl BufPool {
     ///   and its descendants'; never for a sibling's. Dropping a parent waits for every
     ///   allocation of its subtree. A child handle may outlive its parent's handle: the
     ///   parent's state lives on until its last child is gone.
-    /// * A child's cache of freed blocks ([`BufPoolBuilder::recycle`]) counts against the
+    /// * A child's cache of freed blocks ([`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)) counts against the
     ///   child's own cap; a parent's `in use + cached <= budget` covers its own cache.
     ///
     /// # Errors
