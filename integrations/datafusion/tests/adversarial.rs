@@ -1110,7 +1110,7 @@ async fn concurrent_queries_beside_io_give_everything_back() {
     let expected_group = common::reference(common::GROUP_BY, &table).await;
     let root = Arc::new(root("process", 32 << 20));
     let io = Arc::new(root.child("io", cfg(BufferSize::S16384, 32 << 20)).unwrap());
-    let query = Arc::new(MembudgetPool::child_of(&root, "query", 12 << 20, 8 << 20).unwrap());
+    let query = Arc::new(MembudgetPool::child_of(&root, "query", 12 << 20, 12 << 20).unwrap());
     let io_threads = common::start_io(Arc::clone(&io));
     let run = |sql: &'static str| {
         let (table, query) = (Arc::clone(&table), Arc::clone(&query));
@@ -1121,10 +1121,36 @@ async fn concurrent_queries_beside_io_give_everything_back() {
     })
     .await;
     let cycles = io_threads.stop();
+    let (sort, group, join) = (sort.unwrap(), group.unwrap(), join.unwrap());
+    let spills = sort.spills + group.spills + join.spills;
+    println!(
+        "sort {:?} {}; group {:?} {}; join {:?} {}",
+        sort.result
+            .as_ref()
+            .map(|d| d.rows)
+            .map_err(|e| e.to_string()),
+        sort.spills,
+        group
+            .result
+            .as_ref()
+            .map(|d| d.rows)
+            .map_err(|e| e.to_string()),
+        group.spills,
+        join.result
+            .as_ref()
+            .map(|d| d.rows)
+            .map_err(|e| e.to_string()),
+        join.spills
+    );
+    assert!(
+        spills > 0 || query.stats().refused > 0,
+        "the limit must bind: {:?}",
+        query.stats()
+    );
     for (name, run, expected) in [
-        ("sort", sort.unwrap(), Some(expected_sort)),
-        ("group", group.unwrap(), Some(expected_group)),
-        ("join", join.unwrap(), None),
+        ("sort", sort, Some(expected_sort)),
+        ("group", group, Some(expected_group)),
+        ("join", join, None),
     ] {
         match run.result {
             Ok(digest) => {
@@ -1392,4 +1418,206 @@ fn dropping_the_query_pool_serves_the_io_waiting_for_its_bytes() {
         drop(io);
         all_back(&root);
     });
+}
+
+// ---- counters, floors at the limit, closes with a floor ----
+
+/// `MembudgetStats`: every `try_grow` is either granted or refused (each refusal a
+/// `ResourcesExhausted`), refusals split into share and budget ones, `grows` counts every
+/// `grow` (DataFusion's `resize` upward included), and `consumers` the registered ones.
+#[test]
+fn stats_count_every_call() {
+    for policy in POLICIES {
+        let query = plain(1000, policy);
+        let pool = dyn_pool(&query);
+        let a = consumer(&pool, "a", true);
+        let b = consumer(&pool, "b", false);
+        let (mut tries, mut errors, mut grows) = (0u64, 0u64, 0u64);
+        for i in 0..200usize {
+            let n = (i * 37) % 300;
+            let r = if i % 2 == 0 { &a } else { &b };
+            match i % 4 {
+                0 | 1 => {
+                    tries += 1;
+                    errors += u64::from(r.try_grow(n).is_err());
+                }
+                2 => {
+                    let target = r.size() + n;
+                    if target > r.size() {
+                        tries += 1;
+                        errors += u64::from(r.try_resize(target).is_err());
+                    }
+                }
+                _ => {
+                    if i % 8 == 3 {
+                        grows += 1;
+                        r.grow(n % 5);
+                    }
+                    r.free();
+                }
+            }
+        }
+        let stats = query.stats();
+        assert_eq!(stats.granted + stats.refused, tries, "{policy:?} {stats:?}");
+        assert_eq!(stats.refused, errors, "{stats:?}");
+        assert_eq!(
+            stats.refused_by_share + stats.refused_by_budget,
+            stats.refused,
+            "{stats:?}"
+        );
+        assert_eq!(stats.grows, grows, "{stats:?}");
+        assert_eq!(stats.consumers, 2);
+        books(&query, a.size() + b.size());
+        drop((a, b));
+        assert_eq!(query.stats().consumers, 0);
+        all_back(query.pool());
+    }
+}
+
+/// `child_of(parent, name, limit, floor)` errs only for "`limit` below 8 bytes, `floor` above
+/// `limit`, or the ancestors unable to set the floor aside": a floor equal to a limit that
+/// is not a multiple of 8 is neither, and the pool then grants its whole limit.
+#[test]
+fn a_floor_equal_to_a_limit_not_a_multiple_of_8() {
+    let root = root("process", 1 << 20);
+    for limit in [100usize, 1001, 4099] {
+        let query = MembudgetPool::child_of(&root, "query", limit, limit)
+            .unwrap_or_else(|e| panic!("limit = floor = {limit}: {e}"));
+        let query = Arc::new(query);
+        let pool = dyn_pool(&query);
+        let r = consumer(&pool, "r", false);
+        r.try_grow(limit).unwrap();
+        exhausted(r.try_grow(1));
+        drop(r);
+        books(&query, 0);
+    }
+}
+
+/// A closed pool with a floor (`Policy::Fair`): a spiller's first request (a "secondary"
+/// reservation, entitled to overcommit when the budget above a floor is spent) must still
+/// be refused: the pool is closed, not full. Found: any budget refusal of an entitled
+/// request under a floor is forced (`force_grow` ignores close), so a closed pool grants
+/// it.
+#[test]
+#[ignore = "bug: a closed pool with a floor grants a spiller's secondary try_grow as overcommit"]
+fn a_closed_pool_with_a_floor_refuses_spillers_too() {
+    let root = root("process", 1 << 20);
+    let query = Arc::new(MembudgetPool::child_of(&root, "query", 64 << 10, 32 << 10).unwrap());
+    let pool = dyn_pool(&query);
+    let sorter = consumer(&pool, "ExternalSorter[0]", true);
+    query.pool().close();
+    let result = sorter.try_grow(1000);
+    let granted = result.is_ok();
+    drop(sorter);
+    assert!(!granted, "granted on a closed pool");
+}
+
+/// The floor bug above in a real query: a hash join (its build side is an unspillable
+/// consumer) under a 16 MiB `Policy::Fair` pool with a 2 MiB floor, alone in a 64 MiB root:
+/// the tree is free, so "unspillable consumers may still use the room above the floor".
+/// Found: it fails where the same pool without a floor (or with the floor at the limit)
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a hash join fails under a Fair pool whose floor is below its limit, with the tree free"]
+async fn a_join_uses_the_room_above_the_floor() {
+    let table = common::table(ROWS);
+    let mut outcomes = Vec::new();
+    for floor in [0usize, 16 << 20, 2 << 20] {
+        let root = Arc::new(root("process", 64 << 20));
+        let query = Arc::new(MembudgetPool::child_of(&root, "query", 16 << 20, floor).unwrap());
+        let run = within(30, common::run(JOIN, &table, query.clone())).await;
+        settle(&query).await;
+        outcomes.push((floor, run.result.map(|d| d.rows).map_err(|e| e.to_string())));
+    }
+    for (floor, outcome) in &outcomes {
+        assert_eq!(
+            outcome.as_ref().ok(),
+            Some(&(2 * ROWS)),
+            "floor {floor}: {outcome:?}"
+        );
+    }
+}
+
+/// A `MembudgetPool` made over a pool that is already closed (or a child of a closed
+/// parent, "created closed"), or over a `wait_for_growth` pool of budget 0: it is made
+/// without a panic, refuses `try_grow`, and gives everything back.
+#[test]
+fn made_over_a_closed_or_empty_pool() {
+    let closed = BufPool::new(cfg(BufferSize::S8, 1000));
+    closed.close();
+    let parent = root("process", 1 << 20);
+    parent.close();
+    let zero = BufPool::builder(cfg(BufferSize::S8, 0))
+        .wait_for_growth()
+        .build()
+        .unwrap();
+    let pools = [
+        catch_unwind(AssertUnwindSafe(|| MembudgetPool::new(closed))),
+        catch_unwind(AssertUnwindSafe(|| {
+            MembudgetPool::child_of(&parent, "query", 1000, 0).unwrap()
+        })),
+        catch_unwind(AssertUnwindSafe(|| MembudgetPool::new(zero))),
+    ];
+    for (i, made) in pools.into_iter().enumerate() {
+        let query = Arc::new(made.unwrap_or_else(|p| panic!("{i}: {}", panic_text(&*p))));
+        let pool = dyn_pool(&query);
+        for policy_spill in [false, true] {
+            let r = consumer(&pool, "r", policy_spill);
+            exhausted(r.try_grow(8));
+            r.grow(3);
+            drop(r);
+        }
+        books(&query, 0);
+        all_back(query.pool());
+    }
+}
+
+/// `unregister` of a consumer that still holds bytes (a pool used through another path:
+/// DataFusion itself frees first) "gives back any bytes a consumer never shrank"; the
+/// reservation's later drop must not give them back twice, and the share of the remaining
+/// spiller must be as if the gone consumer never was.
+#[test]
+fn unregister_with_bytes_gives_them_back_once() {
+    let query = plain(1000, Policy::Fair);
+    let pool = dyn_pool(&query);
+    let other = consumer(&pool, "other", true);
+    let r = consumer(&pool, "gone", true);
+    r.try_grow(203).unwrap();
+    other.try_grow(101).unwrap();
+    pool.unregister(r.consumer());
+    books(&query, 101);
+    assert_eq!(query.consumers().len(), 1);
+    drop(r);
+    books(&query, 101);
+    assert_eq!(query.consumers().len(), 1);
+    // One spiller left: its share is the whole budget.
+    other.try_grow(899).unwrap();
+    drop(other);
+    books(&query, 0);
+    assert!(query.consumers().is_empty());
+    all_back(query.pool());
+}
+
+/// README, `Policy::Fair` 2: "Spillers cannot take a claimed byte that its claimer does not
+/// hold now: neither through their share nor from the free room", and 3: the headroom
+/// "Spillers never take it". Item 4 (and the `Policy::Fair` rustdoc) says a request on a
+/// *secondary* spillable reservation "may take that room". Here a sorter's second, empty
+/// reservation takes a merge's claimed (freed) 200 bytes and the headroom, and the merge is
+/// then refused its claim. The docs contradict each other; not counted as a bug.
+#[test]
+#[ignore = "doc contradiction (not counted as a bug): a spiller's secondary reservation takes an unheld claim"]
+fn spillers_never_take_an_unheld_claim() {
+    let query = plain(1000, Policy::Fair);
+    let pool = dyn_pool(&query);
+    let merge = consumer(&pool, "ExternalSorterMerge[0]", false);
+    merge.try_grow(200).unwrap(); // its claim
+    merge.free(); // freed to spill
+    let sorter = consumer(&pool, "ExternalSorter[0]", true);
+    sorter.try_grow(600).unwrap(); // its share: 1000 - 200 claimed - 200 headroom
+    exhausted(sorter.try_grow(8)); // where it buffers: refused, it spills
+    let second = sorter.new_empty();
+    let _ = second.try_grow(400);
+    let result = merge.try_grow(200);
+    drop((second, sorter));
+    result.expect("the merge finds its claim");
 }
