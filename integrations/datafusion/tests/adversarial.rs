@@ -1621,3 +1621,51 @@ fn spillers_never_take_an_unheld_claim() {
     drop((second, sorter));
     result.expect("the merge finds its claim");
 }
+
+/// "The budget is a hard cap for `try_grow` (all policies)": under `Policy::Greedy` (no
+/// forced shares) with a limit that is a multiple of 8 and no `grow`, a monitor sampling
+/// `reserved()` and the core's bytes while four threads race `try_grow`/`shrink` never sees
+/// either above the limit.
+#[test]
+fn try_grow_never_passes_the_limit_under_a_race() {
+    watchdog(20, || {
+        const LIMIT: usize = 64 << 10;
+        let query = plain(LIMIT, Policy::Greedy);
+        let pool = dyn_pool(&query);
+        let stop = Arc::new(AtomicBool::new(false));
+        let monitor = {
+            let (query, stop) = (Arc::clone(&query), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut samples = 0usize;
+                while !stop.load(SeqCst) {
+                    let reserved = MemoryPool::reserved(&*query);
+                    let core = query.pool().stats().in_use_bytes;
+                    assert!(reserved <= LIMIT && core <= LIMIT, "{reserved} {core}");
+                    samples += 1;
+                }
+                samples
+            })
+        };
+        let workers: Vec<_> = (0..4usize)
+            .map(|t| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    let r = consumer(&pool, &format!("w{t}"), t % 2 == 0);
+                    for i in 0..20_000usize {
+                        let n = 1 + (i * 7919 + t * 104_729) % 9000;
+                        if r.try_grow(n).is_err() {
+                            r.shrink(r.size() / 2 + 1.min(r.size()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        assert!(monitor.join().unwrap() > 0);
+        books(&query, 0);
+        all_back(query.pool());
+    });
+}
