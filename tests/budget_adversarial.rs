@@ -73,6 +73,23 @@ fn books(pool: &BufPool, in_use: usize, overcommit: usize, waiting: usize) {
         "overcommit is not in_use above the budget: {stats:?}"
     );
     assert!(stats.reserved_bytes <= stats.in_use_bytes, "{stats:?}");
+    // The report says the same of a quiescent pool.
+    let report = pool.report();
+    assert_eq!(
+        (
+            report.in_use_bytes,
+            report.overcommit_bytes,
+            report.waiting,
+            report.reserved_bytes
+        ),
+        (
+            stats.in_use_bytes,
+            stats.overcommit_bytes,
+            stats.waiting,
+            stats.reserved_bytes
+        ),
+        "report and stats disagree: {report}"
+    );
 }
 
 fn children(pool: &BufPool) -> usize {
@@ -2419,5 +2436,252 @@ fn chaos_wakers_on_a_climbing_grow_against_overcommit() {
                 assert_full_budget_back(&top);
             }
         }
+    });
+}
+
+/// What a request of the tree fuzz below holds.
+enum Held {
+    Allocation(membudget::BufPoolAllocation),
+    Reservation(Reservation),
+}
+
+type Pending = Pin<Box<dyn Future<Output = Result<Held, AllocError>> + Send>>;
+
+/// A single-threaded fuzz of a tree of floored and plain pools: requests in every pool left
+/// waiting across steps (and cancelled at random), holds force-grown, resized, split, merged
+/// and freed, budgets changed by deltas and by `set_max_memory`. At the end, with everything
+/// dropped, every pool holds exactly its children's floors, and then nothing.
+#[test]
+fn tree_fuzz_with_pending_requests_floors_and_overcommit() {
+    for seed in 0..rounds(6, 1) as u64 {
+        tree_fuzz(seed);
+    }
+}
+
+fn tree_fuzz(seed: u64) {
+    let steps = rounds(3000, 150);
+    let top = Arc::new(root(2048));
+    let a = Arc::new(floored(&top, 1024, 256));
+    let b = Arc::new(top.child("b", cfg(S64, 1024)).unwrap());
+    let a1 = Arc::new(floored(&a, 512, 128));
+    let a2 = Arc::new(a.child("a2", cfg(S64, 512)).unwrap());
+    let pools = [&top, &a, &b, &a1, &a2];
+    let caps = [2048, 1024, 1024, 512, 512];
+    let mut rng = Rng::new(seed);
+    let mut held: Vec<Held> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    for step in 0..steps {
+        let p = rng.range(0, pools.len() - 1);
+        let pool = pools[p];
+        match rng.range(0, 11) {
+            0 => {
+                if let Ok(x) = pool.try_allocate(rng.range(1, 6)) {
+                    held.push(Held::Allocation(x));
+                }
+            }
+            1 => {
+                if let Ok(x) = pool.try_reserve(rng.range(0, 400)) {
+                    held.push(Held::Reservation(x));
+                }
+            }
+            2 if pending.len() < 8 => {
+                let n = rng.range(1, 8);
+                let future = Arc::clone(pool).allocate_owned(n);
+                pending.push(Box::pin(async move { future.await.map(Held::Allocation) }));
+            }
+            3 if pending.len() < 8 => {
+                let bytes = rng.range(1, 600);
+                let future = Arc::clone(pool).reserve_owned(bytes);
+                pending.push(Box::pin(async move { future.await.map(Held::Reservation) }));
+            }
+            4 if !pending.is_empty() => {
+                drop(pending.swap_remove(rng.range(0, pending.len() - 1)));
+            }
+            5 => {
+                if let Some(Held::Reservation(r)) = held.last_mut() {
+                    r.force_grow(rng.range(0, 300)).unwrap();
+                }
+            }
+            6 => {
+                if let Some(Held::Reservation(r)) = held.last_mut() {
+                    let _ = r.resize_to(rng.range(0, 500));
+                }
+            }
+            7 if held.len() >= 2 => {
+                let other = held.pop().unwrap();
+                match (held.last_mut().unwrap(), other) {
+                    (Held::Reservation(r), Held::Reservation(o)) => {
+                        if let Err(o) = r.merge(o) {
+                            held.push(Held::Reservation(o));
+                        }
+                    }
+                    (_, other) => held.push(other),
+                }
+            }
+            8 => {
+                if let Some(Held::Reservation(r)) = held.last_mut() {
+                    let part = r.split(rng.range(0, 200));
+                    held.push(Held::Reservation(part));
+                }
+            }
+            9 => match rng.range(0, 2) {
+                0 => {
+                    pool.add_max_memory(rng.range(0, 128));
+                }
+                1 => {
+                    pool.forget_max_memory(rng.range(0, 128));
+                }
+                _ => {
+                    let max = caps[p] / 2 + rng.range(0, caps[p]);
+                    pool.set_max_memory(max).unwrap();
+                }
+            },
+            10 if !held.is_empty() => match held.swap_remove(rng.range(0, held.len() - 1)) {
+                Held::Allocation(x) => assert!(x.length() > 0),
+                Held::Reservation(r) => drop(r),
+            },
+            _ => {
+                if let Some(Held::Reservation(r)) = held.last_mut() {
+                    let size = r.size();
+                    r.try_shrink(rng.range(0, size)).unwrap();
+                }
+            }
+        }
+        // Every pending request looks again; the served ones join the holds.
+        let mut i = 0;
+        while i < pending.len() {
+            match poll_once(&mut pending[i]) {
+                Poll::Ready(Ok(x)) => {
+                    held.push(x);
+                    drop(pending.swap_remove(i));
+                }
+                Poll::Ready(Err(_)) => drop(pending.swap_remove(i)),
+                Poll::Pending => i += 1,
+            }
+        }
+        for pool in pools {
+            let stats = pool.stats();
+            assert_eq!(
+                stats.overcommit_bytes,
+                stats
+                    .in_use_bytes
+                    .saturating_sub(stats.max_memory.min(COUNTED)),
+                "seed {seed} step {step}: {stats:?}"
+            );
+        }
+    }
+    drop(pending);
+    drop(held);
+    for (pool, cap) in pools.iter().zip(caps) {
+        pool.set_max_memory(cap).unwrap();
+    }
+    books(&a1, 0, 0, 0);
+    books(&a2, 0, 0, 0);
+    books(&b, 0, 0, 0);
+    books(&a, 128, 0, 0);
+    books(&top, 256, 0, 0);
+    drop(Arc::try_unwrap(a1).unwrap());
+    drop(Arc::try_unwrap(a2).unwrap());
+    books(&a, 0, 0, 0);
+    drop(Arc::try_unwrap(a).unwrap());
+    drop(Arc::try_unwrap(b).unwrap());
+    assert_full_budget_back(&top);
+}
+
+/// The allocation table's rows for the owned forms (`allocate_owned`, `reserve_owned`: "as
+/// `allocate`" / as `reserve`), on a root and a child (`max` = the smallest cap of its chain),
+/// open and closed, and on a pool that waits for growth.
+#[test]
+fn owned_forms_bad_input_table() {
+    watchdog(10, || {
+        let top = Arc::new(root(640));
+        let child = Arc::new(top.child("c", cfg(S64, 4096)).unwrap());
+        let overflow = usize::MAX / 64 + 1;
+        for closed in [false, true] {
+            if closed {
+                top.close();
+            }
+            for pool in [&top, &child] {
+                let owned = |n| block_on(Arc::clone(pool).allocate_owned(n));
+                assert_eq!(owned(0).unwrap_err(), AllocError::ZeroBuffers);
+                if closed {
+                    assert_eq!(owned(1).unwrap_err(), AllocError::Closed);
+                    assert_eq!(owned(10).unwrap_err(), AllocError::Closed);
+                } else {
+                    drop(owned(1).unwrap());
+                    drop(owned(10).unwrap());
+                }
+                assert_eq!(
+                    owned(11).unwrap_err(),
+                    AllocError::ExceedsBudget {
+                        requested_bytes: 704,
+                        max_memory: 640
+                    }
+                );
+                assert!(matches!(
+                    owned(overflow),
+                    Err(AllocError::ExceedsBudget {
+                        requested_bytes: usize::MAX,
+                        ..
+                    })
+                ));
+                let reserve = |b| block_on(Arc::clone(pool).reserve_owned(b));
+                assert_eq!(reserve(0).unwrap().size(), 0);
+                assert!(matches!(
+                    reserve(usize::MAX),
+                    Err(AllocError::ExceedsBudget {
+                        requested_bytes: usize::MAX,
+                        ..
+                    })
+                ));
+                assert!(matches!(
+                    reserve(641),
+                    Err(AllocError::ExceedsBudget {
+                        requested_bytes: 648,
+                        max_memory: 640
+                    })
+                ));
+                if closed {
+                    assert_eq!(reserve(8).unwrap_err(), AllocError::Closed);
+                } else {
+                    assert_eq!(reserve(640).unwrap().size(), 640);
+                }
+                books(pool, 0, 0, 0);
+            }
+        }
+        // Waiting for growth: above the budget waits (try_ forms: WouldBlock); above what
+        // any budget can be (2 PiB) fails at once.
+        let growing = Arc::new(
+            BufPool::builder(cfg(S64, 0))
+                .wait_for_growth()
+                .build()
+                .unwrap(),
+        );
+        let mut waits = Box::pin(Arc::clone(&growing).allocate_owned(2));
+        assert!(poll_once(&mut waits).is_pending());
+        let mut reserve = Box::pin(Arc::clone(&growing).reserve_owned(100));
+        assert!(poll_once(&mut reserve).is_pending());
+        assert!(matches!(
+            block_on(Arc::clone(&growing).reserve_owned(COUNTED + 8)),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
+        assert!(matches!(
+            block_on(Arc::clone(&growing).allocate_owned(COUNTED / 64 + 1)),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
+        assert_eq!(growing.stats().waiting, 2);
+        growing.add_max_memory(128 + 104);
+        let x = match poll_once(&mut waits) {
+            Poll::Ready(result) => result.unwrap(),
+            Poll::Pending => panic!("growth did not serve the owned wait"),
+        };
+        let y = match poll_once(&mut reserve) {
+            Poll::Ready(result) => result.unwrap(),
+            Poll::Pending => panic!("growth did not serve the owned reservation"),
+        };
+        assert_eq!(y.size(), 104);
+        books(&growing, 232, 0, 0);
+        drop((x, y, waits, reserve));
+        books(&growing, 0, 0, 0);
     });
 }
