@@ -28,6 +28,11 @@ pub(crate) fn give_back_held(pool: &State, bytes: usize) {
     settle(|deferred| give_back_completed(pool, bytes, false, deferred));
 }
 
+/// As [`give_back_held`], with the user code it owes left in `deferred` for the caller.
+pub(crate) fn give_back_held_deferred(pool: &State, bytes: usize, deferred: &mut Deferred) {
+    give_back_completed(pool, bytes, false, deferred);
+}
+
 /// Gives back `bytes` of completed holdings in `pool` (counted as a release of an
 /// allocation if `counted`) and the bytes they hold in its ancestors, from the top down,
 /// `pool`'s own level last. The caller holds a handle on `pool`.

@@ -214,6 +214,76 @@ impl Drop for Deferred {
     }
 }
 
+/// Wake-ups a give-back owes to the requests it served, held back for the caller to run
+/// once its own lock is released: from
+/// [`Reservation::shrink_to_deferring_wakeups`](crate::Reservation::shrink_to_deferring_wakeups).
+///
+/// The bytes were given back, and granted to the waiters they serve, before it was
+/// returned; only the waiters' wakers (user code: they may panic, block or call back into
+/// your own code) wait for it. Dropping it (or [`run`](PendingWakeUps::run)) runs them,
+/// each under `catch_unwind`; the first panic is passed on after the others ran.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Mutex;
+/// use membudget::{BufPool, BufPoolCfg, BufferSize};
+///
+/// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+/// let books = Mutex::new(pool.try_reserve(640)?);
+/// let mut held = books.lock().unwrap();
+/// let wake_ups = held.shrink_to_deferring_wakeups(64);
+/// drop(held); // your lock first: a woken waiter may call back into your code
+/// wake_ups.run();
+/// assert_eq!(pool.stats().in_use_bytes, 64);
+/// # Ok::<(), membudget::AllocError>(())
+/// ```
+#[must_use = "dropping it wakes the waiters served at once: hold it until your lock is released"]
+pub struct PendingWakeUps {
+    deferred: Deferred,
+}
+
+impl PendingWakeUps {
+    pub(crate) fn new() -> Self {
+        PendingWakeUps {
+            deferred: Deferred::default(),
+        }
+    }
+
+    /// Where a give-back collects what it owes.
+    pub(crate) fn deferred(&mut self) -> &mut Deferred {
+        &mut self.deferred
+    }
+
+    /// Runs the wake-ups (as dropping it does).
+    ///
+    /// # Panics
+    ///
+    /// If a waker panics: after every other one ran (unless the thread is already
+    /// unwinding).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 });
+    /// let mut held = pool.try_reserve(128)?;
+    /// held.shrink_to_deferring_wakeups(0).run(); // nobody waited: nothing to wake
+    /// assert_eq!(pool.stats().in_use_bytes, 0);
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn run(mut self) {
+        self.deferred.run();
+    }
+}
+
+impl core::fmt::Debug for PendingWakeUps {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PendingWakeUps").finish_non_exhaustive()
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

@@ -81,6 +81,7 @@ mod word;
 pub use allocation::{BufPoolAllocation, BufPoolAllocationIter, BufferPointer};
 pub use builder::BufPoolBuilder;
 pub use config::{BufPoolCfg, ConfigError};
+pub use deferred::PendingWakeUps;
 pub use error::AllocError;
 pub use filled::FilledAllocation;
 pub use owned::{AllocateOwned, PollAllocate};
@@ -121,6 +122,7 @@ const _: () = {
     send_sync::<ReclaimerHandle>();
     send_sync::<ReclaimAhead>();
     send_sync::<AllocError>();
+    send::<PendingWakeUps>();
     send_sync::<ConfigError>();
     assert!(core::mem::size_of::<BufPoolAllocation>() <= 3 * core::mem::size_of::<usize>());
 };

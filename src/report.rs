@@ -104,6 +104,9 @@ pub struct PoolReport {
     pub reclaimers: Vec<ReclaimerReport>,
     /// Its live children, largest `in_use_bytes` first.
     pub children: Vec<PoolReport>,
+    /// Which pool it describes (see [`describes`](PoolReport::describes)); 0 in a `Default`
+    /// report, which describes none.
+    pool: u64,
 }
 
 /// One registered reclaimer, as [`PoolReport::reclaimers`] lists it.
@@ -166,7 +169,29 @@ impl PoolReport {
             overcommit_bytes: stats.overcommit_bytes,
             reclaimers: Self::reclaimers_of(pool),
             children,
+            pool: pool.id(),
         }
+    }
+
+    /// Whether this report (or one nested in a report) describes `pool`: names need not be
+    /// unique, nor set, so this is how to find a pool in a [`tree_report`](BufPool::tree_report).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let cfg = BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 640 };
+    /// let root = BufPool::new(cfg);
+    /// let (a, b) = (root.child("same", cfg)?, root.child("same", cfg)?);
+    /// let tree = a.tree_report();
+    /// assert!(tree.describes(&root));
+    /// assert!(tree.children.iter().any(|child| child.describes(&b)));
+    /// assert!(!tree.children[0].describes(&root));
+    /// # Ok::<(), membudget::ConfigError>(())
+    /// ```
+    pub fn describes(&self, pool: &BufPool) -> bool {
+        self.pool == pool.state().id()
     }
 
     /// The pool's reclaimers, estimates read now (user code: no lock is held here).

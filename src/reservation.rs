@@ -16,6 +16,7 @@ use pin_project_lite::pin_project;
 
 use crate::blocking::block_on;
 use crate::chain;
+use crate::deferred::PendingWakeUps;
 use crate::state::State;
 use crate::sync::Arc;
 use crate::wait::{Request, Unit};
@@ -432,6 +433,49 @@ impl Reservation {
             self.pool.note_reserved(-(less as isize));
             chain::give_back_held(&self.pool, less);
         }
+    }
+
+    /// Shrinks to exactly `size` bytes, as [`resize_to`](Reservation::resize_to) does, but
+    /// returns the wake-ups its give-back owes instead of running them: for a caller that
+    /// shrinks while it holds a lock of its own (the books of a DataFusion `MemoryPool`,
+    /// say), since the waiters' wakers are user code that may call back into its code. The
+    /// bytes go back, and to the waiters they serve, before it returns (no other caller sees
+    /// them held meanwhile); drop the [`PendingWakeUps`] once your lock is released. A `size`
+    /// at or above the current size changes nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use membudget::{BufPool, BufPoolCfg, BufferSize};
+    ///
+    /// let pool = BufPool::new(BufPoolCfg { buffer_size: BufferSize::S64, max_memory: 128 });
+    /// let mut held = pool.try_reserve(128)?;
+    /// # futures::executor::block_on(async {
+    /// let waiting = pool.allocate(1);
+    /// # let mut waiting = Box::pin(waiting);
+    /// # assert!(futures::poll!(&mut waiting).is_pending());
+    /// let wake_ups = held.shrink_to_deferring_wakeups(13);
+    /// assert_eq!(held.size(), 13);
+    /// assert_eq!(pool.stats().in_use_bytes, 16 + 64); // granted to the waiter already
+    /// drop(wake_ups); // now the waiter's task is woken
+    /// assert!(waiting.await.is_ok());
+    /// # });
+    /// # Ok::<(), membudget::AllocError>(())
+    /// ```
+    pub fn shrink_to_deferring_wakeups(&mut self, size: usize) -> PendingWakeUps {
+        let mut pending = PendingWakeUps::new();
+        if size < self.size {
+            // Never overflows: `size` is below a size whose rounding is held.
+            let held = rounded(size).expect("a held size rounds");
+            let less = self.held - held;
+            self.size = size;
+            self.held = held;
+            if less > 0 {
+                self.pool.note_reserved(-(less as isize));
+                chain::give_back_held_deferred(&self.pool, less, pending.deferred());
+            }
+        }
+        pending
     }
 
     /// Shrinks by exactly `less` bytes, giving back what the pool no longer holds for it

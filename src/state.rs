@@ -307,6 +307,9 @@ pub(crate) struct State {
     /// the pool's drop (its barrier) waits until the last of them is back without the task
     /// that holds one keeping a handle of its own.
     owner: Mutex<Owner>,
+    /// The pool's identity, unique in the process (a report says which pool it describes
+    /// with it: an address could be a dropped pool's).
+    id: u64,
     /// Each wait, recorded by its waiter (with the `metrics` feature, for pools that time
     /// their waits).
     #[cfg(feature = "metrics")]
@@ -323,6 +326,13 @@ impl Drop for State {
             "a pool's state dropped while its queue lock is held"
         );
     }
+}
+
+/// A new pool's identity: one more than the last (a plain counter, no protocol: nothing
+/// else is published with it, so it is std's atomic under loom too).
+fn next_pool_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
 }
 
 impl State {
@@ -361,7 +371,13 @@ impl State {
             reclaimers_in_scope: AtomicUsize::new(0),
             pressure_mark: AtomicUsize::new(usize::MAX),
             pressure: Arc::new(Event::new()),
+            id: next_pool_id(),
         }
+    }
+
+    /// The pool's identity, unique in the process.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     // ---- admission ----

@@ -10,7 +10,9 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::{
     MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, human_readable_size,
 };
-use membudget::{BufPool, BufPoolCfg, BufferSize, ConfigError, PoolReport, Reservation};
+use membudget::{
+    AllocError, BufPool, BufPoolCfg, BufferSize, ConfigError, PendingWakeUps, Reservation,
+};
 
 use crate::{Holder, HolderKind, Refusal, RefusalReason};
 
@@ -177,14 +179,13 @@ impl MembudgetPoolBuilder {
                 peak: 0,
                 stats: MembudgetStats::default(),
                 last_refusal: None,
+                uncounted: 0,
             }),
             reserved: AtomicUsize::new(0),
             policy: self.policy,
             holders: self.holders,
-            floor: {
-                let in_tree = !is_this_pool(&pool.tree_report(), &pool.stats());
-                if in_tree { pool.report().min_memory } else { 0 }
-            },
+            // A root has none (`min_memory` needs a parent).
+            floor: pool.report().min_memory,
             pool,
         }
     }
@@ -203,6 +204,9 @@ struct Consumer {
     /// was granted while it held nothing (a sorter's merge headroom, reserved in one
     /// request), kept aside while it is registered, whether it holds it or not.
     claim: usize,
+    /// Of `bytes`, those the core could not count: a `grow` past what a pool counts (4 PiB),
+    /// which no machine holds but DataFusion's infallible `grow` must accept.
+    uncounted: usize,
 }
 
 #[derive(Debug)]
@@ -215,6 +219,8 @@ struct Books {
     peak: usize,
     stats: MembudgetStats,
     last_refusal: Option<Refusal>,
+    /// The consumers' `uncounted` bytes, summed.
+    uncounted: usize,
 }
 
 impl Books {
@@ -238,6 +244,7 @@ impl Books {
                 bytes: 0,
                 peak: 0,
                 claim: 0,
+                uncounted: 0,
             },
         );
         match previous {
@@ -275,8 +282,8 @@ impl Books {
     /// Under [`Policy::Fair`], room kept free for an unspillable consumer of ordinary size
     /// (the next partition's merge headroom, a merge's next batch): the most any registered
     /// unspillable consumer but `except` holds or claims, at most one more share of
-    /// `limit - set_aside`. Spillers never take it, nor an unspillable consumer that holds
-    /// more than it and than its own claim.
+    /// `limit - set_aside`. A spiller's request where it buffers never takes it (a secondary
+    /// one may), nor an unspillable consumer that holds more than it and than its own claim.
     fn headroom(&self, limit: usize, policy: Policy, except: usize) -> usize {
         if policy != Policy::Fair {
             return 0;
@@ -300,12 +307,33 @@ impl Books {
         spill_room.checked_div(self.spillers).unwrap_or(spill_room)
     }
 
-    /// Books `more` bytes for `id` already held by `held`.
-    fn add(&mut self, id: usize, more: usize) {
+    /// Books `more` bytes for `id` already held by `held` (or, `uncounted`, by nothing).
+    fn add(&mut self, id: usize, more: usize, uncounted: bool) {
         let consumer = self.consumers.get_mut(&id).expect("a registered consumer");
         consumer.bytes += more;
         consumer.peak = consumer.peak.max(consumer.bytes);
-        self.peak = self.peak.max(self.held.size());
+        if uncounted {
+            consumer.uncounted += more;
+            self.uncounted += more;
+        }
+        self.peak = self.peak.max(self.reserved());
+    }
+
+    /// What the consumers hold: `MemoryPool::reserved`.
+    fn reserved(&self) -> usize {
+        self.held.size().saturating_add(self.uncounted)
+    }
+
+    /// Takes `bytes` of a consumer's off the books (a shrink, or what an unregistered
+    /// consumer never shrank), `uncounted` of them from what the core could not count. The
+    /// core gives the rest back at once (to the tree's waiters first), exact to the byte; the
+    /// wake-ups it owes them come back to the caller, who runs them once the lock is
+    /// released: wakers are user code, and may call this pool.
+    #[must_use = "run the wake-ups after the lock"]
+    fn take_off(&mut self, bytes: usize, uncounted: usize) -> PendingWakeUps {
+        self.uncounted -= uncounted;
+        let size = self.held.size() - (bytes - uncounted);
+        self.held.shrink_to_deferring_wakeups(size)
     }
 }
 
@@ -664,11 +692,10 @@ impl MembudgetPool {
     /// the bytes each holds itself, largest first, at most `self.holders` of them.
     fn holders(&self, mut consumers: Vec<Holder>) -> Vec<Holder> {
         let tree = self.pool.tree_report();
-        let mine = self.pool.stats();
         let mut pools: Vec<Holder> = tree
-            .top(self.holders + 1)
+            .top(self.holders.saturating_add(1))
             .into_iter()
-            .filter(|report| report.own_bytes() > 0 && !is_this_pool(report, &mine))
+            .filter(|report| report.own_bytes() > 0 && !report.describes(&self.pool))
             .map(|report| Holder {
                 name: report.name.as_deref().unwrap_or("unnamed").to_owned(),
                 bytes: report.own_bytes(),
@@ -697,17 +724,6 @@ impl MembudgetPool {
         let root_free = tree.max_memory.saturating_sub(tree.in_use_bytes) + floor_left + rounding;
         let own_room = mine.max_memory.saturating_sub(exact);
         own_room.min(root_free)
-    }
-}
-
-/// Whether `report` is the pool whose stats are `mine` (named pools share the name's `Arc`).
-fn is_this_pool(report: &PoolReport, mine: &membudget::PoolStats) -> bool {
-    match (&report.name, &mine.name) {
-        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
-        (None, None) => {
-            report.max_memory == mine.max_memory && report.reserved_bytes == mine.reserved_bytes
-        }
-        _ => false,
     }
 }
 
@@ -746,39 +762,46 @@ impl MemoryPool for MembudgetPool {
 
     fn unregister(&self, consumer: &MemoryConsumer) {
         let mut books = self.lock();
-        if let Some(gone) = books.consumers.remove(&consumer.id()) {
-            if gone.can_spill {
-                books.spillers -= 1;
-            }
-            if gone.bytes > 0 {
-                // DataFusion frees every reservation before it unregisters; bytes left
-                // here were never shrunk: give them back rather than keep them forever.
-                let size = books.held.size() - gone.bytes;
-                books
-                    .held
-                    .resize_to(size)
-                    .expect("shrinking always succeeds");
-                self.reserved.store(size, Relaxed);
-            }
+        let Some(gone) = books.consumers.remove(&consumer.id()) else {
+            return;
+        };
+        if gone.can_spill {
+            books.spillers -= 1;
         }
+        // DataFusion frees every reservation before it unregisters; bytes left here were
+        // never shrunk: they go back rather than stay held forever.
+        let wake_ups = books.take_off(gone.bytes, gone.uncounted);
+        self.reserved.store(books.reserved(), Relaxed);
+        drop(books);
+        // Outside the lock: the give-back's wake-ups (the tree's waiters: user code).
+        wake_ups.run();
     }
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         let mut books = self.lock();
         let id = reservation.consumer().id();
-        books.consumer(reservation.consumer());
+        let bytes = books.consumer(reservation.consumer()).bytes;
         books.stats.grows += 1;
-        let size = books.held.size();
-        // Take the bytes if they are free; overcommit (counted by the core) if not.
-        if books.held.resize_to(size + additional).is_err() {
-            books.stats.forced_grows += 1;
-            books
-                .held
-                .force_grow(additional)
-                .expect("a DataFusion reservation of more than 4 PiB");
+        if bytes.checked_add(additional).is_none() {
+            // DataFusion's reservation adds with wrap-around (`fetch_add`): a grow past
+            // `usize::MAX` leaves it smaller, which is a shrink in its books, and in these.
+            drop(books);
+            self.shrink(reservation, bytes - bytes.wrapping_add(additional));
+            return;
         }
-        books.add(id, additional);
-        self.reserved.store(books.held.size(), Relaxed);
+        // Take the bytes if they are free; overcommit (counted by the core) if not; beyond
+        // what the core counts (more than 4 PiB), keep them in these books only.
+        let size = books.held.size();
+        let taken = size
+            .checked_add(additional)
+            .is_some_and(|target| books.held.resize_to(target).is_ok());
+        let mut uncounted = false;
+        if !taken {
+            books.stats.forced_grows += 1;
+            uncounted = books.held.force_grow(additional).is_err();
+        }
+        books.add(id, additional, uncounted);
+        self.reserved.store(books.reserved(), Relaxed);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
@@ -786,13 +809,14 @@ impl MemoryPool for MembudgetPool {
         let consumer = books.consumer(reservation.consumer());
         let shrink = shrink.min(consumer.bytes);
         consumer.bytes -= shrink;
-        let size = books.held.size() - shrink;
-        self.reserved.store(size, Relaxed);
-        // Last: the give-back may wake the tree's waiters (their wakers are user code).
-        books
-            .held
-            .resize_to(size)
-            .expect("shrinking always succeeds");
+        let uncounted = shrink.min(consumer.uncounted);
+        consumer.uncounted -= uncounted;
+        let wake_ups = books.take_off(shrink, uncounted);
+        self.reserved.store(books.reserved(), Relaxed);
+        drop(books);
+        // Last, outside the lock: the give-back's wake-ups (the tree's waiters: their wakers
+        // are user code, and may call this pool).
+        wake_ups.run();
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
@@ -856,13 +880,16 @@ impl MemoryPool for MembudgetPool {
                 }
             };
             let held = books.held.size();
+            // Spillers are sized from the floor (`limit`); unspillable consumers may use the
+            // room above it: for them what is set aside counts against the whole budget.
+            let base = if can_spill { limit } else { self.limit() };
             // (A request the budget itself cannot hold is refused by the budget, below.)
-            if held.saturating_add(additional).saturating_add(set_aside) > limit
+            if held.saturating_add(additional).saturating_add(set_aside) > base
                 && held.saturating_add(additional) <= self.limit()
             {
                 refused = Some((
                     RefusalReason::SetAside { set_aside },
-                    limit.saturating_sub(held.saturating_add(set_aside)),
+                    base.saturating_sub(held.saturating_add(set_aside)),
                 ));
             }
         }
@@ -907,8 +934,11 @@ impl MemoryPool for MembudgetPool {
                 // It may have nothing to spill from this reservation: it gets the bytes, as
                 // overcommit the core counts at every level, repaid as the others spill or
                 // finish (the I/O side waits meanwhile).
-                Some(Err(_))
+                // (Never on a closed pool: a closed pool grants nothing through `try_grow`.)
+                Some(Err(ref cause))
                     if entitled
+                        && *cause != AllocError::Closed
+                        && !self.pool.is_closed()
                         && ((self.policy == Policy::Fair && self.floor > 0)
                             || self.own_budget_spent(additional)) =>
                 {
@@ -920,19 +950,29 @@ impl MemoryPool for MembudgetPool {
                     None
                 }
                 // A budget that is not a multiple of 8: the exact bytes fit it, their
-                // rounding (the core's unit) does not. Up to 7 bytes of counted overcommit
-                // keep `try_grow` exact against the limit.
-                Some(Err(_))
-                    if target.is_some_and(|t| {
-                        let limit = self.limit();
-                        t <= limit && t.next_multiple_of(8) > limit
-                    }) =>
+                // rounding (the core's unit) does not. The whole units below the limit are
+                // asked for as any request is (room in the tree, no barging, not closed);
+                // only the last partial unit's rounding, up to 7 bytes, is counted
+                // overcommit, which keeps `try_grow` exact against the limit.
+                Some(Err(ref cause))
+                    if *cause != AllocError::Closed
+                        && target.is_some_and(|t| {
+                            t <= limit && t.checked_next_multiple_of(8).is_none_or(|r| r > limit)
+                        }) =>
                 {
-                    books
-                        .held
-                        .force_grow(additional)
-                        .expect("within the pool's budget");
-                    None
+                    let target = target.expect("checked above");
+                    let whole = limit - limit % 8;
+                    match books.held.resize_to(whole.max(size)) {
+                        Ok(()) => {
+                            let rounding = target - books.held.size();
+                            books
+                                .held
+                                .force_grow(rounding)
+                                .expect("within the pool's budget");
+                            None
+                        }
+                        Err(cause) => Some((RefusalReason::Budget { cause }, usize::MAX)),
+                    }
                 }
                 Some(Err(cause)) => Some((RefusalReason::Budget { cause }, usize::MAX)),
                 None => Some((
@@ -957,9 +997,9 @@ impl MemoryPool for MembudgetPool {
                 // consumer, in small steps, does not raise it.
                 consumer.claim = consumer.claim.max(additional);
             }
-            books.add(id, additional);
+            books.add(id, additional, false);
             books.stats.granted += 1;
-            self.reserved.store(books.held.size(), Relaxed);
+            self.reserved.store(books.reserved(), Relaxed);
             return Ok(());
         };
 

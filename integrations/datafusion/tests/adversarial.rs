@@ -4,8 +4,10 @@
 //! the books must agree with the core: `reserved()` exact, the core holding it rounded up to
 //! 8, and everything back (no in use, no overcommit) once everything is dropped.
 //!
-//! Tests marked `#[ignore = "bug: ..."]` show a promise of the crate's README or docs that
-//! does not hold; run them with `cargo test --test adversarial -- --ignored`.
+//! Twelve of these found defects when they were written (each test's doc says what it saw:
+//! panics on huge sizes, the rounding and floor arms forcing refusals of any cause, unnamed
+//! pools taken for one another, unspillable consumers capped at the floor, a waker run under
+//! the books' lock); all pass since the fixes.
 
 mod common;
 
@@ -207,7 +209,6 @@ fn try_grow_exactly_to_the_limit_and_one_past() {
 /// the limit and is not a multiple of 8, the rounding arm's `t.next_multiple_of(8)`
 /// overflows (debug: a panic inside `try_grow`, under the books' lock).
 #[test]
-#[ignore = "bug: try_grow(usize::MAX - 3) on a usize::MAX budget panics (next_multiple_of overflow in the rounding arm)"]
 fn try_grow_near_usize_max_on_an_unlimited_pool_is_refused() {
     for policy in POLICIES {
         let query = plain(usize::MAX, policy);
@@ -254,7 +255,6 @@ fn an_unlimited_pool_grants_ordinary_sizes() {
 /// reservation that holds bytes, by an amount whose sum overflows, panics on the `+`.
 /// DataFusion's own pools never panic in `grow`.
 #[test]
-#[ignore = "bug: grow(usize::MAX) / grow past 4 PiB panics instead of being infallible"]
 fn grow_of_huge_sizes_never_panics() {
     for n in [usize::MAX, usize::MAX - 7, 1usize << 60] {
         let query = plain(1 << 20, Policy::Greedy);
@@ -379,7 +379,6 @@ fn io_child(root: &BufPool, bytes: usize) -> BufPool {
 /// in the last partial unit of the limit is granted as overcommit of the whole request
 /// (the rounding arm forces any budget refusal, not only the rounding's).
 #[test]
-#[ignore = "bug: try_grow to within 7 bytes of a non-multiple-of-8 limit overcommits a full tree by the whole request"]
 fn a_full_tree_refuses_a_request_landing_in_the_last_partial_unit() {
     for policy in POLICIES {
         let root = root("process", 1000);
@@ -409,7 +408,6 @@ fn a_full_tree_refuses_a_request_landing_in_the_last_partial_unit() {
 
 /// The same with I/O waiting at the root: `try_grow` must not barge past waiters.
 #[test]
-#[ignore = "bug: the rounding arm lets try_grow barge past the tree's waiters as overcommit"]
 fn the_rounding_arm_does_not_barge_past_waiters() {
     watchdog(10, || {
         let root = Arc::new(root("process", 1000));
@@ -492,7 +490,6 @@ fn a_full_tree_refuses_and_names_the_io_holder() {
 /// only `max_memory` and `reserved_bytes`: it takes the child for the root and ignores
 /// its floor.
 #[test]
-#[ignore = "bug: an unnamed child whose budget equals its root's is taken for a root: its floor is ignored by Policy::Fair"]
 fn an_unnamed_child_with_a_floor_sizes_spillers_from_the_floor() {
     let root = BufPool::new(cfg(BufferSize::S8, 1 << 20));
     let child = BufPool::builder(cfg(BufferSize::S8, 1 << 20))
@@ -613,7 +610,6 @@ fn a_closed_pool_refuses_and_gives_everything_back() {
 /// last partial unit must be refused like any other on a closed pool. Found: the rounding
 /// arm forces it (`force_grow` ignores close), so a closed pool grants it.
 #[test]
-#[ignore = "bug: on a closed pool, try_grow landing within 7 bytes of a non-multiple-of-8 limit is granted"]
 fn a_closed_pool_refuses_the_last_partial_unit_too() {
     let query = plain(100, Policy::Greedy);
     let pool = dyn_pool(&query);
@@ -935,7 +931,6 @@ fn a_waker_panicking_during_a_shrink_leaves_consistent_books() {
 /// `MembudgetPool`'s own mutex (`shrink` calls `resize_to` with the books' guard alive),
 /// so the waker deadlocks on it (or the std mutex panics).
 #[test]
-#[ignore = "bug: a waker run by a shrink's give-back that calls the MembudgetPool deadlocks (resize_to under the books' lock)"]
 fn a_waker_reading_the_pool_during_a_shrink_does_not_deadlock() {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -1290,7 +1285,6 @@ async fn a_query_whose_pool_closes_midway_ends_and_gives_back() {
 /// `self.holders + 1` reports: an overflow, so every refusal panics (debug) instead of
 /// returning `ResourcesExhausted`.
 #[test]
-#[ignore = "bug: holders_in_errors(usize::MAX) makes every refusal panic (self.holders + 1 overflows)"]
 fn holders_in_errors_usize_max_names_everyone() {
     let query = Arc::new(
         MembudgetPool::builder()
@@ -1333,7 +1327,6 @@ fn holders_in_errors_zero_names_nobody() {
 /// which for unnamed pools compares only `max_memory` and `reserved_bytes`: an I/O sibling
 /// of the same budget, with no reservations, while this pool holds nothing.
 #[test]
-#[ignore = "bug: an unnamed I/O sibling of the same budget is left out of a refusal's holders (is_this_pool heuristic)"]
 fn an_unnamed_io_sibling_is_named_as_a_holder() {
     let root = BufPool::new(cfg(BufferSize::S8, 1000));
     let io = BufPool::builder(cfg(BufferSize::S8, 1000))
@@ -1365,7 +1358,6 @@ fn an_unnamed_io_sibling_is_named_as_a_holder() {
 /// so an unspillable consumer is refused anything past the floor with the tree empty:
 /// "refused because the room left is set aside for unspillable consumers (0.0 B)".
 #[test]
-#[ignore = "bug: Policy::Fair refuses unspillable consumers any byte above the floor (SetAside 0 B) with the tree free"]
 fn unspillable_consumers_use_the_room_above_the_floor() {
     let root = root("process", 1 << 20);
     let query = Arc::new(MembudgetPool::child_of(&root, "query", 64 << 10, 16 << 10).unwrap());
@@ -1499,7 +1491,6 @@ fn a_floor_equal_to_a_limit_not_a_multiple_of_8() {
 /// request under a floor is forced (`force_grow` ignores close), so a closed pool grants
 /// it.
 #[test]
-#[ignore = "bug: a closed pool with a floor grants a spiller's secondary try_grow as overcommit"]
 fn a_closed_pool_with_a_floor_refuses_spillers_too() {
     let root = root("process", 1 << 20);
     let query = Arc::new(MembudgetPool::child_of(&root, "query", 64 << 10, 32 << 10).unwrap());
@@ -1518,7 +1509,6 @@ fn a_closed_pool_with_a_floor_refuses_spillers_too() {
 /// Found: it fails where the same pool without a floor (or with the floor at the limit)
 /// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a hash join fails under a Fair pool whose floor is below its limit, with the tree free"]
 async fn a_join_uses_the_room_above_the_floor() {
     let table = common::table(ROWS);
     let mut outcomes = Vec::new();
@@ -1598,15 +1588,13 @@ fn unregister_with_bytes_gives_them_back_once() {
     all_back(query.pool());
 }
 
-/// README, `Policy::Fair` 2: "Spillers cannot take a claimed byte that its claimer does not
-/// hold now: neither through their share nor from the free room", and 3: the headroom
-/// "Spillers never take it". Item 4 (and the `Policy::Fair` rustdoc) says a request on a
-/// *secondary* spillable reservation "may take that room". Here a sorter's second, empty
-/// reservation takes a merge's claimed (freed) 200 bytes and the headroom, and the merge is
-/// then refused its claim. The docs contradict each other; not counted as a bug.
+/// README, `Policy::Fair` 2-4: a spiller's request where it buffers takes neither an
+/// unheld claim nor the headroom (it spills); a request on a secondary (empty) reservation
+/// within its share may take them (its consumer has nothing to spill there), and the merge
+/// whose claim it took is then refused. (The README said "Spillers cannot take a claimed
+/// byte" without the qualifier until this test showed the contradiction.)
 #[test]
-#[ignore = "doc contradiction (not counted as a bug): a spiller's secondary reservation takes an unheld claim"]
-fn spillers_never_take_an_unheld_claim() {
+fn only_a_secondary_request_takes_an_unheld_claim() {
     let query = plain(1000, Policy::Fair);
     let pool = dyn_pool(&query);
     let merge = consumer(&pool, "ExternalSorterMerge[0]", false);
@@ -1616,10 +1604,15 @@ fn spillers_never_take_an_unheld_claim() {
     sorter.try_grow(600).unwrap(); // its share: 1000 - 200 claimed - 200 headroom
     exhausted(sorter.try_grow(8)); // where it buffers: refused, it spills
     let second = sorter.new_empty();
-    let _ = second.try_grow(400);
-    let result = merge.try_grow(200);
+    second.try_grow(400).unwrap(); // secondary: within its share, takes the claimed room
+    exhausted(merge.try_grow(200));
     drop((second, sorter));
-    result.expect("the merge finds its claim");
+    merge
+        .try_grow(200)
+        .expect("the merge finds its claim once the sorter is gone");
+    drop(merge);
+    books(&query, 0);
+    all_back(query.pool());
 }
 
 /// "The budget is a hard cap for `try_grow` (all policies)": under `Policy::Greedy` (no
