@@ -366,8 +366,11 @@ impl BufPoolBuilder {
                 max_memory,
             });
         } else {
-            // At most `max_memory`, so rounding cannot overflow.
-            self.min_memory.next_multiple_of(8)
+            // Rounding overflows only for a floor within 7 of `usize::MAX` (an unlimited
+            // child's): the largest multiple of 8 then, which no ancestor can set aside.
+            self.min_memory
+                .checked_next_multiple_of(8)
+                .unwrap_or(usize::MAX - 7)
         };
         if floor > 0 {
             let parent = self.parent.as_deref().expect("checked above");
