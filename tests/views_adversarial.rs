@@ -868,6 +868,11 @@ fn run_sequence(seed: u64, max_ops: usize) {
             eprintln!("seed {seed}, zeroed {zeroed}, recycling {recycling}, trace {trace:?}");
             std::panic::resume_unwind(panic)
         });
+        let stats = pool.stats();
+        assert!(
+            stats.in_use_bytes + stats.cached_bytes <= stats.max_memory,
+            "seed {seed}: footprint over budget: {stats}"
+        );
         if !alive {
             break;
         }
@@ -2129,5 +2134,43 @@ fn owned_reservation_allocations_keep_their_views_after_every_handle() {
         assert!(weak.upgrade().is_some(), "one owned allocation is left");
         thread::spawn(move || drop(other)).join().unwrap();
         assert!(weak.upgrade().is_none());
+    });
+}
+
+#[cfg(feature = "bytes")]
+#[test]
+fn shutdown_waits_for_bytes_held_by_another_task() {
+    watchdog(60, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let pool = common::pool(BufferSize::S64, 2);
+            let mut filled = pool.allocate_zeroed(2).await.unwrap().into_filled();
+            filled.extend_from_slice(b"held across shutdown");
+            let frozen = filled.freeze();
+            let report = pool.shutdown_timeout(Duration::from_millis(1));
+            assert!(!report.is_drained());
+            assert_eq!((report.outstanding, report.in_use_bytes), (1, 128));
+            let report = pool
+                .shutdown_before(tokio::time::sleep(Duration::from_millis(1)))
+                .await;
+            assert_eq!(
+                report.in_use_bytes, 128,
+                "an empty-looking Bytes still holds it"
+            );
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let holder = tokio::spawn(async move {
+                rx.await.unwrap();
+                assert_eq!(&frozen[..], b"held across shutdown");
+            });
+            let shutdown = tokio::spawn(pool.shutdown());
+            tokio::task::yield_now().await;
+            assert!(!shutdown.is_finished());
+            tx.send(()).unwrap();
+            holder.await.unwrap();
+            common::within(10, shutdown).await.unwrap();
+        });
     });
 }
