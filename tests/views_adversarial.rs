@@ -18,7 +18,6 @@ use std::mem::MaybeUninit;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::Arc;
-#[cfg(feature = "bytes")]
 use std::sync::mpsc;
 use std::task::Poll;
 use std::thread;
@@ -2172,5 +2171,59 @@ fn shutdown_waits_for_bytes_held_by_another_task() {
             holder.await.unwrap();
             common::within(10, shutdown).await.unwrap();
         });
+    });
+}
+
+/// No waker frees anything here: the waker `x`'s release runs is only slow (it signals the
+/// polling thread, then sleeps). Meanwhile that thread takes its grant, drops its owned
+/// allocation and with it the pool's last handle, and the pool's drop (drained, its lock
+/// free) frees the state, while the releasing thread is still inside `settle` with `&State`
+/// borrowed.
+#[test]
+#[ignore = "bug: a slow waker run by a release lets another thread drop the pool and free \
+            its state while the release's settle still holds &State (Miri: protector UB)"]
+fn pool_state_freed_on_another_thread_while_a_release_runs_a_slow_waker() {
+    use std::sync::Mutex;
+    use std::task::{Context, Wake, Waker};
+
+    struct SlowWake(Mutex<mpsc::Sender<()>>);
+
+    impl Wake for SlowWake {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let _ = self.0.lock().unwrap().send(());
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    watchdog(60, || {
+        let pool = Arc::new(common::pool(BufferSize::S32, 1));
+        let x = pool.try_allocate(1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let (queued_tx, queued_rx) = mpsc::channel();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            thread::spawn(move || {
+                let waker = Waker::from(Arc::new(SlowWake(Mutex::new(tx))));
+                let mut future = Box::pin(pool.allocate_owned(1));
+                let mut cx = Context::from_waker(&waker);
+                assert!(future.as_mut().poll(&mut cx).is_pending());
+                queued_tx.send(()).unwrap();
+                rx.recv().unwrap();
+                let Poll::Ready(Ok(allocation)) = future.as_mut().poll(&mut cx) else {
+                    panic!("woken but not granted");
+                };
+                drop(future);
+                // The last owned allocation and the pool's last handle: the pool drops here.
+                drop(allocation);
+            })
+        };
+        queued_rx.recv().unwrap();
+        drop(pool);
+        let releaser = thread::spawn(move || drop(x));
+        releaser.join().unwrap();
+        waiter.join().unwrap();
     });
 }
