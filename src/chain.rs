@@ -17,7 +17,7 @@
 
 use crate::AllocError;
 use crate::deferred::{Deferred, settle};
-use crate::heap::{Block, Memory, Pool};
+use crate::heap::{Block, Memory, Pool, PoolAccess};
 use crate::state::State;
 use crate::sync::Arc;
 
@@ -157,56 +157,85 @@ pub(crate) fn give_floor_back(pool: &State) {
 // them while the owner's handle is kept in the pool), so the pool outlives it: it disowns the
 // block after giving its bytes back and returns the handle rather than dropping it.
 unsafe impl Pool for State {
+    type Unreleased = Unreleased;
+
     #[inline(always)]
     fn align(&self) -> usize {
         self.config.align
     }
 
     #[inline(always)]
-    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>> {
-        let bytes = memory.bytes();
+    fn release(&self, memory: Memory) -> Option<Unreleased> {
         if self.parent().is_some() {
-            self.recycle(memory);
-            return release_child_block(self, bytes, keep_alive);
+            return Some(Unreleased::ChildBlock(memory));
         }
         if self.is_queued() {
             // Someone waits: the head may take this very block (no free, no allocation).
-            return release_root_block_queued(self, memory, keep_alive);
+            return Some(Unreleased::QueuedBlock(memory));
         }
+        let bytes = memory.bytes();
         self.recycle(memory);
         if self.try_release_block(bytes) {
             return None;
         }
-        release_root_block_slow(self, bytes, keep_alive)
+        Some(Unreleased::Bytes(bytes))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_slow(
+        pool: PoolAccess<State>,
+        rest: Unreleased,
+        keep_alive: impl FnOnce() -> Arc<State>,
+    ) -> Option<Arc<State>> {
+        let mut deferred = Deferred::default();
+        let handle = pool.books(|pool| match rest {
+            // A root pool's block released while requests wait: handed to the head, or freed
+            // and settled (`State::release_block_queued`).
+            Unreleased::QueuedBlock(memory) => {
+                pool.release_block_queued(memory, keep_alive, &mut deferred)
+            }
+            // A root pool's block whose release the fast path could not make.
+            Unreleased::Bytes(bytes) => pool.release_block_slow(bytes, keep_alive, &mut deferred),
+            // A child pool's block: every ancestor's level first (while the block's own bytes
+            // keep the pool alive), then its own.
+            Unreleased::ChildBlock(memory) => {
+                let bytes = memory.bytes();
+                pool.recycle(memory);
+                give_back_above_completed(pool, bytes, &mut deferred);
+                pool.release_block(bytes, keep_alive, &mut deferred)
+            }
+        });
+        // The user code owed, now that no frame of this release borrows the pool.
+        deferred.run_all(handle)
     }
 
     #[cold]
     #[inline(never)]
     fn release_owned(
-        &self,
+        pool: PoolAccess<State>,
         memory: Memory,
-        keep_alive: impl FnOnce() -> Arc<Self>,
+        keep_alive: impl FnOnce() -> Arc<State>,
     ) -> Option<std::sync::Arc<dyn Send + Sync>> {
-        if self.parent().is_none() && self.is_queued() {
-            // As `release`: the head may take this very block. The owner's handle keeps the
-            // pool alive; the block is disowned once its bytes are back.
-            return settle(|deferred| {
-                // Not the last handle (the owner's is), so its drop runs nothing.
-                drop(self.release_block_queued(memory, keep_alive, deferred));
-                self.disown()
-            });
-        }
-        let bytes = memory.bytes();
-        self.recycle(memory);
+        let mut deferred = Deferred::default();
         // The owner's handle keeps the pool alive throughout: every level is given back as
         // with a handle, and the block is disowned, before any user code runs (a panicking
         // waker must not leave the pool owned forever); then, if this was the last owned
         // block, the handle goes to the caller to drop (which may run the pool's drop), or is
         // dropped by the unwinding.
-        settle(|deferred| {
-            give_back_completed(self, bytes, true, deferred);
-            self.disown()
-        })
+        let handle = pool.books(|pool| {
+            if pool.parent().is_none() && pool.is_queued() {
+                // As `release`: the head may take this very block. Not the last handle (the
+                // owner's is), so its drop runs nothing.
+                drop(pool.release_block_queued(memory, keep_alive, &mut deferred));
+            } else {
+                let bytes = memory.bytes();
+                pool.recycle(memory);
+                give_back_completed(pool, bytes, true, &mut deferred);
+            }
+            pool.disown()
+        });
+        deferred.run_all(handle)
     }
 
     fn is_drained(&self) -> bool {
@@ -218,42 +247,15 @@ unsafe impl Pool for State {
     }
 }
 
-/// A root pool's block released while requests wait: handed to the head, or freed and
-/// settled (`State::release_block_queued`).
-#[cold]
-#[inline(never)]
-fn release_root_block_queued(
-    pool: &State,
-    memory: Memory,
-    keep_alive: impl FnOnce() -> Arc<State>,
-) -> Option<Arc<State>> {
-    settle(|deferred| pool.release_block_queued(memory, keep_alive, deferred))
-}
-
-/// A root pool's block whose release the fast path could not make.
-#[cold]
-#[inline(never)]
-fn release_root_block_slow(
-    pool: &State,
-    bytes: usize,
-    keep_alive: impl FnOnce() -> Arc<State>,
-) -> Option<Arc<State>> {
-    settle(|deferred| pool.release_block_slow(bytes, keep_alive, deferred))
-}
-
-/// A child pool's block: every ancestor's level first (while the block's own bytes keep the
-/// pool alive), then its own, then the user code owed.
-#[cold]
-#[inline(never)]
-fn release_child_block(
-    pool: &State,
-    bytes: usize,
-    keep_alive: impl FnOnce() -> Arc<State>,
-) -> Option<Arc<State>> {
-    settle(|deferred| {
-        give_back_above_completed(pool, bytes, deferred);
-        pool.release_block(bytes, keep_alive, deferred)
-    })
+/// What a block's release leaves to [`Pool::release_slow`]: its memory, or (the fast path
+/// having freed or cached it) its bytes, which are still counted either way.
+pub(crate) enum Unreleased {
+    /// A root pool's block while requests wait: the head may take it.
+    QueuedBlock(Memory),
+    /// A child pool's block.
+    ChildBlock(Memory),
+    /// A root pool's bytes whose release needs the lock, or a handle.
+    Bytes(usize),
 }
 
 /// The block for `bytes` just reserved in `pool` (every level of its chain, counted as its

@@ -141,6 +141,17 @@ impl Deferred {
         }
     }
 
+    /// Runs everything held back, then gives `result` back: for the caller that wrote the
+    /// books itself (not through [`settle`]) and must run the user code where no frame
+    /// borrows the pool. Should the user code panic, `result` is dropped by the unwinding.
+    #[inline]
+    pub(crate) fn run_all<R>(mut self, result: R) -> R {
+        self.run();
+        // Empty now: its drop glue would only look at every slot again.
+        core::mem::forget(self);
+        result
+    }
+
     /// [`run`](Deferred::run), and if the user code panics, `undo` first, then the panic goes
     /// on (for an operation whose result would be lost by the unwinding).
     pub(crate) fn run_or_undo(&mut self, undo: impl FnOnce()) {

@@ -16,6 +16,10 @@
 //!    pool's lock and then touches the pool only under that lock (the owner takes the lock
 //!    once, [`Pool::quiesce`], after it saw the pool drained and before it drops its `Arc`),
 //!    unless it first took a strong reference with the `keep_alive` it is given.
+//! 4. The user code a release owes (the wakers of the requests it served, which may drop the
+//!    pool's last handle or let another thread do it) runs only after every function that
+//!    borrowed the pool for the release has returned ([`PoolAccess`]): a reference passed to
+//!    a function must stay valid until the call returns, even if it is not used again.
 
 use core::alloc::Layout;
 use core::mem::{ManuallyDrop, MaybeUninit};
@@ -34,19 +38,36 @@ use crate::sync::Arc;
 /// called `keep_alive` first (and then returns that handle instead of dropping it).
 /// `release_owned` is called only for blocks marked owned, whose pool an owner's handle keeps
 /// alive until that release returns the handle: it may touch `self` after the bytes are back.
+/// `release` returns `None` only once the bytes are back, and gives none back otherwise.
 pub(crate) unsafe trait Pool: Sized {
+    /// What [`release`](Pool::release) leaves to [`release_slow`](Pool::release_slow).
+    type Unreleased;
+
     /// The alignment of every block of this pool (fixed for its life).
     fn align(&self) -> usize;
 
-    /// Frees or caches `memory`, then gives its bytes back to the budget.
-    fn release(&self, memory: Memory, keep_alive: impl FnOnce() -> Arc<Self>) -> Option<Arc<Self>>;
+    /// The fast path: frees or caches `memory` and gives its bytes back to the budget when
+    /// that takes no lock and owes no user code (`None`); otherwise gives no bytes back and
+    /// leaves the rest to [`release_slow`](Pool::release_slow).
+    fn release(&self, memory: Memory) -> Option<Self::Unreleased>;
 
-    /// [`release`](Pool::release) for a block marked with [`Block::set_owned`]: the pool is
-    /// kept alive throughout by its owner's handle, which may be returned (the last owned
-    /// block's), for the caller to drop once `self` is no longer borrowed. `keep_alive` as for
-    /// `release` (a path that gives the bytes back outside the lock may take a handle).
+    /// The rest of a release: its books inside [`PoolAccess::books`], then the user code
+    /// they owe (wakers), run where no frame of the release borrows the pool, since that
+    /// code may drop the pool's last handle. The handle `keep_alive` gave, if any, is
+    /// returned for the caller to drop.
+    fn release_slow(
+        pool: PoolAccess<Self>,
+        rest: Self::Unreleased,
+        keep_alive: impl FnOnce() -> Arc<Self>,
+    ) -> Option<Arc<Self>>;
+
+    /// The release of a block marked with [`Block::set_owned`]: the pool is kept alive
+    /// throughout by its owner's handle, which may be returned (the last owned block's),
+    /// for the caller to drop. As `release_slow`, the user code owed runs outside
+    /// [`PoolAccess::books`]; `keep_alive` as for it (a path that gives the bytes back
+    /// outside the lock may take a handle).
     fn release_owned(
-        &self,
+        pool: PoolAccess<Self>,
         memory: Memory,
         keep_alive: impl FnOnce() -> Arc<Self>,
     ) -> Option<std::sync::Arc<dyn Send + Sync>>;
@@ -247,10 +268,9 @@ impl<P: Pool> Drop for Block<P> {
     #[inline(always)]
     fn drop(&mut self) {
         let pool_ptr = self.pool;
-        let pool = self.pool();
         let memory = Memory {
             ptr: self.ptr,
-            layout: layout(pool.align(), self.bytes()),
+            layout: layout(self.pool().align(), self.bytes()),
         };
         let keep_alive = move || {
             // SAFETY: called before the bytes are given back (the `Pool` contract), so the
@@ -261,13 +281,43 @@ impl<P: Pool> Drop for Block<P> {
                 Arc::from_raw(pool_ptr.as_ptr())
             }
         };
-        // Dropped here, after the last use of `pool`: it may free the pool's state.
+        let access = PoolAccess { pool: pool_ptr };
+        // Each handle returned is dropped here, where nothing borrows the pool: it may run
+        // the pool's drop, or free its state.
         if self.bytes_zeroed & OWNED != 0 {
-            // Dropped here, after the last use of `pool`: it may run the pool's drop.
-            drop(pool.release_owned(memory, keep_alive));
+            drop(P::release_owned(access, memory, keep_alive));
             return;
         }
-        drop(pool.release(memory, keep_alive));
+        let Some(rest) = self.pool().release(memory) else {
+            return;
+        };
+        drop(P::release_slow(access, rest, keep_alive));
+    }
+}
+
+/// A block's pool, for the slow steps of the block's release (see [`Pool::release_slow`]):
+/// a pointer, not a reference, so that no frame of the release borrows the pool while the
+/// user code the release owes runs. Only a block's drop makes one.
+///
+/// Why it matters: a reference passed to a function must stay valid until the call returns
+/// (Rust's aliasing rules; Miri's Stacked and Tree Borrows check it), and a waker woken by
+/// the release may drop the pool's last handle, or let another thread do it, and so free the
+/// state. So the books are written inside [`books`](PoolAccess::books), and the wakers run
+/// after it returned.
+pub(crate) struct PoolAccess<P> {
+    pool: NonNull<P>,
+}
+
+impl<P: Pool> PoolAccess<P> {
+    /// Runs the release's books on the pool, once (the access is spent): `books` must give
+    /// the block's bytes back as its last use of the pool, as the [`Pool`] contract says,
+    /// and run no user code.
+    #[inline(always)]
+    pub(crate) fn books<R>(self, books: impl FnOnce(&P) -> R) -> R {
+        // SAFETY: made by a block's drop, whose bytes are still counted (nothing gave them
+        // back before: `Pool::release` returned them as not released), so the pool's `Arc`
+        // is alive (see the module docs) until `books` gives them back.
+        books(unsafe { self.pool.as_ref() })
     }
 }
 

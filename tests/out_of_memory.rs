@@ -53,10 +53,19 @@ static ALLOCATOR: FailingAllocator = FailingAllocator;
 struct Failing(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 fn failing(bytes: usize) -> Failing {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let guard = SERIAL.lock().unwrap_or_else(|poison| poison.into_inner());
+    let guard = WINDOW.lock().unwrap_or_else(|poison| poison.into_inner());
     FAIL_SIZE.store(bytes, SeqCst);
     Failing(guard)
+}
+
+static WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held by every test for its whole run: a window one test opens fails any block of that
+/// size, so another test's pool of the same buffers must not allocate meanwhile (it did: 1
+/// run in 200 failed with another test's `OutOfMemory`).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl Drop for Failing {
@@ -78,6 +87,7 @@ fn pool(buffers: usize) -> Arc<BufPool> {
 
 #[test]
 fn every_call_form_reports_out_of_memory_and_gives_the_budget_back() {
+    let _serial = serial();
     watchdog(60, || {
         let pool = pool(8);
         let bytes = 7 * 4096;
@@ -115,6 +125,7 @@ fn every_call_form_reports_out_of_memory_and_gives_the_budget_back() {
 
 #[test]
 fn a_granted_waiter_that_gets_no_memory_passes_its_bytes_to_the_next() {
+    let _serial = serial();
     watchdog(60, || {
         let pool = pool(4);
         let held = pool.try_allocate(4).unwrap();
@@ -150,6 +161,7 @@ fn a_granted_waiter_that_gets_no_memory_passes_its_bytes_to_the_next() {
 
 #[test]
 fn a_blocking_waiter_that_gets_no_memory_fails_and_leaves_no_budget_behind() {
+    let _serial = serial();
     watchdog(60, || {
         let pool = pool(5);
         // Not the waiter's size: its release cannot hand the waiter its block, so the waiter
@@ -181,6 +193,7 @@ fn a_blocking_waiter_that_gets_no_memory_fails_and_leaves_no_budget_behind() {
 
 #[test]
 fn a_waiter_handed_the_released_block_needs_no_memory_from_the_allocator() {
+    let _serial = serial();
     watchdog(60, || {
         let pool = pool(5);
         let held = pool.try_allocate(5).unwrap();

@@ -1768,8 +1768,6 @@ mod wakers {
     /// the last `Arc` of the child was dropped: the child pool's drop (and the freeing of its
     /// state) runs inside the wake-up that `x`'s release runs.
     #[test]
-    #[ignore = "bug: the child's state is freed inside the wake-up run by x's release_owned, \
-                while settle's closure still holds &State (Miri: protector UB)"]
     fn last_owned_bytes_dropped_by_a_waker_that_xs_release_wakes() {
         watchdog(60, || {
             let root = common::pool(BufferSize::S32, 4);
@@ -1938,8 +1936,6 @@ mod freed_in_wake {
     /// waker drops `y`, the child's last owned allocation; that runs the child's drop and
     /// frees its state while `x`'s release still borrows it.
     #[test]
-    #[ignore = "bug: a child's state is freed inside the wake-up run by its own block's \
-                release_owned, while settle's closure still holds &State (Miri: protector UB)"]
     fn last_owned_allocation_dropped_by_a_waker_of_a_siblings_release() {
         watchdog(60, || {
             let root = common::pool(BufferSize::S32, 4);
@@ -1967,8 +1963,6 @@ mod freed_in_wake {
     /// whose waker drops the child pool itself (drained by then, so its drop does not wait)
     /// and frees its state while the release still borrows it.
     #[test]
-    #[ignore = "bug: a child's state is freed inside the wake-up run by its own block's \
-                release, while settle's closure still holds &State (Miri: protector UB)"]
     fn child_pool_dropped_by_a_waker_its_own_release_wakes() {
         watchdog(60, || {
             let root = common::pool(BufferSize::S32, 4);
@@ -1984,8 +1978,6 @@ mod freed_in_wake {
     /// both, so the pool's drop (drained by then) frees the state while the release that
     /// woke it still borrows it.
     #[test]
-    #[ignore = "bug: a root pool's state is freed inside the wake-up run by a release of \
-                its own block, while settle's closure still holds &State (Miri: protector UB)"]
     fn root_pool_dropped_by_a_waker_its_own_release_wakes() {
         watchdog(60, || {
             let root = Arc::new(common::pool(BufferSize::S32, 2));
@@ -2180,8 +2172,6 @@ fn shutdown_waits_for_bytes_held_by_another_task() {
 /// free) frees the state, while the releasing thread is still inside `settle` with `&State`
 /// borrowed.
 #[test]
-#[ignore = "bug: a slow waker run by a release lets another thread drop the pool and free \
-            its state while the release's settle still holds &State (Miri: protector UB)"]
 fn pool_state_freed_on_another_thread_while_a_release_runs_a_slow_waker() {
     use std::sync::Mutex;
     use std::task::{Context, Wake, Waker};
