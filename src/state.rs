@@ -1761,7 +1761,25 @@ impl State {
             for pool in &descendants {
                 deferred.notify(Arc::clone(&pool.pressure));
             }
+            // Requests of the subtree that wait for a place in a full queue above (in no
+            // queue) look again, and fail.
+            self.notify_rooms_above(deferred);
+            for pool in &descendants {
+                deferred.notify(Arc::clone(&pool.room));
+            }
+            deferred.notify(Arc::clone(&self.room));
         });
+    }
+
+    /// Notifies the room event of every ancestor: the requests of this subtree that wait
+    /// for a place in a full queue there (`max_waiters`) wait in no queue, so a close or a
+    /// shrink that must fail them wakes them this way, and they look again.
+    fn notify_rooms_above(&self, deferred: &mut Deferred) {
+        let mut ancestor = self.parent.as_deref();
+        while let Some(pool) = ancestor {
+            deferred.notify(Arc::clone(&pool.room));
+            ancestor = pool.parent.as_deref();
+        }
     }
 
     /// The origins (see [`origin`](State::origin)) of `pool` and `descendants`.
@@ -1881,6 +1899,8 @@ impl State {
                     },
                     deferred,
                 );
+                // And those waiting for a place above, in no queue.
+                self.notify_rooms_above(deferred);
             }
             // A sleeping `reclaim_ahead` looks at the new room.
             deferred.notify(Arc::clone(&self.pressure));

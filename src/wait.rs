@@ -612,10 +612,14 @@ impl Request {
         deferred: &mut Deferred,
     ) -> Result<Option<usize>, AllocError> {
         if *progress.stage == Stage::AwaitingRoom {
-            let heard = node.with_room(|room| {
-                let listener = room.as_mut().expect("listening while awaiting room");
-                Pin::new(listener).poll(cx).is_ready()
-            });
+            // Room above, or a close or shrink of a level it holds (which must fail it: a
+            // close reaches `pool`, and both notify the room events above, see
+            // `State::notify_rooms_above`; it is in no queue that could fail it).
+            let heard = pool.is_closed()
+                || node.with_room(|room| {
+                    let listener = room.as_mut().expect("listening while awaiting room");
+                    Pin::new(listener).poll(cx).is_ready()
+                });
             if !heard {
                 return Ok(None);
             }
@@ -641,7 +645,11 @@ impl Request {
             // A level it holds shrank below it since (`set_max_memory` fails such requests
             // where they wait; this one was between two queues).
             let below = pool.smallest_budget_below(ancestor);
-            let held = if bytes > below {
+            let held = if pool.is_closed() {
+                // A level it holds was closed (closing a pool closes its descendants, so
+                // `pool` is): it fails there, whatever room the next level has.
+                Err(AllocError::Closed)
+            } else if bytes > below {
                 Err(AllocError::ExceedsBudget {
                     requested_bytes: bytes,
                     max_memory: below,

@@ -3196,7 +3196,6 @@ fn async_child_request_waiting_for_a_place(
 }
 
 #[test]
-#[ignore = "bug: close() of a child neither wakes nor fails its request waiting for a place above"]
 fn closing_the_child_fails_its_request_waiting_for_a_place_above() {
     watchdog(10, || {
         let mut setup = full_parent();
@@ -3216,7 +3215,6 @@ fn closing_the_child_fails_its_request_waiting_for_a_place_above() {
 }
 
 #[test]
-#[ignore = "bug: a closed child's request waiting for a place above is granted when room comes"]
 fn a_closed_childs_request_waiting_for_a_place_never_gets_an_allocation() {
     watchdog(10, || {
         let mut setup = full_parent();
@@ -3277,7 +3275,6 @@ fn a_timed_child_request_waiting_for_a_place_times_out_and_gives_back_every_leve
 }
 
 #[test]
-#[ignore = "bug: a child's shrink does not fail its request waiting for a place above (it waits on)"]
 fn shrinking_the_child_fails_its_request_waiting_for_a_place_that_can_no_longer_fit() {
     watchdog(10, || {
         let mut setup = full_parent();
@@ -3937,7 +3934,6 @@ fn stats_counts_are_exact_after_concurrent_timeouts_and_refusals() {
 }
 
 #[test]
-#[ignore = "bug: close() of a middle pool does not reach a leaf request waiting for a place at the root"]
 fn closing_a_middle_pool_fails_a_leaf_request_waiting_for_a_place_at_the_root() {
     watchdog(10, || {
         let root = BufPool::builder(cfg(BufferSize::S64, 4))
