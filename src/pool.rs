@@ -813,8 +813,10 @@ impl BufPool {
         Drained::new(&self.pool)
     }
 
-    /// Closes the pool, waits for every allocation to come back and drops the pool, without
-    /// blocking a thread.
+    /// Closes the pool, drops its reclaimer registrations (as its drop does: a cache whose
+    /// only owner was its registration gives its allocations back), waits for every
+    /// allocation to come back and drops the pool, without blocking a thread. A panic of
+    /// the user code that runs (wakers, reclaimers' drops) goes on once the pool is drained.
     ///
     /// # Cancel safety
     ///
@@ -835,13 +837,15 @@ impl BufPool {
     /// # });
     /// ```
     pub async fn shutdown(self) {
-        self.close();
+        let user_code = self.close_for_barrier();
         self.drained().await;
+        pass_on(user_code);
     }
 
-    /// Closes the pool and waits at most `timeout` for every allocation to come back.
-    /// Returns the stats at that point: [`PoolStats::is_drained`] says whether it drained, and
-    /// if not, `outstanding` and `in_use_bytes` say what is still out.
+    /// Closes the pool, drops its reclaimer registrations (as [`shutdown`](BufPool::shutdown)
+    /// does) and waits at most `timeout` for every allocation to come back. Returns the stats
+    /// at that point: [`PoolStats::is_drained`] says whether it drained, and if not,
+    /// `outstanding` and `in_use_bytes` say what is still out.
     ///
     /// # Blocking
     ///
@@ -849,7 +853,8 @@ impl BufPool {
     ///
     /// # Panics
     ///
-    /// Never.
+    /// Only with the panic of user code the close ran (a waiter's waker, a reclaimer's
+    /// drop), once the wait is over.
     ///
     /// # Examples
     ///
@@ -866,13 +871,15 @@ impl BufPool {
     /// assert!(pool.shutdown_timeout(Duration::from_millis(10)).is_drained());
     /// ```
     pub fn shutdown_timeout(&self, timeout: Duration) -> PoolStats {
-        self.close();
+        let user_code = self.close_for_barrier();
         block_on(pin!(self.drained()), Instant::now().checked_add(timeout));
+        pass_on(user_code);
         self.stats()
     }
 
     /// The async counterpart of [`shutdown_timeout`](BufPool::shutdown_timeout): closes the
-    /// pool and waits for every allocation to come back or for `deadline` to complete,
+    /// pool, drops its reclaimer registrations and waits for every allocation to come back
+    /// or for `deadline` to complete,
     /// whichever is first, then returns the stats. Any future serves as the deadline, so no
     /// runtime is tied in: `tokio::time::sleep(d)`, a shutdown signal, a channel.
     ///
@@ -898,7 +905,7 @@ impl BufPool {
     /// # }
     /// ```
     pub async fn shutdown_before<F: Future>(&self, deadline: F) -> PoolStats {
-        self.close();
+        let user_code = self.close_for_barrier();
         let mut drained = pin!(self.drained());
         let mut deadline = pin!(deadline);
         poll_fn(|cx| {
@@ -909,23 +916,39 @@ impl BufPool {
             }
         })
         .await;
+        pass_on(user_code);
         self.stats()
+    }
+
+    /// The first steps of every shutdown, the drop's included: closes the pool (its waiters
+    /// fail, their wakers run) and drops its registrations before the barrier waits, since a
+    /// reclaimer that owns allocations (a cache) gives them back as it drops, if its
+    /// registration held it last. Both run user code outside every lock; a panic there must
+    /// not cut the barrier short, so the first one is returned, to go on after it.
+    fn close_for_barrier(&self) -> std::thread::Result<()> {
+        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pool.close()));
+        let registrations = self.pool.unregister_all();
+        let unregistered =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registrations)));
+        closed.and(unregistered)
+    }
+}
+
+/// Resumes the panic of user code that a shutdown held back, unless the thread already
+/// unwinds.
+fn pass_on(user_code: std::thread::Result<()>) {
+    if let Err(panic) = user_code {
+        if !std::thread::panicking() {
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 
 impl Drop for BufPool {
     /// Closes the pool and blocks until every allocation has been dropped.
     fn drop(&mut self) {
-        // Closing wakes the waiters (user code): a waker that panics must not cut the
-        // barrier short, so its panic goes on only once the pool is drained and dropped.
-        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pool.close()));
-        // The registrations go before the barrier waits: a reclaimer that owns allocations
-        // (a cache) gives them back as it drops, if the registration held it last. Dropped
-        // outside every lock; a panic goes on after the barrier, like the close's.
-        let registrations = self.pool.unregister_all();
-        let unregistered =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registrations)));
-        let closed = closed.and(unregistered);
+        // Its panic goes on only once the pool is drained and dropped.
+        let closed = self.close_for_barrier();
         let mut drained = pin!(Drained::new(&self.pool));
         let warn_after = self.pool.config.drop_warning_after;
         let warn_at = Instant::now().checked_add(warn_after);
@@ -950,11 +973,7 @@ impl Drop for BufPool {
         // drained, and leaks it if a panic cut the barrier short.
         self.pool.detach_from_parent();
         chain::give_floor_back(&self.pool);
-        if let Err(panic) = closed {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+        pass_on(closed);
     }
 }
 

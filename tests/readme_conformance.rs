@@ -3619,7 +3619,7 @@ fn dropping_the_pool_drops_its_registrations_before_the_barrier() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: shutdown() waits forever for a registered cache's allocations (Drop unregisters first)"]
+
 async fn shutdown_is_the_same_barrier_as_drop_for_a_registered_cache() {
     let pool = BufPool::new(cfg(BufferSize::S64, 4));
     let entries = (0..2).map(|_| pool.try_allocate(1).unwrap()).collect();
