@@ -58,6 +58,7 @@
 //! | 33 a handed block moves with its bytes | (issue 22) a cancelled head gives its grant back before freeing the block handed to it (the node's drop frees it later); a cancelled head never frees it | assertion (16,384 bytes of blocks alive at once on a budget of 8,192); assertion (a block leaked) |
 //! | 34 (a model of the *proposed* lease design of issue 22, not crate code) | an owner publishes its lease without re-reading the budget word (kept as 34b, `should_panic`); a release into an emptied slot; a recall that empties a slot with a load and a store | assertion (b); assertion (b); assertion (a). A plain `Acquire` load as the re-check was not caught |
 //! | 35 reclaim_ahead ends on close while its round is pending | `ReclaimAhead` listens to the pressure event only while it has no round (as before this model) | loom: deadlock (both threads blocked) |
+//! | 36 a closed floored child's floor goes back, racing its allocation's release | a refill that does not sweep a retired floor (`refill_floor` without its re-check of `retired`) | assertion (the root keeps the floor's buffer: `in_use_bytes` 8, not 0) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1267,6 +1268,33 @@ fn reclaim_ahead_ends_on_close_while_its_round_is_pending() {
         drop(handle);
         drop(held);
         assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 36 (found by the README conformance tests: dropping a parent blocked while a
+/// floored child lived): a closed pool's floor goes back to its ancestors, racing the
+/// release of the allocation it holds. The root holds 2 buffers; `query` has a floor of 1
+/// and holds it; one thread drops that allocation (its bytes refill the floor) while the
+/// main thread closes `query` (which retires the floor: what is free of it goes back to the
+/// root, and later refills follow). Whatever the order, the root ends with nothing in use,
+/// so its drop barrier would pass while `query` lives. With a refill that does not look at
+/// the retirement after it (a retired floor keeps what is refilled after the sweep), the
+/// root keeps the floor's buffer.
+#[test]
+fn a_closed_floors_bytes_go_back_racing_its_release() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let query = Arc::new(floored(&root, 2, 1));
+        let held = query.try_allocate(1).unwrap();
+        let releaser = thread::spawn(move || drop(held));
+        query.close();
+        releaser.join().unwrap();
+        assert_eq!(query.stats().in_use_bytes, 0);
+        assert_eq!(
+            root.stats().in_use_bytes,
+            0,
+            "the closed pool's floor stays set aside"
+        );
     });
 }
 

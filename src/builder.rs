@@ -248,7 +248,10 @@ impl BufPoolBuilder {
     /// multiple of 8) of its ancestors' budgets that only this pool's subtree may use. They
     /// count as in use at every ancestor from the moment the pool is built (so no other
     /// request there is ever granted them), go to this pool's requests before those climb
-    /// to the parent, and go back to the ancestors when the pool is dropped. Its own
+    /// to the parent, and go back to the ancestors when the pool is closed (directly, or by
+    /// an ancestor's close or drop: a closed pool serves no request; what its allocations
+    /// hold of the floor goes back as they do) or dropped. So dropping an ancestor's handle
+    /// while this pool lives waits for the allocations, not for the floor. Its own
     /// `max_memory` still caps what it holds. 0 (the default) for none.
     ///
     /// With a floor equal to what a consumer needs, nothing the rest of the tree does can

@@ -135,14 +135,37 @@ pub(crate) fn give_back_completed_request(
     give_back_completed(pool, bytes, counted, deferred);
 }
 
-/// A pool's floor goes back to its ancestors (the pool is drained and being dropped).
+/// A pool's floor goes back to its ancestors (the pool is drained and being dropped): what
+/// of it a close did not give back already.
 pub(crate) fn give_floor_back(pool: &State) {
-    let (floor, _) = pool.floor_now();
-    if floor == 0 {
-        return;
+    settle(|deferred| retire_floor(pool, deferred));
+}
+
+/// Closes `pool` and its descendants ([`State::close`]: their waiters fail), then retires
+/// their floors: a closed pool serves no request, so what of its floor is free goes back to
+/// its ancestors now, and the rest as its allocations come back. So an ancestor whose
+/// handle is dropped drains once the allocations are back, while a floored child lives on.
+pub(crate) fn close(pool: &State) {
+    pool.close();
+    let mut descendants = Vec::new();
+    pool.collect_descendants(&mut descendants);
+    settle(|deferred| {
+        // Deepest first (a floor's bytes go to its parent's floor, retired after it).
+        for descendant in &descendants {
+            retire_floor(descendant, deferred);
+        }
+        retire_floor(pool, deferred);
+    });
+}
+
+/// Retires `pool`'s floor ([`State::retire_floor`]) and gives what was free of it back to
+/// the ancestors, as the completed holding of the parent it is there.
+fn retire_floor(pool: &State, deferred: &mut Deferred) {
+    let back = pool.retire_floor();
+    if back > 0 {
+        let parent = pool.parent().expect("a pool with a floor has a parent");
+        give_back_completed(parent, back, false, deferred);
     }
-    let parent = pool.parent().expect("a pool with a floor has a parent");
-    settle(|deferred| give_back_completed(parent, floor, false, deferred));
 }
 
 // SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from

@@ -650,7 +650,7 @@ impl BufPool {
     /// # });
     /// ```
     pub fn close(&self) {
-        self.pool.close();
+        chain::close(&self.pool);
     }
 
     /// Registers a reclaimer: a holder of this pool's memory (a cache, buffered data that can
@@ -926,7 +926,8 @@ impl BufPool {
     /// registration held it last. Both run user code outside every lock; a panic there must
     /// not cut the barrier short, so the first one is returned, to go on after it.
     fn close_for_barrier(&self) -> std::thread::Result<()> {
-        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pool.close()));
+        let closed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain::close(&self.pool)));
         let registrations = self.pool.unregister_all();
         let unregistered =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registrations)));

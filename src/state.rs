@@ -25,7 +25,7 @@ use crate::heap::Memory;
 use crate::recycle::{Footprint, Recycler};
 use crate::registry::{Outcome, Reclaimer, Registration, Registry, Round};
 use crate::stats::{Counters, Sources, WaitTotals};
-use crate::sync::{Arc, AtomicUsize, Mutex, lock};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, lock};
 use crate::waiters::{Failure, Node, Status, WaitList};
 use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
 
@@ -34,7 +34,7 @@ use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
 /// 128 KiB on), which is a system call.
 const FREE_UNLOCKED_FROM: usize = 64 * 1024;
 use crate::{AllocError, BufferSize, PoolStats};
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
 /// What the fast path made of a request.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -92,10 +92,19 @@ pub(crate) struct Asker<'a> {
 /// steps on two counters; a release's two steps can interleave with others', which only
 /// delays a refill (a request may climb though the floor is about to have room): the sums
 /// stay exact, `free` never exceeds F, `climbed` never goes below zero.
+///
+/// Once the pool is closed (or dropped) its floor serves nobody, so it is *retired*: what is
+/// free of it goes back to the ancestors at once, and every later refill goes on up too, so
+/// an ancestor whose handle is dropped while this pool lives drains once the subtree's
+/// allocations are back (its drop barrier does not wait for an idle floor). A refill and the
+/// retirement each change their own atomic, then read the other's, both `SeqCst`: whichever
+/// comes second in that order sees the first, so a refilled byte is swept up by one of them
+/// and never by both (each sweep is a swap), and never stays behind.
 #[derive(Debug)]
 struct Floor {
     free: AtomicUsize,
     climbed: AtomicUsize,
+    retired: AtomicBool,
 }
 
 impl Floor {
@@ -103,6 +112,7 @@ impl Floor {
         Floor {
             free: AtomicUsize::new(floor),
             climbed: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
         }
     }
 }
@@ -894,7 +904,11 @@ impl State {
         };
         // Every level held goes back before any wake-up it owes runs.
         if let Some(lower) = floor_taken {
-            lower.refill_floor(bytes);
+            // Back into the floor even if it was retired meanwhile (it only was if this pool
+            // closed under the request: then the next release's refill, or the pool's drop,
+            // sweeps it up; the walk that would give it to the parent now is `chain.rs`'s).
+            // `Release`: as in `return_climbed`.
+            lower.floor.free.fetch_add(bytes, Release);
         }
         settle(|deferred| {
             for level in (1..=reserved_above).rev() {
@@ -987,7 +1001,7 @@ impl State {
     /// request then needs nothing of the parent). `AcqRel`/`Acquire`: pairs with the
     /// `Release` of the refill that made the room, like the budget word's reservations.
     pub(crate) fn take_floor(&self, bytes: usize) -> bool {
-        if !self.has_floor() {
+        if !self.has_floor() || self.floor.retired.load(Relaxed) {
             return false;
         }
         let mut free = self.floor.free.load(Acquire);
@@ -1004,11 +1018,34 @@ impl State {
         false
     }
 
-    /// Gives back `bytes` taken with [`take_floor`](State::take_floor) by a request that did
-    /// not complete after all.
-    pub(crate) fn refill_floor(&self, bytes: usize) {
-        // `Release`: as in `return_climbed`.
-        self.floor.free.fetch_add(bytes, Release);
+    /// Refills the floor with `bytes` of completed holdings given back. Returns the bytes to
+    /// give back to the parent instead: those of a retired floor
+    /// ([`retire_floor`](State::retire_floor)).
+    #[must_use = "a retired floor's bytes go back to the parent"]
+    fn refill_floor(&self, bytes: usize) -> usize {
+        // `SeqCst` (the refill's half of the pair with `retire_floor`) also releases, as
+        // `return_climbed`'s refill must.
+        self.floor.free.fetch_add(bytes, SeqCst);
+        if self.floor.retired.load(SeqCst) {
+            // Retired meanwhile, or before: whatever is free now goes up (a swap: the
+            // retirement's sweep and ours never take the same byte).
+            self.floor.free.swap(0, SeqCst)
+        } else {
+            0
+        }
+    }
+
+    /// The pool closed (or is dropped, drained): its floor serves nobody now. Returns what
+    /// of it is free, for the caller to give back to the parent; from now on every refill
+    /// goes up too (see [`Floor`]). Every call sweeps what is free (a request that took
+    /// from the floor before the retirement and failed puts its bytes back there).
+    #[must_use = "the floor's bytes go back to the parent"]
+    pub(crate) fn retire_floor(&self) -> usize {
+        if !self.has_floor() {
+            return 0;
+        }
+        self.floor.retired.store(true, SeqCst);
+        self.floor.free.swap(0, SeqCst)
     }
 
     /// Sets `floor` bytes aside in this pool (and its ancestors, as a request of this pool
@@ -1067,9 +1104,10 @@ impl State {
             }
         };
         if up < bytes {
-            // `Release`: pairs with `take_floor`'s `Acquire` (the memory behind these bytes
-            // is freed before another request may use them).
-            self.floor.free.fetch_add(bytes - up, Release);
+            // The refill releases (pairs with `take_floor`'s `Acquire`: the memory behind
+            // these bytes is freed before another request may use them); a retired floor's
+            // bytes go on up.
+            return up + self.refill_floor(bytes - up);
         }
         up
     }
@@ -1102,6 +1140,9 @@ impl State {
 
     /// The floor's size, and how much of it is free (for statistics).
     pub(crate) fn floor_now(&self) -> (usize, usize) {
+        if self.floor.retired.load(Relaxed) {
+            return (0, 0);
+        }
         (self.config.floor, self.floor.free.load(Relaxed))
     }
 
@@ -1806,7 +1847,7 @@ impl State {
 
     /// Every live descendant, children before their parents. (Each registry is copied out
     /// of its lock: no two registry locks are held at once.)
-    fn collect_descendants(&self, into: &mut Vec<Arc<State>>) {
+    pub(crate) fn collect_descendants(&self, into: &mut Vec<Arc<State>>) {
         let children = lock(&self.children).clone();
         for child in children {
             child.collect_descendants(into);

@@ -1825,7 +1825,6 @@ fn dropping_the_parent_handle_of_an_idle_child_returns() {
 }
 
 #[test]
-#[ignore = "bug: dropping a parent blocks while a floored child handle lives (no allocation out)"]
 fn dropping_the_parent_handle_of_a_floored_child_returns() {
     watchdog(10, || {
         let root = BufPool::new(cfg(BufferSize::S64, 4));
@@ -3859,7 +3858,6 @@ fn poll_allocate_switching_n_while_waiting_for_a_place_leaks_nothing() {
 }
 
 #[test]
-#[ignore = "bug: a floored child keeps its parent from ever draining (shutdown_timeout/is_drained/drained)"]
 fn a_parent_with_an_idle_floored_child_is_drained() {
     watchdog(10, || {
         let root = BufPool::new(cfg(BufferSize::S64, 4));
