@@ -430,7 +430,7 @@ impl State {
         if bytes > cap {
             return Attempt::Failed(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
-                max_memory: cap,
+                max_memory: cap.min(self.smallest_cap_above()),
             });
         }
         if self.parent.is_some() {
@@ -465,7 +465,8 @@ impl State {
     }
 
     /// Why the fast path refuses `n` buffers: none, or more than `cap` (the pool's
-    /// [`hard_cap`](State::hard_cap), which it checked against).
+    /// [`hard_cap`](State::hard_cap), which it checked against). The error names the
+    /// smallest cap of the chain (a child's own cap may not be it).
     #[cold]
     fn refusal(&self, n: usize, cap: usize) -> AllocError {
         if n == 0 {
@@ -473,9 +474,20 @@ impl State {
         } else {
             AllocError::ExceedsBudget {
                 requested_bytes: n.saturating_mul(self.config.buffer_size.bytes()),
-                max_memory: cap,
+                max_memory: cap.min(self.smallest_cap_above()),
             }
         }
+    }
+
+    /// The smallest [`hard_cap`](State::hard_cap) of the ancestors (`usize::MAX` for a root).
+    fn smallest_cap_above(&self) -> usize {
+        let mut smallest = usize::MAX;
+        let mut ancestor = self.parent.as_deref();
+        while let Some(pool) = ancestor {
+            smallest = smallest.min(pool.hard_cap());
+            ancestor = pool.parent.as_deref();
+        }
+        smallest
     }
 
     /// The largest request this pool can ever grant: its budget, or for a pool that waits
@@ -835,16 +847,13 @@ impl State {
     #[cold]
     #[inline(never)]
     fn reserve_chain_now(&self, bytes: usize, counted: bool) -> Attempt {
-        let mut ancestor = self.parent.as_deref();
-        while let Some(pool) = ancestor {
-            let cap = pool.hard_cap();
-            if bytes > cap {
-                return Attempt::Failed(AllocError::ExceedsBudget {
-                    requested_bytes: bytes,
-                    max_memory: cap,
-                });
-            }
-            ancestor = pool.parent.as_deref();
+        let cap = self.smallest_cap_above();
+        if bytes > cap {
+            // Named by the smallest cap of the chain, as the README's table says.
+            return Attempt::Failed(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory: cap,
+            });
         }
         // A look here first: without room (or with waiters) here, the ancestors are not
         // touched at all.

@@ -611,7 +611,8 @@ impl Request {
         cx: &mut Context<'_>,
         deferred: &mut Deferred,
     ) -> Result<Option<usize>, AllocError> {
-        if *progress.stage == Stage::AwaitingRoom {
+        let was_awaiting_room = *progress.stage == Stage::AwaitingRoom;
+        if was_awaiting_room {
             // Room above, or a close or shrink of a level it holds (which must fail it: a
             // close reaches `pool`, and both notify the room events above, see
             // `State::notify_rooms_above`; it is in no queue that could fail it).
@@ -645,9 +646,12 @@ impl Request {
             // A level it holds shrank below it since (`set_max_memory` fails such requests
             // where they wait; this one was between two queues).
             let below = pool.smallest_budget_below(ancestor);
-            let held = if pool.is_closed() {
-                // A level it holds was closed (closing a pool closes its descendants, so
-                // `pool` is): it fails there, whatever room the next level has.
+            let held = if was_awaiting_room && pool.is_closed() {
+                // It waited for a place and a level it holds was closed meanwhile (closing
+                // a pool closes its descendants, so `pool` is): a waiting request fails,
+                // whatever room the next level has. (One granted a level below before the
+                // close, that never waited up here, completes as a granted root request
+                // does; a full queue's `admit` refuses it if its pool closed.)
                 Err(AllocError::Closed)
             } else if bytes > below {
                 Err(AllocError::ExceedsBudget {

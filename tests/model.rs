@@ -381,16 +381,24 @@ impl Model {
         self.pools[pool].queue.is_empty() && bytes <= self.room(pool)
     }
 
-    /// A request above a cap of the chain above `pool` fails at once.
+    /// The smallest cap of the chain above `pool` (`usize::MAX` for a root).
+    fn smallest_cap_above(&self, pool: usize) -> usize {
+        self.chain(pool)[1..]
+            .iter()
+            .map(|&ancestor| self.pools[ancestor].max_memory)
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
+    /// A request above a cap of the chain above `pool` fails at once, named by the
+    /// smallest cap of the chain.
     fn within_caps_above(&self, pool: usize, bytes: usize) -> Result<(), AllocError> {
-        for &ancestor in &self.chain(pool)[1..] {
-            let max_memory = self.pools[ancestor].max_memory;
-            if bytes > max_memory {
-                return Err(AllocError::ExceedsBudget {
-                    requested_bytes: bytes,
-                    max_memory,
-                });
-            }
+        let max_memory = self.smallest_cap_above(pool);
+        if bytes > max_memory {
+            return Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory,
+            });
         }
         Ok(())
     }
@@ -408,7 +416,7 @@ impl Model {
         if n > max_memory / buffer_size {
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: n.saturating_mul(buffer_size),
-                max_memory,
+                max_memory: max_memory.min(self.smallest_cap_above(pool)),
             });
         }
         let bytes = n * buffer_size;
@@ -429,7 +437,7 @@ impl Model {
         if bytes > max_memory {
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
-                max_memory,
+                max_memory: max_memory.min(self.smallest_cap_above(pool)),
             });
         }
         if bytes > 0 {

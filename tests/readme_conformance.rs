@@ -530,7 +530,7 @@ fn bad_input_table_child_pool_exceeds_budget_names_the_smallest_cap() {
 /// The row "a child pool's forms (`max` = smallest cap on its chain)": a request above the
 /// child's own cap (not just above the smallest) should name that smallest cap too.
 #[test]
-#[ignore = "bug: ExceedsBudget names the child's own cap, not the smallest cap on its chain"]
+
 fn bad_input_table_child_pool_far_above_names_the_smallest_cap() {
     watchdog(10, || {
         let root = BufPool::new(cfg(BufferSize::S64, 8));
