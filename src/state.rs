@@ -1130,21 +1130,26 @@ impl State {
         }
     }
 
-    /// The floor got room: the requests of this subtree waiting in the parent's queue may be
-    /// served by it now, so they are woken (later) to look.
+    /// The floor got room: the requests of this subtree waiting in an ancestor's queue may
+    /// be served by it now, so they are woken (later) to look.
     pub(crate) fn wake_floor_waiters(&self, deferred: &mut Deferred) {
-        let Some(parent) = self.parent.as_deref() else {
-            return;
-        };
-        if !parent.word.load().is_queued() {
-            return;
+        let mut origins = None;
+        let mut ancestor = self.parent.as_deref();
+        // Every ancestor's queue: a request of the subtree may wait several levels up, and
+        // takes this floor from there too (`Request::poll_steps`).
+        while let Some(pool) = ancestor {
+            if pool.word.load().is_queued() {
+                let origins = origins.get_or_insert_with(|| {
+                    let mut descendants = Vec::new();
+                    self.collect_descendants(&mut descendants);
+                    Self::origins(self, &descendants)
+                });
+                lock(&pool.queue)
+                    .list
+                    .wake_where(|origin| origins.contains(&origin), deferred);
+            }
+            ancestor = pool.parent.as_deref();
         }
-        let mut descendants = Vec::new();
-        self.collect_descendants(&mut descendants);
-        let origins = Self::origins(self, &descendants);
-        lock(&parent.queue)
-            .list
-            .wake_where(|origin| origins.contains(&origin), deferred);
     }
 
     /// The floor's size, and how much of it is free (for statistics).

@@ -535,12 +535,21 @@ impl Request {
                 let bytes = Self::bytes(*amount, *unit, pool);
                 let level = *progress.levels as usize;
                 let own = level == 0 && counted;
-                if level > 0 && pool.at_level(level - 1).floor_free() >= bytes {
-                    // Waiting above a floor that got room: the floor first, as always.
-                    let lower = pool.at_level(level - 1);
+                // Waiting above a floor that got room (any floor of the levels it holds, the
+                // lowest first, as a request takes them): the floor first, as always.
+                let floored = (0..level).find(|&below| pool.at_level(below).floor_free() >= bytes);
+                if let Some(below) = floored {
+                    let lower = pool.at_level(below);
                     if pool.at_level(level).withdraw(node, deferred) == Status::Idle {
                         let held = if lower.take_floor(bytes) {
-                            pool.note_climbed(bytes, level);
+                            // The levels it held above that floor go back (exactly what it
+                            // holds there: a request on its way up), top down; the floor's
+                            // ancestors counted the floor long ago.
+                            for above in (below + 1..level).rev() {
+                                pool.at_level(above).give_back_here(bytes, false, deferred);
+                            }
+                            *progress.levels = below as u32 + 1;
+                            pool.note_climbed(bytes, below + 1);
                             Ok(Some(bytes))
                         } else {
                             // Taken meanwhile: up again, at the tail.

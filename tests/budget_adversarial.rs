@@ -2128,7 +2128,6 @@ fn floors_built_and_dropped_concurrently() {
 /// pool's requests before those climb" (`BufPoolBuilder::min_memory`), and "nothing the rest
 /// of the tree does can starve it". Here the rest of the tree holds the root for good.
 #[test]
-#[ignore = "bug: a floored child's request waiting at its grandparent is never woken or served by its own floor's room (only the parent's queue is looked at)"]
 fn floor_room_serves_a_request_waiting_two_levels_up() {
     watchdog(10, || {
         for depth in [1, 2] {
