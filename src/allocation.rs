@@ -301,7 +301,8 @@ pub struct BufPoolAllocationIter<'a> {
     _allocation: core::marker::PhantomData<&'a BufPoolAllocation>,
 }
 
-// SAFETY-free: the iterator only yields pointer values; `Send`/`Sync` follow the allocation.
+// No unsafe: the iterator only yields pointer values (and, holding a raw pointer, is neither
+// `Send` nor `Sync`: the stricter side).
 impl Iterator for BufPoolAllocationIter<'_> {
     type Item = BufferPointer;
 

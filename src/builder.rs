@@ -245,7 +245,8 @@ impl BufPoolBuilder {
     }
 
     /// Gives a child pool a floor, as cgroup v2's `memory.min`: `bytes` (rounded up to a
-    /// multiple of 8) of its ancestors' budgets that only this pool's subtree may use. They
+    /// multiple of 8, even past the pool's own budget: a floor of 97 bytes in a pool of 100
+    /// sets 104 aside) of its ancestors' budgets that only this pool's subtree may use. They
     /// count as in use at every ancestor from the moment the pool is built (so no other
     /// request there is ever granted them), go to this pool's requests before those climb
     /// to the parent, and go back to the ancestors when the pool is closed (directly, or by

@@ -220,9 +220,10 @@ impl PoolReport {
         reclaimers
     }
 
-    /// Bytes the pool holds itself: its subtree's bytes in use less its children's (a child
-    /// with a floor counts as holding at least its floor here, since the floor is set aside
-    /// in this pool).
+    /// Bytes the pool holds itself: its subtree's bytes in use less its children's, each
+    /// child counted at least at its floor (set aside in this pool): so a floor never counts
+    /// as this pool's own, and the child's own bytes are what its allocations and
+    /// reservations hold, its idle floor not among them.
     ///
     /// # Examples
     ///

@@ -7,7 +7,7 @@
 //!
 //! Each test asserts the books (`in_use_bytes`, `reserved_bytes`, `overcommit_bytes`,
 //! `waiting`) at every quiescent point and that the full budget comes back at the end. A test
-//! that found a broken promise is kept, `#[ignore = "bug: ..."]`.
+//! that found a broken promise was kept `#[ignore = "bug: ..."]` until the fix (all pass now).
 
 mod common;
 

@@ -15,7 +15,9 @@ impl FilledAllocation {
     /// of it share the same memory, and the pool's bytes stay reserved, the whole allocation
     /// and not only the filled part, until the last of them is dropped, on any thread. That
     /// is what keeps data handed to another library inside the budget. The `Bytes` views the
-    /// filled part only.
+    /// filled part only. (As with any `Bytes`, an empty slice does not hold the owner, and
+    /// `Vec::from(bytes)` or `BytesMut::from(bytes)` copy the data and drop their hold: the
+    /// budget then covers only the `Bytes` still holding it. `try_into_mut` always fails.)
     ///
     /// Available with the `bytes` feature (on by default).
     ///
@@ -62,8 +64,10 @@ impl From<FilledAllocation> for Bytes {
 
 /// Writes land in order after what is filled, across buffer boundaries: the allocation is one
 /// contiguous block, and [`chunk_mut`](BufMut::chunk_mut) offers all of its unfilled part at
-/// once. [`remaining_mut`](BufMut::remaining_mut) is what fits, and never grows: writing past
-/// it panics, as for any fixed-size `BufMut` (`put_slice` of more than fits,
+/// once. [`remaining_mut`](BufMut::remaining_mut) is what fits; writes only shrink it (a
+/// [`clear`](FilledAllocation::clear) or a smaller
+/// [`set_filled`](FilledAllocation::set_filled) moves the cursor back and so grows it again).
+/// Writing past it panics, as for any fixed-size `BufMut` (`put_slice` of more than fits,
 /// `advance_mut(cnt)` with `cnt > remaining_mut()`).
 ///
 /// Available with the `bytes` feature (on by default).
