@@ -146,7 +146,10 @@ pub(crate) fn give_floor_back(pool: &State) {
 /// its ancestors now, and the rest as its allocations come back. So an ancestor whose
 /// handle is dropped drains once the allocations are back, while a floored child lives on.
 pub(crate) fn close(pool: &State) {
-    pool.close();
+    // The close runs user code (the failed waiters' wakers): a panic there must not keep
+    // the floors from going back (an ancestor's drop barrier would wait for them), so it
+    // goes on after they did.
+    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.close()));
     let mut descendants = Vec::new();
     pool.collect_descendants(&mut descendants);
     settle(|deferred| {
@@ -156,6 +159,9 @@ pub(crate) fn close(pool: &State) {
         }
         retire_floor(pool, deferred);
     });
+    if let Err(panic) = closed {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// Retires `pool`'s floor ([`State::retire_floor`]) and gives what was free of it back to
