@@ -119,7 +119,8 @@ impl BufPool {
     /// Creates a child pool named `name`, inside this pool's budget.
     ///
     /// A child is a `BufPool` like any other, with its own buffer size, budget, FIFO queue,
-    /// statistics and options ([`BufPoolBuilder::parent`](crate::BufPoolBuilder::parent) gives it the builder's options).
+    /// statistics and options ([`BufPoolBuilder::parent`](crate::BufPoolBuilder::parent) gives
+    /// it the builder's options).
     /// Its bytes in use count against its own `max_memory` and against every ancestor's, so
     /// a parent's [`stats`](BufPool::stats) `in_use_bytes` includes all its descendants'
     /// (its `outstanding` and allocation counts are its own). Children nest to any depth;
@@ -137,7 +138,8 @@ impl BufPool {
     ///   and its descendants'; never for a sibling's. Dropping a parent waits for every
     ///   allocation of its subtree. A child handle may outlive its parent's handle: the
     ///   parent's state lives on until its last child is gone.
-    /// * A child's cache of freed blocks ([`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)) counts against the
+    /// * A child's cache of freed blocks
+    ///   ([`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)) counts against the
     ///   child's own cap; a parent's `in use + cached <= budget` covers its own cache.
     ///
     /// # Errors
@@ -879,8 +881,7 @@ impl BufPool {
 
     /// The async counterpart of [`shutdown_timeout`](BufPool::shutdown_timeout): closes the
     /// pool, drops its reclaimer registrations and waits for every allocation to come back
-    /// or for `deadline` to complete,
-    /// whichever is first, then returns the stats. Any future serves as the deadline, so no
+    /// or for `deadline` to complete, whichever is first, then returns the stats. Any future serves as the deadline, so no
     /// runtime is tied in: `tokio::time::sleep(d)`, a shutdown signal, a channel.
     ///
     /// # Cancel safety

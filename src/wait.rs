@@ -647,7 +647,13 @@ impl Request {
             let level = *progress.levels as usize;
             let ancestor = pool.at_level(level);
             let lower = pool.at_level(level - 1);
-            if lower.take_floor(bytes) {
+            // It waited for a place and a level it holds was closed meanwhile (closing a
+            // pool closes its descendants, so `pool` is): a waiting request fails, whatever
+            // room the next level or a floor has. (One granted a level below before the
+            // close, that never waited up here, completes as a granted root request does; a
+            // full queue's `admit` refuses it if its pool closed.)
+            let closed = was_awaiting_room && pool.is_closed();
+            if !closed && lower.take_floor(bytes) {
                 // The floor of the pool below holds all of it, and its ancestors counted the
                 // floor long ago: nothing more to climb.
                 break;
@@ -655,12 +661,7 @@ impl Request {
             // A level it holds shrank below it since (`set_max_memory` fails such requests
             // where they wait; this one was between two queues).
             let below = pool.smallest_budget_below(ancestor);
-            let held = if was_awaiting_room && pool.is_closed() {
-                // It waited for a place and a level it holds was closed meanwhile (closing
-                // a pool closes its descendants, so `pool` is): a waiting request fails,
-                // whatever room the next level has. (One granted a level below before the
-                // close, that never waited up here, completes as a granted root request
-                // does; a full queue's `admit` refuses it if its pool closed.)
+            let held = if closed {
                 Err(AllocError::Closed)
             } else if bytes > below {
                 Err(AllocError::ExceedsBudget {
