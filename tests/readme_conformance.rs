@@ -2443,7 +2443,9 @@ async fn wait_figures_never_go_down_and_the_mean_is_never_above_the_max() {
                     assert!(now.total_wait >= last.total_wait, "{last} then {now}");
                     assert!(now.max_wait >= last.max_wait, "{last} then {now}");
                     assert!(now.mean_wait() <= now.max_wait, "{now}");
-                    assert!(now.total_allocations >= last.total_allocations);
+                    // Not `total_allocations`: guarantee 10 promises the wait figures only;
+                    // the allocation counts are exact when quiescent and may be off by one
+                    // counter wrap (64) between two reads under load (CI saw it go down).
                     last = now;
                     reads += 1;
                 }
