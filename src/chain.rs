@@ -176,15 +176,18 @@ fn retire_floor(pool: &State, deferred: &mut Deferred) {
 
 // SAFETY: `is_drained` reads the budget word, which counts the bytes of every live block from
 // the reservation that made it (`block` below is only called with reserved bytes) until
-// `release` gives them back. `release` gives the block's own level back last: in its last
-// access to `self` (`State::release_block`'s compare-exchange), or under the queue lock,
-// touching `self` afterwards only under that lock (`quiesce` takes the same lock), or after
-// `keep_alive`, returning the kept-alive handle instead of dropping it. Bytes of ancestors
-// (child pools) go back first, while this pool's own bytes still keep it (and the parent it
-// holds) alive. The user code owed runs after that, and touches no pool: it holds wakers and
-// drain events of its own. `release_owned` runs only for blocks marked owned (`own` counted
-// them while the owner's handle is kept in the pool), so the pool outlives it: it disowns the
-// block after giving its bytes back and returns the handle rather than dropping it.
+// its release gives them back. Both releases hold the pool only as a reference made in their
+// own frame from the `PoolAccess` (never as an argument), and give the block's own level back
+// last, in that frame: with `BudgetWord::try_release`, whose `&self` covers only an atomic,
+// after every method of the pool they called has returned; or by ending a `Released`, which
+// unlocks the queue lock under which the bytes went back (the pool touched since only under
+// it; `quiesce` takes the same lock), or returns the handle `keep_alive` gave, to be dropped
+// by the caller. Bytes of ancestors (child pools) go back first, while this pool's own bytes
+// still keep it (and the parent it holds) alive. The user code owed runs after that, and
+// touches no pool: it holds wakers and drain events of its own. `release_owned` runs only for
+// blocks marked owned (`own` counted them while the owner's handle is kept in the pool), so
+// the pool outlives it: it disowns the block after giving its bytes back and returns the
+// handle rather than dropping it.
 unsafe impl Pool for State {
     type Unreleased = Unreleased;
 
@@ -194,17 +197,19 @@ unsafe impl Pool for State {
     }
 
     #[inline(always)]
-    fn release(&self, memory: Memory) -> Option<Unreleased> {
-        if self.parent().is_some() {
+    fn release(access: PoolAccess<State>, memory: Memory) -> Option<Unreleased> {
+        let pool = access.until_given_back();
+        if pool.parent().is_some() {
             return Some(Unreleased::ChildBlock(memory));
         }
-        if self.is_queued() {
+        if pool.is_queued() {
             // Someone waits: the head may take this very block (no free, no allocation).
             return Some(Unreleased::QueuedBlock(memory));
         }
         let bytes = memory.bytes();
-        self.recycle(memory);
-        if self.try_release_block(bytes) {
+        pool.recycle(memory);
+        // The last step, here in this frame: the pool may be gone once it succeeded.
+        if pool.budget_word().try_release(bytes) {
             return None;
         }
         Some(Unreleased::Bytes(bytes))
@@ -213,12 +218,13 @@ unsafe impl Pool for State {
     #[cold]
     #[inline(never)]
     fn release_slow(
-        pool: PoolAccess<State>,
+        access: PoolAccess<State>,
         rest: Unreleased,
         keep_alive: impl FnOnce() -> Arc<State>,
     ) -> Option<Arc<State>> {
+        let pool = access.until_given_back();
         let mut deferred = Deferred::default();
-        let handle = pool.books(|pool| match rest {
+        let released = match rest {
             // A root pool's block released while requests wait: handed to the head, or freed
             // and settled (`State::release_block_queued`).
             Unreleased::QueuedBlock(memory) => {
@@ -227,43 +233,50 @@ unsafe impl Pool for State {
             // A root pool's block whose release the fast path could not make.
             Unreleased::Bytes(bytes) => pool.release_block_slow(bytes, keep_alive, &mut deferred),
             // A child pool's block: every ancestor's level first (while the block's own bytes
-            // keep the pool alive), then its own.
+            // keep the pool alive), then its own, last, here in this frame.
             Unreleased::ChildBlock(memory) => {
                 let bytes = memory.bytes();
                 pool.recycle(memory);
                 give_back_above_completed(pool, bytes, &mut deferred);
-                pool.release_block(bytes, keep_alive, &mut deferred)
+                if pool.budget_word().try_release(bytes) {
+                    return deferred.run_all(None);
+                }
+                pool.release_block_slow(bytes, keep_alive, &mut deferred)
             }
-        });
-        // The user code owed, now that no frame of this release borrows the pool.
+        };
+        // The last step (an unlock, if the bytes went back under the lock), then the user
+        // code owed, now that no frame of this release borrows the pool.
+        let handle = released.end();
         deferred.run_all(handle)
     }
 
     #[cold]
     #[inline(never)]
     fn release_owned(
-        pool: PoolAccess<State>,
+        access: PoolAccess<State>,
         memory: Memory,
         keep_alive: impl FnOnce() -> Arc<State>,
     ) -> Option<std::sync::Arc<dyn Send + Sync>> {
+        let pool = access.until_given_back();
         let mut deferred = Deferred::default();
         // The owner's handle keeps the pool alive throughout: every level is given back as
         // with a handle, and the block is disowned, before any user code runs (a panicking
         // waker must not leave the pool owned forever); then, if this was the last owned
         // block, the handle goes to the caller to drop (which may run the pool's drop), or is
         // dropped by the unwinding.
-        let handle = pool.books(|pool| {
-            if pool.parent().is_none() && pool.is_queued() {
-                // As `release`: the head may take this very block. Not the last handle (the
-                // owner's is), so its drop runs nothing.
-                drop(pool.release_block_queued(memory, keep_alive, &mut deferred));
-            } else {
-                let bytes = memory.bytes();
-                pool.recycle(memory);
-                give_back_completed(pool, bytes, true, &mut deferred);
-            }
-            pool.disown()
-        });
+        if pool.parent().is_none() && pool.is_queued() {
+            // As `release`: the head may take this very block. Not the last handle (the
+            // owner's is), so its drop runs nothing.
+            drop(
+                pool.release_block_queued(memory, keep_alive, &mut deferred)
+                    .end(),
+            );
+        } else {
+            let bytes = memory.bytes();
+            pool.recycle(memory);
+            give_back_completed(pool, bytes, true, &mut deferred);
+        }
+        let handle = pool.disown();
         deferred.run_all(handle)
     }
 

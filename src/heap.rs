@@ -12,14 +12,22 @@
 //!    reserved the bytes).
 //! 2. The pool's owner drops its `Arc` ([`PoolHandle`]) only once the pool is drained, and
 //!    leaks it rather than drop it if the barrier was cut short.
-//! 3. [`Pool::release`] gives the bytes back as its very last access to the pool, or under the
+//! 3. A release gives the bytes back as its very last access to the pool, or under the
 //!    pool's lock and then touches the pool only under that lock (the owner takes the lock
 //!    once, [`Pool::quiesce`], after it saw the pool drained and before it drops its `Arc`),
 //!    unless it first took a strong reference with the `keep_alive` it is given.
-//! 4. The user code a release owes (the wakers of the requests it served, which may drop the
-//!    pool's last handle or let another thread do it) runs only after every function that
-//!    borrowed the pool for the release has returned ([`PoolAccess`]): a reference passed to
-//!    a function must stay valid until the call returns, even if it is not used again.
+//! 4. That last step (the compare-exchange on a part of the pool made only of atomics, or
+//!    the unlock) is made in a frame that holds the pool through a [`PoolAccess`], not a
+//!    reference passed in: a reference passed to a function must stay valid until the call
+//!    returns, even if it is not used again (Rust's aliasing rules; Miri's Stacked and Tree
+//!    Borrows check it), and once the bytes are back another thread may free the pool. So no
+//!    method of the pool that takes `&self` is still running when the bytes go back; only
+//!    the atomic's own method (whose `&self` covers nothing but an `UnsafeCell`, as in
+//!    `Arc`'s drop) or the lock guard's drop is.
+//! 5. The user code a release owes (the wakers of the requests it served, which may drop the
+//!    pool's last handle or let another thread do it) runs only after that last step, in
+//!    the same frame, for the same reason.
+
 
 use core::alloc::Layout;
 use core::mem::{ManuallyDrop, MaybeUninit};
@@ -33,12 +41,14 @@ use crate::sync::Arc;
 /// # Safety
 ///
 /// `is_drained` returns `false` while the bytes of any live [`Block`] of this pool are
-/// counted, and `release` gives a block's bytes back as its last access to `self`, or while
-/// it holds the lock `quiesce` takes (touching `self` after that only under it), unless it
-/// called `keep_alive` first (and then returns that handle instead of dropping it).
-/// `release_owned` is called only for blocks marked owned, whose pool an owner's handle keeps
-/// alive until that release returns the handle: it may touch `self` after the bytes are back.
-/// `release` returns `None` only once the bytes are back, and gives none back otherwise.
+/// counted. `release` and `release_slow` give a block's bytes back as their last access to
+/// the pool, made as the module docs' rules 3 and 4 say (through the [`PoolAccess`] they are
+/// given, in their own frame), or while they hold the lock `quiesce` takes (touching the
+/// pool after that only under it), unless they called `keep_alive` first (and then return
+/// that handle instead of dropping it). `release_owned` is called only for blocks marked
+/// owned, whose pool an owner's handle keeps alive until that release returns the handle: it
+/// may touch the pool after the bytes are back. `release` returns `None` only once the bytes
+/// are back, and gives none back otherwise.
 pub(crate) unsafe trait Pool: Sized {
     /// What [`release`](Pool::release) leaves to [`release_slow`](Pool::release_slow).
     type Unreleased;
@@ -49,12 +59,11 @@ pub(crate) unsafe trait Pool: Sized {
     /// The fast path: frees or caches `memory` and gives its bytes back to the budget when
     /// that takes no lock and owes no user code (`None`); otherwise gives no bytes back and
     /// leaves the rest to [`release_slow`](Pool::release_slow).
-    fn release(&self, memory: Memory) -> Option<Self::Unreleased>;
+    fn release(pool: PoolAccess<Self>, memory: Memory) -> Option<Self::Unreleased>;
 
-    /// The rest of a release: its books inside [`PoolAccess::books`], then the user code
-    /// they owe (wakers), run where no frame of the release borrows the pool, since that
-    /// code may drop the pool's last handle. The handle `keep_alive` gave, if any, is
-    /// returned for the caller to drop.
+    /// The rest of a release: its books, its last step (module docs, rule 4), then the user
+    /// code they owe (wakers), which may drop the pool's last handle. The handle
+    /// `keep_alive` gave, if any, is returned for the caller to drop.
     fn release_slow(
         pool: PoolAccess<Self>,
         rest: Self::Unreleased,
@@ -63,9 +72,9 @@ pub(crate) unsafe trait Pool: Sized {
 
     /// The release of a block marked with [`Block::set_owned`]: the pool is kept alive
     /// throughout by its owner's handle, which may be returned (the last owned block's),
-    /// for the caller to drop. As `release_slow`, the user code owed runs outside
-    /// [`PoolAccess::books`]; `keep_alive` as for it (a path that gives the bytes back
-    /// outside the lock may take a handle).
+    /// for the caller to drop. As `release_slow`, the user code owed runs after the books;
+    /// `keep_alive` as for it (a path that gives the bytes back outside the lock may take a
+    /// handle).
     fn release_owned(
         pool: PoolAccess<Self>,
         memory: Memory,
@@ -288,36 +297,48 @@ impl<P: Pool> Drop for Block<P> {
             drop(P::release_owned(access, memory, keep_alive));
             return;
         }
-        let Some(rest) = self.pool().release(memory) else {
+        let Some(rest) = P::release(access, memory) else {
             return;
         };
         drop(P::release_slow(access, rest, keep_alive));
     }
 }
 
-/// A block's pool, for the slow steps of the block's release (see [`Pool::release_slow`]):
-/// a pointer, not a reference, so that no frame of the release borrows the pool while the
-/// user code the release owes runs. Only a block's drop makes one.
+/// A block's pool, for the steps of the block's release (see [`Pool`]): a pointer, not a
+/// reference, so that no frame of the release holds the pool as an argument when the
+/// block's bytes go back, or while the user code the release owes runs. Only a block's drop
+/// makes one.
 ///
 /// Why it matters: a reference passed to a function must stay valid until the call returns
-/// (Rust's aliasing rules; Miri's Stacked and Tree Borrows check it), and a waker woken by
-/// the release may drop the pool's last handle, or let another thread do it, and so free the
-/// state. So the books are written inside [`books`](PoolAccess::books), and the wakers run
-/// after it returned.
+/// (Rust's aliasing rules; Miri's Stacked and Tree Borrows check it), while once the bytes
+/// are back, or a waker woken by the release has run, another thread may free the pool
+/// (module docs, rules 3 to 5).
 pub(crate) struct PoolAccess<P> {
     pool: NonNull<P>,
 }
 
+// Not derived: that would ask `P: Copy`.
+impl<P> Clone for PoolAccess<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P> Copy for PoolAccess<P> {}
+
 impl<P: Pool> PoolAccess<P> {
-    /// Runs the release's books on the pool, once (the access is spent): `books` must give
-    /// the block's bytes back as its last use of the pool, as the [`Pool`] contract says,
-    /// and run no user code.
+    /// The pool, as a reference made in the caller's own frame (a local, where Rust's
+    /// aliasing rules ask nothing of it once it is no longer used). Use it only until the
+    /// step that gives the block's bytes back, and make that step in the same frame: the
+    /// compare-exchange on a part of the pool made only of atomics, or the drop of the
+    /// lock's guard (module docs, rule 4). A method of the pool called with it must have
+    /// returned by then.
     #[inline(always)]
-    pub(crate) fn books<R>(self, books: impl FnOnce(&P) -> R) -> R {
+    pub(crate) fn until_given_back<'a>(self) -> &'a P {
         // SAFETY: made by a block's drop, whose bytes are still counted (nothing gave them
-        // back before: `Pool::release` returned them as not released), so the pool's `Arc`
-        // is alive (see the module docs) until `books` gives them back.
-        books(unsafe { self.pool.as_ref() })
+        // back before: the caller uses it only until it does), so the pool's `Arc` is alive
+        // (see the module docs); the reference is shared, as every other is.
+        unsafe { self.pool.as_ref() }
     }
 }
 

@@ -47,6 +47,36 @@ pub(crate) enum Attempt {
     Failed(AllocError),
 }
 
+/// How a block's release that the fast path could not make left the pool
+/// ([`State::release_block_slow`], [`State::release_block_queued`]): its bytes are back,
+/// and the caller ends the release with [`end`](Released::end) in its own frame, not in a
+/// method of the pool (`heap.rs`, rule 4).
+#[must_use = "the lock is held until this is ended"]
+pub(crate) struct Released<'a>(Ending<'a>);
+
+enum Ending<'a> {
+    /// The bytes went back under the queue lock, still held: unlocking is the release's last
+    /// touch of the pool, which may be gone right after.
+    Locked(crate::sync::MutexGuard<'a, Queue>),
+    /// The bytes went back outside the lock, with this handle on the pool taken first.
+    KeptAlive(Arc<State>),
+}
+
+impl Released<'_> {
+    /// Unlocks the pool, if the release still holds its lock, and returns the handle taken
+    /// on it, if any, for the caller to drop after the user code owed.
+    #[inline(always)]
+    pub(crate) fn end(self) -> Option<Arc<State>> {
+        match self.0 {
+            Ending::Locked(queue) => {
+                drop(queue);
+                None
+            }
+            Ending::KeptAlive(pool) => Some(pool),
+        }
+    }
+}
+
 /// What a request that may wait got under the lock.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub(crate) enum Admission {
@@ -1237,35 +1267,20 @@ impl State {
 
     // ---- release ----
 
-    /// The fast path of a block's release of `bytes` of this pool's own level (its
-    /// ancestors' levels already given back): one compare-exchange, after which the pool may
-    /// be gone. `false`: take [`release_block_slow`](State::release_block_slow).
+    /// The budget word, for the last step of a block's release: it is made only of an
+    /// atomic, so the release gives its bytes back with [`BudgetWord::try_release`] in its
+    /// own frame, after every method of the pool it called has returned (`heap.rs`, rule 4).
     #[inline(always)]
-    pub(crate) fn try_release_block(&self, bytes: usize) -> bool {
-        self.word.try_release(bytes)
+    pub(crate) fn budget_word(&self) -> &BudgetWord {
+        &self.word
     }
 
     /// A block's release of `bytes` of this pool's own level (its ancestors' levels already
-    /// given back), without a handle on the pool: after the bytes are back the pool may be
-    /// gone, unless `keep_alive` was called, whose handle is returned.
-    #[inline]
-    pub(crate) fn release_block(
-        &self,
-        bytes: usize,
-        keep_alive: impl FnOnce() -> Arc<State>,
-        deferred: &mut Deferred,
-    ) -> Option<Arc<State>> {
-        if self.try_release_block(bytes) {
-            return None;
-        }
-        self.release_block_slow(bytes, keep_alive, deferred)
-    }
-
-    /// A block's release that the fast path could not make.
+    /// given back) that the fast path could not make.
     ///
-    /// While requests wait (`QUEUED`), the bytes go back under the queue lock, and after that
-    /// the pool is touched only under the lock: the pool's drop takes the lock once after it
-    /// sees the bytes back (`Pool::quiesce`), so it waits for us without a reference count
+    /// While requests wait (`QUEUED`), the bytes go back under the queue lock, which the
+    /// result still holds: the pool's drop takes the lock once after it sees the bytes back
+    /// (`Pool::quiesce`), so it waits for the caller to drop it, without a reference count
     /// (two atomic read-modify-writes saved on every release that serves a waiter). A release
     /// that drains the pool takes a handle on the drain event (not the pool) under the lock,
     /// to notify it later. Without `QUEUED` (drain waiters, or the release counter wraps) the
@@ -1277,17 +1292,16 @@ impl State {
         bytes: usize,
         keep_alive: impl FnOnce() -> Arc<State>,
         deferred: &mut Deferred,
-    ) -> Option<Arc<State>> {
+    ) -> Released<'_> {
         if !self.word.load().is_queued() {
             let pool = keep_alive();
             pool.release_slow(bytes, true, deferred);
-            return Some(pool);
+            return Released(Ending::KeptAlive(pool));
         }
         let now = self.clock();
         let mut queue = lock(&self.queue);
         self.settle_locked(bytes, true, &mut queue, deferred, now);
-        // Unlocked when `queue` goes: from here on the pool may be gone.
-        None
+        Released(Ending::Locked(queue))
     }
 
     /// A root pool's block released while requests wait (`QUEUED` was seen before its memory
@@ -1304,7 +1318,7 @@ impl State {
         memory: Memory,
         keep_alive: impl FnOnce() -> Arc<State>,
         deferred: &mut Deferred,
-    ) -> Option<Arc<State>> {
+    ) -> Released<'_> {
         let bytes = memory.bytes();
         let now = self.clock();
         let mut queue = lock(&self.queue);
@@ -1314,7 +1328,7 @@ impl State {
         let fits = || bytes <= self.budget().saturating_sub(word.in_use() - bytes);
         if word.is_queued() && queue.list.front_takes_block(bytes) && fits() {
             self.hand_over_locked(memory, &mut queue, deferred, now);
-            return None;
+            return Released(Ending::Locked(queue));
         }
         if bytes >= FREE_UNLOCKED_FROM {
             // Freeing a large block may be a system call: not under the lock others wait for.
@@ -1326,7 +1340,7 @@ impl State {
         // Queued, so the recycler would not keep it: freed.
         self.recycle(memory);
         self.settle_locked(bytes, true, &mut queue, deferred, now);
-        None
+        Released(Ending::Locked(queue))
     }
 
     /// With the lock held and `QUEUED` set: the head takes the released block with its bytes

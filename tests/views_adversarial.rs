@@ -2217,3 +2217,58 @@ fn pool_state_freed_on_another_thread_while_a_release_runs_a_slow_waker() {
         waiter.join().unwrap();
     });
 }
+
+/// How many rounds the two races below run: enough for Miri's random preemption to land in
+/// the window now and then, few enough for its speed.
+const RACE_ROUNDS: usize = if cfg!(miri) { 60 } else { 300 };
+
+/// A release's last step (the fast path's compare-exchange) racing the pool's drop on
+/// another thread, which frees the state as soon as it sees the bytes back: the release
+/// must not still hold the pool as an argument of a running function then (`heap.rs`,
+/// rule 4). Miri reports that as UB (a protected reference's memory freed) when its
+/// scheduler preempts the releasing thread right after the compare-exchange.
+#[test]
+fn pool_freed_right_after_a_releases_last_step_on_the_fast_path() {
+    watchdog(120, || {
+        for _ in 0..RACE_ROUNDS {
+            let pool = common::pool(BufferSize::S64, 4);
+            let allocation = pool.try_allocate(1).unwrap();
+            let releaser = thread::spawn(move || drop(allocation));
+            while pool.stats().outstanding != 0 {
+                thread::yield_now();
+            }
+            drop(pool);
+            releaser.join().unwrap();
+        }
+    });
+}
+
+/// The same for a release that hands its block to a waiting thread under the pool's lock:
+/// the waiter can take its grant as soon as the lock is free, drop the allocation and the
+/// pool's last handle, and the pool's drop frees the state (its `quiesce` waits for the
+/// lock only), while the releasing thread returns from its unlock.
+#[test]
+fn pool_freed_right_after_a_release_unlocks_the_queue() {
+    watchdog(120, || {
+        for _ in 0..RACE_ROUNDS {
+            let pool = Arc::new(common::pool(BufferSize::S64, 1));
+            let held = pool.try_allocate(1).unwrap();
+            let waiter = {
+                let pool = Arc::clone(&pool);
+                thread::spawn(move || {
+                    let allocation = pool.allocate_blocking(1).unwrap();
+                    drop(allocation);
+                    // The last handle (the test's went below): the pool's drop runs here.
+                    drop(pool);
+                })
+            };
+            while pool.stats().waiting == 0 {
+                thread::yield_now();
+            }
+            drop(pool);
+            let releaser = thread::spawn(move || drop(held));
+            releaser.join().unwrap();
+            waiter.join().unwrap();
+        }
+    });
+}
