@@ -105,6 +105,14 @@ impl BufPoolBuilder {
     /// footprint, live plus cached, above the budget. Zeroed requests always get fresh
     /// zeroed memory.
     ///
+    /// A tree of pools has one cache, its root's: set this (and
+    /// [`recycle_min_bytes`](BufPoolBuilder::recycle_min_bytes)) on the root. The freed
+    /// blocks of every child pool go to the root's cache (when their alignment is the
+    /// root's) and count against the root's budget there, so the whole tree, cached blocks
+    /// included, stays within the root's `max_memory`. On a child pool these two settings
+    /// have no effect: a cache of the child's own would hold memory its ancestors no longer
+    /// count.
+    ///
     /// # Examples
     ///
     /// ```
@@ -324,7 +332,6 @@ impl BufPoolBuilder {
     /// let tenant = BufPool::builder(BufPoolCfg { buffer_size: BufferSize::S4096, max_memory: 64 << 10 })
     ///     .name("tenant-a")
     ///     .parent(&pool)
-    ///     .recycle(8)
     ///     .build()?;
     /// let allocation = tenant.try_allocate(4).unwrap();
     /// assert_eq!(pool.stats().in_use_bytes, 4 * 4096);
@@ -389,7 +396,12 @@ impl BufPoolBuilder {
             crate::clock::start();
         }
         let align = buffer_size.bytes().min(self.align);
-        let recycler = Recycler::new(self.recycle_min_bytes, self.recycle_max_per_size);
+        // A child's freed blocks go to its root's cache (`State::cache_keeper`): none of its own.
+        let recycler = if self.parent.is_some() {
+            Recycler::new(self.recycle_min_bytes, 0)
+        } else {
+            Recycler::new(self.recycle_min_bytes, self.recycle_max_per_size)
+        };
         let config = Config {
             name: self.name,
             buffer_size,
@@ -409,7 +421,10 @@ impl BufPoolBuilder {
         let parent = self.parent;
         let pool = BufPool::from_state(State::new(max_memory, config, recycler, parent.clone()));
         if let Some(parent) = parent {
-            parent.adopt(pool.state());
+            if parent.adopt(pool.state()) {
+                // A child of a closed pool is closed, its floor back at once.
+                crate::chain::close(pool.state());
+            }
         }
         Ok(pool)
     }

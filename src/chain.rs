@@ -150,6 +150,8 @@ pub(crate) fn close(pool: &State) {
     // the floors from going back (an ancestor's drop barrier would wait for them), so it
     // goes on after they did.
     let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.close()));
+    // Collected after the close: a child adopted meanwhile saw `CLOSED` (`State::adopt`)
+    // and retires its own floor.
     let mut descendants = Vec::new();
     pool.collect_descendants(&mut descendants);
     settle(|deferred| {

@@ -134,6 +134,11 @@ impl Memory {
         self.layout.size()
     }
 
+    /// The alignment it was allocated with.
+    pub(crate) fn align(&self) -> usize {
+        self.layout.align()
+    }
+
     /// Writes zeros over every byte.
     pub(crate) fn fill_zero(&mut self) {
         // SAFETY: `ptr` points to `bytes()` bytes owned by `self` alone.

@@ -138,9 +138,9 @@ impl BufPool {
     ///   and its descendants'; never for a sibling's. Dropping a parent waits for every
     ///   allocation of its subtree. A child handle may outlive its parent's handle: the
     ///   parent's state lives on until its last child is gone.
-    /// * A child's cache of freed blocks
-    ///   ([`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)) counts against the
-    ///   child's own cap; a parent's `in use + cached <= budget` covers its own cache.
+    /// * A tree has one cache of freed blocks, its root's
+    ///   ([`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)): a child's freed
+    ///   blocks go there, so the root's `in use + cached <= budget` covers the whole tree.
     ///
     /// # Errors
     ///

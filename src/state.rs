@@ -848,14 +848,15 @@ impl State {
         core::ptr::from_ref(self).addr()
     }
 
-    /// Registers `child` (just built with this pool as its parent); a child of a closed pool
-    /// is closed. Either the child is registered before `close` copies the list, or it sees
-    /// `CLOSED` (set before the copy) here.
-    pub(crate) fn adopt(&self, child: &Arc<State>) {
+    /// Registers `child` (just built with this pool as its parent) and tells whether this
+    /// pool is closed, in which case the caller closes the child (`chain::close`, which also
+    /// retires its floor). Either the child is registered before `chain::close` of this pool
+    /// (or of an ancestor) copies the list of descendants, which it does after it set
+    /// `CLOSED` and closes every one it finds open, or this sees `CLOSED`: the children's lock
+    /// orders the two.
+    pub(crate) fn adopt(&self, child: &Arc<State>) -> bool {
         lock(&self.children).push(Arc::clone(child));
-        if self.is_closed() {
-            child.close();
-        }
+        self.is_closed()
     }
 
     /// Takes this pool out of its parent's registry (its handle is being dropped, after its
@@ -1220,40 +1221,61 @@ impl State {
 
     /// The memory for `bytes` just reserved: fresh, or a cached block of that size; `None`
     /// if the system allocator has none.
+    ///
+    /// The cache is the root pool's, for the whole tree ([`cache_keeper`](State::cache_keeper)),
+    /// so fresh memory for any pool of the tree first makes room in it.
     #[inline(always)]
     pub(crate) fn memory_for(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
-        if self.recycler.is_idle_for(bytes) {
+        let keeper = self.cache_keeper();
+        if keeper.recycler.is_idle_for(bytes) {
             Memory::fresh(self.config.align, bytes, zeroed)
         } else {
-            self.recycled_or_fresh(bytes, zeroed)
+            self.recycled_or_fresh(keeper, bytes, zeroed)
         }
     }
 
     /// The memory when recycling is on for this size or blocks are cached.
     #[cold]
     #[inline(never)]
-    fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
-        if !zeroed {
-            if let Some(memory) = self.recycler.take(bytes, || self.footprint()) {
+    fn recycled_or_fresh(&self, keeper: &State, bytes: usize, zeroed: bool) -> Option<Memory> {
+        // The cache holds blocks of the root's alignment: a pool whose blocks need another
+        // takes none of them (but still makes room, below).
+        if !zeroed && keeper.config.align == self.config.align {
+            if let Some(memory) = keeper.recycler.take(bytes, || keeper.footprint()) {
                 return Some(memory);
             }
         }
         // Fresh zeroed memory (often untouched pages) is cheaper than zeroing a used block.
-        self.recycler.make_room(|| self.footprint());
+        keeper.recycler.make_room(|| keeper.footprint());
         Memory::fresh(self.config.align, bytes, zeroed)
     }
 
-    /// A released block's memory: cached for reuse, or freed. Touches no budget.
+    /// A released block's memory: cached for reuse, or freed. Touches no budget. Called
+    /// while the block's bytes are still counted at every level of its chain.
     #[inline(always)]
     pub(crate) fn recycle(&self, memory: Memory) {
+        let keeper = self.cache_keeper();
         let bytes = memory.bytes();
-        if self.recycler.never_keeps(bytes) {
+        if keeper.recycler.never_keeps(bytes) || memory.align() != keeper.config.align {
             drop(memory);
-        } else if let Some(memory) =
-            self.recycler
-                .put(memory, || self.word.load().is_queued(), || self.footprint())
-        {
+        } else if let Some(memory) = keeper.recycler.put(
+            memory,
+            || keeper.word.load().is_queued(),
+            || keeper.footprint(),
+        ) {
             drop(memory);
+        }
+    }
+
+    /// The pool whose cache keeps this pool's freed blocks: the root of its tree. A cache
+    /// lower down would hold memory its ancestors no longer count (a block's bytes go back
+    /// at every level when it is released), so the tree could hold more than the root's
+    /// budget; at the root, cached blocks count against the budget that caps the whole tree.
+    #[inline(always)]
+    fn cache_keeper(&self) -> &State {
+        match self.parent {
+            None => self,
+            Some(_) => self.at_level(self.depth()),
         }
     }
 
@@ -1813,12 +1835,18 @@ impl State {
     /// that room only goes to requests of pools still open. (A request between two levels
     /// finds its pool closed when it tries to queue at the next one: see `admit`.)
     pub(crate) fn close(&self) {
-        let mut descendants = Vec::new();
-        self.collect_descendants(&mut descendants);
         settle(|deferred| {
             self.fail_waiters(|_, _| Some(Failure::Closed), || self.word.close(), deferred);
-            for pool in &descendants {
+            // Each pool's children are read only once it is closed: a child being built
+            // meanwhile is either registered in time to be found here, or sees its parent
+            // closed when it registers (`adopt`; the children's lock orders the two), at
+            // every depth.
+            let mut descendants: Vec<Arc<State>> = Vec::new();
+            let mut unread = lock(&self.children).clone();
+            while let Some(pool) = unread.pop() {
                 pool.fail_waiters(|_, _| Some(Failure::Closed), || pool.word.close(), deferred);
+                unread.extend(lock(&pool.children).iter().cloned());
+                descendants.push(pool);
             }
             let origins = Self::origins(self, &descendants);
             self.fail_in_ancestors(
