@@ -1298,6 +1298,85 @@ fn a_closed_floors_bytes_go_back_racing_its_release() {
     });
 }
 
+/// Model 37 (found by `tests/race_adversarial.rs`: a child built while its parent closed
+/// stayed open, its floor set aside for good): a floored grandchild is built under `mid`
+/// while the main thread closes the root. Whatever the order, once both are done the
+/// grandchild is closed (the README: a child of a closed pool is created closed, and
+/// closing a pool closes its descendants) and its floor is back in `mid` and the root, so
+/// the root's drop barrier would pass while the grandchild lives. With a close that reads
+/// a pool's children before it closes that pool, the grandchild registered in between stays
+/// open (the first assertion).
+#[test]
+fn a_child_built_while_an_ancestor_closes_is_closed() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let mid = Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BUF,
+                max_memory: 2 * B,
+            })
+            .parent(&root)
+            .build()
+            .unwrap(),
+        );
+        let builder = {
+            let mid = mid.clone();
+            thread::spawn(move || {
+                BufPool::builder(BufPoolCfg {
+                    buffer_size: BUF,
+                    max_memory: B,
+                })
+                .parent(&mid)
+                .build()
+                .unwrap()
+            })
+        };
+        root.close();
+        let child = builder.join().unwrap();
+        assert!(child.is_closed(), "a child built under a closing tree stays open");
+    });
+}
+
+/// Model 37, with a floor: the grandchild's floor is set aside in `mid` and the root when
+/// it is built (or refused, if the root closed first). Whatever the order, once both are
+/// done nothing is in use in `mid` or the root: a child built closed gives its floor back at
+/// once. With a build that closes such a child without retiring its floor, the root keeps it.
+#[test]
+fn a_floored_child_built_while_an_ancestor_closes_gives_its_floor_back() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let mid = Arc::new(
+            BufPool::builder(BufPoolCfg {
+                buffer_size: BUF,
+                max_memory: 2 * B,
+            })
+            .parent(&root)
+            .build()
+            .unwrap(),
+        );
+        let builder = {
+            let mid = mid.clone();
+            thread::spawn(move || {
+                BufPool::builder(BufPoolCfg {
+                    buffer_size: BUF,
+                    max_memory: B,
+                })
+                .parent(&mid)
+                .min_memory(B)
+                .build()
+            })
+        };
+        root.close();
+        // The floor is refused if the root closed first.
+        let child = builder.join().unwrap();
+        if let Ok(child) = &child {
+            assert!(child.is_closed(), "a child built under a closing tree stays open");
+        }
+        assert_eq!(mid.stats().in_use_bytes, 0, "the closed child's floor stays in mid");
+        assert_eq!(root.stats().in_use_bytes, 0, "the closed child's floor stays set aside");
+    });
+}
+
 /// Model 32 (issue 21, found by Miri's scheduler in `tests/reclaim.rs`): two blocking
 /// waiters on a pool whose whole budget a registered cache holds, and nothing else
 /// releases. One drives the round; the other found it in flight and started none. Whatever
