@@ -49,7 +49,10 @@ pub mod metric_names {
     /// (`PoolStats::reclaim_time`).
     pub const RECLAIM_SECONDS_TOTAL: &str = "membudget_reclaim_seconds_total";
     /// Histogram: each wait, in seconds, from queueing to the waiter taking its allocation
-    /// (only for pools that time their waits, the default).
+    /// or reservation (only for pools that time their waits, the default), recorded by the
+    /// pool whose queue it waited in: a child's request that waited in an ancestor's queue
+    /// is that ancestor's. A grant given back untaken (its request dropped after the grant)
+    /// counts in `membudget_waited_total` but records no sample.
     pub const WAIT_SECONDS: &str = "membudget_wait_seconds";
     /// The label naming the pool.
     pub const POOL_LABEL: &str = "pool";

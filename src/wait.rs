@@ -36,6 +36,14 @@ pin_project! {
     /// (letting the waiters behind it move up), and budget already granted to it goes on to
     /// the next waiters at once.
     ///
+    /// # Panics
+    ///
+    /// Polling it again after it returned `Ready` may panic (the `Future` contract leaves
+    /// that to each future); the budget is not affected. The same goes for every budget
+    /// future of the crate ([`AllocateOwned`](crate::AllocateOwned),
+    /// [`Reserve`](crate::Reserve), [`ReserveOwned`](crate::ReserveOwned),
+    /// [`Grow`](crate::Grow)); `.await` never does it.
+    ///
     /// # Examples
     ///
     /// ```
