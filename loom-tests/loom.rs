@@ -1298,6 +1298,30 @@ fn a_closed_floors_bytes_go_back_racing_its_release() {
     });
 }
 
+/// A root of 2 buffers and a child `mid` of the same budget, for model 37.
+fn root_and_mid() -> (Arc<BufPool>, Arc<BufPool>) {
+    let root = Arc::new(pool(2));
+    let mid = BufPool::builder(BufPoolCfg {
+        buffer_size: BUF,
+        max_memory: 2 * B,
+    })
+    .parent(&root)
+    .build()
+    .unwrap();
+    (root, Arc::new(mid))
+}
+
+/// A child of `mid` with a budget of 1 buffer and a floor of `floor` bytes, for model 37.
+fn grandchild(mid: &BufPool, floor: usize) -> Result<BufPool, membudget::ConfigError> {
+    BufPool::builder(BufPoolCfg {
+        buffer_size: BUF,
+        max_memory: B,
+    })
+    .parent(mid)
+    .min_memory(floor)
+    .build()
+}
+
 /// Model 37 (found by `tests/race_adversarial.rs`: a child built while its parent closed
 /// stayed open, its floor set aside for good): a floored grandchild is built under `mid`
 /// while the main thread closes the root. Whatever the order, once both are done the
@@ -1309,27 +1333,10 @@ fn a_closed_floors_bytes_go_back_racing_its_release() {
 #[test]
 fn a_child_built_while_an_ancestor_closes_is_closed() {
     model(|| {
-        let root = Arc::new(pool(2));
-        let mid = Arc::new(
-            BufPool::builder(BufPoolCfg {
-                buffer_size: BUF,
-                max_memory: 2 * B,
-            })
-            .parent(&root)
-            .build()
-            .unwrap(),
-        );
+        let (root, mid) = root_and_mid();
         let builder = {
             let mid = mid.clone();
-            thread::spawn(move || {
-                BufPool::builder(BufPoolCfg {
-                    buffer_size: BUF,
-                    max_memory: B,
-                })
-                .parent(&mid)
-                .build()
-                .unwrap()
-            })
+            thread::spawn(move || grandchild(&mid, 0).unwrap())
         };
         root.close();
         let child = builder.join().unwrap();
@@ -1344,27 +1351,10 @@ fn a_child_built_while_an_ancestor_closes_is_closed() {
 #[test]
 fn a_floored_child_built_while_an_ancestor_closes_gives_its_floor_back() {
     model(|| {
-        let root = Arc::new(pool(2));
-        let mid = Arc::new(
-            BufPool::builder(BufPoolCfg {
-                buffer_size: BUF,
-                max_memory: 2 * B,
-            })
-            .parent(&root)
-            .build()
-            .unwrap(),
-        );
+        let (root, mid) = root_and_mid();
         let builder = {
             let mid = mid.clone();
-            thread::spawn(move || {
-                BufPool::builder(BufPoolCfg {
-                    buffer_size: BUF,
-                    max_memory: B,
-                })
-                .parent(&mid)
-                .min_memory(B)
-                .build()
-            })
+            thread::spawn(move || grandchild(&mid, B))
         };
         root.close();
         // The floor is refused if the root closed first.
