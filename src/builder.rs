@@ -398,7 +398,7 @@ impl BufPoolBuilder {
         let align = buffer_size.bytes().min(self.align);
         // A child's freed blocks go to its root's cache (`State::cache_keeper`): none of its own.
         let recycler = if self.parent.is_some() {
-            Recycler::new(self.recycle_min_bytes, 0)
+            Recycler::delegating()
         } else {
             Recycler::new(self.recycle_min_bytes, self.recycle_max_per_size)
         };

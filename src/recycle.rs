@@ -39,7 +39,8 @@ pub(crate) struct Footprint {
 
 #[derive(Debug)]
 pub(crate) struct Recycler {
-    /// Blocks smaller than this are never cached (`usize::MAX`: recycling is off).
+    /// Blocks smaller than this are never cached (`usize::MAX`: recycling is off; `0` with
+    /// no room for any block: [`delegating`](Recycler::delegating)).
     min_bytes: usize,
     max_per_size: usize,
     /// The bytes of the blocks in the cache (an evicted block's leave it once it is freed:
@@ -56,6 +57,19 @@ struct SizeClass {
 }
 
 impl Recycler {
+    /// The recycler of a child pool, which keeps no block: it is never idle and never says
+    /// a block is not kept, so every allocation and release of the child takes the pool's
+    /// slow path to the cache of its root (`State::cache_keeper`), leaving the root's fast
+    /// path one comparison as before.
+    pub(crate) fn delegating() -> Self {
+        Recycler {
+            min_bytes: 0,
+            max_per_size: 0,
+            cached_bytes: AtomicUsize::new(0),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+
     pub(crate) fn new(min_bytes: usize, max_per_size: usize) -> Self {
         Recycler {
             min_bytes: if max_per_size == 0 {

@@ -1223,21 +1223,25 @@ impl State {
     /// if the system allocator has none.
     ///
     /// The cache is the root pool's, for the whole tree ([`cache_keeper`](State::cache_keeper)),
-    /// so fresh memory for any pool of the tree first makes room in it.
+    /// so fresh memory for any pool of the tree first makes room in it. A child's recycler
+    /// is never idle ([`Recycler::delegating`]): its allocations take the slow path there.
     #[inline(always)]
     pub(crate) fn memory_for(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
-        let keeper = self.cache_keeper();
-        if keeper.recycler.is_idle_for(bytes) {
+        if self.recycler.is_idle_for(bytes) {
             Memory::fresh(self.config.align, bytes, zeroed)
         } else {
-            self.recycled_or_fresh(keeper, bytes, zeroed)
+            self.recycled_or_fresh(bytes, zeroed)
         }
     }
 
-    /// The memory when recycling is on for this size or blocks are cached.
+    /// The memory when recycling is on for this size or blocks are cached, or for a child.
     #[cold]
     #[inline(never)]
-    fn recycled_or_fresh(&self, keeper: &State, bytes: usize, zeroed: bool) -> Option<Memory> {
+    fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
+        let keeper = self.cache_keeper();
+        if keeper.recycler.is_idle_for(bytes) {
+            return Memory::fresh(self.config.align, bytes, zeroed);
+        }
         // The cache holds blocks of the root's alignment: a pool whose blocks need another
         // takes none of them (but still makes room, below).
         if !zeroed && keeper.config.align == self.config.align {
@@ -1254,9 +1258,19 @@ impl State {
     /// while the block's bytes are still counted at every level of its chain.
     #[inline(always)]
     pub(crate) fn recycle(&self, memory: Memory) {
+        if self.recycler.never_keeps(memory.bytes()) {
+            drop(memory);
+        } else {
+            self.recycle_slow(memory);
+        }
+    }
+
+    /// [`recycle`](State::recycle) when recycling is on for this size, or for a child.
+    #[cold]
+    #[inline(never)]
+    fn recycle_slow(&self, memory: Memory) {
         let keeper = self.cache_keeper();
-        let bytes = memory.bytes();
-        if keeper.recycler.never_keeps(bytes) || memory.align() != keeper.config.align {
+        if keeper.recycler.never_keeps(memory.bytes()) || memory.align() != keeper.config.align {
             drop(memory);
         } else if let Some(memory) = keeper.recycler.put(
             memory,
@@ -1271,7 +1285,6 @@ impl State {
     /// lower down would hold memory its ancestors no longer count (a block's bytes go back
     /// at every level when it is released), so the tree could hold more than the root's
     /// budget; at the root, cached blocks count against the budget that caps the whole tree.
-    #[inline(always)]
     fn cache_keeper(&self) -> &State {
         match self.parent {
             None => self,
