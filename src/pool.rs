@@ -663,8 +663,9 @@ impl BufPool {
     /// When a request of this pool, or of a descendant that is short at this pool's level,
     /// has to wait, the request itself (inside its poll, async or blocking; nothing is
     /// spawned) asks the reclaimers of this pool and of its descendants, one at a time, for
-    /// what the head of the queue still needs beyond the free room, until what they report
-    /// freed covers it or every one was asked. Freed bytes go out in FIFO order. One round
+    /// what the head of the queue still needs beyond the free room (read from the pool's
+    /// books after each one, not from their reports), until that is covered or every one
+    /// was asked. Freed bytes go out in FIFO order. One round
     /// is in flight per pool; a round that cannot cover its shortfall is not repeated until
     /// the pool changes (a release, a registration, a resize). `try_allocate` never
     /// triggers reclaim; [`reclaim_ahead`](BufPool::reclaim_ahead) serves callers that

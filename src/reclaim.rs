@@ -68,13 +68,14 @@ fn poll_round(
     level: usize,
     cx: &mut Context<'_>,
 ) -> Result<Option<Box<Round>>, Panic> {
-    let Poll::Ready((outcome, panic)) = round.poll(cx) else {
+    let scope = pool.at_level(level);
+    let Poll::Ready((outcome, panic)) = round.poll(cx, &mut || scope.round_still_short()) else {
         return Ok(Some(round));
     };
     // The round's user code first (dropped, under `catch_unwind`), then the books, then the
     // wake-ups they owe.
     let panic = panic.or_else(|| drop_quietly(round));
-    settle(|deferred| pool.at_level(level).end_round(outcome, deferred));
+    settle(|deferred| scope.end_round(outcome, deferred));
     match panic {
         Some(panic) => Err(panic),
         None => Ok(None),

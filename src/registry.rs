@@ -2,8 +2,8 @@
 //!
 //! A [`Registry`] is a pool's list of [`Registration`]s (a user's [`Reclaimer`] with its name,
 //! priority and counters). A [`Round`] asks a snapshot of the registrations in a pool's scope
-//! (the pool and its descendants) to free memory, one at a time, in order, until what they
-//! report freed covers the shortfall. Both are plain data: who starts a round, who drives it
+//! (the pool and its descendants) to free memory, one at a time, in order, until the pool's
+//! books show the shortfall covered. Both are plain data: who starts a round, who drives it
 //! and how it ends is the protocol of `reclaim.rs` and `state.rs`. Every call into a
 //! reclaimer (`estimate`, `reclaim`, polling or dropping its future) is user code: it runs
 //! here, never under a lock, each call under `catch_unwind`, so that a panic leaves the round
@@ -14,7 +14,7 @@ use core::pin::Pin;
 use core::task::{Context, Poll};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use crate::sync::Mutex;
@@ -25,8 +25,10 @@ use crate::sync::Mutex;
 /// Registered with [`BufPool::register_reclaimer`](crate::BufPool::register_reclaimer). When a
 /// request of the pool (or of a descendant that is short at this pool's level) has to wait,
 /// the request itself asks the reclaimers in scope, lowest priority first and largest
-/// [`estimate`](Reclaimer::estimate) first among equals, one at a time, until what they report
-/// freed covers the shortfall (see README, "Reclaim").
+/// [`estimate`](Reclaimer::estimate) first among equals (then registration order), one at a
+/// time, until the pool's books show the shortfall covered (what a reclaimer reports freed
+/// is counted in the statistics, but only bytes really back in the pool help; see README,
+/// "Reclaim").
 ///
 /// # Contract
 ///
@@ -130,7 +132,15 @@ impl Registration {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     entries: Mutex<Vec<Arc<Registration>>>,
-    next_id: AtomicU64,
+}
+
+/// A new registration's id: one more than the last in the whole process, so ids order
+/// registrations across the pools of a tree (a round's tie-break is registration order,
+/// and a round asks the reclaimers of several pools). A plain counter, no protocol: nothing
+/// else is published with it, so it is std's atomic under loom too.
+fn next_registration_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, Relaxed)
 }
 
 impl Registry {
@@ -142,7 +152,7 @@ impl Registry {
 
     /// Adds a reclaimer; returns its id.
     pub(crate) fn add(&self, name: Arc<str>, priority: u32, reclaimer: Arc<dyn Reclaimer>) -> u64 {
-        let id = self.next_id.fetch_add(1, Relaxed);
+        let id = next_registration_id();
         self.entries().push(Arc::new(Registration {
             id,
             name,
@@ -195,7 +205,8 @@ pub(crate) struct Outcome {
 pub(crate) struct Round {
     order: Vec<Arc<Registration>>,
     next: usize,
-    /// Still short, by what the reclaimers asked so far reported.
+    /// Still short, by the pool's books after the last report (at first, the shortfall the
+    /// round started with).
     remaining: usize,
     /// The most any one reclaimer is asked for: the waiting request's bytes.
     cap: usize,
@@ -270,11 +281,18 @@ impl Round {
 
     /// Drives the round: asks the next reclaimer when the current one has reported, until the
     /// shortfall is covered or everyone was asked. `Ready` with the outcome when it is over.
+    /// After each report, what is still short is read from the pool (`still_short`), not
+    /// worked out from the reports: the reports are counted, but only room the pool really
+    /// has ends a round.
     /// A panic of a reclaimer (its `reclaim`, its future's `poll`, or the drop of a future
     /// that finished) ends the round (a future that panicked in `poll` is dropped first; a
     /// panic of that drop is ignored in favour of the first) and is returned with the
     /// outcome, to be passed on once the round is counted.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<(Outcome, Option<Panic>)> {
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        still_short: &mut dyn FnMut() -> usize,
+    ) -> Poll<(Outcome, Option<Panic>)> {
         loop {
             if self.current.is_none() {
                 if self.remaining == 0 || self.next >= self.order.len() {
@@ -299,12 +317,12 @@ impl Round {
                     // Saturating, as the pool's totals: a reclaimer may report any number.
                     saturating_add(&registration.freed_bytes, freed);
                     self.outcome.freed = self.outcome.freed.saturating_add(freed);
-                    self.remaining = self.remaining.saturating_sub(freed);
                     // The drop of a finished future is user code too: its panic ends the
                     // round like any other of the reclaimer's.
                     if let Some(panic) = self.drop_current() {
                         return Poll::Ready((self.finish(true), Some(panic)));
                     }
+                    self.remaining = still_short();
                 }
                 Err(panic) => {
                     self.drop_current();

@@ -242,6 +242,9 @@ struct RoundBooks {
     round_shortfall: usize,
     /// Which request headed the queue then.
     round_head: Option<usize>,
+    /// The low water of the round in flight if it is `reclaim_ahead`'s; `None` for a waiting
+    /// request's (see [`State::round_still_short`]).
+    round_low_water: Option<usize>,
     /// The round in flight, parked here between its driver's polls (a waiting request's;
     /// `reclaim_ahead` keeps its own). Kept in the pool rather than in the request, so that
     /// every request future stays as small as it was (a request only notes which level's
@@ -1715,6 +1718,10 @@ impl State {
                 Shortfall::LowWater(_) => 0,
             };
             books.round_head = head;
+            books.round_low_water = match short {
+                Shortfall::Head => None,
+                Shortfall::LowWater(low_water) => Some(low_water),
+            };
             (shortfall, cap)
         };
         let mut registrations = Vec::new();
@@ -1736,14 +1743,35 @@ impl State {
         lock(&self.queue).reclaim.parked = Some(round);
     }
 
+    /// What the round in flight is still short of now, by the pool's own books rather than
+    /// the reclaimers' reports: for a waiting request's round, what the request it started
+    /// for needs beyond the free room while it still heads the queue (nothing once it left
+    /// the head: served, or gone); for `reclaim_ahead`'s, what keeps the free room below its
+    /// low water. A round goes on while this is not zero: bytes a reclaimer frees elsewhere
+    /// (into a descendant's floor, say) do not help this pool's waiter, and a report does
+    /// not make them.
+    pub(crate) fn round_still_short(&self) -> usize {
+        let queue = lock(&self.queue);
+        let free = self.budget().saturating_sub(self.word.load().in_use());
+        match queue.reclaim.round_low_water {
+            Some(low_water) => low_water.saturating_sub(free),
+            None if queue.list.front_id() != queue.reclaim.round_head => 0,
+            None => queue
+                .list
+                .front_bytes()
+                .map_or(0, |head| head.saturating_sub(free)),
+        }
+    }
+
     /// Takes the parked round back, to poll it (or end it) outside the lock.
     pub(crate) fn take_round(&self) -> Option<Box<Round>> {
         lock(&self.queue).reclaim.parked.take()
     }
 
     /// Ends the round in flight: counts it, and if it ran out of reclaimers without
-    /// covering its shortfall, or covered it by their reports while the head is as short as
-    /// before (and nothing registered or resized since it started), stalls the pool until it
+    /// covering its shortfall, or covered it only for an instant (the head is as short as
+    /// before now: the room went elsewhere), and nothing registered or resized since it
+    /// started, stalls the pool until it
     /// changes. Otherwise it wakes the head of the queue, which may start
     /// the next round (waiters that found this one in flight started none).
     ///
