@@ -1340,7 +1340,10 @@ fn a_child_built_while_an_ancestor_closes_is_closed() {
         };
         root.close();
         let child = builder.join().unwrap();
-        assert!(child.is_closed(), "a child built under a closing tree stays open");
+        assert!(
+            child.is_closed(),
+            "a child built under a closing tree stays open"
+        );
     });
 }
 
@@ -1360,10 +1363,21 @@ fn a_floored_child_built_while_an_ancestor_closes_gives_its_floor_back() {
         // The floor is refused if the root closed first.
         let child = builder.join().unwrap();
         if let Ok(child) = &child {
-            assert!(child.is_closed(), "a child built under a closing tree stays open");
+            assert!(
+                child.is_closed(),
+                "a child built under a closing tree stays open"
+            );
         }
-        assert_eq!(mid.stats().in_use_bytes, 0, "the closed child's floor stays in mid");
-        assert_eq!(root.stats().in_use_bytes, 0, "the closed child's floor stays set aside");
+        assert_eq!(
+            mid.stats().in_use_bytes,
+            0,
+            "the closed child's floor stays in mid"
+        );
+        assert_eq!(
+            root.stats().in_use_bytes,
+            0,
+            "the closed child's floor stays set aside"
+        );
     });
 }
 

@@ -28,7 +28,6 @@
 //!    pool's last handle or let another thread do it) runs only after that last step, in
 //!    the same frame, for the same reason.
 
-
 use core::alloc::Layout;
 use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Deref;

@@ -30,7 +30,8 @@ const SIB_MAX: usize = 64 * BS; // 4096
 static TURN: Mutex<()> = Mutex::new(());
 
 fn turn() -> std::sync::MutexGuard<'static, ()> {
-    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn seeds(default: &[u64]) -> Vec<u64> {
@@ -70,7 +71,10 @@ impl Tree {
         let root = Arc::new(root.build().unwrap());
         let mut mid = BufPool::builder(cfg(MID_MAX));
         let mut leaf = BufPool::builder(if mixed {
-            BufPoolCfg { buffer_size: BufferSize::S128, max_memory: LEAF_MAX }
+            BufPoolCfg {
+                buffer_size: BufferSize::S128,
+                max_memory: LEAF_MAX,
+            }
         } else {
             cfg(LEAF_MAX)
         });
@@ -80,23 +84,24 @@ impl Tree {
             leaf = leaf.wait_for_growth();
         }
         let mid = Arc::new(
-            mid
-                .name("mid")
+            mid.name("mid")
                 .parent(&root)
                 .min_memory(MID_FLOOR)
                 .build()
                 .unwrap(),
         );
         let leaf = Arc::new(
-            leaf
-                .name("leaf")
+            leaf.name("leaf")
                 .parent(&mid)
                 .min_memory(LEAF_FLOOR)
                 .build()
                 .unwrap(),
         );
         let sib_cfg = if mixed {
-            BufPoolCfg { buffer_size: BufferSize::S512, max_memory: SIB_MAX }
+            BufPoolCfg {
+                buffer_size: BufferSize::S512,
+                max_memory: SIB_MAX,
+            }
         } else {
             cfg(SIB_MAX)
         };
@@ -114,7 +119,11 @@ impl Tree {
     }
 
     fn restore(&self) {
-        for (pool, max) in self.pools().into_iter().zip([ROOT_MAX, MID_MAX, LEAF_MAX, SIB_MAX]) {
+        for (pool, max) in self
+            .pools()
+            .into_iter()
+            .zip([ROOT_MAX, MID_MAX, LEAF_MAX, SIB_MAX])
+        {
             pool.set_max_memory(max).unwrap();
         }
     }
@@ -126,9 +135,18 @@ impl Tree {
         for pool in self.pools() {
             let s = pool.stats();
             assert_eq!(s.waiting, 0, "seed {seed}: a waiter remains: {s}");
-            assert_eq!(s.outstanding, 0, "seed {seed}: allocations outstanding: {s}");
-            assert_eq!(s.reserved_bytes, 0, "seed {seed}: reserved bytes remain: {s}");
-            assert_eq!(s.overcommit_bytes, 0, "seed {seed}: overcommit remains: {s}");
+            assert_eq!(
+                s.outstanding, 0,
+                "seed {seed}: allocations outstanding: {s}"
+            );
+            assert_eq!(
+                s.reserved_bytes, 0,
+                "seed {seed}: reserved bytes remain: {s}"
+            );
+            assert_eq!(
+                s.overcommit_bytes, 0,
+                "seed {seed}: overcommit remains: {s}"
+            );
         }
         let expect = [MID_FLOOR, LEAF_FLOOR, 0, 0];
         for (pool, want) in self.pools().into_iter().zip(expect) {
@@ -143,13 +161,32 @@ impl Tree {
         );
         let bs = |p: &BufPool| p.buffer_size().bytes();
         let leaf_all = self.leaf.try_allocate(LEAF_MAX / bs(&self.leaf));
-        assert!(leaf_all.is_ok(), "seed {seed}: leaf budget lost: {:?} {}", leaf_all.err(), self.leaf.stats());
+        assert!(
+            leaf_all.is_ok(),
+            "seed {seed}: leaf budget lost: {:?} {}",
+            leaf_all.err(),
+            self.leaf.stats()
+        );
         drop(leaf_all);
-        let mid_all = self.mid.try_allocate((MID_MAX - LEAF_FLOOR) / bs(&self.mid));
-        assert!(mid_all.is_ok(), "seed {seed}: mid budget lost: {:?} {}", mid_all.err(), self.mid.stats());
+        let mid_all = self
+            .mid
+            .try_allocate((MID_MAX - LEAF_FLOOR) / bs(&self.mid));
+        assert!(
+            mid_all.is_ok(),
+            "seed {seed}: mid budget lost: {:?} {}",
+            mid_all.err(),
+            self.mid.stats()
+        );
         drop(mid_all);
-        let sib_all = self.sib.try_allocate((ROOT_MAX - MID_FLOOR) / bs(&self.sib));
-        assert!(sib_all.is_ok(), "seed {seed}: sib budget lost: {:?} {}", sib_all.err(), self.root.stats());
+        let sib_all = self
+            .sib
+            .try_allocate((ROOT_MAX - MID_FLOOR) / bs(&self.sib));
+        assert!(
+            sib_all.is_ok(),
+            "seed {seed}: sib budget lost: {:?} {}",
+            sib_all.err(),
+            self.root.stats()
+        );
         drop(sib_all);
     }
 }
@@ -164,7 +201,11 @@ fn drop_children_and_check_root(tree: Tree, seed: u64) {
         sib,
     } = tree;
     drop(leaf);
-    assert_eq!(mid.stats().in_use_bytes, 0, "seed {seed}: leaf's floor not back");
+    assert_eq!(
+        mid.stats().in_use_bytes,
+        0,
+        "seed {seed}: leaf's floor not back"
+    );
     drop(mid);
     drop(sib);
     let s = root.stats();
@@ -174,7 +215,12 @@ fn drop_children_and_check_root(tree: Tree, seed: u64) {
         "seed {seed}: root not idle: {s}"
     );
     let all = root.try_allocate(ROOT_MAX / BS);
-    assert!(all.is_ok(), "seed {seed}: root budget lost: {:?} {}", all.err(), root.stats());
+    assert!(
+        all.is_ok(),
+        "seed {seed}: root budget lost: {:?} {}",
+        all.err(),
+        root.stats()
+    );
 }
 
 enum Held {
@@ -200,7 +246,10 @@ fn check_alloc(a: &BufPoolAllocation, tag: u8, seed: u64) {
 fn zeroed(a: BufPoolAllocation, tag: u8, seed: u64) -> Held {
     // SAFETY: a zeroed allocation's bytes are initialised, owned by `a`.
     let data = unsafe { std::slice::from_raw_parts(a.first(), a.allocated_bytes()) };
-    assert!(data.iter().all(|&b| b == 0), "seed {seed}: a zeroed allocation holds dirty bytes");
+    assert!(
+        data.iter().all(|&b| b == 0),
+        "seed {seed}: a zeroed allocation holds dirty bytes"
+    );
     Held::Alloc(a, tag)
 }
 
@@ -264,7 +313,10 @@ fn worker(
             }
             3 => {
                 let d = Duration::from_micros(rng.range(0, 2000) as u64);
-                Some(pool.allocate_zeroed_timeout(n, d).map(|a| zeroed(a, tag, seed)))
+                Some(
+                    pool.allocate_zeroed_timeout(n, d)
+                        .map(|a| zeroed(a, tag, seed)),
+                )
             }
             4 if held.is_empty() => {
                 // Hold-and-wait never: a blocking wait only while holding nothing.
@@ -340,12 +392,15 @@ fn worker(
                         }
                         11 => {
                             // Merge with another reservation of the same pool.
-                            if let Some(j) = held.iter().position(|(q, h)| {
-                                *q == hp && matches!(h, Held::Res(..))
-                            }) {
+                            if let Some(j) = held
+                                .iter()
+                                .position(|(q, h)| *q == hp && matches!(h, Held::Res(..)))
+                            {
                                 if j != i {
                                     let (_, other) = held.swap_remove(j);
-                                    let Held::Res(other, _) = other else { unreachable!() };
+                                    let Held::Res(other, _) = other else {
+                                        unreachable!()
+                                    };
                                     let i = if i == held.len() { j } else { i };
                                     let (_, Held::Res(r, _)) = &mut held[i] else {
                                         unreachable!()
@@ -463,7 +518,10 @@ fn controller(pools: Vec<Arc<BufPool>>, seed: u64, iters: usize, stop: Arc<Atomi
                 // 0 is refused (unchanged) unless the pool waits for growth.
                 let m = rng.range(0, 2 * maxes[p] / BS) * BS;
                 let r = pool.set_max_memory(m);
-                assert!(r.is_ok() || m < pool.buffer_size().bytes(), "seed {seed}: {r:?}");
+                assert!(
+                    r.is_ok() || m < pool.buffer_size().bytes(),
+                    "seed {seed}: {r:?}"
+                );
             }
             1 => {
                 pool.add_max_memory(rng.range(0, 8) * BS);
@@ -489,7 +547,11 @@ fn churn(parent: Arc<BufPool>, seed: u64, iters: usize, stop: Arc<AtomicBool>) {
             break;
         }
         let floor = rng.range(0, 2) * BS;
-        let child = match BufPool::builder(cfg(4 * BS)).parent(&parent).min_memory(floor).build() {
+        let child = match BufPool::builder(cfg(4 * BS))
+            .parent(&parent)
+            .min_memory(floor)
+            .build()
+        {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 assert!(
@@ -539,18 +601,24 @@ fn run_tree_stress_with(seed: u64, with_churn: bool, hostile_options: bool, mixe
     let mut workers = Vec::new();
     for id in 0..4u64 {
         let (pools, stop) = (pools.clone(), Arc::clone(&stop));
-        workers.push(thread::spawn(move || worker(pools, seed, id, 4000, stop, true)));
+        workers.push(thread::spawn(move || {
+            worker(pools, seed, id, 4000, stop, true)
+        }));
     }
     let mut threads = Vec::new();
     {
         let (pools, stop) = (pools.clone(), Arc::clone(&stop));
-        threads.push(thread::spawn(move || controller(pools, seed, usize::MAX, stop)));
+        threads.push(thread::spawn(move || {
+            controller(pools, seed, usize::MAX, stop)
+        }));
     }
     if with_churn {
         let (mid, stop1) = (Arc::clone(&tree.mid), Arc::clone(&stop));
         threads.push(thread::spawn(move || churn(mid, seed, usize::MAX, stop1)));
         let (root, stop2) = (Arc::clone(&tree.root), Arc::clone(&stop));
-        threads.push(thread::spawn(move || churn(root, seed ^ 1, usize::MAX, stop2)));
+        threads.push(thread::spawn(move || {
+            churn(root, seed ^ 1, usize::MAX, stop2)
+        }));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -569,7 +637,10 @@ fn run_tree_stress_with(seed: u64, with_churn: bool, hostile_options: bool, mixe
     drop(pools);
     for pool in tree.pools() {
         let s = pool.stats();
-        eprintln!("  {s}; reserved {} overcommit {} queue_full {}", s.reserved_bytes, s.overcommit_bytes, s.queue_full);
+        eprintln!(
+            "  {s}; reserved {} overcommit {} queue_full {}",
+            s.reserved_bytes, s.overcommit_bytes, s.queue_full
+        );
     }
     tree.assert_quiescent_books(seed);
     drop_children_and_check_root(tree, seed);
@@ -688,9 +759,15 @@ fn shutdown_timeout_of_the_root_races_requests_and_releases_on_every_level() {
                 })
                 .collect();
             thread::sleep(Duration::from_micros(rng.range(500, 5000) as u64));
-            let report = tree.root.shutdown_timeout(Duration::from_micros(rng.range(0, 2000) as u64));
+            let report = tree
+                .root
+                .shutdown_timeout(Duration::from_micros(rng.range(0, 2000) as u64));
             if report.is_drained() {
-                assert_eq!((report.outstanding, report.in_use_bytes), (0, 0), "seed {seed}");
+                assert_eq!(
+                    (report.outstanding, report.in_use_bytes),
+                    (0, 0),
+                    "seed {seed}"
+                );
             }
             for p in tree.pools() {
                 assert!(p.is_closed(), "seed {seed}: a descendant stayed open");
@@ -699,7 +776,10 @@ fn shutdown_timeout_of_the_root_races_requests_and_releases_on_every_level() {
                 t.join().unwrap();
             }
             let report = tree.root.shutdown_timeout(Duration::from_secs(5));
-            assert!(report.is_drained(), "seed {seed}: root not drained: {report}");
+            assert!(
+                report.is_drained(),
+                "seed {seed}: root not drained: {report}"
+            );
             for p in tree.pools() {
                 let s = p.stats();
                 assert_eq!(
@@ -708,7 +788,12 @@ fn shutdown_timeout_of_the_root_races_requests_and_releases_on_every_level() {
                     "seed {seed}: closed tree keeps bytes (floors must go back): {s}"
                 );
             }
-            let Tree { root, mid, leaf, sib } = tree;
+            let Tree {
+                root,
+                mid,
+                leaf,
+                sib,
+            } = tree;
             drop((leaf, mid, sib));
             assert_idle(&root);
         });
@@ -729,7 +814,11 @@ fn child_close_races_grants_at_the_parent_while_its_requests_wait_there() {
             let root = Arc::new(BufPool::new(cfg(8 * BS)));
             let floor = if seed % 2 == 0 { 2 * BS } else { 0 };
             let child = Arc::new(
-                BufPool::builder(cfg(8 * BS)).parent(&root).min_memory(floor).build().unwrap(),
+                BufPool::builder(cfg(8 * BS))
+                    .parent(&root)
+                    .min_memory(floor)
+                    .build()
+                    .unwrap(),
             );
             let stop = Arc::new(AtomicBool::new(false));
             // Parent churn: takes and gives back most of the root, so child requests climb.
@@ -760,7 +849,11 @@ fn child_close_races_grants_at_the_parent_while_its_requests_wait_there() {
             stop.store(true, SeqCst);
             churner.join().unwrap();
             let s = child.stats();
-            assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (0, 0, 0), "seed {seed}: {s}");
+            assert_eq!(
+                (s.in_use_bytes, s.outstanding, s.waiting),
+                (0, 0, 0),
+                "seed {seed}: {s}"
+            );
             let s = root.stats();
             assert_eq!(
                 (s.in_use_bytes, s.waiting),
@@ -786,7 +879,11 @@ fn owned_holds_race_the_drop_of_the_last_child_handle() {
             let mut rng = Rng::new(seed);
             let root = Arc::new(BufPool::new(cfg(16 * BS)));
             let child = Arc::new(
-                BufPool::builder(cfg(8 * BS)).parent(&root).min_memory(4 * BS).build().unwrap(),
+                BufPool::builder(cfg(8 * BS))
+                    .parent(&root)
+                    .min_memory(4 * BS)
+                    .build()
+                    .unwrap(),
             );
             let barrier = Arc::new(std::sync::Barrier::new(4));
             let users: Vec<_> = (0..3u64)
@@ -805,7 +902,9 @@ fn owned_holds_race_the_drop_of_the_last_child_handle() {
                             if held.len() > 2 {
                                 drop(held.remove(0));
                             }
-                            if let Ok(r) = Arc::clone(&c).reserve_owned(8 * n).now_or_never_blocking() {
+                            if let Ok(r) =
+                                Arc::clone(&c).reserve_owned(8 * n).now_or_never_blocking()
+                            {
                                 drop(r);
                             }
                         }
@@ -953,7 +1052,8 @@ fn shutdown_before_with_racing_deadlines_and_releases() {
                                 tokio::task::yield_now().await;
                             }
                             for a in held {
-                                tokio::time::sleep(Duration::from_micros(rng.range(0, 400) as u64)).await;
+                                tokio::time::sleep(Duration::from_micros(rng.range(0, 400) as u64))
+                                    .await;
                                 drop(a);
                             }
                         }));
@@ -983,7 +1083,12 @@ fn shutdown_before_with_racing_deadlines_and_releases() {
                         "seed {seed}: {s}"
                     );
                 }
-                let Tree { root, mid, leaf, sib } = tree;
+                let Tree {
+                    root,
+                    mid,
+                    leaf,
+                    sib,
+                } = tree;
                 drop((leaf, mid, sib));
                 assert_idle(&root);
             });
@@ -1021,7 +1126,10 @@ fn tree_stress_without_resizes_never_exceeds_any_cap_nor_queue_bound() {
                             let s = p.stats();
                             // Guarantee 10: the wait figures change together and never go
                             // down; the mean is never above the maximum.
-                            assert!(s.mean_wait() <= s.max_wait, "seed {seed}: mean above max: {s}");
+                            assert!(
+                                s.mean_wait() <= s.max_wait,
+                                "seed {seed}: mean above max: {s}"
+                            );
                             if let Some(l) = &last[i] {
                                 assert!(
                                     s.waited_allocations >= l.waited_allocations
@@ -1039,7 +1147,10 @@ fn tree_stress_without_resizes_never_exceeds_any_cap_nor_queue_bound() {
                                 "seed {seed}: pool {i} over its cap: {s}"
                             );
                             if i == 1 {
-                                assert!(s.waiting <= 2, "seed {seed}: mid's queue above max_waiters(2): {s}");
+                                assert!(
+                                    s.waiting <= 2,
+                                    "seed {seed}: mid's queue above max_waiters(2): {s}"
+                                );
                             }
                             last[i] = Some(s);
                         }
@@ -1063,7 +1174,10 @@ fn tree_stress_without_resizes_never_exceeds_any_cap_nor_queue_bound() {
             assert!(samples > 0);
             for (p, max) in pools.iter().zip([ROOT_MAX, MID_MAX, LEAF_MAX, SIB_MAX]) {
                 let s = p.stats();
-                assert!(s.peak_in_use_bytes <= max, "seed {seed}: peak above the cap: {s}");
+                assert!(
+                    s.peak_in_use_bytes <= max,
+                    "seed {seed}: peak above the cap: {s}"
+                );
             }
             drop(pools);
             tree.assert_quiescent_books(seed);
@@ -1117,7 +1231,10 @@ fn delta_resizes_compose_under_load_on_every_level() {
                                 let end = std::time::Instant::now() + Duration::from_secs(5);
                                 while left > 0 {
                                     left -= p.forget_max_memory(left);
-                                    assert!(std::time::Instant::now() < end, "seed {seed}: forget starved");
+                                    assert!(
+                                        std::time::Instant::now() < end,
+                                        "seed {seed}: forget starved"
+                                    );
                                     if left > 0 {
                                         thread::yield_now();
                                     }
@@ -1134,10 +1251,20 @@ fn delta_resizes_compose_under_load_on_every_level() {
             for w in workers {
                 w.join().unwrap();
             }
-            for (i, (p, max)) in pools.iter().zip([ROOT_MAX, MID_MAX, LEAF_MAX, SIB_MAX]).enumerate() {
+            for (i, (p, max)) in pools
+                .iter()
+                .zip([ROOT_MAX, MID_MAX, LEAF_MAX, SIB_MAX])
+                .enumerate()
+            {
                 let s = p.stats();
-                assert_eq!(s.max_memory, max, "seed {seed}: pool {i}: deltas did not compose: {s}");
-                assert_eq!(s.overcommit_bytes, 0, "seed {seed}: pool {i}: forget took bytes in use: {s}");
+                assert_eq!(
+                    s.max_memory, max,
+                    "seed {seed}: pool {i}: deltas did not compose: {s}"
+                );
+                assert_eq!(
+                    s.overcommit_bytes, 0,
+                    "seed {seed}: pool {i}: forget took bytes in use: {s}"
+                );
             }
             drop(pools);
             tree.assert_quiescent_books(seed);
@@ -1151,7 +1278,9 @@ fn delta_resizes_compose_under_load_on_every_level() {
 fn tree_stress_mixed_buffer_sizes_recycling_root() {
     let _t = turn();
     for seed in seeds(&[91, 92, 93]) {
-        watchdog(20, move || run_tree_stress_with(seed, true, seed % 2 == 0, true));
+        watchdog(20, move || {
+            run_tree_stress_with(seed, true, seed % 2 == 0, true)
+        });
     }
 }
 
@@ -1336,7 +1465,10 @@ fn build_vs_close(seed: u64, round: u64, floor: usize) -> BuildVsClose {
         for _ in 0..spin_a {
             std::hint::spin_loop();
         }
-        BufPool::builder(cfg(8 * BS)).parent(&m).min_memory(floor).build()
+        BufPool::builder(cfg(8 * BS))
+            .parent(&m)
+            .min_memory(floor)
+            .build()
     });
     go.wait();
     for _ in 0..spin_b {
@@ -1352,7 +1484,8 @@ fn build_vs_close(seed: u64, round: u64, floor: usize) -> BuildVsClose {
         eprintln!(
             "  round {round}: open child of closed mid: try_allocate(1) -> {:?}; blocking(1) -> {:?}",
             a.as_ref().map(|a| a.length()),
-            c.allocate_timeout(1, Duration::from_millis(20)).map(|a| a.length())
+            c.allocate_timeout(1, Duration::from_millis(20))
+                .map(|a| a.length())
         );
         drop(a);
     }
@@ -1443,10 +1576,18 @@ fn concurrent_closes_at_two_levels_retire_each_floor_once() {
             for round in 0..1500u64 {
                 let root = Arc::new(BufPool::new(cfg(16 * BS)));
                 let mid = Arc::new(
-                    BufPool::builder(cfg(8 * BS)).parent(&root).min_memory(6 * BS).build().unwrap(),
+                    BufPool::builder(cfg(8 * BS))
+                        .parent(&root)
+                        .min_memory(6 * BS)
+                        .build()
+                        .unwrap(),
                 );
                 let leaf = Arc::new(
-                    BufPool::builder(cfg(4 * BS)).parent(&mid).min_memory(3 * BS).build().unwrap(),
+                    BufPool::builder(cfg(4 * BS))
+                        .parent(&mid)
+                        .min_memory(3 * BS)
+                        .build()
+                        .unwrap(),
                 );
                 // Held: 2 of the leaf's floor, 1 beyond it out of mid's floor, 1 from mid.
                 let held = vec![

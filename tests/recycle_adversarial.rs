@@ -615,8 +615,16 @@ fn child_cached_blocks_keep_the_root_footprint_within_its_budget() {
     .build()
     .unwrap();
     drop(child.try_allocate(4).unwrap());
-    assert_eq!(child.stats().cached_bytes, 0, "a child keeps no cache of its own");
-    assert_eq!(root.stats().cached_bytes, 4 * B, "the root's cache keeps it");
+    assert_eq!(
+        child.stats().cached_bytes,
+        0,
+        "a child keeps no cache of its own"
+    );
+    assert_eq!(
+        root.stats().cached_bytes,
+        4 * B,
+        "the root's cache keeps it"
+    );
     assert_eq!(root.stats().in_use_bytes, 0);
     let all = root.try_allocate(4).unwrap();
     let (r, c) = (root.stats(), child.stats());
@@ -1022,7 +1030,11 @@ fn children_share_the_roots_cache_only_at_its_alignment() {
     let address = first.first();
     drop(first);
     let again = same.try_allocate(2).unwrap();
-    assert_eq!(again.first(), address, "the child reused the root's cached block");
+    assert_eq!(
+        again.first(),
+        address,
+        "the child reused the root's cached block"
+    );
     drop(again);
     assert_eq!(root.stats().cached_bytes, 2 * 4096);
     assert_eq!(same.stats().cached_bytes, 0);
@@ -1036,7 +1048,11 @@ fn children_share_the_roots_cache_only_at_its_alignment() {
     .unwrap();
     for _ in 0..3 {
         let allocation = aligned.try_allocate(2).unwrap();
-        assert_eq!(allocation.first() as usize % 4096, 0, "direct-I/O alignment kept");
+        assert_eq!(
+            allocation.first() as usize % 4096,
+            0,
+            "direct-I/O alignment kept"
+        );
         drop(allocation);
     }
     assert_eq!(

@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use common::*;
-use membudget::{
-    AllocError, AllocateOwned, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize,
-};
+use membudget::{AllocError, AllocateOwned, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize};
 
 const BS: usize = 64;
 
@@ -192,7 +190,11 @@ fn wake_closes_the_pool_with_a_waiter_behind() {
         pending(b.as_mut(), &wb);
         drop(h1);
         assert!(pool.is_closed());
-        assert_eq!(woken_b.load(SeqCst), 1, "B not woken by the close in A's waker");
+        assert_eq!(
+            woken_b.load(SeqCst),
+            1,
+            "B not woken by the close in A's waker"
+        );
         assert_eq!(done(b.as_mut(), &wb).unwrap_err(), AllocError::Closed);
         let a_out = done(a.as_mut(), &wa);
         // A was granted before the close: Ok is expected; either way nothing is lost.
@@ -222,7 +224,11 @@ fn wake_cancels_a_granted_waiter_its_grant_goes_to_the_next() {
         pending(c.as_mut(), &wc);
         drop(h1); // room for A and B; A's waker drops B
         assert!(b.lock().unwrap().is_none());
-        assert_eq!(woken_c.load(SeqCst), 1, "B's grant did not go on to C (lost wakeup)");
+        assert_eq!(
+            woken_c.load(SeqCst),
+            1,
+            "B's grant did not go on to C (lost wakeup)"
+        );
         let c = done(c.as_mut(), &wc).unwrap();
         let a = done(a.as_mut(), &wa).unwrap();
         let s = pool.stats();
@@ -251,7 +257,11 @@ fn wake_cancels_the_blocking_head_the_waiter_behind_is_served() {
         pending(c.as_mut(), &wc);
         drop(h1);
         assert!(b.lock().unwrap().is_none());
-        assert_eq!(woken_c.load(SeqCst), 1, "C fits the free buffer but was not woken");
+        assert_eq!(
+            woken_c.load(SeqCst),
+            1,
+            "C fits the free buffer but was not woken"
+        );
         let c = done(c.as_mut(), &wc).unwrap();
         let a = done(a.as_mut(), &wa).unwrap();
         drop((a, c, h2));
@@ -317,7 +327,11 @@ fn wake_shrinks_the_budget_below_an_already_granted_waiter() {
 fn wake_drops_the_last_handle_of_a_floored_child_the_floor_serves_the_next() {
     watchdog(20, || {
         let root = Arc::new(BufPool::new(cfg(16)));
-        let child = BufPool::builder(cfg(8)).parent(&root).min_memory(8 * BS).build().unwrap();
+        let child = BufPool::builder(cfg(8))
+            .parent(&root)
+            .min_memory(8 * BS)
+            .build()
+            .unwrap();
         assert_eq!(root.stats().in_use_bytes, 8 * BS);
         let h1 = root.try_allocate(1).unwrap();
         let h7 = root.try_allocate(7).unwrap();
@@ -331,7 +345,11 @@ fn wake_drops_the_last_handle_of_a_floored_child_the_floor_serves_the_next() {
         pending(b.as_mut(), &wb);
         drop(h1);
         assert!(child_slot.lock().unwrap().is_none(), "A's waker ran");
-        assert_eq!(woken_b.load(SeqCst), 1, "the floor given back did not serve B");
+        assert_eq!(
+            woken_b.load(SeqCst),
+            1,
+            "the floor given back did not serve B"
+        );
         let b = done(b.as_mut(), &wb).unwrap();
         let a = done(a.as_mut(), &wa).unwrap();
         drop((a, b, h7));
@@ -373,7 +391,10 @@ fn wake_closes_a_middle_pool_whose_leaf_request_blocks_the_root_queue() {
         );
         let r = done(r.as_mut(), &wr).unwrap();
         let a = done(a.as_mut(), &wa).unwrap();
-        assert_eq!((leaf.stats().in_use_bytes, mid.stats().in_use_bytes), (0, 0));
+        assert_eq!(
+            (leaf.stats().in_use_bytes, mid.stats().in_use_bytes),
+            (0, 0)
+        );
         drop((a, r, h6, l));
         drop(leaf);
         drop(mid);
@@ -408,7 +429,11 @@ fn waker_owning_a_leaf_allocation_is_consumed_by_wake_inside_a_give_back() {
         pending(b.as_mut(), &wb);
         drop(h1); // L granted; its waker consumed; the owned 2 go back; B fits
         assert_eq!(woken_l.load(SeqCst), 1);
-        assert_eq!(woken_b.load(SeqCst), 1, "the waker's allocation did not serve B");
+        assert_eq!(
+            woken_b.load(SeqCst),
+            1,
+            "the waker's allocation did not serve B"
+        );
         let (wl2, _) = counting();
         let l = done(l.as_mut(), &wl2).unwrap();
         let b = done(b.as_mut(), &wb).unwrap();
@@ -706,13 +731,21 @@ fn raw_waker_reentering_on_every_wake_path() {
         idle_and_whole(&root);
 
         // A floor given back by a child's drop.
-        let child = BufPool::builder(cfg(4)).parent(&root).min_memory(4 * BS).build().unwrap();
+        let child = BufPool::builder(cfg(4))
+            .parent(&root)
+            .min_memory(4 * BS)
+            .build()
+            .unwrap();
         let hold = root.try_allocate(4).unwrap();
         let (w, h) = mk();
         let mut a = Box::pin(root.allocate(4));
         pending(a.as_mut(), &w);
         drop(child);
-        assert_eq!(h.wakes.load(SeqCst), 1, "the floor given back woke the waiter");
+        assert_eq!(
+            h.wakes.load(SeqCst),
+            1,
+            "the floor given back woke the waiter"
+        );
         let a1 = done(a.as_mut(), &noop).unwrap();
         drop((a1, a, hold));
         idle_and_whole(&root);
@@ -724,7 +757,10 @@ fn raw_waker_reentering_on_every_wake_path() {
         pending(a.as_mut(), &w);
         assert_eq!(root.forget_max_memory(2 * BS), 2 * BS);
         assert_eq!(h.wakes.load(SeqCst), 1, "the forget failed the waiter");
-        assert!(matches!(done(a.as_mut(), &noop), Err(AllocError::ExceedsBudget { .. })));
+        assert!(matches!(
+            done(a.as_mut(), &noop),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
         drop((a, hold));
         root.add_max_memory(2 * BS);
         idle_and_whole(&root);
@@ -741,7 +777,13 @@ fn raw_waker_reentering_on_every_wake_path() {
 /// and done) with the books checked.
 fn awaiting_room(event: &str) {
     let root = Arc::new(BufPool::new(cfg(8)));
-    let mid = Arc::new(BufPool::builder(cfg(8)).parent(&root).max_waiters(1).build().unwrap());
+    let mid = Arc::new(
+        BufPool::builder(cfg(8))
+            .parent(&root)
+            .max_waiters(1)
+            .build()
+            .unwrap(),
+    );
     let leaf = Arc::new(mid.child("leaf", cfg(4)).unwrap());
     let la = leaf.try_allocate(4).unwrap();
     let m = mid.try_allocate(4).unwrap();
@@ -756,7 +798,11 @@ fn awaiting_room(event: &str) {
     assert_eq!(woken_l.load(SeqCst), 1);
     pending(l.as_mut(), &wl);
     assert_eq!(
-        (leaf.stats().in_use_bytes, mid.stats().waiting, leaf.stats().waiting),
+        (
+            leaf.stats().in_use_bytes,
+            mid.stats().waiting,
+            leaf.stats().waiting
+        ),
         (2 * BS, 1, 0),
         "L holds its leaf level and waits for a place at mid"
     );
@@ -776,19 +822,28 @@ fn awaiting_room(event: &str) {
         }
         "shrink leaf" => {
             leaf.set_max_memory(BS).unwrap();
-            Err(AllocError::ExceedsBudget { requested_bytes: 2 * BS, max_memory: BS })
+            Err(AllocError::ExceedsBudget {
+                requested_bytes: 2 * BS,
+                max_memory: BS,
+            })
         }
         "forget leaf" => {
             // 2 of 4 in use (L's): 2 free to forget, leaving 2, and L still fits. Then a
             // shrink to one buffer fails it.
             assert_eq!(leaf.forget_max_memory(usize::MAX), 2 * BS);
             leaf.set_max_memory(BS).unwrap();
-            Err(AllocError::ExceedsBudget { requested_bytes: 2 * BS, max_memory: BS })
+            Err(AllocError::ExceedsBudget {
+                requested_bytes: 2 * BS,
+                max_memory: BS,
+            })
         }
         "shrink mid" => {
             // Q (8) can never fit one buffer: it fails, a place opens, L finds mid too small.
             mid.set_max_memory(BS).unwrap();
-            Err(AllocError::ExceedsBudget { requested_bytes: 2 * BS, max_memory: BS })
+            Err(AllocError::ExceedsBudget {
+                requested_bytes: 2 * BS,
+                max_memory: BS,
+            })
         }
         "cancel q" => {
             drop(q);
@@ -908,7 +963,10 @@ fn poll_allocate_new_n_while_granted_gives_the_grant_on_to_a_panicking_waiter() 
         drop(h2);
         let got = match p.poll_allocate(&mut cxp, 3) {
             Poll::Ready(r) => r.unwrap(),
-            Poll::Pending => panic!("P (3) not served with the whole root free: {}", root.stats()),
+            Poll::Pending => panic!(
+                "P (3) not served with the whole root free: {}",
+                root.stats()
+            ),
         };
         assert_eq!(got.length(), 3);
         assert_eq!(child.stats().in_use_bytes, 3 * BS);
