@@ -107,6 +107,8 @@ pub struct PoolReport {
     /// Which pool it describes (see [`describes`](PoolReport::describes)); 0 in a `Default`
     /// report, which describes none.
     pool: u64,
+    /// The part of its floor nobody uses now (set aside in its parent all the same).
+    floor_free: usize,
 }
 
 /// One registered reclaimer, as [`PoolReport::reclaimers`] lists it.
@@ -157,6 +159,7 @@ impl PoolReport {
             .map(|child| PoolReport::of(child))
             .collect();
         children.sort_by_key(|child| core::cmp::Reverse(child.in_use_bytes));
+        let (floor, floor_free) = pool.floor_now();
         PoolReport {
             name: stats.name,
             max_memory: stats.max_memory,
@@ -165,7 +168,8 @@ impl PoolReport {
             peak_in_use_bytes: stats.peak_in_use_bytes,
             outstanding: stats.outstanding,
             waiting: stats.waiting,
-            min_memory: pool.floor_now().0,
+            min_memory: floor,
+            floor_free,
             overcommit_bytes: stats.overcommit_bytes,
             reclaimers: Self::reclaimers_of(pool),
             children,
@@ -220,10 +224,11 @@ impl PoolReport {
         reclaimers
     }
 
-    /// Bytes the pool holds itself: its subtree's bytes in use less its children's, each
-    /// child counted at least at its floor (set aside in this pool): so a floor never counts
-    /// as this pool's own, and the child's own bytes are what its allocations and
-    /// reservations hold, its idle floor not among them.
+    /// Bytes the pool holds itself: its subtree's bytes in use less what its children take
+    /// from it, each child counted at its bytes in use plus the idle part of its floor (the
+    /// whole floor is set aside in this pool): so a floor never counts as this pool's own,
+    /// and the child's own bytes are what its allocations and reservations hold, its idle
+    /// floor not among them.
     ///
     /// # Examples
     ///
@@ -241,7 +246,9 @@ impl PoolReport {
         let children: usize = self
             .children
             .iter()
-            .map(|child| child.in_use_bytes.max(child.min_memory))
+            // What the child takes from this pool: what it uses, and the idle part of its
+            // floor (a floored child's use may be partly its floor, partly climbed above it).
+            .map(|child| child.in_use_bytes + child.floor_free)
             .sum();
         self.in_use_bytes.saturating_sub(children)
     }

@@ -115,12 +115,27 @@ pub(crate) struct Sources {
 
 impl Counters {
     /// Reads the counters and `word` (given as a closure, read between them) into a view.
-    pub(crate) fn assemble(&self, word: impl FnOnce() -> Word, sources: Sources) -> PoolStats {
+    pub(crate) fn assemble(&self, mut word: impl FnMut() -> Word, sources: Sources) -> PoolStats {
         // Releases first, word second, allocations last: read the other way round, a
-        // release between two reads could make the live count negative.
-        let releases_spilled = self.releases_spilled.load(Acquire);
-        let word = word();
-        let allocations_spilled = self.allocations_spilled.load(Acquire);
+        // release between two reads could make the live count negative. Then both spills
+        // again: if either moved, a wrap was spilled while we read (a reader descheduled
+        // between its reads would otherwise pair a spill from before many wraps with a word
+        // from after them, off by any number of wraps), so read again. What is left is the
+        // wraps whose compare-exchange is done but whose spill is not yet, one at most per
+        // thread between those two steps. Bounded: a reader never spins for good.
+        let mut tries = 0;
+        let (releases_spilled, word, allocations_spilled) = loop {
+            let releases_spilled = self.releases_spilled.load(Acquire);
+            let read = word();
+            let allocations_spilled = self.allocations_spilled.load(Acquire);
+            tries += 1;
+            if tries == 64
+                || (self.releases_spilled.load(Acquire) == releases_spilled
+                    && self.allocations_spilled.load(Acquire) == allocations_spilled)
+            {
+                break (releases_spilled, read, allocations_spilled);
+            }
+        };
         let allocations = allocations_spilled
             .wrapping_add(sources.waits.allocations)
             .wrapping_add(word.allocations())
