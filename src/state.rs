@@ -512,15 +512,30 @@ impl State {
         }
     }
 
-    /// The smallest [`hard_cap`](State::hard_cap) of the ancestors (`usize::MAX` for a root).
+    /// The largest request of this pool its ancestors can ever serve (`usize::MAX` for a
+    /// root; this pool's own cap is the caller's to check): the smallest
+    /// [`hard_cap`](State::hard_cap) of the ancestors, less this pool's own floor where that
+    /// floor is set aside in all of them. A request takes a floor whole or not at all, so one
+    /// above this pool's floor climbs, and finds the floor counted in use in every ancestor
+    /// for as long as this pool is open: a request above both the floor and what the floor
+    /// leaves of the smallest budget above could never be served, and fails at once rather
+    /// than wait for good. (Only when no ancestor has a floor of its own: one that does may
+    /// hold this floor in its own, and then the ancestors above it do not count it again.
+    /// Floors of other pools are not subtracted: they go back when those pools close.)
     fn smallest_cap_above(&self) -> usize {
         let mut smallest = usize::MAX;
+        let mut floored_above = false;
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
             smallest = smallest.min(pool.hard_cap());
+            floored_above |= pool.floor_now().0 > 0;
             ancestor = pool.parent.as_deref();
         }
-        smallest
+        let floor = self.floor_now().0;
+        if floor == 0 || floored_above {
+            return smallest;
+        }
+        floor.max(smallest.saturating_sub(floor))
     }
 
     /// The largest request this pool can ever grant: its budget, or for a pool that waits

@@ -1716,31 +1716,50 @@ fn a_reclaimer_that_blocks_its_driver_holds_no_lock() {
     });
 }
 
-/// Floors (README table "a child pool's forms (`max` = smallest cap on its chain)":
-/// `n * bs == max` is "`Ok` (waits for all of it)", never a wait that cannot end) with
-/// reclaim: a floored child's request above its floor climbs whole ("a request takes the
-/// floor whole or not at all"), but at the root its floor stays counted in use, so a request
-/// of more than `root budget - floor` can never be served. The reclaimers are asked for
-/// everything and free everything; the request still waits for good.
+/// Floors and the README's bad-input rule ("a request that can never fit gets
+/// `ExceedsBudget` at once, never a wait"): a floored child's request above its floor climbs
+/// whole ("a request takes the floor whole or not at all"), and at the root the child's floor
+/// stays counted in use while the child is open, so a request above both the floor and
+/// `root budget - floor` can never be served. It fails at once, naming the most it could
+/// get, and no reclaimer is asked (it used to wait for good, after reclaim freed
+/// everything). One within that bound is served after reclaim.
 #[test]
-#[ignore = "bug: a floored child's request above (root budget - floor) but within its cap waits forever, even after reclaim frees everything"]
-fn floored_childs_request_above_root_budget_less_floor_is_never_served() {
+fn floored_childs_request_above_root_budget_less_floor_fails_at_once() {
     watchdog(|| {
         let root = BufPool::new(cfg(8));
         let f = floored(&root, "f", 8, 4);
         let log = log();
         let cache = Rc::new("root-cache", &log, entries(&root, 4), honest);
         let _h = root.register_reclaimer("root-cache", 0, cache.clone());
-        let result = f.allocate_timeout(6, Duration::from_millis(500));
-        let asked = log.lock().unwrap().clone();
-        let (r, fs) = (root.stats(), f.stats());
-        assert_eq!(cache.held(), 0, "the reclaimer freed everything");
+        for n in [5, 6, 8] {
+            assert_eq!(
+                f.allocate_timeout(n, Duration::from_millis(500))
+                    .unwrap_err(),
+                AllocError::ExceedsBudget {
+                    requested_bytes: n * B,
+                    max_memory: 4 * B
+                },
+                "f.allocate({n}) with cap 8, floor 4, root 8"
+            );
+            assert_eq!(
+                f.try_allocate(n).unwrap_err(),
+                AllocError::ExceedsBudget {
+                    requested_bytes: n * B,
+                    max_memory: 4 * B
+                }
+            );
+        }
         assert!(
-            result.is_ok(),
-            "{result:?}: f.allocate(6) with cap 8, floor 4, root 8 all free but the floor; \
-             asked {asked:?}; root {} in use, f {} in use",
-            r.in_use_bytes,
-            fs.in_use_bytes
+            log.lock().unwrap().is_empty(),
+            "nobody asked for a hopeless request"
         );
+        assert_eq!(cache.held(), 4 * B);
+        // Within the bound: the floor serves 4 whole, and 3 climb once reclaim made room.
+        let from_floor = f.try_allocate(4).unwrap();
+        let climbed = f.allocate_timeout(3, Duration::from_secs(5)).unwrap();
+        assert_eq!(root.stats().in_use_bytes, 8 * B);
+        drop((from_floor, climbed));
+        cache.clear();
+        assert_books(&[(&root, 4 * B), (&f, 0)]);
     });
 }
