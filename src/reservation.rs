@@ -30,11 +30,12 @@ fn rounded(bytes: usize) -> Option<usize> {
     bytes.checked_next_multiple_of(GRANULARITY)
 }
 
-/// The refusal of a request whose rounding overflows: above any budget.
+/// The refusal of a request whose rounding overflows: above any budget. Named as every
+/// other `ExceedsBudget` of the pool (the most a request of it can get through its chain).
 fn overflow(pool: &State) -> AllocError {
     AllocError::ExceedsBudget {
         requested_bytes: usize::MAX,
-        max_memory: pool.budget(),
+        max_memory: pool.largest_request(),
     }
 }
 

@@ -538,6 +538,12 @@ impl State {
         floor.max(smallest.saturating_sub(floor))
     }
 
+    /// The largest request of this pool its chain can ever serve: what `ExceedsBudget`
+    /// names.
+    pub(crate) fn largest_request(&self) -> usize {
+        self.hard_cap().min(self.smallest_cap_above())
+    }
+
     /// The largest request this pool can ever grant: its budget, or for a pool that waits
     /// for growth the most any budget can be. A request above it fails at once.
     #[inline(always)]

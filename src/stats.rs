@@ -230,11 +230,16 @@ pub struct PoolStats {
     pub total_wait: Duration,
     /// The longest any of those requests waited.
     pub max_wait: Duration,
-    /// `try_allocate` calls that failed with [`WouldBlock`](crate::AllocError::WouldBlock).
+    /// Calls that failed with [`WouldBlock`](crate::AllocError::WouldBlock): `try_allocate`
+    /// (and its zeroed form), `try_reserve`, [`Reservation::try_grow`](crate::Reservation::try_grow)
+    /// and [`Reservation::resize_to`](crate::Reservation::resize_to), counted by the pool the
+    /// call was made to (a child's, when the room was missing at an ancestor).
     pub would_block: usize,
-    /// Timed calls that failed with [`TimedOut`](crate::AllocError::TimedOut).
+    /// Timed calls that failed with [`TimedOut`](crate::AllocError::TimedOut), counted by
+    /// the pool the call was made to.
     pub timed_out: usize,
-    /// Requests refused with [`QueueFull`](crate::AllocError::QueueFull).
+    /// Requests refused with [`QueueFull`](crate::AllocError::QueueFull), counted by the
+    /// pool whose queue was full.
     pub queue_full: usize,
     /// Freed blocks kept for reuse (see [`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)).
     /// They are not in `in_use_bytes`, but `in_use_bytes + cached_bytes` stays within the

@@ -429,9 +429,10 @@ impl Model {
     fn reservation_bytes(&self, pool: usize, bytes: usize) -> Result<usize, AllocError> {
         let max_memory = self.pools[pool].max_memory;
         let Some(bytes) = rounded(bytes) else {
+            // Named as every other refusal: the smallest cap of the chain.
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: usize::MAX,
-                max_memory,
+                max_memory: max_memory.min(self.smallest_cap_above(pool)),
             });
         };
         if bytes > max_memory {
