@@ -210,7 +210,9 @@ pub struct PoolStats {
     pub max_memory: usize,
     /// Live allocations.
     pub outstanding: usize,
-    /// Requests queued for budget.
+    /// Requests queued for budget in this pool's queue (its own, and descendants' that wait
+    /// at its level). A descendant's request waiting for a place in this pool's full queue
+    /// (`max_waiters`) is in no queue and not counted.
     pub waiting: usize,
     /// The size of one buffer in bytes.
     pub buffer_size: usize,
@@ -280,7 +282,10 @@ impl PoolStats {
         self.max_memory.saturating_sub(self.in_use_bytes)
     }
 
-    /// Whether nothing is in use: no allocation is outstanding and no bytes are reserved.
+    /// Whether nothing is in use: no allocation is outstanding and no bytes are reserved
+    /// or otherwise held (the floor of a live child pool, set aside in this pool's budget,
+    /// counts as held, so a parent with a floored child is not drained until that child
+    /// closes).
     ///
     /// # Examples
     ///
@@ -348,6 +353,17 @@ impl fmt::Display for PoolStats {
                 self.reclaim_asked_bytes,
                 self.reclaim_time,
             )?;
+        }
+        // The rarer figures, only when they say something.
+        for (figure, what) in [
+            (self.queue_full, "refused with the queue full"),
+            (self.reserved_bytes, "bytes reserved"),
+            (self.cached_bytes, "bytes cached"),
+            (self.overcommit_bytes, "bytes overcommitted"),
+        ] {
+            if figure > 0 {
+                write!(f, "; {figure} {what}")?;
+            }
         }
         Ok(())
     }
