@@ -514,28 +514,42 @@ impl State {
 
     /// The largest request of this pool its ancestors can ever serve (`usize::MAX` for a
     /// root; this pool's own cap is the caller's to check): the smallest
-    /// [`hard_cap`](State::hard_cap) of the ancestors, less this pool's own floor where that
-    /// floor is set aside in all of them. A request takes a floor whole or not at all, so one
-    /// above this pool's floor climbs, and finds the floor counted in use in every ancestor
-    /// for as long as this pool is open: a request above both the floor and what the floor
-    /// leaves of the smallest budget above could never be served, and fails at once rather
-    /// than wait for good. (Only when no ancestor has a floor of its own: one that does may
-    /// hold this floor in its own, and then the ancestors above it do not count it again.
-    /// Floors of other pools are not subtracted: they go back when those pools close.)
+    /// [`hard_cap`](State::hard_cap) of the ancestors, or less with floors on the chain.
+    ///
+    /// A request takes a floor whole or not at all, and a floored pool's floor stays set
+    /// aside in every budget above it for as long as the pool is open. Take the highest
+    /// floored pool of the chain, `T` (this pool or an ancestor; none above it has a floor,
+    /// so its floor `F` is counted in every ancestor of `T`): a request bigger than every
+    /// floor from here up to `T` can be served by none of them and must climb past `T`,
+    /// where at most `smallest cap above T - F` is ever free. A request above both fails at
+    /// once rather than wait for good. (Floors below `T` may be held inside `F` or above it;
+    /// counting only `F` never refuses a request that could be served. Floors of other pools
+    /// are not counted: they go back when those pools close.)
     fn smallest_cap_above(&self) -> usize {
         let mut smallest = usize::MAX;
-        let mut floored_above = false;
+        // The largest floor from here up to the highest floored pool so far, that pool's
+        // floor, and the smallest cap above it.
+        let mut largest_floor = self.floor_now().0;
+        let mut top_floor = largest_floor;
+        let mut above_top = usize::MAX;
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            smallest = smallest.min(pool.hard_cap());
-            floored_above |= pool.floor_now().0 > 0;
+            let cap = pool.hard_cap();
+            smallest = smallest.min(cap);
+            above_top = above_top.min(cap);
+            let floor = pool.floor_now().0;
+            if floor > 0 {
+                largest_floor = largest_floor.max(floor);
+                top_floor = floor;
+                above_top = usize::MAX;
+            }
             ancestor = pool.parent.as_deref();
         }
-        let floor = self.floor_now().0;
-        if floor == 0 || floored_above {
+        if top_floor == 0 || above_top == usize::MAX {
+            // No floor on the chain, or the highest floored pool is a root (none has one).
             return smallest;
         }
-        floor.max(smallest.saturating_sub(floor))
+        smallest.min(largest_floor.max(above_top.saturating_sub(top_floor)))
     }
 
     /// The largest request of this pool its chain can ever serve: what `ExceedsBudget`

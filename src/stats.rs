@@ -244,8 +244,10 @@ pub struct PoolStats {
     /// pool whose queue was full.
     pub queue_full: usize,
     /// Freed blocks kept for reuse (see [`BufPoolBuilder::recycle`](crate::BufPoolBuilder::recycle)).
-    /// They are not in `in_use_bytes`, but `in_use_bytes + cached_bytes` stays within the
-    /// budget.
+    /// They are not in `in_use_bytes`. The bytes of live allocations plus `cached_bytes`
+    /// stay within the budget (of the root: a tree has one cache, the root's);
+    /// `in_use_bytes` also counts bytes that are no memory yet (reservations not allocated,
+    /// a child's idle floor), so `in_use_bytes + cached_bytes` may be above it.
     pub cached_bytes: usize,
     /// Bytes held by reservations ([`BufPool::reserve`](crate::BufPool::reserve)): part of
     /// `in_use_bytes`.
