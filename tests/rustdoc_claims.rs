@@ -2159,3 +2159,609 @@ fn growth_pool_waiter_after_shrink() {
     drop(held);
     assert!(matches!(poll_once(waiter.as_mut()), Poll::Ready(Ok(_))));
 }
+
+// ---------------------------------------------------------------------------------------
+// Third batch: the counted limits, out of memory, trees
+// ---------------------------------------------------------------------------------------
+
+/// `max_memory` above 2 PiB: "budgets above that enforce 2 PiB"; `stats` reports the
+/// configured value.
+#[test]
+fn budget_above_two_pib_enforces_two_pib() {
+    let pool = BufPool::new(cfg64(3 << 50));
+    assert_eq!(pool.stats().max_memory, 3 << 50);
+    let r = pool.try_reserve(PIB2).unwrap();
+    assert_eq!(r.size(), PIB2);
+    drop(r);
+    let err = pool.try_reserve(PIB2 + 8).unwrap_err();
+    assert!(
+        matches!(err, AllocError::ExceedsBudget { requested_bytes, .. } if requested_bytes == PIB2 + 8),
+        "{err:?}"
+    );
+}
+
+/// `force_grow` in a child: the bytes in use of an ancestor passing 4 PiB refuses it, and
+/// every pool is left as it was ("the reservation is then unchanged").
+#[test]
+fn force_grow_refused_at_an_ancestor_leaves_no_trace() {
+    let root = BufPool::new(cfg64(1024));
+    let a = root.child("a", cfg64(1024)).unwrap();
+    let b = root.child("b", cfg64(1024)).unwrap();
+    let mut ra = a.try_reserve(0).unwrap();
+    let mut rb = b.try_reserve(8).unwrap();
+    ra.force_grow(3 << 50).unwrap();
+    let err = rb.force_grow(2 << 50).unwrap_err();
+    assert!(matches!(err, AllocError::ExceedsBudget { .. }), "{err:?}");
+    assert_eq!(rb.size(), 8);
+    assert_eq!(b.stats().in_use_bytes, 8);
+    assert_eq!(root.stats().in_use_bytes, (3 << 50) + 8);
+    assert_eq!(b.stats().reserved_bytes, 8);
+    drop((ra, rb));
+    assert_eq!(root.stats().in_use_bytes, 0);
+    assert_eq!(root.stats().overcommit_bytes, 0);
+}
+
+/// `Reservation::allocate`: on `OutOfMemory` "the bytes then go back to the pool, not to the
+/// reservation".
+#[test]
+fn reservation_allocate_out_of_memory() {
+    if cfg!(miri) {
+        return;
+    }
+    let pool = BufPool::new(cfg(BufferSize::S16384, usize::MAX));
+    let bytes = 1usize << 50; // 1 PiB: no system allocator has it
+    let mut r = pool.try_reserve(bytes + 16384).unwrap();
+    let err = r.allocate(bytes / 16384).unwrap_err();
+    assert_eq!(err, AllocError::OutOfMemory { bytes });
+    assert_eq!(r.size(), 16384);
+    let stats = pool.stats();
+    assert_eq!(stats.in_use_bytes, 16384, "{stats}");
+    assert_eq!(stats.reserved_bytes, 16384, "{stats}");
+    assert_eq!(stats.outstanding, 0, "{stats}");
+    let a = r.allocate(1).unwrap();
+    drop((a, r));
+    assert_idle(&pool);
+}
+
+/// `OutOfMemory` from `try_allocate`: "The budget reserved for the request was given back at
+/// once"; no allocation is counted as outstanding.
+#[test]
+fn try_allocate_out_of_memory_counts() {
+    if cfg!(miri) {
+        return;
+    }
+    let pool = BufPool::new(cfg(BufferSize::S16384, usize::MAX));
+    let n = (1usize << 50) / 16384;
+    assert_eq!(
+        pool.try_allocate(n).unwrap_err(),
+        AllocError::OutOfMemory { bytes: 1 << 50 }
+    );
+    let stats = pool.stats();
+    assert_eq!((stats.in_use_bytes, stats.outstanding), (0, 0), "{stats}");
+    assert_eq!(stats.would_block, 0);
+    assert!(stats.is_drained());
+}
+
+/// `PoolReport::reserved_bytes`: "Bytes held by its own reservations" (a child's are not a
+/// parent's); `outstanding`: "Its own live allocations".
+#[test]
+fn report_reserved_and_outstanding_are_own() {
+    let root = BufPool::new(cfg64(1024));
+    let child = root.child("c", cfg64(1024)).unwrap();
+    let _r = child.try_reserve(64).unwrap();
+    let _a = child.try_allocate(1).unwrap();
+    let report = root.report();
+    assert_eq!(report.reserved_bytes, 0);
+    assert_eq!(report.outstanding, 0);
+    assert_eq!(report.in_use_bytes, 128);
+    assert_eq!(report.own_bytes(), 0);
+    assert_eq!(report.children[0].reserved_bytes, 64);
+    assert_eq!(report.children[0].outstanding, 1);
+    assert_eq!(report.children[0].own_bytes(), 128);
+}
+
+/// `own_bytes` with a floored child that climbed above its floor: the root holds nothing of
+/// its own; the child holds what its allocations and reservations hold.
+#[test]
+fn own_bytes_with_floor_partly_used_and_climbed() {
+    let root = BufPool::new(cfg64(4096));
+    let child = BufPool::builder(cfg64(2048))
+        .parent(&root)
+        .min_memory(256)
+        .build()
+        .unwrap();
+    let report = root.report();
+    assert_eq!(report.own_bytes(), 0, "an idle floor is not the root's own");
+    assert_eq!(report.children[0].own_bytes(), 0, "nor the child's");
+    // 384 is more than the floor: taken whole from above it ("a request takes the floor
+    // whole or not at all", README), the floor stays idle.
+    let a = child.try_allocate(6).unwrap();
+    let report = root.report();
+    assert_eq!(report.in_use_bytes, 640);
+    assert_eq!(report.own_bytes(), 0);
+    assert_eq!(report.children[0].own_bytes(), 384);
+    assert_eq!(report.top(1)[0].min_memory, 256);
+    let mine = root.try_allocate(1).unwrap();
+    assert_eq!(root.report().own_bytes(), 64);
+    drop((a, mine));
+    let report = root.report();
+    assert_eq!((report.in_use_bytes, report.own_bytes()), (256, 0));
+}
+
+/// `ReclaimerReport` order: "lowest priority, then largest estimate, first", registration
+/// order among equals.
+#[test]
+fn reclaimer_report_order() {
+    struct Fixed(usize);
+    impl Reclaimer for Fixed {
+        fn estimate(&self) -> usize {
+            self.0
+        }
+        fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+            Box::pin(async { 0 })
+        }
+    }
+    let pool = BufPool::new(cfg64(640));
+    let _h = [
+        pool.register_reclaimer("p2-big", 2, Arc::new(Fixed(1000))),
+        pool.register_reclaimer("p1-small-first", 1, Arc::new(Fixed(8))),
+        pool.register_reclaimer("p1-big", 1, Arc::new(Fixed(64))),
+        pool.register_reclaimer("p1-small-second", 1, Arc::new(Fixed(8))),
+        pool.register_reclaimer("p0", 0, Arc::new(Fixed(0))),
+    ];
+    let names: Vec<_> = pool
+        .report()
+        .reclaimers
+        .iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "p0",
+            "p1-big",
+            "p1-small-first",
+            "p1-small-second",
+            "p2-big"
+        ]
+    );
+}
+
+/// Closing a middle pool fails its grandchild's waiter "wherever they wait" (here in the
+/// root's queue) with `Closed`, and the root's queue is empty after.
+#[test]
+fn closing_middle_pool_fails_grandchild_waiting_at_root() {
+    let root = BufPool::new(cfg64(128));
+    let mid = root.child("mid", cfg64(1024)).unwrap();
+    let leaf = mid.child("leaf", cfg64(1024)).unwrap();
+    let held = root.try_allocate(2).unwrap();
+    let mut waiter = Box::pin(leaf.allocate(1));
+    let mut reserve = Box::pin(leaf.reserve(8));
+    assert!(poll_once(waiter.as_mut()).is_pending());
+    assert!(poll_once(reserve.as_mut()).is_pending());
+    assert_eq!(root.stats().waiting, 2);
+    mid.close();
+    assert!(matches!(
+        poll_once(waiter.as_mut()),
+        Poll::Ready(Err(AllocError::Closed))
+    ));
+    assert!(matches!(
+        poll_once(reserve.as_mut()),
+        Poll::Ready(Err(AllocError::Closed))
+    ));
+    assert_eq!(root.stats().waiting, 0);
+    assert!(leaf.is_closed());
+    assert!(!root.is_closed());
+    drop(held);
+    assert_eq!(root.stats().in_use_bytes, 0);
+    assert_eq!(mid.stats().in_use_bytes, 0);
+}
+
+/// `register_reclaimer`: "dropping the pool drops its registrations before the shutdown
+/// barrier waits (so a cache whose only owner is its registration gives its allocations
+/// back then)" -- even while the `ReclaimerHandle` is still alive.
+#[test]
+fn drop_pool_drops_registered_cache_with_handle_alive() {
+    watchdog(10, || {
+        let pool = BufPool::new(cfg64(640));
+        let cache = Cache(Mutex::new(vec![pool.try_allocate(2).unwrap()]));
+        let handle = pool.register_reclaimer("cache", 0, Arc::new(cache));
+        drop(pool);
+        drop(handle);
+    });
+}
+
+/// `read_from`: "the part of it that was never initialised is zeroed first, at the first
+/// call", so afterwards `set_filled` accepts the whole capacity ("or zeroed by `read_from`").
+#[test]
+fn read_from_zeroes_the_rest_for_set_filled() {
+    let pool = BufPool::new(cfg(BufferSize::S8, 64));
+    let mut f = pool.try_allocate(2).unwrap().into_filled();
+    let mut src: &[u8] = b"abc";
+    assert_eq!(f.read_from(&mut src).unwrap(), 3);
+    assert!(f.set_filled(16));
+    assert_eq!(&f[..], b"abc\0\0\0\0\0\0\0\0\0\0\0\0\0");
+    // A reader that errors at once: the rest is zeroed all the same (first call).
+    let mut g = pool.try_allocate(1).unwrap().into_filled();
+    struct Broken;
+    impl Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::Other.into())
+        }
+    }
+    assert!(g.read_from(&mut Broken).is_err());
+    assert!(g.filled().is_empty(), "nothing counted as filled");
+}
+
+/// `wait_for_growth` child: a budget of zero at build; the child's request waits in its own
+/// queue until the child grows. `min_memory` above a zero budget is refused.
+#[test]
+fn growth_child_with_zero_budget() {
+    let root = BufPool::new(cfg64(640));
+    let child = BufPool::builder(cfg64(0))
+        .parent(&root)
+        .wait_for_growth()
+        .build()
+        .unwrap();
+    let mut waiter = Box::pin(child.allocate(1));
+    assert!(poll_once(waiter.as_mut()).is_pending());
+    assert_eq!((child.stats().waiting, root.stats().waiting), (1, 0));
+    assert_eq!(child.add_max_memory(64), 64);
+    let Poll::Ready(Ok(a)) = poll_once(waiter.as_mut()) else {
+        panic!("served")
+    };
+    assert_eq!(root.stats().in_use_bytes, 64);
+    drop(a);
+    let err = BufPool::builder(cfg64(0))
+        .parent(&root)
+        .wait_for_growth()
+        .min_memory(8)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::MinMemoryAboveMaxMemory {
+            min_memory: 8,
+            max_memory: 0
+        }
+    );
+}
+
+/// `waited_allocations` counts "a grant whose owner gave up before taking it (its wait
+/// happened)"; the grant goes on to the next waiter at once, and it is no allocation
+/// (`total_allocations`, `outstanding`).
+#[test]
+fn grant_given_up_counts_as_waited_not_allocated() {
+    let pool = BufPool::new(cfg64(64));
+    let held = pool.try_allocate(1).unwrap();
+    let mut first = Box::pin(pool.allocate(1));
+    let mut second = Box::pin(pool.allocate(1));
+    assert!(poll_once(first.as_mut()).is_pending());
+    assert!(poll_once(second.as_mut()).is_pending());
+    drop(held); // granted to `first`
+    assert_eq!(pool.stats().in_use_bytes, 64, "granted, not yet picked up");
+    drop(first);
+    let Poll::Ready(Ok(a)) = poll_once(second.as_mut()) else {
+        panic!("the grant went on to the next waiter")
+    };
+    let stats = pool.stats();
+    assert_eq!(stats.waited_allocations, 2, "{stats}");
+    assert_eq!(stats.total_allocations, 2, "held + second: {stats}");
+    assert_eq!(stats.outstanding, 1);
+    drop(a);
+}
+
+/// `ExceedsBudget`'s `max_memory` for a child whose parent is smaller: the smallest cap on
+/// its chain (the only budget under which the request could be refused).
+#[test]
+fn exceeds_budget_names_smallest_cap_for_child() {
+    let root = BufPool::new(cfg64(256));
+    let child = root.child("big", cfg64(4096)).unwrap();
+    assert_eq!(
+        child.try_allocate(5).unwrap_err(),
+        AllocError::ExceedsBudget {
+            requested_bytes: 320,
+            max_memory: 256
+        }
+    );
+    assert_eq!(
+        child.try_reserve(264).unwrap_err(),
+        AllocError::ExceedsBudget {
+            requested_bytes: 264,
+            max_memory: 256
+        }
+    );
+}
+
+/// `wait_for_growth`: a reservation's growth beyond the budget now waits (`try_` forms give
+/// `WouldBlock`) instead of `ExceedsBudget`.
+#[test]
+fn growth_pool_reservation_growth_waits() {
+    let pool = BufPool::builder(cfg64(128))
+        .wait_for_growth()
+        .build()
+        .unwrap();
+    let mut r = pool.try_reserve(128).unwrap();
+    assert_eq!(r.try_grow(8).unwrap_err(), AllocError::WouldBlock);
+    assert_eq!(r.resize_to(129).unwrap_err(), AllocError::WouldBlock);
+    {
+        let mut grow = Box::pin(r.grow(8));
+        assert!(poll_once(grow.as_mut()).is_pending());
+        pool.add_max_memory(8);
+        assert!(matches!(poll_once(grow.as_mut()), Poll::Ready(Ok(()))));
+    }
+    assert_eq!(r.size(), 136);
+}
+
+/// `shutdown_before` with a deadline that is ready at once: closes, returns the stats.
+#[test]
+fn shutdown_before_ready_deadline() {
+    let pool = BufPool::new(cfg64(640));
+    let held = pool.try_allocate(1).unwrap();
+    let stats = futures::executor::block_on(pool.shutdown_before(std::future::ready(())));
+    assert!(stats.closed);
+    assert_eq!(stats.outstanding, 1);
+    drop(held);
+    let stats = futures::executor::block_on(pool.shutdown_before(std::future::pending::<()>()));
+    assert!(stats.is_drained());
+}
+
+/// `Reservation`'s rounding as a model: "Sizes count in bytes rounded up to a multiple of
+/// 8"; "Rounding stays inside: a caller that tracks exact sizes never sees a byte lost or
+/// extra". A pseudo-random sequence of every reservation call, each checked against a
+/// model of sizes, and the pool's `in_use_bytes`, `reserved_bytes` and `overcommit_bytes`
+/// against the sum of the sizes rounded.
+#[test]
+fn reservation_rounding_model() {
+    let pool = BufPool::new(cfg(BufferSize::S8, 2048));
+    run_reservation_model(&pool, 0x2545_F491_4F6C_DD1D, || {});
+}
+
+/// The same model in a floored child of a larger root: the child's books are exact, and
+/// the root always holds the floor and at least what the child holds.
+#[test]
+fn reservation_rounding_model_in_floored_child() {
+    let root = BufPool::new(cfg(BufferSize::S8, 4096));
+    let child = BufPool::builder(cfg(BufferSize::S8, 2048))
+        .parent(&root)
+        .min_memory(250)
+        .build()
+        .unwrap();
+    run_reservation_model(&child, 0x9E37_79B9_7F4A_7C15, || {
+        let (rs, cs) = (root.stats(), child.stats());
+        assert!(rs.in_use_bytes >= cs.in_use_bytes.max(256), "{rs} / {cs}");
+        assert!(rs.in_use_bytes <= cs.in_use_bytes + 256, "{rs} / {cs}");
+        assert_eq!(rs.reserved_bytes, 0);
+        assert_eq!(rs.outstanding, 0);
+    });
+    assert_eq!(root.stats().in_use_bytes, 256);
+    drop(child);
+    assert_eq!(root.stats().in_use_bytes, 0);
+}
+
+fn run_reservation_model(pool: &BufPool, seed: u64, extra: impl Fn()) {
+    let budget = pool.stats().max_memory;
+    let r8 = |x: usize| x.next_multiple_of(8);
+    let mut seed = seed;
+    let mut next = move |bound: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % bound as u64) as usize
+    };
+    let mut held: Vec<(membudget::Reservation, usize)> = Vec::new();
+    let mut allocations: Vec<membudget::BufPoolAllocation> = Vec::new();
+    for step in 0..rounds(4000, 300) {
+        let in_use = |held: &Vec<(membudget::Reservation, usize)>,
+                      allocations: &Vec<membudget::BufPoolAllocation>| {
+            held.iter().map(|(_, size)| r8(*size)).sum::<usize>()
+                + allocations
+                    .iter()
+                    .map(|a| a.allocated_bytes())
+                    .sum::<usize>()
+        };
+        let before = in_use(&held, &allocations);
+        let x = match next(4) {
+            0 => next(9),
+            1 => next(40),
+            2 => next(200),
+            _ => next(600),
+        };
+        let i = if held.is_empty() { 0 } else { next(held.len()) };
+        let op = next(14);
+        match op {
+            0 | 1 => {
+                let fits = x == 0 || before + r8(x) <= budget;
+                match pool.try_reserve(x) {
+                    Ok(r) => {
+                        assert!(fits, "step {step}: reserve({x}) over budget");
+                        assert_eq!(r.size(), r8(x));
+                        held.push((r, r8(x)));
+                    }
+                    Err(e) => assert!(!fits, "step {step}: reserve({x}): {e:?}"),
+                }
+            }
+            2 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                let fits = x == 0 || before + r8(x) <= budget;
+                match r.try_grow(x) {
+                    Ok(()) => {
+                        assert!(fits, "step {step}");
+                        *size += r8(x);
+                    }
+                    Err(e) => assert!(!fits, "step {step}: try_grow({x}) of {size}: {e:?}"),
+                }
+            }
+            3 | 4 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                let need = r8(x).saturating_sub(r8(*size));
+                let fits = x <= *size || need == 0 || before + need <= budget;
+                match r.resize_to(x) {
+                    Ok(()) => {
+                        assert!(fits, "step {step}");
+                        *size = x;
+                    }
+                    Err(e) => assert!(!fits, "step {step}: resize_to({x}) of {size}: {e:?}"),
+                }
+            }
+            5 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                r.shrink(x);
+                *size -= r8(x).min(*size);
+            }
+            6 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                match r.try_shrink(x) {
+                    Ok(()) => *size -= x,
+                    Err(_) => assert!(x > *size, "step {step}"),
+                }
+            }
+            7 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                let part = r.split(x);
+                let expected = r8(x).min(*size);
+                *size -= expected;
+                assert_eq!(part.size(), expected, "step {step}");
+                held.push((part, expected));
+            }
+            8 if held.len() >= 2 => {
+                let (other, other_size) = held.swap_remove(i);
+                let j = next(held.len());
+                let (r, size) = &mut held[j];
+                assert!(r.merge(other).is_ok());
+                *size += other_size;
+            }
+            9 if !held.is_empty() && next(4) == 0 => {
+                let (r, size) = &mut held[i];
+                r.force_grow(x).unwrap();
+                *size += x;
+            }
+            10 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                assert_eq!(r.free(), *size, "step {step}");
+                *size = 0;
+            }
+            11 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                let n = x / 8;
+                match r.allocate(n) {
+                    Ok(a) => {
+                        assert!(n > 0 && n * 8 <= *size, "step {step}");
+                        *size -= n * 8;
+                        allocations.push(a);
+                    }
+                    Err(_) => assert!(n == 0 || n * 8 > *size, "step {step}"),
+                }
+            }
+            12 if !held.is_empty() => {
+                let (r, size) = &mut held[i];
+                r.shrink_to_deferring_wakeups(x).run();
+                *size = (*size).min(x);
+            }
+            _ => {
+                if next(2) == 0 && !held.is_empty() {
+                    drop(held.swap_remove(i));
+                } else if !allocations.is_empty() {
+                    let k = next(allocations.len());
+                    drop(allocations.swap_remove(k));
+                }
+            }
+        }
+        for (r, size) in &held {
+            assert_eq!(r.size(), *size, "step {step} op {op}");
+        }
+        let expected = in_use(&held, &allocations);
+        let stats = pool.stats();
+        let reserved: usize = held.iter().map(|(_, size)| r8(*size)).sum();
+        assert_eq!(stats.in_use_bytes, expected, "step {step} op {op}: {stats}");
+        assert_eq!(
+            stats.reserved_bytes, reserved,
+            "step {step} op {op}: {stats}"
+        );
+        assert_eq!(
+            stats.overcommit_bytes,
+            expected.saturating_sub(budget),
+            "step {step} op {op}"
+        );
+        assert_eq!(stats.outstanding, allocations.len(), "step {step} op {op}");
+        extra();
+    }
+    drop(held);
+    drop(allocations);
+    assert_idle(pool);
+}
+
+/// `Allocate` `# Panics`: "Polling it again after it returned `Ready` may panic ...; the
+/// budget is not affected."
+#[test]
+fn polling_after_ready_leaves_budget_intact() {
+    let pool = BufPool::new(cfg64(128));
+    let mut allocate = Box::pin(pool.allocate(1));
+    let Poll::Ready(Ok(a)) = poll_once(allocate.as_mut()) else {
+        panic!()
+    };
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = poll_once(allocate.as_mut());
+    }));
+    drop(again);
+    drop(allocate);
+    let stats = pool.stats();
+    assert_eq!((stats.in_use_bytes, stats.outstanding), (64, 1), "{stats}");
+    drop(a);
+    let mut r = Box::pin(pool.reserve(8));
+    let Poll::Ready(Ok(res)) = poll_once(r.as_mut()) else {
+        panic!()
+    };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = poll_once(r.as_mut());
+    }));
+    drop(r);
+    assert_eq!(pool.stats().in_use_bytes, 8);
+    drop(res);
+    assert_full_budget_back(&pool);
+}
+
+/// `poll_allocate` with a different `n`: "any budget granted to it but not taken, go to the
+/// next waiters".
+#[test]
+fn poll_allocate_changed_n_passes_its_grant_on() {
+    let pool = Arc::new(BufPool::new(cfg64(64)));
+    let held = pool.try_allocate(1).unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut poller = PollAllocate::new(Arc::clone(&pool));
+    assert!(poller.poll_allocate(&mut cx, 1).is_pending());
+    let mut other = Box::pin(pool.allocate(1));
+    assert!(poll_once(other.as_mut()).is_pending());
+    drop(held); // granted to the poller's request
+    assert!(
+        poller.poll_allocate(&mut cx, 2).is_ready(),
+        "2 buffers can never fit 64 bytes"
+    );
+    let Poll::Ready(Ok(a)) = poll_once(other.as_mut()) else {
+        panic!("the grant went on to the next waiter")
+    };
+    drop(a);
+    assert_full_budget_back(&pool);
+}
+
+/// Owned allocations keep the pool "through `into_filled`" -- and back through
+/// `into_allocation`; `merge` of an owned reservation into a plain one keeps the pool too.
+#[test]
+fn owned_holds_survive_conversions_and_merge() {
+    watchdog(10, || {
+        let pool = Arc::new(BufPool::new(cfg64(640)));
+        let weak = Arc::downgrade(&pool);
+        let a = futures::executor::block_on(Arc::clone(&pool).allocate_owned(1)).unwrap();
+        let back = a.into_filled().into_allocation();
+        let owned_r = futures::executor::block_on(Arc::clone(&pool).reserve_owned(64)).unwrap();
+        let mut plain = pool.try_reserve(64).unwrap();
+        plain.merge(owned_r).unwrap();
+        drop(pool); // not the last holder: `back` and `plain` hold it
+        assert!(weak.upgrade().is_some());
+        drop(back);
+        assert!(weak.upgrade().is_some(), "the merged reservation holds it");
+        assert_eq!(plain.size(), 128);
+        drop(plain);
+        assert!(weak.upgrade().is_none());
+    });
+}
