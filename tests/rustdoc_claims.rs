@@ -2765,3 +2765,92 @@ fn owned_holds_survive_conversions_and_merge() {
         assert!(weak.upgrade().is_none());
     });
 }
+
+/// `allocate_timeout`, `reserve_timeout`, `shutdown_timeout`: "Blocks the thread for at most
+/// about `timeout`" -- and not less: a timed-out call took at least its timeout.
+#[test]
+fn timeouts_take_about_their_time() {
+    watchdog(20, || {
+        let root = BufPool::new(cfg64(64));
+        let child = root.child("c", cfg64(640)).unwrap();
+        let held = root.try_allocate(1).unwrap();
+        for ms in [1u64, 30, 120] {
+            let timeout = Duration::from_millis(ms);
+            let slack = Duration::from_millis(500) * SLOWDOWN;
+            let start = std::time::Instant::now();
+            assert_eq!(
+                root.allocate_timeout(1, timeout).unwrap_err(),
+                AllocError::TimedOut
+            );
+            let took = start.elapsed();
+            assert!(
+                took >= timeout && took < timeout + slack,
+                "{ms} ms: {took:?}"
+            );
+            let start = std::time::Instant::now();
+            assert_eq!(
+                child.reserve_timeout(8, timeout).unwrap_err(),
+                AllocError::TimedOut
+            );
+            let took = start.elapsed();
+            assert!(
+                took >= timeout && took < timeout + slack,
+                "{ms} ms: {took:?}"
+            );
+        }
+        let start = std::time::Instant::now();
+        let stats = root.shutdown_timeout(Duration::from_millis(60));
+        let took = start.elapsed();
+        assert!(!stats.is_drained());
+        assert!(
+            took >= Duration::from_millis(60)
+                && took < Duration::from_millis(60) + Duration::from_millis(500) * SLOWDOWN,
+            "{took:?}"
+        );
+        drop(held);
+    });
+}
+
+/// `max_waiters`: "whatever its form" -- a reservation's growth and a `PollAllocate` are
+/// refused with `QueueFull` too.
+#[test]
+fn max_waiters_zero_every_form() {
+    let pool = Arc::new(BufPool::builder(cfg64(128)).max_waiters(0).build().unwrap());
+    let mut r = pool.try_reserve(64).unwrap();
+    let _held = pool.try_allocate(1).unwrap();
+    assert_eq!(r.grow_blocking(8).unwrap_err(), AllocError::QueueFull);
+    let mut poller = PollAllocate::new(Arc::clone(&pool));
+    assert!(matches!(
+        poller.poll_allocate(&mut Context::from_waker(Waker::noop()), 1),
+        Poll::Ready(Err(AllocError::QueueFull))
+    ));
+    assert_eq!(
+        futures::executor::block_on(Arc::clone(&pool).reserve_owned(8)).unwrap_err(),
+        AllocError::QueueFull
+    );
+    assert_eq!(pool.stats().queue_full, 3);
+    assert_eq!(r.size(), 64);
+}
+
+/// `PoolReport` `Display` of a reclaimer line, as written in report.rs.
+#[test]
+fn report_display_reclaimer_line() {
+    struct Fixed(usize);
+    impl Reclaimer for Fixed {
+        fn estimate(&self) -> usize {
+            self.0
+        }
+        fn reclaim(&self, _: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+            Box::pin(async { 0 })
+        }
+    }
+    let pool = BufPool::builder(cfg64(640)).name("p").build().unwrap();
+    let child = pool.child("c", cfg64(640)).unwrap();
+    let _h = child.register_reclaimer("big", 1, Arc::new(Fixed(512)));
+    assert_eq!(
+        pool.report().to_string(),
+        "p: 0 of 640 bytes in use (own 0, reserved 0), peak 0, 0 outstanding, 0 waiting\n  \
+         c: 0 of 640 bytes in use (own 0, reserved 0), peak 0, 0 outstanding, 0 waiting\n    \
+         reclaimer \"big\" (priority 1): estimate 512 bytes, asked 0 times for 0 bytes, freed 0\n"
+    );
+}
