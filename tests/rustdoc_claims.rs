@@ -2854,3 +2854,86 @@ fn report_display_reclaimer_line() {
          reclaimer \"big\" (priority 1): estimate 512 bytes, asked 0 times for 0 bytes, freed 0\n"
     );
 }
+
+/// `buffers_uninit_mut`: "the allocation forgets that its memory is initialised (a zeroed
+/// one no longer counts as zeroed), even if no buffer is written".
+#[test]
+fn buffers_uninit_mut_forgets_zeros_unwritten() {
+    let pool = BufPool::new(cfg(BufferSize::S8, 64));
+    let mut a = pool.try_allocate_zeroed(2).unwrap();
+    drop(a.buffers_uninit_mut());
+    let mut f = a.into_filled();
+    assert!(!f.set_filled(1));
+    assert_eq!(f.fill(0, 3), 3);
+    assert!(f.set_filled(3));
+    assert!(!f.set_filled(4));
+}
+
+/// `read_from`: "bytes already initialised, by earlier writes ..., are never zeroed again;
+/// a fresh `into_filled()` starts over" (for a plain allocation: nothing counts as
+/// initialised after the round trip).
+#[test]
+fn read_from_never_rezeroes_and_fresh_cursor_starts_over() {
+    let pool = BufPool::new(cfg(BufferSize::S8, 64));
+    let mut f = pool.try_allocate(2).unwrap().into_filled();
+    f.extend_from_slice(b"abc");
+    assert!(f.set_filled(1));
+    let mut eof: &[u8] = b"";
+    assert_eq!(f.read_from(&mut eof).unwrap(), 0);
+    assert!(f.set_filled(3));
+    assert_eq!(&f[..], b"abc", "written bytes were not zeroed again");
+    assert!(f.set_filled(16), "the rest was zeroed by read_from");
+    let mut again = f.into_allocation().into_filled();
+    assert!(again.filled().is_empty());
+    assert!(
+        !again.set_filled(1),
+        "a fresh cursor of a plain allocation knows nothing initialised"
+    );
+}
+
+/// `BufMut`: `chunk_mut` "offers all of its unfilled part at once"; a smaller `set_filled`
+/// "moves the cursor back and so grows it again".
+#[test]
+fn bufmut_chunk_is_all_unfilled() {
+    use bytes::BufMut;
+    let pool = BufPool::new(cfg(BufferSize::S8, 64));
+    let mut f = pool.try_allocate(3).unwrap().into_filled();
+    f.put_slice(b"0123456789");
+    assert_eq!(f.chunk_mut().len(), 14);
+    assert_eq!(f.remaining_mut(), 14);
+    assert!(f.set_filled(4));
+    assert_eq!(f.remaining_mut(), 20);
+    assert_eq!(f.chunk_mut().len(), 20);
+    f.put_u8(b'x');
+    assert_eq!(&f[..], b"0123x");
+}
+
+/// `PollAllocate`'s `Debug` shows the pending `n`, and none once served.
+#[test]
+fn poll_allocate_debug() {
+    let pool = Arc::new(BufPool::new(cfg64(64)));
+    let held = pool.try_allocate(1).unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut poller = PollAllocate::new(Arc::clone(&pool));
+    assert!(format!("{poller:?}").contains("pending_n: None"));
+    assert!(poller.poll_allocate(&mut cx, 1).is_pending());
+    assert!(format!("{poller:?}").contains("pending_n: Some(1)"), "{poller:?}");
+    drop(held);
+    let Poll::Ready(Ok(a)) = poller.poll_allocate(&mut cx, 1) else {
+        panic!()
+    };
+    assert!(format!("{poller:?}").contains("pending_n: None"), "{poller:?}");
+    drop(a);
+}
+
+/// `forget_max_memory` on a budget that is not a multiple of the buffer size: "keeps a
+/// budget of at least one buffer".
+#[test]
+fn forget_keeps_one_buffer_of_an_odd_budget() {
+    let pool = BufPool::new(cfg64(100));
+    assert_eq!(pool.forget_max_memory(usize::MAX), 36);
+    assert_eq!(pool.stats().max_memory, 64);
+    let held = pool.try_allocate(1).unwrap();
+    assert_eq!(pool.forget_max_memory(usize::MAX), 0);
+    drop(held);
+}
