@@ -2917,12 +2917,18 @@ fn poll_allocate_debug() {
     let mut poller = PollAllocate::new(Arc::clone(&pool));
     assert!(format!("{poller:?}").contains("pending_n: None"));
     assert!(poller.poll_allocate(&mut cx, 1).is_pending());
-    assert!(format!("{poller:?}").contains("pending_n: Some(1)"), "{poller:?}");
+    assert!(
+        format!("{poller:?}").contains("pending_n: Some(1)"),
+        "{poller:?}"
+    );
     drop(held);
     let Poll::Ready(Ok(a)) = poller.poll_allocate(&mut cx, 1) else {
         panic!()
     };
-    assert!(format!("{poller:?}").contains("pending_n: None"), "{poller:?}");
+    assert!(
+        format!("{poller:?}").contains("pending_n: None"),
+        "{poller:?}"
+    );
     drop(a);
 }
 
@@ -2936,4 +2942,48 @@ fn forget_keeps_one_buffer_of_an_odd_budget() {
     let held = pool.try_allocate(1).unwrap();
     assert_eq!(pool.forget_max_memory(usize::MAX), 0);
     drop(held);
+}
+
+/// A grandchild's request bigger than its ancestor's floor must climb past it, where the
+/// floor stays set aside: above `cap above - floor` it "fails at once with `ExceedsBudget`
+/// instead of waiting for good" (README, guarantee 15), in every form, naming that cap.
+#[test]
+fn grandchild_request_past_a_floor_fails_at_once() {
+    watchdog(10, || {
+        let root = BufPool::new(cfg64(1024));
+        let mid = BufPool::builder(cfg64(1024))
+            .parent(&root)
+            .min_memory(512)
+            .build()
+            .unwrap();
+        let leaf = mid.child("leaf", cfg64(1024)).unwrap();
+        let expected = AllocError::ExceedsBudget {
+            requested_bytes: 640,
+            max_memory: 512,
+        };
+        assert_eq!(leaf.try_allocate(10).unwrap_err(), expected);
+        assert_eq!(leaf.allocate_blocking(10).unwrap_err(), expected);
+        let mut waiting = Box::pin(leaf.allocate(10));
+        assert!(
+            matches!(poll_once(waiting.as_mut()), Poll::Ready(Err(e)) if e == expected),
+            "must not wait for good"
+        );
+        assert!(matches!(
+            leaf.try_reserve(513),
+            Err(AllocError::ExceedsBudget {
+                max_memory: 512,
+                ..
+            })
+        ));
+        // Growth is a request of its own: 8 more bytes climb past the (spent) floor and fit
+        // beside it at the root.
+        let mut r = leaf.try_reserve(512).unwrap();
+        r.try_grow(8).unwrap();
+        assert_eq!(root.stats().in_use_bytes, 520);
+        drop(r);
+        let a = leaf.try_allocate(8).unwrap(); // the floor's 512
+        assert_eq!(root.stats().in_use_bytes, 512);
+        drop(a);
+        assert_eq!(root.stats().in_use_bytes, 512);
+    });
 }
