@@ -636,3 +636,581 @@ fn overcommit_in_a_floored_child_and_its_grandchild() {
         assert_eq!(books(&root), (0, 0, 0));
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Budget deltas racing waiters; growth from zero in child pools
+// ---------------------------------------------------------------------------------------
+
+/// Two controllers add and forget budget on a `wait_for_growth` pool that starts at zero
+/// while async tasks (multi-thread runtime) and blocking threads wait for it. Deltas compose
+/// (the final budget is exactly what was added minus what `forget_max_memory` said it
+/// removed), forgetting never takes bytes in use (no overcommit is ever shown), no waiter of
+/// a growing pool ever fails, and the books end exact.
+#[test]
+fn forget_and_add_race_waiters_of_a_growing_pool() {
+    watchdog(30, || {
+        let pool = Arc::new(BufPool::builder(cfg(0)).wait_for_growth().build().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let added = Arc::new(AtomicUsize::new(0));
+        let forgotten = Arc::new(AtomicUsize::new(0));
+        let controllers: Vec<_> = (0..2u64)
+            .map(|seed| {
+                let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+                let (added, forgotten) = (Arc::clone(&added), Arc::clone(&forgotten));
+                thread::spawn(move || {
+                    let mut rng = Rng::new(seed + 100);
+                    while !stop.load(SeqCst) {
+                        let add = rng.range(1, 300);
+                        added.fetch_add(add, SeqCst);
+                        pool.add_max_memory(add);
+                        let forget = rng.range(0, 400);
+                        let got = pool.forget_max_memory(forget);
+                        assert!(got <= forget);
+                        forgotten.fetch_add(got, SeqCst);
+                        let s = pool.stats();
+                        assert_eq!(s.overcommit_bytes, 0, "forget took bytes in use: {s}");
+                        if rng.range(0, 8) == 0 {
+                            thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let per = rounds(2000, 8);
+        let blocking: Vec<_> = (0..2u64)
+            .map(|seed| {
+                let pool = Arc::clone(&pool);
+                thread::spawn(move || {
+                    let mut rng = Rng::new(seed + 7);
+                    for _ in 0..per {
+                        let k = rng.range(1, 4);
+                        let x = pool.allocate_blocking(k).expect("a growing pool's waiter");
+                        assert_eq!(x.length(), k);
+                        thread::yield_now();
+                    }
+                })
+            })
+            .collect();
+        let rt = multi_thread();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..4u64)
+                .map(|seed| {
+                    let pool = Arc::clone(&pool);
+                    tokio::spawn(async move {
+                        let mut rng = Rng::new(seed + 1);
+                        for i in 0..per {
+                            if i % 2 == 0 {
+                                let r = Arc::clone(&pool)
+                                    .reserve_owned(rng.range(1, 250))
+                                    .await
+                                    .expect("a growing pool's waiter");
+                                tokio::task::yield_now().await;
+                                drop(r);
+                            } else {
+                                let x = pool.allocate(rng.range(1, 4)).await.unwrap();
+                                tokio::task::yield_now().await;
+                                drop(x);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        for b in blocking {
+            b.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        for c in controllers {
+            c.join().unwrap();
+        }
+        let s = pool.stats();
+        assert_eq!(
+            s.max_memory,
+            added.load(SeqCst) - forgotten.load(SeqCst),
+            "the deltas compose: {s}"
+        );
+        assert_eq!(books(&pool), (0, 0, 0));
+        eprintln!("{s}");
+        let all = s.max_memory;
+        assert_eq!(pool.forget_max_memory(usize::MAX), all);
+        assert_eq!(pool.stats().max_memory, 0);
+    });
+}
+
+/// The same race on a fixed pool (not `wait_for_growth`): a waiter that can never fit the
+/// smaller budget fails with `ExceedsBudget`, every other is served; the budget never drops
+/// below one buffer; the deltas compose; the books end exact.
+#[test]
+fn forget_racing_blocking_waiters_of_a_fixed_pool() {
+    watchdog(30, || {
+        let pool = Arc::new(BufPool::new(cfg(256)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let net = Arc::new(std::sync::Mutex::new(256usize));
+        let controller = {
+            let (pool, stop, net) = (Arc::clone(&pool), Arc::clone(&stop), Arc::clone(&net));
+            thread::spawn(move || {
+                let mut rng = Rng::new(9);
+                while !stop.load(SeqCst) {
+                    let mut net = net.lock().unwrap();
+                    let add = rng.range(0, 200);
+                    assert_eq!(pool.add_max_memory(add), *net + add);
+                    *net += add;
+                    let got = pool.forget_max_memory(rng.range(0, 300));
+                    *net -= got;
+                    let s = pool.stats();
+                    assert_eq!(s.max_memory, *net);
+                    assert!(s.max_memory >= 64, "below one buffer: {s}");
+                    drop(net);
+                    thread::yield_now();
+                }
+            })
+        };
+        let per = rounds(2000, 6);
+        let exceeded = Arc::new(AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..3u64)
+            .map(|seed| {
+                let (pool, exceeded) = (Arc::clone(&pool), Arc::clone(&exceeded));
+                thread::spawn(move || {
+                    let mut rng = Rng::new(seed + 3);
+                    for _ in 0..per {
+                        match pool.allocate_blocking(rng.range(1, 3)) {
+                            Ok(x) => {
+                                thread::yield_now();
+                                drop(x);
+                            }
+                            Err(AllocError::ExceedsBudget { .. }) => {
+                                exceeded.fetch_add(1, SeqCst);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in waiters {
+            w.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        controller.join().unwrap();
+        assert_eq!(pool.stats().max_memory, *net.lock().unwrap());
+        assert_eq!(books(&pool), (0, 0, 0));
+        eprintln!(
+            "{} waiters refused as too large, {}",
+            exceeded.load(SeqCst),
+            pool.stats()
+        );
+    });
+}
+
+/// `wait_for_growth` on a zero-budget root and a zero-budget child: a grandchild's request
+/// waits for growth at every level it is short, in order, and is served once all grew;
+/// forgetting never takes what it holds (nor a floor); a floor needs budget at once.
+#[test]
+fn growth_from_zero_through_child_pools() {
+    watchdog(10, || {
+        let root = BufPool::builder(cfg(0)).wait_for_growth().build().unwrap();
+        let mid = BufPool::builder(cfg(0))
+            .name("mid")
+            .parent(&root)
+            .wait_for_growth()
+            .build()
+            .unwrap();
+        let leaf = mid.child("leaf", cfg(128)).unwrap();
+        let grow_leaf = BufPool::builder(cfg(0))
+            .parent(&mid)
+            .wait_for_growth()
+            .build()
+            .unwrap();
+        // The leaf's own cap is fixed: above it fails at once.
+        assert!(matches!(
+            leaf.try_allocate(3),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
+        assert_eq!(leaf.try_allocate(2).unwrap_err(), AllocError::WouldBlock);
+        let mut two_fut = Box::pin(leaf.allocate(2));
+        assert_pending(&mut two_fut);
+        assert_eq!(mid.add_max_memory(64), 64);
+        assert_pending(&mut two_fut);
+        assert_eq!(root.add_max_memory(128), 128);
+        assert_pending(&mut two_fut);
+        assert_eq!(mid.add_max_memory(64), 128);
+        let two = ready(&mut two_fut).unwrap();
+        drop(two_fut);
+        assert_eq!(books(&root), (128, 0, 0));
+        assert_eq!(books(&mid), (128, 0, 0));
+        // Nothing free anywhere: forgetting takes nothing.
+        assert_eq!(root.forget_max_memory(usize::MAX), 0);
+        assert_eq!(mid.forget_max_memory(usize::MAX), 0);
+        // A growing grandchild at zero: waits for its own growth, then its parents'.
+        let mut odd_fut = Box::pin(grow_leaf.reserve(13));
+        assert_pending(&mut odd_fut);
+        assert_eq!(grow_leaf.add_max_memory(16), 16);
+        assert_pending(&mut odd_fut);
+        assert_eq!(mid.add_max_memory(16), 144);
+        assert_pending(&mut odd_fut);
+        // Shrinking a growing pool to zero never fails the waiter; growing serves it.
+        root.set_max_memory(0).unwrap();
+        assert_pending(&mut odd_fut);
+        assert_eq!(books(&root), (128, 128, 1));
+        assert_eq!(root.add_max_memory(144), 144);
+        let odd = ready(&mut odd_fut).unwrap();
+        drop(odd_fut);
+        assert_eq!(odd.size(), 16, "reserve rounds up to 8");
+        assert_eq!(books(&root), (144, 0, 0));
+        drop((two, odd));
+        assert_eq!(books(&root), (0, 0, 0));
+        // A floor under a zero budget: refused with a typed error; after growth, set aside
+        // and never forgotten.
+        assert_eq!(root.forget_max_memory(usize::MAX), 144);
+        let refused = BufPool::builder(cfg(256))
+            .parent(&root)
+            .min_memory(64)
+            .build()
+            .unwrap_err();
+        assert!(matches!(refused, ConfigError::MinMemoryUnavailable { .. }));
+        assert!(matches!(
+            BufPool::builder(cfg(0))
+                .parent(&root)
+                .wait_for_growth()
+                .min_memory(8)
+                .build()
+                .unwrap_err(),
+            ConfigError::MinMemoryAboveMaxMemory { .. }
+        ));
+        root.add_max_memory(100);
+        let f = floored(&root, "f", 256, 64);
+        assert_eq!(books(&root), (64, 0, 0));
+        assert_eq!(root.forget_max_memory(usize::MAX), 36);
+        assert_eq!(root.stats().max_memory, 64);
+        let mine = f.try_allocate(1).expect("the floor stays");
+        drop((mine, f));
+        assert_eq!(books(&root), (0, 0, 0));
+        assert_eq!(root.forget_max_memory(usize::MAX), 64);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Owned holds outliving their pools on a multi-thread runtime
+// ---------------------------------------------------------------------------------------
+
+/// Tasks on a multi-thread runtime take owned allocations and owned reservations (odd exact
+/// sizes) of a floored child, drop their handles to it (the main one goes first), hold across
+/// awaits and give back in any order: no drop blocks a worker, the child's drop (its barrier)
+/// runs with the last hold, its floor then goes back to the root, and the books are exact.
+#[test]
+fn owned_holds_of_a_floored_child_outlive_every_handle_on_tokio() {
+    watchdog(30, || {
+        let root = Arc::new(BufPool::new(cfg(4096)));
+        let rt = multi_thread();
+        for round in 0..rounds(20, 2) {
+            let query = Arc::new(floored(&root, "query", 2048, 512));
+            assert_eq!(books(&root), (512, 0, 0));
+            let held = Arc::new(AtomicUsize::new(0));
+            let go = Arc::new(AtomicBool::new(false));
+            rt.block_on(async {
+                let mut tasks = Vec::new();
+                for i in 0..8usize {
+                    let query = Arc::clone(&query);
+                    let held = Arc::clone(&held);
+                    let go = Arc::clone(&go);
+                    tasks.push(tokio::spawn(async move {
+                        let size = 13 + 29 * i + round; // odd, not multiples of 8
+                        let mut r = Arc::clone(&query).reserve_owned(0).await.unwrap();
+                        r.resize_to(size).unwrap();
+                        let x = Arc::clone(&query).allocate_owned(1 + i % 2).await.unwrap();
+                        let mut part = r.split(8);
+                        part.resize_to(3).unwrap();
+                        held.fetch_add(1, SeqCst);
+                        drop(query); // maybe the last handle: must not block
+                        while !go.load(SeqCst) {
+                            tokio::task::yield_now().await;
+                        }
+                        for _ in 0..i {
+                            tokio::task::yield_now().await;
+                        }
+                        tokio::time::sleep(Duration::from_millis((i % 3) as u64)).await;
+                        assert_eq!(part.size(), 3);
+                        assert_eq!(r.size(), size - 8);
+                        if i % 2 == 0 {
+                            drop((x, part));
+                            tokio::task::yield_now().await;
+                            drop(r);
+                        } else {
+                            drop(r);
+                            tokio::task::yield_now().await;
+                            drop((part, x));
+                        }
+                    }));
+                }
+                // The main handle goes as soon as every task holds something.
+                while held.load(SeqCst) < 8 {
+                    tokio::task::yield_now().await;
+                }
+                assert!(books(&root).0 > 512);
+                drop(query);
+                assert_eq!(root.tree_report().children.len(), 1);
+                go.store(true, SeqCst);
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            });
+            assert_eq!(books(&root), (0, 0, 0), "round {round}: the child and its floor are gone");
+            assert_eq!(root.tree_report().children.len(), 0);
+        }
+        drop(rt);
+        assert_eq!(take_all(&root).len(), 64);
+    });
+}
+
+/// "the barrier completes when the last one is returned": a floored child's owned holds,
+/// its last handle dropped; the child lives (its floor set aside) until the very last hold
+/// goes, and not a moment longer.
+#[test]
+fn owned_holds_end_the_childs_life_exactly_with_the_last_one() {
+    watchdog(10, || {
+        let root = BufPool::new(cfg(1024));
+        let query = Arc::new(floored(&root, "query", 1024, 256));
+        let mut r = futures::executor::block_on(Arc::clone(&query).reserve_owned(0)).unwrap();
+        r.resize_to(333).unwrap(); // 256 of the floor; the rest climbs: 336 held
+        let x = futures::executor::block_on(Arc::clone(&query).allocate_owned(2)).unwrap();
+        let part = r.split(100); // rounded: 104, 229 left
+        assert_eq!((part.size(), r.size()), (104, 229));
+        let from_part = {
+            let mut part = part;
+            let a = part.allocate(1).unwrap(); // owned too
+            assert_eq!(part.size(), 40);
+            (part, a)
+        };
+        drop(query);
+        let report = root.tree_report();
+        assert_eq!(report.children.len(), 1, "alive while its holds are out");
+        assert_eq!(report.children[0].min_memory, 256);
+        drop(x);
+        drop(r);
+        assert_eq!(root.tree_report().children.len(), 1);
+        let (part, a) = from_part;
+        drop(part);
+        assert_eq!(root.tree_report().children.len(), 1);
+        assert!(books(&root).0 >= 256);
+        drop(a); // the last: the child's drop runs here, at once
+        assert_eq!(root.tree_report().children.len(), 0);
+        assert_eq!(books(&root), (0, 0, 0));
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Exact byte accounting against a model
+// ---------------------------------------------------------------------------------------
+
+/// Random exact calls (`resize_to`, `try_shrink`, `free`, `force_grow`, `try_grow`, `split`,
+/// `merge`, `allocate` out of a reservation) on reservations of a 3-level tree with floors,
+/// sizes not multiples of 8. At every quiescent point: each reservation's size is the model's
+/// to the byte; each pool's `reserved_bytes` is the sum of its reservations rounded to 8;
+/// the leaf's `in_use_bytes` is exact; a floored pool adds to its parent at least its floor
+/// and what it holds above it, at most floor + what it holds; `overcommit_bytes` is the
+/// bytes above the budget; and an overcommitted pool grants nothing.
+#[test]
+fn exact_books_of_a_floored_tree_against_a_model() {
+    watchdog(30, || {
+        for seed in 0..rounds(12, 1) as u64 {
+            exact_model(seed);
+        }
+    });
+}
+
+fn exact_model(seed: u64) {
+    let root = BufPool::new(cfg(4096));
+    let mid = floored(&root, "mid", 2048, 512);
+    let leaf = floored(&mid, "leaf", 1024, 256);
+    let pools = [&root, &mid, &leaf];
+    let floors = [0, 512, 256];
+    // (pool index, reservation, exact size)
+    let mut res: Vec<(usize, Reservation, usize)> = Vec::new();
+    // (pool index, allocation)
+    let mut allocs: Vec<(usize, membudget::BufPoolAllocation)> = Vec::new();
+    let mut rng = Rng::new(seed);
+    let check = |res: &Vec<(usize, Reservation, usize)>,
+                 allocs: &Vec<(usize, membudget::BufPoolAllocation)>,
+                 step: usize| {
+        let mut own = [0usize; 3];
+        let mut reserved = [0usize; 3];
+        for (p, r, size) in res {
+            assert_eq!(r.size(), *size, "seed {seed} step {step}: a size is off");
+            own[*p] += round8(*size);
+            reserved[*p] += round8(*size);
+        }
+        for (p, a) in allocs {
+            own[*p] += a.allocated_bytes();
+        }
+        let got: Vec<_> = pools.iter().map(|p| p.stats()).collect();
+        for i in 0..3 {
+            assert_eq!(
+                got[i].reserved_bytes, reserved[i],
+                "seed {seed} step {step}: reserved of pool {i}: {}",
+                got[i]
+            );
+            books(pools[i]);
+            assert_eq!(got[i].waiting, 0);
+        }
+        assert_eq!(got[2].in_use_bytes, own[2], "seed {seed} step {step}: leaf");
+        for (i, child) in [(1, 2), (0, 1)] {
+            let c = got[child].in_use_bytes;
+            let lo = own[i] + c.max(floors[child]);
+            let hi = own[i] + c + floors[child];
+            let p = got[i].in_use_bytes;
+            assert!(
+                (lo..=hi).contains(&p),
+                "seed {seed} step {step}: pool {i} in use {p} not in {lo}..={hi}"
+            );
+        }
+    };
+    let steps = rounds(1500, 60);
+    for step in 0..steps {
+        let over: Vec<bool> = pools.iter().map(|p| p.stats().overcommit_bytes > 0).collect();
+        match rng.range(0, 11) {
+            0 | 1 if res.len() < 12 => {
+                let p = rng.range(0, 2);
+                let mut r = pools[p].try_reserve(0).unwrap();
+                let size = rng.range(0, 300);
+                match r.resize_to(size) {
+                    Ok(()) => {
+                        assert!(!over[p] || size == 0, "seed {seed}: granted while over");
+                        res.push((p, r, size));
+                    }
+                    Err(AllocError::WouldBlock | AllocError::ExceedsBudget { .. }) => {
+                        assert_eq!(r.size(), 0);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            2 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (p, r, size) = &mut res[k];
+                let to = rng.range(0, *size + 200);
+                let was = *size;
+                match r.resize_to(to) {
+                    Ok(()) => {
+                        assert!(
+                            !over[*p] || round8(to) <= round8(was),
+                            "seed {seed}: grown while over"
+                        );
+                        *size = to;
+                    }
+                    Err(AllocError::WouldBlock | AllocError::ExceedsBudget { .. }) => {
+                        assert!(to > was);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            3 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (_, r, size) = &mut res[k];
+                let less = rng.range(0, *size + 10);
+                match r.try_shrink(less) {
+                    Ok(()) => *size -= less,
+                    Err(AllocError::ExceedsBudget {
+                        requested_bytes,
+                        max_memory,
+                    }) => {
+                        assert!(less > *size);
+                        assert_eq!((requested_bytes, max_memory), (less, *size));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            4 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (_, r, size) = &mut res[k];
+                assert_eq!(r.free(), *size);
+                *size = 0;
+            }
+            5 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (_, r, size) = &mut res[k];
+                let more = rng.range(0, 150);
+                r.force_grow(more).unwrap();
+                *size += more;
+            }
+            6 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (p, r, size) = &mut res[k];
+                let more = rng.range(0, 150);
+                match r.try_grow(more) {
+                    Ok(()) => {
+                        assert!(!over[*p] || more == 0, "seed {seed}: grown while over");
+                        *size += round8(more);
+                    }
+                    Err(AllocError::WouldBlock | AllocError::ExceedsBudget { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            7 if !res.is_empty() && res.len() < 12 => {
+                let k = rng.range(0, res.len() - 1);
+                let (p, r, size) = &mut res[k];
+                let want = rng.range(0, *size + 20);
+                let part = r.split(want);
+                let got = round8(want).min(*size);
+                assert_eq!(part.size(), got, "seed {seed}: split");
+                *size -= got;
+                let p = *p;
+                res.push((p, part, got));
+            }
+            8 if res.len() >= 2 => {
+                let a = rng.range(0, res.len() - 1);
+                let b = rng.range(0, res.len() - 1);
+                if a != b {
+                    let (pb, rb, sb) = res.swap_remove(a.max(b));
+                    let k = a.min(b);
+                    let (pa, ra, sa) = &mut res[k];
+                    match ra.merge(rb) {
+                        Ok(()) => {
+                            assert_eq!(*pa, pb);
+                            *sa += sb;
+                        }
+                        Err(rb) => {
+                            assert_ne!(*pa, pb);
+                            res.push((pb, rb, sb));
+                        }
+                    }
+                }
+            }
+            9 if !res.is_empty() => {
+                let k = rng.range(0, res.len() - 1);
+                let (p, r, size) = &mut res[k];
+                let n = rng.range(1, 3);
+                match r.allocate(n) {
+                    Ok(a) => {
+                        *size -= n * B;
+                        let p = *p;
+                        allocs.push((p, a));
+                    }
+                    Err(AllocError::ExceedsBudget { .. }) => assert!(n * B > *size),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            10 if !allocs.is_empty() || !res.is_empty() => {
+                if rng.range(0, 1) == 0 && !allocs.is_empty() {
+                    let k = rng.range(0, allocs.len() - 1);
+                    allocs.swap_remove(k);
+                } else if !res.is_empty() {
+                    let k = rng.range(0, res.len() - 1);
+                    res.swap_remove(k);
+                }
+            }
+            _ => {}
+        }
+        check(&res, &allocs, step);
+    }
+    drop(res);
+    drop(allocs);
+    assert_eq!(books(&leaf), (0, 0, 0));
+    assert_eq!(books(&mid), (256, 0, 0));
+    assert_eq!(books(&root), (512, 0, 0));
+    drop(leaf);
+    assert_eq!(books(&mid), (0, 0, 0));
+    drop(mid);
+    assert_eq!(books(&root), (0, 0, 0));
+}
