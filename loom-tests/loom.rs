@@ -1412,6 +1412,34 @@ fn a_finished_round_wakes_the_waiter_that_found_it_in_flight() {
     });
 }
 
+/// Model 38: a request that needs more of its pool's floor than is free waits for it (in no
+/// queue: what it needs above the floor could never fit there), and the release that
+/// refills the floor wakes it. The root holds 4 buffers; the child (a cap of 8) has a floor
+/// of 2 and holds 1 of it; another thread asks the child for all 4 (blocking: 2 from the floor, 2
+/// from the root, which the floor's other 2 fill) while the main thread gives its buffer
+/// back. Whatever the order, the request is served, the root holds exactly its budget, and
+/// after both are dropped only the idle floor is in use. With the refill's wake-up of the
+/// floor's room event left out (`State::wake_floor_waiters`), the request sleeps for good.
+#[test]
+fn a_request_waiting_for_its_floor_is_woken_by_the_refill() {
+    model(|| {
+        let root = Arc::new(pool(4));
+        let child = Arc::new(floored(&root, 8, 2));
+        let held = child.try_allocate(1).unwrap();
+        let asker = {
+            let child = child.clone();
+            thread::spawn(move || child.allocate_blocking(4).unwrap())
+        };
+        drop(held);
+        let all = asker.join().unwrap();
+        assert_eq!(root.stats().in_use_bytes, 4 * B);
+        assert_eq!(child.stats().in_use_bytes, 4 * B);
+        drop(all);
+        assert_eq!(root.stats().in_use_bytes, 2 * B, "the idle floor");
+        assert_eq!(child.stats().in_use_bytes, 0);
+    });
+}
+
 /// The bytes of live blocks aligned to 4096 (only model 33 makes such blocks: a pool of
 /// 4096-byte buffers with `direct_io_alignment`), and the most there were at once since the
 /// model's iteration began. Bookkeeping of the harness (std atomics, outside the model): loom

@@ -257,7 +257,10 @@ impl BufPoolBuilder {
     /// sets 104 aside) of its ancestors' budgets that only this pool's subtree may use. They
     /// count as in use at every ancestor from the moment the pool is built (so no other
     /// request there is ever granted them), go to this pool's requests before those climb
-    /// to the parent, and go back to the ancestors when the pool is closed (directly, or by
+    /// to the parent (a request takes as much of the floor as is free and climbs with the
+    /// rest only: the parent sees only what the pool holds beyond its floor, and on an idle
+    /// tree a request up to the chain's smallest cap is served), and go back to the
+    /// ancestors when the pool is closed (directly, or by
     /// an ancestor's close or drop: a closed pool serves no request; what its allocations
     /// hold of the floor goes back as they do) or dropped. So dropping an ancestor's handle
     /// while this pool lives waits for the allocations, not for the floor. Its own
@@ -280,7 +283,7 @@ impl BufPoolBuilder {
     ///
     /// let cfg = |max_memory| BufPoolCfg { buffer_size: BufferSize::S64, max_memory };
     /// let root = BufPool::new(cfg(1024));
-    /// let query = BufPool::builder(cfg(512)).parent(&root).min_memory(512).build()?;
+    /// let query = BufPool::builder(cfg(1024)).parent(&root).min_memory(512).build()?;
     /// let io = root.child("io", cfg(1024))?;
     /// assert_eq!(root.stats().in_use_bytes, 512); // set aside at once
     /// let buffers = io.try_allocate(8)?; // the other 512
@@ -288,6 +291,10 @@ impl BufPoolBuilder {
     /// let mine = query.try_allocate(8)?; // the floor: I/O could not take it
     /// assert_eq!(root.stats().in_use_bytes, 1024);
     /// drop((mine, buffers));
+    /// // Bigger than the floor: all of the floor, and only the rest from the root.
+    /// let more = query.try_allocate(12)?;
+    /// assert_eq!(root.stats().in_use_bytes, 512 + 256);
+    /// drop(more);
     /// drop(query); // the floor goes back
     /// assert_eq!(root.stats().in_use_bytes, 0);
     /// # Ok::<(), Box<dyn std::error::Error>>(())

@@ -18,7 +18,7 @@
 use crate::AllocError;
 use crate::deferred::{Deferred, settle};
 use crate::heap::{Block, Memory, Pool, PoolAccess};
-use crate::state::State;
+use crate::state::{FloorTakes, State};
 use crate::sync::Arc;
 
 /// Gives back `bytes` of completed holdings not counted as allocations (a reservation's)
@@ -82,26 +82,36 @@ fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Def
     }
 }
 
-/// Holds `bytes` more in `pool` and, as a request would (its floors first), in its
-/// ancestors, whatever their budgets (a reservation's overcommit), all or nothing: fails
-/// only if some level could not count them.
+/// Holds `bytes` more in `pool` and, as a request would (its floors first, as much as they
+/// have free, the rest climbing on), in its ancestors, whatever their budgets (a
+/// reservation's overcommit), all or nothing: fails only if some level could not count them.
 pub(crate) fn force_hold(pool: &State, bytes: usize) -> Result<(), AllocError> {
     pool.force_hold(bytes)?;
+    let mut takes = FloorTakes::default();
+    let mut rest = bytes;
     let mut levels = 1;
     while levels <= pool.depth() {
-        if pool.at_level(levels - 1).take_floor(bytes) {
-            break;
+        if let Some(taken) = pool
+            .at_level(levels - 1)
+            .take_floor_part(rest, 0)
+            .filter(|&taken| taken > 0)
+        {
+            takes.push(levels - 1, taken);
+            rest -= taken;
+            if rest == 0 {
+                break;
+            }
         }
-        if let Err(error) = pool.at_level(levels).force_hold(bytes) {
+        if let Err(error) = pool.at_level(levels).force_hold(rest) {
             settle(|deferred| {
-                give_back_above(pool, bytes, levels - 1, deferred);
+                takes.undo(pool, bytes, levels - 1, deferred);
                 pool.give_back_here(bytes, false, deferred);
             });
             return Err(error);
         }
         levels += 1;
     }
-    pool.note_climbed(bytes, levels);
+    takes.note_climbed(pool, bytes, levels);
     Ok(())
 }
 

@@ -109,14 +109,16 @@ pub(crate) struct Asker<'a> {
 /// built): how much of it is free, and how many bytes the subtree holds in the parent beyond
 /// it. The parent's word counts F plus `climbed` plus the bytes of this subtree's requests
 /// still on their way up that hold it, and this pool's bytes in use are the floor's used
-/// part, plus `climbed`, plus the bytes of requests still on their way up (which have taken
-/// no floor and count in no `climbed`: taking a floor completes a request).
+/// part, plus `climbed`, plus the bytes of requests still on their way up (the parts of
+/// them that took no floor and count in no `climbed`).
 ///
-/// A request reserved here first takes the floor if it holds all of its bytes (all or
-/// nothing, so a request on its way up holds the same bytes at every level), and climbs to
-/// the parent only otherwise; `climbed` counts its bytes only once it completed
-/// (`note_climbed`), so a release never mistakes a request's in-flight level for
-/// completed bytes beyond the floor and gives it away under the request. A release
+/// A request reserved here first takes as much of the floor as is free (up to all it
+/// needs), and climbs to the parent with the rest only. What it took of the floor is
+/// complete at once: it holds the levels up to here and no more, so the floors below count
+/// it as climbed then (`note_climbed`), and a cancel gives it back as a release would. The
+/// part still on its way up holds the same bytes at every level, and `climbed` counts it
+/// only once the request completed, so a release never mistakes a request's in-flight level
+/// for completed bytes beyond the floor and gives it away under the request. A release
 /// of completed bytes gives back to the parent first what the subtree holds beyond the
 /// floor (`return_climbed`), and refills the floor with the rest. Both are single atomic
 /// steps on two counters; a release's two steps can interleave with others', which only
@@ -143,6 +145,75 @@ impl Floor {
             free: AtomicUsize::new(floor),
             climbed: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What a request took of the floors on its way up, as `(level, bytes)`, lowest level first:
+/// the level of the floored pool (counted from the request's pool, 0) and what it took
+/// there. A request holds `bytes` at every level up to its first take, and less above each
+/// take by what it took; nothing is allocated unless it takes from two floors or more.
+#[derive(Default)]
+pub(crate) struct FloorTakes {
+    first: Option<(usize, usize)>,
+    more: Vec<(usize, usize)>,
+}
+
+impl FloorTakes {
+    /// Records a take of `bytes` of the floor of the pool `level` up.
+    pub(crate) fn push(&mut self, level: usize, bytes: usize) {
+        if self.first.is_none() {
+            self.first = Some((level, bytes));
+        } else {
+            self.more.push((level, bytes));
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.first.into_iter().chain(self.more.iter().copied())
+    }
+
+    /// What a request of `bytes` holds at `level` (0 is its own pool): `bytes` less what it
+    /// took of the floors below that level.
+    pub(crate) fn held_at(&self, bytes: usize, level: usize) -> usize {
+        bytes
+            - self
+                .iter()
+                .filter(|&(below, _)| below < level)
+                .map(|(_, taken)| taken)
+                .sum::<usize>()
+    }
+
+    /// The request completed, holding the lowest `levels` levels of `pool`'s chain: every
+    /// floored pool whose parent's level it holds counts what it holds there as its
+    /// subtree's beyond the floor ([`State::note_climbed`], part by part: the bytes taken at
+    /// a floor hold the levels up to that floor's pool, the rest every level).
+    pub(crate) fn note_climbed(&self, pool: &State, bytes: usize, levels: usize) {
+        let mut rest = bytes;
+        for (level, taken) in self.iter() {
+            pool.note_climbed(taken, level + 1);
+            rest -= taken;
+        }
+        if rest > 0 {
+            pool.note_climbed(rest, levels);
+        }
+    }
+
+    /// Gives back what an unfinished request holds above its own pool: the levels 1 up to
+    /// `held_above` (from the top down, each what it holds there) and the floors it took.
+    pub(crate) fn undo(
+        &self,
+        pool: &State,
+        bytes: usize,
+        held_above: usize,
+        deferred: &mut Deferred,
+    ) {
+        for level in (1..=held_above).rev() {
+            pool.at_level(level)
+                .give_back_here(self.held_at(bytes, level), false, deferred);
+        }
+        for (level, taken) in self.iter() {
+            pool.at_level(level).put_back_floor(taken, deferred);
         }
     }
 }
@@ -514,42 +585,44 @@ impl State {
 
     /// The largest request of this pool its ancestors can ever serve (`usize::MAX` for a
     /// root; this pool's own cap is the caller's to check): the smallest
-    /// [`hard_cap`](State::hard_cap) of the ancestors, or less with floors on the chain.
-    ///
-    /// A request takes a floor whole or not at all, and a floored pool's floor stays set
-    /// aside in every budget above it for as long as the pool is open. Take the highest
-    /// floored pool of the chain, `T` (this pool or an ancestor; none above it has a floor,
-    /// so its floor `F` is counted in every ancestor of `T`): a request bigger than every
-    /// floor from here up to `T` can be served by none of them and must climb past `T`,
-    /// where at most `smallest cap above T - F` is ever free. A request above both fails at
-    /// once rather than wait for good. (Floors below `T` may be held inside `F` or above it;
-    /// counting only `F` never refuses a request that could be served. Floors of other pools
-    /// are not counted: they go back when those pools close.)
+    /// [`hard_cap`](State::hard_cap) of the ancestors. Floors on the chain do not lower it: a
+    /// request uses every floor it passes before it climbs on (see
+    /// [`servable_from`](State::servable_from)), so in a tree where nothing else is held a
+    /// request up to the smallest cap is served. (Floors of other pools are not counted:
+    /// they go back when those pools close.)
     fn smallest_cap_above(&self) -> usize {
         let mut smallest = usize::MAX;
-        // The largest floor from here up to the highest floored pool so far, that pool's
-        // floor, and the smallest cap above it.
-        let mut largest_floor = self.floor_now().0;
-        let mut top_floor = largest_floor;
-        let mut above_top = usize::MAX;
         let mut ancestor = self.parent.as_deref();
         while let Some(pool) = ancestor {
-            let cap = pool.hard_cap();
-            smallest = smallest.min(cap);
-            above_top = above_top.min(cap);
-            let floor = pool.floor_now().0;
-            if floor > 0 {
-                largest_floor = largest_floor.max(floor);
-                top_floor = floor;
-                above_top = usize::MAX;
-            }
+            smallest = smallest.min(pool.hard_cap());
             ancestor = pool.parent.as_deref();
         }
-        if top_floor == 0 || above_top == usize::MAX {
-            // No floor on the chain, or the highest floored pool is a root (none has one).
-            return smallest;
+        smallest
+    }
+
+    /// The most a request of this pool can ever hold in the pools from `level` up (its
+    /// ancestor `level` up, and above), as it climbs on from the pool below: the smallest
+    /// cap from `level` up, less the floors of the pools below `level` on this chain. Those
+    /// floors stay set aside in every pool from `level` up for as long as this pool is open,
+    /// whoever uses them; what the request itself took of them is part of them, so it does
+    /// not count twice.
+    ///
+    /// Why that is exact: a request holding `r` bytes as it reaches level `j` can take at
+    /// most `F(j)` (the floor of the pool at `j`) before it climbs to `j + 1`, so the most it
+    /// can hold at `j` is `R(j) = min(cap(j) - P(j), F(j) + R(j + 1))`, where `P(j)` is the sum
+    /// of the chain's floors below `j`; and `F(j) + R(j + 1) = min cap above j - P(j)`, so
+    /// `R(j)` is the smallest cap from `j` up, less `P(j)`. For `level` 0 that is the chain's
+    /// smallest cap: [`largest_request`](State::largest_request).
+    pub(crate) fn servable_from(&self, level: usize) -> usize {
+        let mut floors_below = 0usize;
+        for below in 0..level.min(self.depth() + 1) {
+            floors_below = floors_below.saturating_add(self.at_level(below).floor_now().0);
         }
-        smallest.min(largest_floor.max(above_top.saturating_sub(top_floor)))
+        let mut smallest = usize::MAX;
+        for above in level..=self.depth() {
+            smallest = smallest.min(self.at_level(above).hard_cap());
+        }
+        smallest.saturating_sub(floors_below)
     }
 
     /// The largest request of this pool its chain can ever serve: what `ExceedsBudget`
@@ -911,8 +984,9 @@ impl State {
     }
 
     /// The fast path of a child pool's request, all or nothing: `bytes` reserved in every
-    /// ancestor (not as their allocations) and then here (as one), or nowhere. A request
-    /// above any cap of the chain fails at once.
+    /// ancestor (not as their allocations; less above each floor, which serves what it can
+    /// first) and then here (as one), or nowhere. A request above any cap of the chain fails
+    /// at once.
     #[cold]
     #[inline(never)]
     fn reserve_chain_now(&self, bytes: usize, counted: bool) -> Attempt {
@@ -933,19 +1007,25 @@ impl State {
         if word.is_queued() || bytes > self.budget().saturating_sub(word.in_use()) {
             return Attempt::MustWait(bytes);
         }
+        // Each floor on the way is used first (as much as it has free), and the rest climbs:
+        // `rest` is what the next level up must hold.
+        let mut takes = FloorTakes::default();
+        let mut rest = bytes;
         let mut reserved_above = 0;
-        let mut floor_taken = None;
         let mut levels = 1 + self.depth();
         let mut refused = None;
         for level in 1..=self.depth() {
             let lower = self.at_level(level - 1);
-            if lower.take_floor(bytes) {
-                // That floor holds it all: nothing to hold above.
-                floor_taken = Some(lower);
-                levels = level;
-                break;
+            if let Some(taken) = lower.take_floor_part(rest, 0).filter(|&taken| taken > 0) {
+                takes.push(level - 1, taken);
+                rest -= taken;
+                if rest == 0 {
+                    // The floors held it all: nothing to hold above.
+                    levels = level;
+                    break;
+                }
             }
-            match self.at_level(level).hold_now(bytes) {
+            match self.at_level(level).hold_now(rest) {
                 Ok(true) => reserved_above = level,
                 Ok(false) => {
                     refused = Some(Attempt::MustWait(bytes));
@@ -961,7 +1041,7 @@ impl State {
             Some(attempt) => attempt,
             None if !counted => match self.hold_now(bytes) {
                 Ok(true) => {
-                    self.note_climbed(bytes, levels);
+                    takes.note_climbed(self, bytes, levels);
                     return Attempt::Reserved(bytes);
                 }
                 Ok(false) => Attempt::MustWait(bytes),
@@ -973,26 +1053,15 @@ impl State {
                         self.counters.allocations_wrapped();
                     }
                     self.note_in_use(in_use);
-                    self.note_climbed(bytes, levels);
+                    takes.note_climbed(self, bytes, levels);
                     return Attempt::Reserved(bytes);
                 }
                 FastReserve::Closed => Attempt::Failed(AllocError::Closed),
                 FastReserve::MustWait => Attempt::MustWait(bytes),
             },
         };
-        // Every level held goes back before any wake-up it owes runs.
-        if let Some(lower) = floor_taken {
-            // Back into the floor even if it was retired meanwhile (it only was if this pool
-            // closed under the request: then the next release's refill, or the pool's drop,
-            // sweeps it up; the walk that would give it to the parent now is `chain.rs`'s).
-            // `Release`: as in `return_climbed`.
-            lower.floor.free.fetch_add(bytes, Release);
-        }
-        settle(|deferred| {
-            for level in (1..=reserved_above).rev() {
-                self.at_level(level).give_back_here(bytes, false, deferred);
-            }
-        });
+        // Every level held, and every floor taken, goes back before any wake-up it owes runs.
+        settle(|deferred| takes.undo(self, bytes, reserved_above, deferred));
         attempt
     }
 
@@ -1076,7 +1145,9 @@ impl State {
     }
 
     /// Takes `bytes` of the floor, all or nothing: `true` if the floor held them (the
-    /// request then needs nothing of the parent). `AcqRel`/`Acquire`: pairs with the
+    /// request then needs nothing of the parent). For a request waiting above whose whole
+    /// remaining part a refill can serve; on the way up, requests take what is free
+    /// ([`take_floor_part`](State::take_floor_part)). `AcqRel`/`Acquire`: pairs with the
     /// `Release` of the refill that made the room, like the budget word's reservations.
     pub(crate) fn take_floor(&self, bytes: usize) -> bool {
         if !self.has_floor() || self.floor.retired.load(Relaxed) {
@@ -1094,6 +1165,48 @@ impl State {
             }
         }
         false
+    }
+
+    /// Takes as much of the floor as it has free, up to `bytes`, if that is at least
+    /// `at_least`: `Some(taken)` (0 if the floor has nothing free and `at_least` is 0), or
+    /// `None` if the floor has less than `at_least` free (or none at all: no floor, or a
+    /// retired one) and nothing was taken. A request uses the floor before it climbs to the
+    /// parent with the rest; `at_least` is what it must take for the rest to fit above at
+    /// all ([`servable_from`](State::servable_from)). Orderings as in
+    /// [`take_floor`](State::take_floor).
+    pub(crate) fn take_floor_part(&self, bytes: usize, at_least: usize) -> Option<usize> {
+        if !self.has_floor() || self.floor.retired.load(Relaxed) {
+            return (at_least == 0).then_some(0);
+        }
+        let mut free = self.floor.free.load(Acquire);
+        loop {
+            let taken = free.min(bytes);
+            if taken < at_least {
+                return None;
+            }
+            if taken == 0 {
+                return Some(0);
+            }
+            match self
+                .floor
+                .free
+                .compare_exchange_weak(free, free - taken, AcqRel, Acquire)
+            {
+                Ok(_) => return Some(taken),
+                Err(actual) => free = actual,
+            }
+        }
+    }
+
+    /// Puts back `bytes` a request took of the floor but did not keep (it failed or was
+    /// cancelled before it completed, or a fast path was refused above), and wakes (later)
+    /// the requests that wait for the floor to have room. Back into the floor even if it was
+    /// retired meanwhile: it only was if this pool closed under the request, and then the
+    /// next release's refill, or the pool's drop, sweeps it up (the walk that would give it
+    /// to the parent now is `chain.rs`'s). `Release`: as in `return_climbed`.
+    pub(crate) fn put_back_floor(&self, bytes: usize, deferred: &mut Deferred) {
+        self.floor.free.fetch_add(bytes, Release);
+        deferred.notify(Arc::clone(&self.room));
     }
 
     /// Refills the floor with `bytes` of completed holdings given back. Returns the bytes to
@@ -1202,6 +1315,9 @@ impl State {
     /// The floor got room: the requests of this subtree waiting in an ancestor's queue may
     /// be served by it now, so they are woken (later) to look.
     pub(crate) fn wake_floor_waiters(&self, deferred: &mut Deferred) {
+        // Requests waiting for more of the floor than it had (see `Request::climb`) listen
+        // on this pool's room event.
+        deferred.notify(Arc::clone(&self.room));
         let mut origins = None;
         let mut ancestor = self.parent.as_deref();
         // Every ancestor's queue: a request of the subtree may wait several levels up, and
@@ -2061,9 +2177,15 @@ impl State {
                 self.note_room(before, &queue, deferred);
                 (cap, result)
             };
+            let mut descendants = Vec::new();
+            self.collect_descendants(&mut descendants);
+            // Requests of the subtree waiting for more of a floor than it has (in no queue,
+            // listening on the floored pool's room event, see `Request::climb`): what they
+            // need of it depends on the caps above, so they look again.
+            for pool in descendants.iter().filter(|pool| pool.has_floor()) {
+                deferred.notify(Arc::clone(&pool.room));
+            }
             if self.parent.is_some() {
-                let mut descendants = Vec::new();
-                self.collect_descendants(&mut descendants);
                 let origins = Self::origins(self, &descendants);
                 self.fail_in_ancestors(
                     |bytes, from| {

@@ -119,6 +119,11 @@ pin_project! {
         unit: Unit,
         stage: Stage,
         levels: u32,
+        // What it took of floors on its way up (the floored pools below the levels it holds),
+        // as bytes of its own that no longer climb: it holds `bytes` at its own level, and
+        // `bytes - floored` (the part still on its way up) at every level it holds. The bytes
+        // taken count as completed holdings in the floors' books at once (see `climb`).
+        floored: usize,
         // Which round of reclaim this request drives (see `reclaim::drive`): 0 for none
         // (nearly always), else the level above its pool plus one; the round itself is
         // parked in that pool. A byte in what was padding: the future stays its size.
@@ -132,6 +137,8 @@ pin_project! {
 struct Progress<'a> {
     stage: &'a mut Stage,
     levels: &'a mut u32,
+    /// See [`Request`]'s field of that name.
+    floored: &'a mut usize,
     /// It has waited in a queue (the stage says so, see [`Stage::waited`]): from then on a
     /// full queue above makes it wait for room instead of failing with `QueueFull`.
     waited: bool,
@@ -180,6 +187,7 @@ impl Request {
             unit,
             stage: Stage::Start,
             levels: 0,
+            floored: 0,
             driving: 0,
             node: Node::new(),
         }
@@ -494,6 +502,7 @@ impl Request {
             unit,
             stage,
             levels,
+            floored,
             node,
             ..
         } = this;
@@ -502,6 +511,7 @@ impl Request {
         let mut progress = Progress {
             stage,
             levels,
+            floored,
             waited,
         };
         let counted = Self::counted_while_waiting(*unit, pool);
@@ -541,29 +551,33 @@ impl Request {
             }
             Stage::Queued => {
                 let bytes = Self::bytes(*amount, *unit, pool);
+                let rest = bytes - *progress.floored;
                 let level = *progress.levels as usize;
                 let own = level == 0 && counted;
-                // Waiting above a floor that got room (any floor of the levels it holds, the
-                // lowest first, as a request takes them): the floor first, as always.
-                let floored = (0..level).find(|&below| pool.at_level(below).floor_free() >= bytes);
+                // Waiting above a floor that got room for all it still needs (any floor of
+                // the levels it holds, the lowest first, as a request takes them): the floor
+                // first, as always. (One with room for part of it does not move it: it waits
+                // here for what it asked, keeping its place.)
+                let floored = (0..level).find(|&below| pool.at_level(below).floor_free() >= rest);
                 if let Some(below) = floored {
                     let lower = pool.at_level(below);
                     if pool.at_level(level).withdraw(node, deferred) == Status::Idle {
-                        let held = if lower.take_floor(bytes) {
+                        let held = if lower.take_floor(rest) {
                             // The levels it held above that floor go back (exactly what it
-                            // holds there: a request on its way up), top down; the floor's
+                            // holds there: its part on the way up), top down; the floor's
                             // ancestors counted the floor long ago.
                             for above in (below + 1..level).rev() {
-                                pool.at_level(above).give_back_here(bytes, false, deferred);
+                                pool.at_level(above).give_back_here(rest, false, deferred);
                             }
                             *progress.levels = below as u32 + 1;
-                            pool.note_climbed(bytes, below + 1);
+                            pool.note_climbed(rest, below + 1);
+                            *progress.floored = bytes;
                             Ok(Some(bytes))
                         } else {
                             // Taken meanwhile: up again, at the tail.
                             Self::climb(pool, node, bytes, counted, &mut progress, cx, deferred)
                         };
-                        return Self::finish(held, &mut progress, pool, *unit, counted);
+                        return Self::finish(held, &mut progress, pool, *unit, counted, deferred);
                     }
                 }
                 match pool.at_level(level).poll_queued(node, cx.waker(), own) {
@@ -571,7 +585,14 @@ impl Request {
                     Poll::Ready(Err(error)) => {
                         // Done before the levels below go back: never given back twice.
                         *progress.stage = Stage::Done;
-                        chain::give_back_reserved(pool, bytes, level, counted, deferred);
+                        Self::give_back_held(
+                            pool,
+                            bytes,
+                            *progress.floored,
+                            level,
+                            counted,
+                            deferred,
+                        );
                         Err(error)
                     }
                     Poll::Ready(Ok(())) => {
@@ -586,7 +607,7 @@ impl Request {
             }
             Stage::Done => panic!("a budget future polled after it completed"),
         };
-        Self::finish(held, &mut progress, pool, *unit, counted)
+        Self::finish(held, &mut progress, pool, *unit, counted, deferred)
     }
 
     /// The poll's outcome from what its steps held: pending, or done.
@@ -596,9 +617,23 @@ impl Request {
         pool: &State,
         unit: Unit,
         counted: bool,
+        deferred: &mut Deferred,
     ) -> Poll<Result<usize, AllocError>> {
         let result = match held {
             Ok(None) => return Poll::Pending,
+            Ok(Some(bytes)) if *progress.floored > 0 && bytes > pool.largest_request() => {
+                // A pool of its chain shrank below it while it waited above with less (what
+                // it did not take of the floors): a shrink fails the requests that can never
+                // fit, and its queue saw only that part.
+                // Complete already (the floors' books count all of it): given back as a
+                // release's would be.
+                *progress.stage = Stage::Done;
+                chain::give_back_completed_request(pool, bytes, counted, deferred);
+                Err(AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: pool.largest_request(),
+                })
+            }
             Ok(Some(bytes)) => {
                 if *progress.levels > 0 && unit == Unit::Buffers && !counted {
                     // A child pool's request that waited: its own level becomes an
@@ -660,24 +695,77 @@ impl Request {
             // room the next level or a floor has. (One granted a level below before the
             // close, that never waited up here, completes as a granted root request does; a
             // full queue's `admit` refuses it if its pool closed.)
-            let closed = was_awaiting_room && pool.is_closed();
-            if !closed && lower.take_floor(bytes) {
-                // The floor of the pool below holds all of it, and its ancestors counted the
-                // floor long ago: nothing more to climb.
-                break;
+            let mut closed = was_awaiting_room && pool.is_closed();
+            if !closed && lower.has_floor() {
+                // The floor of the pool below first: as much of it as is free. The rest must
+                // fit above at all (floors below stay set aside there), so if it would not,
+                // the request takes at least what makes it fit, or waits for the floor to
+                // have that much: it never waits above for room that cannot come, and never
+                // holds part of a floor while it waits for more (two requests could each
+                // hold part and wait for the other's for good).
+                let rest = bytes - *progress.floored;
+                let at_least = rest.saturating_sub(pool.servable_from(level));
+                match lower.take_floor_part(rest, at_least) {
+                    Some(taken) => {
+                        if taken > 0 {
+                            // Those bytes are complete (they hold the levels up to the floored
+                            // pool): the floors below count them as climbed now.
+                            *progress.floored += taken;
+                            pool.note_climbed(taken, level);
+                        }
+                        if taken == rest {
+                            // The floor holds all that was left, and its ancestors counted
+                            // the floor long ago: nothing more to climb.
+                            break;
+                        }
+                        Self::drop_room_listener(node, deferred);
+                    }
+                    None => {
+                        // Listen first, then look again: a refill between the look and the
+                        // listen is not missed (it notifies the floored pool's room event).
+                        let listening = node.with_room(|room| room.is_some());
+                        if !listening {
+                            node.with_room(|room| *room = Some(lower.room().listen()));
+                            continue;
+                        }
+                        if !pool.is_closed() {
+                            *progress.stage = Stage::AwaitingRoom;
+                            let heard = node.with_room(|room| {
+                                let listener = room.as_mut().expect("listening");
+                                Pin::new(listener).poll(cx).is_ready()
+                            });
+                            if !heard {
+                                return Ok(None);
+                            }
+                            Self::drop_room_listener(node, deferred);
+                            *progress.stage = climbing;
+                            continue;
+                        }
+                        // Closed (its floors are retired): it fails.
+                        closed = true;
+                    }
+                }
             }
-            // A level it holds shrank below it since (`set_max_memory` fails such requests
-            // where they wait; this one was between two queues).
-            let below = pool.smallest_budget_below(ancestor);
+            let rest = bytes - *progress.floored;
+            // A level of its chain shrank below it since (`set_max_memory` fails such
+            // requests where they wait; this one was between two queues).
+            let largest = pool.largest_request();
             let held = if closed {
                 Err(AllocError::Closed)
-            } else if bytes > below {
+            } else if bytes > largest {
                 Err(AllocError::ExceedsBudget {
                     requested_bytes: bytes,
-                    max_memory: below,
+                    max_memory: largest,
                 })
+            } else if pool.floors_in_chain() && rest > pool.servable_from(level) {
+                // It fits the chain, but not with what it took of the floors below: a cap
+                // above shrank after it took them (without floors, or with the floors'
+                // share taken as the caps were, the rest always fits). It starts again from
+                // its own pool, taking the floors anew.
+                Self::start_again(pool, node, bytes, counted, progress, cx, deferred);
+                return Ok(None);
             } else {
-                ancestor.hold_now(bytes)
+                ancestor.hold_now(rest)
             };
             let error = match held {
                 Ok(true) => {
@@ -696,7 +784,7 @@ impl Request {
                         waited: progress.waited,
                     };
                     let mut unused = None;
-                    let admission = ancestor.admit(node, bytes, cx.waker(), asker, &mut unused);
+                    let admission = ancestor.admit(node, rest, cx.waker(), asker, &mut unused);
                     if let Some(waker) = unused {
                         deferred.drop_later(waker);
                     }
@@ -738,13 +826,62 @@ impl Request {
             // Done before the levels go back: never given back twice.
             *progress.stage = Stage::Done;
             Self::drop_room_listener(node, deferred);
-            chain::give_back_reserved(pool, bytes, level, counted, deferred);
+            Self::give_back_held(pool, bytes, *progress.floored, level, counted, deferred);
             return Err(error);
         }
         Self::drop_room_listener(node, deferred);
-        // Complete: only now do the floors below the levels it holds count it as climbed.
-        pool.note_climbed(bytes, *progress.levels as usize);
+        // Complete: only now do the floors below the levels it holds count its part on the
+        // way up as climbed.
+        let rest = bytes - *progress.floored;
+        if rest > 0 {
+            pool.note_climbed(rest, *progress.levels as usize);
+        }
         Ok(Some(bytes))
+    }
+
+    /// Gives back all a request on its way up holds (`levels` levels, and `floored` bytes it
+    /// took of floors, see [`Request`]) into `deferred`. The caller has recorded that it no
+    /// longer holds them.
+    fn give_back_held(
+        pool: &State,
+        bytes: usize,
+        floored: usize,
+        levels: usize,
+        counted: bool,
+        deferred: &mut Deferred,
+    ) {
+        if bytes > floored {
+            chain::give_back_reserved(pool, bytes - floored, levels, counted, deferred);
+        }
+        if floored > 0 {
+            // Complete holdings, in the floors' books: given back as a release's would be.
+            chain::give_back_completed_request(pool, floored, counted, deferred);
+        }
+    }
+
+    /// Gives back all the request holds and makes it new (stage `Start`, its next poll
+    /// starting from its own pool, woken at once). For a request whose part on the way up no
+    /// longer fits above with what it took of the floors below.
+    #[cold]
+    fn start_again(
+        pool: &State,
+        node: Pin<&Node>,
+        bytes: usize,
+        counted: bool,
+        progress: &mut Progress<'_>,
+        cx: &mut Context<'_>,
+        deferred: &mut Deferred,
+    ) {
+        let levels = core::mem::replace(progress.levels, 0) as usize;
+        let floored = core::mem::replace(progress.floored, 0);
+        *progress.stage = Stage::Start;
+        Self::drop_room_listener(node, deferred);
+        if node.status() == Status::Granted {
+            node.reset();
+        }
+        Self::give_back_held(pool, bytes, floored, levels, counted, deferred);
+        // User code: run with the rest the poll owes, after the books.
+        deferred.wake(cx.waker().clone());
     }
 
     /// The node's room listener, if any, goes (its drop may wake another listener: later).
@@ -779,6 +916,7 @@ impl Request {
         let bytes = Self::bytes(*this.amount, *this.unit, pool);
         let counted = Self::counted_while_waiting(*this.unit, pool);
         let levels = *this.levels as usize;
+        let floored = *this.floored;
         let stage = core::mem::replace(this.stage, Stage::Done);
         let room = this.node.as_ref().with_room(Option::take);
         // Done before anything goes back (above): whatever unwinds from the user code owed,
@@ -794,11 +932,11 @@ impl Request {
             match stage {
                 Stage::Queued => {
                     pool.at_level(levels)
-                        .cancel(this.node.as_ref(), bytes, deferred);
-                    chain::give_back_reserved(pool, bytes, levels, counted, deferred);
+                        .cancel(this.node.as_ref(), bytes - floored, deferred);
+                    Self::give_back_held(pool, bytes, floored, levels, counted, deferred);
                 }
                 Stage::Climbing | Stage::ClimbingAfterWait | Stage::AwaitingRoom => {
-                    chain::give_back_reserved(pool, bytes, levels, counted, deferred)
+                    Self::give_back_held(pool, bytes, floored, levels, counted, deferred)
                 }
                 Stage::Start | Stage::Done => {}
             }

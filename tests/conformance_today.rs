@@ -663,19 +663,18 @@ fn floored(root: &BufPool, cap: usize, floor: usize) -> BufPool {
         .unwrap()
 }
 
-/// README bad-input table: "for a pool with a floor `F` and no floored ancestor,
-/// `max(F, smallest cap above - F)`" and guarantee 15 "fails at once with `ExceedsBudget`".
+/// README bad-input table: a child pool's `max` is the smallest cap on its chain, floors
+/// or not (a request uses every floor on its way before it climbs with the rest), and
+/// guarantee 15: a request above it fails at once with `ExceedsBudget`.
 #[test]
-fn bad_input_table_floored_child_above_its_bound_fails_at_once_naming_it() {
-    // F = 256, cap above 1024: bound max(256, 768) = 768.
+fn bad_input_table_floored_child_above_the_chains_cap_fails_at_once_naming_it() {
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 256);
-    let bound = 768;
     assert_eq!(
-        err(child.try_allocate(bound / 64 + 1)),
+        err(child.try_allocate(17)),
         AllocError::ExceedsBudget {
-            requested_bytes: bound + 64,
-            max_memory: bound
+            requested_bytes: 17 * 64,
+            max_memory: 1024
         }
     );
     // Waiting forms fail at once too (never a wait).
@@ -683,71 +682,73 @@ fn bad_input_table_floored_child_above_its_bound_fails_at_once_naming_it() {
         let root = BufPool::new(cfg(BufferSize::S64, 1024));
         move || {
             let child = floored(&root, 1024, 256);
-            child.allocate_blocking(13).unwrap_err()
+            child.allocate_blocking(17).unwrap_err()
         }
     });
     assert_eq!(
         e,
         AllocError::ExceedsBudget {
-            requested_bytes: 13 * 64,
-            max_memory: 768
+            requested_bytes: 17 * 64,
+            max_memory: 1024
         }
     );
-    let mut f = Box::pin(child.allocate(13));
+    let mut f = Box::pin(child.allocate(17));
     assert!(matches!(
         poll_once(&mut f),
         Poll::Ready(Err(AllocError::ExceedsBudget {
-            max_memory: 768,
+            max_memory: 1024,
             ..
         }))
     ));
-    // F = 768, cap above 1024: bound max(768, 256) = 768 (the floor).
+    // A floor bigger than half changes nothing.
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 768);
     assert_eq!(
-        err(child.try_allocate(13)),
+        err(child.try_allocate(17)),
         AllocError::ExceedsBudget {
-            requested_bytes: 13 * 64,
-            max_memory: 768
+            requested_bytes: 17 * 64,
+            max_memory: 1024
         }
     );
 }
 
-/// Edge: a floored child's request exactly at the bound is served (not refused).
+/// Edge: a floored child's request of the chain's whole cap is served on an idle tree: the
+/// floor first, the rest above it.
 #[test]
 fn bad_input_table_floored_child_request_exactly_at_the_bound_is_served() {
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 256);
-    // Above the floor, so taken whole from above (the idle floor stays set aside).
-    let a = child.try_allocate(12).unwrap(); // 768
-    assert!(root.stats().in_use_bytes <= 1024);
+    let a = child.try_allocate(16).unwrap();
+    assert_eq!(root.stats().in_use_bytes, 1024);
     drop(a);
-    let mut f = Box::pin(child.allocate(12));
+    assert_eq!(root.stats().in_use_bytes, 256);
+    let mut f = Box::pin(child.allocate(16));
     assert!(matches!(poll_once(&mut f), Poll::Ready(Ok(_))));
+    drop(f);
     // Floor bigger than half.
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 768);
-    let a = child.try_allocate(12).unwrap();
+    let a = child.try_allocate(16).unwrap();
     drop(a);
     // The bound with a cap further up the chain (no floor there).
     let top = BufPool::new(cfg(BufferSize::S64, 1024));
     let mid = top.child("mid", cfg(BufferSize::S64, 4096)).unwrap();
     let child = floored(&mid, 4096, 256);
     assert!(matches!(
-        err(child.try_allocate(13)),
+        err(child.try_allocate(17)),
         AllocError::ExceedsBudget {
-            max_memory: 768,
+            max_memory: 1024,
             ..
         }
     ));
-    drop(child.try_allocate(12).unwrap());
+    drop(child.try_allocate(16).unwrap());
+    assert_eq!(top.stats().in_use_bytes, 256);
 }
 
-/// Edge: the bound holds for every request that must climb past the highest floored pool
-/// of its chain: a grandchild of a floored pool gets `max(F, smallest cap above - F)` of
-/// that pool (768), not the chain's smallest cap (1024).
+/// Edge: a grandchild of a floored pool gets the chain's smallest cap too (1024), and a
+/// request of all of it is served on an idle tree (its parent's floor on the way).
 #[test]
-fn bad_input_table_grandchild_of_a_floored_pool_gets_the_floored_pools_bound() {
+fn bad_input_table_grandchild_of_a_floored_pool_gets_the_chains_cap() {
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 256);
     let grandchild = child.child("g", cfg(BufferSize::S64, 4096)).unwrap();
@@ -755,10 +756,13 @@ fn bad_input_table_grandchild_of_a_floored_pool_gets_the_floored_pools_bound() {
         err(grandchild.try_allocate(17)),
         AllocError::ExceedsBudget {
             requested_bytes: 17 * 64,
-            max_memory: 768
+            max_memory: 1024
         }
     );
-    drop(grandchild.try_allocate(12).unwrap());
+    let all = grandchild.try_allocate(16).unwrap();
+    assert_eq!(root.stats().in_use_bytes, 1024);
+    drop(all);
+    assert_eq!(root.stats().in_use_bytes, 256);
 }
 
 /// README bad-input table, child pools: `max` = "smallest cap on its chain" and the row
@@ -790,21 +794,22 @@ fn bad_input_table_grandchild_of_a_floored_pool_request_at_the_chains_cap_is_ser
     );
 }
 
-/// Guarantee 15 after a resize: the bound follows the root's budget (`smallest cap above`).
+/// Guarantee 15 after a resize: the bound follows the root's budget (the chain's smallest
+/// cap), and a request up to it is served with the floor first.
 #[test]
 fn guarantee_15_bound_follows_a_shrink_of_the_root() {
     watchdog(10, || {
         let root = BufPool::new(cfg(BufferSize::S64, 1024));
         let child = floored(&root, 1024, 256);
-        root.set_max_memory(512).unwrap(); // bound max(256, 512 - 256) = 256
+        root.set_max_memory(512).unwrap();
         assert_eq!(
-            err(child.allocate_timeout(5, Duration::from_secs(5))),
+            err(child.allocate_timeout(9, Duration::from_secs(5))),
             AllocError::ExceedsBudget {
-                requested_bytes: 320,
-                max_memory: 256
+                requested_bytes: 576,
+                max_memory: 512
             }
         );
-        drop(child.allocate_timeout(4, Duration::from_secs(5)).unwrap());
+        drop(child.allocate_timeout(8, Duration::from_secs(5)).unwrap());
     });
 }
 
@@ -827,32 +832,34 @@ fn bad_input_table_floored_grandchild_of_a_floored_pool_never_waits_for_good() {
     );
 }
 
-/// Edge: `try_reserve` on a floored child near the bound.
+/// Edge: `try_reserve` on a floored child near the bound (the chain's smallest cap).
 #[test]
 fn reservations_table_floored_child_try_reserve_near_the_bound() {
     let root = BufPool::new(cfg(BufferSize::S64, 1024));
     let child = floored(&root, 1024, 256);
-    let r = child.try_reserve(768).unwrap();
-    assert_eq!(r.size(), 768);
+    let r = child.try_reserve(1024).unwrap();
+    assert_eq!(r.size(), 1024);
+    assert_eq!(root.stats().in_use_bytes, 1024);
     drop(r);
     assert_eq!(
-        child.try_reserve(769).unwrap_err(),
+        child.try_reserve(1025).unwrap_err(),
         AllocError::ExceedsBudget {
-            requested_bytes: 776,
-            max_memory: 768
+            requested_bytes: 1032,
+            max_memory: 1024
         }
     );
-    // A growth is a request of its own: 104 bytes fit in the idle floor, so the
-    // reservation may end above the bound (the bound is per request).
+    // A growth is a request of its own: the floor first (all of it went to the first 704),
+    // then above.
     let mut r = child.try_reserve(700).unwrap();
+    assert_eq!(root.stats().in_use_bytes, 704);
     r.try_grow(100).unwrap();
     assert_eq!(r.size(), 808); // 704 + 104, each rounded up to 8
-    assert!(root.stats().in_use_bytes <= 1024);
+    assert_eq!(root.stats().in_use_bytes, 808);
     drop(r);
-    // A growth above the floor and the bound fails at once.
+    // A growth above the chain's cap fails at once.
     let mut r = child.try_reserve(8).unwrap();
     assert!(matches!(
-        r.try_grow(800),
+        r.try_grow(1100),
         Err(AllocError::ExceedsBudget { .. })
     ));
     assert_eq!(r.size(), 8);
@@ -862,18 +869,22 @@ fn reservations_table_floored_child_try_reserve_near_the_bound() {
         child.try_reserve(usize::MAX).unwrap_err(),
         AllocError::ExceedsBudget {
             requested_bytes: usize::MAX,
-            max_memory: 768
+            max_memory: 1024
         }
     );
     // A blocking reserve above the bound fails at once.
     let e = watchdog(10, {
         let root = BufPool::new(cfg(BufferSize::S64, 1024));
-        move || floored(&root, 1024, 256).reserve_blocking(800).unwrap_err()
+        move || {
+            floored(&root, 1024, 256)
+                .reserve_blocking(1100)
+                .unwrap_err()
+        }
     });
     assert!(matches!(
         e,
         AllocError::ExceedsBudget {
-            max_memory: 768,
+            max_memory: 1024,
             ..
         }
     ));
@@ -1048,11 +1059,11 @@ fn own_bytes_doc_child_counted_at_use_plus_idle_floor() {
     let a = child.try_allocate(2).unwrap(); // inside the floor
     assert_eq!(root.stats().in_use_bytes, 512);
     assert_eq!(root.report().own_bytes(), 0);
-    // Above the floor: taken whole from above (a floor is taken whole or not at all).
+    // More than the floor has left: its 384 first, the other 256 from above.
     let b = child.try_allocate(10).unwrap();
-    assert_eq!(root.stats().in_use_bytes, 512 + 640);
+    assert_eq!(root.stats().in_use_bytes, 512 + 256);
     assert_eq!(root.report().own_bytes(), 0);
-    let c = child.try_allocate(6).unwrap(); // 384 more: the floor's rest
+    let c = child.try_allocate(6).unwrap(); // 384 more, all from above
     assert_eq!(root.stats().in_use_bytes, 512 + 640);
     assert_eq!(root.report().own_bytes(), 0);
     drop(a);

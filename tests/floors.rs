@@ -80,9 +80,9 @@ fn requests_use_the_floor_first_then_climb() {
     let child = floored(&root, "child", 12, 4 * B);
     let a = child.try_allocate(3).unwrap(); // in the floor
     assert_eq!(root.stats().in_use_bytes, 4 * B);
-    let b = child.try_allocate(2).unwrap(); // does not fit the floor's 1 left: climbs
-    assert_eq!(root.stats().in_use_bytes, 6 * B);
-    let c = child.try_allocate(1).unwrap(); // the floor's last buffer
+    let b = child.try_allocate(2).unwrap(); // the floor's last one, and one more climbs
+    assert_eq!(root.stats().in_use_bytes, 5 * B);
+    let c = child.try_allocate(1).unwrap(); // the floor is all used: climbs
     assert_eq!(root.stats().in_use_bytes, 6 * B);
     assert_eq!(child.stats().in_use_bytes, 6 * B);
     // Releases give back what was climbed first, then refill the floor.
@@ -91,6 +91,11 @@ fn requests_use_the_floor_first_then_climb() {
     drop(b);
     assert_eq!(root.stats().in_use_bytes, 4 * B);
     drop(c);
+    assert_eq!(in_use(&[&root, &child]), [4 * B, 0]);
+    // A request bigger than the floor uses all of it and climbs with the rest only.
+    let big = child.try_allocate(10).unwrap();
+    assert_eq!(in_use(&[&root, &child]), [10 * B, 10 * B]);
+    drop(big);
     assert_eq!(in_use(&[&root, &child]), [4 * B, 0]);
     drop(child);
     assert_eq!(root.stats().in_use_bytes, 0);
@@ -182,17 +187,19 @@ fn nested_floors_and_reservations_keep_exact_books() {
     let leaf = floored(&mid, "leaf", 8, 4 * B);
     // The leaf's floor comes out of the mid's floor.
     assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
-    // 6 do not fit the leaf's floor (4), nor what is left of the mid's (4): a floor takes a
-    // request whole or not at all, so these climb to the root.
+    // 6: the leaf's floor (4) first, then the mid's (4 free) for the other 2: the root
+    // sees nothing more.
     let mut r = leaf.try_reserve(6 * B).unwrap();
-    assert_eq!(in_use(&[&root, &mid, &leaf]), [14 * B, 10 * B, 6 * B]);
-    r.force_grow(2 * B).unwrap();
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 6 * B, 6 * B]);
+    r.force_grow(2 * B).unwrap(); // the mid's floor again
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 8 * B, 8 * B]);
     r.resize_to(3 * B + 5).unwrap();
     r.try_shrink(5).unwrap();
     assert_eq!(leaf.stats().in_use_bytes, 3 * B);
-    let mine = mid.try_allocate(5).unwrap(); // more than the mid's floor has free: climbs
+    let mine = mid.try_allocate(5).unwrap(); // the mid's floor has 4 free: one climbs
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [9 * B, 9 * B, 3 * B]);
     drop(r);
-    assert_eq!(in_use(&[&root, &leaf]), [13 * B, 0]);
+    assert_eq!(in_use(&[&root, &leaf]), [9 * B, 0]);
     drop(mine);
     assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
     drop(leaf);

@@ -1021,7 +1021,7 @@ fn panic_in_a_root_round_driven_by_a_floored_childs_request() {
             Ok(Poll::Ready(Ok(got))) => got,
             other => panic!("{:?}", other.map_err(|_| "panicked")),
         };
-        assert_books(&[(&root, 8 * B), (&f, 3 * B)]);
+        assert_books(&[(&root, 6 * B), (&f, 3 * B)]); // the floor's 2, and 1 above it
         drop(got);
         drop(request);
         drop(held);
@@ -1697,18 +1697,20 @@ fn a_reclaimer_that_blocks_its_driver_holds_no_lock() {
         let extra = Rc::new("extra", &log, Vec::new(), nothing);
         let h = s.register_reclaimer("extra", 9, extra);
         drop(h);
-        root.set_max_memory(9 * B).unwrap();
+        // (Down and back: a grow would serve the waiter, which needs one buffer more.)
+        root.set_max_memory(7 * B).unwrap();
         root.set_max_memory(8 * B).unwrap();
         other.close();
-        // No barging past the waiter at the root (the child's own floor is its own).
-        for pool in [&*root, &s] {
+        // No barging past the waiter at the root; the child's floor is all the waiter's
+        // (it took it before it climbed with the rest).
+        for pool in [&*root, &s, &f] {
             assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
         }
-        drop(f.try_allocate(1).unwrap());
         assert_eq!(root.stats().waiting, 1);
         go_tx.send(()).unwrap();
         let got = driver.join().unwrap().unwrap();
-        assert_books(&[(&root, 8 * B), (&f, 3 * B), (&s, 3 * B)]);
+        // Reclaim freed the one buffer the request needed above its floor.
+        assert_books(&[(&root, 8 * B), (&f, 3 * B), (&s, 5 * B)]);
         drop(got);
         blocker.clear();
         assert_books(&[(&root, 2 * B), (&f, 0), (&s, 0)]);
@@ -1717,12 +1719,10 @@ fn a_reclaimer_that_blocks_its_driver_holds_no_lock() {
 }
 
 /// Floors and the README's bad-input rule ("a request that can never fit gets
-/// `ExceedsBudget` at once, never a wait"): a floored child's request above its floor climbs
-/// whole ("a request takes the floor whole or not at all"), and at the root the child's floor
-/// stays counted in use while the child is open, so a request above both the floor and
-/// `root budget - floor` can never be served. It fails at once, naming the most it could
-/// get, and no reclaimer is asked (it used to wait for good, after reclaim freed
-/// everything). One within that bound is served after reclaim.
+/// `ExceedsBudget` at once, never a wait"): a floored child's request uses its floor first
+/// and climbs with the rest only, so on a root of 8 whose other 4 a cache holds, a request
+/// of up to 8 (the chain's smallest cap) is served once reclaim frees what the rest needs;
+/// one above 8 fails at once, naming 8, and no reclaimer is asked.
 #[test]
 fn floored_childs_request_above_root_budget_less_floor_fails_at_once() {
     watchdog(|| {
@@ -1731,13 +1731,13 @@ fn floored_childs_request_above_root_budget_less_floor_fails_at_once() {
         let log = log();
         let cache = Rc::new("root-cache", &log, entries(&root, 4), honest);
         let _h = root.register_reclaimer("root-cache", 0, cache.clone());
-        for n in [5, 6, 8] {
+        for n in [9, 16] {
             assert_eq!(
                 f.allocate_timeout(n, Duration::from_millis(500))
                     .unwrap_err(),
                 AllocError::ExceedsBudget {
                     requested_bytes: n * B,
-                    max_memory: 4 * B
+                    max_memory: 8 * B
                 },
                 "f.allocate({n}) with cap 8, floor 4, root 8"
             );
@@ -1745,7 +1745,7 @@ fn floored_childs_request_above_root_budget_less_floor_fails_at_once() {
                 f.try_allocate(n).unwrap_err(),
                 AllocError::ExceedsBudget {
                     requested_bytes: n * B,
-                    max_memory: 4 * B
+                    max_memory: 8 * B
                 }
             );
         }
@@ -1754,11 +1754,17 @@ fn floored_childs_request_above_root_budget_less_floor_fails_at_once() {
             "nobody asked for a hopeless request"
         );
         assert_eq!(cache.held(), 4 * B);
-        // Within the bound: the floor serves 4 whole, and 3 climb once reclaim made room.
-        let from_floor = f.try_allocate(4).unwrap();
-        let climbed = f.allocate_timeout(3, Duration::from_secs(5)).unwrap();
+        // Within the bound: 6 take the floor's 4, and 2 climb once reclaim made room.
+        let got = f.allocate_timeout(6, Duration::from_secs(5)).unwrap();
         assert_eq!(root.stats().in_use_bytes, 8 * B);
-        drop((from_floor, climbed));
+        assert_eq!(cache.held(), 2 * B);
+        drop(got);
+        assert_books(&[(&root, 6 * B), (&f, 0)]);
+        // All 8: the floor's 4 and the cache's last 2 after the 2 just given back.
+        let got = f.allocate_timeout(8, Duration::from_secs(5)).unwrap();
+        assert_eq!(root.stats().in_use_bytes, 8 * B);
+        assert_eq!(cache.held(), 0);
+        drop(got);
         cache.clear();
         assert_books(&[(&root, 4 * B), (&f, 0)]);
     });

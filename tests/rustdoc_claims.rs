@@ -2273,11 +2273,10 @@ fn own_bytes_with_floor_partly_used_and_climbed() {
     let report = root.report();
     assert_eq!(report.own_bytes(), 0, "an idle floor is not the root's own");
     assert_eq!(report.children[0].own_bytes(), 0, "nor the child's");
-    // 384 is more than the floor: taken whole from above it ("a request takes the floor
-    // whole or not at all", README), the floor stays idle.
+    // 384 is more than the floor: all of the floor first, the other 128 from above it.
     let a = child.try_allocate(6).unwrap();
     let report = root.report();
-    assert_eq!(report.in_use_bytes, 640);
+    assert_eq!(report.in_use_bytes, 384);
     assert_eq!(report.own_bytes(), 0);
     assert_eq!(report.children[0].own_bytes(), 384);
     assert_eq!(report.top(1)[0].min_memory, 256);
@@ -2944,9 +2943,10 @@ fn forget_keeps_one_buffer_of_an_odd_budget() {
     drop(held);
 }
 
-/// A grandchild's request bigger than its ancestor's floor must climb past it, where the
-/// floor stays set aside: above `cap above - floor` it "fails at once with `ExceedsBudget`
-/// instead of waiting for good" (README, guarantee 15), in every form, naming that cap.
+/// A grandchild's request bigger than its ancestor's floor takes that floor on its way and
+/// climbs with the rest: up to the chain's smallest cap (1024) it is served on an idle tree;
+/// above it, it "fails at once with `ExceedsBudget`" (README, guarantee 15) in every form,
+/// naming that cap.
 #[test]
 fn grandchild_request_past_a_floor_fails_at_once() {
     watchdog(10, || {
@@ -2958,23 +2958,26 @@ fn grandchild_request_past_a_floor_fails_at_once() {
             .unwrap();
         let leaf = mid.child("leaf", cfg64(1024)).unwrap();
         let expected = AllocError::ExceedsBudget {
-            requested_bytes: 640,
-            max_memory: 512,
+            requested_bytes: 1088,
+            max_memory: 1024,
         };
-        assert_eq!(leaf.try_allocate(10).unwrap_err(), expected);
-        assert_eq!(leaf.allocate_blocking(10).unwrap_err(), expected);
-        let mut waiting = Box::pin(leaf.allocate(10));
+        assert_eq!(leaf.try_allocate(17).unwrap_err(), expected);
+        assert_eq!(leaf.allocate_blocking(17).unwrap_err(), expected);
+        let mut waiting = Box::pin(leaf.allocate(17));
         assert!(
             matches!(poll_once(waiting.as_mut()), Poll::Ready(Err(e)) if e == expected),
             "must not wait for good"
         );
         assert!(matches!(
-            leaf.try_reserve(513),
+            leaf.try_reserve(1025),
             Err(AllocError::ExceedsBudget {
-                max_memory: 512,
+                max_memory: 1024,
                 ..
             })
         ));
+        // All of it: the mid's floor, and 512 from the root.
+        drop(leaf.try_allocate(16).unwrap());
+        assert_eq!(root.stats().in_use_bytes, 512);
         // Growth is a request of its own: 8 more bytes climb past the (spent) floor and fit
         // beside it at the root.
         let mut r = leaf.try_reserve(512).unwrap();
