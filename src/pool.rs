@@ -930,9 +930,18 @@ impl BufPool {
     fn close_for_barrier(&self) -> std::thread::Result<()> {
         let closed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain::close(&self.pool)));
-        let registrations = self.pool.unregister_all();
-        let unregistered =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(registrations)));
+        // Each registration dropped on its own (a reclaimer's drop is user code): a second
+        // drop that panicked while the first one's panic unwound would abort the process.
+        // The first panic goes on; later ones are dropped.
+        let mut unregistered = Ok(());
+        for registration in self.pool.unregister_all() {
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                drop(registration);
+            }));
+            if unregistered.is_ok() {
+                unregistered = dropped;
+            }
+        }
         closed.and(unregistered)
     }
 }

@@ -17,7 +17,7 @@ use core::fmt;
 use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::panic::resume_unwind;
 
 use event_listener::EventListener;
 
@@ -56,7 +56,7 @@ fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Roun
 /// reclaimer drops the user's reclaimer, user code) after the books; a panic of that drop
 /// is returned.
 fn drop_quietly(round: Box<Round>) -> Option<Panic> {
-    catch_unwind(AssertUnwindSafe(move || drop(round))).err()
+    round.drop_each()
 }
 
 /// Polls `round` (for the pool at `level` above `pool`): `Ok(Some(round))` while it is not

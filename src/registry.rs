@@ -306,7 +306,9 @@ impl Round {
                 self.outcome.asked += target;
                 match catch_unwind(AssertUnwindSafe(|| registration.reclaimer.reclaim(target))) {
                     Ok(future) => self.current = Some((registration, future)),
-                    Err(panic) => return Poll::Ready((self.finish(true), Some(panic))),
+                    Err(panic) => {
+                        return Poll::Ready((self.finish_panicked(still_short), Some(panic)));
+                    }
                 }
             }
             let (registration, future) = self.current.as_mut().expect("asked above");
@@ -320,13 +322,13 @@ impl Round {
                     // The drop of a finished future is user code too: its panic ends the
                     // round like any other of the reclaimer's.
                     if let Some(panic) = self.drop_current() {
-                        return Poll::Ready((self.finish(true), Some(panic)));
+                        return Poll::Ready((self.finish_panicked(still_short), Some(panic)));
                     }
                     self.remaining = still_short();
                 }
                 Err(panic) => {
                     self.drop_current();
-                    return Poll::Ready((self.finish(true), Some(panic)));
+                    return Poll::Ready((self.finish_panicked(still_short), Some(panic)));
                 }
             }
         }
@@ -339,10 +341,31 @@ impl Round {
         (self.finish(false), panic)
     }
 
+    /// Drops the round, each piece that may hold the last reference to a user's reclaimer on
+    /// its own under `catch_unwind` (a second drop panicking while the first one's panic
+    /// unwinds would abort the process): the first panic is returned, later ones dropped.
+    pub(crate) fn drop_each(mut self: Box<Self>) -> Option<Panic> {
+        let mut first = self.drop_current();
+        for registration in core::mem::take(&mut self.order) {
+            let dropped = catch_unwind(AssertUnwindSafe(move || drop(registration))).err();
+            first = first.or(dropped);
+        }
+        first
+    }
+
     /// Drops the current reclaimer's future (user code) under `catch_unwind`.
     fn drop_current(&mut self) -> Option<Panic> {
         let current = self.current.take()?;
         catch_unwind(AssertUnwindSafe(move || drop(current))).err()
+    }
+
+    /// Ends the round after a reclaimer's panic. What is still short is read from the pool
+    /// first: the reclaimer may have freed what the round needed before the panic (or the
+    /// panic may be a woken waiter's, passed on through the reclaimer's own release), and a
+    /// round that covered its shortfall must not stall the pool.
+    fn finish_panicked(&mut self, still_short: &mut dyn FnMut() -> usize) -> Outcome {
+        self.remaining = still_short();
+        self.finish(true)
     }
 
     fn finish(&mut self, finished: bool) -> Outcome {
