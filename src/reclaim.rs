@@ -56,7 +56,7 @@ fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Roun
 /// reclaimer drops the user's reclaimer, user code) after the books; a panic of that drop
 /// is returned.
 fn drop_quietly(round: Box<Round>) -> Option<Panic> {
-    round.drop_each()
+    (*round).drop_each()
 }
 
 /// Polls `round` (for the pool at `level` above `pool`): `Ok(Some(round))` while it is not
