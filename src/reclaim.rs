@@ -45,7 +45,7 @@ fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Roun
         None => Ok(Some(round)),
         Some(panic) => {
             let (outcome, _) = round.abandon();
-            drop_quietly(round);
+            drop_quietly(&mut round);
             settle(|deferred| scope.end_round(outcome, deferred));
             Err(panic)
         }
@@ -55,8 +55,8 @@ fn start(pool: &State, level: usize, short: Shortfall) -> Result<Option<Box<Roun
 /// Drops a finished round (the registrations it holds: the last `Arc` of an unregistered
 /// reclaimer drops the user's reclaimer, user code) after the books; a panic of that drop
 /// is returned.
-fn drop_quietly(round: Box<Round>) -> Option<Panic> {
-    (*round).drop_each()
+fn drop_quietly(round: &mut Round) -> Option<Panic> {
+    round.drop_each()
 }
 
 /// Polls `round` (for the pool at `level` above `pool`): `Ok(Some(round))` while it is not
@@ -74,7 +74,10 @@ fn poll_round(
     };
     // The round's user code first (dropped, under `catch_unwind`), then the books, then the
     // wake-ups they owe.
-    let panic = panic.or_else(|| drop_quietly(round));
+    // Emptied whatever happened before: a round dropped whole could drop two reclaimers
+    // whose drops panic, one while the other unwinds.
+    let dropped = drop_quietly(&mut round);
+    let panic = panic.or(dropped);
     settle(|deferred| scope.end_round(outcome, deferred));
     match panic {
         Some(panic) => Err(panic),
@@ -151,7 +154,10 @@ pub(crate) fn leave(driving: &mut u8, pool: &State, deferred: &mut Deferred) -> 
     let scope = pool.at_level(level);
     let mut round = scope.take_round()?;
     let (outcome, panic) = round.abandon();
-    let panic = panic.or_else(|| drop_quietly(round));
+    // Emptied whatever happened before: a round dropped whole could drop two reclaimers
+    // whose drops panic, one while the other unwinds.
+    let dropped = drop_quietly(&mut round);
+    let panic = panic.or(dropped);
     scope.end_round(outcome, deferred);
     panic
 }
@@ -325,7 +331,10 @@ impl ReclaimAhead {
     fn leave(&mut self) -> Option<Panic> {
         let mut round = self.round.take()?.into_inner();
         let (outcome, panic) = round.abandon();
-        let panic = panic.or_else(|| drop_quietly(round));
+        // Emptied whatever happened before: a round dropped whole could drop two reclaimers
+        // whose drops panic, one while the other unwinds.
+        let dropped = drop_quietly(&mut round);
+        let panic = panic.or(dropped);
         settle(|deferred| self.pool.end_round(outcome, deferred));
         panic
     }

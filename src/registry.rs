@@ -341,10 +341,11 @@ impl Round {
         (self.finish(false), panic)
     }
 
-    /// Drops the round, each piece that may hold the last reference to a user's reclaimer on
-    /// its own under `catch_unwind` (a second drop panicking while the first one's panic
-    /// unwinds would abort the process): the first panic is returned, later ones dropped.
-    pub(crate) fn drop_each(mut self) -> Option<Panic> {
+    /// Empties the round, dropping each piece that may hold the last reference to a user's
+    /// reclaimer on its own under `catch_unwind` (a second drop panicking while the first
+    /// one's panic unwinds would abort the process): the first panic is returned, later ones
+    /// dropped. What is left holds no user code.
+    pub(crate) fn drop_each(&mut self) -> Option<Panic> {
         let mut first = self.drop_current();
         for registration in core::mem::take(&mut self.order) {
             let dropped = catch_unwind(AssertUnwindSafe(move || drop(registration))).err();
