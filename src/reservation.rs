@@ -535,7 +535,10 @@ impl Reservation {
     /// what it no longer holds); growing takes the difference now, as
     /// [`try_grow`](Reservation::try_grow) would, never waiting. Rounding stays inside: a
     /// caller that tracks exact sizes never sees a byte lost or extra, and resizing to 0
-    /// gives everything back.
+    /// gives everything back. (One edge: budgets count in multiples of 8, so in a budget
+    /// that is not one, say 100, its last `max_memory % 8` bytes are out of every request's
+    /// reach: a resize to 97-100 of a pool of 100 fails with `ExceedsBudget` naming the 104
+    /// bytes the pool would have to hold.)
     ///
     /// # Errors
     ///
