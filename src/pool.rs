@@ -580,7 +580,8 @@ impl BufPool {
     /// [`wait_for_growth`](crate::BufPoolBuilder::wait_for_growth) keeps a budget of at
     /// least one buffer. Waiting requests that can never fit the smaller budget fail with
     /// [`ExceedsBudget`](AllocError::ExceedsBudget), as after
-    /// [`set_max_memory`](BufPool::set_max_memory). A budget above what the pool counts (2
+    /// [`set_max_memory`](BufPool::set_max_memory) (in a pool that waits for growth they
+    /// keep waiting: a later growth may serve them). A budget above what the pool counts (2
     /// PiB, `usize::MAX` for no limit) is counted as that before the bytes are removed.
     ///
     /// # Examples
@@ -789,9 +790,11 @@ impl BufPool {
         self.pool.is_closed()
     }
 
-    /// Waits until no allocation of this pool is outstanding: the shutdown barrier of `Drop`,
-    /// for async code. It does not close the pool, so on an open pool new allocations may
-    /// follow.
+    /// Waits until nothing is in use in this pool: no allocation of it is outstanding, no
+    /// reservation of it is held, and nothing of its children (their allocations and
+    /// reservations, their floors while they are open) is held in it. The shutdown barrier
+    /// of `Drop`, for async code. It does not close the pool, so on an open pool new
+    /// allocations may follow.
     ///
     /// # Cancel safety
     ///

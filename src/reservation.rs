@@ -305,8 +305,9 @@ impl Reservation {
     /// # Errors
     ///
     /// [`WouldBlock`](AllocError::WouldBlock), [`ExceedsBudget`](AllocError::ExceedsBudget)
-    /// if the size and `more` together are above the budget (the smallest on the chain, for
-    /// a child pool), [`Closed`](AllocError::Closed). The reservation is unchanged on error.
+    /// if what it would hold (the bytes it holds, its size rounded up to 8, plus `more`
+    /// rounded up to 8) is above the budget (the smallest on the chain, for a child pool),
+    /// [`Closed`](AllocError::Closed). The reservation is unchanged on error.
     ///
     /// # Examples
     ///
@@ -615,15 +616,17 @@ impl Reservation {
     /// # Ok::<(), AllocError>(())
     /// ```
     pub fn force_grow(&mut self, more: usize) -> Result<(), AllocError> {
+        // Named as every other `ExceedsBudget` of the pool: the largest request its chain
+        // can serve.
         let too_big = || AllocError::ExceedsBudget {
             requested_bytes: self.size.saturating_add(more),
-            max_memory: self.pool.budget(),
+            max_memory: self.pool.largest_request(),
         };
         let size = self.size.checked_add(more).ok_or_else(too_big)?;
         let held = rounded(size).ok_or_else(too_big)?;
         let extra = held - self.held;
         if extra > 0 {
-            chain::force_hold(&self.pool, extra)?;
+            chain::force_hold(&self.pool, extra).map_err(|_| too_big())?;
             self.pool.note_reserved(extra as isize);
             self.held = held;
             self.size = size;

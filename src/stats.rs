@@ -249,8 +249,10 @@ pub struct PoolStats {
     /// `in_use_bytes` also counts bytes that are no memory yet (reservations not allocated,
     /// a child's idle floor), so `in_use_bytes + cached_bytes` may be above it.
     pub cached_bytes: usize,
-    /// Bytes held by reservations ([`BufPool::reserve`](crate::BufPool::reserve)): part of
-    /// `in_use_bytes`.
+    /// Bytes held by this pool's own reservations
+    /// ([`BufPool::reserve`](crate::BufPool::reserve)): part of `in_use_bytes`. A child's
+    /// reservations count in the child's figure, not here (here they are part of the
+    /// child's bytes in `in_use_bytes`).
     pub reserved_bytes: usize,
     /// Bytes in use above the budget: growth forced by
     /// [`Reservation::force_grow`](crate::Reservation::force_grow) here or in a descendant,
@@ -270,7 +272,9 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
-    /// Bytes of the budget not in use.
+    /// Bytes of the budget not in use: `max_memory` less `in_use_bytes`, 0 when over budget.
+    /// (For a `max_memory` above what a pool counts, 2 PiB, this uses the configured figure,
+    /// while requests are checked against 2 PiB.)
     ///
     /// # Examples
     ///
