@@ -116,7 +116,6 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct AllocateOwned {
         pool: Arc<BufPool>,
-        zeroed: bool,
         #[pin]
         request: Request,
     }
@@ -133,8 +132,7 @@ impl AllocateOwned {
     fn new(pool: Arc<BufPool>, n: usize, zeroed: bool) -> Self {
         AllocateOwned {
             pool,
-            zeroed,
-            request: Request::new(n, Unit::Buffers),
+            request: Request::allocation(n, zeroed),
         }
     }
 }
@@ -147,7 +145,7 @@ impl Future for AllocateOwned {
         let this = self.project();
         let handle = &*this.pool;
         let pool = handle.state();
-        match this.request.poll_allocation(pool, *this.zeroed, cx) {
+        match this.request.poll_allocation(pool, cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(allocation) => Poll::Ready(allocation.map(|allocation| {
                 allocation.owned_by(|| Arc::clone(handle) as Arc<dyn Send + Sync>)
@@ -303,7 +301,7 @@ impl PollAllocate {
                 .request
                 .insert(Box::pin(Request::new(n, Unit::Buffers))),
         };
-        match request.as_mut().poll_allocation(state, false, cx) {
+        match request.as_mut().poll_allocation(state, cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(allocation) => Poll::Ready(allocation.map(|allocation| {
                 let handle = &self.pool;

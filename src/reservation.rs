@@ -71,8 +71,7 @@ impl BufPool {
     pub fn reserve(&self, bytes: usize) -> Reserve<'_> {
         Reserve {
             pool: self.state(),
-            request: Request::new(rounded(bytes).unwrap_or(usize::MAX), Unit::Bytes),
-            overflowed: rounded(bytes).is_none(),
+            request: Request::new(rounded_or_overflow(bytes), Unit::Bytes),
         }
     }
 
@@ -110,8 +109,7 @@ impl BufPool {
     /// ```
     pub fn reserve_owned(self: std::sync::Arc<Self>, bytes: usize) -> ReserveOwned {
         ReserveOwned {
-            request: Request::new(rounded(bytes).unwrap_or(usize::MAX), Unit::Bytes),
-            overflowed: rounded(bytes).is_none(),
+            request: Request::new(rounded_or_overflow(bytes), Unit::Bytes),
             pool: self,
         }
     }
@@ -198,6 +196,15 @@ impl BufPool {
         let bytes = try_hold(state, bytes)?;
         Ok(Reservation::holding(state, bytes))
     }
+}
+
+/// The amount of a reservation's request whose size rounded up to 8 overflows: never a
+/// rounded size (those are multiples of 8), so the future needs no flag of its own.
+const OVERFLOWED: usize = usize::MAX;
+
+/// `bytes` rounded up to a multiple of 8, or [`OVERFLOWED`].
+fn rounded_or_overflow(bytes: usize) -> usize {
+    rounded(bytes).unwrap_or(OVERFLOWED)
 }
 
 /// Growing a reservation of `held` bytes by `more` can never succeed if the two together are
@@ -368,7 +375,7 @@ impl Reservation {
             Some(more) => beyond_budget(&self.pool, self.held, more),
         };
         Grow {
-            request: Request::new(rounded(more).unwrap_or(usize::MAX), Unit::Bytes),
+            request: Request::new(rounded_or_overflow(more), Unit::Bytes),
             refused,
             reservation: self,
         }
@@ -800,7 +807,6 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Reserve<'a> {
         pool: &'a Arc<State>,
-        overflowed: bool,
         #[pin]
         request: Request,
     }
@@ -819,7 +825,7 @@ impl Future for Reserve<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let pool = *this.pool;
-        if *this.overflowed {
+        if this.request.amount() == OVERFLOWED {
             return Poll::Ready(Err(overflow(pool)));
         }
         if this.request.amount() == 0 {
@@ -856,7 +862,6 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ReserveOwned {
         pool: std::sync::Arc<BufPool>,
-        overflowed: bool,
         #[pin]
         request: Request,
     }
@@ -876,7 +881,7 @@ impl Future for ReserveOwned {
         let this = self.project();
         let handle = &*this.pool;
         let pool = handle.state();
-        if *this.overflowed {
+        if this.request.amount() == OVERFLOWED {
             return Poll::Ready(Err(overflow(pool)));
         }
         let owned = |mut reservation: Reservation| {

@@ -59,7 +59,6 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Allocate<'a> {
         pool: &'a Arc<State>,
-        zeroed: bool,
         #[pin]
         request: Request,
     }
@@ -76,8 +75,7 @@ impl<'a> Allocate<'a> {
     pub(crate) fn new(pool: &'a Arc<State>, n: usize, zeroed: bool) -> Self {
         Allocate {
             pool,
-            zeroed,
-            request: Request::new(n, Unit::Buffers),
+            request: Request::allocation(n, zeroed),
         }
     }
 }
@@ -88,7 +86,7 @@ impl Future for Allocate<'_> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.request.poll_allocation(this.pool, *this.zeroed, cx)
+        this.request.poll_allocation(this.pool, cx)
     }
 }
 
@@ -96,7 +94,7 @@ impl fmt::Debug for Allocate<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Allocate")
             .field("n", &self.request.amount)
-            .field("zeroed", &self.zeroed)
+            .field("zeroed", &self.request.zeroed)
             .field("stage", &self.request.stage)
             .finish_non_exhaustive()
     }
@@ -119,6 +117,9 @@ pin_project! {
         unit: Unit,
         stage: Stage,
         levels: u32,
+        // For an allocation: whether its memory is to be zeroed (kept here, in what would be
+        // padding, rather than in each future: the futures stay 128 bytes).
+        zeroed: bool,
         // What it took of floors on its way up (the floored pools below the levels it holds),
         // as bytes of its own that no longer climb: it holds `bytes` at its own level, and
         // `bytes - floored` (the part still on its way up) at every level it holds. The bytes
@@ -187,9 +188,18 @@ impl Request {
             unit,
             stage: Stage::Start,
             levels: 0,
+            zeroed: false,
             floored: 0,
             driving: 0,
             node: Node::new(),
+        }
+    }
+
+    /// A request for an allocation of `n` buffers, zeroed or not.
+    pub(crate) fn allocation(n: usize, zeroed: bool) -> Self {
+        Request {
+            zeroed,
+            ..Request::new(n, Unit::Buffers)
         }
     }
 
@@ -257,10 +267,10 @@ impl Request {
     pub(crate) fn poll_allocation(
         mut self: Pin<&mut Self>,
         pool: &Arc<State>,
-        zeroed: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Result<BufPoolAllocation, AllocError>> {
         debug_assert_eq!(self.unit, Unit::Buffers);
+        let zeroed = self.zeroed;
         match self.as_mut().poll_hold(pool, cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
