@@ -11,7 +11,8 @@ use datafusion::execution::memory_pool::{
     MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, human_readable_size,
 };
 use membudget::{
-    AllocError, BufPool, BufPoolCfg, BufferSize, ConfigError, PendingWakeUps, Reservation,
+    AllocError, BufPool, BufPoolCfg, BufferSize, ConfigError, PendingWakeUps, PoolReport,
+    Reservation,
 };
 
 use crate::{Holder, HolderKind, Refusal, RefusalReason};
@@ -196,8 +197,10 @@ impl MembudgetPoolBuilder {
 struct Consumer {
     name: String,
     can_spill: bool,
-    /// Bytes over all its reservations, exact.
-    bytes: usize,
+    /// Bytes over all its reservations, exact: wider than `usize`, since DataFusion's
+    /// reservations each count up to `usize::MAX` (its infallible `grow`) and a consumer may
+    /// have several. Read through [`saturated`] wherever a policy sizes or a report shows it.
+    bytes: u128,
     /// The most it ever held.
     peak: usize,
     /// For an unspillable consumer under [`Policy::Fair`]: the largest single `try_grow` it
@@ -206,7 +209,7 @@ struct Consumer {
     claim: usize,
     /// Of `bytes`, those the core could not count: a `grow` past what a pool counts (4 PiB),
     /// which no machine holds but DataFusion's infallible `grow` must accept.
-    uncounted: usize,
+    uncounted: u128,
 }
 
 #[derive(Debug)]
@@ -220,7 +223,12 @@ struct Books {
     stats: MembudgetStats,
     last_refusal: Option<Refusal>,
     /// The consumers' `uncounted` bytes, summed.
-    uncounted: usize,
+    uncounted: u128,
+}
+
+/// `bytes`, or `usize::MAX` if it is more (only after absurd `grow`s: see [`Consumer::bytes`]).
+fn saturated(bytes: u128) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 impl Books {
@@ -263,10 +271,10 @@ impl Books {
             .values()
             .filter(|c| !c.can_spill)
             .map(|c| match policy {
-                Policy::Fair => c.bytes.max(c.claim),
-                _ => c.bytes,
+                Policy::Fair => saturated(c.bytes).max(c.claim),
+                _ => saturated(c.bytes),
             })
-            .sum()
+            .fold(0, usize::saturating_add)
     }
 
     /// Room an unspillable consumer claimed and does not hold now (under [`Policy::Fair`]):
@@ -275,8 +283,8 @@ impl Books {
         self.consumers
             .iter()
             .filter(|(id, c)| !c.can_spill && **id != except)
-            .map(|(_, c)| c.claim.saturating_sub(c.bytes))
-            .sum()
+            .map(|(_, c)| c.claim.saturating_sub(saturated(c.bytes)))
+            .fold(0, usize::saturating_add)
     }
 
     /// Under [`Policy::Fair`], room kept free for an unspillable consumer of ordinary size
@@ -292,7 +300,7 @@ impl Books {
             .consumers
             .iter()
             .filter(|(id, c)| !c.can_spill && **id != except)
-            .map(|(_, c)| c.bytes.max(c.claim))
+            .map(|(_, c)| saturated(c.bytes).max(c.claim))
             .max()
             .unwrap_or(0);
         let spill_room = limit.saturating_sub(self.set_aside(policy));
@@ -310,18 +318,18 @@ impl Books {
     /// Books `more` bytes for `id` already held by `held` (or, `uncounted`, by nothing).
     fn add(&mut self, id: usize, more: usize, uncounted: bool) {
         let consumer = self.consumers.get_mut(&id).expect("a registered consumer");
-        consumer.bytes += more;
-        consumer.peak = consumer.peak.max(consumer.bytes);
+        consumer.bytes += more as u128;
+        consumer.peak = consumer.peak.max(saturated(consumer.bytes));
         if uncounted {
-            consumer.uncounted += more;
-            self.uncounted += more;
+            consumer.uncounted += more as u128;
+            self.uncounted += more as u128;
         }
         self.peak = self.peak.max(self.reserved());
     }
 
     /// What the consumers hold: `MemoryPool::reserved`.
     fn reserved(&self) -> usize {
-        self.held.size().saturating_add(self.uncounted)
+        self.held.size().saturating_add(saturated(self.uncounted))
     }
 
     /// Takes `bytes` of a consumer's off the books (a shrink, or what an unregistered
@@ -330,9 +338,11 @@ impl Books {
     /// wake-ups it owes them come back to the caller, who runs them once the lock is
     /// released: wakers are user code, and may call this pool.
     #[must_use = "run the wake-ups after the lock"]
-    fn take_off(&mut self, bytes: usize, uncounted: usize) -> PendingWakeUps {
+    fn take_off(&mut self, bytes: u128, uncounted: u128) -> PendingWakeUps {
         self.uncounted -= uncounted;
-        let size = self.held.size() - (bytes - uncounted);
+        // The counted part is held by `held`: it fits a `usize`.
+        let counted = usize::try_from(bytes - uncounted).expect("held by the core");
+        let size = self.held.size() - counted;
         self.held.shrink_to_deferring_wakeups(size)
     }
 }
@@ -423,7 +433,10 @@ pub struct ConsumerUsage {
 /// * `try_grow` never waits: it asks the policy ([`Policy`]), then the `BufPool` (and so
 ///   every ancestor), and when refused returns `DataFusionError::ResourcesExhausted` (the
 ///   error on which DataFusion's operators spill) naming the consumer, the bytes asked and
-///   the largest holders in the whole tree ([`Refusal`]).
+///   the largest holders in the whole tree ([`Refusal`]). A zero-byte `try_grow` needs no
+///   bytes: under [`Policy::Fair`] and [`Policy::FairSpill`] only the share can refuse it
+///   (not the budget, even past its limit or closed); under [`Policy::Greedy`] it is
+///   refused while the pool is past its limit, as `GreedyMemoryPool` does.
 /// * `grow` (infallible in DataFusion) takes the bytes at once as overcommit the core counts
 ///   (`Reservation::force_grow`): `PoolStats::overcommit_bytes` at every ancestor, and no
 ///   new grant anywhere in the tree until it is repaid.
@@ -640,7 +653,7 @@ impl MembudgetPool {
                 id,
                 name: c.name.clone(),
                 can_spill: c.can_spill,
-                bytes: c.bytes,
+                bytes: saturated(c.bytes),
                 peak: c.peak,
             })
             .collect();
@@ -688,17 +701,43 @@ impl MembudgetPool {
         self.pool.stats().max_memory
     }
 
-    /// The holders a refusal names: this pool's consumers and the tree's other pools, by
-    /// the bytes each holds itself, largest first, at most `self.holders` of them.
-    fn holders(&self, mut consumers: Vec<Holder>) -> Vec<Holder> {
+    /// The holders a refusal names, largest first, at most `self.holders` of them: this
+    /// pool's consumers (`consumers`, by their exact bytes) and the tree's pools, each by
+    /// what it takes from the budget that is nobody else's in this list:
+    ///
+    /// * the bytes it holds itself (`PoolReport::own_bytes`); for this pool's own `BufPool`,
+    ///   those beside the consumers' reservation (`held` bytes, held rounded up to a multiple
+    ///   of 8): what others allocate or reserve from `pool()`, I/O buffers say;
+    /// * for a pool with a floor, plus the idle part of its floor: set aside in its ancestors
+    ///   for it alone, it leaves the rest of the tree that much less room. Not for this pool
+    ///   nor its ancestors: their idle floors are room this pool's requests may take.
+    fn holders(&self, mut consumers: Vec<Holder>, held: usize) -> Vec<Holder> {
         let tree = self.pool.tree_report();
-        let mut pools: Vec<Holder> = tree
-            .top(self.holders.saturating_add(1))
+        let mut reports = Vec::new();
+        self.collect_reports(&tree, &mut reports);
+        // The consumers' bytes, as the core holds them; read again now, as the tree was
+        // read after the lock was released: the larger of the two, so that bytes the
+        // consumers took meanwhile are never named as the pool's.
+        let consumers_held = held.max(self.lock().held.size());
+        let consumers_held = consumers_held
+            .checked_next_multiple_of(8)
+            .unwrap_or(consumers_held);
+        let mut pools: Vec<Holder> = reports
             .into_iter()
-            .filter(|report| report.own_bytes() > 0 && !report.describes(&self.pool))
-            .map(|report| Holder {
+            .map(|(report, on_path)| {
+                let bytes = if report.describes(&self.pool) {
+                    report.own_bytes().saturating_sub(consumers_held)
+                } else if on_path {
+                    report.own_bytes()
+                } else {
+                    report.own_bytes().saturating_add(idle_floor(report))
+                };
+                (report, bytes)
+            })
+            .filter(|&(_, bytes)| bytes > 0)
+            .map(|(report, bytes)| Holder {
                 name: report.name.as_deref().unwrap_or("unnamed").to_owned(),
-                bytes: report.own_bytes(),
+                bytes,
                 kind: HolderKind::Pool,
             })
             .collect();
@@ -708,9 +747,27 @@ impl MembudgetPool {
         consumers
     }
 
+    /// Every report of `report`'s subtree, depth first, each with whether it is this pool
+    /// or one of its ancestors. Returns whether `report`'s subtree holds this pool.
+    fn collect_reports<'a>(
+        &self,
+        report: &'a PoolReport,
+        out: &mut Vec<(&'a PoolReport, bool)>,
+    ) -> bool {
+        let at = out.len();
+        out.push((report, false));
+        let mut on_path = report.describes(&self.pool);
+        for child in &report.children {
+            on_path |= self.collect_reports(child, out);
+        }
+        out[at].1 = on_path;
+        on_path
+    }
+
     /// About what the budget has free for this pool: its own room, the root's free room
-    /// plus this pool's unused floor.
-    fn budget_room(&self) -> usize {
+    /// plus this pool's unused floor. `held`: the consumers' bytes (exact), of which the
+    /// core's rounding (up to 7 bytes) counts as room for them.
+    fn budget_room(&self, held: usize) -> usize {
         let mine = self.pool.stats();
         let tree = self.pool.tree_report();
         let floor_left = self
@@ -718,13 +775,39 @@ impl MembudgetPool {
             .report()
             .min_memory
             .saturating_sub(mine.in_use_bytes);
-        // Exact: the core's figures count this pool's rounding to a multiple of 8.
-        let exact = self.reserved.load(Relaxed);
-        let rounding = mine.in_use_bytes.saturating_sub(exact);
-        let root_free = tree.max_memory.saturating_sub(tree.in_use_bytes) + floor_left + rounding;
-        let own_room = mine.max_memory.saturating_sub(exact);
+        // The core holds the consumers' bytes rounded up to a multiple of 8: that rounding
+        // is room for them. Every other byte in use in the pool (I/O buffers allocated from
+        // `pool()`, its children) is not.
+        let rounding = held
+            .checked_next_multiple_of(8)
+            .map_or(0, |rounded| rounded - held);
+        let in_use = mine.in_use_bytes.saturating_sub(rounding);
+        let root_free = tree
+            .max_memory
+            .saturating_sub(tree.in_use_bytes)
+            .saturating_add(floor_left)
+            .saturating_add(rounding);
+        let own_room = mine.max_memory.saturating_sub(in_use);
         own_room.min(root_free)
     }
+}
+
+/// The part of a pool's floor that nobody uses now (set aside in its ancestors all the
+/// same). `PoolReport` does not show it, but its `own_bytes` counts it: a parent's own bytes
+/// are its bytes in use less each child's bytes in use and idle floor. So it is read from a
+/// parent made up for the purpose, whose only child is `report` and whose own bytes are the
+/// child's whole floor until the idle part is taken off.
+fn idle_floor(report: &PoolReport) -> usize {
+    if report.min_memory == 0 {
+        return 0;
+    }
+    let mut child = report.clone();
+    child.children.clear();
+    let mut parent = PoolReport::default();
+    parent.in_use_bytes = child.in_use_bytes.saturating_add(child.min_memory);
+    parent.children.push(child);
+    let child_and_idle = parent.in_use_bytes - parent.own_bytes();
+    (child_and_idle - parent.children[0].in_use_bytes).min(report.min_memory)
 }
 
 impl fmt::Debug for MembudgetPool {
@@ -780,13 +863,16 @@ impl MemoryPool for MembudgetPool {
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         let mut books = self.lock();
         let id = reservation.consumer().id();
-        let bytes = books.consumer(reservation.consumer()).bytes;
+        books.consumer(reservation.consumer());
         books.stats.grows += 1;
-        if bytes.checked_add(additional).is_none() {
-            // DataFusion's reservation adds with wrap-around (`fetch_add`): a grow past
-            // `usize::MAX` leaves it smaller, which is a shrink in its books, and in these.
+        // DataFusion's *reservation* adds with wrap-around (`fetch_add`, after this call):
+        // a grow that takes it past `usize::MAX` leaves it smaller, which is a shrink in its
+        // books, and in these. The consumer's other reservations take no part: a sum of
+        // several that passes `usize::MAX` is booked as it is (`Consumer::bytes`).
+        let before = reservation.size();
+        if before.checked_add(additional).is_none() {
             drop(books);
-            self.shrink(reservation, bytes - bytes.wrapping_add(additional));
+            self.shrink(reservation, before - before.wrapping_add(additional));
             return;
         }
         // Take the bytes if they are free; overcommit (counted by the core) if not; beyond
@@ -807,7 +893,7 @@ impl MemoryPool for MembudgetPool {
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
         let mut books = self.lock();
         let consumer = books.consumer(reservation.consumer());
-        let shrink = shrink.min(consumer.bytes);
+        let shrink = (shrink as u128).min(consumer.bytes);
         consumer.bytes -= shrink;
         let uncounted = shrink.min(consumer.uncounted);
         consumer.uncounted -= uncounted;
@@ -823,7 +909,7 @@ impl MemoryPool for MembudgetPool {
         let id = reservation.consumer().id();
         let mut books = self.lock();
         let consumer = books.consumer(reservation.consumer());
-        let (can_spill, consumer_bytes) = (consumer.can_spill, consumer.bytes);
+        let (can_spill, consumer_bytes) = (consumer.can_spill, saturated(consumer.bytes));
 
         // Under `Fair`, the shares, the headroom and the room spillers may take come from
         // the room the pool is sure of: its budget or, when it is a child with a floor
@@ -859,7 +945,8 @@ impl MemoryPool for MembudgetPool {
         // being sorted from, a GROUP BY's merge of its spills beside its replay table. The
         // consumer cannot spill from it; `FairSpillPool` checks it against the share alone.
         let secondary = can_spill && reservation.size().saturating_mul(2) <= consumer_bytes;
-        if refused.is_none() && self.policy == Policy::Fair && !secondary {
+        // A request for no bytes takes none of the room set aside (nor, below, of the budget).
+        if refused.is_none() && self.policy == Policy::Fair && !secondary && additional > 0 {
             let set_aside = if can_spill {
                 books
                     .unheld_claims(usize::MAX)
@@ -907,8 +994,16 @@ impl MemoryPool for MembudgetPool {
                 Policy::FairSpill => can_spill,
                 Policy::Fair => secondary,
             };
-        // Then the budget.
+        // Then the budget, unless the request needs no bytes: under `Fair` and `FairSpill`
+        // a zero-byte request the share allows is granted whatever the pool holds (closed,
+        // or past its limit after a `grow`), as `FairSpillPool` grants it to an unspillable
+        // consumer. Under `Greedy` it is `GreedyMemoryPool`'s rule: refused while the pool
+        // is past its limit.
+        let needs_nothing = additional == 0 && self.policy != Policy::Greedy;
         let refused = refused.or_else(|| {
+            if needs_nothing {
+                return None;
+            }
             let size = books.held.size();
             let target = size.checked_add(additional);
             let limit = self.limit();
@@ -1021,7 +1116,7 @@ impl MemoryPool for MembudgetPool {
                 .take(self.holders)
                 .map(|(&id, c)| Holder {
                     name: c.name.clone(),
-                    bytes: c.bytes,
+                    bytes: saturated(c.bytes),
                     kind: HolderKind::Consumer {
                         id,
                         can_spill: c.can_spill,
@@ -1030,6 +1125,9 @@ impl MemoryPool for MembudgetPool {
                 .collect()
         };
         let name = reservation.consumer().name().to_owned();
+        // What the consumers hold in the core, exact: the rest of the `BufPool`'s own bytes
+        // (I/O buffers allocated from `pool()`, say) are someone else's.
+        let held = books.held.size();
         drop(books);
 
         // Outside the lock: the tree's report reads every pool.
@@ -1041,12 +1139,12 @@ impl MemoryPool for MembudgetPool {
             reservation_size: reservation.size(),
             consumer_bytes,
             available: if available == usize::MAX {
-                self.budget_room()
+                self.budget_room(held)
             } else {
                 available
             },
             reason,
-            holders: self.holders(consumers),
+            holders: self.holders(consumers, held),
             pool: self.to_string(),
         };
         let error = DataFusionError::ResourcesExhausted(refusal.to_string());

@@ -79,7 +79,7 @@ impl fmt::Display for RefusalReason {
 pub struct Holder {
     /// The consumer's or the pool's name (`unnamed` for a pool without one).
     pub name: String,
-    /// The bytes it holds itself.
+    /// The bytes it holds itself or that are set aside for it alone (see [`HolderKind`]).
     pub bytes: usize,
     /// A DataFusion consumer of this pool, or a `BufPool` of the tree.
     pub kind: HolderKind,
@@ -106,7 +106,13 @@ pub enum HolderKind {
         can_spill: bool,
     },
     /// A `BufPool` of the tree (the program's I/O pools, other queries' pools), by the
-    /// bytes it holds itself (`PoolReport::own_bytes`).
+    /// bytes it holds itself (`PoolReport::own_bytes`) plus, for a pool with a floor
+    /// (`min_memory`), the idle part of its floor: set aside in its ancestors for that pool
+    /// alone, it is room nobody else may take (a sibling query's idle floor is named so).
+    /// Not the idle floor of the refusing pool nor of its ancestors: that is room the
+    /// refusing pool's own requests may take. The refusing pool's own `BufPool` is named for
+    /// what it holds beside its consumers (I/O buffers allocated from
+    /// [`MembudgetPool::pool`](crate::MembudgetPool::pool), say), if anything.
     Pool,
 }
 
@@ -176,7 +182,8 @@ pub struct Refusal {
     /// Why it was refused.
     pub reason: RefusalReason,
     /// The largest holders in the whole tree, largest first: this pool's consumers by name
-    /// and the tree's other pools alike.
+    /// and the tree's pools alike (each pool by what it holds itself and the idle part of
+    /// its floor: see [`HolderKind::Pool`]).
     pub holders: Vec<Holder>,
     /// The pool's `Display`, for the message.
     pub pool: String,
