@@ -473,7 +473,7 @@ fn hand_overs_and_counter_wraps_keep_every_count_exact() {
         let pool = named("handover", 2);
         let mut total = 0;
         let mut waited = 0;
-        for round in 0..150 {
+        for round in 0..rounds(150, 50) {
             let first = pool.try_allocate(1).unwrap();
             let second = pool.try_allocate(1).unwrap();
             total += 2;
@@ -523,7 +523,8 @@ fn resizes_never_show_as_allocations_even_past_counter_wraps() {
         let pool = named("resize", 4);
         let mut live = Vec::new();
         let mut total = 0;
-        for i in 0..300 {
+        // Under Miri still past a wrap of the word's counter (64): 72 resizes.
+        for i in 0..rounds(300, 120) {
             match i % 5 {
                 0 => {
                     pool.set_max_memory(BS * (4 + i % 3)).unwrap();
@@ -2179,8 +2180,8 @@ fn totals_are_exact_after_concurrent_churn_with_hand_overs_and_wraps() {
 #[test]
 fn random_sequences_on_a_tree_match_a_model_of_the_books() {
     watchdog(30, || {
-        for seed in 0..rounds(12, 2) as u64 {
-            run_model(seed, rounds(400, 60));
+        for seed in 0..rounds(12, 1) as u64 {
+            run_model(seed, rounds(400, 30));
         }
     });
 }
