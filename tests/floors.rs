@@ -334,3 +334,74 @@ fn release_of_the_floor_does_not_give_away_a_request_on_its_way_up() {
     drop(a);
     assert_eq!(in_use(&[&root, &x]), [0, 0]);
 }
+
+/// Polls `future` once with a waker that counts its wake-ups.
+fn poll_counting<F: std::future::Future + Unpin>(
+    future: &mut F,
+    wakes: &Arc<Wakes>,
+) -> std::task::Poll<F::Output> {
+    let waker = std::task::Waker::from(Arc::clone(wakes));
+    std::pin::Pin::new(future).poll(&mut std::task::Context::from_waker(&waker))
+}
+
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A request that took part of its floor (the rest of the floor held by another) waits in
+/// the middle pool's queue; the root shrinks meanwhile, so that once the middle grants it,
+/// what it still needs no longer fits the root beside the floor: it gives everything back and
+/// starts again from its own pool (woken at once), then waits for its floor (in no queue,
+/// since the rest could never fit above without more of it) and is served when the floor's
+/// other holder gives its part back. The books are exact at every step.
+#[test]
+fn a_request_starts_again_after_a_shrink_and_then_waits_for_its_floor() {
+    let root = BufPool::new(cfg(16));
+    let mid = root.child("mid", cfg(8)).unwrap();
+    let leaf = floored(&mid, "leaf", 8, 4 * B);
+    let other = leaf.try_allocate(2).unwrap(); // half of the floor
+    let mids_own = mid.try_allocate(2).unwrap();
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [6 * B, 6 * B, 2 * B]);
+    let wakes = Arc::new(Wakes::default());
+    let mut request = Box::pin(leaf.allocate(6));
+    // The floor's free 2, and 4 wait at the middle pool (4 of its 8 are the floor).
+    assert!(poll_counting(&mut request, &wakes).is_pending());
+    assert_eq!(mid.stats().waiting, 1);
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [6 * B, 6 * B, 8 * B]);
+    // 6 still fit the chain (the bound is 7 now), but 4 above a floor of 4 do not fit 7.
+    root.set_max_memory(7 * B).unwrap();
+    drop(mids_own); // the middle pool grants the 4
+    assert_eq!(wakes.count(), 1);
+    assert!(poll_counting(&mut request, &wakes).is_pending());
+    // It started again: woken at once, holding nothing.
+    assert_eq!(wakes.count(), 2);
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [4 * B, 4 * B, 2 * B]);
+    // Now it needs 3 of the floor (only 3 fit above it), which has 2 free: it waits for
+    // the floor, holding its own level only.
+    assert!(poll_counting(&mut request, &wakes).is_pending());
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [4 * B, 4 * B, 8 * B]);
+    assert_eq!(root.stats().waiting + mid.stats().waiting, 0);
+    drop(other); // the floor is whole again: the request is woken to take it
+    assert_eq!(wakes.count(), 3);
+    let std::task::Poll::Ready(Ok(got)) = poll_counting(&mut request, &wakes) else {
+        panic!("not served");
+    };
+    assert_eq!(got.allocated_bytes(), 6 * B);
+    // The floor's 4, and 2 above it.
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [6 * B, 6 * B, 6 * B]);
+    drop((got, request));
+    assert_eq!(in_use(&[&root, &mid, &leaf]), [4 * B, 4 * B, 0]);
+    drop(leaf);
+    assert_eq!(in_use(&[&root, &mid]), [0, 0]);
+}
