@@ -311,7 +311,7 @@ fn run_model(seed: u64, steps: usize, per_size: usize, min_bytes: usize) {
 fn model_cached_and_real_memory_match_at_every_step() {
     watchdog(60, || {
         for seed in 0..rounds(8, 1) as u64 {
-            run_model(seed, rounds(400, 60), 2, 0);
+            run_model(seed, rounds(400, 40), 2, 0);
         }
     });
 }
@@ -320,7 +320,7 @@ fn model_cached_and_real_memory_match_at_every_step() {
 fn model_with_a_threshold_and_one_block_per_size() {
     watchdog(60, || {
         for seed in 100..100 + rounds(6, 1) as u64 {
-            run_model(seed, rounds(400, 60), 1, 3 * B);
+            run_model(seed, rounds(400, 40), 1, 3 * B);
         }
     });
 }
@@ -684,7 +684,7 @@ fn child_recycling_keeps_every_level_exact() {
         .unwrap();
         let mut rng = Rng::new(7);
         let mut live = Vec::new();
-        for _ in 0..rounds(300, 40) {
+        for _ in 0..rounds(300, 20) {
             if rng.range(0, 1) == 0 || live.is_empty() {
                 let n = rng.range(1, 4);
                 let zeroed = rng.range(0, 3) == 0;
