@@ -602,27 +602,32 @@ impl State {
 
     /// The most a request of this pool can ever hold in the pools from `level` up (its
     /// ancestor `level` up, and above), as it climbs on from the pool below: the smallest
-    /// cap from `level` up, less the floors of the pools below `level` on this chain. Those
-    /// floors stay set aside in every pool from `level` up for as long as this pool is open,
-    /// whoever uses them; what the request itself took of them is part of them, so it does
-    /// not count twice.
+    /// cap from `level` up, less the largest floor of the pools below `level` on this chain.
     ///
-    /// Why that is exact: a request holding `r` bytes as it reaches level `j` can take at
-    /// most `F(j)` (the floor of the pool at `j`) before it climbs to `j + 1`, so the most it
-    /// can hold at `j` is `R(j) = min(cap(j) - P(j), F(j) + R(j + 1))`, where `P(j)` is the sum
-    /// of the chain's floors below `j`; and `F(j) + R(j + 1) = min cap above j - P(j)`, so
-    /// `R(j)` is the smallest cap from `j` up, less `P(j)`. For `level` 0 that is the chain's
-    /// smallest cap: [`largest_request`](State::largest_request).
+    /// Why: the chain's floors below `level` stay set aside in every pool from `level` up
+    /// for as long as this pool is open, whoever uses them, and they nest: a floor set aside
+    /// in its parent is a holding of the parent's subtree, which uses the parent's floor
+    /// first, so above a floored pool `j` the floors below it and `F(j)` together take
+    /// `S(j + 1) = max(F(j), S(j))` (the books give back what climbed first, so once the
+    /// rest of the subtree is idle, that is what stays). A request holding `r` at `j` can
+    /// take what of `F(j)` the floors below leave free, `max(0, F(j) - S(j))`, before it
+    /// climbs, so the most it can hold at `j` is
+    /// `R(j) = min(cap(j) - S(j), max(0, F(j) - S(j)) + R(j + 1))`, and with
+    /// `R(j + 1) = min cap above j - S(j + 1)` that is the smallest cap from `j` up less
+    /// `S(j)`. For `level` 0 (no floor below) it is the chain's smallest cap:
+    /// [`largest_request`](State::largest_request). Floors of pools off the chain are not
+    /// counted (they go back when those pools close), so this is an upper bound while such
+    /// floors are set aside inside the chain's.
     pub(crate) fn servable_from(&self, level: usize) -> usize {
-        let mut floors_below = 0usize;
+        let mut set_aside = 0;
         for below in 0..level.min(self.depth() + 1) {
-            floors_below = floors_below.saturating_add(self.at_level(below).floor_now().0);
+            set_aside = set_aside.max(self.at_level(below).floor_now().0);
         }
         let mut smallest = usize::MAX;
         for above in level..=self.depth() {
             smallest = smallest.min(self.at_level(above).hard_cap());
         }
-        smallest.saturating_sub(floors_below)
+        smallest.saturating_sub(set_aside)
     }
 
     /// The largest request of this pool its chain can ever serve: what `ExceedsBudget`

@@ -405,3 +405,38 @@ fn a_request_starts_again_after_a_shrink_and_then_waits_for_its_floor() {
     drop(leaf);
     assert_eq!(in_use(&[&root, &mid]), [0, 0]);
 }
+
+/// Floors nest: a floor set aside inside an ancestor's floor is part of it, so above both
+/// only the larger stays set aside. A leaf's request of the whole chain (12) on an idle tree
+/// takes its own floor (4) and, above the middle pool, the 4 of the middle's floor the
+/// leaf's floor does not use, and fits the root beside that floor. (Counting the two floors
+/// as if both were set aside at the root, 12, made it wait for its floor for good.)
+#[test]
+fn nested_floors_serve_a_request_of_the_whole_chain() {
+    watchdog(|| {
+        let root = BufPool::new(cfg(12));
+        let mid = floored(&root, "mid", 12, 8 * B);
+        let leaf = floored(&mid, "leaf", 12, 4 * B);
+        assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
+        // Once at once, once after waiting in the leaf's queue for a buffer of its own.
+        let all = leaf.try_allocate(12).expect("the whole chain, on an idle tree");
+        drop(all);
+        let one = leaf.try_allocate(1).unwrap();
+        let leaf = Arc::new(leaf);
+        let asker = {
+            let leaf = Arc::clone(&leaf);
+            std::thread::spawn(move || leaf.allocate_timeout(12, Duration::from_secs(5)))
+        };
+        while leaf.stats().waiting == 0 {
+            std::thread::yield_now();
+        }
+        drop(one);
+        let all = asker.join().unwrap().expect("the whole chain, once the leaf is idle");
+        assert_eq!(in_use(&[&root, &mid, &leaf]), [12 * B, 12 * B, 12 * B]);
+        drop(all);
+        assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
+        drop(leaf);
+        drop(mid);
+        assert_eq!(root.stats().in_use_bytes, 0);
+    });
+}
