@@ -908,3 +908,224 @@ fn closing_a_middle_pool_fails_both() {
     });
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Shrinks of the chain while a request waits above with part of a floor.
+// ---------------------------------------------------------------------------------------
+
+/// The floored pool itself shrinks below a request that waits at the root with part of its
+/// floor: guarantee 14, "a child's shrink fails every request of its subtree that can no
+/// longer fit, wherever it waits (its own queue or an ancestor's)".
+#[test]
+#[ignore = "bug: guarantee 14: a child's shrink fails every request of its subtree that can no longer fit, wherever it waits; one at the root with part of the floor is checked by its rest only and waits until the root has room for it"]
+fn own_shrink_fails_a_request_waiting_above_with_part_of_the_floor() {
+    watchdog(10, || {
+        let st = Stage::new();
+        let (mut a, b) = st.waiters();
+        drop(b);
+        // a (6) waits at the root for 4, with 2 of the floor.
+        st.c.set_max_memory(5 * U).unwrap();
+        let out = a.ready_after_wake();
+        assert!(
+            matches!(out, Err(AllocError::ExceedsBudget { .. })),
+            "{out:?}"
+        );
+        assert_eq!(st.books(), [6, 2, 2]);
+        drop(st.holder.take());
+        drop(st.sibling.take());
+        assert_eq!(st.books(), [4, 0, 0]);
+        quiet(&[&st.r, &st.c, &st.s]);
+    });
+}
+
+/// A middle pool (no floor) between the root and the floored pool shrinks below the
+/// request waiting at the root with part of the floor.
+#[test]
+#[ignore = "bug: guarantee 14: as above, for a shrink of a pool between the floored pool and the root"]
+fn middle_shrink_fails_a_request_waiting_above_with_part_of_the_floor() {
+    watchdog(10, || {
+        let r = root(8);
+        let m = plain(&r, "m", 16);
+        let c = floored(&m, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(2).unwrap();
+        let holder = c.try_allocate(2).unwrap();
+        let mut a = Manual::new(c.allocate(6));
+        a.pending();
+        assert_eq!(units(&[&r, &m, &c]), [6, 8, 8]);
+        assert_eq!(r.stats().waiting, 1);
+        m.set_max_memory(5 * U).unwrap();
+        let out = a.ready_after_wake();
+        assert!(
+            matches!(out, Err(AllocError::ExceedsBudget { .. })),
+            "{out:?}"
+        );
+        assert_eq!(units(&[&r, &m, &c]), [6, 4, 2]);
+        drop((holder, sibling));
+        assert_eq!(units(&[&r, &m, &c, &s]), [4, 4, 0, 0]);
+        quiet(&[&r, &m, &c, &s]);
+    });
+}
+
+/// Shrinks that leave the request able to fit do not fail it: it is served once room comes.
+#[test]
+fn shrinks_that_still_fit_keep_the_request_waiting_and_serve_it() {
+    watchdog(10, || {
+        let st = Stage::new();
+        let (mut a, mut b) = st.waiters();
+        // Both still fit: c shrinks to 15 (a and b hold 13 of it, the holder 2), the root is
+        // set to what it was.
+        st.c.set_max_memory(15 * U).unwrap();
+        st.r.set_max_memory(8 * U).unwrap();
+        assert!(a.ready_after_wake_or_pending().is_pending());
+        assert!(b.ready_after_wake_or_pending().is_pending());
+        assert_eq!(st.books(), [6, 15, 2]);
+        drop(st.sibling.take());
+        let got_a = a.ready_after_wake().unwrap();
+        drop(st.holder.take());
+        assert!(b.ready_after_wake_or_pending().is_pending());
+        drop(got_a);
+        let got_b = b.ready_after_wake().unwrap();
+        assert_eq!(st.books(), [7, 7, 0]);
+        drop(got_b);
+        assert_eq!(st.books(), [4, 0, 0]);
+        quiet(&[&st.r, &st.c, &st.s]);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Nested floors: a grandchild's request takes parts of several floors.
+// ---------------------------------------------------------------------------------------
+
+/// Root → a (floor 8) → b (floor 4) → c (floor 2), each floor set aside inside its parent's.
+fn nested(root_cap: usize, c_cap: usize) -> [Arc<BufPool>; 4] {
+    let r = root(root_cap);
+    let a = floored(&r, "a", 40, 8);
+    let b = floored(&a, "b", 40, 4);
+    let c = floored(&b, "c", c_cap, 2);
+    assert_eq!(units(&[&r, &a, &b, &c]), [8, 4, 2, 0]);
+    [r, a, b, c]
+}
+
+/// Through its own queue (slow path), a grandchild's request takes the free parts of three
+/// floors and climbs with the rest; everything goes back exactly.
+#[test]
+fn grandchild_takes_parts_of_three_floors_on_its_slow_path() {
+    watchdog(10, || {
+        let [r, a, b, c] = nested(40, 12);
+        let holder = c.try_allocate(1).unwrap();
+        let mut x = Manual::new(c.allocate(12));
+        x.pending();
+        assert_eq!(c.stats().waiting, 1);
+        drop(holder);
+        let got = x.ready_after_wake().unwrap();
+        // c's 2, b's 2 free, a's 4 free, and 4 from the root.
+        assert_eq!(units(&[&r, &a, &b, &c]), [12, 12, 12, 12]);
+        drop(got);
+        assert_eq!(units(&[&r, &a, &b, &c]), [8, 4, 2, 0]);
+        quiet(&[&r, &a, &b, &c]);
+    });
+}
+
+/// The same request waiting at the root (a sibling fills it) with parts of two floors;
+/// the grandchild's holder of its own floor goes, then the sibling: exact books at each
+/// step, and every pool back to its floor after a cancel or after the release.
+#[test]
+fn grandchild_waiting_at_the_root_with_parts_of_two_floors() {
+    watchdog(10, || {
+        for cancel in [false, true] {
+            let [r, a, b, c] = nested(20, 40);
+            let s = plain(&r, "s", 40);
+            let sibling = s.try_allocate(12).unwrap();
+            let holder = c.try_allocate(2).unwrap();
+            let mut x = Manual::new(c.allocate(10));
+            x.pending();
+            // b's 2 and a's 4 taken; 4 wait at the root.
+            assert_eq!(units(&[&r, &a, &b, &c]), [20, 12, 12, 12]);
+            assert_eq!(r.stats().waiting, 1);
+            drop(holder);
+            assert_eq!(units(&[&r, &c]), [20, 10]);
+            assert!(x.ready_after_wake_or_pending().is_pending());
+            if cancel {
+                drop(x);
+                assert_eq!(units(&[&r, &a, &b, &c]), [20, 4, 2, 0]);
+                drop(sibling);
+            } else {
+                drop(sibling);
+                let got = x.ready_after_wake().unwrap();
+                // (The root holds 12, not the 10 a holds: see
+                // `a_request_served_above_leaves_no_free_floor_behind`.)
+                assert_eq!(c.stats().in_use_bytes, 10 * U);
+                drop(got);
+            }
+            assert_eq!(units(&[&r, &a, &b, &c, &s]), [8, 4, 2, 0, 0]);
+            quiet(&[&r, &a, &b, &c, &s]);
+            // And the whole chain cap is served at once again.
+            let all = c.try_allocate(20).unwrap();
+            drop(all);
+            assert_eq!(units(&[&r, &a, &b, &c]), [8, 4, 2, 0]);
+        }
+    });
+}
+
+/// A request waiting at the root takes a floor below once it has room for all it still
+/// needs, leaving the root's queue.
+#[test]
+fn a_request_waiting_at_the_root_takes_a_refilled_floor() {
+    watchdog(10, || {
+        let r = root(8);
+        let c = floored(&r, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(4).unwrap();
+        let holder = c.try_allocate(3).unwrap();
+        let mut x = Manual::new(c.allocate(4));
+        x.pending();
+        // 1 of the floor taken, 3 wait at the root.
+        assert_eq!(units(&[&r, &c]), [8, 7]);
+        assert_eq!(r.stats().waiting, 1);
+        drop(holder);
+        let got = x.ready_after_wake().unwrap();
+        assert_eq!(units(&[&r, &c]), [8, 4]);
+        assert_eq!(r.stats().waiting, 0);
+        // The sibling's bytes are its own, and the root serves another of its requests.
+        let more = s.try_allocate(1);
+        assert_eq!(more.unwrap_err(), AllocError::WouldBlock);
+        drop((got, sibling));
+        assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
+        quiet(&[&r, &c, &s]);
+    });
+}
+
+/// A request waiting at the root with part of the floor (it took the 1 free, 3 wait above);
+/// a holder of 1 of the floor goes (the floor has 1 free again: not all the request still
+/// needs, so it keeps its place above); the root gets room and serves it. Nothing waits
+/// now: "the parent of a floored pool sees only what that pool holds beyond its floor"
+/// (guarantee 15): `c` holds 6 (2 beyond its floor of 4), so the root must hold 4 + 2 for
+/// it, and have room for 2 of the sibling's.
+#[test]
+#[ignore = "bug: guarantee 15: the parent of a floored pool sees only what it holds beyond its floor; a request served above after the floor got part of its room back leaves that part free in the floor while the root counts it again (1 unit here), and a sibling is refused"]
+fn a_request_served_above_leaves_no_free_floor_behind() {
+    watchdog(10, || {
+        let r = root(8);
+        let c = floored(&r, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(4).unwrap();
+        let h1 = c.try_allocate(1).unwrap();
+        let h2 = c.try_allocate(2).unwrap();
+        let mut x = Manual::new(c.allocate(4));
+        x.pending();
+        assert_eq!(units(&[&r, &c]), [8, 7]);
+        drop(h1);
+        assert!(x.ready_after_wake_or_pending().is_pending());
+        drop(sibling);
+        let got = x.ready_after_wake().unwrap();
+        quiet(&[&r, &c, &s]);
+        // c holds 6: its floor (4) and 2 beyond.
+        assert_eq!(units(&[&c]), [6]);
+        assert_eq!(units(&[&r]), [6], "the root counts more than c's floor and c's excess");
+        let more = s.try_allocate(2);
+        assert!(more.is_ok(), "the sibling is refused room the root has: {more:?}");
+        drop((more, got, h2));
+        assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
+    });
+}
