@@ -1129,3 +1129,133 @@ fn a_request_served_above_leaves_no_free_floor_behind() {
         assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Timeouts, blocking callers and reservations at each stage.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn timeouts_at_each_stage_give_everything_back() {
+    watchdog(10, || {
+        let r = root(8);
+        let c = floored(&r, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(2).unwrap();
+        let holder = c.try_allocate(2).unwrap();
+        let short = Duration::from_millis(30);
+        // At the root with part of the floor (takes 2, waits for 4): times out.
+        assert_eq!(len(c.allocate_timeout(6, short)), Err(AllocError::TimedOut));
+        assert_eq!(units(&[&r, &c, &s]), [6, 2, 2]);
+        assert_eq!(
+            c.reserve_timeout(6 * U, short).unwrap_err(),
+            AllocError::TimedOut
+        );
+        assert_eq!(units(&[&r, &c, &s]), [6, 2, 2]);
+        // Waiting for the floor in no queue, behind one waiting at the root.
+        let a = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || len(c.allocate_blocking(6)))
+        };
+        common::wait_waiting(&r, 1);
+        assert_eq!(units(&[&r, &c]), [6, 8]);
+        assert_eq!(len(c.allocate_timeout(7, short)), Err(AllocError::TimedOut));
+        assert_eq!(
+            c.reserve_timeout(7 * U, short).unwrap_err(),
+            AllocError::TimedOut
+        );
+        assert_eq!(units(&[&r, &c, &s]), [6, 8, 2]);
+        drop(sibling);
+        assert_eq!(a.join().unwrap(), Ok(6));
+        drop(holder);
+        assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
+        quiet(&[&r, &c, &s]);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_wait_and_grow_through_a_floor() {
+    common::within(10, async {
+        let r = root(8);
+        let c = floored(&r, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(2).unwrap();
+        let holder = c.try_allocate(2).unwrap();
+        // reserve(6): 2 of the floor, 4 wait at the root.
+        let waiting = {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.reserve(6 * U).await })
+        };
+        common::wait_waiting_async(&r, 1).await;
+        assert_eq!(units(&[&r, &c]), [6, 8]);
+        drop(sibling);
+        let mut res = waiting.await.unwrap().unwrap();
+        assert_eq!(units(&[&r, &c, &s]), [8, 8, 0]);
+        // No barging: the root is full, try_grow refuses; grow waits, for the floor.
+        assert_eq!(res.try_grow(U).unwrap_err(), AllocError::WouldBlock);
+        let grower = tokio::spawn(async move {
+            res.grow(2 * U).await.unwrap();
+            res
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!grower.is_finished());
+        drop(holder);
+        let mut res = grower.await.unwrap();
+        assert_eq!(res.size(), 8 * U);
+        assert_eq!(units(&[&r, &c]), [8, 8]);
+        // Exact sizes, split and merge, buffers out of it.
+        res.resize_to(5 * U + 3).unwrap();
+        assert_eq!(units(&[&r, &c]), [6, 6]);
+        let part = res.split(2 * U);
+        let buffers = res.allocate(2).unwrap();
+        res.merge(part).map_err(|_| "merge").unwrap();
+        res.try_shrink(3).unwrap();
+        // 24 reserved, 16 in buffers.
+        assert_eq!(units(&[&r, &c]), [5, 5]);
+        res.force_grow(7 * U).unwrap();
+        // 12 in c: its floor (4) and 8 above it, with the root at 12 over a budget of 8.
+        assert_eq!(units(&[&r, &c]), [12, 12]);
+        assert_eq!(r.stats().overcommit_bytes, 4 * U);
+        drop(res);
+        assert_eq!(units(&[&r, &c]), [4, 2]);
+        drop(buffers);
+        assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
+        quiet(&[&r, &c, &s]);
+    })
+    .await;
+}
+
+/// Owned allocations, spawned and aborted while they wait at each stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_allocations_aborted_at_each_stage() {
+    common::within(10, async {
+        let r = root(8);
+        let c = floored(&r, "c", 16, 4);
+        let s = plain(&r, "s", 16);
+        let sibling = s.try_allocate(2).unwrap();
+        let holder = c.try_allocate(2).unwrap();
+        let a = tokio::spawn(Arc::clone(&c).allocate_owned(6));
+        common::wait_waiting_async(&r, 1).await;
+        let b = tokio::spawn(Arc::clone(&c).allocate_owned(7));
+        common::wait_until_async(5, "b holds c's level", || {
+            c.stats().in_use_bytes == 15 * U
+        })
+        .await;
+        b.abort();
+        assert!(b.await.unwrap_err().is_cancelled());
+        assert_eq!(units(&[&r, &c]), [6, 8]);
+        a.abort();
+        assert!(a.await.unwrap_err().is_cancelled());
+        assert_eq!(units(&[&r, &c, &s]), [6, 2, 2]);
+        // And an owned one served through the floor outlives the handles.
+        let waiting = tokio::spawn(Arc::clone(&c).allocate_owned(6));
+        common::wait_waiting_async(&r, 1).await;
+        drop(sibling);
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(units(&[&r, &c]), [8, 8]);
+        drop(holder);
+        drop(got);
+        assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
+        quiet(&[&r, &c, &s]);
+    })
+    .await;
+}
