@@ -128,14 +128,6 @@ impl<F: Future> Manual<F> {
         assert!(self.poll().is_pending(), "expected the request to wait");
     }
 
-    #[track_caller]
-    fn ready(&mut self) -> F::Output {
-        match self.poll() {
-            Poll::Ready(out) => out,
-            Poll::Pending => panic!("expected the request to be done"),
-        }
-    }
-
     /// Polls it until done, as an executor would: only after a wake-up. Panics if it is
     /// pending and was not woken since its last poll (a lost wake-up, or a hang).
     #[track_caller]
@@ -292,12 +284,8 @@ fn root_growth_serves_a_request_waiting_for_a_floor() {
         drop((got, holder));
         quiet(&[&r, &c]);
         assert_eq!(units(&[&r, &c]), [4, 0]);
-        let _ = Rng::new(1);
-        let _ = rounds(1, 1);
-        let _ = Duration::ZERO;
     });
 }
-
 
 // ---------------------------------------------------------------------------------------
 // A model of the books: sequences of non-waiting calls on a tree with floors at several
@@ -527,7 +515,11 @@ fn model_round(seed: u64) {
                     Err(AllocError::WouldBlock) => assert!(
                         way != 2 && !fits,
                         "p{q}: way {way} by {more} from {before} WouldBlock; model {:?} own {:?} caps {:?} floors {:?} parents {:?}",
-                        tree.in_use(), tree.own, tree.cap, tree.floor, tree.parent
+                        tree.in_use(),
+                        tree.own,
+                        tree.cap,
+                        tree.floor,
+                        tree.parent
                     ),
                     Err(AllocError::ExceedsBudget { .. }) => {
                         assert!(way != 2 && rounded_after > cap)
@@ -908,7 +900,6 @@ fn closing_a_middle_pool_fails_both() {
     });
 }
 
-
 // ---------------------------------------------------------------------------------------
 // Shrinks of the chain while a request waits above with part of a floor.
 // ---------------------------------------------------------------------------------------
@@ -1122,9 +1113,16 @@ fn a_request_served_above_leaves_no_free_floor_behind() {
         quiet(&[&r, &c, &s]);
         // c holds 6: its floor (4) and 2 beyond.
         assert_eq!(units(&[&c]), [6]);
-        assert_eq!(units(&[&r]), [6], "the root counts more than c's floor and c's excess");
+        assert_eq!(
+            units(&[&r]),
+            [6],
+            "the root counts more than c's floor and c's excess"
+        );
         let more = s.try_allocate(2);
-        assert!(more.is_ok(), "the sibling is refused room the root has: {more:?}");
+        assert!(
+            more.is_ok(),
+            "the sibling is refused room the root has: {more:?}"
+        );
         drop((more, got, h2));
         assert_eq!(units(&[&r, &c, &s]), [4, 0, 0]);
     });
@@ -1236,10 +1234,7 @@ async fn owned_allocations_aborted_at_each_stage() {
         let a = tokio::spawn(Arc::clone(&c).allocate_owned(6));
         common::wait_waiting_async(&r, 1).await;
         let b = tokio::spawn(Arc::clone(&c).allocate_owned(7));
-        common::wait_until_async(5, "b holds c's level", || {
-            c.stats().in_use_bytes == 15 * U
-        })
-        .await;
+        common::wait_until_async(5, "b holds c's level", || c.stats().in_use_bytes == 15 * U).await;
         b.abort();
         assert!(b.await.unwrap_err().is_cancelled());
         assert_eq!(units(&[&r, &c]), [6, 8]);
@@ -1258,4 +1253,187 @@ async fn owned_allocations_aborted_at_each_stage() {
         quiet(&[&r, &c, &s]);
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Races.
+// ---------------------------------------------------------------------------------------
+
+/// Fast paths that take part of the floor and are refused above (they put it back) race a
+/// close of the floored pool: once the close returned and the fast paths stopped, with
+/// nothing held in the closed pool, its whole floor is back in the root (guarantee 15:
+/// "once the child is closed ... its floor goes back to the ancestors").
+#[test]
+#[ignore = "bug: guarantee 15: a closed child's floor goes back to the ancestors; a fast path that took part of the floor and is refused above puts it back into the floor after the close retired it, so it stays counted in the root (all 4 units here) until the pool is dropped"]
+fn close_racing_fast_paths_that_put_part_of_the_floor_back() {
+    watchdog(20, || {
+        for round in 0..rounds(200, 2) {
+            let r = root(8);
+            let c = floored(&r, "c", 16, 4);
+            let s = plain(&r, "s", 16);
+            let sibling = s.try_allocate(4).unwrap();
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = Arc::clone(&c);
+                    std::thread::spawn(move || {
+                        loop {
+                            match c.try_allocate(6) {
+                                Err(AllocError::WouldBlock) => {}
+                                Err(AllocError::Closed) => return,
+                                other => panic!("{other:?}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_micros(50 + (round as u64 % 7) * 30));
+            c.close();
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            assert_eq!(
+                units(&[&r, &c, &s]),
+                [4, 0, 4],
+                "round {round}: the closed pool's floor is not all back"
+            );
+            drop(sibling);
+            drop((c, s));
+            assert_eq!(units(&[&r]), [0]);
+        }
+    });
+}
+
+/// Threads allocate, reserve, grow and release random sizes in a floored subtree (a floor
+/// nested in a floor, a plain child beside it) and in a sibling, with timeouts, cancels
+/// after one poll and resizes; the root never goes over its budget, and at the end every
+/// pool is back to exactly its floor, and the chain's cap is served from every pool.
+#[test]
+fn stress_partial_floors_with_cancels_and_resizes() {
+    watchdog(30, || stress(64, 3000));
+}
+
+/// The same with a root the subtree and the sibling fill: requests wait at the root with
+/// parts of floors.
+#[test]
+fn stress_partial_floors_under_a_tight_root() {
+    watchdog(30, || stress(36, 3000));
+}
+
+fn stress(root_units: usize, ops: usize) {
+    {
+        let r = root(root_units);
+        let a = floored(&r, "a", 48, 8);
+        let b = floored(&a, "b", 32, 6);
+        let m = plain(&a, "m", 24);
+        let s = plain(&r, "s", 40);
+        let pools = [
+            Arc::clone(&a),
+            Arc::clone(&b),
+            Arc::clone(&m),
+            Arc::clone(&s),
+        ];
+        assert_eq!(units(&[&r, &a, &b, &m, &s]), [8, 6, 0, 0, 0]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let pools = pools.clone();
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(t + 77);
+                    let mut held: Vec<Holding> = Vec::new();
+                    for _ in 0..rounds(ops, 30) {
+                        if stop.load(SeqCst) {
+                            break;
+                        }
+                        let p = rng.range(0, pools.len() - 1);
+                        let pool = &pools[p];
+                        let cap = pool.stats().max_memory.min(32 * U) / U;
+                        let x = rng.range(1, cap.max(1));
+                        match rng.range(0, 7) {
+                            0 | 1 => {
+                                let wait = Duration::from_micros(rng.range(0, 300) as u64);
+                                if let Ok(got) = pool.allocate_timeout(x, wait) {
+                                    held.push(Holding::Alloc(got));
+                                }
+                            }
+                            2 => {
+                                if let Ok(got) = pool.try_allocate(x) {
+                                    held.push(Holding::Alloc(got));
+                                }
+                            }
+                            3 => {
+                                let wait = Duration::from_micros(rng.range(0, 300) as u64);
+                                if let Ok(got) = pool.reserve_timeout(x * U - 3, wait) {
+                                    held.push(Holding::Res(got));
+                                }
+                            }
+                            4 => {
+                                // Polled once, then dropped (or kept if served).
+                                let mut f = Manual::new(pool.allocate(x));
+                                if let Poll::Ready(Ok(got)) = f.poll() {
+                                    held.push(Holding::Alloc(got));
+                                }
+                            }
+                            5 => {
+                                if let Some(Holding::Res(res)) = held.last_mut() {
+                                    match rng.range(0, 3) {
+                                        0 => drop(res.try_grow(U)),
+                                        1 => drop(res.force_grow(rng.range(1, 2 * U))),
+                                        2 => drop(res.resize_to(res.size() / 2)),
+                                        _ => {
+                                            let part = res.split(U);
+                                            held.push(Holding::Res(part));
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {
+                                while held.len() > rng.range(0, 3) {
+                                    let i = rng.range(0, held.len() - 1);
+                                    drop(held.swap_remove(i));
+                                }
+                            }
+                        }
+                        if held.len() > 4 {
+                            held.remove(0);
+                        }
+                    }
+                    drop(held);
+                })
+            })
+            .collect();
+        // Resizes of the floored pools and the plain child while the threads run.
+        let mut rng = Rng::new(5);
+        for _ in 0..rounds(200, 3) {
+            match rng.range(0, 2) {
+                0 => a.set_max_memory(rng.range(10, 48) * U).unwrap(),
+                1 => b.set_max_memory(rng.range(6, 32) * U).unwrap(),
+                _ => m.set_max_memory(rng.range(1, 24) * U).unwrap(),
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        a.set_max_memory(48 * U).unwrap();
+        b.set_max_memory(32 * U).unwrap();
+        m.set_max_memory(24 * U).unwrap();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        quiet(&[&r, &a, &b, &m, &s]);
+        assert_eq!(units(&[&r, &a, &b, &m, &s]), [8, 6, 0, 0, 0]);
+        // Every pool's chain cap, served at once on the idle tree.
+        // (a holds b's floor: 48 less 6.)
+        // (What the root has beyond a's floor, plus a's 2 free, plus b's own floor.)
+        let beyond = root_units - 8;
+        for (pool, all) in [
+            (&a, 42.min(beyond + 2)),
+            (&b, 32.min(beyond + 2 + 6)),
+            (&m, 24.min(beyond + 2)),
+            (&s, 40.min(beyond)),
+        ] {
+            let got = pool.try_allocate(all).unwrap();
+            drop(got);
+        }
+        assert_eq!(units(&[&r, &a, &b, &m, &s]), [8, 6, 0, 0, 0]);
+    }
 }
