@@ -25,61 +25,12 @@ use crate::sync::Arc;
 /// in `pool` and, following the floors' books, in its ancestors, from the top down; then
 /// runs the wake-ups owed. The caller holds a handle on `pool`.
 pub(crate) fn give_back_held(pool: &State, bytes: usize) {
-    settle(|deferred| give_back_completed(pool, bytes, false, deferred));
+    settle(|deferred| pool.give_back_completed(bytes, false, deferred));
 }
 
 /// As [`give_back_held`], with the user code it owes left in `deferred` for the caller.
 pub(crate) fn give_back_held_deferred(pool: &State, bytes: usize, deferred: &mut Deferred) {
-    give_back_completed(pool, bytes, false, deferred);
-}
-
-/// Gives back `bytes` of completed holdings in `pool` (counted as a release of an
-/// allocation if `counted`) and the bytes they hold in its ancestors, from the top down,
-/// `pool`'s own level last. The caller holds a handle on `pool`.
-fn give_back_completed(pool: &State, bytes: usize, counted: bool, deferred: &mut Deferred) {
-    give_back_above_completed(pool, bytes, deferred);
-    pool.give_back_here(bytes, counted, deferred);
-}
-
-/// Gives back, in the ancestors of `pool`, what `bytes` of completed holdings of `pool`
-/// hold there, from the top down. Without floors in the chain that is `bytes` at every
-/// level. With floors, each floored pool first settles its books (`State::return_climbed`:
-/// what its subtree held above its floor goes on up, the rest refills the floor), bottom
-/// up, so each level above gives back what the level below passed on.
-fn give_back_above_completed(pool: &State, bytes: usize, deferred: &mut Deferred) {
-    if !pool.floors_in_chain() {
-        give_back_above(pool, bytes, pool.depth(), deferred);
-        return;
-    }
-    let mut above = Vec::with_capacity(pool.depth());
-    let mut amount = bytes;
-    for level in 0..pool.depth() {
-        let lower = pool.at_level(level);
-        let up = lower.return_climbed(amount);
-        if up < amount {
-            // The floor got room: requests of its subtree waiting above may take it now.
-            lower.wake_floor_waiters(deferred);
-        }
-        amount = up;
-        if amount == 0 {
-            break;
-        }
-        above.push(amount);
-    }
-    for (index, &amount) in above.iter().enumerate().rev() {
-        pool.at_level(index + 1)
-            .give_back_here(amount, false, deferred);
-    }
-}
-
-/// Gives back `bytes` held in the `levels` pools above `pool` (its ancestors), from the top
-/// down, leaving the wake-ups owed in `deferred`: a request on its way up, exactly what it
-/// holds (it took no floor and no floor counted it as climbed: both happen only when a
-/// request completes).
-fn give_back_above(pool: &State, bytes: usize, levels: usize, deferred: &mut Deferred) {
-    for level in (1..=levels).rev() {
-        pool.at_level(level).give_back_here(bytes, false, deferred);
-    }
+    pool.give_back_completed(bytes, false, deferred);
 }
 
 /// Holds `bytes` more in `pool` and, as a request would (its floors first, as much as they
@@ -129,7 +80,7 @@ pub(crate) fn give_back_reserved(
     if levels == 0 {
         return;
     }
-    give_back_above(pool, bytes, levels - 1, deferred);
+    pool.give_back_above(bytes, levels - 1, deferred);
     pool.give_back_here(bytes, counted, deferred);
 }
 
@@ -142,7 +93,7 @@ pub(crate) fn give_back_completed_request(
     counted: bool,
     deferred: &mut Deferred,
 ) {
-    give_back_completed(pool, bytes, counted, deferred);
+    pool.give_back_completed(bytes, counted, deferred);
 }
 
 /// A pool's floor goes back to its ancestors (the pool is drained and being dropped): what
@@ -182,7 +133,7 @@ fn retire_floor(pool: &State, deferred: &mut Deferred) {
     let back = pool.retire_floor();
     if back > 0 {
         let parent = pool.parent().expect("a pool with a floor has a parent");
-        give_back_completed(parent, back, false, deferred);
+        parent.give_back_completed(back, false, deferred);
     }
 }
 
@@ -249,7 +200,7 @@ unsafe impl Pool for State {
             Unreleased::ChildBlock(memory) => {
                 let bytes = memory.bytes();
                 pool.recycle(memory);
-                give_back_above_completed(pool, bytes, &mut deferred);
+                pool.give_back_above_completed(bytes, &mut deferred);
                 if pool.budget_word().try_release(bytes) {
                     return deferred.run_all(None);
                 }
@@ -286,7 +237,7 @@ unsafe impl Pool for State {
         } else {
             let bytes = memory.bytes();
             pool.recycle(memory);
-            give_back_completed(pool, bytes, true, &mut deferred);
+            pool.give_back_completed(bytes, true, &mut deferred);
         }
         let handle = pool.disown();
         deferred.run_all(handle)
@@ -351,6 +302,6 @@ pub(crate) fn handed_block(pool: &Arc<State>, mut memory: Memory, zeroed: bool) 
 #[cold]
 #[inline(never)]
 fn out_of_memory(pool: &State, bytes: usize) -> AllocError {
-    settle(|deferred| give_back_completed(pool, bytes, true, deferred));
+    settle(|deferred| pool.give_back_completed(bytes, true, deferred));
     AllocError::OutOfMemory { bytes }
 }

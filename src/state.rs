@@ -34,7 +34,7 @@ use crate::word::{BudgetWord, FastReserve, MAX_IN_USE, counted_budget};
 /// 128 KiB on), which is a system call.
 const FREE_UNLOCKED_FROM: usize = 64 * 1024;
 use crate::{AllocError, BufferSize, PoolStats};
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 
 /// What the fast path made of a request.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -1135,6 +1135,57 @@ impl State {
         }
     }
 
+    // ---- completed holdings given back through the chain ----
+
+    /// Gives back `bytes` of completed holdings in this pool (counted as a release of an
+    /// allocation if `counted`) and the bytes they hold in its ancestors, from the top down,
+    /// this pool's own level last. The caller holds a handle on this pool.
+    pub(crate) fn give_back_completed(&self, bytes: usize, counted: bool, deferred: &mut Deferred) {
+        self.give_back_above_completed(bytes, deferred);
+        self.give_back_here(bytes, counted, deferred);
+    }
+
+    /// Gives back, in the ancestors of this pool, what `bytes` of completed holdings of this pool
+    /// hold there, from the top down. Without floors in the chain that is `bytes` at every
+    /// level. With floors, each floored pool first settles its books (`State::return_climbed`:
+    /// what its subtree held above its floor goes on up, the rest refills the floor), bottom
+    /// up, so each level above gives back what the level below passed on.
+    pub(crate) fn give_back_above_completed(&self, bytes: usize, deferred: &mut Deferred) {
+        if !self.floors_in_chain() {
+            self.give_back_above(bytes, self.depth(), deferred);
+            return;
+        }
+        let mut above = Vec::with_capacity(self.depth());
+        let mut amount = bytes;
+        for level in 0..self.depth() {
+            let lower = self.at_level(level);
+            let up = lower.return_climbed(amount);
+            if up < amount {
+                // The floor got room: requests of its subtree waiting above may take it now.
+                lower.wake_floor_waiters(deferred);
+            }
+            amount = up;
+            if amount == 0 {
+                break;
+            }
+            above.push(amount);
+        }
+        for (index, &amount) in above.iter().enumerate().rev() {
+            self.at_level(index + 1)
+                .give_back_here(amount, false, deferred);
+        }
+    }
+
+    /// Gives back `bytes` held in the `levels` pools above this pool (its ancestors), from the top
+    /// down, leaving the wake-ups owed in `deferred`: a request on its way up, exactly what it
+    /// holds (it took no floor and no floor counted it as climbed: both happen only when a
+    /// request completes).
+    pub(crate) fn give_back_above(&self, bytes: usize, levels: usize, deferred: &mut Deferred) {
+        for level in (1..=levels).rev() {
+            self.at_level(level).give_back_here(bytes, false, deferred);
+        }
+    }
+
     // ---- the floor (min_memory) ----
 
     /// Whether this pool has a floor.
@@ -1203,14 +1254,18 @@ impl State {
         }
     }
 
-    /// Puts back `bytes` a request took of the floor but did not keep (it failed or was
-    /// cancelled before it completed, or a fast path was refused above), and wakes (later)
-    /// the requests that wait for the floor to have room. Back into the floor even if it was
-    /// retired meanwhile: it only was if this pool closed under the request, and then the
-    /// next release's refill, or the pool's drop, sweeps it up (the walk that would give it
-    /// to the parent now is `chain.rs`'s). `Release`: as in `return_climbed`.
+    /// Puts back `bytes` a request took of the floor but did not keep (a fast path refused
+    /// above), and wakes (later) the requests that wait for the floor to have room. If the
+    /// floor was retired meanwhile (this pool closed under the request), what is free of it
+    /// goes on to the parent now, as a refill's would ([`refill_floor`](State::refill_floor):
+    /// the same `SeqCst` pair with the retirement), so the ancestors get the floor back
+    /// although the close swept it before these bytes came back.
     pub(crate) fn put_back_floor(&self, bytes: usize, deferred: &mut Deferred) {
-        self.floor.free.fetch_add(bytes, Release);
+        let up = self.refill_floor(bytes);
+        if up > 0 {
+            let parent = self.parent().expect("a pool with a floor has a parent");
+            parent.give_back_completed(up, false, deferred);
+        }
         deferred.notify(Arc::clone(&self.room));
     }
 
@@ -2187,11 +2242,14 @@ impl State {
             // Requests of the subtree waiting for more of a floor than it has (in no queue,
             // listening on the floored pool's room event, see `Request::climb`): what they
             // need of it depends on the caps above, so they look again.
-            for pool in descendants.iter().filter(|pool| pool.has_floor()) {
+            let floored = core::iter::once(self).chain(descendants.iter().map(|pool| &**pool));
+            let mut floors_below = false;
+            for pool in floored.filter(|pool| pool.has_floor()) {
+                floors_below = true;
                 deferred.notify(Arc::clone(&pool.room));
             }
+            let origins = Self::origins(self, &descendants);
             if self.parent.is_some() {
-                let origins = Self::origins(self, &descendants);
                 self.fail_in_ancestors(
                     |bytes, from| {
                         (bytes > cap && origins.contains(&from))
@@ -2201,6 +2259,21 @@ impl State {
                 );
                 // And those waiting for a place above, in no queue.
                 self.notify_rooms_above(deferred);
+            }
+            if floors_below || self.floors_in_chain() {
+                // A queue sees only what a request still needs beyond the floors it took:
+                // the subtree's requests waiting here or above look again, and fail (or
+                // start again) if the new budget leaves them unable to be served
+                // (`Request::poll_steps`).
+                let mut pool = Some(self);
+                while let Some(level) = pool {
+                    if level.word.load().is_queued() {
+                        lock(&level.queue)
+                            .list
+                            .wake_where(|origin| origins.contains(&origin), deferred);
+                    }
+                    pool = level.parent.as_deref();
+                }
             }
             // A sleeping `reclaim_ahead` looks at the new room.
             deferred.notify(Arc::clone(&self.pressure));

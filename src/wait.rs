@@ -564,6 +564,20 @@ impl Request {
                 let rest = bytes - *progress.floored;
                 let level = *progress.levels as usize;
                 let own = level == 0 && counted;
+                if level > 0 && pool.floors_in_chain() {
+                    let left = Self::leave_if_never_served(
+                        pool,
+                        node,
+                        bytes,
+                        counted,
+                        &mut progress,
+                        cx,
+                        deferred,
+                    );
+                    if let Some(held) = left {
+                        return Self::finish(held, &mut progress, pool, *unit, counted, deferred);
+                    }
+                }
                 // Waiting above a floor that got room for all it still needs (any floor of
                 // the levels it holds, the lowest first, as a request takes them): the floor
                 // first, as always. (One with room for part of it does not move it: it waits
@@ -706,7 +720,11 @@ impl Request {
             // close, that never waited up here, completes as a granted root request does; a
             // full queue's `admit` refuses it if its pool closed.)
             let mut closed = was_awaiting_room && pool.is_closed();
-            if !closed && lower.has_floor() {
+            // A level of its chain shrank below it since (`set_max_memory` fails such
+            // requests where they wait; this one was between two queues, or waited for a
+            // floor in none).
+            let largest = pool.largest_request();
+            if !closed && lower.has_floor() && bytes <= largest {
                 // The floor of the pool below first: as much of it as is free. The rest must
                 // fit above at all (floors below stay set aside there), so if it would not,
                 // the request takes at least what makes it fit, or waits for the floor to
@@ -729,6 +747,12 @@ impl Request {
                             break;
                         }
                         Self::drop_room_listener(node, deferred);
+                    }
+                    None if at_least > lower.floor_now().0 => {
+                        // Not even the whole floor would do: a cap above shrank after it
+                        // took floors below. It starts again, taking them anew.
+                        Self::start_again(pool, node, bytes, counted, progress, cx, deferred);
+                        return Ok(None);
                     }
                     None => {
                         // Listen first, then look again: a refill between the look and the
@@ -757,9 +781,6 @@ impl Request {
                 }
             }
             let rest = bytes - *progress.floored;
-            // A level of its chain shrank below it since (`set_max_memory` fails such
-            // requests where they wait; this one was between two queues).
-            let largest = pool.largest_request();
             let held = if closed {
                 Err(AllocError::Closed)
             } else if bytes > largest {
@@ -840,13 +861,72 @@ impl Request {
             return Err(error);
         }
         Self::drop_room_listener(node, deferred);
+        let levels = *progress.levels as usize;
+        let mut rest = bytes - *progress.floored;
+        if rest > 0 && pool.floors_in_chain() {
+            // A floor below may have got room while it waited above (too little then to
+            // serve all it needed): it takes that now and gives as much back above, so that
+            // a floored pool's parent holds only what the pool holds beyond its floor.
+            for level in 0..levels.saturating_sub(1) {
+                let lower = pool.at_level(level);
+                if let Some(taken) = lower.take_floor_part(rest, 0).filter(|&taken| taken > 0) {
+                    for above in (level + 1..levels).rev() {
+                        pool.at_level(above).give_back_here(taken, false, deferred);
+                    }
+                    *progress.floored += taken;
+                    pool.note_climbed(taken, level + 1);
+                    rest -= taken;
+                    if rest == 0 {
+                        break;
+                    }
+                }
+            }
+        }
         // Complete: only now do the floors below the levels it holds count its part on the
         // way up as climbed.
-        let rest = bytes - *progress.floored;
         if rest > 0 {
-            pool.note_climbed(rest, *progress.levels as usize);
+            pool.note_climbed(rest, levels);
         }
         Ok(Some(bytes))
+    }
+
+    /// For a request waiting in a queue above its own pool, on a chain with floors: the
+    /// queue sees only what it still needs beyond the floors it took, so a shrink of a pool
+    /// of its chain (which wakes it) may have left it unable ever to be served as it is. Then
+    /// it leaves the queue and fails with `ExceedsBudget` (if it no longer fits the chain at
+    /// all) or starts again (`Some(Ok(None))`). `None` if it can still be served, or was
+    /// granted meanwhile (climbing on looks again).
+    #[cold]
+    fn leave_if_never_served(
+        pool: &State,
+        node: Pin<&Node>,
+        bytes: usize,
+        counted: bool,
+        progress: &mut Progress<'_>,
+        cx: &mut Context<'_>,
+        deferred: &mut Deferred,
+    ) -> Option<Result<Option<usize>, AllocError>> {
+        let level = *progress.levels as usize;
+        let largest = pool.largest_request();
+        let rest = bytes - *progress.floored;
+        if bytes <= largest && rest <= pool.servable_from(level) {
+            return None;
+        }
+        if pool.at_level(level).withdraw(node, deferred) != Status::Idle {
+            return None;
+        }
+        if bytes > largest {
+            // Done before the levels below go back: never given back twice.
+            *progress.stage = Stage::Done;
+            let floored = *progress.floored;
+            Self::give_back_held(pool, bytes, floored, level, counted, deferred);
+            return Some(Err(AllocError::ExceedsBudget {
+                requested_bytes: bytes,
+                max_memory: largest,
+            }));
+        }
+        Self::start_again(pool, node, bytes, counted, progress, cx, deferred);
+        Some(Ok(None))
     }
 
     /// Gives back all a request on its way up holds (`levels` levels, and `floored` bytes it

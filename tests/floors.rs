@@ -419,7 +419,9 @@ fn nested_floors_serve_a_request_of_the_whole_chain() {
         let leaf = floored(&mid, "leaf", 12, 4 * B);
         assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
         // Once at once, once after waiting in the leaf's queue for a buffer of its own.
-        let all = leaf.try_allocate(12).expect("the whole chain, on an idle tree");
+        let all = leaf
+            .try_allocate(12)
+            .expect("the whole chain, on an idle tree");
         drop(all);
         let one = leaf.try_allocate(1).unwrap();
         let leaf = Arc::new(leaf);
@@ -431,7 +433,10 @@ fn nested_floors_serve_a_request_of_the_whole_chain() {
             std::thread::yield_now();
         }
         drop(one);
-        let all = asker.join().unwrap().expect("the whole chain, once the leaf is idle");
+        let all = asker
+            .join()
+            .unwrap()
+            .expect("the whole chain, once the leaf is idle");
         assert_eq!(in_use(&[&root, &mid, &leaf]), [12 * B, 12 * B, 12 * B]);
         drop(all);
         assert_eq!(in_use(&[&root, &mid, &leaf]), [8 * B, 4 * B, 0]);
