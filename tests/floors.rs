@@ -427,7 +427,9 @@ fn nested_floors_serve_a_request_of_the_whole_chain() {
         let leaf = Arc::new(leaf);
         let asker = {
             let leaf = Arc::clone(&leaf);
-            std::thread::spawn(move || leaf.allocate_timeout(12, Duration::from_secs(5)))
+            std::thread::spawn(move || {
+                leaf.allocate_timeout(12, Duration::from_secs(if cfg!(miri) { 500 } else { 5 }))
+            })
         };
         while leaf.stats().waiting == 0 {
             std::thread::yield_now();
