@@ -1440,6 +1440,40 @@ fn a_request_waiting_for_its_floor_is_woken_by_the_refill() {
     });
 }
 
+/// Model 39: a shrink of the root races a floored child's request on its way to the root's
+/// queue with part of the floor taken. The root holds 4 buffers, 3 of them held by main;
+/// the child (floor 1) asks for 3: the floor's 1, then 2 at the full root. Another thread
+/// shrinks the root to 2, which the request can never fit (its chain's smallest cap is now
+/// 2): whatever the order, it fails with `ExceedsBudget`, and once main gives its buffers
+/// back only the floor is in use. With no look at the caps after queueing (a shrink that
+/// walked the root's queue just before the request was in it never wakes it, and the queue
+/// sees only the 2 it still needs, which fit the new budget), it waits for good.
+#[test]
+fn a_shrink_fails_a_request_queueing_above_its_floor() {
+    model(|| {
+        let root = Arc::new(pool(4));
+        let child = Arc::new(floored(&root, 4, 1));
+        let held = root.try_allocate(3).unwrap();
+        let asker = {
+            let child = child.clone();
+            thread::spawn(move || child.allocate_blocking(3).map(drop))
+        };
+        let shrinker = {
+            let root = root.clone();
+            thread::spawn(move || root.set_max_memory(2 * B).unwrap())
+        };
+        shrinker.join().unwrap();
+        let got = asker.join().unwrap();
+        assert!(
+            matches!(got, Err(AllocError::ExceedsBudget { .. })),
+            "{got:?}"
+        );
+        drop(held);
+        assert_eq!(root.stats().in_use_bytes, B, "the floor");
+        assert_eq!(child.stats().in_use_bytes, 0);
+    });
+}
+
 /// The bytes of live blocks aligned to 4096 (only model 33 makes such blocks: a pool of
 /// 4096-byte buffers with `direct_io_alignment`), and the most there were at once since the
 /// model's iteration began. Bookkeeping of the harness (std atomics, outside the model): loom

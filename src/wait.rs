@@ -827,6 +827,18 @@ impl Request {
                         Ok(Admission::Queued) => {
                             *progress.stage = Stage::Queued;
                             Self::drop_room_listener(node, deferred);
+                            if pool.floors_in_chain() {
+                                // A shrink between its look at the caps and its queueing here
+                                // may have walked this queue before it was in it: it looks
+                                // again now (this queue's lock orders the look after that
+                                // walk, which the shrink made after storing the budget).
+                                let left = Self::leave_if_never_served(
+                                    pool, node, bytes, counted, progress, cx, deferred,
+                                );
+                                if let Some(held) = left {
+                                    return held;
+                                }
+                            }
                             return Ok(None);
                         }
                         Ok(Admission::Full) => {
