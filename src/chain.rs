@@ -14,6 +14,12 @@
 //! The rule for callers that keep their own state (a request's stage and levels, a
 //! reservation's size): record the change first, then walk, so that an unwinding walk can
 //! never make them give a level back twice.
+//!
+//! The steps of a walk that only write books into a `Deferred` the caller passes
+//! (`State::give_back_completed`, which settles the floors' books level by level, and
+//! `State::give_back_above`) are `State`'s own, so that `state.rs` can use them inside its
+//! own `settle` too (a fast path that puts back part of a floor retired meanwhile); the
+//! `settle` around each walk, and where it starts, are here.
 
 use crate::AllocError;
 use crate::deferred::{Deferred, settle};

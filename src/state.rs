@@ -1373,7 +1373,8 @@ impl State {
     }
 
     /// The floor got room: the requests of this subtree waiting in an ancestor's queue may
-    /// be served by it now, so they are woken (later) to look.
+    /// be served by it now, so they are woken (later) to look, and so are those waiting for
+    /// more of the floor in no queue (this pool's room event).
     pub(crate) fn wake_floor_waiters(&self, deferred: &mut Deferred) {
         // Requests waiting for more of the floor than it had (see `Request::climb`) listen
         // on this pool's room event.
