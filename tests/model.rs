@@ -1962,7 +1962,7 @@ fn seeded_op(rng: &mut common::Rng) -> TreeOp {
 /// Seeded random sequences on random trees: a handful under Miri, more natively.
 #[test]
 fn tree_model_seeded_sequences() {
-    for seed in 0..common::rounds(200, 4) as u64 {
+    for seed in 0..common::rounds(200, 2) as u64 {
         let mut rng = common::Rng::new(seed);
         let specs = seeded_tree(&mut rng);
         let ops: Vec<TreeOp> = (0..common::rounds(100, 50))

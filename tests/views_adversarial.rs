@@ -2220,7 +2220,7 @@ fn pool_state_freed_on_another_thread_while_a_release_runs_a_slow_waker() {
 
 /// How many rounds the two races below run: enough for Miri's random preemption to land in
 /// the window now and then, few enough for its speed.
-const RACE_ROUNDS: usize = if cfg!(miri) { 60 } else { 300 };
+const RACE_ROUNDS: usize = if cfg!(miri) { 40 } else { 300 };
 
 /// A release's last step (the fast path's compare-exchange) racing the pool's drop on
 /// another thread, which frees the state as soon as it sees the bytes back: the release
