@@ -1368,6 +1368,7 @@ fn reserve_cancel_on_child() {
 
 /// `allocate_owned`: the pool's drop "runs when the last owned allocation is given back
 /// (through `into_filled` and `freeze` too)".
+#[cfg(feature = "bytes")]
 #[test]
 fn owned_allocation_through_freeze_keeps_pool() {
     watchdog(10, || {
@@ -1580,6 +1581,7 @@ fn read_from_edge_cases() {
 
 /// `BufMut` for `FilledAllocation`: "Writing past it panics (`put_slice` of more than fits,
 /// `advance_mut(cnt)` with `cnt > remaining_mut()`)"; the budget is intact afterwards.
+#[cfg(feature = "bytes")]
 #[test]
 fn bufmut_past_the_end_panics() {
     use bytes::BufMut;
@@ -1606,6 +1608,7 @@ fn bufmut_past_the_end_panics() {
 
 /// `freeze`: "the pool's bytes stay reserved, the whole allocation and not only the filled
 /// part"; "an empty slice does not hold the owner"; a freeze of nothing filled.
+#[cfg(feature = "bytes")]
 #[test]
 fn freeze_holds_whole_allocation() {
     let pool = BufPool::new(cfg(BufferSize::S8, 64));
@@ -2892,6 +2895,7 @@ fn read_from_never_rezeroes_and_fresh_cursor_starts_over() {
 
 /// `BufMut`: `chunk_mut` "offers all of its unfilled part at once"; a smaller `set_filled`
 /// "moves the cursor back and so grows it again".
+#[cfg(feature = "bytes")]
 #[test]
 fn bufmut_chunk_is_all_unfilled() {
     use bytes::BufMut;
