@@ -13,11 +13,17 @@
 //! `catch_unwind`, the rest still run, and the first panic is passed on afterwards (unless the
 //! thread is already unwinding), when the pools are consistent again.
 
-use core::task::Waker;
+use core::cell::RefCell;
+use core::pin::Pin;
+use core::task::{Context, Poll, Waker};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use event_listener::{Event, EventListener};
 
-use crate::sync::Arc;
+use crate::sync::{Arc, thread_local};
+
+/// The panic of a user's code that ran inside event-listener.
+type Panic = Box<dyn core::any::Any + Send>;
 
 /// User code held back until the books are settled; see the module docs.
 ///
@@ -172,6 +178,7 @@ impl Deferred {
                     if let Later::Notify(event) = core::mem::replace(later, Later::Ran) {
                         guarded(&mut first_panic, || {
                             event.notify(usize::MAX);
+                            pass_on_parked();
                         });
                     }
                 }
@@ -189,7 +196,10 @@ impl Deferred {
                 guarded(&mut first_panic, || match later {
                     Later::Wake(waker) => waker.wake(),
                     Later::Drop(waker) => drop(waker),
-                    Later::DropListener(listener) => drop(listener),
+                    Later::DropListener(listener) => {
+                        drop(listener);
+                        pass_on_parked();
+                    }
                     Later::Notify(_) | Later::Ran => {}
                 });
             }
@@ -223,6 +233,93 @@ impl Drop for Deferred {
     fn drop(&mut self) {
         self.run();
     }
+}
+
+// ---- listeners whose wakers are user code ----
+//
+// event-listener wakes a listener's waker while it holds its list's lock, and counts the
+// notification only once `wake` returns: a waker that panics there leaves its count one
+// short (a later drop of that listener then underflows it: found by
+// `tests/race_adversarial.rs` once floors notified more events), and user code runs under a
+// lock. So a listener polled for a task is given a waker of ours ([`poll_listener`]) that
+// runs the task's waker under `catch_unwind` and parks its panic on this thread; the code
+// that made event-listener wake (a notification or a listener's drop held in a `Deferred`,
+// a `reclaim_ahead` nudge, the drop of a future holding a listener) passes it on after
+// event-listener returned ([`pass_on_parked`]). The task's waker's `drop` is user code too,
+// and event-listener may drop its copy under the lock: it is caught the same way.
+
+thread_local! {
+    /// The first panic of a task's waker that event-listener ran on this thread, not yet
+    /// passed on.
+    static PARKED: RefCell<Option<Panic>> = const { RefCell::new(None) };
+}
+
+/// Keeps `panic` for [`pass_on_parked`], unless one is kept already (the first goes on).
+fn park_panic(panic: Panic) {
+    PARKED.with(|parked| {
+        let mut parked = parked.borrow_mut();
+        if parked.is_none() {
+            *parked = Some(panic);
+        }
+    });
+}
+
+/// The panic a task's waker raised inside event-listener on this thread, if any, taken for
+/// the caller to pass on.
+pub(crate) fn take_parked() -> Option<Panic> {
+    PARKED.with(|parked| parked.borrow_mut().take())
+}
+
+/// Passes on the panic a task's waker raised inside event-listener on this thread, if any
+/// (unless the thread already unwinds: then it is dropped).
+pub(crate) fn pass_on_parked() {
+    pass_on(take_parked());
+}
+
+/// A task's waker as event-listener gets it: its `wake` and its drop never unwind into
+/// event-listener.
+struct ListenerWaker(Option<Waker>);
+
+impl std::task::Wake for ListenerWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        if let Some(waker) = &self.0 {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake_by_ref())) {
+                park_panic(panic);
+            }
+        }
+    }
+}
+
+impl Drop for ListenerWaker {
+    fn drop(&mut self) {
+        let waker = self.0.take();
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(waker))) {
+            park_panic(panic);
+        }
+    }
+}
+
+/// Polls `listener` for the task of `cx`, with a waker of ours in its place (see above). An
+/// allocation per call: listeners are polled only on the rare waits (a place in a full
+/// queue, room in a floor, a drain, a `reclaim_ahead`).
+pub(crate) fn poll_listener(listener: Pin<&mut EventListener>, cx: &mut Context<'_>) -> Poll<()> {
+    let waker = Waker::from(std::sync::Arc::new(ListenerWaker(Some(cx.waker().clone()))));
+    let poll = listener.poll(&mut Context::from_waker(&waker));
+    drop(waker);
+    // A listener polled again with a new waker drops the old one (user code) in there.
+    pass_on_parked();
+    poll
+}
+
+/// Drops a listener held for a task (its drop may pass a notification on to another
+/// listener's waker), passing on a panic of that waker.
+pub(crate) fn drop_listener_now(listener: EventListener) {
+    drop(listener);
+    pass_on_parked();
 }
 
 /// Wake-ups a give-back owes to the requests it served, held back for the caller to run

@@ -21,7 +21,7 @@ use std::panic::resume_unwind;
 
 use event_listener::EventListener;
 
-use crate::deferred::{Deferred, settle};
+use crate::deferred::{self, Deferred, settle};
 use crate::registry::{Exclusive, Panic, Round};
 use crate::state::{RoundStart, Shortfall, State};
 use crate::sync::Arc;
@@ -369,7 +369,7 @@ impl Future for ReclaimAhead {
                                 listener
                             }
                         };
-                        match Pin::new(listener).poll(cx) {
+                        match deferred::poll_listener(Pin::new(listener), cx) {
                             Poll::Ready(()) => {
                                 this.listener = None;
                                 continue;
@@ -379,7 +379,9 @@ impl Future for ReclaimAhead {
                     }
                     Ok(None) => {
                         // A listener taken while the round ran was not armed for the mark.
-                        this.listener = None;
+                        if let Some(listener) = this.listener.take() {
+                            deferred::drop_listener_now(listener);
+                        }
                     }
                     Err(panic) => resume_unwind(panic),
                 }
@@ -409,7 +411,7 @@ impl Future for ReclaimAhead {
                     pool.arm_pressure(this.low_water);
                     this.listener = Some(pool.pressure().listen());
                 }
-                Some(listener) => match Pin::new(listener).poll(cx) {
+                Some(listener) => match deferred::poll_listener(Pin::new(listener), cx) {
                     Poll::Ready(()) => {
                         this.listener = None;
                         this.quiet = false;
@@ -423,7 +425,10 @@ impl Future for ReclaimAhead {
 
 impl Drop for ReclaimAhead {
     fn drop(&mut self) {
-        pass_on(self.leave());
+        let panic = self.leave();
+        // Its drop may pass a notification on to another listener's waker (user code).
+        drop(self.listener.take());
+        pass_on(panic.or_else(deferred::take_parked));
     }
 }
 

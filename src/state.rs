@@ -20,7 +20,7 @@ use std::time::Duration;
 use event_listener::Event;
 
 use crate::clock::Stamp;
-use crate::deferred::{Deferred, settle};
+use crate::deferred::{self, Deferred, settle};
 use crate::heap::Memory;
 use crate::recycle::{Footprint, Recycler};
 use crate::registry::{Outcome, Reclaimer, Registration, Registry, Round};
@@ -1373,8 +1373,9 @@ impl State {
     }
 
     /// The floor got room: the requests of this subtree waiting in an ancestor's queue may
-    /// be served by it now, so they are woken (later) to look, and so are those waiting for
-    /// more of the floor in no queue (this pool's room event).
+    /// be served by it now, so they are woken (later) to look, and so are those waiting in no
+    /// queue: for more of the floor (this pool's room event), or for a place in a full queue
+    /// above (that pool's).
     pub(crate) fn wake_floor_waiters(&self, deferred: &mut Deferred) {
         // Requests waiting for more of the floor than it had (see `Request::climb`) listen
         // on this pool's room event.
@@ -1393,6 +1394,9 @@ impl State {
                 lock(&pool.queue)
                     .list
                     .wake_where(|origin| origins.contains(&origin), deferred);
+                // And those waiting for a place in its queue, full (in no queue, listening
+                // on its room event): the floor may serve them now.
+                deferred.notify(Arc::clone(&pool.room));
             }
             ancestor = pool.parent.as_deref();
         }
@@ -2076,6 +2080,8 @@ impl State {
             }
             level = pool.parent.as_deref();
         }
+        // A `reclaim_ahead`'s waker that panicked in there (see `deferred::poll_listener`).
+        deferred::pass_on_parked();
     }
 
     // ---- close, resize, drain ----

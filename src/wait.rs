@@ -14,7 +14,7 @@ use event_listener::EventListener;
 use pin_project_lite::pin_project;
 
 use crate::chain;
-use crate::deferred::{Deferred, settle};
+use crate::deferred::{self, Deferred, settle};
 use crate::reclaim;
 use crate::state::{Admission, Asker, Attempt, State};
 use crate::sync::Arc;
@@ -143,6 +143,16 @@ struct Progress<'a> {
     /// It has waited in a queue (the stage says so, see [`Stage::waited`]): from then on a
     /// full queue above makes it wait for room instead of failing with `QueueFull`.
     waited: bool,
+}
+
+/// What a climbing request's room listener listens to (see `Request::climb`).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Listening {
+    Nothing,
+    /// The room event of the floored pool below: room in its floor.
+    Floor,
+    /// The room event of the pool above: a place in its full queue.
+    Room,
 }
 
 /// What a [`Request`] asks for.
@@ -689,13 +699,14 @@ impl Request {
     ) -> Result<Option<usize>, AllocError> {
         let was_awaiting_room = *progress.stage == Stage::AwaitingRoom;
         if was_awaiting_room {
-            // Room above, or a close or shrink of a level it holds (which must fail it: a
-            // close reaches `pool`, and both notify the room events above, see
-            // `State::notify_rooms_above`; it is in no queue that could fail it).
+            // Room above or in the floor below, or a close or shrink of a level it holds
+            // (which must fail it, or make it look again: a close reaches `pool`, and both
+            // notify the room events above, see `State::notify_rooms_above`, and the floored
+            // pools' own; it is in no queue that could fail it).
             let heard = pool.is_closed()
                 || node.with_room(|room| {
                     let listener = room.as_mut().expect("listening while awaiting room");
-                    Pin::new(listener).poll(cx).is_ready()
+                    deferred::poll_listener(Pin::new(listener), cx).is_ready()
                 });
             if !heard {
                 return Ok(None);
@@ -710,6 +721,10 @@ impl Request {
             Stage::Climbing
         };
         *progress.stage = climbing;
+        // What the node's room listener listens to, if this call set one (a listener from an
+        // earlier poll was heard, and dropped, above): the two waits below each look again
+        // once they listen, and must not take the other's listener for their own.
+        let mut listening = Listening::Nothing;
         while (*progress.levels as usize) <= pool.depth() {
             let level = *progress.levels as usize;
             let ancestor = pool.at_level(level);
@@ -746,7 +761,10 @@ impl Request {
                             // the floor long ago: nothing more to climb.
                             break;
                         }
-                        Self::drop_room_listener(node, deferred);
+                        if listening == Listening::Floor {
+                            Self::drop_room_listener(node, deferred);
+                            listening = Listening::Nothing;
+                        }
                     }
                     None if at_least > lower.floor_now().0 => {
                         // Not even the whole floor would do: a cap above shrank after it
@@ -757,21 +775,23 @@ impl Request {
                     None => {
                         // Listen first, then look again: a refill between the look and the
                         // listen is not missed (it notifies the floored pool's room event).
-                        let listening = node.with_room(|room| room.is_some());
-                        if !listening {
+                        if listening != Listening::Floor {
+                            Self::drop_room_listener(node, deferred);
                             node.with_room(|room| *room = Some(lower.room().listen()));
+                            listening = Listening::Floor;
                             continue;
                         }
                         if !pool.is_closed() {
                             *progress.stage = Stage::AwaitingRoom;
                             let heard = node.with_room(|room| {
                                 let listener = room.as_mut().expect("listening");
-                                Pin::new(listener).poll(cx).is_ready()
+                                deferred::poll_listener(Pin::new(listener), cx).is_ready()
                             });
                             if !heard {
                                 return Ok(None);
                             }
                             Self::drop_room_listener(node, deferred);
+                            listening = Listening::Nothing;
                             *progress.stage = climbing;
                             continue;
                         }
@@ -801,6 +821,11 @@ impl Request {
             let error = match held {
                 Ok(true) => {
                     *progress.levels += 1;
+                    if listening != Listening::Nothing {
+                        // Listened for this level's room, which it no longer needs.
+                        Self::drop_room_listener(node, deferred);
+                        listening = Listening::Nothing;
+                    }
                     continue;
                 }
                 Ok(false) => {
@@ -822,6 +847,10 @@ impl Request {
                     match admission {
                         Ok(Admission::Reserved) => {
                             *progress.levels += 1;
+                            if listening != Listening::Nothing {
+                                Self::drop_room_listener(node, deferred);
+                                listening = Listening::Nothing;
+                            }
                             continue;
                         }
                         Ok(Admission::Queued) => {
@@ -844,20 +873,22 @@ impl Request {
                         Ok(Admission::Full) => {
                             // Listen first, then look again: room made between the look and
                             // the listen is not missed.
-                            let listening = node.with_room(|room| room.is_some());
-                            if !listening {
+                            if listening != Listening::Room {
+                                Self::drop_room_listener(node, deferred);
                                 node.with_room(|room| *room = Some(ancestor.room().listen()));
+                                listening = Listening::Room;
                                 continue;
                             }
                             *progress.stage = Stage::AwaitingRoom;
                             let heard = node.with_room(|room| {
                                 let listener = room.as_mut().expect("listening");
-                                Pin::new(listener).poll(cx).is_ready()
+                                deferred::poll_listener(Pin::new(listener), cx).is_ready()
                             });
                             if !heard {
                                 return Ok(None);
                             }
                             Self::drop_room_listener(node, deferred);
+                            listening = Listening::Nothing;
                             *progress.stage = climbing;
                             continue;
                         }
@@ -1108,11 +1139,20 @@ impl Future for Drained<'_> {
                         return Poll::Ready(());
                     }
                 }
-                Some(listener) => match Pin::new(listener).poll(cx) {
+                Some(listener) => match deferred::poll_listener(Pin::new(listener), cx) {
                     Poll::Ready(()) => this.listener = None,
                     Poll::Pending => return Poll::Pending,
                 },
             }
+        }
+    }
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        // Its drop may pass a notification on to another listener's waker (user code).
+        if let Some(listener) = self.listener.take() {
+            deferred::drop_listener_now(listener);
         }
     }
 }

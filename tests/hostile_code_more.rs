@@ -1641,3 +1641,36 @@ fn a_round_holding_the_last_references_to_two_panicking_reclaimers_ends() {
         drop_promptly("pool", pool);
     });
 }
+
+/// event-listener wakes a listener's waker under its lock and counts the notification only
+/// once the wake returns: a task's waker that panicked there left its books one short, and
+/// dropping that listener later underflowed them (a panic inside event-listener, not the
+/// waker's). The pool's listeners now hand event-listener a waker of the crate's that
+/// catches the panic and passes it on after event-listener returns. Here: a `drained()`
+/// future whose waker panics when the last allocation goes; the release passes the panic
+/// on; the future's drop, and later drains, are clean.
+#[test]
+fn a_drain_waiters_panicking_waker_leaves_the_drain_event_sound() {
+    watched(|| {
+        let pool = root(2);
+        for round in 0..3 {
+            let a = pool.try_allocate(1).unwrap();
+            let (waker, hostile) = panicking();
+            let mut drained = Box::pin(pool.drained());
+            pending(drained.as_mut(), &waker);
+            let mut calm = Box::pin(pool.drained());
+            pending(calm.as_mut(), Waker::noop());
+            assert!(on_purpose(|| drop(a)), "round {round}");
+            assert_eq!(hostile.woken(), 1);
+            assert!(poll(calm.as_mut(), Waker::noop()).is_ready());
+            drop(drained);
+            drop(calm);
+            hostile.disarm();
+            drop(waker);
+        }
+        let mut again = Box::pin(pool.drained());
+        assert!(poll(again.as_mut(), Waker::noop()).is_ready());
+        idle("pool", &pool, 0);
+        takes("pool", &pool, 2);
+    });
+}
