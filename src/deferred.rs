@@ -251,7 +251,7 @@ impl Drop for Deferred {
 thread_local! {
     /// The first panic of a task's waker that event-listener ran on this thread, not yet
     /// passed on.
-    static PARKED: RefCell<Option<Panic>> = const { RefCell::new(None) };
+    static PARKED: RefCell<Option<Panic>> = RefCell::new(None);
 }
 
 /// Keeps `panic` for [`pass_on_parked`], unless one is kept already (the first goes on).
