@@ -602,7 +602,7 @@ fn model_round(seed: u64) {
 #[test]
 fn model_of_partial_floors_in_sequences() {
     watchdog(30, || {
-        for seed in 0..rounds(60, 3) as u64 {
+        for seed in 0..rounds(60, 2) as u64 {
             model_round(seed);
         }
     });
