@@ -16,14 +16,10 @@
 use core::cell::RefCell;
 use core::pin::Pin;
 use core::task::{Context, Poll, Waker};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use event_listener::{Event, EventListener};
 
-use crate::sync::{Arc, thread_local};
-
-/// The panic of a user's code that ran inside event-listener.
-type Panic = Box<dyn core::any::Any + Send>;
+use crate::sync::{Arc, Mutex, lock, thread_local};
 
 /// User code held back until the books are settled; see the module docs.
 ///
@@ -178,7 +174,7 @@ impl Deferred {
                     if let Later::Notify(event) = core::mem::replace(later, Later::Ran) {
                         guarded(&mut first_panic, || {
                             event.notify(usize::MAX);
-                            pass_on_parked();
+                            run_listener_wakes();
                         });
                     }
                 }
@@ -198,7 +194,7 @@ impl Deferred {
                     Later::Drop(waker) => drop(waker),
                     Later::DropListener(listener) => {
                         drop(listener);
-                        pass_on_parked();
+                        run_listener_wakes();
                     }
                     Later::Notify(_) | Later::Ran => {}
                 });
@@ -237,89 +233,94 @@ impl Drop for Deferred {
 
 // ---- listeners whose wakers are user code ----
 //
-// event-listener wakes a listener's waker while it holds its list's lock, and counts the
-// notification only once `wake` returns: a waker that panics there leaves its count one
-// short (a later drop of that listener then underflows it: found by
-// `tests/race_adversarial.rs` once floors notified more events), and user code runs under a
-// lock. So a listener polled for a task is given a waker of ours ([`poll_listener`]) that
-// runs the task's waker under `catch_unwind` and parks its panic on this thread; the code
-// that made event-listener wake (a notification or a listener's drop held in a `Deferred`,
-// a `reclaim_ahead` nudge, the drop of a future holding a listener) passes it on after
-// event-listener returned ([`pass_on_parked`]). The task's waker's `drop` is user code too,
-// and event-listener may drop its copy under the lock: it is caught the same way.
+// event-listener wakes a listener's waker, and drops the wakers it replaces or no longer
+// needs, while it holds its list's lock, and counts a notification only once `wake`
+// returns. A task's waker run there could panic (leaving that count short: a later drop of
+// the listener underflowed it) or re-enter the pool, whose own notification of the same
+// event then waits for that lock for good (both found by
+// `tests/race_adversarial.rs::hostile_wakers_under_load_on_the_tree`). So a listener polled
+// for a task is given a waker of ours ([`poll_listener`]) that runs no user code at all:
+// woken, it moves the task's waker to a list on this thread, and dropped, the same; the code
+// that made event-listener wake or drop (a notification or a listener's drop held in a
+// `Deferred`, a `reclaim_ahead` nudge, a poll or the drop of a future holding a listener)
+// then runs them ([`run_listener_wakes`]), after event-listener returned, each under
+// `catch_unwind`, the first panic passed on.
 
 thread_local! {
-    /// The first panic of a task's waker that event-listener ran on this thread, not yet
-    /// passed on.
-    static PARKED: RefCell<Option<Panic>> = RefCell::new(None);
+    /// Tasks' wakers event-listener woke (`true`) or let go (`false`) on this thread, to
+    /// run or drop once it returned.
+    // Not `const { .. }`: loom's `thread_local!` takes a plain expression.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static HANDED_BACK: RefCell<Vec<(Waker, bool)>> = RefCell::new(Vec::new());
 }
 
-/// Keeps `panic` for [`pass_on_parked`], unless one is kept already (the first goes on).
-fn park_panic(panic: Panic) {
-    PARKED.with(|parked| {
-        let mut parked = parked.borrow_mut();
-        if parked.is_none() {
-            *parked = Some(panic);
+/// A task's waker as event-listener gets it: it never runs user code inside event-listener.
+struct ListenerWaker(Mutex<Option<Waker>>);
+
+impl ListenerWaker {
+    /// Hands the task's waker back to this thread's list, to wake it (`wake`) or only drop
+    /// it. A waker woken once is woken: a second wake-up finds nothing.
+    fn hand_back(&self, wake: bool) {
+        let waker = lock(&self.0).take();
+        if let Some(waker) = waker {
+            HANDED_BACK.with(|list| list.borrow_mut().push((waker, wake)));
         }
-    });
+    }
 }
-
-/// The panic a task's waker raised inside event-listener on this thread, if any, taken for
-/// the caller to pass on.
-pub(crate) fn take_parked() -> Option<Panic> {
-    PARKED.with(|parked| parked.borrow_mut().take())
-}
-
-/// Passes on the panic a task's waker raised inside event-listener on this thread, if any
-/// (unless the thread already unwinds: then it is dropped).
-pub(crate) fn pass_on_parked() {
-    pass_on(take_parked());
-}
-
-/// A task's waker as event-listener gets it: its `wake` and its drop never unwind into
-/// event-listener.
-struct ListenerWaker(Option<Waker>);
 
 impl std::task::Wake for ListenerWaker {
     fn wake(self: std::sync::Arc<Self>) {
-        self.wake_by_ref();
+        self.hand_back(true);
     }
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
-        if let Some(waker) = &self.0 {
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake_by_ref())) {
-                park_panic(panic);
-            }
-        }
+        self.hand_back(true);
     }
 }
 
 impl Drop for ListenerWaker {
     fn drop(&mut self) {
-        let waker = self.0.take();
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(waker))) {
-            park_panic(panic);
+        self.hand_back(false);
+    }
+}
+
+/// Runs the tasks' wakers event-listener handed back on this thread: wakes those it woke,
+/// drops the others, each under `catch_unwind`; the first panic is passed on (unless the
+/// thread already unwinds).
+pub(crate) fn run_listener_wakes() {
+    let mut first_panic = None;
+    loop {
+        let handed = HANDED_BACK.with(|list| core::mem::take(&mut *list.borrow_mut()));
+        if handed.is_empty() {
+            break;
+        }
+        for (waker, wake) in handed {
+            if wake {
+                guarded(&mut first_panic, || waker.wake());
+            } else {
+                guarded(&mut first_panic, || drop(waker));
+            }
         }
     }
+    pass_on(first_panic);
 }
 
 /// Polls `listener` for the task of `cx`, with a waker of ours in its place (see above). An
 /// allocation per call: listeners are polled only on the rare waits (a place in a full
 /// queue, room in a floor, a drain, a `reclaim_ahead`).
 pub(crate) fn poll_listener(listener: Pin<&mut EventListener>, cx: &mut Context<'_>) -> Poll<()> {
-    let waker = Waker::from(std::sync::Arc::new(ListenerWaker(Some(cx.waker().clone()))));
-    let poll = listener.poll(&mut Context::from_waker(&waker));
-    drop(waker);
-    // A listener polled again with a new waker drops the old one (user code) in there.
-    pass_on_parked();
+    let ours = std::sync::Arc::new(ListenerWaker(Mutex::new(Some(cx.waker().clone()))));
+    let poll = listener.poll(&mut Context::from_waker(&Waker::from(ours)));
+    // A listener polled again with a new waker lets the old one go in there.
+    run_listener_wakes();
     poll
 }
 
 /// Drops a listener held for a task (its drop may pass a notification on to another
-/// listener's waker), passing on a panic of that waker.
+/// listener's waker), then runs what that handed back.
 pub(crate) fn drop_listener_now(listener: EventListener) {
     drop(listener);
-    pass_on_parked();
+    run_listener_wakes();
 }
 
 /// Wake-ups a give-back owes to the requests it served, held back for the caller to run

@@ -426,9 +426,17 @@ impl Future for ReclaimAhead {
 impl Drop for ReclaimAhead {
     fn drop(&mut self) {
         let panic = self.leave();
-        // Its drop may pass a notification on to another listener's waker (user code).
-        drop(self.listener.take());
-        pass_on(panic.or_else(deferred::take_parked));
+        // Its drop may pass a notification on to another listener's waker (user code): run
+        // after.
+        if let Some(listener) = self.listener.take() {
+            if let Err(later) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                deferred::drop_listener_now(listener)
+            })) {
+                pass_on(panic.or(Some(later)));
+                return;
+            }
+        }
+        pass_on(panic);
     }
 }
 

@@ -2080,8 +2080,8 @@ impl State {
             }
             level = pool.parent.as_deref();
         }
-        // A `reclaim_ahead`'s waker that panicked in there (see `deferred::poll_listener`).
-        deferred::pass_on_parked();
+        // A `reclaim_ahead`'s waker woken in there runs now (see `deferred::poll_listener`).
+        deferred::run_listener_wakes();
     }
 
     // ---- close, resize, drain ----

@@ -1645,8 +1645,9 @@ fn a_round_holding_the_last_references_to_two_panicking_reclaimers_ends() {
 /// event-listener wakes a listener's waker under its lock and counts the notification only
 /// once the wake returns: a task's waker that panicked there left its books one short, and
 /// dropping that listener later underflowed them (a panic inside event-listener, not the
-/// waker's). The pool's listeners now hand event-listener a waker of the crate's that
-/// catches the panic and passes it on after event-listener returns. Here: a `drained()`
+/// waker's). The pool's listeners now hand event-listener a waker of the crate's that runs
+/// no user code there: the task's waker runs (its panic passed on) after event-listener
+/// returns. Here: a `drained()`
 /// future whose waker panics when the last allocation goes; the release passes the panic
 /// on; the future's drop, and later drains, are clean.
 #[test]
