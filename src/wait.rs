@@ -737,8 +737,14 @@ impl Request {
             let mut closed = was_awaiting_room && pool.is_closed();
             // A level of its chain shrank below it since (`set_max_memory` fails such
             // requests where they wait; this one was between two queues, or waited for a
-            // floor in none).
-            let largest = pool.largest_request();
+            // floor in none). Without floors, the levels it holds (a level above fails it
+            // when it gets there, naming that level's cap); with floors, the whole chain,
+            // before its floor step works out what it needs of the floor.
+            let largest = if pool.floors_in_chain() {
+                pool.largest_request()
+            } else {
+                pool.smallest_budget_below(ancestor)
+            };
             if !closed && lower.has_floor() && bytes <= largest {
                 // The floor of the pool below first: as much of it as is free. The rest must
                 // fit above at all (floors below stay set aside there), so if it would not,
