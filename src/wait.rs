@@ -10,7 +10,7 @@ use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 
-use event_listener::EventListener;
+use event_listener::{Event, EventListener};
 use pin_project_lite::pin_project;
 
 use crate::chain;
@@ -153,6 +153,49 @@ enum Listening {
     Floor,
     /// The room event of the pool above: a place in its full queue.
     Room,
+}
+
+/// A climbing request's wait in no queue, for room that `event` announces (see
+/// `Request::climb`): for room in a floor below, or for a place in a full queue above.
+struct RoomWait<'a> {
+    event: &'a Event,
+    kind: Listening,
+}
+
+impl RoomWait<'_> {
+    /// One step of the wait; `true` when the request looks again, `false` when its poll
+    /// returns `Pending`. It listens first, then looks again (room made between the look and
+    /// the listen is not missed: it notifies `event`); once it listens, it waits until it
+    /// hears `event`, and then looks again. `stage` is the request's stage and the stage it
+    /// climbs in: `AwaitingRoom` while it waits.
+    fn step(
+        self,
+        node: Pin<&Node>,
+        listening: &mut Listening,
+        (stage, climbing): (&mut Stage, Stage),
+        cx: &mut Context<'_>,
+        deferred: &mut Deferred,
+    ) -> bool {
+        if *listening != self.kind {
+            // A listener for the other wait is not this one's (see `Listening`).
+            Request::drop_room_listener(node, deferred);
+            node.with_room(|room| *room = Some(self.event.listen()));
+            *listening = self.kind;
+            return true;
+        }
+        *stage = Stage::AwaitingRoom;
+        let heard = node.with_room(|room| {
+            let listener = room.as_mut().expect("listening");
+            deferred::poll_listener(Pin::new(listener), cx).is_ready()
+        });
+        if !heard {
+            return false;
+        }
+        Request::drop_room_listener(node, deferred);
+        *listening = Listening::Nothing;
+        *stage = climbing;
+        true
+    }
 }
 
 /// What a [`Request`] asks for.
@@ -779,29 +822,20 @@ impl Request {
                         return Ok(None);
                     }
                     None => {
-                        // Listen first, then look again: a refill between the look and the
-                        // listen is not missed (it notifies the floored pool's room event).
-                        if listening != Listening::Floor {
-                            Self::drop_room_listener(node, deferred);
-                            node.with_room(|room| *room = Some(lower.room().listen()));
-                            listening = Listening::Floor;
-                            continue;
-                        }
-                        if !pool.is_closed() {
-                            *progress.stage = Stage::AwaitingRoom;
-                            let heard = node.with_room(|room| {
-                                let listener = room.as_mut().expect("listening");
-                                deferred::poll_listener(Pin::new(listener), cx).is_ready()
-                            });
-                            if !heard {
-                                return Ok(None);
+                        // It waits for room in the floor (a refill notifies the floored
+                        // pool's room event), unless it listens already and the pool closed
+                        // (its floors are retired): then it fails.
+                        if listening != Listening::Floor || !pool.is_closed() {
+                            let wait = RoomWait {
+                                event: lower.room(),
+                                kind: Listening::Floor,
+                            };
+                            let stage = (&mut *progress.stage, climbing);
+                            if wait.step(node, &mut listening, stage, cx, deferred) {
+                                continue;
                             }
-                            Self::drop_room_listener(node, deferred);
-                            listening = Listening::Nothing;
-                            *progress.stage = climbing;
-                            continue;
+                            return Ok(None);
                         }
-                        // Closed (its floors are retired): it fails.
                         closed = true;
                     }
                 }
@@ -877,26 +911,16 @@ impl Request {
                             return Ok(None);
                         }
                         Ok(Admission::Full) => {
-                            // Listen first, then look again: room made between the look and
-                            // the listen is not missed.
-                            if listening != Listening::Room {
-                                Self::drop_room_listener(node, deferred);
-                                node.with_room(|room| *room = Some(ancestor.room().listen()));
-                                listening = Listening::Room;
+                            // It waits for a place in the full queue above.
+                            let wait = RoomWait {
+                                event: ancestor.room(),
+                                kind: Listening::Room,
+                            };
+                            let stage = (&mut *progress.stage, climbing);
+                            if wait.step(node, &mut listening, stage, cx, deferred) {
                                 continue;
                             }
-                            *progress.stage = Stage::AwaitingRoom;
-                            let heard = node.with_room(|room| {
-                                let listener = room.as_mut().expect("listening");
-                                deferred::poll_listener(Pin::new(listener), cx).is_ready()
-                            });
-                            if !heard {
-                                return Ok(None);
-                            }
-                            Self::drop_room_listener(node, deferred);
-                            listening = Listening::Nothing;
-                            *progress.stage = climbing;
-                            continue;
+                            return Ok(None);
                         }
                         Err(error) => error,
                     }
