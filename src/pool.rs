@@ -283,7 +283,9 @@ impl BufPool {
     ///
     /// # Panics
     ///
-    /// Never, for any `n`.
+    /// Not for any `n`: bad input is an error. Only the user code this call may run
+    /// (the wakers of other requests that bytes it gives back serve) can panic here, and
+    /// that panic is passed on once every pool's books are settled (README guarantee 9).
     ///
     /// # Examples
     ///
@@ -318,7 +320,9 @@ impl BufPool {
     ///
     /// # Panics
     ///
-    /// Never, for any `n`.
+    /// Not for any `n`: bad input is an error. Only the user code this call may run
+    /// (the wakers of other requests that bytes it gives back serve) can panic here, and
+    /// that panic is passed on once every pool's books are settled (README guarantee 9).
     ///
     /// # Examples
     ///
@@ -353,7 +357,10 @@ impl BufPool {
     ///
     /// # Panics
     ///
-    /// Never, for any `n` or `timeout`.
+    /// Not for any `n` or `timeout`: bad input is an error. Only the user code this call
+    /// may run (the wakers of other requests that bytes it gives back serve) can panic
+    /// here, and that panic is passed on once every pool's books are settled (README
+    /// guarantee 9).
     ///
     /// # Examples
     ///
@@ -391,7 +398,10 @@ impl BufPool {
     ///
     /// # Panics
     ///
-    /// Never, for any `n` or `timeout`.
+    /// Not for any `n` or `timeout`: bad input is an error. Only the user code this call
+    /// may run (the wakers of other requests that bytes it gives back serve) can panic
+    /// here, and that panic is passed on once every pool's books are settled (README
+    /// guarantee 9).
     ///
     /// # Examples
     ///
@@ -420,6 +430,14 @@ impl BufPool {
     ///
     /// [`AllocError::WouldBlock`] when the bytes are not free or other requests wait before
     /// this one (it does not jump the queue); otherwise as [`allocate`](BufPool::allocate).
+    ///
+    /// # Panics
+    ///
+    /// Not for any `n`. In a child pool, a try that held bytes at a level above (or took
+    /// part of a floor) and then found no room further up gives them back before it fails;
+    /// that give-back serves the requests waiting for those bytes, so it runs their wakers
+    /// (user code), after every pool's books are settled. A panic of one of those wakers is
+    /// passed on from this call (README guarantee 9). A root pool's try runs no user code.
     ///
     /// # Examples
     ///

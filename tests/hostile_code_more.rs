@@ -1675,3 +1675,48 @@ fn a_drain_waiters_panicking_waker_leaves_the_drain_event_sound() {
         takes("pool", &pool, 2);
     });
 }
+
+/// A child's `try_allocate` that takes part of its floor, then finds the root full, puts the
+/// floor part back before it fails; the refill wakes a request waiting for that floor, whose
+/// waker panics: the try passes the panic on (its `# Panics`), with the books settled, and
+/// the request waiting for the floor is not lost. (`tests/race_adversarial.rs`'s hostile
+/// waker stress met this once in ~100 runs, where its worker assumed a try runs no waker.)
+#[test]
+fn a_childs_failing_try_passes_on_the_panic_of_a_floor_waiter_it_woke() {
+    watched(|| {
+        let r = root(8);
+        let c = child(&r, 16, 4);
+        let holder = c.try_allocate(3).unwrap();
+        // 7 buffers: the root can serve 4 beyond the floor, so it needs 3 of the floor's
+        // (1 free): it waits for the floor, in no queue.
+        let (waker, hostile) = panicking();
+        let mut request = Box::pin(c.allocate(7));
+        pending(request.as_mut(), &waker);
+        // The root's other 4 buffers go to a root allocation: nothing free above the floor.
+        let root_held = r.try_allocate(4).unwrap();
+        books("root", &r, 8, 0);
+        // The try takes the floor's free buffer, climbs with 1, finds the root full, and
+        // puts the floor's buffer back: that refill wakes the request (user code).
+        assert!(on_purpose(|| {
+            assert_eq!(c.try_allocate(2).unwrap_err(), AllocError::WouldBlock);
+        }));
+        assert_eq!(hostile.woken(), 1);
+        books("root", &r, 8, 0);
+        // The holder's 3 and the waiting request's 7 (it holds its own level while it
+        // waits for the floor).
+        books("child", &c, 10, 0);
+        hostile.disarm();
+        // Still waiting (it needs 3 of the floor); served once the holder goes.
+        pending(request.as_mut(), &waker);
+        drop(holder);
+        drop(root_held);
+        let got = done(request.as_mut());
+        assert_eq!(got.allocated_bytes(), 7 * B);
+        drop(got);
+        drop(request);
+        drop(waker);
+        idle("child", &c, 0);
+        idle("root", &r, 4);
+        takes("child", &c, 8);
+    });
+}

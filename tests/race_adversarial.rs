@@ -1342,10 +1342,10 @@ fn chaos_worker(pools: Vec<Arc<BufPool>>, seed: u64, id: u64, iters: usize) -> u
     use std::panic::{AssertUnwindSafe, catch_unwind};
     let mut rng = Rng::new(seed ^ (id << 28) ^ 0xC4A05);
     let mut held: Vec<BufPoolAllocation> = Vec::new();
-    let mut panics = 0;
-    let mut caught = |r: std::thread::Result<()>| {
+    let panics = std::cell::Cell::new(0);
+    let caught = |r: std::thread::Result<()>| {
         if r.is_err() {
-            panics += 1;
+            panics.set(panics.get() + 1);
         }
     };
     for _ in 0..iters {
@@ -1353,8 +1353,13 @@ fn chaos_worker(pools: Vec<Arc<BufPool>>, seed: u64, id: u64, iters: usize) -> u
         let n = rng.range(1, 4);
         let mk = |rng: &mut Rng| {
             let owned = if rng.range(0, 2) == 0 {
-                // A try_ call releases nothing, so it runs no waker.
-                pools[rng.range(0, pools.len() - 1)].try_allocate(1).ok()
+                // A child's try that held bytes above and then fails gives them back, which
+                // serves (and wakes) the waiters there: their panics are passed on too.
+                let pool = &pools[rng.range(0, pools.len() - 1)];
+                catch_unwind(AssertUnwindSafe(|| pool.try_allocate(1).ok())).unwrap_or_else(|_| {
+                    panics.set(panics.get() + 1);
+                    None
+                })
             } else {
                 None
             };
@@ -1398,7 +1403,7 @@ fn chaos_worker(pools: Vec<Arc<BufPool>>, seed: u64, id: u64, iters: usize) -> u
     for a in held {
         caught(catch_unwind(AssertUnwindSafe(|| drop(a))));
     }
-    panics
+    panics.get()
 }
 
 /// Threads poll requests on every level of the tree by hand with hostile wakers (that panic,
