@@ -145,6 +145,17 @@ struct Progress<'a> {
     waited: bool,
 }
 
+impl Progress<'_> {
+    /// The stage of a request that climbs: it has waited, or not.
+    fn climbing(&self) -> Stage {
+        if self.waited {
+            Stage::ClimbingAfterWait
+        } else {
+            Stage::Climbing
+        }
+    }
+}
+
 /// What a climbing request's room listener listens to (see `Request::climb`).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Listening {
@@ -162,17 +173,20 @@ struct RoomWait<'a> {
     kind: Listening,
 }
 
-impl RoomWait<'_> {
+impl<'a> RoomWait<'a> {
+    fn new(event: &'a Event, kind: Listening) -> Self {
+        RoomWait { event, kind }
+    }
+
     /// One step of the wait; `true` when the request looks again, `false` when its poll
     /// returns `Pending`. It listens first, then looks again (room made between the look and
     /// the listen is not missed: it notifies `event`); once it listens, it waits until it
-    /// hears `event`, and then looks again. `stage` is the request's stage and the stage it
-    /// climbs in: `AwaitingRoom` while it waits.
+    /// hears `event` (its stage `AwaitingRoom` meanwhile), and then looks again.
     fn step(
         self,
         node: Pin<&Node>,
         listening: &mut Listening,
-        (stage, climbing): (&mut Stage, Stage),
+        progress: &mut Progress<'_>,
         cx: &mut Context<'_>,
         deferred: &mut Deferred,
     ) -> bool {
@@ -183,7 +197,7 @@ impl RoomWait<'_> {
             *listening = self.kind;
             return true;
         }
-        *stage = Stage::AwaitingRoom;
+        *progress.stage = Stage::AwaitingRoom;
         let heard = node.with_room(|room| {
             let listener = room.as_mut().expect("listening");
             deferred::poll_listener(Pin::new(listener), cx).is_ready()
@@ -193,7 +207,7 @@ impl RoomWait<'_> {
         }
         Request::drop_room_listener(node, deferred);
         *listening = Listening::Nothing;
-        *stage = climbing;
+        *progress.stage = progress.climbing();
         true
     }
 }
@@ -758,12 +772,7 @@ impl Request {
         }
         // Queued, granted and climbing again: it has waited.
         progress.waited |= progress.stage.waited();
-        let climbing = if progress.waited {
-            Stage::ClimbingAfterWait
-        } else {
-            Stage::Climbing
-        };
-        *progress.stage = climbing;
+        *progress.stage = progress.climbing();
         // What the node's room listener listens to, if this call set one (a listener from an
         // earlier poll was heard, and dropped, above): the two waits below each look again
         // once they listen, and must not take the other's listener for their own.
@@ -826,15 +835,11 @@ impl Request {
                         // pool's room event), unless it listens already and the pool closed
                         // (its floors are retired): then it fails.
                         if listening != Listening::Floor || !pool.is_closed() {
-                            let wait = RoomWait {
-                                event: lower.room(),
-                                kind: Listening::Floor,
-                            };
-                            let stage = (&mut *progress.stage, climbing);
-                            if wait.step(node, &mut listening, stage, cx, deferred) {
-                                continue;
+                            let wait = RoomWait::new(lower.room(), Listening::Floor);
+                            if !wait.step(node, &mut listening, progress, cx, deferred) {
+                                return Ok(None);
                             }
-                            return Ok(None);
+                            continue;
                         }
                         closed = true;
                     }
@@ -912,15 +917,11 @@ impl Request {
                         }
                         Ok(Admission::Full) => {
                             // It waits for a place in the full queue above.
-                            let wait = RoomWait {
-                                event: ancestor.room(),
-                                kind: Listening::Room,
-                            };
-                            let stage = (&mut *progress.stage, climbing);
-                            if wait.step(node, &mut listening, stage, cx, deferred) {
-                                continue;
+                            let wait = RoomWait::new(ancestor.room(), Listening::Room);
+                            if !wait.step(node, &mut listening, progress, cx, deferred) {
+                                return Ok(None);
                             }
-                            return Ok(None);
+                            continue;
                         }
                         Err(error) => error,
                     }
