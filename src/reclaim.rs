@@ -85,6 +85,48 @@ fn poll_round(
     }
 }
 
+/// Which round of reclaim a request drives, as it notes it in a byte of its future (what
+/// was padding: the futures keep their size). The round itself is parked in its pool.
+///
+/// `0`: none (nearly always). Otherwise the low seven bits are the round's level above the
+/// request's own pool, plus one, and the top bit says what the round is for: the head of
+/// that pool's queue (clear; the request waits, or waited, in that queue) or room in that
+/// pool's floor (set; the request waits for the floor, in no queue, see `Request::climb`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub(crate) struct Driving(u8);
+
+impl Driving {
+    const FOR_FLOOR: u8 = 0x80;
+    /// Levels a note can name: a round deeper than that is never started (`in_scope`).
+    const LEVELS: usize = (Self::FOR_FLOOR - 1) as usize;
+
+    /// It drives no round.
+    #[inline(always)]
+    pub(crate) fn is_none(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The note of the round of the pool `level` pools up (a level `in_scope` allowed).
+    fn new(level: usize, short: Shortfall) -> Self {
+        debug_assert!(level < Self::LEVELS);
+        let kind = match short {
+            Shortfall::Floor(_) => Self::FOR_FLOOR,
+            Shortfall::Head | Shortfall::LowWater(_) => 0,
+        };
+        Driving((level as u8 + 1) | kind)
+    }
+
+    /// The round's level, if it drives one.
+    fn level(self) -> Option<usize> {
+        usize::from(self.0 & !Self::FOR_FLOOR).checked_sub(1)
+    }
+
+    /// Whether the round is for room in a floor.
+    fn for_floor(self) -> bool {
+        self.0 & Self::FOR_FLOOR != 0
+    }
+}
+
 /// Whether the pool `level` pools above `pool` has reclaimers in scope: the one cost reclaim
 /// adds to a waiting request of a pool without any (a load, inline).
 #[inline(always)]
@@ -94,48 +136,62 @@ pub(crate) fn in_scope(pool: &State, level: usize) -> bool {
     } else {
         pool.at_level(level)
     };
-    // A request notes its round's level in a byte: deeper than that, it drives none.
-    level < usize::from(u8::MAX) && scope.reclaim_in_scope()
+    // A request notes its round's level in seven bits: deeper than that, it drives none.
+    level < Driving::LEVELS && scope.reclaim_in_scope()
 }
 
-/// A request of `pool`, pending in the queue `level` pools up, drives reclaim. `driving`
-/// is the request's note of the round it drives (0: none; `k`: the round of the pool
-/// `k - 1` levels up, parked there between polls). It starts a round at its queue's pool if
-/// that pool's scope has reclaimers and no round is in flight, and polls the round it
-/// drives (which may have been started at a lower level, before it climbed). A reclaimer's
-/// panic ends the round first, then goes on.
+/// A request of `pool` drives reclaim for what it waits for: the head of the queue `level`
+/// pools up (`Shortfall::Head`: it waits there), or room in the floor of the pool `level`
+/// pools up (`Shortfall::Floor`: it waits for that floor, in no queue). `driving` is the
+/// request's note of the round it drives. It starts a round at that pool if its scope has
+/// reclaimers and no round is in flight, and polls the round it drives: a queue's round
+/// may have been started at a lower level, before the request climbed (it ends once the
+/// request no longer heads that queue); a round of the other kind, or for another floor,
+/// is no longer what the request waits for, and ends first. A reclaimer's panic ends the
+/// round first, then goes on.
 ///
 /// Returns whether a round ended in this call: what it freed may have been granted to this
 /// very request, so the caller looks at its request once more before it returns `Pending`.
-pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Context<'_>) -> bool {
+pub(crate) fn drive(
+    driving: &mut Driving,
+    pool: &State,
+    level: usize,
+    short: Shortfall,
+    cx: &mut Context<'_>,
+) -> bool {
     // The note is cleared while the round is in hand, and set again only when it is parked:
     // whatever unwinds from the user code below, the request never names a round it does
     // not drive (it would take, or end, another driver's later round).
-    let (round, level) = match core::mem::take(driving) {
-        0 => {
+    let mut note = core::mem::take(driving);
+    let for_floor = matches!(short, Shortfall::Floor(_));
+    let parked = note
+        .level()
+        .filter(|&parked| note.for_floor() == for_floor && (!for_floor || parked == level));
+    if parked.is_none() && !note.is_none() {
+        pass_on(leave_now(&mut note, pool));
+    }
+    let (round, level) = match parked {
+        None => {
             if !in_scope(pool, level) {
                 return false;
             }
-            match start(pool, level, Shortfall::Head) {
+            match start(pool, level, short) {
                 Ok(Some(round)) => (round, level),
                 Ok(None) => return false,
                 Err(panic) => resume_unwind(panic),
             }
         }
-        note => {
-            let level = usize::from(note - 1);
-            match pool.at_level(level).take_round() {
-                Some(round) => (round, level),
-                // Not parked (cannot happen: only its driver takes it): nothing to drive.
-                None => return false,
-            }
-        }
+        Some(level) => match pool.at_level(level).take_round() {
+            Some(round) => (round, level),
+            // Not parked (cannot happen: only its driver takes it): nothing to drive.
+            None => return false,
+        },
     };
     match poll_round(round, pool, level, cx) {
         Ok(Some(round)) => {
             pool.at_level(level).park_round(round);
-            // `in_scope` started no round at a level a byte cannot note.
-            *driving = u8::try_from(level + 1).expect("a level `in_scope` allowed");
+            // `in_scope` started no round at a level a note cannot name.
+            *driving = Driving::new(level, short);
             false
         }
         Ok(None) => true,
@@ -149,8 +205,8 @@ pub(crate) fn drive(driving: &mut u8, pool: &State, level: usize, cx: &mut Conte
 /// for the caller to pass on when it may.
 #[cold]
 #[inline(never)]
-pub(crate) fn leave(driving: &mut u8, pool: &State, deferred: &mut Deferred) -> Option<Panic> {
-    let level = usize::from(core::mem::take(driving).checked_sub(1)?);
+pub(crate) fn leave(driving: &mut Driving, pool: &State, deferred: &mut Deferred) -> Option<Panic> {
+    let level = core::mem::take(driving).level()?;
     let scope = pool.at_level(level);
     let mut round = scope.take_round()?;
     let (outcome, panic) = round.abandon();
@@ -166,7 +222,7 @@ pub(crate) fn leave(driving: &mut u8, pool: &State, deferred: &mut Deferred) -> 
 /// panic could strand (a cancel, after its books; a request still waiting).
 #[cold]
 #[inline(never)]
-pub(crate) fn leave_now(driving: &mut u8, pool: &State) -> Option<Panic> {
+pub(crate) fn leave_now(driving: &mut Driving, pool: &State) -> Option<Panic> {
     settle(|deferred| leave(driving, pool, deferred))
 }
 

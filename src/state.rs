@@ -313,9 +313,8 @@ struct RoundBooks {
     round_shortfall: usize,
     /// Which request headed the queue then.
     round_head: Option<usize>,
-    /// The low water of the round in flight if it is `reclaim_ahead`'s; `None` for a waiting
-    /// request's (see [`State::round_still_short`]).
-    round_low_water: Option<usize>,
+    /// What the round in flight is short of (see [`State::round_still_short`]).
+    round_for: Shortfall,
     /// The round in flight, parked here between its driver's polls (a waiting request's;
     /// `reclaim_ahead` keeps its own). Kept in the pool rather than in the request, so that
     /// every request future stays as small as it was (a request only notes which level's
@@ -365,12 +364,17 @@ pub(crate) struct RoundStart {
 }
 
 /// What a round is short of.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) enum Shortfall {
     /// What the head of the queue needs beyond the free room (a waiting request's round).
+    #[default]
     Head,
     /// What keeps the free room below this many bytes (`reclaim_ahead`).
     LowWater(usize),
+    /// What keeps the pool's floor from having this many bytes free: a request of the
+    /// subtree that needs that much of the floor waits for it, in no queue (see
+    /// `Request::climb`), and drives this round.
+    Floor(usize),
 }
 
 #[derive(Debug)]
@@ -1920,6 +1924,11 @@ impl State {
                     let short = low_water.saturating_sub(free);
                     (short, short)
                 }
+                // Never more than the waiting request needs of the floor.
+                Shortfall::Floor(need) => {
+                    let short = need.saturating_sub(self.floor_free());
+                    (short, short)
+                }
             };
             if shortfall == 0 {
                 return None;
@@ -1931,13 +1940,10 @@ impl State {
             books.round_generation = books.generation;
             books.round_shortfall = match short {
                 Shortfall::Head => shortfall,
-                Shortfall::LowWater(_) => 0,
+                Shortfall::LowWater(_) | Shortfall::Floor(_) => 0,
             };
             books.round_head = head;
-            books.round_low_water = match short {
-                Shortfall::Head => None,
-                Shortfall::LowWater(low_water) => Some(low_water),
-            };
+            books.round_for = short;
             (shortfall, cap)
         };
         let mut registrations = Vec::new();
@@ -1963,16 +1969,19 @@ impl State {
     /// the reclaimers' reports: for a waiting request's round, what the request it started
     /// for needs beyond the free room while it still heads the queue (nothing once it left
     /// the head: served, or gone); for `reclaim_ahead`'s, what keeps the free room below its
-    /// low water. A round goes on while this is not zero: bytes a reclaimer frees elsewhere
-    /// (into a descendant's floor, say) do not help this pool's waiter, and a report does
-    /// not make them.
+    /// low water; for a request waiting for the floor, what the floor still lacks of what
+    /// it needs (its driver ends the round once it no longer waits for the floor). A round
+    /// goes on while this is not zero: bytes a reclaimer frees elsewhere (into a
+    /// descendant's floor, say) do not help this pool's waiter, and a report does not make
+    /// them.
     pub(crate) fn round_still_short(&self) -> usize {
         let queue = lock(&self.queue);
         let free = self.budget().saturating_sub(self.word.load().in_use());
-        match queue.reclaim.round_low_water {
-            Some(low_water) => low_water.saturating_sub(free),
-            None if queue.list.front_id() != queue.reclaim.round_head => 0,
-            None => queue
+        match queue.reclaim.round_for {
+            Shortfall::LowWater(low_water) => low_water.saturating_sub(free),
+            Shortfall::Floor(need) => need.saturating_sub(self.floor_free()),
+            Shortfall::Head if queue.list.front_id() != queue.reclaim.round_head => 0,
+            Shortfall::Head => queue
                 .list
                 .front_bytes()
                 .map_or(0, |head| head.saturating_sub(free)),
@@ -1991,10 +2000,14 @@ impl State {
     /// changes. Otherwise it wakes the head of the queue, which may start
     /// the next round (waiters that found this one in flight started none).
     ///
+    /// A round for the floor also notifies the pool's room event, where the requests
+    /// waiting for the floor listen: one that found this round in flight may start the next.
+    ///
     /// The user code it owes (the head's wake-up, `reclaim_ahead`'s notification) goes to
     /// `deferred`: a caller that holds bytes a panic would strand runs it with
     /// `Deferred::run_or_undo`.
     pub(crate) fn end_round(&self, outcome: Outcome, deferred: &mut Deferred) {
+        let mut for_floor = false;
         {
             let mut queue = lock(&self.queue);
             let now = self.stall_now();
@@ -2023,8 +2036,12 @@ impl State {
                 // The waiters that found this round in flight did not start their own: the
                 // head looks again now (served by what the round freed, or still short and
                 // free to start the next round).
+                for_floor = matches!(queue.reclaim.round_for, Shortfall::Floor(_));
                 queue.list.wake_front(deferred);
             }
+        }
+        if for_floor {
+            deferred.notify(Arc::clone(&self.room));
         }
         // A `reclaim_ahead` that found this round in flight looks again.
         deferred.notify(Arc::clone(&self.pressure));

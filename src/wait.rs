@@ -15,8 +15,8 @@ use pin_project_lite::pin_project;
 
 use crate::chain;
 use crate::deferred::{self, Deferred, settle};
-use crate::reclaim;
-use crate::state::{Admission, Asker, Attempt, State};
+use crate::reclaim::{self, Driving};
+use crate::state::{Admission, Asker, Attempt, Shortfall, State};
 use crate::sync::Arc;
 use crate::waiters::{Node, Status};
 use crate::{AllocError, BufPoolAllocation};
@@ -125,10 +125,9 @@ pin_project! {
         // `bytes - floored` (the part still on its way up) at every level it holds. The bytes
         // taken count as completed holdings in the floors' books at once (see `climb`).
         floored: usize,
-        // Which round of reclaim this request drives (see `reclaim::drive`): 0 for none
-        // (nearly always), else the level above its pool plus one; the round itself is
-        // parked in that pool. A byte in what was padding: the future stays its size.
-        driving: u8,
+        // Which round of reclaim this request drives (see `reclaim::drive`): none, nearly
+        // always. A byte in what was padding: the future stays its size.
+        driving: Driving,
         #[pin]
         node: Node,
     }
@@ -257,7 +256,7 @@ impl Request {
             levels: 0,
             zeroed: false,
             floored: 0,
-            driving: 0,
+            driving: Driving::default(),
             node: Node::new(),
         }
     }
@@ -364,22 +363,26 @@ impl Request {
         let poll = Self::poll_wait(self.as_mut().project(), pool, cx, must_wait);
         match poll {
             Poll::Pending => {
-                if self.driving == 0
+                // Waiting in no queue (for room in a floor, or a place in a full queue) is
+                // rare: `reclaim_then_poll` looks at which.
+                if self.driving.is_none()
                     && (self.stage != Stage::Queued
                         || !reclaim::in_scope(pool, self.levels as usize))
+                    && self.stage != Stage::AwaitingRoom
                 {
                     return Poll::Pending;
                 }
                 Self::reclaim_then_poll(self, pool, cx)
             }
-            Poll::Ready(_) if self.driving == 0 => poll,
+            Poll::Ready(_) if self.driving.is_none() => poll,
             Poll::Ready(result) => Self::served_while_driving(self, pool, result),
         }
     }
 
-    /// A pending request that waits in a queue with reclaimers in scope drives reclaim; if a
-    /// round ended in this call, what it freed may be this request's now, so it looks once
-    /// more (without starting another round).
+    /// A pending request that waits with reclaimers in scope drives reclaim: one waiting in
+    /// a queue for its head's shortfall there, one waiting for room in a floor below (in no
+    /// queue) for what it needs of that floor. If a round ended in this call, what it freed
+    /// may be this request's now, so it looks once more (without starting another round).
     #[cold]
     #[inline(never)]
     fn reclaim_then_poll(
@@ -388,22 +391,45 @@ impl Request {
         cx: &mut Context<'_>,
     ) -> Poll<Result<usize, AllocError>> {
         let this = self.as_mut().project();
-        if *this.stage != Stage::Queued {
-            // It drives a round but waits in no queue now (granted below, it waits for room
+        let level = *this.levels as usize;
+        let wants = match *this.stage {
+            Stage::Queued => Some((level, Shortfall::Head)),
+            Stage::AwaitingRoom => {
+                let bytes = Self::bytes(*this.amount, *this.unit, pool);
+                Self::floor_need(pool, level, bytes - *this.floored)
+                    .map(|need| (level - 1, Shortfall::Floor(need)))
+            }
+            _ => None,
+        };
+        let Some((level, short)) = wants else {
+            // It drives a round but waits for neither (granted below, it waits for a place
             // in a full queue above): the round is left, so that another may start there.
             reclaim::pass_on(reclaim::leave_now(this.driving, pool));
             return Poll::Pending;
-        }
-        let level = *this.levels as usize;
-        if !reclaim::drive(this.driving, pool, level, cx) {
+        };
+        if !reclaim::drive(this.driving, pool, level, short, cx) {
             return Poll::Pending;
         }
         match Self::poll_wait_again(self.as_mut().project(), pool, cx) {
-            Poll::Ready(result) if self.driving != 0 => {
+            Poll::Ready(result) if !self.driving.is_none() => {
                 Self::served_while_driving(self, pool, result)
             }
             poll => poll,
         }
+    }
+
+    /// What a request that climbs to the pool `level` pools up, with `rest` bytes still to
+    /// climb, needs of the floor of the pool below that level (its floor step, see `climb`):
+    /// `Some` only if that is more than the floor has free, i.e. the request waits for the
+    /// floor (in no queue). One waiting for a place in a full queue above took its floor
+    /// part already, and needs none.
+    fn floor_need(pool: &State, level: usize, rest: usize) -> Option<usize> {
+        let lower = pool.at_level(level.checked_sub(1)?);
+        if !lower.has_floor() {
+            return None;
+        }
+        let need = rest.saturating_sub(pool.servable_from(level));
+        (need > lower.floor_free()).then_some(need)
     }
 
     /// [`poll_wait`](Request::poll_wait), out of line, for the cold path above.
@@ -1065,7 +1091,7 @@ impl Request {
             // that finished unwound before it could end the round it drove.
             let this = self.project();
             *this.stage = Stage::Done;
-            if *this.driving != 0 {
+            if !this.driving.is_none() {
                 reclaim::pass_on(reclaim::leave_now(this.driving, pool));
             }
             return;
@@ -1106,7 +1132,7 @@ impl Request {
             }
             // The reclaimer's future it drops is user code, under `catch_unwind`: its panic
             // goes on after everything else.
-            if *driving != 0 {
+            if !driving.is_none() {
                 reclaim::leave(driving, pool, deferred)
             } else {
                 None
