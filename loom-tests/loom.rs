@@ -59,6 +59,9 @@
 //! | 34 (a model of the *proposed* lease design of issue 22, not crate code) | an owner publishes its lease without re-reading the budget word (kept as 34b, `should_panic`); a release into an emptied slot; a recall that empties a slot with a load and a store | assertion (b); assertion (b); assertion (a). A plain `Acquire` load as the re-check was not caught |
 //! | 35 reclaim_ahead ends on close while its round is pending | `ReclaimAhead` listens to the pressure event only while it has no round (as before this model) | loom: deadlock (both threads blocked) |
 //! | 36 a closed floored child's floor goes back, racing its allocation's release | a refill that does not sweep a retired floor (`refill_floor` without its re-check of `retired`) | assertion (the root keeps the floor's buffer: `in_use_bytes` 8, not 0) |
+//! | 37-39 | see README, "Verification" | |
+//! | 40 two floor waiters reclaim a floor their pool's caches hold | (issues 19 + 21) a request waiting for its floor drives no reclaim round (`Request::poll_hold_after` before this model) | loom: deadlock |
+//! | 40b a cancelled floor driver lets the next floor waiter drive | an abandoned floor round's end that does not notify the floor's room event (`State::end_round`) | loom: deadlock |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1818,4 +1821,95 @@ fn lease_recall_model_keeps_the_budget_and_strands_nothing() {
 #[should_panic(expected = "(b) allocated from a lease after the recall emptied its slot")]
 fn lease_recall_model_without_the_recheck_fails() {
     lease_model::check(false);
+}
+
+/// Model 40: two requests wait for a floor that two caches hold whole, and nothing else
+/// releases. The root holds 2 buffers; the child (a cap of 4) has a floor of 2, held by two
+/// registered caches of one buffer each; two threads each ask the child for 1 buffer
+/// (blocking), which only the floor can give (nothing fits beside it at the root). One drives
+/// a floor round; the other may find it in flight and start none. Whatever the order, both
+/// are served, at most one reclaimer future is alive at a time, and only the idle floor is
+/// in use at the end. With floor waiters that drive no round (as before this model), both
+/// sleep for good. (A floor round's end that does not notify the floor's room event is not
+/// caught here: each cache's release refills the floor, which notifies it; model 40b.)
+#[test]
+fn floor_waiters_reclaim_a_floor_their_pools_caches_hold() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let child = Arc::new(floored(&root, 4, 2));
+        let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cache = |pool: &BufPool| {
+            std::sync::Arc::new(LoomCache {
+                slot: loom::sync::Mutex::new(Some(pool.try_allocate(1).unwrap())),
+                active: active.clone(),
+            })
+        };
+        let _first = child.register_reclaimer("first", 0, cache(&child));
+        let _second = child.register_reclaimer("second", 0, cache(&child));
+        let other = {
+            let child = child.clone();
+            thread::spawn(move || child.allocate_blocking(1).unwrap())
+        };
+        let mine = child.allocate_blocking(1).unwrap();
+        let theirs = other.join().unwrap();
+        assert_eq!(child.stats().in_use_bytes, 2 * B);
+        assert_eq!(root.stats().in_use_bytes, 2 * B);
+        drop((mine, theirs));
+        assert_eq!(child.stats().in_use_bytes, 0);
+        assert_eq!(root.stats().in_use_bytes, 2 * B, "the idle floor");
+    });
+}
+
+/// A reclaimer for model 40b: its first future stays pending for good (a slow spill that
+/// its driver abandons); later ones give back the one buffer it holds.
+struct SlowThenFree {
+    asked: std::sync::atomic::AtomicUsize,
+    slot: loom::sync::Mutex<Option<membudget::BufPoolAllocation>>,
+}
+
+impl membudget::Reclaimer for SlowThenFree {
+    fn estimate(&self) -> usize {
+        B
+    }
+
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        if self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Box::pin(core::future::pending());
+        }
+        let taken = self.slot.lock().unwrap().take();
+        let freed = taken.as_ref().map_or(0, |a| a.allocated_bytes());
+        drop(taken);
+        Box::pin(core::future::ready(freed))
+    }
+}
+
+/// Model 40b: the driver of a floor round is cancelled while its reclaimer's future is
+/// pending, racing a second request that waits for the same floor (blocking) and may find
+/// the round in flight. The root holds 2 buffers, the child (floor 2) holds one of them in
+/// a plain allocation and one in the reclaimer; both requests ask for 1. Whatever the order,
+/// the second is served (by the reclaimer's next future). With an abandoned floor round's
+/// end that does not notify the floor's room event (`State::end_round`), it sleeps for good.
+#[test]
+fn a_cancelled_floor_driver_lets_the_next_floor_waiter_drive() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let child = Arc::new(floored(&root, 4, 2));
+        let held = child.try_allocate(1).unwrap();
+        let slow = std::sync::Arc::new(SlowThenFree {
+            asked: std::sync::atomic::AtomicUsize::new(0),
+            slot: loom::sync::Mutex::new(Some(child.try_allocate(1).unwrap())),
+        });
+        let _handle = child.register_reclaimer("slow", 0, slow);
+        let mut first = Box::pin(child.allocate(1));
+        assert!(poll_once(&mut first), "it waits for the floor");
+        let second = {
+            let child = child.clone();
+            thread::spawn(move || child.allocate_blocking(1).unwrap())
+        };
+        drop(first);
+        let got = second.join().unwrap();
+        assert_eq!(child.stats().in_use_bytes, 2 * B);
+        drop((got, held));
+        assert_eq!(root.stats().in_use_bytes, 2 * B, "the idle floor");
+    });
 }

@@ -1,8 +1,8 @@
 //! Cooperative reclaim: who starts a round, who drives it, and how it ends.
 //!
 //! A round is driven by whoever needs it, inside its own poll: a request that waits in a
-//! pool's queue ([`drive`], called by `wait.rs`), or a [`ReclaimAhead`] future the program
-//! spawns. Nothing is spawned and no runtime is assumed; a blocking waiter drives it from the
+//! pool's queue, or for room in a floor below ([`drive`], called by `wait.rs`), or a
+//! [`ReclaimAhead`] future the program spawns. Nothing is spawned and no runtime is assumed; a blocking waiter drives it from the
 //! blocking shim's loop like any other poll. The pool's queue lock keeps one round in flight
 //! per pool ([`State::begin_round`] / [`State::end_round`]); the round itself (the user's
 //! reclaimers, their futures) runs outside every lock, and between no two steps of a
