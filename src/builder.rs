@@ -75,8 +75,10 @@ impl BufPoolBuilder {
     }
 
     /// Every buffer starts at a multiple of `min(buffer_size, 4096)`, as `O_DIRECT` needs
-    /// (with buffers of 512 bytes or more). Without it the guarantee is
-    /// `min(buffer_size, 16)`, which costs nothing extra with the system allocator.
+    /// when the buffer size is at least the device's logical block size (512 bytes on most
+    /// devices; 4096 on 4K-native ones, which then need buffers of 4 KiB or more: an
+    /// allocation of eight 512-byte buffers is aligned to 512 only). Without it the guarantee
+    /// is `min(buffer_size, 16)`, which costs nothing extra with the system allocator.
     ///
     /// # Examples
     ///

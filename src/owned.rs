@@ -21,7 +21,10 @@ impl BufPool {
     /// The allocation it resolves to keeps the pool alive too, as tokio's owned permits do:
     /// a task may drop its last handle to the pool while it still holds the allocation,
     /// without blocking; the pool's drop (its barrier) then runs when the last owned
-    /// allocation is given back (through `into_filled` and `freeze` too).
+    /// allocation is given back (through `into_filled` and `freeze` too), on the thread that
+    /// gives it back, which it blocks while the pool's other allocations are out (in a task,
+    /// an executor's worker: give those back first, or drop the last one with
+    /// `spawn_blocking`).
     ///
     /// # Errors
     ///

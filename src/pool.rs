@@ -812,7 +812,9 @@ impl BufPool {
     /// reservation of it is held, and nothing of its children (their allocations and
     /// reservations, their floors while they are open) is held in it. The shutdown barrier
     /// of `Drop`, for async code. It does not close the pool, so on an open pool new
-    /// allocations may follow.
+    /// allocations may follow, and it resolves once it sees the pool idle when it is polled:
+    /// an instant of idleness that new allocations end before the poll is not seen (close
+    /// the pool first, as [`shutdown`](BufPool::shutdown) does, for a drain that stays).
     ///
     /// # Cancel safety
     ///

@@ -15,9 +15,12 @@ impl FilledAllocation {
     /// of it share the same memory, and the pool's bytes stay reserved, the whole allocation
     /// and not only the filled part, until the last of them is dropped, on any thread. That
     /// is what keeps data handed to another library inside the budget. The `Bytes` views the
-    /// filled part only. (As with any `Bytes`, an empty slice does not hold the owner, and
-    /// `Vec::from(bytes)` or `BytesMut::from(bytes)` copy the data and drop their hold: the
-    /// budget then covers only the `Bytes` still holding it. `try_into_mut` always fails.)
+    /// filled part only. (As with any `Bytes`, an empty piece does not hold the owner: an
+    /// empty `slice`, `split_to(0)`, `split_off(len)`, and a `Bytes` emptied in place by
+    /// `truncate(0)` or `clear()` give their hold up, while a `Bytes` frozen from an empty
+    /// allocation holds it. `Vec::from(bytes)` or `BytesMut::from(bytes)` copy the data and
+    /// drop their hold: the budget then covers only the `Bytes` still holding it.
+    /// `try_into_mut` always fails.)
     ///
     /// Available with the `bytes` feature (on by default).
     ///
