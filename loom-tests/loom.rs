@@ -62,6 +62,7 @@
 //! | 37-39 | see README, "Verification" | |
 //! | 40 two floor waiters reclaim a floor their pool's caches hold | (issues 19 + 21) a request waiting for its floor drives no reclaim round (`Request::poll_hold_after` before this model) | loom: deadlock |
 //! | 40b a cancelled floor driver lets the next floor waiter drive | an abandoned floor round's end that does not notify the floor's room event (`State::end_round`) | loom: deadlock |
+//! | 41 a fast path past an empty floor races its refill | (found by `tests/combos_new_user.rs`) a refill that does not re-home bytes a completion counted as climbed meanwhile; a completion that does not look at the floor after counting; either reading the other's counter with a plain load (loom checks `SeqCst` loads as `Acquire`) | assertion (the root counts 16 bytes, not 8) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1911,5 +1912,42 @@ fn a_cancelled_floor_driver_lets_the_next_floor_waiter_drive() {
         assert_eq!(child.stats().in_use_bytes, 2 * B);
         drop((got, held));
         assert_eq!(root.stats().in_use_bytes, 2 * B, "the idle floor");
+    });
+}
+
+/// Model 41: a floored child's fast path climbs past its empty floor while a release of the
+/// floor's holder refills it. The root holds 2 buffers; the child (a cap of 2) has a floor
+/// of 1, held by `x`; one thread takes 1 more of the child (`try_allocate`: the floor is
+/// empty, so it holds 1 at the root) while another drops `x`. Whatever the order, the root
+/// then counts the child at what it holds beyond its floor only: 1 buffer (the floor, now
+/// holding the new allocation), so a sibling can take the other. With a release that
+/// refills the floor without re-homing the bytes a completion counted as climbed meanwhile,
+/// or a completion that does not look at the floor after counting them
+/// (`State::rehome_climbed`), the root counts 2 until the allocation goes.
+#[test]
+fn a_fast_path_past_an_empty_floor_races_its_refill() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let child = Arc::new(floored(&root, 2, 1));
+        let x = child.try_allocate(1).unwrap();
+        let taker = {
+            let child = child.clone();
+            thread::spawn(move || child.try_allocate(1).ok())
+        };
+        drop(x);
+        let got = taker.join().unwrap().expect("the root had room");
+        assert_eq!(child.stats().in_use_bytes, B);
+        assert_eq!(
+            root.stats().in_use_bytes,
+            B,
+            "the root counts the child beyond its floor only: root {}, child {}",
+            root.stats(),
+            child.stats()
+        );
+        let sibling = root
+            .try_allocate(1)
+            .expect("the root's other buffer is free");
+        drop((got, sibling));
+        assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
     });
 }

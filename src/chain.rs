@@ -68,7 +68,11 @@ pub(crate) fn force_hold(pool: &State, bytes: usize) -> Result<(), AllocError> {
         }
         levels += 1;
     }
-    takes.note_climbed(pool, bytes, levels);
+    // Counting them as climbed may re-home bytes into a floor: if a wake-up of that give-back
+    // panics, the held bytes go back first (the caller would never record them).
+    let mut deferred = Deferred::default();
+    takes.note_climbed(pool, bytes, levels, &mut deferred);
+    deferred.run_or_undo(|| give_back_held(pool, bytes));
     Ok(())
 }
 

@@ -121,9 +121,12 @@ pub(crate) struct Asker<'a> {
 /// for completed bytes beyond the floor and gives it away under the request. A release
 /// of completed bytes gives back to the parent first what the subtree holds beyond the
 /// floor (`return_climbed`), and refills the floor with the rest. Both are single atomic
-/// steps on two counters; a release's two steps can interleave with others', which only
-/// delays a refill (a request may climb though the floor is about to have room): the sums
-/// stay exact, `free` never exceeds F, `climbed` never goes below zero.
+/// steps on two counters; a release's two steps can interleave with others' (a request may
+/// climb though the floor is about to have room, or count itself as climbed just after a
+/// release refilled the floor instead of taking it up): the sums stay exact, `free` never
+/// exceeds F, `climbed` never goes below zero, and whichever of the refill and the count
+/// comes second moves the climbed bytes into the room (`rehome_climbed`), so that at rest
+/// the floor has no room free while its subtree holds bytes beyond it.
 ///
 /// Once the pool is closed (or dropped) its floor serves nobody, so it is *retired*: what is
 /// free of it goes back to the ancestors at once, and every later refill goes on up too, so
@@ -188,14 +191,20 @@ impl FloorTakes {
     /// floored pool whose parent's level it holds counts what it holds there as its
     /// subtree's beyond the floor ([`State::note_climbed`], part by part: the bytes taken at
     /// a floor hold the levels up to that floor's pool, the rest every level).
-    pub(crate) fn note_climbed(&self, pool: &State, bytes: usize, levels: usize) {
+    pub(crate) fn note_climbed(
+        &self,
+        pool: &State,
+        bytes: usize,
+        levels: usize,
+        deferred: &mut Deferred,
+    ) {
         let mut rest = bytes;
         for (level, taken) in self.iter() {
-            pool.note_climbed(taken, level + 1);
+            pool.note_climbed(taken, level + 1, deferred);
             rest -= taken;
         }
         if rest > 0 {
-            pool.note_climbed(rest, levels);
+            pool.note_climbed(rest, levels, deferred);
         }
     }
 
@@ -1050,7 +1059,7 @@ impl State {
             Some(attempt) => attempt,
             None if !counted => match self.hold_now(bytes) {
                 Ok(true) => {
-                    takes.note_climbed(self, bytes, levels);
+                    self.complete_fast(&takes, bytes, levels, counted);
                     return Attempt::Reserved(bytes);
                 }
                 Ok(false) => Attempt::MustWait(bytes),
@@ -1062,7 +1071,7 @@ impl State {
                         self.counters.allocations_wrapped();
                     }
                     self.note_in_use(in_use);
-                    takes.note_climbed(self, bytes, levels);
+                    self.complete_fast(&takes, bytes, levels, counted);
                     return Attempt::Reserved(bytes);
                 }
                 FastReserve::Closed => Attempt::Failed(AllocError::Closed),
@@ -1072,6 +1081,18 @@ impl State {
         // Every level held, and every floor taken, goes back before any wake-up it owes runs.
         settle(|deferred| takes.undo(self, bytes, reserved_above, deferred));
         attempt
+    }
+
+    /// A fast path on a chain with floors completed: the floors below the levels it holds
+    /// count it as climbed ([`note_climbed`](State::note_climbed)). Should that re-home bytes
+    /// into a floor, the wake-ups of the give-back above run here: if one panics, the
+    /// request's bytes go back first (nobody would wrap them), then the panic goes on.
+    fn complete_fast(&self, takes: &FloorTakes, bytes: usize, levels: usize, counted: bool) {
+        let mut deferred = Deferred::default();
+        takes.note_climbed(self, bytes, levels, &mut deferred);
+        deferred.run_or_undo(|| {
+            settle(|deferred| self.give_back_completed(bytes, counted, deferred));
+        });
     }
 
     /// Reserves `bytes` here without waiting, not as an allocation of this pool (for a
@@ -1263,9 +1284,10 @@ impl State {
     /// floor was retired meanwhile (this pool closed under the request), what is free of it
     /// goes on to the parent now, as a refill's would ([`refill_floor`](State::refill_floor):
     /// the same `SeqCst` pair with the retirement), so the ancestors get the floor back
-    /// although the close swept it before these bytes came back.
+    /// although the close swept it before these bytes came back. Like every refill, it
+    /// re-homes climbed bytes into the room it made (see `rehome_climbed`).
     pub(crate) fn put_back_floor(&self, bytes: usize, deferred: &mut Deferred) {
-        let up = self.refill_floor(bytes);
+        let up = self.refill_floor(bytes) + self.rehome_climbed();
         if up > 0 {
             let parent = self.parent().expect("a pool with a floor has a parent");
             parent.give_back_completed(up, false, deferred);
@@ -1319,7 +1341,9 @@ impl State {
     /// floor.
     pub(crate) fn climbed(&self, bytes: usize) {
         if self.has_floor() {
-            self.floor.climbed.fetch_add(bytes, Relaxed);
+            // `SeqCst`: the completion's half of the pair with a refill (see
+            // `rehome_climbed`).
+            self.floor.climbed.fetch_add(bytes, SeqCst);
         }
     }
 
@@ -1330,12 +1354,77 @@ impl State {
     /// way up: a release of completed bytes meanwhile ([`return_climbed`](State::return_climbed))
     /// would otherwise take a request's in-flight level for its own and give it back to the
     /// parent, and the request's own give-back of that level would then count it twice.
-    pub(crate) fn note_climbed(&self, bytes: usize, levels: usize) {
+    ///
+    /// Then each of those floors that has room free re-homes what it can of its climbed bytes
+    /// ([`rehome_climbed`](State::rehome_climbed)), and its parent gives them back as a
+    /// release would, the wake-ups left in `deferred`. (All are counted first: a give-back
+    /// above reads the floors higher up, which must count these bytes already.)
+    pub(crate) fn note_climbed(&self, bytes: usize, levels: usize, deferred: &mut Deferred) {
         if !self.floors_in_chain() {
             return;
         }
         for level in 1..levels {
             self.at_level(level - 1).climbed(bytes);
+        }
+        for level in 1..levels {
+            let floored = self.at_level(level - 1);
+            // A read-modify-write, not a load: see `rehome_climbed`.
+            if floored.has_floor() && floored.floor.free.fetch_add(0, SeqCst) > 0 {
+                let rehomed = floored.rehome_climbed();
+                if rehomed > 0 {
+                    let parent = floored.parent().expect("a pool with a floor has a parent");
+                    parent.give_back_completed(rehomed, false, deferred);
+                }
+            }
+        }
+    }
+
+    /// Keeps the floor's books canonical: while the floor has room free and its subtree
+    /// holds bytes in the parent beyond it (`climbed`), as many of those bytes as there is
+    /// room for move into the floor (taken from `free`, no longer climbed). Returns how many
+    /// moved, for the parent to give back as completed bytes (with any a retired floor
+    /// passes on). Without it the parent would count the floor and those bytes both, more
+    /// than the subtree holds (a sibling refused room that is free), until they are released.
+    ///
+    /// Both can become non-zero together only when a refill and a completion's count race:
+    /// a release's `return_climbed` finds a request's bytes not counted as climbed yet and
+    /// refills the floor, and the request then counts them. Each side writes its counter
+    /// ([`refill_floor`](State::refill_floor), [`climbed`](State::climbed)) and then reads
+    /// the other's with a read-modify-write (`fetch_add(0)`; here, and in `note_climbed`),
+    /// which reads the latest value and, both being `AcqRel` at least, orders the two: if
+    /// the first side's read comes before the second side's write, the first side's write
+    /// happens before the second side's read, which then sees it. So whichever reads second
+    /// sees both counters non-zero and moves the bytes (plain `SeqCst` loads would do in the
+    /// C++ model, but loom checks them as `Acquire`; loom model 41).
+    fn rehome_climbed(&self) -> usize {
+        let mut moved = 0;
+        loop {
+            let climbed = self.floor.climbed.fetch_add(0, SeqCst);
+            if climbed == 0 {
+                return moved;
+            }
+            let Some(taken) = self.take_floor_part(climbed, 0).filter(|&taken| taken > 0) else {
+                return moved;
+            };
+            let mut climbed = self.floor.climbed.load(SeqCst);
+            let less = loop {
+                let less = taken.min(climbed);
+                match self.floor.climbed.compare_exchange_weak(
+                    climbed,
+                    climbed - less,
+                    SeqCst,
+                    SeqCst,
+                ) {
+                    Ok(_) => break less,
+                    Err(actual) => climbed = actual,
+                }
+            };
+            moved += less;
+            if less < taken {
+                // A release took those climbed bytes up meanwhile: the floor's room goes
+                // back (a retired floor's goes on up).
+                moved += self.refill_floor(taken - less);
+            }
         }
     }
 
@@ -1361,8 +1450,10 @@ impl State {
         if up < bytes {
             // The refill releases (pairs with `take_floor`'s `Acquire`: the memory behind
             // these bytes is freed before another request may use them); a retired floor's
-            // bytes go on up.
-            return up + self.refill_floor(bytes - up);
+            // bytes go on up, and so do those of a completion that counted itself as climbed
+            // meanwhile, re-homed into the room this refill made (see `rehome_climbed`).
+            let retired = self.refill_floor(bytes - up);
+            return up + retired + self.rehome_climbed();
         }
         up
     }

@@ -687,7 +687,7 @@ impl Request {
                                 pool.at_level(above).give_back_here(rest, false, deferred);
                             }
                             *progress.levels = below as u32 + 1;
-                            pool.note_climbed(rest, below + 1);
+                            pool.note_climbed(rest, below + 1, deferred);
                             *progress.floored = bytes;
                             Ok(Some(bytes))
                         } else {
@@ -838,7 +838,7 @@ impl Request {
                             // Those bytes are complete (they hold the levels up to the floored
                             // pool): the floors below count them as climbed now.
                             *progress.floored += taken;
-                            pool.note_climbed(taken, level);
+                            pool.note_climbed(taken, level, deferred);
                         }
                         if taken == rest {
                             // The floor holds all that was left, and its ancestors counted
@@ -974,7 +974,7 @@ impl Request {
                         pool.at_level(above).give_back_here(taken, false, deferred);
                     }
                     *progress.floored += taken;
-                    pool.note_climbed(taken, level + 1);
+                    pool.note_climbed(taken, level + 1, deferred);
                     rest -= taken;
                     if rest == 0 {
                         break;
@@ -985,7 +985,7 @@ impl Request {
         // Complete: only now do the floors below the levels it holds count its part on the
         // way up as climbed.
         if rest > 0 {
-            pool.note_climbed(rest, levels);
+            pool.note_climbed(rest, levels, deferred);
         }
         Ok(Some(bytes))
     }
