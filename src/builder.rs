@@ -330,7 +330,8 @@ impl BufPoolBuilder {
     /// Makes the pool a child of `parent`: its bytes in use count against its own
     /// `max_memory` and against every ancestor's, with its own buffer size, queue and
     /// statistics. See [`BufPool::child`] for the rules; this is the same with the builder's
-    /// other options. A child of a closed pool starts closed.
+    /// other options. A child of a closed pool starts closed (with a floor, `build` fails:
+    /// a closed pool sets nothing aside, see [`min_memory`](BufPoolBuilder::min_memory)).
     ///
     /// # Examples
     ///

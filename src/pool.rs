@@ -145,7 +145,10 @@ impl BufPool {
     /// # Errors
     ///
     /// [`ConfigError`] as [`BufPool::try_new`], for `cfg`. A child of a closed pool is
-    /// created closed.
+    /// created closed (one built with a floor, through the builder's
+    /// [`min_memory`](crate::BufPoolBuilder::min_memory), fails instead: a closed pool sets
+    /// nothing aside: [`ConfigError::MinMemoryUnavailable`] with reason
+    /// [`AllocError::Closed`](crate::AllocError::Closed)).
     ///
     /// # Examples
     ///
@@ -543,6 +546,10 @@ impl BufPool {
     /// Waiting requests that can never fit the new budget fail with
     /// [`AllocError::ExceedsBudget`], and cached blocks (see
     /// [`recycle`](crate::BufPoolBuilder::recycle)) are freed until the footprint fits.
+    ///
+    /// A floored pool's budget may go below its floor: the floor stays set aside in its
+    /// ancestors as it was (it is given back only when the pool goes), and the pool's own
+    /// requests are bound by the new budget; so is every chain's largest request.
     ///
     /// # Errors
     ///

@@ -600,7 +600,11 @@ impl Reservation {
     /// ancestor, and may take them above their budgets; every pool counts it
     /// ([`PoolStats::overcommit_bytes`](crate::PoolStats::overcommit_bytes)), and it is
     /// repaid first: no request is granted in an overcommitted pool (nor, through it, in
-    /// its subtree) until releases bring it back under its budget.
+    /// its subtree) until releases bring it back under its budget. The one exception is a
+    /// floor: a floored pool below an overcommitted one still grants what its own free floor
+    /// holds (the floor was set aside in the overcommitted pool already, so such a grant
+    /// takes nothing more of it, and overcommit elsewhere cannot take a floor from its pool);
+    /// what would climb past the floor waits.
     ///
     /// # Errors
     ///
