@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::validate_max_memory;
+use crate::config::{MAX_DEPTH, validate_max_memory};
 use crate::recycle::Recycler;
 use crate::state::{Config, State};
 use crate::{BufPool, BufPoolCfg, ConfigError};
@@ -374,6 +374,13 @@ impl BufPoolBuilder {
         } = self.cfg;
         if !self.grows {
             validate_max_memory(buffer_size, max_memory)?;
+        }
+        if let Some(parent) = &self.parent {
+            if parent.depth() >= MAX_DEPTH {
+                return Err(ConfigError::TooDeep {
+                    max_depth: MAX_DEPTH,
+                });
+            }
         }
         let floor = if self.min_memory == 0 {
             0

@@ -67,6 +67,10 @@ pub(crate) const fn validate_max_memory(
     Ok(())
 }
 
+/// The most levels a tree of pools may have below its root: a request notes the levels it
+/// holds, and the round of reclaim it drives, in 16 bits of its future.
+pub(crate) const MAX_DEPTH: usize = 32_766;
+
 /// Why a [`BufPoolCfg`] was refused.
 ///
 /// # Examples
@@ -102,6 +106,12 @@ pub enum ConfigError {
         /// Why: the error setting it aside gave.
         reason: crate::AllocError,
     },
+    /// The parent is already the deepest a pool may be: its tree has `max_depth` levels
+    /// below its root (32,766), the most a request can climb.
+    TooDeep {
+        /// The most levels a tree may have below its root.
+        max_depth: usize,
+    },
     /// `max_memory` cannot hold even one buffer, so every allocation would fail.
     MaxMemoryBelowBufferSize {
         /// The configured budget in bytes.
@@ -128,6 +138,10 @@ impl fmt::Display for ConfigError {
             ConfigError::MinMemoryUnavailable { min_memory, reason } => write!(
                 f,
                 "the ancestors cannot set min_memory ({min_memory} bytes) aside now: {reason}"
+            ),
+            ConfigError::TooDeep { max_depth } => write!(
+                f,
+                "the parent is {max_depth} levels below its root, the most a tree may have"
             ),
             ConfigError::MaxMemoryBelowBufferSize {
                 max_memory,

@@ -123,8 +123,9 @@ impl BufPool {
     /// it the builder's options).
     /// Its bytes in use count against its own `max_memory` and against every ancestor's, so
     /// a parent's [`stats`](BufPool::stats) `in_use_bytes` includes all its descendants'
-    /// (its `outstanding` and allocation counts are its own). Children nest to any depth;
-    /// the cost of a child's allocation grows with its depth only.
+    /// (its `outstanding` and allocation counts are its own). Children nest up to 32,766
+    /// levels below the root (deeper, [`ConfigError::TooDeep`]); the cost of a child's
+    /// allocation grows with its depth only.
     ///
     /// * A request larger than the smallest cap on its chain fails at once with
     ///   [`ExceedsBudget`](AllocError::ExceedsBudget).

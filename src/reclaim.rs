@@ -23,7 +23,7 @@ use event_listener::EventListener;
 
 use crate::deferred::{self, Deferred, settle};
 use crate::registry::{Exclusive, Panic, Round};
-use crate::state::{RoundStart, Shortfall, State};
+use crate::state::{Picture, RoundStart, Shortfall, State};
 use crate::sync::Arc;
 
 /// Starts a round for the pool `level` pools above `pool`, if one is wanted and allowed.
@@ -85,18 +85,19 @@ fn poll_round(
     }
 }
 
-/// Which round of reclaim a request drives, as it notes it in a byte of its future (what
+/// Which round of reclaim a request drives, as it notes it in two bytes of its future (what
 /// was padding: the futures keep their size). The round itself is parked in its pool.
 ///
-/// `0`: none (nearly always). Otherwise the low seven bits are the round's level above the
-/// request's own pool, plus one, and the top bit says what the round is for: the head of
-/// that pool's queue (clear; the request waits, or waited, in that queue) or room in that
-/// pool's floor (set; the request waits for the floor, in no queue, see `Request::climb`).
+/// `0`: none (nearly always). Otherwise the low fifteen bits are the round's level above
+/// the request's own pool, plus one, and the top bit says what the round is for: the head
+/// of that pool's queue (clear; the request waits, or waited, in that queue) or room in
+/// that pool's floor (set; the request waits for the floor, in no queue, see
+/// `Request::climb`). Every level of a tree fits: trees are at most `MAX_DEPTH` deep.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
-pub(crate) struct Driving(u8);
+pub(crate) struct Driving(u16);
 
 impl Driving {
-    const FOR_FLOOR: u8 = 0x80;
+    const FOR_FLOOR: u16 = 0x8000;
     /// Levels a note can name: a round deeper than that is never started (`in_scope`).
     const LEVELS: usize = (Self::FOR_FLOOR - 1) as usize;
 
@@ -113,7 +114,7 @@ impl Driving {
             Shortfall::Floor(_) => Self::FOR_FLOOR,
             Shortfall::Head | Shortfall::LowWater(_) => 0,
         };
-        Driving((level as u8 + 1) | kind)
+        Driving((level as u16 + 1) | kind)
     }
 
     /// The round's level, if it drives one.
@@ -136,7 +137,7 @@ pub(crate) fn in_scope(pool: &State, level: usize) -> bool {
     } else {
         pool.at_level(level)
     };
-    // A request notes its round's level in seven bits: deeper than that, it drives none.
+    // A request notes its round's level in fifteen bits, enough for any tree.
     level < Driving::LEVELS && scope.reclaim_in_scope()
 }
 
@@ -365,8 +366,11 @@ pub struct ReclaimAhead {
     /// The free room when the round in flight started: a round after which the room did not
     /// grow is not followed by another at once.
     room_before: usize,
-    /// No round starts until the next notification (see `poll`).
-    quiet: bool,
+    /// The pool when the round in flight started.
+    picture_before: Option<Picture>,
+    /// No round starts until the next notification, or until the pool is no longer as it
+    /// was then (see `poll`).
+    quiet: Option<Picture>,
 }
 
 impl ReclaimAhead {
@@ -377,7 +381,8 @@ impl ReclaimAhead {
             listener: None,
             round: None,
             room_before: 0,
-            quiet: false,
+            picture_before: None,
+            quiet: None,
         }
     }
 }
@@ -442,38 +447,44 @@ impl Future for ReclaimAhead {
                     Err(panic) => resume_unwind(panic),
                 }
                 // A round that left no more room than it found (everything it freed went to
-                // others, or it freed nothing) is not followed by another until notified.
-                this.quiet = pool.room_now() <= this.room_before;
+                // others, or it freed nothing) is not followed by another until notified, or
+                // until the pool changes: its own releases are no news, a registration or a
+                // resize made while it ran is.
+                let before = this.picture_before.take();
+                this.quiet = (pool.room_now() <= this.room_before)
+                    .then(|| before.map_or(pool.picture(), |b| pool.picture().seen_since(b)));
                 continue;
             }
-            if !this.quiet && pool.room_now() < this.low_water {
+            // Listen first, then look (from the top: a close included): whatever the look
+            // decides, a notification after it is heard, and one before it is in what it sees.
+            if this.listener.is_none() {
+                pool.arm_pressure(this.low_water);
+                this.listener = Some(pool.pressure().listen());
+                continue;
+            }
+            let picture = pool.picture();
+            let quiet = this.quiet.is_some_and(|since| since == picture);
+            if !quiet && pool.room_now() < this.low_water {
                 this.room_before = pool.room_now();
                 match start(pool, 0, Shortfall::LowWater(this.low_water)) {
                     Ok(Some(round)) => {
                         this.round = Some(Exclusive::new(round));
+                        this.picture_before = Some(picture);
                         continue;
                     }
                     Ok(None) => {}
                     Err(panic) => resume_unwind(panic),
                 }
                 // A round is in flight elsewhere, or the pool is stalled: wait for a change.
-                this.quiet = true;
+                this.quiet = Some(picture);
             }
-            match this.listener.as_mut() {
-                None => {
-                    // Listen first, then look again: a notification between the look and the
-                    // listen is not missed. (`quiet` stays: a round that left no more room
-                    // is followed by another only after a notification.)
-                    pool.arm_pressure(this.low_water);
-                    this.listener = Some(pool.pressure().listen());
+            let listener = this.listener.as_mut().expect("listening");
+            match deferred::poll_listener(Pin::new(listener), cx) {
+                Poll::Ready(()) => {
+                    this.listener = None;
+                    this.quiet = None;
                 }
-                Some(listener) => match deferred::poll_listener(Pin::new(listener), cx) {
-                    Poll::Ready(()) => {
-                        this.listener = None;
-                        this.quiet = false;
-                    }
-                    Poll::Pending => return Poll::Pending,
-                },
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -315,11 +315,11 @@ struct RoundBooks {
     generation: u64,
     /// The generation when the round in flight started.
     round_generation: u64,
-    /// The head's shortfall when the round in flight started (0 for a `reclaim_ahead`
-    /// round): a finished round after which the head is short by as much still stalls the
-    /// pool, whatever the reclaimers reported (no storm of rounds on reclaimers that report
-    /// bytes they did not free).
-    round_shortfall: usize,
+    /// The pool when the round in flight started: a finished round after which no release
+    /// has reached the pool since stalls it, whatever the reclaimers reported (no storm of
+    /// rounds on reclaimers that report bytes they did not free, or free them into a floor
+    /// below, where they do not help this pool's waiters).
+    round_start: Option<Stall>,
     /// Which request headed the queue then.
     round_head: Option<usize>,
     /// What the round in flight is short of (see [`State::round_still_short`]).
@@ -358,6 +358,26 @@ impl Stall {
     /// Whether `now` is still the same stall: no release seen since.
     fn holds(self, now: Stall) -> bool {
         now.releases == self.releases && now.in_use >= self.in_use
+    }
+}
+
+/// What `reclaim_ahead` remembers of the pool when it goes quiet ([`State::picture`]): the
+/// registrations and resizes seen, the releases and the bytes in use. Any change of one of
+/// them since is a reason to look again.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) struct Picture {
+    generation: u64,
+    stall: Stall,
+}
+
+impl Picture {
+    /// This picture, with the registrations and resizes `earlier` had seen: for the end of a
+    /// round, whose own releases are no news, while a registration during it is.
+    pub(crate) fn seen_since(self, earlier: Picture) -> Picture {
+        Picture {
+            generation: earlier.generation,
+            ..self
+        }
     }
 }
 
@@ -1979,6 +1999,15 @@ impl State {
         all
     }
 
+    /// The pool now, as `reclaim_ahead` compares it (see [`Picture`]).
+    pub(crate) fn picture(&self) -> Picture {
+        let generation = lock(&self.queue).reclaim.generation;
+        Picture {
+            generation,
+            stall: self.stall_now(),
+        }
+    }
+
     /// The pool as a stall sees it.
     fn stall_now(&self) -> Stall {
         let word = self.word.load();
@@ -2005,14 +2034,14 @@ impl State {
             {
                 return None;
             }
-            let free = self.budget().saturating_sub(self.word.load().in_use());
+            let in_use = self.word.load().in_use();
             let (shortfall, cap) = match short {
                 Shortfall::Head => {
                     let head = queue.list.front_bytes()?;
-                    (head.saturating_sub(free), head)
+                    (self.short_of(head, in_use), head)
                 }
                 Shortfall::LowWater(low_water) => {
-                    let short = low_water.saturating_sub(free);
+                    let short = self.short_of(low_water, in_use);
                     (short, short)
                 }
                 // Never more than the waiting request needs of the floor.
@@ -2029,10 +2058,7 @@ impl State {
             books.in_flight = true;
             books.stalled = None;
             books.round_generation = books.generation;
-            books.round_shortfall = match short {
-                Shortfall::Head => shortfall,
-                Shortfall::LowWater(_) | Shortfall::Floor(_) => 0,
-            };
+            books.round_start = Some(self.stall_now());
             books.round_head = head;
             books.round_for = short;
             (shortfall, cap)
@@ -2067,16 +2093,23 @@ impl State {
     /// them.
     pub(crate) fn round_still_short(&self) -> usize {
         let queue = lock(&self.queue);
-        let free = self.budget().saturating_sub(self.word.load().in_use());
+        let in_use = self.word.load().in_use();
         match queue.reclaim.round_for {
-            Shortfall::LowWater(low_water) => low_water.saturating_sub(free),
+            Shortfall::LowWater(low_water) => self.short_of(low_water, in_use),
             Shortfall::Floor(need) => need.saturating_sub(self.floor_free()),
             Shortfall::Head if queue.list.front_id() != queue.reclaim.round_head => 0,
             Shortfall::Head => queue
                 .list
                 .front_bytes()
-                .map_or(0, |head| head.saturating_sub(free)),
+                .map_or(0, |head| self.short_of(head, in_use)),
         }
+    }
+
+    /// What keeps `want` bytes from being free: beyond the free room, and with the pool
+    /// overcommitted (in use above its budget, `Reservation::force_grow`), the overcommit
+    /// too, which releases repay before anything is granted.
+    fn short_of(&self, want: usize, in_use: usize) -> usize {
+        want.saturating_add(in_use).saturating_sub(self.budget())
     }
 
     /// Takes the parked round back, to poll it (or end it) outside the lock.
@@ -2084,12 +2117,14 @@ impl State {
         lock(&self.queue).reclaim.parked.take()
     }
 
-    /// Ends the round in flight: counts it, and if it ran out of reclaimers without
-    /// covering its shortfall, or covered it only for an instant (the head is as short as
-    /// before now: the room went elsewhere), and nothing registered or resized since it
-    /// started, stalls the pool until it
-    /// changes. Otherwise it wakes the head of the queue, which may start
-    /// the next round (waiters that found this one in flight started none).
+    /// Ends the round in flight: counts it, and if it freed nothing by the pool's books (no
+    /// release has reached the pool since it started, as a stall sees it, and a waiting
+    /// request's round still has the same head) and nothing registered or resized since,
+    /// stalls the pool until it changes. Otherwise it wakes the
+    /// head of the queue, which may start the next round (waiters that found this one in
+    /// flight started none): a round that freed part of its shortfall (a cache that gives
+    /// back one entry per call, or the repayment of an overcommit) is followed by another,
+    /// which asks the reclaimers again.
     ///
     /// A round for the floor also notifies the pool's room event, where the requests
     /// waiting for the floor listen: one that found this round in flight may start the next.
@@ -2102,26 +2137,22 @@ impl State {
         {
             let mut queue = lock(&self.queue);
             let now = self.stall_now();
-            let free = self.budget().saturating_sub(now.in_use);
-            let head_short = queue
-                .list
-                .front_bytes()
-                .map_or(0, |head| head.saturating_sub(free));
-            let head = queue.list.front_id();
+            // A waiting request's round whose head left the queue (served: by a hand-over
+            // too, which a stall's picture does not see) made progress.
+            let head_left = matches!(queue.reclaim.round_for, Shortfall::Head)
+                && queue.list.front_id() != queue.reclaim.round_head;
             let books = &mut queue.reclaim;
-            // The same request still heads the queue, as short as it was.
-            let no_progress = books.round_shortfall > 0
-                && head == books.round_head
-                && head_short >= books.round_shortfall;
+            let no_progress = !head_left
+                && books
+                    .round_start
+                    .take()
+                    .is_some_and(|start| start.holds(now));
             books.in_flight = false;
             books.rounds += 1;
             books.asked_bytes = books.asked_bytes.saturating_add(outcome.asked);
             books.reclaimed_bytes = books.reclaimed_bytes.saturating_add(outcome.freed);
             books.nanos = books.nanos.saturating_add(outcome.nanos);
-            if outcome.finished
-                && (!outcome.covered || no_progress)
-                && books.generation == books.round_generation
-            {
+            if outcome.finished && no_progress && books.generation == books.round_generation {
                 books.stalled = Some(now);
             } else {
                 // The waiters that found this round in flight did not start their own: the
@@ -2329,7 +2360,9 @@ impl State {
                 }
                 queue.waits.resizes += 1;
                 queue.reclaim.generation += 1;
-                queue.reclaim.stalled = None;
+                // A stalled pool's head looks again (below), even if the resize alone does not
+                // serve it: a round may cover it now.
+                let was_stalled = queue.reclaim.stalled.take().is_some();
                 let before = queue.list.len();
                 // `QUEUED` is set and we hold the lock: the bytes in use stay as they are.
                 let (max_memory, result) = change(Budget {
@@ -2349,6 +2382,9 @@ impl State {
                 );
                 // Clears `QUEUED` unless requests still wait.
                 self.serve(&mut queue, deferred, now);
+                if was_stalled {
+                    queue.list.wake_front(deferred);
+                }
                 self.note_room(before, &queue, deferred);
                 (cap, result)
             };

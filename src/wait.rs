@@ -116,7 +116,8 @@ pin_project! {
         amount: usize,
         unit: Unit,
         stage: Stage,
-        levels: u32,
+        // At most `config::MAX_DEPTH + 1`.
+        levels: u16,
         // For an allocation: whether its memory is to be zeroed (kept here, in what would be
         // padding, rather than in each future: the futures stay 128 bytes).
         zeroed: bool,
@@ -136,7 +137,7 @@ pin_project! {
 /// The parts of a [`Request`] a climb changes.
 struct Progress<'a> {
     stage: &'a mut Stage,
-    levels: &'a mut u32,
+    levels: &'a mut u16,
     /// See [`Request`]'s field of that name.
     floored: &'a mut usize,
     /// It has waited in a queue (the stage says so, see [`Stage::waited`]): from then on a
@@ -686,7 +687,7 @@ impl Request {
                             for above in (below + 1..level).rev() {
                                 pool.at_level(above).give_back_here(rest, false, deferred);
                             }
-                            *progress.levels = below as u32 + 1;
+                            *progress.levels = below as u16 + 1;
                             pool.note_climbed(rest, below + 1, deferred);
                             *progress.floored = bytes;
                             Ok(Some(bytes))

@@ -744,6 +744,7 @@ fn last_owned_allocation_dropped_on_a_thread_runs_the_barrier_there() {
 /// frozen into `Bytes`, owned) that give them back at random times: the drop returns only
 /// after every one is back, and never before.
 #[test]
+#[cfg(feature = "bytes")]
 fn drop_barrier_waits_for_threads_and_tasks_mixed() {
     watched(30, || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -832,6 +833,7 @@ fn drop_barrier_waits_for_threads_and_tasks_mixed() {
 /// once (`allocate_owned`'s doc: "the pool's drop (its barrier) then runs when the last
 /// owned allocation is given back (through `into_filled` and `freeze` too)").
 #[test]
+#[cfg(feature = "bytes")]
 fn last_owned_allocation_in_every_form_drops_the_pool_at_once() {
     watched(5, || {
         for kind in 0..4 {
@@ -1970,10 +1972,16 @@ fn blocking_waiter_driving_a_reclaimer_that_blocks_on_another_pool() {
         drop(holder);
         assert_eq!(waiter.join().unwrap(), Ok(2));
         other_release.join().unwrap();
+        // A round that freed part of the shortfall is followed by another, which may ask
+        // the (now empty) cache again before the holder's release serves the waiter: its
+        // nested calls then find the other pool free.
+        let nested = cache.nested.lock().unwrap().clone();
         assert_eq!(
-            *cache.nested.lock().unwrap(),
-            vec![Err(AllocError::TimedOut), Ok(1)]
+            nested[..2],
+            [Err(AllocError::TimedOut), Ok(1)],
+            "{nested:?}"
         );
+        assert!(nested[2..].iter().all(|n| *n == Ok(1)), "{nested:?}");
         assert!(pool.stats().reclaim_rounds >= 1, "{}", pool.stats());
         drop(handle);
         whole(&pool);

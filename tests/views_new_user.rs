@@ -4,6 +4,7 @@
 //! (no uninitialised byte readable, no byte of another allocation changed, zeroed memory
 //! reads zeros, alignment on every path); `bytes::BufMut` adapters, tokio's `read_buf` from
 //! hand-written readers, `Bytes` split every way; all under Miri too.
+#![cfg(feature = "bytes")]
 
 mod common;
 
