@@ -43,6 +43,9 @@ use crate::sync::Mutex;
 /// * It may allocate from the pool, release, register or drop registrations, and may panic:
 ///   the pool never calls it under a lock. A panic ends the round (the future is dropped)
 ///   and is passed on to the caller of the poll that drove it.
+/// * One round per pool is in flight, but a reclaimer of a child pool is in the scope of its
+///   ancestors' rounds too: it may be asked by its own pool's round and an ancestor's at
+///   once (two futures of it alive together), and must stay consistent when it is.
 /// * It should not hold a strong handle on its own pool: the pool keeps its registrations
 ///   until the handle is dropped or the pool is, so that would be a reference cycle.
 ///
