@@ -2696,7 +2696,8 @@ fn grants_after_a_resize_returned_fit_the_new_budget_at_every_level() {
         for worker in workers {
             worker.join().unwrap();
         }
-        assert!(checked.load(Relaxed) > 0);
+        // Under Miri's clock the checkers may never see a completed resize in time.
+        assert!(cfg!(miri) || checked.load(Relaxed) > 0);
         for pool in pools.iter() {
             common::assert_idle(pool);
         }
