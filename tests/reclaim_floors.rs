@@ -135,15 +135,15 @@ fn a_blocking_request_waiting_for_its_floor_asks_its_pools_cache() {
 /// A reclaimer whose futures wait until opened, and count their drops.
 struct Gated {
     cache: Arc<Cache>,
-    open: Arc<std::sync::atomic::AtomicBool>,
-    dropped: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<AtomicBool>,
+    dropped: Arc<AtomicUsize>,
 }
 
 struct GatedFuture {
     cache: Arc<Cache>,
     target: usize,
-    open: Arc<std::sync::atomic::AtomicBool>,
-    dropped: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<AtomicBool>,
+    dropped: Arc<AtomicUsize>,
 }
 
 impl Future for GatedFuture {
@@ -186,6 +186,24 @@ impl Reclaimer for Gated {
 }
 
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+/// Registers a gated reclaimer over `cache` on `pool`: its futures wait until `open` is set,
+/// and `dropped` counts their drops.
+fn register_gated(
+    pool: &BufPool,
+    cache: &Arc<Cache>,
+) -> (ReclaimerHandle, Arc<AtomicBool>, Arc<AtomicUsize>) {
+    let open = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let gated = Arc::new(Gated {
+        cache: Arc::clone(cache),
+        open: Arc::clone(&open),
+        dropped: Arc::clone(&dropped),
+    });
+    let handle = pool.register_reclaimer("gated", 0, gated as Arc<dyn Reclaimer>);
+    (handle, open, dropped)
+}
 use std::task::{Context, Poll, Waker};
 
 fn poll<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
@@ -270,14 +288,7 @@ fn a_cancelled_floor_driver_drops_its_round_and_the_next_waiter_drives() {
         let r = root(8);
         let c = floored(&r, 16, 4);
         let cache = Cache::fill(&c, 4);
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gated = Arc::new(Gated {
-            cache: Arc::clone(&cache),
-            open: Arc::clone(&open),
-            dropped: Arc::clone(&dropped),
-        });
-        let handle = c.register_reclaimer("gated", 0, gated as Arc<dyn Reclaimer>);
+        let (handle, open, dropped) = register_gated(&c, &cache);
         let mut first = Box::pin(c.allocate(6));
         let mut second = Box::pin(c.allocate(5));
         assert!(poll(first.as_mut()).is_pending());
@@ -319,14 +330,7 @@ fn a_floor_round_ends_once_its_driver_no_longer_waits_for_the_floor() {
         let c = floored(&r, 16, 4);
         let cache = Cache::fill(&c, 3);
         let holder = c.try_allocate(1).unwrap();
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gated = Arc::new(Gated {
-            cache: Arc::clone(&cache),
-            open: Arc::clone(&open),
-            dropped: Arc::clone(&dropped),
-        });
-        let handle = c.register_reclaimer("gated", 0, gated as Arc<dyn Reclaimer>);
+        let (handle, _open, dropped) = register_gated(&c, &cache);
         let mut request = Box::pin(c.allocate(5));
         assert!(poll(request.as_mut()).is_pending());
         assert_eq!(*cache.asked.lock().unwrap(), vec![B]);
@@ -358,14 +362,7 @@ fn close_fails_a_floor_waiter_while_its_round_is_pending() {
         let r = root(8);
         let c = floored(&r, 16, 4);
         let cache = Cache::fill(&c, 4);
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gated = Arc::new(Gated {
-            cache: Arc::clone(&cache),
-            open,
-            dropped: Arc::clone(&dropped),
-        });
-        let handle = c.register_reclaimer("gated", 0, gated as Arc<dyn Reclaimer>);
+        let (handle, _open, dropped) = register_gated(&c, &cache);
         let waiter = {
             let c = Arc::clone(&c);
             std::thread::spawn(move || c.allocate_blocking(7).map(drop))
