@@ -64,6 +64,8 @@ impl BufPool {
 /// What [`BufPool::report`] saw: one pool and, nested, its live descendants.
 ///
 /// `Display` prints an indented tree, children sorted by bytes in use (largest first).
+/// Every trait it implements works on a tree of any depth a pool tree can have: none
+/// recurses, so none can overflow a thread's stack.
 ///
 /// # Examples
 ///
@@ -75,7 +77,7 @@ impl BufPool {
 /// assert_eq!((report.max_memory, report.in_use_bytes, report.children.len()), (640, 0, 0));
 /// assert!(report.to_string().starts_with("unnamed: 0 of 640 bytes in use"));
 /// ```
-#[derive(Clone, Debug, Default, Eq, PartialEq)]
+#[derive(Default)]
 #[non_exhaustive]
 pub struct PoolReport {
     /// The pool's name, if it has one.
@@ -151,13 +153,47 @@ pub struct ReclaimerReport {
 }
 
 impl PoolReport {
-    fn of(pool: &State) -> PoolReport {
+    /// The report of `root` and its live descendants. A loop over an explicit stack, not a
+    /// recursion (nor are `Display`, `top` and the drop): a chain of `MAX_DEPTH` pools fits
+    /// any thread's stack.
+    fn of(root: &State) -> PoolReport {
+        /// A descendant whose report waits for its children's.
+        struct Pending {
+            pool: crate::sync::Arc<State>,
+            unread: std::vec::IntoIter<crate::sync::Arc<State>>,
+            children: Vec<PoolReport>,
+        }
+        let mut root_unread = root.children().into_iter();
+        let mut root_children = Vec::new();
+        let mut stack: Vec<Pending> = Vec::new();
+        loop {
+            let unread = match stack.last_mut() {
+                Some(top) => &mut top.unread,
+                None => &mut root_unread,
+            };
+            if let Some(child) = unread.next() {
+                let unread = child.children().into_iter();
+                stack.push(Pending {
+                    pool: child,
+                    unread,
+                    children: Vec::new(),
+                });
+                continue;
+            }
+            let Some(done) = stack.pop() else {
+                return PoolReport::one(root, root_children);
+            };
+            let report = PoolReport::one(&done.pool, done.children);
+            match stack.last_mut() {
+                Some(parent) => parent.children.push(report),
+                None => root_children.push(report),
+            }
+        }
+    }
+
+    /// The report of `pool`, whose children's reports are `children`.
+    fn one(pool: &State, mut children: Vec<PoolReport>) -> PoolReport {
         let stats = pool.stats();
-        let mut children: Vec<PoolReport> = pool
-            .children()
-            .iter()
-            .map(|child| PoolReport::of(child))
-            .collect();
         children.sort_by_key(|child| core::cmp::Reverse(child.in_use_bytes));
         let (floor, floor_free) = pool.floor_now();
         PoolReport {
@@ -281,13 +317,14 @@ impl PoolReport {
     }
 
     fn collect<'a>(&'a self, all: &mut Vec<&'a PoolReport>) {
-        all.push(self);
-        for child in &self.children {
-            child.collect(all);
+        let mut unread = vec![self];
+        while let Some(report) = unread.pop() {
+            all.push(report);
+            unread.extend(report.children.iter().rev());
         }
     }
 
-    fn write(&self, f: &mut fmt::Formatter<'_>, depth: usize) -> fmt::Result {
+    fn write_one(&self, f: &mut fmt::Formatter<'_>, depth: usize) -> fmt::Result {
         writeln!(
             f,
             "{:indent$}{}: {} of {} bytes in use (own {}, reserved {}), peak {}, {} outstanding, {} waiting",
@@ -316,8 +353,145 @@ impl PoolReport {
                 indent = 2 * depth + 2,
             )?;
         }
-        for child in &self.children {
-            child.write(f, depth + 1)?;
+        Ok(())
+    }
+}
+
+impl Drop for PoolReport {
+    /// Nested reports go one after another, not each inside its parent's drop (see `of`).
+    fn drop(&mut self) {
+        let mut nested = core::mem::take(&mut self.children);
+        while let Some(mut report) = nested.pop() {
+            nested.append(&mut report.children);
+        }
+    }
+}
+
+impl PoolReport {
+    /// This report without its children.
+    fn shallow_clone(&self) -> PoolReport {
+        PoolReport {
+            name: self.name.clone(),
+            max_memory: self.max_memory,
+            in_use_bytes: self.in_use_bytes,
+            reserved_bytes: self.reserved_bytes,
+            peak_in_use_bytes: self.peak_in_use_bytes,
+            outstanding: self.outstanding,
+            waiting: self.waiting,
+            min_memory: self.min_memory,
+            overcommit_bytes: self.overcommit_bytes,
+            reclaimers: self.reclaimers.clone(),
+            children: Vec::new(),
+            pool: self.pool,
+            floor_free: self.floor_free,
+        }
+    }
+
+    /// Whether the two agree in everything but their children.
+    fn shallow_eq(&self, other: &PoolReport) -> bool {
+        self.name == other.name
+            && self.max_memory == other.max_memory
+            && self.in_use_bytes == other.in_use_bytes
+            && self.reserved_bytes == other.reserved_bytes
+            && self.peak_in_use_bytes == other.peak_in_use_bytes
+            && self.outstanding == other.outstanding
+            && self.waiting == other.waiting
+            && self.min_memory == other.min_memory
+            && self.overcommit_bytes == other.overcommit_bytes
+            && self.reclaimers == other.reclaimers
+            && self.pool == other.pool
+            && self.floor_free == other.floor_free
+            && self.children.len() == other.children.len()
+    }
+}
+
+impl Clone for PoolReport {
+    /// A loop, like `PoolReport::of`: each copy is finished once its children's are.
+    fn clone(&self) -> Self {
+        struct Pending<'a> {
+            copy: PoolReport,
+            unread: core::slice::Iter<'a, PoolReport>,
+        }
+        let mut stack = vec![Pending {
+            copy: self.shallow_clone(),
+            unread: self.children.iter(),
+        }];
+        loop {
+            let top = stack
+                .last_mut()
+                .expect("the stack holds the copy of `self` until the end");
+            if let Some(child) = top.unread.next() {
+                stack.push(Pending {
+                    copy: child.shallow_clone(),
+                    unread: child.children.iter(),
+                });
+                continue;
+            }
+            let done = stack.pop().expect("checked above").copy;
+            match stack.last_mut() {
+                Some(parent) => parent.copy.children.push(done),
+                None => return done,
+            }
+        }
+    }
+}
+
+impl PartialEq for PoolReport {
+    fn eq(&self, other: &Self) -> bool {
+        let mut unread = vec![(self, other)];
+        while let Some((a, b)) = unread.pop() {
+            if !a.shallow_eq(b) {
+                return false;
+            }
+            unread.extend(a.children.iter().zip(&b.children));
+        }
+        true
+    }
+}
+
+impl Eq for PoolReport {}
+
+impl fmt::Debug for PoolReport {
+    /// As `#[derive(Debug)]` would print it on one line (`{:#?}` too), written by a loop.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        enum Step<'a> {
+            Open(&'a PoolReport),
+            Text(&'static str),
+        }
+        let mut steps = vec![Step::Open(self)];
+        while let Some(step) = steps.pop() {
+            let report = match step {
+                Step::Text(text) => {
+                    f.write_str(text)?;
+                    continue;
+                }
+                Step::Open(report) => report,
+            };
+            write!(
+                f,
+                "PoolReport {{ name: {:?}, max_memory: {}, in_use_bytes: {}, reserved_bytes: {}, \
+                 peak_in_use_bytes: {}, outstanding: {}, waiting: {}, min_memory: {}, \
+                 overcommit_bytes: {}, reclaimers: {:?}, pool: {}, floor_free: {}, children: [",
+                report.name,
+                report.max_memory,
+                report.in_use_bytes,
+                report.reserved_bytes,
+                report.peak_in_use_bytes,
+                report.outstanding,
+                report.waiting,
+                report.min_memory,
+                report.overcommit_bytes,
+                report.reclaimers,
+                report.pool,
+                report.floor_free,
+            )?;
+            steps.push(Step::Text("] }"));
+            for (index, child) in report.children.iter().enumerate().rev() {
+                steps.push(Step::Open(child));
+                if index > 0 {
+                    steps.push(Step::Text(", "));
+                }
+            }
         }
         Ok(())
     }
@@ -325,6 +499,11 @@ impl PoolReport {
 
 impl fmt::Display for PoolReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.write(f, 0)
+        let mut unwritten = vec![(self, 0)];
+        while let Some((report, depth)) = unwritten.pop() {
+            report.write_one(f, depth)?;
+            unwritten.extend(report.children.iter().rev().map(|child| (child, depth + 1)));
+        }
+        Ok(())
     }
 }

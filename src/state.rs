@@ -436,6 +436,11 @@ pub(crate) struct State {
     /// in every ancestor above it (not counted as their allocations). Held strongly, so an
     /// ancestor's state outlives its descendants'.
     parent: Option<Arc<State>>,
+    /// An ancestor further up the chain (`None` for a root), so that [`at_level`]
+    /// (State::at_level) takes O(log depth) steps instead of one per level: skew-binary jump
+    /// pointers (E. W. Myers, "An applicative random-access stack", 1983), one per pool. Held
+    /// strongly like `parent`; an ancestor outlives its descendants either way.
+    jump: Option<Arc<State>>,
     /// Live child pools, for `close` and reports. Strong references: a child takes itself
     /// out when its handle is dropped (`detach_from_parent`), which breaks the cycle.
     children: Mutex<Vec<Arc<State>>>,
@@ -472,6 +477,34 @@ impl Drop for State {
             self.queue.try_lock().is_ok(),
             "a pool's state dropped while its queue lock is held"
         );
+        // The ancestors this state holds the last references to go one after another, not
+        // each inside the drop of the one below: a chain of `MAX_DEPTH` pools dropped at once
+        // would otherwise nest as many drops and overflow a thread's stack.
+        let mut held: Vec<Arc<State>> = self
+            .parent
+            .take()
+            .into_iter()
+            .chain(self.jump.take())
+            .collect();
+        while let Some(ancestor) = held.pop() {
+            if let Ok(mut last) = Arc::try_unwrap(ancestor) {
+                held.extend(last.parent.take());
+                held.extend(last.jump.take());
+            }
+        }
+    }
+}
+
+/// The jump pointer of a new child of `parent` (see `State::jump`): the parent's jump's jump
+/// when the parent's jump spans as many levels as that jump's own, else the parent. A root
+/// counts as its own jump.
+fn jump_for_child_of(parent: &Arc<State>) -> Arc<State> {
+    let parent_jump = parent.jump.as_ref().unwrap_or(parent);
+    let second = parent_jump.jump.as_ref().unwrap_or(parent_jump);
+    if parent.depth() - parent_jump.depth() == parent_jump.depth() - second.depth() {
+        Arc::clone(second)
+    } else {
+        Arc::clone(parent)
     }
 }
 
@@ -490,6 +523,7 @@ impl State {
         parent: Option<Arc<State>>,
     ) -> Self {
         State {
+            jump: parent.as_ref().map(jump_for_child_of),
             parent,
             children: Mutex::new(Vec::new()),
             owner: Mutex::new(Owner::default()),
@@ -956,14 +990,20 @@ impl State {
         self.parent.as_deref()
     }
 
-    /// The pool `level` steps up the chain: 0 is this one.
+    /// The pool `level` steps up the chain: 0 is this one. O(log depth) steps, by the jump
+    /// pointers (`State::jump`): a walk over every level of the chain stays O(depth log depth).
     pub(crate) fn at_level(&self, level: usize) -> &State {
+        let target = self
+            .depth()
+            .checked_sub(level)
+            .expect("a level within the chain of pools");
         let mut pool = self;
-        for _ in 0..level {
-            pool = pool
-                .parent
-                .as_deref()
-                .expect("a level within the chain of pools");
+        while pool.depth() > target {
+            let up = match pool.jump.as_deref() {
+                Some(jump) if jump.depth() >= target => Some(jump),
+                _ => pool.parent.as_deref(),
+            };
+            pool = up.expect("a pool below the root has a parent");
         }
         pool
     }
@@ -2301,12 +2341,16 @@ impl State {
 
     /// Every live descendant, children before their parents. (Each registry is copied out
     /// of its lock: no two registry locks are held at once.)
+    /// A loop, not a recursion: a chain of `MAX_DEPTH` pools fits any thread's stack.
     pub(crate) fn collect_descendants(&self, into: &mut Vec<Arc<State>>) {
-        let children = lock(&self.children).clone();
-        for child in children {
-            child.collect_descendants(into);
-            into.push(child);
+        let start = into.len();
+        let mut unread = lock(&self.children).clone();
+        while let Some(pool) = unread.pop() {
+            unread.extend(lock(&pool.children).iter().cloned());
+            into.push(pool);
         }
+        // Each pool went in before its descendants: reversed, children come first.
+        into[start..].reverse();
     }
 
     /// Under the lock: runs `first`, fails every waiter `fails` picks, and serves the ones
