@@ -63,6 +63,7 @@
 //! | 40 two floor waiters reclaim a floor their pool's caches hold | (issues 19 + 21) a request waiting for its floor drives no reclaim round (`Request::poll_hold_after` before this model) | loom: deadlock |
 //! | 40b a cancelled floor driver lets the next floor waiter drive | an abandoned floor round's end that does not notify the floor's room event (`State::end_round`) | loom: deadlock |
 //! | 41 a fast path past an empty floor races its refill | (found by `tests/combos_new_user.rs`) a refill that does not re-home bytes a completion counted as climbed meanwhile; a completion that does not look at the floor after counting; either reading the other's counter with a plain load (loom checks `SeqCst` loads as `Acquire`) | assertion (the root counts 16 bytes, not 8) |
+//! | 42 reclaim_ahead hears a reservation below its mark | look before listen (before stop 29); listen first, then look with a plain load of the word (found by this model: the reservation's `Relaxed` mark look and the look each miss the other) | loom: deadlock; deadlock |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -1949,5 +1950,63 @@ fn a_fast_path_past_an_empty_floor_races_its_refill() {
             .expect("the root's other buffer is free");
         drop((got, sibling));
         assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
+    });
+}
+
+/// A cache of one allocation for model 42: `reclaim` drops it, then sets `emptied` and
+/// signals `asked` (which may also wake its waiter spuriously).
+struct SignallingCache {
+    held: std::sync::Mutex<Option<membudget::BufPoolAllocation>>,
+    emptied: AtomicBool,
+    asked: loom::sync::Notify,
+}
+
+impl membudget::Reclaimer for SignallingCache {
+    fn estimate(&self) -> usize {
+        self.held.lock().unwrap().as_ref().map_or(0, |_| B)
+    }
+
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        let freed = self.held.lock().unwrap().take().map_or(0, |held| {
+            drop(held);
+            B
+        });
+        self.emptied.store(true, SeqCst);
+        self.asked.notify();
+        Box::pin(async move { freed })
+    }
+}
+
+/// Model 42: `reclaim_ahead` hears a reservation that takes the free room below its
+/// low-water mark (README "Reclaim": it asks the holders before anyone has to wait). The pool
+/// holds 2 buffers, a registered cache one of them; `reclaim_ahead(1 buffer)` starts on one
+/// thread (the free room is at the mark, nothing to do yet) while the main thread reserves
+/// the other buffer (no room left: the reservation notifies the pressure event), then waits
+/// until the cache is asked. Whatever the order, the cache is asked: the future listens
+/// before it looks, so the reservation is either in what it sees or wakes it. Looking first
+/// and listening after (as before stop 29) loses the notification in the window between:
+/// both threads block for good.
+#[test]
+fn reclaim_ahead_hears_a_reservation_below_its_mark() {
+    model(|| {
+        let pool = Arc::new(pool(2));
+        let cache = std::sync::Arc::new(SignallingCache {
+            held: std::sync::Mutex::new(Some(pool.try_allocate(1).unwrap())),
+            emptied: AtomicBool::new(false),
+            asked: loom::sync::Notify::new(),
+        });
+        let handle = pool.register_reclaimer("cache", 0, cache.clone());
+        let ahead = {
+            let pool = pool.clone();
+            thread::spawn(move || block_on(pool.reclaim_ahead(B)))
+        };
+        let reservation = pool.try_reserve(B).unwrap();
+        while !cache.emptied.load(SeqCst) {
+            cache.asked.wait();
+        }
+        pool.close();
+        ahead.join().unwrap();
+        drop((reservation, handle));
+        assert_eq!(pool.stats().in_use_bytes, 0);
     });
 }

@@ -460,6 +460,7 @@ impl Future for ReclaimAhead {
             if this.listener.is_none() {
                 pool.arm_pressure(this.low_water);
                 this.listener = Some(pool.pressure().listen());
+                pool.publish_pressure_mark();
                 continue;
             }
             let picture = pool.picture();

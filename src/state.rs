@@ -2215,10 +2215,20 @@ impl State {
     }
 
     /// Arms `reclaim_ahead`'s notification: from now on, a reservation that leaves the free
-    /// room below `low_water` notifies [`pressure`](State::pressure).
+    /// room below `low_water` notifies [`pressure`](State::pressure). The caller listens to
+    /// it, then calls [`publish_pressure_mark`](State::publish_pressure_mark), then looks.
     pub(crate) fn arm_pressure(&self, low_water: usize) {
         let mark = self.budget().saturating_sub(low_water);
         self.pressure_mark.fetch_min(mark, Relaxed);
+    }
+
+    /// After [`arm_pressure`](State::arm_pressure) and listening, before looking at the
+    /// room: a read-modify-write of the budget word (`BudgetWord::load_publishing`) that
+    /// pairs with every reservation's compare-exchange on it. A reservation ordered after
+    /// it sees the mark (its `Relaxed` look in `check_pressure`) and notifies the listener
+    /// taken before it; one ordered before it is in what the caller then sees.
+    pub(crate) fn publish_pressure_mark(&self) {
+        self.word.load_publishing();
     }
 
     /// The event `reclaim_ahead` sleeps on.

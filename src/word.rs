@@ -219,6 +219,19 @@ impl BudgetWord {
         Word(self.0.load(Acquire))
     }
 
+    /// The word now, read with a read-modify-write that changes nothing. `AcqRel`: every
+    /// reservation whose compare-exchange (`Acquire`) comes after it in the word's
+    /// modification order synchronizes with it, and so sees what this thread wrote before
+    /// it; one that comes before it is in what this returns. That is how a `reclaim_ahead`
+    /// low-water mark armed before this read (`State::arm_pressure`) reaches the `Relaxed`
+    /// look of every reservation that this read does not see (`State::check_pressure`),
+    /// without a fence on the reservation's path. (A plain load here, loom model 42 shows,
+    /// lets both miss each other: the reservation sees no mark, the look no reservation.)
+    #[inline]
+    pub(crate) fn load_publishing(&self) -> Word {
+        Word(self.0.fetch_add(0, AcqRel))
+    }
+
     /// The fast path of a reservation: one compare-exchange that checks `bytes` against the
     /// budget, reserves them and counts the allocation, unless the word says to take the
     /// lock. `budget` is read after the word, and again after every failed compare-exchange:

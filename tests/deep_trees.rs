@@ -22,7 +22,9 @@ const CFG: BufPoolCfg = BufPoolCfg {
 fn chain(depth: usize) -> Vec<BufPool> {
     let mut pools = vec![BufPool::builder(CFG).name("root").build().unwrap()];
     for level in 1..=depth {
-        let child = pools[level - 1].child(format!("level-{level}"), CFG).unwrap();
+        let child = pools[level - 1]
+            .child(format!("level-{level}"), CFG)
+            .unwrap();
         pools.push(child);
     }
     pools
