@@ -67,9 +67,14 @@ pub(crate) const fn validate_max_memory(
     Ok(())
 }
 
-/// The most levels a tree of pools may have below its root: a request notes the levels it
-/// holds, and the round of reclaim it drives, in 16 bits of its future.
-pub(crate) const MAX_DEPTH: usize = 32_766;
+/// The most levels a tree of pools may have below its root. Far beyond any tree a budget
+/// needs; chosen so that everything on a tree this deep stays cheap and fits a small thread
+/// stack: a request walks its chain in O(depth log depth) steps, a close visits each
+/// ancestor's queue once, and a [`PoolReport`](crate::PoolReport) of the whole chain, whose
+/// drop (the one derived, recursive, piece: its fields stay movable) nests once per level,
+/// takes about 160 KiB of stack to drop in a debug build. (A request notes its levels, and
+/// the round of reclaim it drives, in 16 bits of its future, which would allow 32,766.)
+pub(crate) const MAX_DEPTH: usize = 1_024;
 
 /// Why a [`BufPoolCfg`] was refused.
 ///
@@ -107,7 +112,7 @@ pub enum ConfigError {
         reason: crate::AllocError,
     },
     /// The parent is already the deepest a pool may be: its tree has `max_depth` levels
-    /// below its root (32,766), the most a request can climb.
+    /// below its root (1,024).
     TooDeep {
         /// The most levels a tree may have below its root.
         max_depth: usize,

@@ -123,7 +123,7 @@ impl BufPool {
     /// it the builder's options).
     /// Its bytes in use count against its own `max_memory` and against every ancestor's, so
     /// a parent's [`stats`](BufPool::stats) `in_use_bytes` includes all its descendants'
-    /// (its `outstanding` and allocation counts are its own). Children nest up to 32,766
+    /// (its `outstanding` and allocation counts are its own). Children nest up to 1,024
     /// levels below the root (deeper, [`ConfigError::TooDeep`]); the cost of a child's
     /// allocation grows with its depth only.
     ///
