@@ -1452,6 +1452,11 @@ fn waiting_for_growth_survives_resize_races_then_close() {
             }
             thread::yield_now();
         }
+        // On a loaded machine the 400 steps can end before any waiter thread has queued:
+        // room for every request then lets them be served before the close (the close
+        // itself must still fail those that wait on).
+        pool.add_max_memory(1 << 20);
+        common::wait_until(10, "a waiter served", || served.load(SeqCst) > 0);
         pool.close();
         for w in waiters {
             for e in w.join().unwrap() {
