@@ -406,6 +406,13 @@ impl Future for ReclaimAhead {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        // At most one round ends per poll. A round whose own reclaimers register a reclaimer
+        // or resize the pool (every time they are asked) leaves the pool "changed" at its
+        // end, which by the rules below is news and starts the next round; without this
+        // bound those rounds followed one another inside one `poll`, which never returned
+        // (found by tests/s30d_reclaim_storms.rs). Now the next round waits for the next
+        // poll, and the executor gets its thread back in between.
+        let mut ended_a_round = false;
         loop {
             let pool = &*this.pool;
             if pool.is_closed() {
@@ -439,6 +446,7 @@ impl Future for ReclaimAhead {
                         }
                     }
                     Ok(None) => {
+                        ended_a_round = true;
                         // A listener taken while the round ran was not armed for the mark.
                         if let Some(listener) = this.listener.take() {
                             deferred::drop_listener_now(listener);
@@ -465,6 +473,11 @@ impl Future for ReclaimAhead {
             let picture = pool.picture();
             let quiet = this.quiet.is_some_and(|since| since == picture);
             if !quiet && pool.room_now() < this.low_water {
+                if ended_a_round {
+                    // The next round starts at the next poll (see `ended_a_round`).
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 this.room_before = pool.room_now();
                 match start(pool, 0, Shortfall::LowWater(this.low_water)) {
                     Ok(Some(round)) => {
