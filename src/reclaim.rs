@@ -326,8 +326,11 @@ impl fmt::Debug for ReclaimerHandle {
 /// above the mark; when a reservation leaves it below, or a `try_` call is refused (or a
 /// registration or a resize changes the picture), it runs rounds by the same order and rules as a waiting request's,
 /// asking for what is missing up to the mark, until the room is back or a round frees
-/// nothing (then it sleeps until the pool changes). It shares the pool's one round in
-/// flight with waiting requests. It resolves once the pool is closed. Buffer allocations
+/// nothing (then it sleeps until the pool changes). At most one round ends per poll: when
+/// another is due, the future wakes its own task and the next round starts at the next poll
+/// (so a reclaimer that registers, or resizes the pool, every time it is asked makes rounds
+/// follow one another, but never keeps a poll from returning). It shares the pool's one
+/// round in flight with waiting requests. It resolves once the pool is closed. Buffer allocations
 /// that succeed do not wake it (a check on that path cost `try_allocate` half again its
 /// time): with buffers alone, it hears of the pressure at the first refusal.
 ///
