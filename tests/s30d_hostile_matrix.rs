@@ -125,26 +125,48 @@ struct Ctl {
 
 static VTABLE: RawWakerVTable = RawWakerVTable::new(w_clone, w_wake, w_wake_by_ref, w_drop);
 
+/// What a waker's handles share: the control block, and the allocations the waker owns (the
+/// `owned` preload of its `Ctl`, moved in when it is made), given back when its last handle
+/// is dropped, wherever that happens (inside the pool, for a waker the pool holds last).
+struct Inner {
+    ctl: Arc<Ctl>,
+    held: Mutex<Vec<BufPoolAllocation>>,
+}
+
 fn make_waker(ctl: &Arc<Ctl>) -> Waker {
     ctl.live.fetch_add(1, SeqCst);
-    let raw = RawWaker::new(Arc::into_raw(Arc::clone(ctl)).cast(), &VTABLE);
-    // SAFETY: the vtable follows the RawWaker contract for an `Arc<Ctl>`.
+    let held = if matches!(
+        ctl.behavior,
+        Behavior::WakeDropsOwned | Behavior::OwnsAllocation
+    ) {
+        std::mem::take(&mut *ctl.owned.lock().unwrap())
+    } else {
+        Vec::new()
+    };
+    let inner = Arc::new(Inner {
+        ctl: Arc::clone(ctl),
+        held: Mutex::new(held),
+    });
+    let raw = RawWaker::new(Arc::into_raw(inner).cast(), &VTABLE);
+    // SAFETY: the vtable follows the RawWaker contract for an `Arc<Inner>`.
     unsafe { Waker::from_raw(raw) }
 }
 
 unsafe fn w_clone(data: *const ()) -> RawWaker {
-    // SAFETY: `data` is a live `Arc<Ctl>` pointer.
-    let ctl = unsafe { &*data.cast::<Ctl>() };
+    // SAFETY: `data` is a live `Arc<Inner>` pointer.
+    let inner = unsafe { &*data.cast::<Inner>() };
+    let ctl = &inner.ctl;
     if ctl.behavior == Behavior::PanicClone && ctl.armed.load(SeqCst) && !std::thread::panicking() {
         panic!("{INJECTED} (clone)");
     }
     // SAFETY: as above; one more strong count for the clone.
-    unsafe { Arc::increment_strong_count(data.cast::<Ctl>()) };
+    unsafe { Arc::increment_strong_count(data.cast::<Inner>()) };
     ctl.live.fetch_add(1, SeqCst);
     RawWaker::new(data, &VTABLE)
 }
 
-fn on_wake(ctl: &Ctl) {
+fn on_wake(inner: &Inner) {
+    let ctl = &*inner.ctl;
     ctl.woken.fetch_add(1, SeqCst);
     if !ctl.armed.load(SeqCst) {
         return;
@@ -178,7 +200,7 @@ fn on_wake(ctl: &Ctl) {
             }
         }
         Behavior::WakeDropsOwned => {
-            let owned = std::mem::take(&mut *ctl.owned.lock().unwrap());
+            let owned = std::mem::take(&mut *inner.held.lock().unwrap());
             drop(owned);
         }
         Behavior::WakeShrinks => {
@@ -199,15 +221,17 @@ fn on_wake(ctl: &Ctl) {
     }
 }
 
-/// Releases one waker handle, panicking afterwards if it should.
-fn release(ctl: Arc<Ctl>) {
+/// Releases one waker handle, panicking afterwards if it should. The last handle gives back
+/// what the waker owns.
+fn release(inner: Arc<Inner>) {
+    let ctl = Arc::clone(&inner.ctl);
     let panics = ctl.behavior == Behavior::PanicDrop && ctl.armed.load(SeqCst);
-    ctl.live.fetch_sub(1, SeqCst);
     let unwinding = std::thread::panicking();
     if panics && unwinding {
         ctl.dropped_unwinding.fetch_add(1, SeqCst);
     }
-    drop(ctl);
+    drop(inner);
+    ctl.live.fetch_sub(1, SeqCst);
     if panics && !unwinding {
         panic!("{INJECTED} (drop)");
     }
@@ -215,24 +239,24 @@ fn release(ctl: Arc<Ctl>) {
 
 unsafe fn w_wake(data: *const ()) {
     // SAFETY: a by-value wake consumes this handle's strong count.
-    let ctl = unsafe { Arc::from_raw(data.cast::<Ctl>()) };
-    let woke = catch_unwind(AssertUnwindSafe(|| on_wake(&ctl)));
-    release(ctl);
+    let inner = unsafe { Arc::from_raw(data.cast::<Inner>()) };
+    let woke = catch_unwind(AssertUnwindSafe(|| on_wake(&inner)));
+    release(inner);
     if let Err(panic) = woke {
         std::panic::resume_unwind(panic);
     }
 }
 
 unsafe fn w_wake_by_ref(data: *const ()) {
-    // SAFETY: `data` is a live `Arc<Ctl>` pointer.
-    let ctl = unsafe { &*data.cast::<Ctl>() };
-    on_wake(ctl);
+    // SAFETY: `data` is a live `Arc<Inner>` pointer.
+    let inner = unsafe { &*data.cast::<Inner>() };
+    on_wake(inner);
 }
 
 unsafe fn w_drop(data: *const ()) {
     // SAFETY: the handle is dropped once.
-    let ctl = unsafe { Arc::from_raw(data.cast::<Ctl>()) };
-    release(ctl);
+    let inner = unsafe { Arc::from_raw(data.cast::<Inner>()) };
+    release(inner);
 }
 
 fn new_ctl(behavior: Behavior, pool: &Arc<BufPool>) -> Arc<Ctl> {
@@ -617,6 +641,13 @@ fn run_case(case: &Case) -> Vec<String> {
         }
     }
 
+    // A waker that owns an allocation is held by the pool alone from here: the pool's drop
+    // of its last clone (a wake, a cancel, a re-poll with another waker) gives it back.
+    let mut waker = Some(waker);
+    if case.behavior == Behavior::OwnsAllocation {
+        drop(waker.take());
+    }
+
     // The setup does what it should: without reclaim the request waits; with a cache that
     // covers it, a calm driver is served by reclaim alone.
     if case.behavior == Behavior::Calm {
@@ -853,4 +884,203 @@ fn matrix_child() {
 #[test]
 fn matrix_floored_child() {
     watchdog(60, || run_matrix(&FORMS, &[Where::Floored]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The futures that only listen (`drained`, `shutdown_before`), `reclaim_ahead` and a
+// reservation's `grow`, polled with the same hostile wakers
+// ---------------------------------------------------------------------------------------------
+
+fn calm_waker() -> (Arc<Ctl>, Waker) {
+    let ctl = Arc::new(Ctl {
+        behavior: Behavior::Calm,
+        armed: AtomicBool::new(false),
+        woken: AtomicUsize::new(0),
+        live: AtomicUsize::new(0),
+        dropped_unwinding: AtomicUsize::new(0),
+        pool: Mutex::new(None),
+        owned: Mutex::new(Vec::new()),
+        owned_request: Mutex::new(None),
+    });
+    let waker = make_waker(&ctl);
+    (ctl, waker)
+}
+
+fn no_leaks(log: &mut Log, ctls: &[&Arc<Ctl>]) {
+    for c in ctls {
+        let live = c.live.load(SeqCst);
+        if live != 0 {
+            log.fail(format!("a waker has {live} clone(s) alive at quiescence"));
+        }
+        if c.dropped_unwinding.load(SeqCst) != 0 {
+            log.fail("a waker was dropped while unwinding");
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum ListenerTrigger {
+    /// The allocations go back one by one.
+    Release,
+    /// Re-polled with a calm waker, then the allocations go back.
+    Repoll,
+    /// The future is dropped, then the allocations go back.
+    Cancel,
+    /// The pool is closed, then the allocations go back.
+    Close,
+}
+
+const LISTENER_TRIGGERS: [ListenerTrigger; 4] = [
+    ListenerTrigger::Release,
+    ListenerTrigger::Repoll,
+    ListenerTrigger::Cancel,
+    ListenerTrigger::Close,
+];
+
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Listening {
+    Drained,
+    ShutdownBefore,
+}
+
+fn listener_case(kind: Listening, behavior: Behavior, trigger: ListenerTrigger) -> Vec<String> {
+    let mut log = Log {
+        case: format!("{kind:?}/{behavior:?}/{trigger:?}"),
+        failures: Vec::new(),
+    };
+    let pool = Arc::new(BufPool::new(cfg(4)));
+    let ctl = new_ctl(behavior, &pool);
+    let mut held = vec![pool.try_allocate(1).unwrap(), pool.try_allocate(1).unwrap()];
+    if matches!(
+        behavior,
+        Behavior::WakeDropsOwned | Behavior::OwnsAllocation
+    ) {
+        // The waker owns an allocation of the very pool it waits to drain: the drain
+        // completes once the waker is dropped (the future dropped, or re-polled with
+        // another waker) and gives it back, from inside the listener's drop.
+        ctl.owned
+            .lock()
+            .unwrap()
+            .push(pool.try_allocate(1).unwrap());
+    }
+    let mut waker = Some(make_waker(&ctl));
+    let (calm_ctl, calm) = calm_waker();
+    let cx_calm = &mut Context::from_waker(&calm);
+    let mut ready = false;
+    {
+        let mut future: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Some(match kind {
+            Listening::Drained => Box::pin(pool.drained()),
+            Listening::ShutdownBefore => {
+                Box::pin(async { drop(pool.shutdown_before(std::future::pending::<()>()).await) })
+            }
+        });
+        // `shutdown_before` is an `async fn`: once a poll unwound (a waker's `clone` or
+        // `drop` panicking in it), polling it again panics by the language's rules. Its
+        // steps (the close, the registrations) were done before; nothing is lost.
+        let mut poisoned = false;
+        match log.step("first poll", || {
+            let cx = &mut Context::from_waker(waker.as_ref().unwrap());
+            future.as_mut().unwrap().as_mut().poll(cx)
+        }) {
+            Some(Poll::Ready(())) => log.fail("resolved with allocations out"),
+            Some(Poll::Pending) => {}
+            None => poisoned = kind == Listening::ShutdownBefore,
+        }
+        // A waker owning an allocation is the listener's alone from here.
+        if matches!(
+            behavior,
+            Behavior::WakeDropsOwned | Behavior::OwnsAllocation
+        ) {
+            drop(waker.take());
+        }
+        match trigger {
+            ListenerTrigger::Release => {}
+            ListenerTrigger::Repoll if poisoned => {}
+            ListenerTrigger::Repoll => {
+                if log
+                    .step("re-poll", || {
+                        future.as_mut().unwrap().as_mut().poll(cx_calm)
+                    })
+                    .is_none()
+                {
+                    poisoned = kind == Listening::ShutdownBefore;
+                }
+            }
+            ListenerTrigger::Cancel => {
+                log.step("cancel", || drop(future.take()));
+            }
+            ListenerTrigger::Close => {
+                log.step("close", || pool.close());
+            }
+        }
+        while let Some(a) = held.pop() {
+            log.step("release", || drop(a));
+        }
+        // A waker that took an allocation back in `wake` holds the drain up: give it back.
+        ctl.armed.store(false, SeqCst);
+        disarm(&ctl);
+        if poisoned {
+            ready = true;
+        } else if let Some(f) = future.as_mut() {
+            // The future's step at the unwinding poll above may have dropped it (an async
+            // block); a resolved one must not be polled again.
+            for _ in 0..3 {
+                match log.step("final poll", || f.as_mut().poll(cx_calm)) {
+                    Some(Poll::Ready(())) => {
+                        ready = true;
+                        break;
+                    }
+                    Some(Poll::Pending) => {}
+                    None => break,
+                }
+            }
+        } else {
+            ready = true;
+        }
+        log.step("drop future", || drop(future));
+    }
+    if !ready && kind == Listening::Drained {
+        log.fail(format!(
+            "drained() pending on an empty pool: {}",
+            pool.stats()
+        ));
+    }
+    drop(waker);
+    drop(calm);
+    disarm(&calm_ctl);
+    no_leaks(&mut log, &[&ctl, &calm_ctl]);
+    if !pool.is_closed() {
+        let _ = pool.set_max_memory(4 * BS);
+    }
+    books(&mut log, "pool", &pool, 0);
+    serves(&mut log, "pool", &pool, 4);
+    if Arc::strong_count(&pool) != 1 {
+        log.fail("pool handles left");
+    }
+    drop(pool);
+    log.failures
+}
+
+#[test]
+fn listeners_with_hostile_wakers() {
+    watchdog(30, || {
+        quiet();
+        let mut failures = Vec::new();
+        let mut index = 0;
+        for kind in [Listening::Drained, Listening::ShutdownBefore] {
+            for behavior in BEHAVIORS {
+                for trigger in LISTENER_TRIGGERS {
+                    index += 1;
+                    if cfg!(miri) && index % 11 != 0 {
+                        continue;
+                    }
+                    failures.extend(listener_case(kind, behavior, trigger));
+                }
+            }
+        }
+        for f in &failures {
+            eprintln!("FAILURE {f}");
+        }
+        assert!(failures.is_empty(), "{} failure(s)", failures.len());
+    });
 }
