@@ -348,8 +348,8 @@ impl Reservation {
     /// # Errors
     ///
     /// As [`BufPool::reserve`], and [`ExceedsBudget`](AllocError::ExceedsBudget) at once if
-    /// the size and `more` together are above the budget (it could never be served), or as
-    /// soon as a shrink makes them so while it waits. The reservation is unchanged on error.
+    /// the size and `more` together are above the budget (it could never be served). The
+    /// reservation is unchanged on error.
     ///
     /// # Cancel safety
     ///
@@ -960,32 +960,15 @@ impl Future for Grow<'_> {
     type Output = Result<(), AllocError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(error) = *this.refused {
             return Poll::Ready(Err(error));
         }
         if this.request.amount() == 0 {
             return Poll::Ready(Ok(()));
         }
-        match this.request.as_mut().poll_hold(&this.reservation.pool, cx) {
-            Poll::Pending => {
-                // The budget may have shrunk since it queued (a shrink wakes the waiting
-                // requests of its subtree): what the reservation holds plus what it asks may
-                // no longer fit, and the reservation cannot shrink while this borrows it, so
-                // it could never be served. It fails, as `set_max_memory` promises for a
-                // request that can never fit, rather than wait at the head of the queue for
-                // good (found by tests/s30d_grow_after_shrink.rs).
-                let more = this.request.amount();
-                match beyond_budget(&this.reservation.pool, this.reservation.held, more) {
-                    None => Poll::Pending,
-                    Some(error) => {
-                        // Gives up its place (and anything granted meanwhile) first.
-                        this.request.cancel(&this.reservation.pool);
-                        *this.refused = Some(error);
-                        Poll::Ready(Err(error))
-                    }
-                }
-            }
+        match this.request.poll_hold(&this.reservation.pool, cx) {
+            Poll::Pending => Poll::Pending,
             Poll::Ready(held) => Poll::Ready(held.map(|bytes| this.reservation.add(bytes))),
         }
     }

@@ -2334,9 +2334,7 @@ impl State {
     /// Changes the budget to what `change` makes of the budget now (it runs under the lock,
     /// with the bytes in use stable, so changes by a delta compose): requests that can never
     /// fit the new one fail with `ExceedsBudget` wherever they wait (in this pool's queue,
-    /// in a descendant's, or, for requests of this pool and its descendants, in an
-    /// ancestor's; a waiting `Grow` checks its reservation's bytes when a shrink wakes it),
-    /// unless the pool
+    /// or, for requests of this pool and its descendants, in an ancestor's), unless the pool
     /// waits for growth; those that fit now are served in order, and cached blocks are freed
     /// until the footprint fits. Returns what `change` returned beside the new budget.
     ///
@@ -2353,7 +2351,6 @@ impl State {
     pub(crate) fn resize<R>(&self, change: impl FnOnce(Budget) -> (usize, R)) -> R {
         settle(|deferred| {
             let now = self.clock();
-            let shrank;
             let (cap, result) = {
                 let mut queue = lock(&self.queue);
                 // Counted under the lock, as `stats` reads the word: the resize's count on
@@ -2373,14 +2370,12 @@ impl State {
                     budget: self.budget(),
                     in_use: self.word.load().in_use(),
                 });
-                let old_cap = self.hard_cap();
                 self.max_memory.store(max_memory, Relaxed);
                 self.budget.store(counted_budget(max_memory), Relaxed);
                 if !self.config.grows {
                     self.hard_cap.store(counted_budget(max_memory), Relaxed);
                 }
                 let cap = self.hard_cap();
-                shrank = cap < old_cap;
                 queue.list.fail_where(
                     |bytes, _| (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap }),
                     deferred,
@@ -2395,22 +2390,6 @@ impl State {
             };
             let mut descendants = Vec::new();
             self.collect_descendants(&mut descendants);
-            // Requests of the subtree waiting in a descendant's own queue (held back by its
-            // cap) are bound by this cap too: those above it can never be served, and would
-            // hold back, FIFO, the requests behind them that fit. They fail as a fresh
-            // request of their size would (found by tests/s30d_descendant_queue_shrink.rs).
-            // Only a shrink (`cap` below what it was) can make a request impossible.
-            if shrank {
-                for pool in &descendants {
-                    pool.fail_waiters(
-                        |bytes, _| {
-                            (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap })
-                        },
-                        || {},
-                        deferred,
-                    );
-                }
-            }
             // Requests of the subtree waiting for more of a floor than it has (in no queue,
             // listening on the floored pool's room event, see `Request::climb`): what they
             // need of it depends on the caps above, so they look again.
@@ -2432,20 +2411,7 @@ impl State {
                 // And those waiting for a place above, in no queue.
                 self.notify_rooms_above(deferred);
             }
-            // A shrink: a waiting `Reservation::grow` can no longer fit if what its
-            // reservation holds plus what it asks is above the new cap, which a queue does not
-            // see (it knows the bytes asked only): the subtree's requests look again, here and
-            // in every ancestor's queue (below), and in every descendant's, and such a grow
-            // fails (`Grow::poll`; tests/s30d_grow_after_shrink.rs). Growths, which cannot
-            // make a request impossible, wake nobody this way.
-            if shrank {
-                for pool in &descendants {
-                    if pool.word.load().is_queued() {
-                        lock(&pool.queue).list.wake_where(|_| true, deferred);
-                    }
-                }
-            }
-            if floors_below || self.floors_in_chain() || shrank {
+            if floors_below || self.floors_in_chain() {
                 // A queue sees only what a request still needs beyond the floors it took:
                 // the subtree's requests waiting here or above look again, and fail (or
                 // start again) if the new budget leaves them unable to be served
