@@ -326,8 +326,11 @@ impl fmt::Debug for ReclaimerHandle {
 /// above the mark; when a reservation leaves it below, or a `try_` call is refused (or a
 /// registration or a resize changes the picture), it runs rounds by the same order and rules as a waiting request's,
 /// asking for what is missing up to the mark, until the room is back or a round frees
-/// nothing (then it sleeps until the pool changes). It shares the pool's one round in
-/// flight with waiting requests. It resolves once the pool is closed. Buffer allocations
+/// nothing (then it sleeps until the pool changes). At most one round ends per poll: when
+/// another is due, the future wakes its own task and the next round starts at the next poll
+/// (so a reclaimer that registers, or resizes the pool, every time it is asked makes rounds
+/// follow one another, but never keeps a poll from returning). It shares the pool's one
+/// round in flight with waiting requests. It resolves once the pool is closed. Buffer allocations
 /// that succeed do not wake it (a check on that path cost `try_allocate` half again its
 /// time): with buffers alone, it hears of the pressure at the first refusal.
 ///
@@ -406,6 +409,13 @@ impl Future for ReclaimAhead {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        // At most one round ends per poll. A round whose own reclaimers register a reclaimer
+        // or resize the pool (every time they are asked) leaves the pool "changed" at its
+        // end, which by the rules below is news and starts the next round; without this
+        // bound those rounds followed one another inside one `poll`, which never returned
+        // (found by tests/s30d_reclaim_storms.rs). Now the next round waits for the next
+        // poll, and the executor gets its thread back in between.
+        let mut ended_a_round = false;
         loop {
             let pool = &*this.pool;
             if pool.is_closed() {
@@ -439,6 +449,7 @@ impl Future for ReclaimAhead {
                         }
                     }
                     Ok(None) => {
+                        ended_a_round = true;
                         // A listener taken while the round ran was not armed for the mark.
                         if let Some(listener) = this.listener.take() {
                             deferred::drop_listener_now(listener);
@@ -466,6 +477,11 @@ impl Future for ReclaimAhead {
             let picture = pool.picture();
             let quiet = this.quiet.is_some_and(|since| since == picture);
             if !quiet && pool.room_now() < this.low_water {
+                if ended_a_round {
+                    // The next round starts at the next poll (see `ended_a_round`).
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 this.room_before = pool.room_now();
                 match start(pool, 0, Shortfall::LowWater(this.low_water)) {
                     Ok(Some(round)) => {
