@@ -1037,12 +1037,16 @@ impl MemoryPool for MembudgetPool {
                         && ((self.policy == Policy::Fair && self.floor > 0)
                             || self.own_budget_spent(additional)) =>
                 {
-                    books
-                        .held
-                        .force_grow(additional)
-                        .expect("within the pool's budget plus a share");
-                    books.stats.forced_shares += 1;
-                    None
+                    // The core counts at most 4 PiB in use: after a huge `grow` elsewhere in
+                    // the pool the overcommit itself may be refused. Then this is a refusal
+                    // as any other, never a panic.
+                    match books.held.force_grow(additional) {
+                        Ok(()) => {
+                            books.stats.forced_shares += 1;
+                            None
+                        }
+                        Err(cause) => Some((RefusalReason::Budget { cause }, usize::MAX)),
+                    }
                 }
                 // A budget that is not a multiple of 8: the exact bytes fit it, their
                 // rounding (the core's unit) does not. The whole units below the limit are
