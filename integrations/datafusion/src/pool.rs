@@ -616,7 +616,9 @@ impl MembudgetPool {
     pub fn stats(&self) -> MembudgetStats {
         let books = self.lock();
         MembudgetStats {
-            reserved: books.held.size(),
+            // What `MemoryPool::reserved` returns: the core's bytes and those it could not
+            // count (a `grow` past 4 PiB).
+            reserved: books.reserved(),
             peak_reserved: books.peak,
             consumers: books.consumers.len(),
             ..books.stats.clone()
