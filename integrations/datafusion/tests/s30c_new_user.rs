@@ -154,7 +154,10 @@ fn two_unspillable_builds_fill_the_limit_as_with_fair_spill_pool() {
     assert_eq!(f0 + f1, limit, "FairSpillPool: the whole limit");
     let ours = plain(limit, Policy::Fair);
     let (o0, o1) = two_builds(&as_dyn(&ours), batch);
-    println!("FairSpillPool {f0}+{f1}, MembudgetPool {o0}+{o1}: {:?}", ours.last_refusal());
+    println!(
+        "FairSpillPool {f0}+{f1}, MembudgetPool {o0}+{o1}: {:?}",
+        ours.last_refusal()
+    );
     assert_eq!(o0 + o1, limit, "MembudgetPool (Fair): the whole limit");
     whole(ours.pool());
 }
@@ -288,7 +291,9 @@ async fn a_real_query_refused_fails_with_a_useful_resources_exhausted() {
         let table = common::table(50_000);
         let query = plain(64 << 10, Policy::Fair);
         let run = common::run(common::SORT, &table, query.clone()).await;
-        let e = run.result.expect_err("64 KiB cannot hold a 2 MiB merge reservation");
+        let e = run
+            .result
+            .expect_err("64 KiB cannot hold a 2 MiB merge reservation");
         let DataFusionError::ResourcesExhausted(text) = e.find_root() else {
             panic!("not ResourcesExhausted: {e:?}");
         };
@@ -342,9 +347,18 @@ async fn run_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "exploration, minutes"]
 async fn explore() {
-    let rows: usize = std::env::var("ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let parts: usize = std::env::var("PARTS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let runs: usize = std::env::var("RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let rows: usize = std::env::var("ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let parts: usize = std::env::var("PARTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let spill: Option<usize> = std::env::var("SPILL").ok().and_then(|s| s.parse().ok());
     let hash = std::env::var("SMJ").is_err();
     let only = std::env::var("Q").ok();
@@ -353,43 +367,89 @@ async fn explore() {
         ("sort", common::SORT),
         ("groupby", common::GROUP_BY),
         ("join", "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k"),
-        ("joinsort", "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id"),
-        ("joinagg", "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k"),
-        ("window", "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t"),
+        (
+            "joinsort",
+            "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id",
+        ),
+        (
+            "joinagg",
+            "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k",
+        ),
+        (
+            "window",
+            "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t",
+        ),
     ];
     let limits: Vec<usize> = std::env::var("LIMITS")
         .ok()
-        .map(|s| s.split(',').map(|x| x.parse::<usize>().unwrap() << 10).collect())
-        .unwrap_or_else(|| vec![1 << 20, 2 << 20, 4 << 20, 8 << 20, 12 << 20, 16 << 20, 24 << 20]);
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.parse::<usize>().unwrap() << 10)
+                .collect()
+        })
+        .unwrap_or_else(|| {
+            vec![
+                1 << 20,
+                2 << 20,
+                4 << 20,
+                8 << 20,
+                12 << 20,
+                16 << 20,
+                24 << 20,
+            ]
+        });
     for (name, q) in queries {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
         let unbounded: Arc<dyn MemoryPool> =
             Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
-        let expected = run_with(q, &table, unbounded, parts, spill, hash).await.unwrap().0;
+        let expected = run_with(q, &table, unbounded, parts, spill, hash)
+            .await
+            .unwrap()
+            .0;
         for &limit in &limits {
             let (mut f_ok, mut o_ok, mut f_sp, mut o_sp) = (0, 0, 0, 0);
             let mut err = String::new();
             for _ in 0..runs {
                 let hang = Duration::from_secs(20);
-                let fair_run = tokio::time::timeout(hang, run_with(q, &table, Arc::new(FairSpillPool::new(limit)), parts, spill, hash)).await;
+                let fair_run = tokio::time::timeout(
+                    hang,
+                    run_with(
+                        q,
+                        &table,
+                        Arc::new(FairSpillPool::new(limit)),
+                        parts,
+                        spill,
+                        hash,
+                    ),
+                )
+                .await;
                 let Ok(fair_run) = fair_run else {
-                    println!("{name} p{parts} {} KiB: HANG under FairSpillPool", limit >> 10);
+                    println!(
+                        "{name} p{parts} {} KiB: HANG under FairSpillPool",
+                        limit >> 10
+                    );
                     continue;
                 };
-                match fair_run {
-                    Ok((d, s)) => {
-                        assert_eq!(d, expected);
-                        f_ok += 1;
-                        f_sp += s;
-                    }
-                    Err(_) => {}
+                if let Ok((d, s)) = fair_run {
+                    assert_eq!(d, expected);
+                    f_ok += 1;
+                    f_sp += s;
                 }
                 let ours = plain(limit, Policy::Fair);
-                let our_run = tokio::time::timeout(hang, run_with(q, &table, ours.clone(), parts, spill, hash)).await;
+                let our_run = tokio::time::timeout(
+                    hang,
+                    run_with(q, &table, ours.clone(), parts, spill, hash),
+                )
+                .await;
                 let Ok(our_run) = our_run else {
-                    println!("{name} p{parts} {} KiB: HANG under MembudgetPool: {:?} {:?}", limit >> 10, ours.stats(), ours.consumers());
+                    println!(
+                        "{name} p{parts} {} KiB: HANG under MembudgetPool: {:?} {:?}",
+                        limit >> 10,
+                        ours.stats(),
+                        ours.consumers()
+                    );
                     continue;
                 };
                 match our_run {
@@ -422,17 +482,15 @@ fn a_floor_is_granted_past_waiting_io_and_climbing_is_not() {
     watchdog(20, || {
         let root = Arc::new(root("process", 1 << 20));
         let io = Arc::new(root.child("io", cfg(BufferSize::S4096, 1 << 20)).unwrap());
-        let query = Arc::new(MembudgetPool::child_of(&root, "query", 512 << 10, 256 << 10).unwrap());
+        let query =
+            Arc::new(MembudgetPool::child_of(&root, "query", 512 << 10, 256 << 10).unwrap());
         let pool = as_dyn(&query);
         let held = io.try_allocate(170).unwrap(); // 680 KiB: the root has 88 KiB free
         let waiter = {
             let io = io.clone();
             // (The allocation is dropped here: a thread that holds an allocation while it drops
             // the pool's last handle deadlocks in the pool's drop barrier, as documented.)
-            std::thread::spawn(move || {
-                io.allocate_timeout(40, Duration::from_millis(1500))
-                    .is_ok()
-            })
+            std::thread::spawn(move || io.allocate_timeout(40, Duration::from_millis(1500)).is_ok())
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while root.stats().waiting + io.stats().waiting == 0 {
@@ -471,7 +529,9 @@ fn a_floor_is_granted_past_waiting_io_and_climbing_is_not() {
 fn io_in_the_query_bufpool_is_served_by_a_shrink() {
     watchdog(20, || {
         let root = Arc::new(root("process", 4 << 20));
-        let shared = root.child("query", cfg(BufferSize::S4096, 1 << 20)).unwrap();
+        let shared = root
+            .child("query", cfg(BufferSize::S4096, 1 << 20))
+            .unwrap();
         let query = Arc::new(MembudgetPool::new(shared));
         let pool = as_dyn(&query);
         let sorter = reg(&pool, "ExternalSorter[0]", true);
@@ -517,15 +577,11 @@ fn try_grow_after_a_huge_grow_never_panics() {
         let s1 = reg(&pool, "SMJStream[0]", true);
         let s2 = reg(&pool, "ExternalSorter[1]", true);
         s1.grow((1 << 51) + (1 << 50) + (1 << 49)); // 3.5 PiB, counted by the core
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            s2.try_grow(1 << 50)
-        }));
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s2.try_grow(1 << 50)));
         match outcome {
             Ok(Ok(())) => assert_eq!(pool.reserved(), s1.size() + s2.size()),
-            Ok(Err(e)) => assert!(
-                matches!(e, DataFusionError::ResourcesExhausted(_)),
-                "{e:?}"
-            ),
+            Ok(Err(e)) => assert!(matches!(e, DataFusionError::ResourcesExhausted(_)), "{e:?}"),
             Err(_) => panic!("{policy:?}: try_grow panicked"),
         }
         drop((s1, s2));
@@ -533,7 +589,6 @@ fn try_grow_after_a_huge_grow_never_panics() {
         whole(query.pool());
     }
 }
-
 
 /// A new user keeps DataFusion's defaults: `sort_spill_reservation_bytes` of 10 MiB. A sort
 /// of 100k rows (2.4 MB of data) with 2 and 4 partitions under limits of 14-20 MiB:
@@ -599,15 +654,13 @@ fn a_pool_is_named_with_its_requests_waiting_higher_up() {
     watchdog(20, || {
         let root = Arc::new(root("process", 1 << 20));
         let io = Arc::new(root.child("io", cfg(BufferSize::S4096, 1 << 20)).unwrap());
-        let query = Arc::new(MembudgetPool::child_of(&root, "query", 512 << 10, 256 << 10).unwrap());
+        let query =
+            Arc::new(MembudgetPool::child_of(&root, "query", 512 << 10, 256 << 10).unwrap());
         let pool = as_dyn(&query);
         let held = io.try_allocate(170).unwrap(); // 680 KiB
         let waiter = {
             let io = io.clone();
-            std::thread::spawn(move || {
-                io.allocate_timeout(40, Duration::from_millis(1000))
-                    .is_ok()
-            })
+            std::thread::spawn(move || io.allocate_timeout(40, Duration::from_millis(1000)).is_ok())
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while root.stats().waiting == 0 {
