@@ -535,6 +535,12 @@ impl MembudgetPool {
     /// bytes and whose floor is `floor` bytes (`BufPoolBuilder::min_memory`: set aside in
     /// every ancestor now, usable by nobody else; 0 for none), with the default policy.
     ///
+    /// Under [`Policy::Fair`] a floor above 0 and below `limit` is also what the spillable
+    /// consumers are sized from, idle machine or not: a floor smaller than the plan's
+    /// unspillable reservations (a sorter's `sort_spill_reservation_bytes`) plus a batch per
+    /// partition makes queries fail that a floor of 0 (spillers sized from `limit`) lets
+    /// complete. See the README, "Policies".
+    ///
     /// # Errors
     ///
     /// The child pool's [`ConfigError`]: `limit` below 8 bytes, `floor` above `limit`, or
