@@ -204,7 +204,9 @@ pub struct PoolStats {
     /// The pool's name ([`BufPoolBuilder::name`](crate::BufPoolBuilder::name)), if it has one.
     pub name: Option<Arc<str>>,
     /// Bytes reserved by live allocations (and by waiters granted bytes they have not yet
-    /// picked up).
+    /// picked up). In a child pool this includes the bytes of its requests that were granted
+    /// here and still wait at an ancestor: a request holds each level it has climbed while it
+    /// waits above, so a child's figure can count bytes its parent has not granted yet.
     pub in_use_bytes: usize,
     /// The budget.
     pub max_memory: usize,

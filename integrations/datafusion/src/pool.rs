@@ -535,6 +535,12 @@ impl MembudgetPool {
     /// bytes and whose floor is `floor` bytes (`BufPoolBuilder::min_memory`: set aside in
     /// every ancestor now, usable by nobody else; 0 for none), with the default policy.
     ///
+    /// Under [`Policy::Fair`] a floor above 0 and below `limit` is also what the spillable
+    /// consumers are sized from, idle machine or not: a floor smaller than the plan's
+    /// unspillable reservations (a sorter's `sort_spill_reservation_bytes`) plus a batch per
+    /// partition makes queries fail that a floor of 0 (spillers sized from `limit`) lets
+    /// complete. See the README, "Policies".
+    ///
     /// # Errors
     ///
     /// The child pool's [`ConfigError`]: `limit` below 8 bytes, `floor` above `limit`, or
@@ -616,7 +622,9 @@ impl MembudgetPool {
     pub fn stats(&self) -> MembudgetStats {
         let books = self.lock();
         MembudgetStats {
-            reserved: books.held.size(),
+            // What `MemoryPool::reserved` returns: the core's bytes and those it could not
+            // count (a `grow` past 4 PiB).
+            reserved: books.reserved(),
             peak_reserved: books.peak,
             consumers: books.consumers.len(),
             ..books.stats.clone()
@@ -1037,12 +1045,16 @@ impl MemoryPool for MembudgetPool {
                         && ((self.policy == Policy::Fair && self.floor > 0)
                             || self.own_budget_spent(additional)) =>
                 {
-                    books
-                        .held
-                        .force_grow(additional)
-                        .expect("within the pool's budget plus a share");
-                    books.stats.forced_shares += 1;
-                    None
+                    // The core counts at most 4 PiB in use: after a huge `grow` elsewhere in
+                    // the pool the overcommit itself may be refused. Then this is a refusal
+                    // as any other, never a panic.
+                    match books.held.force_grow(additional) {
+                        Ok(()) => {
+                            books.stats.forced_shares += 1;
+                            None
+                        }
+                        Err(cause) => Some((RefusalReason::Budget { cause }, usize::MAX)),
+                    }
                 }
                 // A budget that is not a multiple of 8: the exact bytes fit it, their
                 // rounding (the core's unit) does not. The whole units below the limit are

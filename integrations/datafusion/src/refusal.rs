@@ -109,6 +109,10 @@ pub enum HolderKind {
     /// bytes it holds itself (`PoolReport::own_bytes`) plus, for a pool with a floor
     /// (`min_memory`), the idle part of its floor: set aside in its ancestors for that pool
     /// alone, it is room nobody else may take (a sibling query's idle floor is named so).
+    /// A child pool's own bytes include those of its requests still waiting higher up the
+    /// tree (a request holds its own pool's level while it waits at an ancestor): an I/O
+    /// pool that holds 680 KiB and waits at the root for 160 KiB more is named for 840 KiB,
+    /// so the figures named may add up to more than the root's budget.
     /// Not the idle floor of the refusing pool nor of its ancestors: that is room the
     /// refusing pool's own requests may take. The refusing pool's own `BufPool` is named for
     /// what it holds beside its consumers (I/O buffers allocated from
