@@ -608,3 +608,108 @@ fn frozen_owned_allocation_holds_the_budget_and_the_pool_until_the_last_clone() 
         assert!(weak.upgrade().is_none());
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Every form at once, with a resizing controller: exact books at the end.
+
+#[test]
+fn every_form_under_load_with_resizes_leaves_exact_counts_and_drains() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    watchdog(60, || {
+        let pool = pool(16);
+        let oks = Arc::new(AtomicUsize::new(0));
+        let timed_out = Arc::new(AtomicUsize::new(0));
+        let would_block = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = common::rounds(400, 20);
+        let controller = {
+            let pool = Arc::clone(&pool);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(SeqCst) {
+                    let buffers = if i % 2 == 0 { 8 } else { 16 };
+                    pool.set_max_memory(buffers * BS).unwrap();
+                    i += 1;
+                    std::thread::yield_now();
+                }
+                pool.set_max_memory(16 * BS).unwrap();
+            })
+        };
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let pool = Arc::clone(&pool);
+                let (oks, timed_out, would_block) = (
+                    Arc::clone(&oks),
+                    Arc::clone(&timed_out),
+                    Arc::clone(&would_block),
+                );
+                std::thread::spawn(move || {
+                    let mut rng = common::Rng::new(t + 1);
+                    let mut poller = PollAllocate::new(Arc::clone(&pool));
+                    let count = |r: Result<BufPoolAllocation, AllocError>| match r {
+                        Ok(a) => {
+                            oks.fetch_add(1, SeqCst);
+                            std::hint::black_box(&a);
+                            if rng_yield(t) {
+                                std::thread::yield_now();
+                            }
+                            drop(a);
+                        }
+                        Err(AllocError::TimedOut) => {
+                            timed_out.fetch_add(1, SeqCst);
+                        }
+                        Err(AllocError::WouldBlock) => {
+                            would_block.fetch_add(1, SeqCst);
+                        }
+                        Err(e) => panic!("unexpected {e:?}"),
+                    };
+                    for _ in 0..rounds {
+                        let n = rng.range(1, 8);
+                        match rng.range(0, 6) {
+                            0 => count(pool.allocate_blocking(n)),
+                            1 => count(pool.allocate_timeout(
+                                n,
+                                Duration::from_micros(rng.range(0, 300) as u64),
+                            )),
+                            2 => count(pool.try_allocate(n)),
+                            3 => count(block_on(Arc::clone(&pool).allocate_owned(n))),
+                            4 => count(block_on(poll_fn(|cx| poller.poll_allocate(cx, n)))),
+                            5 => {
+                                // Polled once and cancelled: nothing to count.
+                                let mut f = Box::pin(Arc::clone(&pool).allocate_zeroed_owned(n));
+                                if let Poll::Ready(r) = poll(f.as_mut()) {
+                                    count(r);
+                                }
+                            }
+                            _ => match pool.reserve_timeout(n * BS, Duration::from_micros(200)) {
+                                Ok(mut r) => count(r.allocate(n)),
+                                Err(AllocError::TimedOut) => {
+                                    timed_out.fetch_add(1, SeqCst);
+                                }
+                                Err(e) => panic!("unexpected {e:?}"),
+                            },
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, SeqCst);
+        controller.join().unwrap();
+        let r = pool.shutdown_timeout(Duration::from_secs(5));
+        assert!(r.is_drained(), "{r}");
+        assert_eq!(r.waiting, 0, "{r}");
+        assert_eq!(r.total_allocations, oks.load(SeqCst), "{r}");
+        assert_eq!(r.timed_out, timed_out.load(SeqCst), "{r}");
+        assert_eq!(r.would_block, would_block.load(SeqCst), "{r}");
+        assert!(r.peak_in_use_bytes <= 16 * BS, "{r}");
+        assert!(r.mean_wait() <= r.max_wait, "{r}");
+    });
+}
+
+fn rng_yield(t: u64) -> bool {
+    t % 2 == 0
+}
