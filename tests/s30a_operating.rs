@@ -713,3 +713,141 @@ fn every_form_under_load_with_resizes_leaves_exact_counts_and_drains() {
 fn rng_yield(t: u64) -> bool {
     t % 2 == 0
 }
+
+// BUG (fixed in src/state.rs `resize` and src/reservation.rs `Grow::poll`): a queued
+// `grow` waits for its `more` bytes only, so a shrink compared `more` alone with the new
+// budget; a growth that could no longer fit beside its reservation kept waiting for good,
+// at the head of the FIFO, holding back every request behind it (a hang), where `grow` at
+// the call, and `set_max_memory`'s docs, promise `ExceedsBudget`.
+#[test]
+fn shrink_fails_a_waiting_grow_that_can_no_longer_fit_beside_its_reservation() {
+    watchdog(10, || {
+        let pool = pool(8);
+        let mut r = pool.try_reserve(4 * BS).unwrap();
+        let other = pool.try_allocate(2).unwrap(); // 2 free
+        {
+            let mut grow = pin!(r.grow(3 * BS));
+            assert!(poll(grow.as_mut()).is_pending());
+            assert_eq!(pool.stats().waiting, 1);
+            // 4 held + 3 more = 7 can never fit a budget of 6 (the grow holds the
+            // reservation, so it cannot shrink meanwhile).
+            pool.set_max_memory(6 * BS).unwrap();
+            drop(other); // 4 held: 2 free, and the grow needs 3
+            match poll(grow.as_mut()) {
+                Poll::Ready(Err(AllocError::ExceedsBudget { .. })) => {}
+                other => panic!(
+                    "a grow that can never fit is still {other:?} after the shrink: {}",
+                    pool.stats()
+                ),
+            }
+        }
+        assert_eq!(r.size(), 4 * BS);
+        drop(r);
+        assert_idle(&pool);
+    });
+}
+
+// BUG (as above): the blocking form hung for good, with a waiter behind it.
+#[test]
+fn shrink_fails_a_blocked_grow_and_serves_the_waiter_behind_it() {
+    watchdog(10, || {
+        let pool = pool(8);
+        let other = pool.try_allocate(2).unwrap();
+        let grower = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                let mut r = pool.try_reserve(4 * BS).unwrap();
+                let grown = r.grow_blocking(3 * BS);
+                (grown, r.size())
+            })
+        };
+        wait_waiting(&pool, 1);
+        let mut behind = Box::pin(Arc::clone(&pool).allocate_owned(1));
+        assert!(poll(behind.as_mut()).is_pending());
+        pool.set_max_memory(6 * BS).unwrap();
+        let (grown, size) = grower.join().unwrap();
+        assert_eq!(
+            grown,
+            Err(AllocError::ExceedsBudget {
+                requested_bytes: 7 * BS,
+                max_memory: 6 * BS
+            })
+        );
+        assert_eq!(size, 4 * BS);
+        // The reservation went with the thread: 2 in use of 6, so the one behind is served.
+        let a = ready_ok(behind.as_mut());
+        drop((a, other));
+        assert_idle(&pool);
+    });
+}
+
+// BUG (as above), for a child's reservation growing in its parent's queue.
+#[test]
+fn a_parent_shrink_fails_a_childs_grow_waiting_above_that_can_no_longer_fit() {
+    watchdog(10, || {
+        let root = pool(8);
+        let child = Arc::new(
+            root.child(
+                "c",
+                BufPoolCfg {
+                    buffer_size: BufferSize::S64,
+                    max_memory: 8 * BS,
+                },
+            )
+            .unwrap(),
+        );
+        let other = root.try_allocate(2).unwrap();
+        let grower = {
+            let child = Arc::clone(&child);
+            std::thread::spawn(move || {
+                let mut r = child.try_reserve(4 * BS).unwrap();
+                r.grow_blocking(3 * BS)
+            })
+        };
+        wait_waiting(&root, 1);
+        root.set_max_memory(6 * BS).unwrap();
+        assert!(matches!(
+            grower.join().unwrap(),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
+        drop(other);
+        assert_idle(&child);
+        assert_idle(&root);
+    });
+}
+
+// BUG (as above), for a child's reservation growing in its own queue below a parent shrink.
+#[test]
+fn a_parent_shrink_fails_a_childs_grow_waiting_in_the_childs_queue() {
+    watchdog(10, || {
+        let root = pool(8);
+        let child = Arc::new(
+            root.child(
+                "c",
+                BufPoolCfg {
+                    buffer_size: BufferSize::S64,
+                    max_memory: 6 * BS,
+                },
+            )
+            .unwrap(),
+        );
+        let sibling_held = child.try_allocate(1).unwrap(); // child: 1 + 4 of 6
+        let grower = {
+            let child = Arc::clone(&child);
+            std::thread::spawn(move || {
+                let mut r = child.try_reserve(4 * BS).unwrap();
+                r.grow_blocking(2 * BS)
+            })
+        };
+        // 4 + 2 = 6 fits the child's cap: it waits in the child's queue for the 1 held.
+        wait_waiting(&child, 1);
+        root.set_max_memory(5 * BS).unwrap(); // now 4 + 2 can never fit the chain
+        assert!(matches!(
+            grower.join().unwrap(),
+            Err(AllocError::ExceedsBudget { .. })
+        ));
+        drop(sibling_held);
+        assert_idle(&child);
+        assert_idle(&root);
+    });
+}
