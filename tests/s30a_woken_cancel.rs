@@ -1,0 +1,105 @@
+//! A waiting request whose waker the pool has taken to wake it (the head woken by a reclaimer
+//! registration, by a stalled reclaim round, or the waiters woken by a resize in a floored
+//! tree) and that is then cancelled before it polls again must still let the requests behind
+//! it move up: guarantee 3 (no lost wake-ups) and 6 (cancel safety).
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use common::{assert_idle, watchdog};
+use membudget::{BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, Reclaimer};
+
+const BS: usize = 64;
+
+fn pool(buffers: usize) -> BufPool {
+    BufPool::new(BufPoolCfg {
+        buffer_size: BufferSize::S64,
+        max_memory: BS * buffers,
+    })
+}
+
+fn poll<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
+    f.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+struct Nothing;
+
+impl Reclaimer for Nothing {
+    fn estimate(&self) -> usize {
+        0
+    }
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        Box::pin(async { 0 })
+    }
+}
+
+// BUG: `State::cancel` served the queue only if `remove` handed back the node's waker
+// (`own_waker.is_some()`); a head whose waker `wake_front` had taken (here: a reclaimer's
+// registration wakes the head) is removed without one, so the request behind it, which
+// fits, was never served: a lost wake-up until some other release.
+#[test]
+fn a_head_woken_by_a_registration_then_cancelled_lets_the_one_behind_proceed() {
+    watchdog(10, || {
+        let pool = pool(4);
+        let held = pool.try_allocate(3).unwrap(); // 1 free
+        let mut head = Box::pin(pool.allocate(2));
+        assert!(poll(head.as_mut()).is_pending());
+        let mut behind = Box::pin(pool.allocate(1));
+        assert!(poll(behind.as_mut()).is_pending());
+        assert_eq!(pool.stats().waiting, 2);
+        // Wakes the head (it may ask the new reclaimer): its waker is taken.
+        let handle = pool.register_reclaimer("nothing", 0, Arc::new(Nothing));
+        drop(head); // cancelled before it polls again
+        let s = pool.stats();
+        assert_eq!(s.waiting, 0, "the one behind fits and must be served: {s}");
+        let a: BufPoolAllocation = match poll(behind.as_mut()) {
+            Poll::Ready(Ok(a)) => a,
+            other => panic!("the one behind is {other:?}: {}", pool.stats()),
+        };
+        drop((a, held, handle));
+        assert_idle(&pool);
+    });
+}
+
+// BUG (as above), the blocking form: a thread behind the cancelled head stays parked.
+#[test]
+fn a_woken_head_cancelled_does_not_strand_a_blocked_thread_behind_it() {
+    watchdog(10, || {
+        let pool = Arc::new(pool(4));
+        let held = pool.try_allocate(3).unwrap();
+        let mut head = Box::pin(pool.allocate(2));
+        assert!(poll(head.as_mut()).is_pending());
+        let behind = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                pool.allocate_timeout(1, std::time::Duration::from_secs(3))
+                    .map(|a| a.length())
+            })
+        };
+        common::wait_waiting(&pool, 2);
+        let handle = pool.register_reclaimer("nothing", 0, Arc::new(Nothing));
+        drop(head);
+        assert_eq!(behind.join().unwrap(), Ok(1), "{}", pool.stats());
+        drop((held, handle));
+        assert_idle(&pool);
+    });
+}
+
+// Control: the same without the registration (the head keeps its waker) passes.
+#[test]
+fn a_head_cancelled_with_its_waker_lets_the_one_behind_proceed() {
+    let pool = pool(4);
+    let held = pool.try_allocate(3).unwrap();
+    let mut head = Box::pin(pool.allocate(2));
+    assert!(poll(head.as_mut()).is_pending());
+    let mut behind = Box::pin(pool.allocate(1));
+    assert!(poll(behind.as_mut()).is_pending());
+    drop(head);
+    assert!(matches!(poll(behind.as_mut()), Poll::Ready(Ok(_))));
+    drop(held);
+    assert_idle(&pool);
+}
