@@ -960,29 +960,15 @@ impl Future for Grow<'_> {
     type Output = Result<(), AllocError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Some(error) = *this.refused {
             return Poll::Ready(Err(error));
         }
         if this.request.amount() == 0 {
             return Poll::Ready(Ok(()));
         }
-        match this.request.as_mut().poll_hold(&this.reservation.pool, cx) {
-            Poll::Pending => {
-                // A shrink since the call may leave the growth unable to ever fit beside the
-                // bytes the reservation holds (which it cannot give back while this borrows
-                // it): the queue sees only `more`, so it is checked here, as at the call. A
-                // resize that shrinks wakes the subtree's waiters to look again
-                // (`State::resize`).
-                let pool = &this.reservation.pool;
-                match beyond_budget(pool, this.reservation.held, this.request.amount()) {
-                    Some(error) => {
-                        this.request.cancel(pool);
-                        Poll::Ready(Err(error))
-                    }
-                    None => Poll::Pending,
-                }
-            }
+        match this.request.poll_hold(&this.reservation.pool, cx) {
+            Poll::Pending => Poll::Pending,
             Poll::Ready(held) => Poll::Ready(held.map(|bytes| this.reservation.add(bytes))),
         }
     }

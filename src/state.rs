@@ -2356,7 +2356,7 @@ impl State {
     pub(crate) fn resize<R>(&self, change: impl FnOnce(Budget) -> (usize, R)) -> R {
         settle(|deferred| {
             let now = self.clock();
-            let (cap, shrank, result) = {
+            let (cap, result) = {
                 let mut queue = lock(&self.queue);
                 // Counted under the lock, as `stats` reads the word: the resize's count on
                 // the word's allocation counter is never seen without its correction.
@@ -2377,7 +2377,6 @@ impl State {
                 });
                 self.max_memory.store(max_memory, Relaxed);
                 self.budget.store(counted_budget(max_memory), Relaxed);
-                let old_cap = self.hard_cap();
                 if !self.config.grows {
                     self.hard_cap.store(counted_budget(max_memory), Relaxed);
                 }
@@ -2392,7 +2391,7 @@ impl State {
                     queue.list.wake_front(deferred);
                 }
                 self.note_room(before, &queue, deferred);
-                (cap, cap < old_cap, result)
+                (cap, result)
             };
             let mut descendants = Vec::new();
             self.collect_descendants(&mut descendants);
@@ -2430,28 +2429,6 @@ impl State {
                             .wake_where(|origin| origins.contains(&origin), deferred);
                     }
                     pool = level.parent.as_deref();
-                }
-            }
-            if shrank {
-                // A reservation's growth waits for its `more` bytes only, while its
-                // reservation holds more beside them: a shrink may leave it unable to ever
-                // be served although `more` alone fits, and the queues cannot tell. The
-                // subtree's waiters look again (`Grow::poll` fails such a growth with
-                // `ExceedsBudget`, as at the call); the others only store their waker again.
-                // One queue lock at a time.
-                let mut pool = Some(self);
-                while let Some(level) = pool {
-                    if level.word.load().is_queued() {
-                        lock(&level.queue)
-                            .list
-                            .wake_where(|origin| origins.contains(&origin), deferred);
-                    }
-                    pool = level.parent.as_deref();
-                }
-                for below in &descendants {
-                    if below.word.load().is_queued() {
-                        lock(&below.queue).list.wake_where(|_| true, deferred);
-                    }
                 }
             }
             // A sleeping `reclaim_ahead` looks at the new room.
