@@ -183,7 +183,11 @@ fn shutdown_timeout_fails_waiters_of_every_form_with_closed_and_counts_them_nowh
         };
         wait_waiting(&pool, 5);
         let r = pool.shutdown_timeout(Duration::from_millis(5));
-        assert_eq!((r.waiting, r.outstanding, r.in_use_bytes), (0, 1, 2 * BS), "{r}");
+        assert_eq!(
+            (r.waiting, r.outstanding, r.in_use_bytes),
+            (0, 1, 2 * BS),
+            "{r}"
+        );
         assert_eq!(blocking.join().unwrap(), Some(AllocError::Closed));
         assert!(matches!(
             poll(fut.as_mut()),
@@ -193,7 +197,10 @@ fn shutdown_timeout_fails_waiters_of_every_form_with_closed_and_counts_them_nowh
             poll(owned.as_mut()),
             Poll::Ready(Err(AllocError::Closed))
         ));
-        assert_eq!(poller_ready(&mut poller, 2).unwrap_err(), AllocError::Closed);
+        assert_eq!(
+            poller_ready(&mut poller, 2).unwrap_err(),
+            AllocError::Closed
+        );
         assert!(matches!(
             poll(reserve.as_mut()),
             Poll::Ready(Err(AllocError::Closed))
@@ -239,7 +246,10 @@ fn shutdown_before_a_ready_deadline_reports_at_once_and_a_pending_one_waits_for_
         let res = pool.try_reserve(24).unwrap();
         let r = block_on(pool.shutdown_before(std::future::ready(())));
         assert!(r.closed, "{r}");
-        assert_eq!((r.outstanding, r.in_use_bytes, r.reserved_bytes), (1, BS + 24, 24));
+        assert_eq!(
+            (r.outstanding, r.in_use_bytes, r.reserved_bytes),
+            (1, BS + 24, 24)
+        );
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(10));
             drop(owned);
@@ -265,7 +275,10 @@ fn shutdown_before_dropped_unpolled_does_nothing_and_dropped_after_a_poll_leaves
         let mut f = pin!(pool.shutdown_before(std::future::pending::<()>()));
         assert!(poll(f.as_mut()).is_pending());
     }
-    assert!(pool.is_closed(), "cancelled after a poll: closed, as documented");
+    assert!(
+        pool.is_closed(),
+        "cancelled after a poll: closed, as documented"
+    );
     assert_eq!(pool.stats().in_use_bytes, BS);
     drop(held);
     assert_idle(&pool);
@@ -504,7 +517,10 @@ fn stats_add_up_after_every_wait_form_with_wait_times_bounded_by_what_was_seen()
         let min_wait = released_at.duration_since(outer);
         let s = pool.stats();
         assert_eq!(s.waited_allocations, 4, "{s}");
-        assert_eq!(s.total_allocations, 4, "the reservation is no allocation: {s}");
+        assert_eq!(
+            s.total_allocations, 4,
+            "the reservation is no allocation: {s}"
+        );
         assert_eq!((s.would_block, s.timed_out), (2, 2), "{s}");
         assert_eq!((s.outstanding, s.in_use_bytes), (3, 4 * BS), "{s}");
         assert_eq!(s.peak_in_use_bytes, 4 * BS, "{s}");
@@ -714,14 +730,14 @@ fn rng_yield(t: u64) -> bool {
     t % 2 == 0
 }
 
-// BUG (fixed in src/state.rs `resize` and src/reservation.rs `Grow::poll`): a queued
+// BUG (fixed by d0f8e76, reverted on this branch until tests/model.rs is updated): a queued
 // `grow` waits for its `more` bytes only, so a shrink compared `more` alone with the new
 // budget; a growth that could no longer fit beside its reservation kept waiting for good,
 // at the head of the FIFO, holding back every request behind it (a hang), where `grow` at
 // the call, and `set_max_memory`'s docs, promise `ExceedsBudget`.
 #[test]
 fn shrink_fails_a_waiting_grow_that_can_no_longer_fit_beside_its_reservation() {
-    watchdog(10, || {
+    watchdog(3, || {
         let pool = pool(8);
         let mut r = pool.try_reserve(4 * BS).unwrap();
         let other = pool.try_allocate(2).unwrap(); // 2 free
@@ -750,7 +766,7 @@ fn shrink_fails_a_waiting_grow_that_can_no_longer_fit_beside_its_reservation() {
 // BUG (as above): the blocking form hung for good, with a waiter behind it.
 #[test]
 fn shrink_fails_a_blocked_grow_and_serves_the_waiter_behind_it() {
-    watchdog(10, || {
+    watchdog(3, || {
         let pool = pool(8);
         let other = pool.try_allocate(2).unwrap();
         let grower = {
@@ -784,7 +800,7 @@ fn shrink_fails_a_blocked_grow_and_serves_the_waiter_behind_it() {
 // BUG (as above), for a child's reservation growing in its parent's queue.
 #[test]
 fn a_parent_shrink_fails_a_childs_grow_waiting_above_that_can_no_longer_fit() {
-    watchdog(10, || {
+    watchdog(3, || {
         let root = pool(8);
         let child = Arc::new(
             root.child(
@@ -819,7 +835,7 @@ fn a_parent_shrink_fails_a_childs_grow_waiting_above_that_can_no_longer_fit() {
 // BUG (as above), for a child's reservation growing in its own queue below a parent shrink.
 #[test]
 fn a_parent_shrink_fails_a_childs_grow_waiting_in_the_childs_queue() {
-    watchdog(10, || {
+    watchdog(3, || {
         let root = pool(8);
         let child = Arc::new(
             root.child(
