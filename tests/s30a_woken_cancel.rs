@@ -103,3 +103,66 @@ fn a_head_cancelled_with_its_waker_lets_the_one_behind_proceed() {
     drop(held);
     assert_idle(&pool);
 }
+
+// The same hole on the floors' path (`State::withdraw`): a floored child's request waiting
+// in its parent's queue is woken by `wake_where` when its floor gets room for all it still
+// needs, and takes itself out of that queue to use the floor; the request behind it there,
+// which fits, must then be served.
+// BUG (fixed with the above): it stayed queued with room free for it.
+#[test]
+fn a_request_leaving_the_parents_queue_for_its_floor_lets_the_one_behind_proceed() {
+    watchdog(10, || {
+        let root = pool(8);
+        let child = BufPool::builder(BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: 8 * BS,
+        })
+        .name("floored")
+        .parent(&root)
+        .min_memory(4 * BS)
+        .build()
+        .unwrap();
+        let other = root.try_allocate(3).unwrap(); // root: 4 floor + 3 = 7 of 8
+        let in_floor = child.try_allocate(4).unwrap(); // the whole floor
+        // 2 more for the child: none of the floor is free, so both climb; the root has 1.
+        let mut climbing = Box::pin(child.allocate(2));
+        assert!(poll(climbing.as_mut()).is_pending());
+        assert_eq!(root.stats().waiting, 1, "{}", root.stats());
+        // Behind it at the root: 1 buffer, which fits, held back by FIFO only.
+        let mut behind = Box::pin(root.allocate(1));
+        assert!(poll(behind.as_mut()).is_pending());
+        assert_eq!(root.stats().waiting, 2);
+        drop(in_floor); // the floor has room for all 2: the child's request is woken
+        // It polls, leaves the root's queue and takes the floor.
+        let a = match poll(climbing.as_mut()) {
+            Poll::Ready(Ok(a)) => a,
+            other => panic!(
+                "{:?}: {}",
+                other.map(|r| r.map(|a| a.length())),
+                root.stats()
+            ),
+        };
+        let s = root.stats();
+        assert_eq!(
+            s.waiting, 0,
+            "the one behind fits (1 free) and is stranded: {s}"
+        );
+        let b = match poll(behind.as_mut()) {
+            Poll::Ready(Ok(b)) => b,
+            other => panic!(
+                "{:?}: {}",
+                other.map(|r| r.map(|a| a.length())),
+                root.stats()
+            ),
+        };
+        drop((a, b, other, climbing, behind));
+        assert_idle(&child);
+        assert_eq!(
+            root.stats().in_use_bytes,
+            4 * BS,
+            "the floor stays set aside"
+        );
+        drop(child);
+        assert_idle(&root);
+    });
+}
