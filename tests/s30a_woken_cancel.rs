@@ -166,3 +166,66 @@ fn a_request_leaving_the_parents_queue_for_its_floor_lets_the_one_behind_proceed
         assert_idle(&root);
     });
 }
+
+/// A reclaimer that frees nothing: every round stalls, so releases wake the head again
+/// (`wake_front`) and registrations do too.
+struct Stalling;
+
+impl Reclaimer for Stalling {
+    fn estimate(&self) -> usize {
+        BS
+    }
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        Box::pin(async { 0 })
+    }
+}
+
+// Under load: tasks that give up (a timeout) beside tasks that wait without one, on a pool
+// whose head is woken by stalled reclaim rounds and registrations. A waiter stranded behind
+// a woken head that gave up hangs its task (the watchdog fails the test). (A stress check:
+// before the fix it did not catch the hole, which the next release always closed here; the
+// deterministic tests above do.)
+#[test]
+#[cfg_attr(miri, ignore = "a multi-thread runtime under load")]
+fn cancels_of_woken_heads_under_load_never_strand_the_waiters_behind() {
+    watchdog(30, || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = Arc::new(pool(4));
+        let _handle = pool.register_reclaimer("stalling", 0, Arc::new(Stalling));
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for t in 0..16usize {
+                let pool = Arc::clone(&pool);
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..200usize {
+                        let n = 1 + (t + i) % 4;
+                        if (t + i) % 3 == 0 {
+                            let r = tokio::time::timeout(
+                                std::time::Duration::from_micros(50),
+                                pool.allocate(n),
+                            )
+                            .await;
+                            drop(r);
+                        } else {
+                            let a = pool.allocate(n).await.unwrap();
+                            tokio::task::yield_now().await;
+                            drop(a);
+                        }
+                        if i % 50 == 0 {
+                            // A registration wakes the head too.
+                            drop(pool.register_reclaimer("again", 1, Arc::new(Stalling)));
+                        }
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        assert_idle(&pool);
+    });
+}
