@@ -867,3 +867,102 @@ fn a_parent_shrink_fails_a_childs_grow_waiting_in_the_childs_queue() {
         assert_idle(&root);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// "Running in production": a shrink frees cached blocks until the footprint fits, and
+// while live bytes alone are above the budget nothing is cached.
+
+#[test]
+fn shrink_trims_the_cache_and_caches_nothing_while_live_bytes_are_above_the_budget() {
+    watchdog(10, || {
+        let pool = BufPool::builder(BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: 8 * BS,
+        })
+        .recycle(16)
+        .recycle_min_bytes(0)
+        .build()
+        .unwrap();
+        let footprint = |what: &str| {
+            let s = pool.stats();
+            assert!(
+                s.in_use_bytes + s.cached_bytes <= s.max_memory
+                    || (s.cached_bytes == 0 && s.in_use_bytes > s.max_memory),
+                "{what}: {s}"
+            );
+            s
+        };
+        let blocks: Vec<_> = (0..8).map(|_| pool.try_allocate(1).unwrap()).collect();
+        drop(blocks);
+        assert_eq!(footprint("all cached").cached_bytes, 8 * BS);
+        pool.set_max_memory(4 * BS).unwrap();
+        assert!(footprint("shrunk to 4").cached_bytes <= 4 * BS);
+        let live: Vec<_> = (0..4).map(|_| pool.try_allocate(1).unwrap()).collect();
+        assert_eq!(footprint("4 live").cached_bytes, 0);
+        pool.set_max_memory(2 * BS).unwrap();
+        footprint("shrunk to 2 under 4 live");
+        let mut live = live;
+        live.pop();
+        assert_eq!(
+            footprint("3 live of 2").cached_bytes,
+            0,
+            "nothing cached above"
+        );
+        live.pop();
+        assert_eq!(footprint("2 live of 2").cached_bytes, 0);
+        live.pop();
+        assert!(footprint("1 live of 2").cached_bytes <= BS);
+        drop(live);
+        let s = footprint("none live");
+        assert!(s.cached_bytes <= 2 * BS && s.is_drained(), "{s}");
+        // Grown again: the cache may fill up to the new budget, never beyond.
+        pool.set_max_memory(3 * BS).unwrap();
+        let again: Vec<_> = (0..3).map(|_| pool.try_allocate(1).unwrap()).collect();
+        assert_eq!(footprint("3 live of 3").cached_bytes, 0);
+        drop(again);
+        assert!(footprint("none live of 3").cached_bytes <= 3 * BS);
+    });
+}
+
+/// A cache whose only owner is its registration: it gives its allocations back as it drops.
+struct Cache(std::sync::Mutex<Vec<BufPoolAllocation>>);
+
+impl membudget::Reclaimer for Cache {
+    fn estimate(&self) -> usize {
+        self.0.lock().unwrap().len() * BS
+    }
+    fn reclaim(&self, _target: usize) -> Pin<Box<dyn Future<Output = usize> + Send>> {
+        let freed = self.0.lock().unwrap().drain(..).count() * BS;
+        Box::pin(async move { freed })
+    }
+}
+
+#[test]
+fn shutdown_timeout_and_shutdown_before_drop_registrations_so_a_cache_gives_its_bytes_back() {
+    watchdog(10, || {
+        for form in 0..2 {
+            let pool = pool(8);
+            let entries = (0..3).map(|_| pool.try_allocate(1).unwrap()).collect();
+            let handle = pool.register_reclaimer(
+                "cache",
+                0,
+                Arc::new(Cache(std::sync::Mutex::new(entries))),
+            );
+            let kept = pool.try_allocate(2).unwrap();
+            let r = if form == 0 {
+                pool.shutdown_timeout(Duration::from_millis(5))
+            } else {
+                block_on(pool.shutdown_before(std::future::ready(())))
+            };
+            // The cache's 3 came back when its registration was dropped; `kept` is out.
+            assert_eq!(
+                (r.outstanding, r.in_use_bytes),
+                (1, 2 * BS),
+                "form {form}: {r}"
+            );
+            drop(handle); // unregistered already: harmless
+            drop(kept);
+            assert!(pool.shutdown_timeout(Duration::ZERO).is_drained());
+        }
+    });
+}
