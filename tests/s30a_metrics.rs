@@ -91,7 +91,10 @@ fn every_wait_form_is_one_sample_where_it_waited_and_samples_add_up_to_the_stats
         let mut o = Box::pin(Arc::clone(&root).allocate_owned(1));
         assert!(poll(o.as_mut()).is_pending());
         let mut p = PollAllocate::new(Arc::clone(&root));
-        assert!(p.poll_allocate(&mut Context::from_waker(Waker::noop()), 1).is_pending());
+        assert!(
+            p.poll_allocate(&mut Context::from_waker(Waker::noop()), 1)
+                .is_pending()
+        );
         let mut r = Box::pin(root.reserve(BS));
         assert!(poll(r.as_mut()).is_pending());
         let mut c = Box::pin(child.allocate(1)); // waits at the root's level
@@ -131,7 +134,11 @@ fn every_wait_form_is_one_sample_where_it_waited_and_samples_add_up_to_the_stats
         assert!(s.is_drained(), "{s}");
         // allocate, owned, poll, reserve, child, untaken, blocking, grow.
         assert_eq!(s.waited_allocations, 8, "{s}");
-        assert_eq!(child.stats().waited_allocations, 0, "it waited at the root only");
+        assert_eq!(
+            child.stats().waited_allocations,
+            0,
+            "it waited at the root only"
+        );
         let values = snapshot(&snapshotter);
         let root_samples = samples(&values, "root");
         assert_eq!(

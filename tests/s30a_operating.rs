@@ -966,3 +966,45 @@ fn shutdown_timeout_and_shutdown_before_drop_registrations_so_a_cache_gives_its_
         }
     });
 }
+
+// BUG: a shrink failed the requests that can never fit in the pool's own queue and in its
+// ancestors' (and a child's own shrink its subtree's, wherever they wait), but not those of
+// its descendants waiting in their own queues: such a request kept its place at the head of
+// the child's queue until a release there let it climb and fail, holding back a request
+// behind it that fits everywhere (guarantee 3; `set_max_memory`: "Waiting requests that can
+// never fit the new budget fail with ExceedsBudget").
+#[test]
+fn a_parent_shrink_fails_a_childs_request_waiting_in_the_childs_queue_that_can_never_fit() {
+    watchdog(10, || {
+        let root = pool(8);
+        let child = root
+            .child(
+                "c",
+                BufPoolCfg {
+                    buffer_size: BufferSize::S64,
+                    max_memory: 8 * BS,
+                },
+            )
+            .unwrap();
+        let held = child.try_allocate(2).unwrap(); // 6 free in the child
+        let mut big = Box::pin(child.allocate(7)); // waits in the child's queue
+        assert!(poll(big.as_mut()).is_pending());
+        let mut small = Box::pin(child.allocate(1)); // fits, behind it
+        assert!(poll(small.as_mut()).is_pending());
+        assert_eq!(child.stats().waiting, 2);
+        root.set_max_memory(4 * BS).unwrap(); // 7 can never fit the chain now; 2 + 1 do
+        let got = poll(big.as_mut()).map(|r| r.map(|a| a.length()));
+        assert!(
+            matches!(got, Poll::Ready(Err(AllocError::ExceedsBudget { requested_bytes, max_memory }))
+                if requested_bytes == 7 * BS && max_memory == 4 * BS),
+            "the request that can never fit is {got:?}: {}",
+            child.stats()
+        );
+        let s = child.stats();
+        assert_eq!(s.waiting, 0, "the one behind fits everywhere: {s}");
+        let a = ready_ok(small.as_mut());
+        drop((a, held, big, small));
+        assert_idle(&child);
+        assert_idle(&root);
+    });
+}
