@@ -2408,6 +2408,23 @@ impl State {
                 floors_below = true;
                 deferred.notify(Arc::clone(&pool.room));
             }
+            // Requests waiting in a descendant's own queue must hold their bytes (what of
+            // them still climbs) here too: those above the new cap can never be served, as
+            // at the call (a request above the smallest cap of its chain is refused, floors
+            // or not), and would keep their place at the head of that queue, holding back
+            // the requests behind them that fit. They fail now, and each queue serves the
+            // room they leave. (A pool that waits for growth keeps its cap: none fails.)
+            for below in &descendants {
+                if below.word.load().is_queued() {
+                    below.fail_waiters(
+                        |bytes, _| {
+                            (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap })
+                        },
+                        || {},
+                        deferred,
+                    );
+                }
+            }
             let origins = Self::origins(self, &descendants);
             if self.parent.is_some() {
                 self.fail_in_ancestors(
