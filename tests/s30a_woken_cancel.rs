@@ -37,8 +37,8 @@ impl Reclaimer for Nothing {
     }
 }
 
-// BUG: `State::cancel` served the queue only if `remove` handed back the node's waker
-// (`own_waker.is_some()`); a head whose waker `wake_front` had taken (here: a reclaimer's
+// BUG (fixed by 1950434): `State::cancel` served the queue only if `remove` handed back
+// the node's waker (`own_waker.is_some()`); a head whose waker `wake_front` had taken (here: a reclaimer's
 // registration wakes the head) is removed without one, so the request behind it, which
 // fits, was never served: a lost wake-up until some other release.
 #[test]
