@@ -730,7 +730,7 @@ fn rng_yield(t: u64) -> bool {
     t % 2 == 0
 }
 
-// BUG (fixed by caf8cd1, reverted on this branch until tests/model.rs is updated): a queued
+// BUG (fixed by bd3ee89, reverted on this branch until tests/model.rs is updated): a queued
 // `grow` waits for its `more` bytes only, so a shrink compared `more` alone with the new
 // budget; a growth that could no longer fit beside its reservation kept waiting for good,
 // at the head of the FIFO, holding back every request behind it (a hang), where `grow` at
@@ -832,7 +832,7 @@ fn a_parent_shrink_fails_a_childs_grow_waiting_above_that_can_no_longer_fit() {
     });
 }
 
-// BUG (as above; needs d90ab5e too), for a child's reservation growing in its own queue below
+// BUG (as above; fixed by bd3ee89 with the next one), for a child's reservation growing in its own queue below
 // a parent shrink.
 #[test]
 fn a_parent_shrink_fails_a_childs_grow_waiting_in_the_childs_queue() {
@@ -968,7 +968,7 @@ fn shutdown_timeout_and_shutdown_before_drop_registrations_so_a_cache_gives_its_
     });
 }
 
-// BUG (fixed by d90ab5e, reverted on this branch until tests/model.rs and tests/unwind.rs are
+// BUG (fixed by bd3ee89, reverted on this branch until tests/model.rs and tests/unwind.rs are
 // updated): a shrink failed the requests that can never fit in the pool's own queue and in its
 // ancestors' (and a child's own shrink its subtree's, wherever they wait), but not those of
 // its descendants waiting in their own queues: such a request kept its place at the head of
