@@ -832,8 +832,8 @@ fn a_parent_shrink_fails_a_childs_grow_waiting_above_that_can_no_longer_fit() {
     });
 }
 
-// BUG (as above; fixed by bd3ee89 with the next one), for a child's reservation growing in its own queue below
-// a parent shrink.
+// BUG (as above; fixed by bd3ee89 with the next one), for a child's reservation growing in
+// its own queue below a parent shrink.
 #[test]
 fn a_parent_shrink_fails_a_childs_grow_waiting_in_the_childs_queue() {
     watchdog(3, || {
