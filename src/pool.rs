@@ -918,7 +918,9 @@ impl BufPool {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: dropping the future leaves the pool closed and loses nothing.
+    /// Cancel safe: dropping the future loses nothing, and leaves the pool closed once it
+    /// has been polled (like any `async fn`, it does nothing before its first poll: dropped
+    /// unpolled, it leaves the pool as it was).
     ///
     /// # Examples
     ///

@@ -923,14 +923,16 @@ impl State {
                     let mut queue = lock(&self.queue);
                     let before = queue.list.len();
                     // Served since the look above? Then the node is out of the list and
-                    // `remove` changes nothing.
-                    let own_waker = queue.list.remove(node);
-                    if own_waker.is_some() {
+                    // `remove` changes nothing. (Whether it left is not whether it had a
+                    // waker: a head woken by `wake_front` or `wake_where` has none until it
+                    // polls again, and the ones behind it must move up all the same.)
+                    let removed = queue.list.remove(node);
+                    if removed.is_some() {
                         let now = self.clock();
                         self.serve(&mut queue, deferred, now);
                     }
                     self.note_room(before, &queue, deferred);
-                    own_waker
+                    removed.flatten()
                 };
                 // Dropped after the others' wake-ups, so that its `drop` panicking costs only
                 // us.
@@ -951,11 +953,14 @@ impl State {
         if node.status() == Status::Waiting {
             let mut queue = lock(&self.queue);
             let before = queue.list.len();
+            // As in `cancel`: a node woken by `wake_where` (the floor's room) has no waker.
             if let Some(own_waker) = queue.list.remove(node) {
                 let now = self.clock();
                 self.serve(&mut queue, deferred, now);
                 self.note_room(before, &queue, deferred);
-                deferred.drop_later(own_waker);
+                if let Some(own_waker) = own_waker {
+                    deferred.drop_later(own_waker);
+                }
             }
         }
         node.status()

@@ -31,9 +31,13 @@ pub mod metric_names {
     pub const CACHED_BYTES: &str = "membudget_cached_bytes";
     /// Counter: allocations ever made (`PoolStats::total_allocations`).
     pub const ALLOCATIONS_TOTAL: &str = "membudget_allocations_total";
-    /// Counter: allocations that waited (`PoolStats::waited_allocations`).
+    /// Counter: requests granted after waiting in the pool's queue: allocations, and also
+    /// reservations, growths and child pools' requests that waited there
+    /// (`PoolStats::waited_allocations`).
     pub const WAITED_TOTAL: &str = "membudget_waited_total";
-    /// Counter: `try_allocate` calls that found no room (`PoolStats::would_block`).
+    /// Counter: calls that failed with `WouldBlock`: `try_allocate` (and its zeroed form),
+    /// `try_reserve`, `Reservation::try_grow` and `Reservation::resize_to`
+    /// (`PoolStats::would_block`).
     pub const WOULD_BLOCK_TOTAL: &str = "membudget_would_block_total";
     /// Counter: timed calls that gave up (`PoolStats::timed_out`).
     pub const TIMED_OUT_TOTAL: &str = "membudget_timed_out_total";

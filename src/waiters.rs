@@ -678,10 +678,13 @@ impl WaitList {
         }
     }
 
-    /// The owner takes its waiting node out; returns its waker, for the caller to drop after
-    /// unlocking (user code). `None` and no change if the node is not waiting here.
-    #[must_use = "drop the waker after unlocking"]
-    pub(crate) fn remove(&mut self, node: Pin<&Node>) -> Option<Waker> {
+    /// The owner takes its waiting node out; returns `Some` with its waker, for the caller to
+    /// drop after unlocking (user code). `None` and no change if the node is not waiting here.
+    /// A node taken out may have no waker (`Some(None)`): [`wake_front`](WaitList::wake_front)
+    /// and [`wake_where`](WaitList::wake_where) take it, and the node stays queued until its
+    /// next poll stores one again, so whether it left must not be read from its waker.
+    #[must_use = "serve the ones behind, and drop the waker after unlocking"]
+    pub(crate) fn remove(&mut self, node: Pin<&Node>) -> Option<Option<Waker>> {
         if !self.is_linked_here(node) {
             return None;
         }
@@ -691,7 +694,7 @@ impl WaitList {
         let waker = unsafe { self.links(ptr) }.waker.take();
         // Under the lock; from here on the node is its owner's alone.
         node.status.store(IDLE, Relaxed);
-        waker
+        Some(waker)
     }
 }
 
