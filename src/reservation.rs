@@ -375,7 +375,9 @@ impl Reservation {
             Some(more) => beyond_budget(&self.pool, self.held, more),
         };
         Grow {
-            request: Request::new(rounded_or_overflow(more), Unit::Bytes),
+            // The reservation's bytes beside it: a shrink that leaves the two together above
+            // the budget fails the growth, as at this call (see `beyond_budget`).
+            request: Request::growth(rounded_or_overflow(more), self.held),
             refused,
             reservation: self,
         }
@@ -969,7 +971,19 @@ impl Future for Grow<'_> {
         }
         match this.request.poll_hold(&this.reservation.pool, cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(held) => Poll::Ready(held.map(|bytes| this.reservation.add(bytes))),
+            Poll::Ready(Ok(bytes)) => {
+                this.reservation.add(bytes);
+                Poll::Ready(Ok(()))
+            }
+            // Failed by a shrink because of the bytes beside it: reported as at the call.
+            Poll::Ready(Err(AllocError::ExceedsBudget {
+                requested_bytes,
+                max_memory,
+            })) if requested_bytes <= max_memory => Poll::Ready(Err(AllocError::ExceedsBudget {
+                requested_bytes: this.reservation.held.saturating_add(requested_bytes),
+                max_memory,
+            })),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
         }
     }
 }

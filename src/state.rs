@@ -738,8 +738,11 @@ impl State {
         // (user code) once it has recorded what it holds.
         let waker = waker.clone();
         let since = self.clock();
+        // A reservation's growth would hold its reservation's bytes beside these: the two
+        // must fit the caps (idle, the node is ours to read).
+        let beside = node.held_beside();
         let mut queue = lock(&self.queue);
-        match self.admit_locked(&mut queue, bytes, for_descendant, counted, waited) {
+        match self.admit_locked(&mut queue, bytes, beside, for_descendant, counted, waited) {
             Ok(Admission::Queued) => {}
             other => {
                 *unused = Some(waker);
@@ -768,6 +771,7 @@ impl State {
         &self,
         queue: &mut Queue,
         bytes: usize,
+        beside: usize,
         for_descendant: Option<&State>,
         counted: bool,
         waited: bool,
@@ -781,7 +785,7 @@ impl State {
             // budget store, under each queue's lock), and this check under our lock catches
             // one that queues here after the walk passed.
             let below = origin.smallest_budget_below(self);
-            if bytes > below {
+            if bytes.saturating_add(beside) > below {
                 return Err(AllocError::ExceedsBudget {
                     requested_bytes: bytes,
                     max_memory: below,
@@ -790,7 +794,7 @@ impl State {
         }
         let budget = self.budget();
         let cap = self.hard_cap();
-        if bytes > cap {
+        if bytes.saturating_add(beside) > cap {
             // A concurrent shrink of the budget made the request impossible.
             return Err(AllocError::ExceedsBudget {
                 requested_bytes: bytes,
@@ -2457,6 +2461,23 @@ impl State {
             for pool in floored.filter(|pool| pool.has_floor()) {
                 floors_below = true;
                 deferred.notify(Arc::clone(&pool.room));
+            }
+            // Requests waiting in a descendant's own queue must hold their bytes (what of
+            // them still climbs) here too: those above the new cap can never be served, as
+            // at the call (a request above the smallest cap of its chain is refused, floors
+            // or not), and would keep their place at the head of that queue, holding back
+            // the requests behind them that fit. They fail now, and each queue serves the
+            // room they leave. (A pool that waits for growth keeps its cap: none fails.)
+            for below in &descendants {
+                if below.word.load().is_queued() {
+                    below.fail_waiters(
+                        |bytes, _| {
+                            (bytes > cap).then_some(Failure::ExceedsBudget { max_memory: cap })
+                        },
+                        || {},
+                        deferred,
+                    );
+                }
             }
             let origins = Self::origins(self, &descendants);
             if self.parent.is_some() {

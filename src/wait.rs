@@ -262,6 +262,15 @@ impl Request {
         }
     }
 
+    /// A request for `more` bytes beside the `beside` bytes its owner holds at every level
+    /// of the pool's chain: a reservation's growth (see [`Node::beside`]).
+    pub(crate) fn growth(more: usize, beside: usize) -> Self {
+        Request {
+            node: Node::beside(beside),
+            ..Request::new(more, Unit::Bytes)
+        }
+    }
+
     /// A request for an allocation of `n` buffers, zeroed or not.
     pub(crate) fn allocation(n: usize, zeroed: bool) -> Self {
         Request {

@@ -59,6 +59,14 @@ const GRANTED_BLOCK: usize = 5;
 /// allocation. (An address no block has: blocks are at least 8-aligned.)
 const TAKES_BLOCK: usize = 1;
 
+/// The bytes the owner of a node not handed a block holds beside it (`Links::outcome`).
+fn beside_of(links: &Links) -> usize {
+    match links.outcome.addr() {
+        TAKES_BLOCK => 0,
+        beside => beside,
+    }
+}
+
 /// Why a waiting request fails.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub(crate) enum Failure {
@@ -112,8 +120,11 @@ struct Links {
     /// When it was queued, for the wait statistics (if its pool times waits).
     since: Stamp,
     /// While it waits: [`TAKES_BLOCK`] (without provenance) if it takes a released block,
-    /// else null. Once `FAILED_EXCEEDS`: the budget it exceeded (without provenance). Once
-    /// `GRANTED_BLOCK`: the block handed to it.
+    /// else the bytes its owner holds beside it at every level of its chain (a reservation's
+    /// growth: the reservation's own bytes; 0 for every other request), without provenance,
+    /// set when the node is made ([`Node::beside`]) and kept by every queueing. Once
+    /// `FAILED_EXCEEDS`: the budget it exceeded (without provenance). Once `GRANTED_BLOCK`:
+    /// the block handed to it.
     outcome: *mut u8,
     /// The address of the pool the request was made to (its own level), which may be a
     /// descendant of the pool whose list it waits in: closing that pool fails it here too.
@@ -192,6 +203,20 @@ impl Default for Node {
 }
 
 impl Node {
+    /// A node for a request whose owner holds `beside` bytes at every level of its chain
+    /// besides the bytes it asks for (a reservation's growth): a shrink that leaves the two
+    /// together above a budget fails it (`WaitList::fail_where` judges `bytes + beside`).
+    /// `beside` is a multiple of 8, so never [`TAKES_BLOCK`]; the request takes bytes only.
+    pub(crate) fn beside(beside: usize) -> Self {
+        let node = Node::new();
+        debug_assert!(beside % 8 == 0);
+        // SAFETY: the node was just made: nothing else can reach it.
+        node.links.with_mut(|links| unsafe {
+            (*links).outcome = core::ptr::without_provenance_mut(beside);
+        });
+        node
+    }
+
     pub(crate) fn new() -> Self {
         Node {
             status: AtomicUsize::new(IDLE),
@@ -236,6 +261,14 @@ impl Node {
 }
 
 impl Node {
+    /// The bytes its owner holds beside it (see [`Node::beside`]). For its owner, while the
+    /// node is in no list (`Idle`), as when it queues.
+    pub(crate) fn held_beside(self: Pin<&Self>) -> usize {
+        debug_assert_eq!(self.status.load(Relaxed), IDLE);
+        // SAFETY: idle: the node is in no list, and its owner (our caller) alone touches it.
+        self.links.with(|links| unsafe { beside_of(&*links) })
+    }
+
     /// When it was queued (the default stamp if its pool does not time waits). For its
     /// owner, once [`status`](Node::status) said `Granted`.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
@@ -398,15 +431,17 @@ impl WaitList {
         // SAFETY: the node is idle, so its owner (our caller) alone touches it; it is pinned,
         // so it stays where it is until its drop, which aborts while it is linked.
         let links = unsafe { self.links(ptr) };
+        // What its owner holds beside it stays (see `Links::outcome`).
+        let beside = beside_of(links);
         *links = Links {
             bytes,
             since,
             waker: WakerSlot::empty(),
-            outcome: if takes_block {
-                core::ptr::without_provenance_mut(TAKES_BLOCK)
+            outcome: core::ptr::without_provenance_mut(if takes_block {
+                TAKES_BLOCK
             } else {
-                core::ptr::null_mut()
-            },
+                beside
+            }),
             origin,
             prev: tail,
             next: None,
@@ -587,7 +622,10 @@ impl WaitList {
             // SAFETY: `node` is in this list.
             let links = unsafe { self.links(node) };
             cursor = links.next;
-            let Some(failure) = fails(links.bytes, links.origin) else {
+            // What it would hold here once served: its bytes and what its owner holds
+            // beside them (a reservation's growth).
+            let needs = links.bytes.saturating_add(beside_of(links));
+            let Some(failure) = fails(needs, links.origin) else {
                 continue;
             };
             self.unlink(node);
