@@ -637,17 +637,46 @@ impl Model {
     /// can never fit fail, the rest are served.
     fn set_max_memory(&mut self, pool: usize, max_memory: usize) {
         let in_use = self.in_use(pool);
+        // A growth holds its reservation's bytes beside what it asks for.
+        let beside: std::collections::HashMap<u64, usize> = self
+            .requests
+            .iter()
+            .filter_map(|request| match request.kind {
+                Kind::Grow(id) => self
+                    .reservations
+                    .iter()
+                    .find(|r| r.id == id)
+                    .map(|r| (request.id, r.bytes.div_ceil(8) * 8)),
+                _ => None,
+            })
+            .collect();
+        // A request that can never fit fails as at the call: its own bytes if they alone are
+        // too many, else those with its reservation's beside them.
+        let exceeds = move |request: &RequestModel| {
+            let needs = request.bytes + beside.get(&request.id).copied().unwrap_or(0);
+            (needs > max_memory).then_some(AllocError::ExceedsBudget {
+                requested_bytes: if request.bytes > max_memory {
+                    request.bytes
+                } else {
+                    needs
+                },
+                max_memory,
+            })
+        };
         let model = &mut self.pools[pool];
         model.max_memory = max_memory;
         model.ceiling = max_memory.max(in_use);
         model.highest_ceiling = model.highest_ceiling.max(model.ceiling);
-        self.fail_where(pool, |request| {
-            (request.bytes > max_memory).then_some(AllocError::ExceedsBudget {
-                requested_bytes: request.bytes,
-                max_memory,
-            })
-        });
+        self.fail_where(pool, &exceeds);
         self.serve(pool);
+        // And in the descendants' own queues.
+        let below: Vec<usize> = (0..self.pools.len())
+            .filter(|&at| at != pool && self.level_of(at, pool).is_some())
+            .collect();
+        for at in below {
+            self.fail_where(at, &exceeds);
+            self.serve(at);
+        }
         // Requests of the pool and its descendants that wait in an ancestor's queue and can
         // no longer fit fail there too, each ancestor from the parent up serving the room.
         let subtree: Vec<usize> = (0..self.pools.len())
@@ -656,12 +685,11 @@ impl Model {
         let mut ancestor = self.pools[pool].parent;
         while let Some(at) = ancestor {
             self.fail_where(at, |request| {
-                (request.bytes > max_memory && subtree.contains(&request.origin)).then_some(
-                    AllocError::ExceedsBudget {
-                        requested_bytes: request.bytes,
-                        max_memory,
-                    },
-                )
+                if subtree.contains(&request.origin) {
+                    exceeds(request)
+                } else {
+                    None
+                }
             });
             self.serve(at);
             ancestor = self.pools[at].parent;

@@ -8,11 +8,8 @@
 //! shrinks below it: a fresh request of the same size fails at once. It must fail too, and
 //! not hold back the requests behind it in the child's FIFO, which fit.
 //!
-//! Fails on today's code (hence `#[ignore]`; run with `--ignored`). A fix (commit "resize:
-//! a shrink fails impossible requests in descendants' queues...") passes it, but changes
-//! what `tests/model.rs` and the setup of `tests/unwind.rs`'s two `bug2_*` tests rely on
-//! (a child's request above a shrunk root's cap kept waiting in the child's queue), so it
-//! was reverted on this branch until those are updated.
+//! Fixed in session 30: a shrink fails such requests in its descendants' own queues too
+//! (`State::resize`; `tests/model.rs` models it).
 
 mod common;
 
@@ -97,7 +94,6 @@ fn case(pool: &BufPool, shrunk: &BufPool) {
 }
 
 #[test]
-#[ignore = "BUG: an ancestor's shrink leaves an impossible request waiting in a descendant's queue (fix reverted, see the branch log)"]
 fn root_shrink_fails_a_childs_request_waiting_in_the_childs_queue() {
     watchdog(10, || {
         let root = BufPool::new(cfg(80));
@@ -107,7 +103,6 @@ fn root_shrink_fails_a_childs_request_waiting_in_the_childs_queue() {
 }
 
 #[test]
-#[ignore = "BUG: an ancestor's shrink leaves an impossible request waiting in a descendant's queue (fix reverted, see the branch log)"]
 fn middle_shrink_fails_a_grandchilds_request_waiting_in_its_own_queue() {
     watchdog(10, || {
         let root = BufPool::new(cfg(200));

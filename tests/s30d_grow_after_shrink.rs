@@ -7,13 +7,9 @@
 //! by the grow, so it cannot shrink meanwhile. It must fail (and be woken to fail), not wait
 //! at the head of the queue forever, holding back everyone behind it.
 //!
-//! NOT FIXED on this branch: every test here fails on today's code and is `#[ignore]`d
-//! (run with `--ignored`). Commit 86df056 fixes it (a shrink wakes its subtree's waiters,
-//! and `Grow::poll` fails once `held + more` is above `smallest_budget()`), together with
-//! tests/s30d_descendant_queue_shrink.rs; it was reverted (48e5e48) because
-//! `tests/model.rs` and the setups of `tests/unwind.rs`'s `bug2_*` tests rely on the old
-//! behaviour (a woken subtree request re-checks the caps and fails, which they do not
-//! expect).
+//! Fixed in session 30: the queue node of a growth records the reservation's bytes beside
+//! it, and a shrink's failure pass (and a queueing's admission) judges the two together, in
+//! every queue of the chain (also `tests/s30a_operating.rs`; `tests/model.rs` models it).
 
 mod common;
 
@@ -106,7 +102,6 @@ fn case(pool: &BufPool, shrink: &BufPool, filler: &BufPool) {
 }
 
 #[test]
-#[ignore = "BUG: a grow a shrink makes impossible waits forever (not fixed)"]
 fn grow_that_a_shrink_makes_impossible_fails() {
     watchdog(10, || {
         let pool = BufPool::new(cfg(4));
@@ -115,7 +110,6 @@ fn grow_that_a_shrink_makes_impossible_fails() {
 }
 
 #[test]
-#[ignore = "BUG: a grow a shrink makes impossible waits forever (not fixed)"]
 fn child_grow_waiting_at_the_root_fails_when_the_child_shrinks() {
     watchdog(10, || {
         let root = BufPool::new(cfg(4));
@@ -125,7 +119,6 @@ fn child_grow_waiting_at_the_root_fails_when_the_child_shrinks() {
 }
 
 #[test]
-#[ignore = "BUG: a grow a shrink makes impossible waits forever (not fixed)"]
 fn child_grow_waiting_at_the_root_fails_when_the_root_shrinks() {
     watchdog(10, || {
         let root = BufPool::new(cfg(4));
@@ -135,7 +128,6 @@ fn child_grow_waiting_at_the_root_fails_when_the_root_shrinks() {
 }
 
 #[test]
-#[ignore = "BUG: a grow a shrink makes impossible waits forever (not fixed)"]
 fn child_grow_waiting_in_its_own_queue_fails_when_the_root_shrinks() {
     watchdog(10, || {
         let root = BufPool::new(cfg(8));
@@ -146,7 +138,6 @@ fn child_grow_waiting_in_its_own_queue_fails_when_the_root_shrinks() {
 }
 
 #[test]
-#[ignore = "BUG: a grow a shrink makes impossible waits forever (not fixed); hangs until the watchdog"]
 fn grow_blocking_that_a_shrink_makes_impossible_returns() {
     watchdog(10, || {
         let pool = Arc::new(BufPool::new(cfg(4)));

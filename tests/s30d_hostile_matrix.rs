@@ -1318,11 +1318,7 @@ fn reclaim_ahead_and_grow_with_hostile_wakers() {
                     continue;
                 }
                 failures.extend(ahead_case(behavior, trigger));
-                // BUG: a shrink that leaves `held + more` above the budget leaves the grow
-                // waiting forever (tests/s30d_grow_after_shrink.rs, not fixed).
-                if trigger != Trigger::Shrink {
-                    failures.extend(grow_case(behavior, trigger));
-                }
+                failures.extend(grow_case(behavior, trigger));
             }
         }
         for f in &failures {

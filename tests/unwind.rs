@@ -1035,8 +1035,8 @@ fn bug2_request_failed_while_climbing_during_an_unwinding_poll_gives_back_once()
             let mut in_child = Box::pin(child.allocate(2));
             assert!(poll(in_child.as_mut(), &waker).is_pending(), "setup");
             drop(waker);
-            root.set_max_memory(2 * B).unwrap();
             drop(kept);
+            root.set_max_memory(2 * B).unwrap();
             assert_eq!(
                 (
                     child.stats().in_use_bytes,
