@@ -15,7 +15,9 @@
 mod common;
 
 use common::{rounds, watchdog};
-use membudget::{AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PoolReport, Reservation};
+use membudget::{
+    AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PoolReport, Reservation,
+};
 
 /// (parent, max_memory, floor, buffer size); pool 0 is the root.
 const TREE: [(usize, usize, usize, BufferSize); 6] = [
@@ -135,7 +137,10 @@ fn find<'a>(report: &'a PoolReport, pool: &BufPool) -> Option<&'a PoolReport> {
 fn check(pools: &[BufPool], model: &Model, what: &str) {
     let u = model.in_use();
     let report = pools[3].tree_report();
-    assert!(report.describes(&pools[0]), "{what}: tree_report starts at the root");
+    assert!(
+        report.describes(&pools[0]),
+        "{what}: tree_report starts at the root"
+    );
     for (i, pool) in pools.iter().enumerate() {
         let s = pool.stats();
         let max = TREE[i].1;
@@ -221,11 +226,17 @@ fn ok_or_refused(
         Ok(()) => {
             assert!(!model.closed_chain(p), "{what}: granted in a closed pool");
             assert!(total_after <= cap, "{what}: granted above the cap");
-            assert!(model.fits(p, more), "{what}: granted though it does not fit");
+            assert!(
+                model.fits(p, more),
+                "{what}: granted though it does not fit"
+            );
             true
         }
         Err(AllocError::ExceedsBudget { .. }) => {
-            assert!(total_after > cap, "{what}: ExceedsBudget within the cap {cap}");
+            assert!(
+                total_after > cap,
+                "{what}: ExceedsBudget within the cap {cap}"
+            );
             false
         }
         Err(AllocError::Closed) => {
@@ -233,7 +244,10 @@ fn ok_or_refused(
             false
         }
         Err(AllocError::WouldBlock) => {
-            assert!(!model.closed_chain(p), "{what}: WouldBlock on a closed chain");
+            assert!(
+                !model.closed_chain(p),
+                "{what}: WouldBlock on a closed chain"
+            );
             assert!(
                 more > 0 && !model.fits(p, more),
                 "{what}: WouldBlock though {more} bytes fit"
@@ -268,7 +282,11 @@ fn run(seed: u64, steps: usize) {
             pools[2].close();
             model.closed[2] = true;
             model.closed[3] = true;
-            check(&pools, &model, &format!("seed {seed} step {step}: closed 2"));
+            check(
+                &pools,
+                &model,
+                &format!("seed {seed} step {step}: closed 2"),
+            );
         }
         let p = rng.below(N);
         let op = rng.below(12);
@@ -296,7 +314,10 @@ fn run(seed: u64, steps: usize) {
                     allocs.push((p, a));
                 });
                 if std::env::var("S30B_DEBUG").is_ok() {
-                    eprintln!("{what}: try_allocate({n}) = {bytes} bytes: {result:?}; before {before:?} model {:?}", model.in_use());
+                    eprintln!(
+                        "{what}: try_allocate({n}) = {bytes} bytes: {result:?}; before {before:?} model {:?}",
+                        model.in_use()
+                    );
                 }
                 if ok_or_refused(result, &model, p, bytes, bytes, &what) {
                     model.hold(p, bytes);
