@@ -68,6 +68,7 @@ struct Model {
     outstanding: [usize; N],
     closed: [bool; N],
     peak: [usize; N],
+    max: [usize; N],
 }
 
 impl Model {
@@ -99,8 +100,8 @@ impl Model {
         self.in_use_with(&self.own)
     }
 
-    fn smallest_cap(p: usize) -> usize {
-        Self::chain(p).iter().map(|&l| TREE[l].1).min().unwrap()
+    fn smallest_cap(&self, p: usize) -> usize {
+        Self::chain(p).iter().map(|&l| self.max[l]).min().unwrap()
     }
 
     /// Whether `bytes` more held in `p` fit every level they would raise.
@@ -111,7 +112,7 @@ impl Model {
         let then = self.in_use_with(&own);
         Self::chain(p)
             .iter()
-            .all(|&l| then[l] == now[l] || then[l] <= TREE[l].1)
+            .all(|&l| then[l] == now[l] || then[l] <= self.max[l])
     }
 
     fn hold(&mut self, p: usize, bytes: usize) {
@@ -143,7 +144,7 @@ fn check(pools: &[BufPool], model: &Model, what: &str) {
     );
     for (i, pool) in pools.iter().enumerate() {
         let s = pool.stats();
-        let max = TREE[i].1;
+        let max = model.max[i];
         let got = (
             s.in_use_bytes,
             s.reserved_bytes,
@@ -219,7 +220,7 @@ fn ok_or_refused(
     total_after: usize,
     what: &str,
 ) -> bool {
-    let cap = Model::smallest_cap(p);
+    let cap = model.smallest_cap(p);
     match result {
         // Zero bytes: at once, closed or not (README: `try_reserve(0)`, `try_grow(0)`: `Ok`).
         Ok(()) if more == 0 => true,
@@ -258,7 +259,7 @@ fn ok_or_refused(
     }
 }
 
-fn run(seed: u64, steps: usize) {
+fn run(seed: u64, steps: usize, resizes: bool) {
     let pools = build();
     let mut model = Model {
         own: [0; N],
@@ -266,6 +267,7 @@ fn run(seed: u64, steps: usize) {
         outstanding: [0; N],
         closed: [false; N],
         peak: [0; N],
+        max: TREE.map(|t| t.1),
     };
     // Floors are set aside at build: they count as in use (and in the peak) at once.
     let u = model.in_use();
@@ -289,7 +291,7 @@ fn run(seed: u64, steps: usize) {
             );
         }
         let p = rng.below(N);
-        let op = rng.below(12);
+        let op = rng.below(if resizes { 15 } else { 12 });
         let what = format!("seed {seed} step {step} op {op} pool {p}");
         match op {
             0 => {
@@ -477,6 +479,27 @@ fn run(seed: u64, steps: usize) {
                 model.own[p] -= round8(size);
                 model.reserved[p] -= round8(size);
             }
+            12 => {
+                let bs = TREE[p].3 as usize;
+                let to = bs + rng.below(2 * TREE[p].1);
+                pools[p].set_max_memory(to).expect("at least one buffer");
+                model.max[p] = to;
+            }
+            13 => {
+                let more = rng.below(600);
+                assert_eq!(pools[p].add_max_memory(more), model.max[p] + more, "{what}");
+                model.max[p] += more;
+            }
+            14 => {
+                let less = rng.below(900);
+                let bs = TREE[p].3 as usize;
+                let u = model.in_use()[p];
+                let want = less
+                    .min(model.max[p].saturating_sub(u))
+                    .min(model.max[p] - bs);
+                assert_eq!(pools[p].forget_max_memory(less), want, "{what}: forgotten");
+                model.max[p] -= want;
+            }
             _ => continue,
         }
         check(&pools, &model, &what);
@@ -498,7 +521,19 @@ fn run(seed: u64, steps: usize) {
 fn four_level_tree_books_match_a_model_at_every_quiescent_point() {
     watchdog(60, || {
         for seed in 0..rounds(24, 2) as u64 {
-            run(seed, rounds(600, 40));
+            run(seed, rounds(600, 40), false);
+        }
+    });
+}
+
+/// The same, with budgets changed at every level as the tree runs (`set_max_memory`,
+/// `add_max_memory`, `forget_max_memory`): a shrink below what is held is counted as
+/// overcommit (`PoolStats::overcommit_bytes`) and binds every later grant.
+#[test]
+fn four_level_tree_books_match_a_model_while_budgets_change() {
+    watchdog(60, || {
+        for seed in 0..rounds(24, 2) as u64 {
+            run(seed, rounds(600, 40), true);
         }
     });
 }
