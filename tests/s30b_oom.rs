@@ -117,9 +117,16 @@ fn a_reservations_allocation_that_gets_no_memory_gives_every_level_back_floors_i
         // README: the bytes go back to the pool, not to the reservation.
         assert_eq!(r.size(), 0);
         assert_eq!(books(&leaf), (0, 0, 0, 0, 0));
-        assert_eq!(books(&mid), (0, 0, 0, 0, 0), "the floor is idle (set aside above)");
+        assert_eq!(
+            books(&mid),
+            (0, 0, 0, 0, 0),
+            "the floor is idle (set aside above)"
+        );
         let Poll::Ready(Ok(got)) = waiter.as_mut().poll(&mut cx) else {
-            panic!("the climbed bytes serve the root's waiter: {}", root.stats());
+            panic!(
+                "the climbed bytes serve the root's waiter: {}",
+                root.stats()
+            );
         };
         assert_eq!(books(&root), (32, 24, 0, 0, 0));
         // The floor is whole again: the leaf takes all 8 of it (and climbs with nothing).
@@ -188,7 +195,10 @@ fn a_childs_blocking_request_granted_at_the_root_then_out_of_memory_passes_its_b
         }
         assert_eq!(books(&child), (0, 0, 0, 0, 0));
         let Poll::Ready(Ok(behind)) = behind.as_mut().poll(&mut cx) else {
-            panic!("the failed request's bytes serve the next: {}", root.stats());
+            panic!(
+                "the failed request's bytes serve the next: {}",
+                root.stats()
+            );
         };
         assert_eq!(books(&root), (11, 11, 0, 0, 0));
         drop((behind, all));

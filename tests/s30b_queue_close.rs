@@ -73,16 +73,17 @@ fn a_full_queue_refuses_every_form_at_once_and_leaves_the_books_exact() {
                 Poll::Ready(Err(AllocError::QueueFull))
             );
         }
-        assert_eq!(empty.size(), 0, "a refused grow leaves the reservation as it was");
+        assert_eq!(
+            empty.size(),
+            0,
+            "a refused grow leaves the reservation as it was"
+        );
         assert_eq!(empty.grow_blocking(8), Err(AllocError::QueueFull));
         assert_eq!(
             pool.reserve_timeout(8, Duration::from_secs(5)).unwrap_err(),
             AllocError::QueueFull
         );
-        assert_eq!(
-            pool.reserve_blocking(8).unwrap_err(),
-            AllocError::QueueFull
-        );
+        assert_eq!(pool.reserve_blocking(8).unwrap_err(), AllocError::QueueFull);
         assert_eq!(
             pool.allocate_zeroed_blocking(1).unwrap_err(),
             AllocError::QueueFull
@@ -94,7 +95,10 @@ fn a_full_queue_refuses_every_form_at_once_and_leaves_the_books_exact() {
         assert_eq!(empty.try_grow(8), Err(AllocError::WouldBlock));
         // A resize to zero of an empty reservation and a reserve(0) never wait: never refused.
         assert_eq!(empty.resize_to(0), Ok(()));
-        assert_eq!(futures::executor::block_on(pool.reserve(0)).unwrap().size(), 0);
+        assert_eq!(
+            futures::executor::block_on(pool.reserve(0)).unwrap().size(),
+            0
+        );
         assert_eq!(books(&pool), (256, 256, 2, 6), "{}", pool.stats());
 
         // FIFO is kept: a release of 64 serves the head (a) only; the next 64 serve b.
@@ -136,8 +140,14 @@ fn a_childs_request_refused_by_a_full_parent_queue_gives_its_own_level_back() {
         let mut head = Box::pin(root.allocate(1));
         assert!(poll(head.as_mut(), &waker).is_pending());
         // The child has room; its requests would wait at the root, whose queue is full.
-        assert_eq!(child.allocate_blocking(1).unwrap_err(), AllocError::QueueFull);
-        assert_eq!(child.reserve_blocking(64).unwrap_err(), AllocError::QueueFull);
+        assert_eq!(
+            child.allocate_blocking(1).unwrap_err(),
+            AllocError::QueueFull
+        );
+        assert_eq!(
+            child.reserve_blocking(64).unwrap_err(),
+            AllocError::QueueFull
+        );
         let mut r = child.try_reserve(0).unwrap();
         assert_eq!(r.grow_blocking(64), Err(AllocError::QueueFull));
         assert_eq!(r.size(), 0);
@@ -250,9 +260,16 @@ fn closing_a_child_whose_request_waits_in_the_parent_queue_keeps_the_parents_fif
         let mut p2 = Box::pin(root.reserve(64));
         assert!(poll(p2.as_mut(), &waker).is_pending());
         assert_eq!(books(&root), (256, 256, 3, 0));
-        assert_eq!(child.stats().in_use_bytes, 64, "its own level, held while it waits above");
+        assert_eq!(
+            child.stats().in_use_bytes,
+            64,
+            "its own level, held while it waits above"
+        );
         child.close();
-        assert!(c_woken.0.load(SeqCst) >= 1, "the closed child's waiter is woken");
+        assert!(
+            c_woken.0.load(SeqCst) >= 1,
+            "the closed child's waiter is woken"
+        );
         assert_eq!(
             poll(c.as_mut(), &c_waker).map(|r| r.map(|r| r.size())),
             Poll::Ready(Err(AllocError::Closed))
@@ -292,7 +309,11 @@ fn a_floored_child_dropped_or_closed_serves_the_parents_waiters_with_its_floor()
         assert!(poll(waiting.as_mut(), &waker).is_pending());
         assert_eq!(books(&root), (512, 256, 1, 0));
         drop(child);
-        assert_eq!(woken.0.load(SeqCst), 1, "the floor's return wakes the parent's waiter");
+        assert_eq!(
+            woken.0.load(SeqCst),
+            1,
+            "the floor's return wakes the parent's waiter"
+        );
         let got = match poll(waiting.as_mut(), &waker) {
             Poll::Ready(Ok(r)) => r,
             other => panic!("{other:?}"),
@@ -364,14 +385,21 @@ fn dropping_a_child_with_a_reservation_out_while_the_parent_has_waiters() {
         );
         let r = futures::executor::block_on(Arc::clone(&child).reserve_owned(64)).unwrap();
         drop(child);
-        assert_eq!(root.stats().in_use_bytes, 512, "the child lives on, floor and all");
+        assert_eq!(
+            root.stats().in_use_bytes,
+            512,
+            "the child lives on, floor and all"
+        );
         let waiter = {
             let root = Arc::clone(&root);
             std::thread::spawn(move || root.reserve_timeout(256, Duration::from_secs(5)))
         };
         common::wait_until(5, "the waiter queues", || root.stats().waiting == 1);
         drop(r);
-        let got = waiter.join().unwrap().expect("the floor's return serves the waiter");
+        let got = waiter
+            .join()
+            .unwrap()
+            .expect("the floor's return serves the waiter");
         assert_eq!(books(&root), (512, 512, 0, 0));
         drop((got, held));
         assert_eq!(books(&root), (0, 0, 0, 0));
