@@ -118,8 +118,8 @@ impl Model {
     fn hold(&mut self, p: usize, bytes: usize) {
         self.own[p] += bytes;
         let u = self.in_use();
-        for l in 0..N {
-            self.peak[l] = self.peak[l].max(u[l]);
+        for (peak, u) in self.peak.iter_mut().zip(u) {
+            *peak = (*peak).max(u);
         }
     }
 

@@ -7,7 +7,8 @@
 //!   its counted `overcommit_bytes` (guarantees 1 and 15);
 //! * FIFO at the root: a root request is never served while an earlier root request of no
 //!   larger size still waits (guarantee 5);
-//! and at the end, with every holding given back, every waiter is served or failed with a
+//!
+//! And at the end, with every holding given back, every waiter is served or failed with a
 //! reason it may get, and the books are back to the floors.
 
 mod common;
@@ -86,6 +87,29 @@ struct Waiter<'a> {
     waker: Waker,
 }
 
+/// Each pool's free floor, for `S30B_OPS` traces (read from the report's `Debug`: the last
+/// `floor_free` of a report is its own pool's).
+fn floors(pools: &[BufPool]) -> String {
+    pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let d = format!("{:?}", p.report());
+            let f = d
+                .rsplit("floor_free: ")
+                .next()
+                .unwrap_or("?")
+                .split(' ')
+                .next()
+                .unwrap_or("?")
+                .trim_end_matches(',')
+                .to_string();
+            format!("p{i} floor_free {f}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn chain(p: usize) -> Vec<usize> {
     let mut chain = vec![p];
     let mut at = p;
@@ -149,6 +173,9 @@ impl<'a> World<'a> {
 
     /// Polls every woken waiter until no wake-up is pending.
     fn settle(&mut self, step: usize) {
+        // Root requests served in this settle: checked against FIFO once every wake-up ran
+        // (two grants of one release may be polled in either order).
+        let mut served: Vec<(usize, usize)> = Vec::new();
         loop {
             let mut progressed = false;
             let mut i = 0;
@@ -163,8 +190,8 @@ impl<'a> World<'a> {
                     Poll::Pending => i += 1,
                     Poll::Ready(result) => {
                         let w = self.waiters.remove(i);
-                        if result.is_ok() {
-                            self.fifo_check(&w, step);
+                        if result.is_ok() && w.pool == 0 && !w.grow {
+                            served.push((w.id, w.bytes));
                         }
                         self.done(&w, result, "woken");
                     }
@@ -174,21 +201,25 @@ impl<'a> World<'a> {
                 break;
             }
         }
+        for (id, bytes) in served {
+            self.fifo_check(id, bytes, step);
+        }
     }
 
-    /// A root request served while an earlier root request of no larger size still waits.
-    fn fifo_check(&self, served: &Waiter<'a>, step: usize) {
-        if served.pool != 0 {
-            return;
-        }
+    /// A root request served while an earlier root request still waits (at a quiescent
+    /// point: a granted one would have been woken and served).
+    fn fifo_check(&self, id: usize, bytes: usize, step: usize) {
         if let Some(earlier) = self
             .waiters
             .iter()
-            .find(|w| w.pool == 0 && !w.grow && w.id < served.id && w.bytes <= served.bytes)
+            .find(|w| w.pool == 0 && !w.grow && w.id < id)
         {
             panic!(
-                "seed {} step {step}: root request {} ({} bytes) served before the earlier {} ({} bytes)",
-                self.seed, served.id, served.bytes, earlier.id, earlier.bytes
+                "seed {} step {step}: root request {id} ({bytes} bytes) served before the earlier {} ({} bytes)\n{}",
+                self.seed,
+                earlier.id,
+                earlier.bytes,
+                self.pools[0].report()
             );
         }
     }
@@ -372,7 +403,7 @@ fn run(seed: u64, steps: usize) {
             _ => continue,
         }
         if trace {
-            eprintln!("after op:\n{}", pools[0].report());
+            eprintln!("after op:\n{}{}", pools[0].report(), floors(pools));
         }
         w.settle(step);
         if trace {
@@ -418,8 +449,9 @@ fn run(seed: u64, steps: usize) {
     }
 }
 
-/// BUG: failed (seed 31, at the end; seed 1800 with `S30B_STEPS=40`, at step 36) with a
-/// waiter "ready but never woken": the bug of the next test. To reproduce one run:
+/// BUG: failed (seed 31, at the end; seed 1800 with `S30B_STEPS=40`, at step 36; seed 151
+/// at step 342 once the first was fixed) with a waiter "ready but never woken": the bug of
+/// `a_request_granted_above_a_refilled_floor_takes_the_floor_instead_of_queueing_higher`. To reproduce one run:
 /// `S30B_SEED=31` (`S30B_STEPS`, `S30B_SEEDS` to search; `S30B_OPS=1` prints every step and
 /// the tree's report).
 #[test]
@@ -514,5 +546,24 @@ fn a_request_granted_above_a_refilled_floor_takes_the_floor_instead_of_queueing_
             "{s_root}"
         );
         drop((head, in_c, in_a, in_root, w, got));
+    });
+}
+
+/// BUG: the seeds that found the lost wake-ups, natively (each a few hundred steps).
+/// 1800 (40 steps) and 31: the request granted above a refilled floor (the test above).
+/// 151: the same, where the floor with room is the one just below the level it queues at:
+/// counting the part it took of that floor as climbed re-homed bytes into a floor further
+/// below and gave that much back to it, after the request had looked.
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "hundreds of steps of a 6-pool tree: minutes under Miri"
+)]
+fn the_seeds_that_lost_wakeups() {
+    watchdog(30, || {
+        run(1800, 40);
+        run(31, 400);
+        run(151, 400);
+        run(572, 400); // a FIFO false alarm of this test's first cut (two grants, polled out of order)
     });
 }
