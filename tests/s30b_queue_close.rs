@@ -365,7 +365,7 @@ fn dropping_a_child_with_a_reservation_out_while_the_parent_has_waiters() {
         let dropper = std::thread::spawn(move || drop(child));
         // The waiter is served by the floor's free 192 once the drop closed the child.
         let got = root
-            .reserve_timeout(192, Duration::from_secs(5))
+            .reserve_timeout(192, Duration::from_secs(5) * common::SLOWDOWN)
             .expect("the closing child's free floor serves the waiter");
         assert!(!dropper.is_finished(), "the drop waits for the reservation");
         assert_eq!(books(&root), (512, 448, 0, 0));
@@ -392,7 +392,9 @@ fn dropping_a_child_with_a_reservation_out_while_the_parent_has_waiters() {
         );
         let waiter = {
             let root = Arc::clone(&root);
-            std::thread::spawn(move || root.reserve_timeout(256, Duration::from_secs(5)))
+            std::thread::spawn(move || {
+                root.reserve_timeout(256, Duration::from_secs(5) * common::SLOWDOWN)
+            })
         };
         common::wait_until(5, "the waiter queues", || root.stats().waiting == 1);
         drop(r);

@@ -44,7 +44,10 @@ impl Rng {
     }
 }
 
-fn build() -> Vec<BufPool> {
+/// `max_waiters` of each pool in the runs with queue limits.
+const LIMITS: [usize; N] = [3, 2, 1, 2, 2, 1];
+
+fn build(limits: bool) -> Vec<BufPool> {
     let mut pools: Vec<BufPool> = Vec::new();
     for (i, &(parent, max_memory, floor, buffer_size)) in TREE.iter().enumerate() {
         let mut builder = BufPool::builder(BufPoolCfg {
@@ -52,6 +55,9 @@ fn build() -> Vec<BufPool> {
             max_memory,
         })
         .name(format!("p{i}"));
+        if limits {
+            builder = builder.max_waiters(LIMITS[i]);
+        }
         if parent != usize::MAX {
             builder = builder.parent(&pools[parent]).min_memory(floor);
         }
@@ -128,6 +134,7 @@ struct World<'a> {
     closed: [bool; N],
     shrunk: [bool; N],
     seed: u64,
+    limits: bool,
 }
 
 impl<'a> World<'a> {
@@ -158,6 +165,12 @@ impl<'a> World<'a> {
         let seed = self.seed;
         match result {
             Ok(held) => self.held.push((waiter.pool, held)),
+            // README guarantee 13: `QueueFull` comes only at once, before a request waited.
+            Err(AllocError::QueueFull) => assert!(
+                self.limits && when == "at once",
+                "seed {seed}: QueueFull {when} (limits: {})",
+                self.limits
+            ),
             Err(AllocError::Closed) => assert!(
                 chain(waiter.pool).iter().any(|&l| self.closed[l]),
                 "seed {seed}: Closed on an open chain ({when})"
@@ -256,6 +269,13 @@ impl<'a> World<'a> {
     fn budget_check(&self, step: usize) {
         for (i, pool) in self.pools.iter().enumerate() {
             let s = pool.stats();
+            if self.limits {
+                assert!(
+                    s.waiting <= LIMITS[i],
+                    "seed {} step {step}: pool {i}'s queue above its limit: {s}",
+                    self.seed
+                );
+            }
             assert_eq!(
                 s.overcommit_bytes,
                 s.in_use_bytes.saturating_sub(s.max_memory),
@@ -267,7 +287,11 @@ impl<'a> World<'a> {
 }
 
 fn run(seed: u64, steps: usize) {
-    let pools = build();
+    run_with(seed, steps, false);
+}
+
+fn run_with(seed: u64, steps: usize, limits: bool) {
+    let pools = build(limits);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut w = World {
         pools: &pools,
@@ -277,6 +301,7 @@ fn run(seed: u64, steps: usize) {
         closed: [false; N],
         shrunk: [false; N],
         seed,
+        limits,
     };
     let pools = &pools;
     for step in 0..steps {
@@ -546,6 +571,25 @@ fn a_request_granted_above_a_refilled_floor_takes_the_floor_instead_of_queueing_
             "{s_root}"
         );
         drop((head, in_c, in_a, in_root, w, got));
+    });
+}
+
+/// The same with queue limits on every pool (`max_waiters`): `QueueFull` only at once, no
+/// queue ever longer than its limit, and everything else as above (a child's request that
+/// waited below and finds a full queue waits for a place, in no queue).
+#[test]
+fn waits_in_a_four_level_tree_with_queue_limits() {
+    watchdog(60, || {
+        let only: Option<u64> = std::env::var("S30B_SEED").ok().map(|s| s.parse().unwrap());
+        let seeds = std::env::var("S30B_SEEDS")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(rounds(40, 2) as u64);
+        for seed in (0..seeds).filter(|s| only.is_none_or(|o| o == *s)) {
+            let steps = std::env::var("S30B_STEPS")
+                .map(|s| s.parse().unwrap())
+                .unwrap_or(rounds(400, 30));
+            run_with(seed, steps, true);
+        }
     });
 }
 
