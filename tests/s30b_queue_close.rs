@@ -407,3 +407,35 @@ fn dropping_a_child_with_a_reservation_out_while_the_parent_has_waiters() {
         assert_eq!(books(&root), (0, 0, 0, 0));
     });
 }
+
+/// Doc fix (`PoolReport::own_bytes`, README "Who holds what"): while a child's request waits
+/// in the parent's queue it counts in the child's bytes in use (it holds the child's level)
+/// but not yet in the parent's, so the parent's `own_bytes` (in use less what its children
+/// take) undercounts by it, down to 0 here though the parent holds 512 bytes itself; exact
+/// again once nobody waits.
+#[test]
+fn own_bytes_undercount_the_parent_while_a_childs_request_waits_above() {
+    let root = BufPool::builder(cfg(1024)).name("root").build().unwrap();
+    let child = root.child("child", cfg(1024)).unwrap();
+    let held = root.try_reserve(512).unwrap();
+    let (_, waker) = counter();
+    let mut waiting = Box::pin(child.reserve(640));
+    assert!(poll(waiting.as_mut(), &waker).is_pending());
+    let report = root.report();
+    assert_eq!((report.in_use_bytes, report.reserved_bytes), (512, 512));
+    assert_eq!(
+        report.children[0].in_use_bytes, 640,
+        "the request's child level"
+    );
+    assert_eq!(
+        report.own_bytes(),
+        0,
+        "documented: undercounted while it waits"
+    );
+    assert_eq!(report.top(1)[0].name.as_deref(), Some("child"));
+    drop(waiting);
+    let report = root.report();
+    assert_eq!(report.own_bytes(), 512, "exact once nobody waits");
+    assert_eq!(report.top(1)[0].name.as_deref(), Some("root"));
+    drop(held);
+}
