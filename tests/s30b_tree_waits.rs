@@ -23,7 +23,9 @@ use common::{rounds, watchdog};
 use membudget::{AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, Reservation};
 
 /// (parent, max_memory, floor, buffer size); pool 0 is the root.
-const TREE: [(usize, usize, usize, BufferSize); 6] = [
+type Shape = [(usize, usize, usize, BufferSize); 6];
+
+const TREE_A: Shape = [
     (usize::MAX, 8192, 0, BufferSize::S64),
     (0, 4096, 1024, BufferSize::S128),
     (1, 2048, 512, BufferSize::S64),
@@ -31,7 +33,27 @@ const TREE: [(usize, usize, usize, BufferSize); 6] = [
     (0, 6000, 768, BufferSize::S256),
     (1, 1500, 0, BufferSize::S8),
 ];
-const N: usize = TREE.len();
+
+/// Floors at every level below the root, one equal to its pool's budget, nested three deep.
+const TREE_B: Shape = [
+    (usize::MAX, 4096, 0, BufferSize::S64),
+    (0, 2048, 2048, BufferSize::S64),
+    (1, 1024, 512, BufferSize::S32),
+    (2, 512, 256, BufferSize::S16),
+    (0, 2048, 0, BufferSize::S128),
+    (3, 256, 128, BufferSize::S8),
+];
+
+thread_local! {
+    static SHAPE: std::cell::Cell<&'static Shape> = const { std::cell::Cell::new(&TREE_A) };
+}
+
+/// The tree of the run on this thread.
+fn tree() -> &'static Shape {
+    SHAPE.with(|shape| shape.get())
+}
+
+const N: usize = TREE_A.len();
 
 struct Rng(u64);
 
@@ -49,7 +71,7 @@ const LIMITS: [usize; N] = [3, 2, 1, 2, 2, 1];
 
 fn build(limits: bool) -> Vec<BufPool> {
     let mut pools: Vec<BufPool> = Vec::new();
-    for (i, &(parent, max_memory, floor, buffer_size)) in TREE.iter().enumerate() {
+    for (i, &(parent, max_memory, floor, buffer_size)) in tree().iter().enumerate() {
         let mut builder = BufPool::builder(BufPoolCfg {
             buffer_size,
             max_memory,
@@ -119,8 +141,8 @@ fn floors(pools: &[BufPool]) -> String {
 fn chain(p: usize) -> Vec<usize> {
     let mut chain = vec![p];
     let mut at = p;
-    while TREE[at].0 != usize::MAX {
-        at = TREE[at].0;
+    while tree()[at].0 != usize::MAX {
+        at = tree()[at].0;
         chain.push(at);
     }
     chain
@@ -177,7 +199,7 @@ impl<'a> World<'a> {
             ),
             Err(AllocError::ExceedsBudget { .. }) => assert!(
                 chain(waiter.pool).iter().any(|&l| self.shrunk[l])
-                    || waiter.bytes > TREE[waiter.pool].1,
+                    || waiter.bytes > tree()[waiter.pool].1,
                 "seed {seed}: ExceedsBudget without a shrink ({when})"
             ),
             Err(e) => panic!("seed {seed}: waiter {} failed: {e:?} ({when})", waiter.id),
@@ -306,7 +328,7 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
     let pools = &pools;
     for step in 0..steps {
         let p = rng.below(N);
-        let bs = TREE[p].3 as usize;
+        let bs = tree()[p].3 as usize;
         let op = rng.below(14);
         let trace = std::env::var("S30B_OPS").is_ok();
         if trace {
@@ -330,7 +352,7 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
         }
         match op {
             0..=2 if w.waiters.len() < 12 => {
-                let n = 1 + rng.below(TREE[p].1 / bs / 3);
+                let n = 1 + rng.below(tree()[p].1 / bs / 3);
                 let pool = &pools[p];
                 let future: Fut<'_> = if rng.below(2) == 0 {
                     Box::pin(async move { pool.allocate(n).await.map(Held::Alloc) })
@@ -340,7 +362,7 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
                 w.add_waiter(p, n * bs, false, future);
             }
             3 | 4 if w.waiters.len() < 12 => {
-                let bytes = 8 * (1 + rng.below(TREE[p].1 / 8 / 3));
+                let bytes = 8 * (1 + rng.below(tree()[p].1 / 8 / 3));
                 let pool = &pools[p];
                 w.add_waiter(
                     p,
@@ -427,13 +449,13 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
             12 => {
                 // A budget change: grow, or shrink (failing waiters that can never fit).
                 if rng.below(3) == 0 {
-                    let to = bs.max(TREE[p].1 / 2 + rng.below(TREE[p].1));
-                    if to < TREE[p].1 {
+                    let to = bs.max(tree()[p].1 / 2 + rng.below(tree()[p].1));
+                    if to < tree()[p].1 {
                         w.shrunk[p] = true;
                     }
                     pools[p].set_max_memory(to).unwrap();
                 } else {
-                    pools[p].set_max_memory(TREE[p].1).unwrap();
+                    pools[p].set_max_memory(tree()[p].1).unwrap();
                 }
             }
             13 if step > steps / 2 && p != 0 && rng.below(8) == 0 && !w.closed[p] => {
@@ -461,7 +483,7 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
     // while they wait, so they are cancelled (a hold-and-wait could deadlock, as the README
     // warns); then results are dropped as they come.
     for (i, pool) in pools.iter().enumerate() {
-        pool.set_max_memory(TREE[i].1).unwrap();
+        pool.set_max_memory(tree()[i].1).unwrap();
     }
     w.held.clear();
     w.waiters.retain(|w| !w.grow);
@@ -482,8 +504,8 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
     for (i, pool) in pools.iter().enumerate() {
         let s = pool.stats();
         let floors: usize = (1..N)
-            .filter(|&c| TREE[c].0 == i && !w.closed[c])
-            .map(|c| TREE[c].2)
+            .filter(|&c| tree()[c].0 == i && !w.closed[c])
+            .map(|c| tree()[c].2)
             .sum();
         assert_eq!(
             (s.in_use_bytes, s.outstanding, s.waiting, s.reserved_bytes),
@@ -608,6 +630,26 @@ fn waits_in_a_four_level_tree_with_queue_limits() {
             let steps = std::env::var("S30B_STEPS")
                 .map(|s| s.parse().unwrap())
                 .unwrap_or(rounds(400, 30));
+            run_with(seed, steps, true);
+        }
+    });
+}
+
+/// Both runs on a tree with floors at every level below the root (one equal to its pool's
+/// budget), nested three deep.
+#[test]
+fn waits_in_a_tree_of_nested_floors() {
+    watchdog(60, || {
+        SHAPE.with(|shape| shape.set(&TREE_B));
+        let only: Option<u64> = std::env::var("S30B_SEED").ok().map(|s| s.parse().unwrap());
+        let seeds = std::env::var("S30B_SEEDS")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(rounds(30, 2) as u64);
+        for seed in (0..seeds).filter(|s| only.is_none_or(|o| o == *s)) {
+            let steps = std::env::var("S30B_STEPS")
+                .map(|s| s.parse().unwrap())
+                .unwrap_or(rounds(300, 30));
+            run_with(seed, steps, false);
             run_with(seed, steps, true);
         }
     });
