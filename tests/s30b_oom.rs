@@ -206,3 +206,66 @@ fn a_childs_blocking_request_granted_at_the_root_then_out_of_memory_passes_its_b
         assert_eq!(books(&root), (0, 0, 0, 0, 0));
     });
 }
+
+#[test]
+fn a_grandchilds_fast_path_out_of_memory_gives_back_its_floor_part_and_its_climbed_part() {
+    let _serial = serial();
+    watchdog(30, || {
+        let root = BufPool::new(cfg(32));
+        let mid = BufPool::builder(cfg(24))
+            .parent(&root)
+            .min_memory(8 * B)
+            .build()
+            .unwrap();
+        let leaf = BufPool::builder(cfg(16))
+            .parent(&mid)
+            .min_memory(4 * B)
+            .build()
+            .unwrap();
+        // The leaf's floor (4) set aside in mid, mid's (8) in the root.
+        assert_eq!(books(&mid), (4, 0, 0, 0, 0));
+        assert_eq!(books(&root), (8, 0, 0, 0, 0));
+        for zeroed in [false, true] {
+            // 15 buffers: the leaf's floor 4, mid's floor 4 more (8 with the leaf's), 7 climb.
+            {
+                let _failing = failing(15 * B);
+                let result = if zeroed {
+                    leaf.try_allocate_zeroed(15)
+                } else {
+                    leaf.try_allocate(15)
+                };
+                assert_eq!(
+                    result.unwrap_err(),
+                    AllocError::OutOfMemory { bytes: 15 * B }
+                );
+            }
+            assert_eq!(books(&leaf), (0, 0, 0, 0, 0));
+            assert_eq!(books(&mid), (4, 0, 0, 0, 0));
+            assert_eq!(books(&root), (8, 0, 0, 0, 0));
+            // Every floor whole again: the same request, with memory, takes the same parts.
+            let all = leaf.try_allocate(15).unwrap();
+            assert_eq!(books(&leaf), (15, 0, 1, 0, 0));
+            assert_eq!(books(&mid), (15, 0, 0, 0, 0));
+            assert_eq!(books(&root), (8 + 7, 0, 0, 0, 0));
+            drop(all);
+        }
+        // After the failures the books still work: a full mid, a leaf request in its own
+        // floor, a waiter at mid served by a release.
+        let mid_all = mid.try_reserve(20 * B).unwrap(); // mid: 4 (leaf floor) + 20 = 24
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut leaf_wait = Box::pin(leaf.allocate(3)); // in the leaf's floor: no wait
+        let Poll::Ready(Ok(three)) = leaf_wait.as_mut().poll(&mut cx) else {
+            panic!("the leaf's floor serves it")
+        };
+        let mut mid_waiter = Box::pin(mid.reserve(2 * B));
+        assert!(mid_waiter.as_mut().poll(&mut cx).is_pending());
+        drop(mid_all); // mid serves its waiter at once
+        let Poll::Ready(Ok(two)) = mid_waiter.as_mut().poll(&mut cx) else {
+            panic!("served")
+        };
+        assert_eq!(books(&mid), (4 + 2, 2, 0, 0, 0));
+        drop((three, two));
+        assert_eq!(books(&mid), (4, 0, 0, 0, 0));
+        assert_eq!(books(&root), (8, 0, 0, 0, 0));
+    });
+}
