@@ -269,3 +269,49 @@ fn a_grandchilds_fast_path_out_of_memory_gives_back_its_floor_part_and_its_climb
         assert_eq!(books(&root), (8, 0, 0, 0, 0));
     });
 }
+
+#[test]
+fn a_floored_grandchilds_waiter_granted_at_the_root_then_out_of_memory_restores_every_floor() {
+    let _serial = serial();
+    watchdog(30, || {
+        let root = BufPool::new(cfg(32));
+        let mid = BufPool::builder(cfg(24))
+            .parent(&root)
+            .min_memory(8 * B)
+            .build()
+            .unwrap();
+        let leaf = BufPool::builder(cfg(16))
+            .parent(&mid)
+            .min_memory(4 * B)
+            .build()
+            .unwrap();
+        let mut rest = root.try_reserve(24 * B).unwrap(); // the root is full (8 floors)
+        let mut cx = Context::from_waker(Waker::noop());
+        // 13 buffers: 4 + 4 of the floors, 5 must climb to the root: it waits there.
+        let mut waiter = Box::pin(leaf.allocate(13));
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(root.stats().waiting, 1);
+        let mut behind = Box::pin(root.reserve(3 * B));
+        assert!(behind.as_mut().poll(&mut cx).is_pending());
+        {
+            let _failing = failing(13 * B);
+            rest.shrink(5 * B); // grants the leaf's request its 5 at the root
+            assert_eq!(
+                waiter.as_mut().poll(&mut cx).map(|r| r.map(drop)),
+                Poll::Ready(Err(AllocError::OutOfMemory { bytes: 13 * B }))
+            );
+        }
+        // Its 5 at the root went back and served the reservation behind it.
+        let Poll::Ready(Ok(three)) = behind.as_mut().poll(&mut cx) else {
+            panic!("the root's waiter is served: {}", root.stats())
+        };
+        assert_eq!(books(&leaf), (0, 0, 0, 0, 0));
+        assert_eq!(books(&mid), (4, 0, 0, 0, 0));
+        assert_eq!(books(&root), (8 + 19 + 3, 22, 0, 0, 0));
+        // The floors are whole: 8 buffers of the leaf need nothing of the root.
+        let eight = leaf.try_allocate(8).unwrap();
+        assert_eq!(books(&root), (30, 22, 0, 0, 0));
+        drop((eight, three, rest));
+        assert_eq!(books(&root), (8, 0, 0, 0, 0));
+    });
+}
