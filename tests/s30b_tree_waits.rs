@@ -313,6 +313,12 @@ fn run(seed: u64, steps: usize) {
 }
 
 fn run_with(seed: u64, steps: usize, limits: bool) {
+    run_mode(seed, steps, limits, false);
+}
+
+/// `deltas`: budgets also change by `add_max_memory` and `forget_max_memory` (an op of its
+/// own, so the other modes' seeds replay as before).
+fn run_mode(seed: u64, steps: usize, limits: bool, deltas: bool) {
     let pools = build(limits);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut w = World {
@@ -329,7 +335,7 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
     for step in 0..steps {
         let p = rng.below(N);
         let bs = tree()[p].3 as usize;
-        let op = rng.below(14);
+        let op = rng.below(if deltas { 15 } else { 14 });
         let trace = std::env::var("S30B_OPS").is_ok();
         if trace {
             eprintln!(
@@ -456,6 +462,21 @@ fn run_with(seed: u64, steps: usize, limits: bool) {
                     pools[p].set_max_memory(to).unwrap();
                 } else {
                     pools[p].set_max_memory(tree()[p].1).unwrap();
+                }
+            }
+            14 => {
+                // By a delta: forget frees budget (failing waiters that no longer fit), add
+                // gives it back (never above the configured budget here).
+                let now = pools[p].stats().max_memory;
+                if rng.below(2) == 0 {
+                    let forgotten = pools[p].forget_max_memory(rng.below(600));
+                    if forgotten > 0 {
+                        w.shrunk[p] = true;
+                    }
+                    assert_eq!(pools[p].stats().max_memory, now - forgotten);
+                } else {
+                    let more = rng.below(600).min(tree()[p].1.saturating_sub(now));
+                    assert_eq!(pools[p].add_max_memory(more), now + more);
                 }
             }
             13 if step > steps / 2 && p != 0 && rng.below(8) == 0 && !w.closed[p] => {
@@ -631,11 +652,13 @@ fn waits_in_a_four_level_tree_with_queue_limits() {
                 .map(|s| s.parse().unwrap())
                 .unwrap_or(rounds(400, 30));
             run_with(seed, steps, true);
+            run_mode(seed, steps, true, true);
         }
     });
 }
 
-/// Both runs on a tree with floors at every level below the root (one equal to its pool's
+/// The runs (and one with budgets changed by deltas) on a tree with floors at every level
+/// below the root (one equal to its pool's
 /// budget), nested three deep.
 #[test]
 fn waits_in_a_tree_of_nested_floors() {
@@ -651,6 +674,7 @@ fn waits_in_a_tree_of_nested_floors() {
                 .unwrap_or(rounds(300, 30));
             run_with(seed, steps, false);
             run_with(seed, steps, true);
+            run_mode(seed, steps, false, true);
         }
     });
 }
