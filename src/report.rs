@@ -268,6 +268,11 @@ impl PoolReport {
     /// and the child's own bytes are what its allocations and reservations hold, its idle
     /// floor not among them.
     ///
+    /// Exact when no request of a descendant waits at this pool's level or above: such a
+    /// request counts in the descendant's bytes in use (it holds the levels below) but not
+    /// yet in this pool's, so while it waits this figure (saturating at 0) is short by it,
+    /// and so is this pool's place in [`top`](PoolReport::top).
+    ///
     /// # Examples
     ///
     /// ```

@@ -152,6 +152,33 @@ impl Floor {
     }
 }
 
+/// The bytes in use each ancestor's level showed when a chain's fast path held it (level
+/// 1 first), noted as peaks only once the request is granted. Inline for short chains.
+#[derive(Default)]
+struct PeakNotes {
+    inline: [usize; 4],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl PeakNotes {
+    fn push(&mut self, in_use: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = in_use,
+            None => self.more.push(in_use),
+        }
+        self.len += 1;
+    }
+
+    /// Notes the peaks of `pool`'s ancestors, level 1 up.
+    fn note(&self, pool: &State) {
+        let held = self.inline.iter().take(self.len).chain(self.more.iter());
+        for (level, &in_use) in (1..).zip(held) {
+            pool.at_level(level).note_in_use(in_use);
+        }
+    }
+}
+
 /// What a request took of the floors on its way up, as `(level, bytes)`, lowest level first:
 /// the level of the floored pool (counted from the request's pool, 0) and what it took
 /// there. A request holds `bytes` at every level up to its first take, and less above each
@@ -1101,6 +1128,7 @@ impl State {
         let mut reserved_above = 0;
         let mut levels = 1 + self.depth();
         let mut refused = None;
+        let mut peaks = PeakNotes::default();
         for level in 1..=self.depth() {
             let lower = self.at_level(level - 1);
             if let Some(taken) = lower.take_floor_part(rest, 0).filter(|&taken| taken > 0) {
@@ -1112,9 +1140,14 @@ impl State {
                     break;
                 }
             }
-            match self.at_level(level).hold_now(rest) {
-                Ok(true) => reserved_above = level,
-                Ok(false) => {
+            // The level's peak is noted only once the whole request is granted: a request
+            // refused higher up was never in use here (no phantom peak).
+            match self.at_level(level).hold_now_unnoted(rest) {
+                Ok(Some(in_use)) => {
+                    reserved_above = level;
+                    peaks.push(in_use);
+                }
+                Ok(None) => {
                     refused = Some(Attempt::MustWait(bytes));
                     break;
                 }
@@ -1128,6 +1161,7 @@ impl State {
             Some(attempt) => attempt,
             None if !counted => match self.hold_now(bytes) {
                 Ok(true) => {
+                    peaks.note(self);
                     self.complete_fast(&takes, bytes, levels, counted);
                     return Attempt::Reserved(bytes);
                 }
@@ -1140,6 +1174,7 @@ impl State {
                         self.counters.allocations_wrapped();
                     }
                     self.note_in_use(in_use);
+                    peaks.note(self);
                     self.complete_fast(&takes, bytes, levels, counted);
                     return Attempt::Reserved(bytes);
                 }
@@ -1167,6 +1202,17 @@ impl State {
     /// Reserves `bytes` here without waiting, not as an allocation of this pool (for a
     /// descendant's request, or a reservation). `Ok(false)`: the request must wait here.
     pub(crate) fn hold_now(&self, bytes: usize) -> Result<bool, AllocError> {
+        let held = self.hold_now_unnoted(bytes)?;
+        if let Some(in_use) = held {
+            self.note_in_use(in_use);
+        }
+        Ok(held.is_some())
+    }
+
+    /// [`hold_now`](State::hold_now) without noting the peak: `Some(in_use)` (the bytes in
+    /// use the hold made, for the caller to note once the request is granted) or `None`
+    /// (the request must wait here).
+    fn hold_now_unnoted(&self, bytes: usize) -> Result<Option<usize>, AllocError> {
         let cap = self.hard_cap();
         if bytes > cap {
             return Err(AllocError::ExceedsBudget {
@@ -1175,12 +1221,9 @@ impl State {
             });
         }
         match self.word.try_reserve_uncounted(bytes, || self.budget()) {
-            FastReserve::Reserved { in_use, .. } => {
-                self.note_in_use(in_use);
-                Ok(true)
-            }
+            FastReserve::Reserved { in_use, .. } => Ok(Some(in_use)),
             FastReserve::Closed => Err(AllocError::Closed),
-            FastReserve::MustWait => Ok(false),
+            FastReserve::MustWait => Ok(None),
         }
     }
 

@@ -910,6 +910,33 @@ impl Request {
                     continue;
                 }
                 Ok(false) => {
+                    // Before it queues up here: a floor further below may have got room for
+                    // all it still needs while it waited lower down (the release that
+                    // refilled it may be the one that granted it the level below, whose
+                    // wake-up it is running now). It takes that floor, as a queued request
+                    // does on its next poll (`poll_steps`, `Stage::Queued`), instead of
+                    // waiting here for room it does not need: nothing would wake it for
+                    // that floor again.
+                    // (The floor just below is looked at again too: counting what it took of
+                    // that floor as climbed may have re-homed bytes into a floor further
+                    // below, giving that much back to it.)
+                    if pool.floors_in_chain() {
+                        let floored =
+                            (0..level).find(|&below| pool.at_level(below).floor_free() >= rest);
+                        if let Some(below) = floored {
+                            if pool.at_level(below).take_floor(rest) {
+                                // The levels it held above that floor go back, top down.
+                                for above in (below + 1..level).rev() {
+                                    pool.at_level(above).give_back_here(rest, false, deferred);
+                                }
+                                *progress.levels = below as u16 + 1;
+                                pool.note_climbed(rest, below + 1, deferred);
+                                *progress.floored = bytes;
+                                Self::drop_room_listener(node, deferred);
+                                return Ok(Some(bytes));
+                            }
+                        }
+                    }
                     // Out of every queue now (granted one level down, or never queued): it
                     // queues again up here.
                     if node.status() == Status::Granted {
