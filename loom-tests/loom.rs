@@ -64,6 +64,7 @@
 //! | 40b a cancelled floor driver lets the next floor waiter drive | an abandoned floor round's end that does not notify the floor's room event (`State::end_round`) | loom: deadlock |
 //! | 41 a fast path past an empty floor races its refill | (found by `tests/combos_new_user.rs`) a refill that does not re-home bytes a completion counted as climbed meanwhile; a completion that does not look at the floor after counting; either reading the other's counter with a plain load (loom checks `SeqCst` loads as `Acquire`) | assertion (the root counts 16 bytes, not 8) |
 //! | 42 reclaim_ahead hears a reservation below its mark | look before listen (before stop 29); listen first, then look with a plain load of the word (found by this model: the reservation's `Relaxed` mark look and the look each miss the other) | loom: deadlock; deadlock |
+//! | 43 a request queueing above its floor vs a refill | (found by this model, session 30) no look at the floors after queueing; the look with a plain load of the floor's free bytes | loom: deadlock; deadlock |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -2008,5 +2009,35 @@ fn reclaim_ahead_hears_a_reservation_below_its_mark() {
         ahead.join().unwrap();
         drop((reservation, handle));
         assert_eq!(pool.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 43: a floored child's request climbs past its empty floor and queues at the full
+/// root while the floor's holder gives it back (README guarantee 15: a request uses every
+/// floor on its way up first; guarantee 3: no lost wake-up). The root holds 2 buffers, 1 of
+/// them held by main for the whole model; the child (a cap of 2) has a floor of 1, held by an
+/// allocation that another thread drops while a third asks the child for 1 buffer
+/// (blocking). Whatever the order, the request is served from the floor (the root's
+/// holder never lets go), and only the floor is counted above. A refill that saw the root's
+/// queue empty just before the request linked itself there must be seen by the request's
+/// own look at the floors after it queued.
+#[test]
+fn a_request_queueing_above_its_floor_is_served_by_a_refill_racing_it() {
+    model(|| {
+        let root = Arc::new(pool(2));
+        let child = Arc::new(floored(&root, 2, 1));
+        let in_floor = child.try_allocate(1).unwrap();
+        let at_root = root.try_allocate(1).unwrap();
+        let asker = {
+            let child = child.clone();
+            thread::spawn(move || child.allocate_blocking(1).unwrap())
+        };
+        let releaser = thread::spawn(move || drop(in_floor));
+        releaser.join().unwrap();
+        let got = asker.join().unwrap();
+        assert_eq!(root.stats().in_use_bytes, 2 * B);
+        assert_eq!(child.stats().in_use_bytes, B);
+        drop((got, at_root));
+        assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
     });
 }

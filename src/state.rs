@@ -1570,6 +1570,21 @@ impl State {
         up
     }
 
+    /// How much of the floor is free, read with a read-modify-write, by a request that just
+    /// queued in an ancestor's queue (`Request::climb`). It pairs with a refill's own
+    /// read-modify-write of the free bytes (`refill_floor`), after which the refill looks at
+    /// that queue's `QUEUED` to wake the subtree's requests there (`wake_floor_waiters`):
+    /// either the refill comes first in the free bytes' modification order, and this read
+    /// sees its room, or it comes after, and then after the queueing too, which its look
+    /// sees. (Two plain loads could each miss the other: loom model 43.)
+    pub(crate) fn floor_free_after_queueing(&self) -> usize {
+        if self.has_floor() {
+            self.floor.free.fetch_add(0, SeqCst)
+        } else {
+            0
+        }
+    }
+
     /// How much of the floor is free now (a hint: `take_floor` decides).
     pub(crate) fn floor_free(&self) -> usize {
         if self.has_floor() {

@@ -975,6 +975,16 @@ impl Request {
                                 if let Some(held) = left {
                                     return held;
                                 }
+                                // A floor below refilled between its look (above) and its
+                                // queueing here saw this queue without it and woke nobody:
+                                // it looks once more, and with room polls again at once (its
+                                // next poll takes that floor, `Stage::Queued`).
+                                let refilled = (0..level).any(|below| {
+                                    pool.at_level(below).floor_free_after_queueing() >= rest
+                                });
+                                if refilled {
+                                    deferred.wake(cx.waker().clone());
+                                }
                             }
                             return Ok(None);
                         }
