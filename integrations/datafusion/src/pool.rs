@@ -44,9 +44,7 @@ pub enum Policy {
     ///   its budget, the floor. `set_aside` is, summed over the registered unspillable
     ///   consumers, what each holds or its claim if larger (the largest single request it
     ///   was granted while it held nothing: a sorter's merge headroom, freed to spill and
-    ///   reserved again after; no longer once the consumer, holding nothing, takes a smaller
-    ///   first step: past its last spill it streams its output or merges its spills in steps,
-    ///   and never reserves the headroom again). `headroom` is room kept for one more unspillable consumer:
+    ///   reserved again after). `headroom` is room kept for one more unspillable consumer:
     ///   the most a registered one holds or claims, at most one more share;
     /// * a request on a spillable reservation that holds more than half its consumer's
     ///   bytes (where the consumer buffers: it can spill them) is also refused when the
@@ -207,26 +205,11 @@ struct Consumer {
     peak: usize,
     /// For an unspillable consumer under [`Policy::Fair`]: the largest single `try_grow` it
     /// was granted while it held nothing (a sorter's merge headroom, reserved in one
-    /// request), kept aside while it is registered, whether it holds it or not, until it is
-    /// `retired`.
+    /// request), kept aside while it is registered, whether it holds it or not.
     claim: usize,
-    /// The claim will not be reserved again: the consumer, holding nothing, was granted a
-    /// smaller first step than its claim (a sorter past its last spill streams its output,
-    /// or merges its spills, through reservations that grow in steps; it reserves its
-    /// headroom again in one request only between spills). A retired claim is no longer
-    /// set aside from the others; it still sizes the consumer's own growth (see `large`).
-    /// A request from nothing of the whole claim, or more, revives it.
-    retired: bool,
     /// Of `bytes`, those the core could not count: a `grow` past what a pool counts (4 PiB),
     /// which no machine holds but DataFusion's infallible `grow` must accept.
     uncounted: u128,
-}
-
-impl Consumer {
-    /// The part of its claim set aside from the other consumers: all of it, unless retired.
-    fn claim_set_aside(&self) -> usize {
-        if self.retired { 0 } else { self.claim }
-    }
 }
 
 #[derive(Debug)]
@@ -269,7 +252,6 @@ impl Books {
                 bytes: 0,
                 peak: 0,
                 claim: 0,
-                retired: false,
                 uncounted: 0,
             },
         );
@@ -289,7 +271,7 @@ impl Books {
             .values()
             .filter(|c| !c.can_spill)
             .map(|c| match policy {
-                Policy::Fair => saturated(c.bytes).max(c.claim_set_aside()),
+                Policy::Fair => saturated(c.bytes).max(c.claim),
                 _ => saturated(c.bytes),
             })
             .fold(0, usize::saturating_add)
@@ -301,7 +283,7 @@ impl Books {
         self.consumers
             .iter()
             .filter(|(id, c)| !c.can_spill && **id != except)
-            .map(|(_, c)| c.claim_set_aside().saturating_sub(saturated(c.bytes)))
+            .map(|(_, c)| c.claim.saturating_sub(saturated(c.bytes)))
             .fold(0, usize::saturating_add)
     }
 
@@ -318,7 +300,7 @@ impl Books {
             .consumers
             .iter()
             .filter(|(id, c)| !c.can_spill && **id != except)
-            .map(|(_, c)| saturated(c.bytes).max(c.claim_set_aside()))
+            .map(|(_, c)| saturated(c.bytes).max(c.claim))
             .max()
             .unwrap_or(0);
         let spill_room = limit.saturating_sub(self.set_aside(policy));
@@ -1119,16 +1101,8 @@ impl MemoryPool for MembudgetPool {
                 // request from nothing, freed to spill and reserved again after, or passed
                 // on to the merge that reads the spills; the room stays set aside from
                 // the spillers meanwhile. The growth of a merge stream of the same
-                // consumer, in small steps, does not raise it; its first step from nothing
-                // (smaller than the claim; a zero-byte request says nothing) retires it:
-                // past its last spill, the sorter never reserves the headroom again
-                // (`Consumer::retired`).
-                if additional >= consumer.claim {
-                    consumer.claim = additional;
-                    consumer.retired = false;
-                } else if additional > 0 {
-                    consumer.retired = true;
-                }
+                // consumer, in small steps, does not raise it.
+                consumer.claim = consumer.claim.max(additional);
             }
             books.add(id, additional, false);
             books.stats.granted += 1;
