@@ -545,7 +545,9 @@ impl BufPool {
     /// Allocations already live stay valid, so the bytes in use may stay above the new
     /// budget until they come back (never above the budget in force when each was made).
     /// Waiting requests that can never fit the new budget fail with
-    /// [`AllocError::ExceedsBudget`], and cached blocks (see
+    /// [`AllocError::ExceedsBudget`], wherever they wait (this pool's queue, a descendant's
+    /// or an ancestor's; a reservation's `grow` counts the reservation's bytes beside its
+    /// growth), and cached blocks (see
     /// [`recycle`](crate::BufPoolBuilder::recycle)) are freed until the footprint fits.
     ///
     /// A floored pool's budget may go below its floor: the floor stays set aside in its

@@ -348,7 +348,8 @@ impl Reservation {
     /// # Errors
     ///
     /// As [`BufPool::reserve`], and [`ExceedsBudget`](AllocError::ExceedsBudget) at once if
-    /// the size and `more` together are above the budget (it could never be served). The
+    /// the size and `more` together are above the budget (it could never be served), or as
+    /// soon as a shrink of any pool of its chain makes them so while it waits. The
     /// reservation is unchanged on error.
     ///
     /// # Cancel safety
