@@ -687,18 +687,15 @@ impl Request {
                 // here for what it asked, keeping its place.)
                 let floored = (0..level).find(|&below| pool.at_level(below).floor_free() >= rest);
                 if let Some(below) = floored {
-                    let lower = pool.at_level(below);
                     if pool.at_level(level).withdraw(node, deferred) == Status::Idle {
-                        let held = if lower.take_floor(rest) {
-                            // The levels it held above that floor go back (exactly what it
-                            // holds there: its part on the way up), top down; the floor's
-                            // ancestors counted the floor long ago.
-                            for above in (below + 1..level).rev() {
-                                pool.at_level(above).give_back_here(rest, false, deferred);
-                            }
-                            *progress.levels = below as u16 + 1;
-                            pool.note_climbed(rest, below + 1, deferred);
-                            *progress.floored = bytes;
+                        let held = if Self::finish_in_floor(
+                            pool,
+                            below,
+                            level,
+                            bytes,
+                            &mut progress,
+                            deferred,
+                        ) {
                             Ok(Some(bytes))
                         } else {
                             // Taken meanwhile: up again, at the tail.
@@ -924,14 +921,8 @@ impl Request {
                         let floored =
                             (0..level).find(|&below| pool.at_level(below).floor_free() >= rest);
                         if let Some(below) = floored {
-                            if pool.at_level(below).take_floor(rest) {
-                                // The levels it held above that floor go back, top down.
-                                for above in (below + 1..level).rev() {
-                                    pool.at_level(above).give_back_here(rest, false, deferred);
-                                }
-                                *progress.levels = below as u16 + 1;
-                                pool.note_climbed(rest, below + 1, deferred);
-                                *progress.floored = bytes;
+                            if Self::finish_in_floor(pool, below, level, bytes, progress, deferred)
+                            {
                                 Self::drop_room_listener(node, deferred);
                                 return Ok(Some(bytes));
                             }
@@ -1074,6 +1065,32 @@ impl Request {
         }
         Self::start_again(pool, node, bytes, counted, progress, cx, deferred);
         Some(Ok(None))
+    }
+
+    /// A request that holds the levels up to `level` (in none of their queues) takes all it
+    /// still needs from the floor of the pool `below` levels up, if that floor has it: the
+    /// levels it held above that floor go back (exactly what it holds there: its part on the
+    /// way up), top down, and the floor's ancestors counted the floor long ago. `true` if it
+    /// did; the request then holds all of `bytes`.
+    fn finish_in_floor(
+        pool: &State,
+        below: usize,
+        level: usize,
+        bytes: usize,
+        progress: &mut Progress<'_>,
+        deferred: &mut Deferred,
+    ) -> bool {
+        let rest = bytes - *progress.floored;
+        if !pool.at_level(below).take_floor(rest) {
+            return false;
+        }
+        for above in (below + 1..level).rev() {
+            pool.at_level(above).give_back_here(rest, false, deferred);
+        }
+        *progress.levels = below as u16 + 1;
+        pool.note_climbed(rest, below + 1, deferred);
+        *progress.floored = bytes;
+        true
     }
 
     /// Gives back all a request on its way up holds (`levels` levels, and `floored` bytes it
