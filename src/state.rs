@@ -171,10 +171,16 @@ impl PeakNotes {
     }
 
     /// Notes the peaks of `pool`'s ancestors, level 1 up.
+    #[inline]
     fn note(&self, pool: &State) {
-        let held = self.inline.iter().take(self.len).chain(self.more.iter());
-        for (level, &in_use) in (1..).zip(held) {
-            pool.at_level(level).note_in_use(in_use);
+        let mut ancestor = pool;
+        for index in 0..self.len {
+            ancestor = ancestor.parent().expect("a level the request held");
+            let in_use = match self.inline.get(index) {
+                Some(&in_use) => in_use,
+                None => self.more[index - self.inline.len()],
+            };
+            ancestor.note_in_use(in_use);
         }
     }
 }
@@ -1028,7 +1034,21 @@ impl State {
 
     /// The pool `level` steps up the chain: 0 is this one. O(log depth) steps, by the jump
     /// pointers (`State::jump`): a walk over every level of the chain stays O(depth log depth).
+    /// A few levels up (the trees most programs build), parent by parent and inline.
+    #[inline]
     pub(crate) fn at_level(&self, level: usize) -> &State {
+        if level > 4 {
+            return self.at_level_further(level);
+        }
+        let mut pool = self;
+        for _ in 0..level {
+            pool = pool.parent().expect("a level within the chain of pools");
+        }
+        pool
+    }
+
+    #[inline(never)]
+    fn at_level_further(&self, level: usize) -> &State {
         let target = self
             .depth()
             .checked_sub(level)
@@ -1129,8 +1149,10 @@ impl State {
         let mut levels = 1 + self.depth();
         let mut refused = None;
         let mut peaks = PeakNotes::default();
+        // Walked with a cursor, one parent step a level (no `at_level` lookups).
+        let mut lower = self;
         for level in 1..=self.depth() {
-            let lower = self.at_level(level - 1);
+            let upper = lower.parent().expect("a level within the chain of pools");
             if let Some(taken) = lower.take_floor_part(rest, 0).filter(|&taken| taken > 0) {
                 takes.push(level - 1, taken);
                 rest -= taken;
@@ -1142,10 +1164,11 @@ impl State {
             }
             // The level's peak is noted only once the whole request is granted: a request
             // refused higher up was never in use here (no phantom peak).
-            match self.at_level(level).hold_now_unnoted(rest) {
+            match upper.hold_now_unnoted(rest) {
                 Ok(Some(in_use)) => {
                     reserved_above = level;
                     peaks.push(in_use);
+                    lower = upper;
                 }
                 Ok(None) => {
                     refused = Some(Attempt::MustWait(bytes));
