@@ -8,6 +8,10 @@
 //! cargo run --example compare -- --query sort --rows 200000 --limit-mib 8 --runs 20 --io --floor 0.5
 //! ```
 //!
+//! `--partitions N` sets `target_partitions` (2 by default), `--spill-mib M` the sort's
+//! `sort_spill_reservation_bytes` (2 by default; `default` keeps DataFusion's 10 MiB);
+//! `--query join` runs a partitioned hash join of the table with itself.
+//!
 //! `--pools fair,membudget,fair_spill,greedy` picks the pools (`fair` is DataFusion's
 //! `FairSpillPool`; the others are `MembudgetPool` policies). `--io` puts the query's pool
 //! under a root of twice the limit whose other half (and whatever the query's floor leaves)
@@ -39,6 +43,10 @@ struct Options {
     /// A run longer than this is reported as hung (with `--trace`, its last calls) and the
     /// program exits with status 3.
     hang_secs: u64,
+    /// `target_partitions`.
+    partitions: usize,
+    /// `sort_spill_reservation_bytes`; `None` keeps DataFusion's default (10 MiB).
+    spill_reservation: Option<usize>,
 }
 
 fn options() -> Options {
@@ -53,6 +61,8 @@ fn options() -> Options {
         verbose: false,
         trace: 0,
         hang_secs: 600,
+        partitions: common::PARTITIONS,
+        spill_reservation: Some(common::SPILL_RESERVATION),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -68,10 +78,29 @@ fn options() -> Options {
             "--verbose" => o.verbose = true,
             "--trace" => o.trace = value().parse().unwrap(),
             "--hang-secs" => o.hang_secs = value().parse().unwrap(),
+            "--partitions" => o.partitions = value().parse().unwrap(),
+            "--spill-mib" => {
+                o.spill_reservation = match value().as_str() {
+                    "default" => None,
+                    mib => Some((mib.parse::<f64>().unwrap() * 1048576.0) as usize),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
     o
+}
+
+/// One pool's outcomes over the batch.
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    wrong: usize,
+    failed: usize,
+    spills: usize,
+    secs: f64,
+    messages: std::collections::BTreeMap<String, usize>,
+    io_cycles: usize,
 }
 
 #[tokio::main(worker_threads = 2)]
@@ -80,15 +109,22 @@ async fn main() {
     let sql = match o.query.as_str() {
         "sort" => common::SORT,
         "groupby" => common::GROUP_BY,
-        other => panic!("--query sort|groupby, not {other}"),
+        "join" => common::JOIN,
+        other => panic!("--query sort|groupby|join, not {other}"),
     };
     let table = common::table(o.rows);
     let expected = common::reference(sql, &table).await;
     println!(
-        "{} over {} rows, limit {:.1} MiB, {} runs{}",
+        "{} over {} rows, limit {:.1} MiB, {} partitions, spill reservation {}, {} runs{}",
         o.query,
         o.rows,
         o.limit as f64 / 1048576.0,
+        o.partitions,
+        o.spill_reservation
+            .map_or("10 MiB (default)".to_owned(), |b| format!(
+                "{:.1} MiB",
+                b as f64 / 1048576.0
+            )),
         o.runs,
         if o.io {
             format!(", beside I/O, floor {} x limit", o.floor)
@@ -96,11 +132,26 @@ async fn main() {
             String::new()
         }
     );
-    for name in &o.pools {
-        let (mut ok, mut wrong, mut failed, mut spills, mut secs) = (0, 0, 0, 0, 0.0);
-        let mut messages = std::collections::BTreeMap::<String, usize>::new();
-        let mut io_cycles = 0;
-        for _ in 0..o.runs {
+    let mut tallies: Vec<Tally> = o.pools.iter().map(|_| Tally::default()).collect();
+    // Run by run, the pools in turn (the order reversed every other run): scheduling and
+    // the machine's load change over a batch, and a pool's runs all in a row would meet
+    // only one part of it.
+    for run_index in 0..o.runs {
+        let mut order: Vec<usize> = (0..o.pools.len()).collect();
+        if run_index % 2 == 1 {
+            order.reverse();
+        }
+        for which in order {
+            let name = &o.pools[which];
+            let Tally {
+                ok,
+                wrong,
+                failed,
+                spills,
+                secs,
+                messages,
+                io_cycles,
+            } = &mut tallies[which];
             let root = Arc::new(
                 BufPool::builder(BufPoolCfg {
                     buffer_size: BufferSize::S16384,
@@ -159,7 +210,7 @@ async fn main() {
             };
             let run = match tokio::time::timeout(
                 std::time::Duration::from_secs(o.hang_secs),
-                common::run(sql, &table, pool),
+                common::run_configured(sql, &table, pool, o.partitions, o.spill_reservation),
             )
             .await
             {
@@ -181,15 +232,15 @@ async fn main() {
                 t.dump(o.trace);
             }
             if let Some(io) = io {
-                io_cycles += io.stop();
+                *io_cycles += io.stop();
             }
-            spills += run.spills;
-            secs += run.elapsed.as_secs_f64();
+            *spills += run.spills;
+            *secs += run.elapsed.as_secs_f64();
             match run.result {
-                Ok(d) if d == expected => ok += 1,
-                Ok(_) => wrong += 1,
+                Ok(d) if d == expected => *ok += 1,
+                Ok(_) => *wrong += 1,
                 Err(e) => {
-                    failed += 1;
+                    *failed += 1;
                     let text = e.to_string();
                     let key = if o.verbose {
                         text
@@ -207,6 +258,17 @@ async fn main() {
                 println!("  {:?}", p.stats());
             }
         }
+    }
+    for (name, tally) in o.pools.iter().zip(tallies) {
+        let Tally {
+            ok,
+            wrong,
+            failed,
+            spills,
+            secs,
+            messages,
+            io_cycles,
+        } = tally;
         println!(
             "{name:>10}: {ok} ok, {failed} failed, {wrong} wrong; spills {:.1}/run; {:.2} s/run{}",
             spills as f64 / o.runs as f64,

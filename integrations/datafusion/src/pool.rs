@@ -265,20 +265,56 @@ impl Books {
         }
     }
 
-    /// Bytes the unspillable consumers hold or, under [`Policy::Fair`], have claimed.
-    fn set_aside(&self, policy: Policy) -> usize {
+    /// Whether [`Policy::Fair`] keeps room aside now (the unspillable consumers' claims and
+    /// the headroom): while what they hold or claim, summed, fits in half of `base` (the
+    /// room spillers are sized from). Past that the claims cannot all be held beside the
+    /// spillers' batches, so at least one is stale or hopeless, and a headroom smaller than
+    /// a claim protects nothing:
+    ///
+    /// * a claim goes stale when a sorter that sorted in memory frees its merge reservation
+    ///   for good and keeps it registered while its output streams. DataFusion 55.2's
+    ///   `ExternalSorter` frees it alike before its final merge and before each spill, so
+    ///   the pool cannot tell the two apart. Honouring such claims starves the next
+    ///   partition's first batch, or `SortPreservingMergeExec`'s next one, of room that
+    ///   `FairSpillPool` grants: with DataFusion's default `sort_spill_reservation_bytes`
+    ///   (10 MiB) under a 16 MiB limit, two claims pass the limit;
+    /// * a headroom smaller than the merge reservation it keeps room for only makes a sorter
+    ///   spill early, and a spill frees its merge reservation, which another partition's
+    ///   merge then takes, so that the re-reservation after the spill fails the query.
+    ///
+    /// Then `Policy::Fair` sizes spillers as `FairSpillPool` does, from held bytes only.
+    fn keeps_aside(&self, base: usize) -> bool {
+        let claims = self
+            .consumers
+            .values()
+            .filter(|c| !c.can_spill)
+            .map(|c| c.claim);
+        let (sum, largest) = claims.fold((0usize, 0), |(sum, largest), claim| {
+            (sum.saturating_add(claim), largest.max(claim))
+        });
+        // The claims registered now, and those every spiller's partition would make if
+        // each claimed as much as the largest (sorters register before they claim).
+        sum.max(largest.saturating_mul(self.spillers)) <= base - base / 4
+    }
+
+    /// Bytes the unspillable consumers hold or, when `aside` (room is kept aside, under
+    /// [`Policy::Fair`]), have claimed.
+    fn set_aside(&self, aside: bool) -> usize {
         self.consumers
             .values()
             .filter(|c| !c.can_spill)
-            .map(|c| match policy {
-                Policy::Fair => saturated(c.bytes).max(c.claim),
-                _ => saturated(c.bytes),
+            .map(|c| {
+                if aside {
+                    saturated(c.bytes).max(c.claim)
+                } else {
+                    saturated(c.bytes)
+                }
             })
             .fold(0, usize::saturating_add)
     }
 
-    /// Room an unspillable consumer claimed and does not hold now (under [`Policy::Fair`]):
-    /// `claim - bytes` summed over the unspillable consumers but `except`.
+    /// Room an unspillable consumer claimed and does not hold now: `claim - bytes` summed
+    /// over the unspillable consumers but `except`.
     fn unheld_claims(&self, except: usize) -> usize {
         self.consumers
             .iter()
@@ -287,13 +323,14 @@ impl Books {
             .fold(0, usize::saturating_add)
     }
 
-    /// Under [`Policy::Fair`], room kept free for an unspillable consumer of ordinary size
-    /// (the next partition's merge headroom, a merge's next batch): the most any registered
-    /// unspillable consumer but `except` holds or claims, at most one more share of
-    /// `limit - set_aside`. A spiller's request where it buffers never takes it (a secondary
-    /// one may), nor an unspillable consumer that holds more than it and than its own claim.
-    fn headroom(&self, limit: usize, policy: Policy, except: usize) -> usize {
-        if policy != Policy::Fair {
+    /// When `aside` (under [`Policy::Fair`]), room kept free for an unspillable consumer of
+    /// ordinary size (the next partition's merge headroom, a merge's next batch): the most
+    /// any registered unspillable consumer but `except` holds or claims, at most one more
+    /// share of `limit - set_aside`. A spiller's request where it buffers never takes it (a
+    /// secondary one may), nor an unspillable consumer that holds more than it and than its
+    /// own claim.
+    fn headroom(&self, limit: usize, aside: bool, except: usize) -> usize {
+        if !aside {
             return 0;
         }
         let largest = self
@@ -303,15 +340,15 @@ impl Books {
             .map(|(_, c)| saturated(c.bytes).max(c.claim))
             .max()
             .unwrap_or(0);
-        let spill_room = limit.saturating_sub(self.set_aside(policy));
+        let spill_room = limit.saturating_sub(self.set_aside(aside));
         largest.min(spill_room / (self.spillers + 1))
     }
 
     /// A spillable consumer's share: `(limit - set_aside - headroom) / spillers`.
-    fn share(&self, limit: usize, policy: Policy) -> usize {
+    fn share(&self, limit: usize, aside: bool) -> usize {
         let spill_room = limit
-            .saturating_sub(self.set_aside(policy))
-            .saturating_sub(self.headroom(limit, policy, usize::MAX));
+            .saturating_sub(self.set_aside(aside))
+            .saturating_sub(self.headroom(limit, aside, usize::MAX));
         spill_room.checked_div(self.spillers).unwrap_or(spill_room)
     }
 
@@ -929,9 +966,17 @@ impl MemoryPool for MembudgetPool {
             Policy::Fair if self.floor > 0 && self.floor < self.limit() => self.floor,
             _ => self.limit(),
         };
+        // Under `Fair`, whether room is kept aside for the unspillable consumers now.
+        let aside = self.policy == Policy::Fair && books.keeps_aside(limit);
         // The policy's share, for a spillable consumer.
         let mut refused = if can_spill && self.policy != Policy::Greedy {
-            let share = books.share(limit, self.policy);
+            let mut share = books.share(limit, aside);
+            if consumer_bytes == 0 {
+                // The consumer holds nothing, so it has nothing to spill: a refusal fails
+                // the query (a sorter's first batch). Whatever `Fair` keeps aside, such a
+                // request is never refused below `FairSpillPool`'s share.
+                share = share.max(books.share(limit, false));
+            }
             let held = reservation.size();
             (held.saturating_add(additional) > share)
                 .then(|| (RefusalReason::Share { share }, share.saturating_sub(held)))
@@ -954,17 +999,22 @@ impl MemoryPool for MembudgetPool {
         // consumer cannot spill from it; `FairSpillPool` checks it against the share alone.
         let secondary = can_spill && reservation.size().saturating_mul(2) <= consumer_bytes;
         // A request for no bytes takes none of the room set aside (nor, below, of the budget).
-        if refused.is_none() && self.policy == Policy::Fair && !secondary && additional > 0 {
+        if refused.is_none() && aside && !secondary && additional > 0 {
             let set_aside = if can_spill {
                 books
                     .unheld_claims(usize::MAX)
-                    .saturating_add(books.headroom(limit, self.policy, usize::MAX))
+                    .saturating_add(books.headroom(limit, aside, usize::MAX))
             } else {
-                let headroom = books.headroom(limit, self.policy, id);
+                let headroom = books.headroom(limit, aside, id);
                 let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
-                // Large: it holds bytes already (a first request sets its claim) and would
-                // hold more than the headroom and its claim.
+                // Large: it holds bytes already (a first request sets its claim), claimed
+                // more in one request than it asks for now (a merge that reserved its
+                // headroom and grows in steps; a hash join's build side or
+                // `SortPreservingMergeExec` grows by batches the size of their first, and
+                // cannot spill: a refusal fails the query), and would hold more than the
+                // headroom and its claim.
                 let large = consumer_bytes > 0
+                    && claim > additional
                     && consumer_bytes.saturating_add(additional) > headroom.max(claim);
                 if large {
                     books
@@ -1000,7 +1050,9 @@ impl MemoryPool for MembudgetPool {
             && match self.policy {
                 Policy::Greedy => false,
                 Policy::FairSpill => can_spill,
-                Policy::Fair => secondary,
+                // While room is kept aside: only a secondary reservation. Otherwise
+                // `FairSpillPool`'s rule, as `FairSpill`.
+                Policy::Fair => secondary || (can_spill && !aside),
             };
         // Then the budget, unless the request needs no bytes: under `Fair` and `FairSpill`
         // a zero-byte request the share allows is granted whatever the pool holds (closed,

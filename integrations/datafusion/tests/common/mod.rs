@@ -132,18 +132,36 @@ fn spills(plan: &Arc<dyn ExecutionPlan>) -> (usize, usize) {
     (count, bytes)
 }
 
+/// A partitioned hash join of `t` with itself on `k` (two rows a key on each side): two
+/// unspillable build sides.
+pub const JOIN: &str = "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k";
+
 /// Runs `sql` over `table` as `t` with `pool`, `PARTITIONS` partitions, `BATCH`-row batches
 /// and a `SPILL_RESERVATION` sort spill reservation.
 pub async fn run(sql: &str, table: &Arc<MemTable>, pool: Arc<dyn MemoryPool>) -> Run {
+    run_configured(sql, table, pool, PARTITIONS, Some(SPILL_RESERVATION)).await
+}
+
+/// [`run`] with `partitions` partitions and a sort spill reservation of
+/// `spill_reservation` bytes (`None`: DataFusion's default, 10 MiB).
+pub async fn run_configured(
+    sql: &str,
+    table: &Arc<MemTable>,
+    pool: Arc<dyn MemoryPool>,
+    partitions: usize,
+    spill_reservation: Option<usize>,
+) -> Run {
     let started = Instant::now();
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(pool)
         .build_arc()
         .unwrap();
-    let config = SessionConfig::new()
-        .with_target_partitions(PARTITIONS)
-        .with_batch_size(BATCH)
-        .with_sort_spill_reservation_bytes(SPILL_RESERVATION);
+    let mut config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_batch_size(BATCH);
+    if let Some(bytes) = spill_reservation {
+        config = config.with_sort_spill_reservation_bytes(bytes);
+    }
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     ctx.register_table("t", table.clone()).unwrap();
     let ordered = sql.contains("ORDER BY");
