@@ -60,7 +60,18 @@ pub enum Policy {
     ///   bytes and would hold more than the headroom and than its own claim (a final merge
     ///   growing to read more spill files at once) leaves the other unspillable
     ///   consumers' unheld claims alone, and as much as it asks free (at most the
-    ///   headroom). They never overcommit through `try_grow`.
+    ///   headroom). They never overcommit through `try_grow`. Only a consumer that
+    ///   claimed more in one request than it asks for now can be "large" (a hash join's
+    ///   build side, growing by batches, never is);
+    /// * all of the above but the share applies only while the merges' claims fit in three
+    ///   quarters of `base` (the largest claim times the spillable consumers, and the
+    ///   claims summed). Past that (DataFusion's default 10 MiB
+    ///   `sort_spill_reservation_bytes` under a limit below about 27 MiB with 2
+    ///   partitions) the rule is `FairSpillPool`'s, as under [`Policy::FairSpill`]: some
+    ///   claims are then stale (a merge reservation freed for good by a sorter that sorted
+    ///   in memory), and keeping them aside would fail queries `FairSpillPool` completes;
+    /// * a spillable consumer that holds nothing is never refused below `FairSpillPool`'s
+    ///   share.
     ///
     /// When the room is missing higher up the tree (the I/O side holds it), requests are
     /// refused: the pool's floor is what protects the query there.
@@ -423,7 +434,8 @@ pub struct MembudgetStats {
     /// `try_grow` calls granted as overcommit: a request within its share on a spillable
     /// reservation that holds at most half its consumer's bytes ([`Policy::Fair`]; also
     /// when the tree above a pool with a floor is full) or on any spillable reservation
-    /// ([`Policy::FairSpill`]) that found this pool's own budget spent.
+    /// ([`Policy::FairSpill`], and [`Policy::Fair`] while it keeps no room aside) that
+    /// found this pool's own budget spent.
     pub forced_shares: u64,
     /// `grow` calls (infallible) that found the bytes not free and overcommitted.
     pub forced_grows: u64,
