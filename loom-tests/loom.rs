@@ -65,6 +65,7 @@
 //! | 41 a fast path past an empty floor races its refill | (found by `tests/combos_new_user.rs`) a refill that does not re-home bytes a completion counted as climbed meanwhile; a completion that does not look at the floor after counting; either reading the other's counter with a plain load (loom checks `SeqCst` loads as `Acquire`) | assertion (the root counts 16 bytes, not 8) |
 //! | 42 reclaim_ahead hears a reservation below its mark | look before listen (before stop 29); listen first, then look with a plain load of the word (found by this model: the reservation's `Relaxed` mark look and the look each miss the other) | loom: deadlock; deadlock |
 //! | 43 a request queueing above its floor vs a refill | (found by this model, session 30) no look at the floors after queueing; the look with a plain load of the floor's free bytes | loom: deadlock; deadlock |
+//! | 44 a re-homing give-back wakes a panicking waiter at the root | (session 31) a child's fast-path completion whose re-homing wake-up panics without giving the request's bytes back (`State::complete_fast` without its undo) | assertion (the child keeps a buffer nobody holds) |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -2039,5 +2040,85 @@ fn a_request_queueing_above_its_floor_is_served_by_a_refill_racing_it() {
         assert_eq!(child.stats().in_use_bytes, B);
         drop((got, at_root));
         assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
+    });
+}
+
+/// Model 44: a re-homing give-back wakes a panicking waiter at the root (README guarantees
+/// 3 and 15, and the unwind rule: no wake-up runs between two steps of a give-back, and a
+/// panic in one loses no byte). The root holds 2 buffers; the child (a cap of 2) has a floor
+/// of 1, held by `x`. One thread asks the child for 1 buffer (`try_allocate`: past the empty
+/// floor, it climbs to the root's other buffer), main drops `x` (its refill may land before
+/// the climb is counted, and the completion then re-homes its bytes into the floor and gives
+/// the root's level back: `State::complete_fast`), and a third thread asks the root for 1
+/// buffer with a waker that panics when woken (it queues if the climb got there first).
+/// Whoever's give-back grants the waiter runs its wake-up, which panics in that thread: the
+/// taker's `try_allocate` or main's drop. Whatever the order, once everyone is done a waiter
+/// still pending finds the root full (no lost wake-up), every buffer is counted once, and
+/// with everything dropped only the idle floor stays counted at the root.
+#[test]
+fn a_rehoming_give_back_wakes_a_panicking_waiter_at_the_root() {
+    quiet_wake_panics();
+    model(|| {
+        // A std `Arc`: `allocate_owned` takes one (the public API's).
+        let root = std::sync::Arc::new(pool(2));
+        let child = Arc::new(floored(&root, 2, 1));
+        let x = child.try_allocate(1).unwrap();
+        let taker = {
+            let child = child.clone();
+            thread::spawn(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    child.try_allocate(1).ok()
+                }))
+            })
+        };
+        let waiter = {
+            let root = std::sync::Arc::clone(&root);
+            thread::spawn(move || {
+                let mut waiter = Box::pin(root.allocate_owned(1));
+                let waker = Waker::from(std::sync::Arc::new(PanicsOnWake));
+                match waiter.as_mut().poll(&mut Context::from_waker(&waker)) {
+                    core::task::Poll::Ready(got) => Err(got.expect("the root had room")),
+                    core::task::Poll::Pending => Ok(waiter),
+                }
+            })
+        };
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(x)));
+        drop(dropped);
+        // A panic in the taker's wake-up is its `try_allocate`'s: its bytes went back first.
+        let taken = taker.join().unwrap().unwrap_or(None);
+        let waited = match waiter.join().unwrap() {
+            Err(got) => Some(got),
+            Ok(mut pending) => match pending
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+            {
+                core::task::Poll::Ready(got) => Some(got.expect("granted")),
+                core::task::Poll::Pending => {
+                    assert_eq!(
+                        root.stats().in_use_bytes,
+                        2 * B,
+                        "a waiter left pending while the root has room: {} / {}",
+                        root.stats(),
+                        child.stats()
+                    );
+                    None
+                }
+            },
+        };
+        let holders = usize::from(taken.is_some()) + usize::from(waited.is_some());
+        assert_eq!(
+            child.stats().in_use_bytes,
+            if taken.is_some() { B } else { 0 },
+            "the child counts its one allocation"
+        );
+        assert_eq!(
+            root.stats().in_use_bytes,
+            B + if waited.is_some() { B } else { 0 },
+            "the root counts its floor and its own allocation, each once ({holders} held): {}",
+            root.stats()
+        );
+        drop((taken, waited));
+        assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
+        assert_eq!(child.stats().in_use_bytes, 0);
     });
 }
