@@ -141,7 +141,12 @@ async fn run_shadowed(
         refused: Mutex::new(Vec::new()),
         in_step: Mutex::new(()),
     });
-    let run = common::run_configured(sql, table, pool.clone(), partitions, spill_reservation).await;
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        common::run_configured(sql, table, pool.clone(), partitions, spill_reservation),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{partitions} partitions, limit {limit}: the query hung"));
     let passed = match run.result {
         Ok(digest) => {
             assert_eq!(digest, expected, "a wrong result");
@@ -220,7 +225,10 @@ async fn spilling_queries_fail_only_where_fair_spill_pool_would() {
         let table = common::table(100_000);
         for (sql, limits_kib) in [
             (common::SORT, &[1536, 2048, 4096, 8192][..]),
-            (common::GROUP_BY, &[2048, 4096, 8192][..]),
+            // (Not below 4 MiB: with 4 partitions the GROUP BY's ten spillable consumers
+            // then get shares smaller than their batches, and DataFusion's plan can stop
+            // making progress under either pool; README "Floors below the limit".)
+            (common::GROUP_BY, &[4096, 8192][..]),
             (common::JOIN, &[3072, 3328, 3584, 4096][..]),
         ] {
             let expected = common::reference(sql, &table).await;
