@@ -225,9 +225,10 @@ async fn spilling_queries_fail_only_where_fair_spill_pool_would() {
         let table = common::table(100_000);
         for (sql, limits_kib) in [
             (common::SORT, &[1536, 2048, 4096, 8192][..]),
-            // (Not below 4 MiB: with 4 partitions the GROUP BY's spillable consumers (a repartition and two aggregates a partition)
-            // then get shares smaller than their batches, and DataFusion's plan can stop
-            // making progress under either pool; README "Floors below the limit".)
+            // (Not below 4 MiB: with 4 partitions the GROUP BY's spillable consumers, a
+            // repartition and two aggregates a partition, then get shares smaller than their
+            // batches, and DataFusion's plan can stop making progress under either pool;
+            // README "Floors below the limit".)
             (common::GROUP_BY, &[4096, 8192][..]),
             (common::JOIN, &[3072, 3328, 3584, 4096][..]),
         ] {
