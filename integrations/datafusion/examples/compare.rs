@@ -260,26 +260,20 @@ async fn main() {
         }
     }
     for (name, tally) in o.pools.iter().zip(tallies) {
-        let Tally {
-            ok,
-            wrong,
-            failed,
-            spills,
-            secs,
-            messages,
-            io_cycles,
-        } = tally;
         println!(
-            "{name:>10}: {ok} ok, {failed} failed, {wrong} wrong; spills {:.1}/run; {:.2} s/run{}",
-            spills as f64 / o.runs as f64,
-            secs / o.runs as f64,
+            "{name:>10}: {} ok, {} failed, {} wrong; spills {:.1}/run; {:.2} s/run{}",
+            tally.ok,
+            tally.failed,
+            tally.wrong,
+            tally.spills as f64 / o.runs as f64,
+            tally.secs / o.runs as f64,
             if o.io {
-                format!("; {} I/O cycles", io_cycles)
+                format!("; {} I/O cycles", tally.io_cycles)
             } else {
                 String::new()
             }
         );
-        for (message, n) in messages {
+        for (message, n) in tally.messages {
             println!("            {n} x refused: {message}");
         }
     }

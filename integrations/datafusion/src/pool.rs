@@ -61,8 +61,9 @@ pub enum Policy {
     ///   growing to read more spill files at once) leaves the other unspillable
     ///   consumers' unheld claims alone, and as much as it asks free (at most the
     ///   headroom). They never overcommit through `try_grow`. Only a consumer that
-    ///   claimed more in one request than it asks for now can be "large" (a hash join's
-    ///   build side, growing by batches, never is);
+    ///   claimed at least four times as much in one request as it asks for now can be
+    ///   "large" (a hash join's build side, growing by batches about the size of its first,
+    ///   is not);
     /// * all of the above but the share applies only while the merges' claims fit in three
     ///   quarters of `base` (the largest claim times the spillable consumers, and the
     ///   claims summed). Past that (DataFusion's default 10 MiB
@@ -1019,14 +1020,15 @@ impl MemoryPool for MembudgetPool {
             } else {
                 let headroom = books.headroom(limit, aside, id);
                 let claim = books.consumers.get(&id).map_or(0, |c| c.claim);
-                // Large: it holds bytes already (a first request sets its claim), claimed
-                // more in one request than it asks for now (a merge that reserved its
-                // headroom and grows in steps; a hash join's build side or
-                // `SortPreservingMergeExec` grows by batches the size of their first, and
-                // cannot spill: a refusal fails the query), and would hold more than the
-                // headroom and its claim.
+                // Large: it holds bytes already (a first request sets its claim), claimed at
+                // least four times what it asks for now in one request (a merge that
+                // reserved its headroom, sized for its first few spill files, and grows by
+                // one spill file's buffers at a time: 512 KiB steps on a 2 MiB claim; a hash
+                // join's build side or `SortPreservingMergeExec` grows by batches about the
+                // size of their first, and cannot spill: a refusal fails the query), and
+                // would hold more than the headroom and its claim.
                 let large = consumer_bytes > 0
-                    && claim > additional
+                    && claim >= additional.saturating_mul(4)
                     && consumer_bytes.saturating_add(additional) > headroom.max(claim);
                 if large {
                     books

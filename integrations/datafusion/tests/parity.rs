@@ -252,3 +252,61 @@ async fn spilling_queries_fail_only_where_fair_spill_pool_would() {
     })
     .await;
 }
+
+/// Exploration (run by hand, minutes): the shadowed runs over a grid of queries, partitions,
+/// spill reservations and limits, reporting each cell's passes; a failure `FairSpillPool`
+/// would not have had panics as in the tests above. `Q=sort|groupby|join|joinsort|joinagg|
+/// window`, `PARTS=2,4`, `LIMITS_KIB=2048,4096`, `SPILL_KIB=default,2048`, `ROWS`, `RUNS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "exploration, minutes"]
+async fn explore_shadowed() {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let list = |name: &str, default: &str| -> Vec<String> {
+        var(name, default).split(',').map(str::to_owned).collect()
+    };
+    let rows: usize = var("ROWS", "100000").parse().unwrap();
+    let runs: usize = var("RUNS", "3").parse().unwrap();
+    let table = common::table(rows);
+    for query in list("Q", "sort,groupby,join,joinsort,joinagg,window") {
+        let sql = match query.as_str() {
+            "sort" => common::SORT,
+            "groupby" => common::GROUP_BY,
+            "join" => common::JOIN,
+            "joinsort" => "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id",
+            "joinagg" => "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k",
+            "window" => "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t",
+            other => panic!("unknown query {other}"),
+        };
+        let expected = common::reference(sql, &table).await;
+        for spill in list("SPILL_KIB", "default,2048") {
+            let spill_reservation = match spill.as_str() {
+                "default" => None,
+                kib => Some(kib.parse::<usize>().unwrap() << 10),
+            };
+            for partitions in list("PARTS", "2,4") {
+                let partitions: usize = partitions.parse().unwrap();
+                for kib in list("LIMITS_KIB", "2048,4096,8192,16384,32768") {
+                    let limit = kib.parse::<usize>().unwrap() << 10;
+                    let mut passed = 0;
+                    for _ in 0..runs {
+                        passed += usize::from(
+                            run_shadowed(
+                                sql,
+                                &table,
+                                limit,
+                                partitions,
+                                spill_reservation,
+                                expected,
+                            )
+                            .await,
+                        );
+                    }
+                    println!(
+                        "{query} spill {spill} KiB, {partitions} partitions, {kib} KiB: \
+                         {passed} of {runs} passed, no failure FairSpillPool would not have had"
+                    );
+                }
+            }
+        }
+    }
+}
