@@ -10,7 +10,8 @@
 //!
 //! `--partitions N` sets `target_partitions` (2 by default), `--spill-mib M` the sort's
 //! `sort_spill_reservation_bytes` (2 by default; `default` keeps DataFusion's 10 MiB);
-//! `--query join` runs a partitioned hash join of the table with itself.
+//! `--query join` runs a partitioned hash join of the table with itself, `joinsort` the same
+//! sorted, `window` a window function over `k`.
 //!
 //! `--pools fair,membudget,fair_spill,greedy` picks the pools (`fair` is DataFusion's
 //! `FairSpillPool`; the others are `MembudgetPool` policies). `--io` puts the query's pool
@@ -110,7 +111,9 @@ async fn main() {
         "sort" => common::SORT,
         "groupby" => common::GROUP_BY,
         "join" => common::JOIN,
-        other => panic!("--query sort|groupby|join, not {other}"),
+        "joinsort" => common::JOIN_SORT,
+        "window" => common::WINDOW,
+        other => panic!("--query sort|groupby|join|joinsort|window, not {other}"),
     };
     let table = common::table(o.rows);
     let expected = common::reference(sql, &table).await;

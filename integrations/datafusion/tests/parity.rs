@@ -272,9 +272,9 @@ async fn explore_shadowed() {
             "sort" => common::SORT,
             "groupby" => common::GROUP_BY,
             "join" => common::JOIN,
-            "joinsort" => "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id",
+            "joinsort" => common::JOIN_SORT,
             "joinagg" => "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k",
-            "window" => "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t",
+            "window" => common::WINDOW,
             other => panic!("unknown query {other}"),
         };
         let expected = common::reference(sql, &table).await;
@@ -309,4 +309,37 @@ async fn explore_shadowed() {
             }
         }
     }
+}
+
+/// A hash join's build side near a full pool, as `explore_shadowed` found it (DataFusion's
+/// `HashJoinInput` grows by batches; its first was 131,072 bytes and a later one 130,816): the
+/// last step fits the limit exactly, and `FairSpillPool` grants it. A draft of the "large
+/// unspillable" rule that compared the claim with the request alone took the build side for
+/// a merge growing past its claim and kept the step's bytes free: a refusal that fails the
+/// query.
+#[test]
+fn a_build_sides_last_batch_that_fits_is_granted_as_fair_spill_pool_grants_it() {
+    let limit = 15 * 131_072 + 130_816;
+    let ours = Arc::new(MembudgetPool::new(BufPool::new(BufPoolCfg {
+        buffer_size: BufferSize::S8,
+        max_memory: limit,
+    })));
+    let fair: Arc<dyn MemoryPool> = Arc::new(FairSpillPool::new(limit));
+    let as_dyn: Arc<dyn MemoryPool> = ours.clone();
+    for pool in [fair, as_dyn] {
+        let build0 = MemoryConsumer::new("HashJoinInput[0]").register(&pool);
+        let build1 = MemoryConsumer::new("HashJoinInput[1]").register(&pool);
+        for _ in 0..7 {
+            build1.try_grow(131_072).unwrap();
+        }
+        for _ in 0..8 {
+            build0.try_grow(131_072).unwrap();
+        }
+        let last = build0.try_grow(130_816);
+        assert!(last.is_ok(), "{}: {last:?}", pool.name());
+        assert_eq!(pool.reserved(), limit);
+        drop((build0, build1));
+        assert_eq!(pool.reserved(), 0);
+    }
+    assert_eq!(ours.pool().stats().in_use_bytes, 0);
 }

@@ -136,6 +136,11 @@ fn spills(plan: &Arc<dyn ExecutionPlan>) -> (usize, usize) {
 /// unspillable build sides.
 pub const JOIN: &str = "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k";
 
+/// The join, its output sorted: a hash join's build sides, then sorts.
+pub const JOIN_SORT: &str = "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id";
+/// A window over `k` (a sort by `k, id` under it).
+pub const WINDOW: &str = "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t";
+
 /// Runs `sql` over `table` as `t` with `pool`, `PARTITIONS` partitions, `BATCH`-row batches
 /// and a `SPILL_RESERVATION` sort spill reservation.
 pub async fn run(sql: &str, table: &Arc<MemTable>, pool: Arc<dyn MemoryPool>) -> Run {
@@ -164,7 +169,10 @@ pub async fn run_configured(
     }
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     ctx.register_table("t", table.clone()).unwrap();
-    let ordered = sql.contains("ORDER BY");
+    // Ordered if the query itself ends in an ORDER BY (not one inside a window's `OVER (..)`).
+    let ordered = sql
+        .rfind("ORDER BY")
+        .is_some_and(|at| sql.rfind(')').is_none_or(|paren| paren < at));
     let plan = match ctx.sql(sql).await {
         Ok(frame) => frame.create_physical_plan().await,
         Err(e) => Err(e),
