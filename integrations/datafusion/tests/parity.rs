@@ -210,8 +210,9 @@ async fn a_sort_with_the_default_spill_reservation_fails_only_where_fair_spill_p
                 }
             }
         }
-        // At 24 MiB two merge reservations fit: those runs pass whatever the scheduling.
-        assert!(passed >= 6, "{passed} of 30 passed");
+        // With 2 partitions at 24 MiB both merge reservations and both partitions' batches
+        // fit at once (23.4 MB): those 3 runs pass whatever the scheduling.
+        assert!(passed >= 3, "{passed} of 30 passed");
     })
     .await;
 }
