@@ -277,11 +277,13 @@ impl Books {
         }
     }
 
-    /// Whether [`Policy::Fair`] keeps room aside now (the unspillable consumers' claims and
-    /// the headroom): while what they hold or claim, summed, fits in half of `base` (the
-    /// room spillers are sized from). Past that the claims cannot all be held beside the
-    /// spillers' batches, so at least one is stale or hopeless, and a headroom smaller than
-    /// a claim protects nothing:
+    /// Whether [`Policy::Fair`] keeps room aside now (the unspillable consumers' claims, the
+    /// headroom and the "large" rule): while the claims fit in three quarters of `base` (the
+    /// room spillers are sized from), counting both the claims registered now, summed, and
+    /// the largest claim once for every spiller (each sorter partition makes one, and
+    /// sorters register before they claim). Past that the claims cannot all be held beside
+    /// the spillers' batches, so at least one is stale or hopeless, and a headroom smaller
+    /// than a claim protects nothing:
     ///
     /// * a claim goes stale when a sorter that sorted in memory frees its merge reservation
     ///   for good and keeps it registered while its output streams. DataFusion 55.2's

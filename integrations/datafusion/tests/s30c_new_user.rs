@@ -138,9 +138,9 @@ fn two_builds(pool: &Arc<dyn MemoryPool>, batch: usize) -> (usize, usize) {
 }
 
 /// What a query gets from each pool when two unspillable consumers fill it. `FairSpillPool`
-/// fills the whole limit, and so do `Policy::Fair` and `Policy::FairSpill`: once what the
-/// unspillable consumers hold passes half the limit, `Policy::Fair` keeps no room aside
-/// (README "Policies"), so a build side is never refused a step `FairSpillPool` grants.
+/// fills the whole limit, and so do `Policy::Fair` and `Policy::FairSpill`: a build side,
+/// growing by batches the size of its first, is never "large" under `Policy::Fair` (README
+/// "Policies", item 5), so it is never refused a step `FairSpillPool` grants.
 ///
 /// Before (the "large unspillable" rule applied at any size): `Policy::Fair` refused the last
 /// 64 KiB batch, and a build side cannot spill, so the refusal failed the query.
@@ -174,8 +174,9 @@ fn two_unspillable_builds_fill_the_limit_as_documented() {
 // BUG (fixed): `Policy::Fair` refused it, "its fair share (0.0 B) is spent": partition 0's
 // claim (10 MiB) stayed set aside while the consumer was registered although it would never
 // reserve it again, and with partition 1's 10 MiB the set-aside passed the limit. Now claims
-// that large (two partitions' claims pass three quarters of the limit) are not kept aside,
-// and a consumer holding nothing is never refused below `FairSpillPool`'s share.
+// that large (the largest claim times the two sorters passes three quarters of the limit)
+// are not kept aside, and a consumer holding nothing is never refused below
+// `FairSpillPool`'s share.
 #[test]
 fn a_stale_merge_claim_does_not_starve_a_sorters_first_batch() {
     let limit = 16 << 20;
