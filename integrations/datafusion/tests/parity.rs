@@ -121,6 +121,13 @@ async fn within<F: Future>(secs: u64, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("watchdog: hung for {secs} s"))
 }
 
+/// Whether `error` names `consumer` (`name#id`), not a longer id that begins the same.
+fn names(error: &str, consumer: &str) -> bool {
+    error
+        .match_indices(consumer)
+        .any(|(at, _)| !error[at + consumer.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// Runs `sql` once under a shadowed `MembudgetPool` of `limit` bytes. Returns whether it
 /// passed, and panics if it failed on a refusal `FairSpillPool` would have granted.
 async fn run_shadowed(
@@ -159,7 +166,7 @@ async fn run_shadowed(
             let fatal = refused
                 .iter()
                 .rev()
-                .find(|r| error.contains(&format!("{}#{}", r.consumer, r.id)))
+                .find(|r| names(&error, &format!("{}#{}", r.consumer, r.id)))
                 .unwrap_or_else(|| panic!("no refusal matches the error: {error}"));
             assert!(
                 !fatal.fair_spill_grants,
