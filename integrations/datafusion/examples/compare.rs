@@ -11,7 +11,7 @@
 //! `--partitions N` sets `target_partitions` (2 by default), `--spill-mib M` the sort's
 //! `sort_spill_reservation_bytes` (2 by default; `default` keeps DataFusion's 10 MiB);
 //! `--query join` runs a partitioned hash join of the table with itself, `joinsort` the same
-//! sorted, `window` a window function over `k`.
+//! sorted, `joinagg` the join then a GROUP BY, `window` a window function over `k`.
 //!
 //! `--pools fair,membudget,fair_spill,greedy` picks the pools (`fair` is DataFusion's
 //! `FairSpillPool`; the others are `MembudgetPool` policies). `--io` puts the query's pool
@@ -107,14 +107,12 @@ struct Tally {
 #[tokio::main(worker_threads = 2)]
 async fn main() {
     let o = options();
-    let sql = match o.query.as_str() {
-        "sort" => common::SORT,
-        "groupby" => common::GROUP_BY,
-        "join" => common::JOIN,
-        "joinsort" => common::JOIN_SORT,
-        "window" => common::WINDOW,
-        other => panic!("--query sort|groupby|join|joinsort|window, not {other}"),
-    };
+    let sql = common::query(&o.query).unwrap_or_else(|| {
+        panic!(
+            "--query sort|groupby|join|joinsort|joinagg|window, not {}",
+            o.query
+        )
+    });
     let table = common::table(o.rows);
     let expected = common::reference(sql, &table).await;
     println!(

@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,12 +114,6 @@ impl std::fmt::Display for Shadowed {
     }
 }
 
-async fn within<F: Future>(secs: u64, f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("watchdog: hung for {secs} s"))
-}
-
 /// Whether `error` names `consumer` (`name#id`), not a longer id that begins the same.
 fn names(error: &str, consumer: &str) -> bool {
     error
@@ -196,7 +189,7 @@ async fn run_shadowed(
 /// it); both pools still fail the runs where two partitions ask for their 10 MiB at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sort_with_the_default_spill_reservation_fails_only_where_fair_spill_pool_would() {
-    within(300, async {
+    common::within(300, async {
         let table = common::table(100_000);
         let expected = common::reference(common::SORT, &table).await;
         let mut passed = 0;
@@ -229,7 +222,7 @@ async fn a_sort_with_the_default_spill_reservation_fails_only_where_fair_spill_p
 /// partitioned hash join (two unspillable build sides) at limits near its need.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spilling_queries_fail_only_where_fair_spill_pool_would() {
-    within(300, async {
+    common::within(300, async {
         let table = common::table(100_000);
         for (sql, limits_kib) in [
             (common::SORT, &[1536, 2048, 4096, 8192][..]),
@@ -276,15 +269,7 @@ async fn explore_shadowed() {
     let runs: usize = var("RUNS", "3").parse().unwrap();
     let table = common::table(rows);
     for query in list("Q", "sort,groupby,join,joinsort,joinagg,window") {
-        let sql = match query.as_str() {
-            "sort" => common::SORT,
-            "groupby" => common::GROUP_BY,
-            "join" => common::JOIN,
-            "joinsort" => common::JOIN_SORT,
-            "joinagg" => "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k",
-            "window" => common::WINDOW,
-            other => panic!("unknown query {other}"),
-        };
+        let sql = common::query(&query).unwrap_or_else(|| panic!("unknown query {query}"));
         let expected = common::reference(sql, &table).await;
         for spill in list("SPILL_KIB", "default,2048") {
             let spill_reservation = match spill.as_str() {

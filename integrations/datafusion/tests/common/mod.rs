@@ -140,6 +140,29 @@ pub const JOIN: &str = "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k";
 pub const JOIN_SORT: &str = "SELECT a.id, b.v FROM t a JOIN t b ON a.k = b.k ORDER BY b.v, a.id";
 /// A window over `k` (a sort by `k, id` under it).
 pub const WINDOW: &str = "SELECT id, SUM(v) OVER (PARTITION BY k ORDER BY id) AS s FROM t";
+/// The join, then a GROUP BY of its output.
+pub const JOIN_AGG: &str = "SELECT a.k, COUNT(*) AS c FROM t a JOIN t b ON a.k = b.k GROUP BY a.k";
+
+/// The query named `name` (`sort`, `groupby`, `join`, `joinsort`, `joinagg`, `window`).
+pub fn query(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "sort" => SORT,
+        "groupby" => GROUP_BY,
+        "join" => JOIN,
+        "joinsort" => JOIN_SORT,
+        "joinagg" => JOIN_AGG,
+        "window" => WINDOW,
+        _ => return None,
+    })
+}
+
+/// `f`, failed if it takes more than `secs` seconds (every test that runs queries has a
+/// watchdog).
+pub async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("watchdog: hung for {secs} s"))
+}
 
 /// Runs `sql` over `table` as `t` with `pool`, `PARTITIONS` partitions, `BATCH`-row batches
 /// and a `SPILL_RESERVATION` sort spill reservation.
