@@ -114,13 +114,6 @@ impl std::fmt::Display for Shadowed {
     }
 }
 
-/// Whether `error` names `consumer` (`name#id`), not a longer id that begins the same.
-fn names(error: &str, consumer: &str) -> bool {
-    error
-        .match_indices(consumer)
-        .any(|(at, _)| !error[at + consumer.len()..].starts_with(|c: char| c.is_ascii_digit()))
-}
-
 /// Runs `sql` once under a shadowed `MembudgetPool` of `limit` bytes. Returns whether it
 /// passed, and panics if it failed on a refusal `FairSpillPool` would have granted.
 async fn run_shadowed(
@@ -155,11 +148,12 @@ async fn run_shadowed(
         Err(error) => {
             let error = error.to_string();
             let refused = pool.refused.lock().unwrap();
-            // The refusal that failed the query: the last one of the consumer the error names.
+            // The refusal that failed the query: the last one of the consumer the error is
+            // about ("... for name#id with ..."; the holders it lists come later).
             let fatal = refused
                 .iter()
                 .rev()
-                .find(|r| names(&error, &format!("{}#{}", r.consumer, r.id)))
+                .find(|r| error.contains(&format!(" for {}#{} with ", r.consumer, r.id)))
                 .unwrap_or_else(|| panic!("no refusal matches the error: {error}"));
             assert!(
                 !fatal.fair_spill_grants,
