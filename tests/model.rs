@@ -484,8 +484,28 @@ impl Model {
     /// when it fails, it leaves the model (giving back what it held).
     fn climb(&mut self, index: usize) -> Outcome {
         let RequestModel {
-            id, origin, bytes, ..
+            id,
+            origin,
+            bytes,
+            kind,
+            ..
         } = self.requests[index];
+        // A growth holds its reservation's bytes beside what it asks for, at every level: the
+        // two together must fit each level's cap, or it could never be served there (failed
+        // as at the call, naming both; see `set_max_memory`).
+        let beside = match kind {
+            Kind::Grow(reservation) => self
+                .reservations
+                .iter()
+                .find(|r| r.id == reservation)
+                .map_or(0, |r| r.bytes.div_ceil(8) * 8),
+            _ => 0,
+        };
+        let needs = bytes + beside;
+        let exceeds = |max_memory: usize| AllocError::ExceedsBudget {
+            requested_bytes: if bytes > max_memory { bytes } else { needs },
+            max_memory,
+        };
         let chain = self.chain(origin);
         loop {
             let held = self.requests[index].held;
@@ -499,18 +519,12 @@ impl Model {
                 .map(|&at| self.pools[at].max_memory)
                 .min()
                 .unwrap_or(usize::MAX);
-            let error = if bytes > below {
+            let error = if needs > below {
                 // A level it holds shrank below it since: it no longer fits there.
-                AllocError::ExceedsBudget {
-                    requested_bytes: bytes,
-                    max_memory: below,
-                }
-            } else if bytes > max_memory {
-                // A budget shrunk while it waited below.
-                AllocError::ExceedsBudget {
-                    requested_bytes: bytes,
-                    max_memory,
-                }
+                exceeds(below)
+            } else if needs > max_memory {
+                // A budget shrunk while it waited below (or was granted there).
+                exceeds(max_memory)
             } else if self.pools[pool].closed {
                 AllocError::Closed
             } else if self.fits_now(pool, bytes) {
