@@ -519,12 +519,18 @@ impl Model {
                 .map(|&at| self.pools[at].max_memory)
                 .min()
                 .unwrap_or(usize::MAX);
-            let error = if needs > below {
+            let error = if bytes > below {
                 // A level it holds shrank below it since: it no longer fits there.
-                exceeds(below)
-            } else if needs > max_memory {
-                // A budget shrunk while it waited below (or was granted there).
-                exceeds(max_memory)
+                AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory: below,
+                }
+            } else if bytes > max_memory {
+                // A budget shrunk while it waited below.
+                AllocError::ExceedsBudget {
+                    requested_bytes: bytes,
+                    max_memory,
+                }
             } else if self.pools[pool].closed {
                 AllocError::Closed
             } else if self.fits_now(pool, bytes) {
@@ -533,6 +539,14 @@ impl Model {
             } else if self.pools[origin].closed {
                 // Its own pool closed while it climbed: it may not queue any more.
                 AllocError::Closed
+            } else if needs > below {
+                // A growth about to queue: with its reservation's bytes, it no longer fits
+                // a level it holds, which shrank since (the pool checks both as it queues).
+                exceeds(below)
+            } else if needs > max_memory {
+                // Nor this level's cap (a growth that fits at once fits it too: its
+                // reservation's bytes are in use here).
+                exceeds(max_memory)
             } else {
                 self.requests[index].stage = Stage::Waiting;
                 self.pools[pool].queue.push_back(id);
