@@ -295,6 +295,7 @@ pub(crate) fn block(
 /// The block for a request that a release granted its own block with the bytes
 /// (`State::release_block_queued`): `memory` is of the request's bytes and this pool's
 /// alignment; zeroed here if asked.
+#[inline(always)]
 pub(crate) fn handed_block(pool: &Arc<State>, mut memory: Memory, zeroed: bool) -> Block<State> {
     if zeroed {
         memory.fill_zero();

@@ -100,10 +100,50 @@ fn layout(align: usize, bytes: usize) -> Layout {
 }
 
 /// A block of heap memory owned alone: freed on drop.
+///
+/// Two words, not a pointer and a [`Layout`] (three): its size and its alignment's log2 share
+/// one word ([`SizeAndAlign`]), so a `Memory` moves in two registers. It is handed from a
+/// release to a waiter through several calls, and a three-word value moved through the stack
+/// right after it was written there makes the CPU wait on store forwarding (a 16-byte load
+/// over two 8-byte stores: measured 4-5 ns per move on the release → waiter path).
 #[derive(Debug)]
 pub(crate) struct Memory {
     ptr: NonNull<u8>,
-    layout: Layout,
+    size_align: SizeAndAlign,
+}
+
+/// A block's size (below 2^56 bytes: at most the budget, at most 2 PiB) in the low 56 bits,
+/// and its alignment's log2 in the top 8.
+#[derive(Clone, Copy, Debug)]
+struct SizeAndAlign(u64);
+
+impl SizeAndAlign {
+    const ALIGN_SHIFT: u32 = 56;
+    const SIZE: u64 = (1 << Self::ALIGN_SHIFT) - 1;
+
+    #[inline(always)]
+    fn new(layout: Layout) -> Self {
+        debug_assert!((layout.size() as u64) <= Self::SIZE);
+        SizeAndAlign(
+            layout.size() as u64 | u64::from(layout.align().trailing_zeros()) << Self::ALIGN_SHIFT,
+        )
+    }
+
+    #[inline(always)]
+    fn size(self) -> usize {
+        // Below 2^56, and it was a `usize`.
+        (self.0 & Self::SIZE) as usize
+    }
+
+    #[inline(always)]
+    fn align(self) -> usize {
+        1 << (self.0 >> Self::ALIGN_SHIFT)
+    }
+
+    #[inline(always)]
+    fn layout(self) -> Layout {
+        layout(self.align(), self.size())
+    }
 }
 
 // SAFETY: `Memory` owns its bytes exclusively, like a `Box<[u8]>`; any thread may free it.
@@ -125,17 +165,22 @@ impl Memory {
             }
         };
         // Null: out of memory, which the caller reports as an error (no abort).
-        NonNull::new(raw).map(|ptr| Memory { ptr, layout })
+        NonNull::new(raw).map(|ptr| Memory {
+            ptr,
+            size_align: SizeAndAlign::new(layout),
+        })
     }
 
     /// Its size in bytes.
+    #[inline(always)]
     pub(crate) fn bytes(&self) -> usize {
-        self.layout.size()
+        self.size_align.size()
     }
 
     /// The alignment it was allocated with.
+    #[inline(always)]
     pub(crate) fn align(&self) -> usize {
-        self.layout.align()
+        self.size_align.align()
     }
 
     /// Writes zeros over every byte.
@@ -149,7 +194,7 @@ impl Memory {
     #[inline(always)]
     pub(crate) fn into_raw(self) -> (NonNull<u8>, usize) {
         let memory = ManuallyDrop::new(self);
-        (memory.ptr, memory.layout.align())
+        (memory.ptr, memory.size_align.align())
     }
 
     /// Takes back ownership of what [`into_raw`](Memory::into_raw) gave up.
@@ -162,7 +207,7 @@ impl Memory {
     pub(crate) unsafe fn from_raw(ptr: NonNull<u8>, align: usize, bytes: usize) -> Memory {
         Memory {
             ptr,
-            layout: layout(align, bytes),
+            size_align: SizeAndAlign::new(layout(align, bytes)),
         }
     }
 }
@@ -170,9 +215,9 @@ impl Memory {
 impl Drop for Memory {
     #[inline(always)]
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from the global allocator with exactly `layout`, and `Memory`
-        // owned it alone.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        // SAFETY: `ptr` came from the global allocator with exactly the layout `size_align`
+        // encodes, and `Memory` owned it alone.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.size_align.layout()) };
     }
 }
 
@@ -214,7 +259,7 @@ impl<P: Pool> Block<P> {
         let memory = ManuallyDrop::new(memory);
         Block {
             ptr: memory.ptr,
-            bytes_zeroed: memory.layout.size() | if zeroed { ZEROED } else { 0 },
+            bytes_zeroed: memory.bytes() | if zeroed { ZEROED } else { 0 },
             // `as_ptr` keeps the provenance of the whole `Arc` allocation for `keep_alive`.
             pool: NonNull::new(Arc::as_ptr(pool).cast_mut()).expect("an Arc is never null"),
         }
@@ -283,7 +328,7 @@ impl<P: Pool> Drop for Block<P> {
         let pool_ptr = self.pool;
         let memory = Memory {
             ptr: self.ptr,
-            layout: layout(self.pool().align(), self.bytes()),
+            size_align: SizeAndAlign::new(layout(self.pool().align(), self.bytes())),
         };
         let keep_alive = move || {
             // SAFETY: called before the bytes are given back (the `Pool` contract), so the

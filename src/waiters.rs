@@ -574,6 +574,10 @@ impl WaitList {
     ///
     /// `node` was unlinked from this list under the lock `&mut self` proves held, and is
     /// still `WAITING` (so its owner takes that lock before it touches it).
+    ///
+    /// Inlined: out of line, its writes to `granted` were read back by the caller as one
+    /// 16-byte copy before they could forward (a store-forwarding stall on every grant).
+    #[inline(always)]
     unsafe fn mark_granted(
         &mut self,
         node: NonNull<Node>,
