@@ -510,8 +510,8 @@ impl BufPool {
         self.wait_blocking_slow(n, zeroed, deadline)
     }
 
-    /// The fast path did not reserve: bad input fails as it did there, and otherwise the
-    /// future's first poll tries once more, then queues.
+    /// The fast path did not reserve: the future's first poll looks once more (bad input
+    /// fails there as it did on the fast path, budget freed since is reserved), then queues.
     #[cold]
     #[inline(never)]
     fn wait_blocking_slow(
@@ -520,13 +520,6 @@ impl BufPool {
         zeroed: bool,
         deadline: Option<Instant>,
     ) -> Result<BufPoolAllocation, AllocError> {
-        // Once more (the first look's answer was not kept, see `wait_blocking`): free budget
-        // may have come back since.
-        match self.pool.reserve_now(n) {
-            Attempt::Reserved(bytes) => return BufPoolAllocation::new(&self.pool, bytes, zeroed),
-            Attempt::Failed(error) => return Err(error),
-            Attempt::MustWait(_) => {}
-        }
         let allocate = pin!(Allocate::new(&self.pool, n, zeroed));
         block_on(allocate, deadline).unwrap_or_else(|| Err(self.pool.timed_out()))
     }

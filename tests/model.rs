@@ -479,6 +479,19 @@ impl Model {
             .expect("a pending request")
     }
 
+    /// The bytes a request of `kind` holds beside what it asks for, at every level of its
+    /// chain: a growth's reservation's (rounded), none for any other request.
+    fn beside(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Grow(reservation) => self
+                .reservations
+                .iter()
+                .find(|r| r.id == reservation)
+                .map_or(0, |r| r.bytes.div_ceil(8) * 8),
+            _ => 0,
+        }
+    }
+
     /// The request at `index` holds the levels of its chain from `held` up: at once where
     /// the pool has room and nobody waits, else it queues there. Once every level is held, or
     /// when it fails, it leaves the model (giving back what it held).
@@ -493,14 +506,7 @@ impl Model {
         // A growth holds its reservation's bytes beside what it asks for, at every level: the
         // two together must fit each level's cap, or it could never be served there (failed
         // as at the call, naming both; see `set_max_memory`).
-        let beside = match kind {
-            Kind::Grow(reservation) => self
-                .reservations
-                .iter()
-                .find(|r| r.id == reservation)
-                .map_or(0, |r| r.bytes.div_ceil(8) * 8),
-            _ => 0,
-        };
+        let beside = self.beside(kind);
         let needs = bytes + beside;
         let exceeds = |max_memory: usize| AllocError::ExceedsBudget {
             requested_bytes: if bytes > max_memory { bytes } else { needs },
@@ -669,14 +675,7 @@ impl Model {
         let beside: std::collections::HashMap<u64, usize> = self
             .requests
             .iter()
-            .filter_map(|request| match request.kind {
-                Kind::Grow(id) => self
-                    .reservations
-                    .iter()
-                    .find(|r| r.id == id)
-                    .map(|r| (request.id, r.bytes.div_ceil(8) * 8)),
-                _ => None,
-            })
+            .map(|request| (request.id, self.beside(request.kind)))
             .collect();
         // A request that can never fit fails as at the call: its own bytes if they alone are
         // too many, else those with its reservation's beside them.
