@@ -2698,6 +2698,7 @@ impl State {
         );
         // Under the same lock as the counts they go with (see `WaitTotals::reported_wait`).
         queue.waits.reported_wait = [stats.total_wait, stats.max_wait];
+        queue.waits.reported_ticks = waits.total_ticks;
         stats
     }
 }

@@ -91,6 +91,10 @@ pub(crate) struct WaitTotals {
     /// time. Ratcheted under the lock with the counts they go with, so the mean stays at most
     /// the maximum (a floor of an earlier report goes with no more waits than now).
     pub(crate) reported_wait: [Duration; 2],
+    /// The `total_ticks` that report was made from: while they are the same, nothing waited
+    /// since, and the same figures are reported again (a new estimate of the rate would move
+    /// them up by a few nanoseconds, so two reads with no wait between them would differ).
+    pub(crate) reported_ticks: u64,
 }
 
 /// What [`PoolStats`] is assembled from, besides the counters.
@@ -143,10 +147,15 @@ impl Counters {
         let releases = releases_spilled
             .wrapping_add(word.releases())
             .wrapping_add(sources.waits.handed_over);
-        let [total_wait, max_wait] =
-            ticks_to_durations([sources.waits.total_ticks, sources.waits.max_ticks]);
-        let [reported_total, reported_max] = sources.waits.reported_wait;
-        let (total_wait, max_wait) = (total_wait.max(reported_total), max_wait.max(reported_max));
+        let waits = &sources.waits;
+        let [reported_total, reported_max] = waits.reported_wait;
+        // A new maximum always comes with a new total (a wait of no ticks changes neither).
+        let (total_wait, max_wait) = if waits.total_ticks == waits.reported_ticks {
+            (reported_total, reported_max)
+        } else {
+            let [total, max] = ticks_to_durations([waits.total_ticks, waits.max_ticks]);
+            (total.max(reported_total), max.max(reported_max))
+        };
         PoolStats {
             name: sources.name,
             in_use_bytes: word.in_use(),
