@@ -66,6 +66,7 @@
 //! | 42 reclaim_ahead hears a reservation below its mark | look before listen (before stop 29); listen first, then look with a plain load of the word (found by this model: the reservation's `Relaxed` mark look and the look each miss the other) | loom: deadlock; deadlock |
 //! | 43 a request queueing above its floor vs a refill | (found by this model, session 30) no look at the floors after queueing; the look with a plain load of the floor's free bytes | loom: deadlock; deadlock |
 //! | 44 a re-homing give-back wakes a panicking waiter at the root | (session 31) a child's fast-path completion whose re-homing wake-up panics without giving the request's bytes back (`State::complete_fast` without its undo) | assertion (the child keeps a buffer nobody holds) |
+//! | 45 a stale `QUEUED` refuses no request | (issue 22, lazy `QUEUED`) `clear_stale_queued` never clears; it clears but reports a flag cleared meanwhile (by the racing `allocate`) as no reason to try again (found by this model); `admit_locked` treats a stale flag as waiters (queues a request that fits) | assertion (a `try_allocate(1)` refused with a buffer free and nobody waiting), in all three |
 
 use core::future::Future;
 use core::pin::Pin;
@@ -2120,5 +2121,54 @@ fn a_rehoming_give_back_wakes_a_panicking_waiter_at_the_root() {
         drop((taken, waited));
         assert_eq!(root.stats().in_use_bytes, B, "the idle floor");
         assert_eq!(child.stats().in_use_bytes, 0);
+    });
+}
+
+/// Model 45 (issue 22, lazy `QUEUED`): a release hands its block to the last waiter and
+/// leaves `QUEUED` set on the empty queue (`State::hand_over_locked`); the flag is stale, and
+/// must never make a request wait or fail that would not have otherwise (README guarantees 1
+/// and 2: FIFO, and a call that does not wait fails only while the budget is short or others
+/// wait). The pool holds 5 buffers; `held` takes 3 and the head waits for 3 (2 free), so the
+/// release of `held` hands its block to the head, and 2 buffers stay free. Racing it, one
+/// thread asks for 1 buffer with `allocate` (it queues behind the head if it comes first, and
+/// is then served by the hand-over's look behind the head), and main with `try_allocate`:
+/// refused while the head waits, but once the release is done nobody waits and a buffer is
+/// free, so a try must succeed. Then everything is given back and the whole budget is free
+/// at once.
+#[test]
+fn a_stale_queued_flag_refuses_no_request() {
+    model(|| {
+        let pool = Arc::new(pool(5));
+        let held = pool.try_allocate(3).unwrap();
+        let mut head = Box::pin(pool.allocate(3));
+        assert!(poll_once(&mut head), "the head waits: 2 buffers free of 5");
+        let releaser = thread::spawn(move || drop(held));
+        let waiter = {
+            let pool = pool.clone();
+            thread::spawn(move || block_on(pool.allocate(1)).unwrap())
+        };
+        let early = match pool.try_allocate(1) {
+            Ok(allocation) => Some(allocation),
+            Err(AllocError::WouldBlock) => None,
+            Err(error) => panic!("{error}"),
+        };
+        releaser.join().unwrap();
+        // The hand-over is done: nobody waits in the queue (the waiter was served or never
+        // queued), and of the 2 free buffers the waiter takes at most one.
+        let tried = early.unwrap_or_else(|| {
+            pool.try_allocate(1).unwrap_or_else(|error| {
+                panic!("a buffer free, nobody waits: {error}: {}", pool.stats())
+            })
+        });
+        let got = block_on(head).unwrap();
+        let waited = waiter.join().unwrap();
+        assert_eq!(pool.stats().in_use_bytes, 5 * B);
+        assert_eq!(pool.stats().waiting, 0);
+        drop((tried, got, waited));
+        assert_eq!(pool.stats().in_use_bytes, 0);
+        drop(
+            pool.try_allocate(5)
+                .unwrap_or_else(|error| panic!("the whole budget is free: {error}")),
+        );
     });
 }

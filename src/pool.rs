@@ -488,9 +488,31 @@ impl BufPool {
         // allocation never goes through an intermediate copy (see `Block::new`).
         match self.pool.reserve_now(n) {
             Attempt::Reserved(bytes) => BufPoolAllocation::new(&self.pool, bytes, zeroed),
-            Attempt::MustWait(_) => Err(self.pool.would_block()),
+            Attempt::MustWait(bytes) => self.try_now_refused(n, bytes, zeroed),
             Attempt::Failed(error) => Err(error),
         }
+    }
+
+    /// The fast path refused: unless that was only a stale `QUEUED` (see
+    /// `State::clear_stale_queued`), which is cleared for one more try, `WouldBlock`.
+    #[cold]
+    #[inline(never)]
+    fn try_now_refused(
+        &self,
+        n: usize,
+        bytes: usize,
+        zeroed: bool,
+    ) -> Result<BufPoolAllocation, AllocError> {
+        if self.pool.clear_stale_queued(bytes) {
+            match self.pool.reserve_now(n) {
+                Attempt::Reserved(bytes) => {
+                    return BufPoolAllocation::new(&self.pool, bytes, zeroed);
+                }
+                Attempt::Failed(error) => return Err(error),
+                Attempt::MustWait(_) => {}
+            }
+        }
+        Err(self.pool.would_block())
     }
 
     #[inline(always)]

@@ -225,7 +225,7 @@ fn try_hold(pool: &State, bytes: usize) -> Result<usize, AllocError> {
     if bytes == 0 {
         return Ok(0);
     }
-    match pool.reserve_bytes_now(bytes) {
+    match pool.reserve_bytes_without_waiting(bytes) {
         crate::state::Attempt::Reserved(bytes) => Ok(bytes),
         crate::state::Attempt::MustWait(_) => Err(pool.would_block()),
         crate::state::Attempt::Failed(error) => Err(error),

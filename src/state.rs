@@ -647,6 +647,18 @@ impl State {
         }
     }
 
+    /// [`reserve_bytes_now`](State::reserve_bytes_now) for a call that does not wait: a
+    /// refusal caused only by a stale `QUEUED` (see
+    /// [`clear_stale_queued`](State::clear_stale_queued)) clears it and tries once more.
+    pub(crate) fn reserve_bytes_without_waiting(&self, bytes: usize) -> Attempt {
+        match self.reserve_bytes_now(bytes) {
+            Attempt::MustWait(bytes) if self.clear_stale_queued(bytes) => {
+                self.reserve_bytes_now(bytes)
+            }
+            attempt => attempt,
+        }
+    }
+
     /// Counts `delta` bytes more (or fewer) held by reservations, for the statistics.
     pub(crate) fn note_reserved(&self, delta: isize) {
         if delta >= 0 {
@@ -835,7 +847,10 @@ impl State {
             });
         }
         // Checked before `QUEUED` is set: a refused request leaves no trace. (Under the lock,
-        // `QUEUED` is set exactly while the list is not empty.)
+        // `QUEUED` is set while the list is not empty; set on an empty list, it is stale: a
+        // hand-over to the last waiter left it, see `hand_over_locked`. No resize is under
+        // way, as a resize holds the lock throughout.)
+        let empty = queue.list.is_empty();
         let full = queue.list.len() >= self.config.max_waiters;
         let refuse_full = || {
             if waited && for_descendant.is_some() {
@@ -848,15 +863,19 @@ impl State {
         loop {
             let next = if word.is_closed() {
                 return Err(AllocError::Closed);
-            } else if word.is_queued() {
+            } else if word.is_queued() && !empty {
                 if full {
                     return refuse_full();
                 }
                 break;
-            } else if bytes <= budget.saturating_sub(word.in_use()) {
-                word.plus(bytes)
+            } else if word.has_room_for(bytes, budget) {
+                // Clears a stale `QUEUED` in the same step.
+                word.plus(bytes).unqueued()
             } else if full {
                 return refuse_full();
+            } else if word.is_queued() {
+                // Stale, and true again once the node is linked: no step of the word needed.
+                break;
             } else {
                 word.queued()
             };
@@ -1464,7 +1483,7 @@ impl State {
     /// would) for a new child's floor, at once or not at all: held, not counted as an
     /// allocation, never barging past waiters.
     pub(crate) fn set_floor_aside(&self, floor: usize) -> Result<(), AllocError> {
-        match self.reserve_bytes_now(floor) {
+        match self.reserve_bytes_without_waiting(floor) {
             Attempt::Reserved(_) => Ok(()),
             Attempt::MustWait(_) => Err(AllocError::WouldBlock),
             Attempt::Failed(error) => Err(error),
@@ -1829,6 +1848,11 @@ impl State {
             self.hand_over_locked(memory, &mut queue, deferred, now);
             return Released(Ending::Locked(queue));
         }
+        if queue.list.is_empty() {
+            // A stale `QUEUED` (see `hand_over_locked`): cleared first, so that the recycler
+            // may keep the block as when nobody waits.
+            self.clear_queued_locked(&queue);
+        }
         if bytes >= FREE_UNLOCKED_FROM {
             // Freeing a large block may be a system call: not under the lock others wait for.
             // Our bytes are still counted, so the pool stays alive meanwhile.
@@ -1844,11 +1868,17 @@ impl State {
 
     /// With the lock held and `QUEUED` set: the head takes the released block with its bytes
     /// (the caller checked it takes blocks of this size and fits). As
-    /// [`settle_locked`](State::settle_locked) for this one case: the bytes in use stay as
-    /// they are, so if others still wait the word does not change at all and the release is
-    /// counted under the lock (`WaitTotals::handed_over`); if the queue is now empty, one
-    /// compare-exchange counts the release and clears `QUEUED`. Then the requests the head
-    /// held back that fit in the room there was all along are served.
+    /// [`settle_locked`](State::settle_locked) for this one case, except that the word does
+    /// not change at all: the bytes in use stay as they are, the release is counted under the
+    /// lock (`WaitTotals::handed_over`), and `QUEUED` stays set even when the queue is now
+    /// empty. Then the requests the head held back that fit in the room there was all along
+    /// are served.
+    ///
+    /// Why `QUEUED` stays: a pool whose requests wait one at a time (the common waiting
+    /// pattern) would otherwise clear it here and set it again as the next request queues,
+    /// two compare-exchanges (about 10 ns) on every hand-over. Left set on an empty queue, the
+    /// flag is stale: it sends fast paths to the lock, where it is recognised and cleared
+    /// (see `word.rs`, and [`clear_stale_queued`](State::clear_stale_queued)).
     ///
     /// Skipping the word is sound because nobody else changes it meanwhile in a way that
     /// needs ours: with `QUEUED` set and the lock held, both fast paths refuse and every slow
@@ -1862,41 +1892,10 @@ impl State {
         deferred: &mut Deferred,
         now: Option<Stamp>,
     ) {
-        let bytes = memory.bytes();
         let before = queue.list.len();
-        let start = self.word.load();
-        let mut counted_on_the_word = false;
-        let granted = queue.list.hand_front(
-            memory,
-            |now_empty| {
-                if !now_empty {
-                    // Others wait: `QUEUED` stays, and so does the whole word.
-                    return;
-                }
-                counted_on_the_word = true;
-                let mut word = start;
-                loop {
-                    let (next, wrapped) = word.settled(bytes, true, bytes, now_empty);
-                    // Only flag bits change behind our back while `QUEUED` is set and the
-                    // lock is held (see `settle_locked`).
-                    match self.word.compare_exchange(word, next) {
-                        Ok(_) => {
-                            if wrapped {
-                                self.counters.releases_wrapped();
-                            }
-                            return;
-                        }
-                        Err(actual) => word = actual,
-                    }
-                }
-            },
-            now,
-            deferred,
-        );
+        let granted = queue.list.hand_front(memory, now, deferred);
         let waits = &mut queue.waits;
-        if !counted_on_the_word {
-            waits.handed_over += 1;
-        }
+        waits.handed_over += 1;
         waits.waited += 1;
         waits.total_ticks = waits.total_ticks.saturating_add(granted.total_wait);
         waits.max_ticks = waits.max_ticks.max(granted.max_wait);
@@ -1906,9 +1905,66 @@ impl State {
             queue.reclaim.stalled = None;
             queue.list.wake_front(deferred);
         }
-        let room = self.budget().saturating_sub(start.in_use());
-        if queue.list.front_bytes().is_some_and(|next| next <= room) {
+        let word = self.word.load();
+        if queue
+            .list
+            .front_bytes()
+            .is_some_and(|next| word.has_room_for(next, self.budget()))
+        {
             self.serve(queue, deferred, now);
+        }
+    }
+
+    /// A call that does not wait was refused by its fast path: whether one more try may
+    /// succeed. The refusal may be due only to a stale `QUEUED` on the root's word (only a
+    /// root hands blocks over, so only a root's flag goes stale; see
+    /// [`hand_over_locked`](State::hand_over_locked)): set on an empty queue, it is cleared
+    /// here under the lock. A flag that is true (requests wait, or a resize is under way)
+    /// stays, and the call fails as it must (FIFO). A flag cleared since the fast path looked
+    /// (by a release, or by a request that fit in `admit_locked`) is worth a try too.
+    ///
+    /// `bytes`: what the caller asks; for a root, nothing more is done unless they fit (a
+    /// refusal while requests wait, or for want of room, costs no lock). A child's request
+    /// may need less of the root than it asks (floors on the way), so it always looks.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn clear_stale_queued(&self, bytes: usize) -> bool {
+        let mut root = self;
+        while let Some(parent) = root.parent() {
+            root = parent;
+        }
+        let word = root.word.load();
+        let room = self.parent().is_some() || word.has_room_for(bytes, root.budget());
+        if word.is_closed() || !room {
+            return false;
+        }
+        if !word.is_queued() {
+            // Cleared since the caller looked (by a release, or a request that fit in
+            // `admit_locked`): worth one more try too.
+            return true;
+        }
+        let queue = lock(&root.queue);
+        if !queue.list.is_empty() {
+            return false;
+        }
+        root.clear_queued_locked(&queue);
+        true
+    }
+
+    /// Clears a stale `QUEUED`: the caller holds the lock (`queue`, reached only through it)
+    /// and saw the list empty. Set on an empty list under the lock, the flag is stale: a
+    /// resize holds the lock throughout, and a request that queues sets it and links its
+    /// node under one hold of the lock. Only flag bits other than `QUEUED` change behind our
+    /// back (as in [`settle_locked`](State::settle_locked)), which the compare-exchange
+    /// retries.
+    fn clear_queued_locked(&self, queue: &Queue) {
+        debug_assert!(queue.list.is_empty());
+        let mut word = self.word.load();
+        while word.is_queued() {
+            match self.word.compare_exchange(word, word.unqueued()) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
         }
     }
 

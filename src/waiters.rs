@@ -542,13 +542,12 @@ impl WaitList {
 
     /// [`grant_front`](Self::grant_front) for the head alone, which takes `block`, the memory
     /// of the block whose release frees its bytes (the caller made sure it
-    /// [takes](Self::front_takes_block) a block of that size and fits): unlinks it, calls
-    /// `commit(now_empty)`, then marks it granted with the block (`GRANTED_BLOCK`), so neither
-    /// the releaser nor the waiter goes to the allocator.
+    /// [takes](Self::front_takes_block) a block of that size and fits): unlinks it and marks
+    /// it granted with the block (`GRANTED_BLOCK`), so neither the releaser nor the waiter
+    /// goes to the allocator. The bytes in use do not change, so there is nothing to commit.
     pub(crate) fn hand_front(
         &mut self,
         block: Memory,
-        commit: impl FnOnce(bool),
         now: Option<Stamp>,
         wakers: &mut Deferred,
     ) -> Granted {
@@ -558,7 +557,6 @@ impl WaitList {
             return granted;
         };
         self.unlink(head);
-        commit(self.is_empty());
         // SAFETY: the head is in this list.
         granted.bytes = unsafe { self.links(head) }.bytes;
         granted.count = 1;

@@ -9,7 +9,14 @@
 //! * `QUEUED`: reservations and releases must take the queue lock. Set while requests wait
 //!   (FIFO: no newcomer takes budget ahead of a waiter, and a release hands its bytes on) and
 //!   while the budget changes (so that no reservation is checked against a stale budget). Set
-//!   and cleared only under the lock.
+//!   and cleared only under the lock. It may also stay set on an empty queue (*stale*): a
+//!   release that hands its block to the last waiter leaves the word alone, saving two
+//!   compare-exchanges when the next request queues again (`State::hand_over_locked`). A
+//!   stale flag only sends callers to the lock, where it is seen for what it is (set, list
+//!   empty, and no resize, which holds the lock throughout): the next release, the next
+//!   request that queues or fits (`State::admit_locked`), and every call that would fail
+//!   without waiting (`State::clear_stale_queued`) clear it. So it never makes a request
+//!   wait or fail that would not have otherwise; it only delays the fast paths' return.
 //! * `DRAIN_WAIT`: someone waits for the bytes in use to reach zero; the release that gets
 //!   there clears it and notifies them.
 //! * the bytes in use (a multiple of 8, stored without its three zero bits);
@@ -183,6 +190,18 @@ impl Word {
     /// The word with `QUEUED` set.
     pub(crate) const fn queued(self) -> Word {
         Word(self.0 | QUEUED)
+    }
+
+    /// The word with `QUEUED` cleared.
+    pub(crate) const fn unqueued(self) -> Word {
+        Word(self.0 & !QUEUED)
+    }
+
+    /// Whether `bytes` more fit `budget` now, as far as this word says (it may be read
+    /// without the lock: a hint, for deciding whether the lock is worth taking).
+    #[inline]
+    pub(crate) const fn has_room_for(self, bytes: usize, budget: usize) -> bool {
+        bytes <= budget.saturating_sub(self.in_use())
     }
 
     /// Whether the step from `self` to `next` is the one that must notify the drain waiters.

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use common::{assert_full_budget_back, assert_idle, pool, watchdog};
 use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize, PollAllocate};
@@ -392,5 +393,127 @@ fn hand_overs_along_a_queue_keep_every_count_exact() {
     drop(waiters);
     let stats = pool.stats();
     assert_eq!((stats.outstanding, stats.total_allocations), (0, 4));
+    assert_full_budget_back(&pool);
+}
+
+/// A root pool of 6 buffers of 64 bytes whose queue a hand-over just emptied: a reservation
+/// holds one buffer's bytes, the head took a 3-buffer block handed to it by its release
+/// (which leaves the queue's flag set on the empty queue: stale, `State::hand_over_locked`),
+/// and 2 buffers (128 bytes) are free with nobody waiting. Runs `call` on it, then checks
+/// that nothing waits and, with everything dropped, that the whole budget is free.
+fn after_a_hand_over_to_the_last_waiter(
+    call: impl FnOnce(&BufPool, &mut membudget::Reservation) + Send + 'static,
+) {
+    watchdog(10, move || {
+        let pool = pool(BufferSize::S64, 6);
+        let mut reservation = pool.try_reserve(64).unwrap();
+        let held = pool.try_allocate(3).unwrap();
+        let mut head = pin!(pool.allocate(3));
+        assert!(head.as_mut().poll(&mut cx()).is_pending(), "the head waits");
+        drop(held);
+        let Poll::Ready(Ok(handed)) = head.as_mut().poll(&mut cx()) else {
+            panic!("the release did not serve the head");
+        };
+        assert_eq!(pool.stats().in_use_bytes, 4 * 64);
+        assert_eq!(pool.stats().waiting, 0);
+        call(&pool, &mut reservation);
+        assert_eq!(pool.stats().waiting, 0);
+        drop((handed, reservation));
+        assert_full_budget_back(&pool);
+    });
+}
+
+#[test]
+fn after_the_last_waiter_is_handed_a_block_every_call_that_does_not_wait_gets_the_free_room() {
+    after_a_hand_over_to_the_last_waiter(|pool, _| {
+        drop(pool.try_allocate(2).expect("2 buffers free, nobody waits"));
+    });
+    after_a_hand_over_to_the_last_waiter(|pool, _| {
+        drop(
+            pool.try_allocate_zeroed(2)
+                .expect("2 buffers free, nobody waits"),
+        );
+    });
+    after_a_hand_over_to_the_last_waiter(|pool, _| {
+        drop(pool.try_reserve(128).expect("128 bytes free, nobody waits"));
+    });
+    after_a_hand_over_to_the_last_waiter(|_, reservation| {
+        reservation
+            .try_grow(128)
+            .expect("128 bytes free, nobody waits");
+        assert_eq!(reservation.size(), 192);
+    });
+    after_a_hand_over_to_the_last_waiter(|_, reservation| {
+        reservation
+            .resize_to(192)
+            .expect("128 bytes free, nobody waits");
+    });
+    after_a_hand_over_to_the_last_waiter(|pool, _| {
+        let cfg = BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: 128,
+        };
+        let child = pool.child("c", cfg).unwrap();
+        drop(child.try_allocate(2).expect("the root has 2 buffers free"));
+        let floored = BufPool::builder(cfg)
+            .parent(pool)
+            .min_memory(128)
+            .build()
+            .expect("the root has the floor's 2 buffers free");
+        drop(floored);
+    });
+    after_a_hand_over_to_the_last_waiter(|pool, _| {
+        drop(
+            pool.allocate_timeout(2, Duration::ZERO)
+                .expect("2 buffers free"),
+        );
+        drop(pool.allocate_blocking(2).expect("2 buffers free"));
+        let mut request = pin!(pool.allocate(2));
+        assert!(matches!(
+            request.as_mut().poll(&mut cx()),
+            Poll::Ready(Ok(_))
+        ));
+    });
+    // A request that does not fit queues (and is served by the next release), and the room
+    // left is still refused to a try behind it: FIFO, as before.
+    after_a_hand_over_to_the_last_waiter(|pool, reservation| {
+        let mut big = pin!(pool.allocate(3));
+        assert!(
+            big.as_mut().poll(&mut cx()).is_pending(),
+            "3 buffers do not fit"
+        );
+        assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+        reservation.shrink(64);
+        let Poll::Ready(Ok(big)) = big.as_mut().poll(&mut cx()) else {
+            panic!("the shrink did not serve the waiter");
+        };
+        drop(big);
+    });
+}
+
+/// The first release after a hand-over to the last waiter clears the stale flag: the
+/// recycler keeps that block, and the fast paths are open again.
+#[test]
+fn the_release_after_a_hand_over_to_the_last_waiter_is_cached() {
+    let pool = BufPool::builder(BufPoolCfg {
+        buffer_size: BufferSize::S64,
+        max_memory: 128,
+    })
+    .recycle(4)
+    .recycle_min_bytes(64)
+    .build()
+    .unwrap();
+    let other = pool.try_allocate(1).unwrap();
+    let held = pool.try_allocate(1).unwrap();
+    let mut waiter = pin!(pool.allocate(1));
+    assert!(waiter.as_mut().poll(&mut cx()).is_pending());
+    drop(held);
+    let Poll::Ready(Ok(handed)) = waiter.as_mut().poll(&mut cx()) else {
+        panic!("the head was not served");
+    };
+    drop(other);
+    assert_eq!(pool.stats().cached_bytes, 64, "{}", pool.stats());
+    drop(handed);
+    assert_eq!(pool.stats().cached_bytes, 128, "{}", pool.stats());
     assert_full_budget_back(&pool);
 }
