@@ -647,6 +647,23 @@ impl State {
         }
     }
 
+    /// The fast path of a call that does not wait ([`reserve_now`](State::reserve_now))
+    /// refused `n` buffers (`bytes`): unless that was only a stale `QUEUED` (see
+    /// [`clear_stale_queued`](State::clear_stale_queued)), which is cleared for one more
+    /// try, `WouldBlock`. Returns the bytes reserved, for the caller to build the allocation.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refused_now(&self, n: usize, bytes: usize) -> Result<usize, AllocError> {
+        if self.clear_stale_queued(bytes) {
+            match self.reserve_now(n) {
+                Attempt::Reserved(bytes) => return Ok(bytes),
+                Attempt::Failed(error) => return Err(error),
+                Attempt::MustWait(_) => {}
+            }
+        }
+        Err(self.would_block())
+    }
+
     /// [`reserve_bytes_now`](State::reserve_bytes_now) for a call that does not wait: a
     /// refusal caused only by a stale `QUEUED` (see
     /// [`clear_stale_queued`](State::clear_stale_queued)) clears it and tries once more.
