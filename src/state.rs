@@ -1940,9 +1940,10 @@ impl State {
     /// stays, and the call fails as it must (FIFO). A flag cleared since the fast path looked
     /// (by a release, or by a request that fit in `admit_locked`) is worth a try too.
     ///
-    /// `bytes`: what the caller asks; for a root, nothing more is done unless they fit (a
-    /// refusal while requests wait, or for want of room, costs no lock). A child's request
-    /// may need less of the root than it asks (floors on the way), so it always looks.
+    /// `bytes`: what the caller asks; nothing more is done unless they fit the root's free
+    /// room (a refusal while requests wait, or for want of room, costs no lock). With floors
+    /// on the chain a request may need less of the root than it asks (the floors serve
+    /// part), so then it always looks.
     #[cold]
     #[inline(never)]
     pub(crate) fn clear_stale_queued(&self, bytes: usize) -> bool {
@@ -1951,7 +1952,7 @@ impl State {
             root = parent;
         }
         let word = root.word.load();
-        let room = self.parent().is_some() || word.has_room_for(bytes, root.budget());
+        let room = self.floors_in_chain() || word.has_room_for(bytes, root.budget());
         if word.is_closed() || !room {
             return false;
         }

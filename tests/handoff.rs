@@ -517,3 +517,42 @@ fn the_release_after_a_hand_over_to_the_last_waiter_is_cached() {
     assert_eq!(pool.stats().cached_bytes, 128, "{}", pool.stats());
     assert_full_budget_back(&pool);
 }
+
+/// A floored child's request may need less of its root than it asks (its floor serves part):
+/// after a hand-over to the root's last waiter, a try that fits only with the floor's help
+/// still gets the free room.
+#[test]
+fn after_the_last_waiter_is_handed_a_block_a_floored_childs_try_gets_floor_and_room() {
+    watchdog(10, || {
+        let root = pool(BufferSize::S64, 7);
+        let floored = BufPool::builder(BufPoolCfg {
+            buffer_size: BufferSize::S64,
+            max_memory: 4 * 64,
+        })
+        .parent(&root)
+        .min_memory(64)
+        .build()
+        .unwrap();
+        let reservation = root.try_reserve(64).unwrap();
+        let held = root.try_allocate(3).unwrap();
+        let mut head = pin!(root.allocate(3));
+        assert!(head.as_mut().poll(&mut cx()).is_pending(), "the head waits");
+        drop(held);
+        let Poll::Ready(Ok(handed)) = head.as_mut().poll(&mut cx()) else {
+            panic!("the release did not serve the head");
+        };
+        assert_eq!(
+            root.stats().in_use_bytes,
+            5 * 64,
+            "floor, reservation, head"
+        );
+        // 3 buffers: 1 from the idle floor, 2 from the root's free room.
+        let three = floored
+            .try_allocate(3)
+            .expect("the floor's buffer and the root's 2 free buffers");
+        assert_eq!(root.stats().in_use_bytes, 7 * 64);
+        assert_eq!(root.stats().waiting, 0);
+        drop((three, handed, reservation, floored));
+        assert_full_budget_back(&root);
+    });
+}
