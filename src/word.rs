@@ -14,9 +14,10 @@
 //!   compare-exchanges when the next request queues again (`State::hand_over_locked`). A
 //!   stale flag only sends callers to the lock, where it is seen for what it is (set, list
 //!   empty, and no resize, which holds the lock throughout): the next release, the next
-//!   request that queues or fits (`State::admit_locked`), and every call that would fail
-//!   without waiting (`State::clear_stale_queued`) clear it. So it never makes a request
-//!   wait or fail that would not have otherwise; it only delays the fast paths' return.
+//!   request that fits (`State::admit_locked`), and every call that would fail without
+//!   waiting (`State::clear_stale_queued`) clear it, and the next request that queues makes
+//!   it true again. So it never makes a request wait or fail that would not have otherwise
+//!   (loom model 45); it only sends the next few callers through the lock.
 //! * `DRAIN_WAIT`: someone waits for the bytes in use to reach zero; the release that gets
 //!   there clears it and notifies them.
 //! * the bytes in use (a multiple of 8, stored without its three zero bits);
