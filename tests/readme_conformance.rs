@@ -2432,12 +2432,16 @@ async fn wait_figures_never_go_down_and_the_mean_is_never_above_the_max() {
     within(20, async {
         let pool = pool64(1);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The reader's reads so far: the tasks start once it has made one, so that it reads
+        // while they run however late its thread is scheduled (CI once saw the tasks finish
+        // before the reader's first read).
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let reader = {
-            let (pool, done) = (Arc::clone(&pool), Arc::clone(&done));
+            let (pool, done, reads) = (Arc::clone(&pool), Arc::clone(&done), Arc::clone(&reads));
             common::thread_future(move || {
                 let mut last = pool.stats();
-                let mut reads = 0usize;
-                while !done.load(SeqCst) {
+                loop {
+                    let finished = done.load(SeqCst);
                     let now = pool.stats();
                     assert!(now.waited_allocations >= last.waited_allocations);
                     assert!(now.total_wait >= last.total_wait, "{last} then {now}");
@@ -2447,11 +2451,19 @@ async fn wait_figures_never_go_down_and_the_mean_is_never_above_the_max() {
                     // the allocation counts are exact when quiescent and may be off by one
                     // counter wrap (64) between two reads under load (CI saw it go down).
                     last = now;
-                    reads += 1;
+                    reads.fetch_add(1, SeqCst);
+                    if finished {
+                        break;
+                    }
                 }
-                reads
             })
         };
+        while reads.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Held until a task waits, so that at least one request waits whatever the
+        // scheduling (on a loaded machine one worker may run a task's 300 rounds alone).
+        let first = pool.try_allocate(1).unwrap();
         let tasks: Vec<_> = (0..4)
             .map(|_| {
                 let pool = Arc::clone(&pool);
@@ -2464,13 +2476,21 @@ async fn wait_figures_never_go_down_and_the_mean_is_never_above_the_max() {
                 })
             })
             .collect();
+        while pool.stats().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
         for task in tasks {
             task.await.unwrap();
         }
         done.store(true, SeqCst);
-        assert!(reader.await > 0);
+        reader.await;
+        assert!(
+            reads.load(SeqCst) >= 2,
+            "a read before the tasks and one after"
+        );
         let stats = pool.stats();
-        assert_eq!(stats.total_allocations, 1200);
+        assert_eq!(stats.total_allocations, 1201);
         assert!(stats.waited_allocations > 0, "{stats}");
     })
     .await;
