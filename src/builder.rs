@@ -413,7 +413,7 @@ impl BufPoolBuilder {
             crate::clock::start();
         }
         let align = buffer_size.bytes().min(self.align);
-        // A child's freed blocks go to its root's cache (`State::cache_keeper`): none of its own.
+        // A child's freed blocks go to its root's cache (`State::root`): none of its own.
         let recycler = if self.parent.is_some() {
             Recycler::delegating()
         } else {

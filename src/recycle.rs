@@ -59,7 +59,7 @@ struct SizeClass {
 impl Recycler {
     /// The recycler of a child pool, which keeps no block: it is never idle and never says
     /// a block is not kept, so every allocation and release of the child takes the pool's
-    /// slow path to the cache of its root (`State::cache_keeper`), leaving the root's fast
+    /// slow path to the cache of its root (`State::root`), leaving the root's fast
     /// path one comparison as before.
     pub(crate) fn delegating() -> Self {
         Recycler {

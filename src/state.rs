@@ -1068,6 +1068,15 @@ impl State {
         self.parent.as_deref()
     }
 
+    /// The root of this pool's tree: itself when it has no parent.
+    #[inline]
+    pub(crate) fn root(&self) -> &State {
+        match self.parent {
+            None => self,
+            Some(_) => self.at_level(self.depth()),
+        }
+    }
+
     /// The pool `level` steps up the chain: 0 is this one. O(log depth) steps, by the jump
     /// pointers (`State::jump`): a walk over every level of the chain stays O(depth log depth).
     /// A few levels up (the trees most programs build), parent by parent and inline.
@@ -1722,8 +1731,11 @@ impl State {
     /// The memory for `bytes` just reserved: fresh, or a cached block of that size; `None`
     /// if the system allocator has none.
     ///
-    /// The cache is the root pool's, for the whole tree ([`cache_keeper`](State::cache_keeper)),
-    /// so fresh memory for any pool of the tree first makes room in it. A child's recycler
+    /// The cache is the root pool's ([`root`](State::root)), for the whole tree: a cache
+    /// lower down would hold memory its ancestors no longer count (a block's bytes go back
+    /// at every level when it is released), so the tree could hold more than the root's
+    /// budget; at the root, cached blocks count against the budget that caps the whole
+    /// tree. So fresh memory for any pool of the tree first makes room in it. A child's recycler
     /// is never idle ([`Recycler::delegating`]): its allocations take the slow path there.
     #[inline(always)]
     pub(crate) fn memory_for(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
@@ -1738,7 +1750,7 @@ impl State {
     #[cold]
     #[inline(never)]
     fn recycled_or_fresh(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
-        let keeper = self.cache_keeper();
+        let keeper = self.root();
         if keeper.recycler.is_idle_for(bytes) {
             return Memory::fresh(self.config.align, bytes, zeroed);
         }
@@ -1769,7 +1781,7 @@ impl State {
     #[cold]
     #[inline(never)]
     fn recycle_slow(&self, memory: Memory) {
-        let keeper = self.cache_keeper();
+        let keeper = self.root();
         if keeper.recycler.never_keeps(memory.bytes()) || memory.align() != keeper.config.align {
             drop(memory);
         } else if let Some(memory) = keeper.recycler.put(
@@ -1778,17 +1790,6 @@ impl State {
             || keeper.footprint(),
         ) {
             drop(memory);
-        }
-    }
-
-    /// The pool whose cache keeps this pool's freed blocks: the root of its tree. A cache
-    /// lower down would hold memory its ancestors no longer count (a block's bytes go back
-    /// at every level when it is released), so the tree could hold more than the root's
-    /// budget; at the root, cached blocks count against the budget that caps the whole tree.
-    fn cache_keeper(&self) -> &State {
-        match self.parent {
-            None => self,
-            Some(_) => self.at_level(self.depth()),
         }
     }
 
@@ -1947,10 +1948,7 @@ impl State {
     #[cold]
     #[inline(never)]
     pub(crate) fn clear_stale_queued(&self, bytes: usize) -> bool {
-        let mut root = self;
-        while let Some(parent) = root.parent() {
-            root = parent;
-        }
+        let root = self.root();
         let word = root.word.load();
         let room = self.floors_in_chain() || word.has_room_for(bytes, root.budget());
         if word.is_closed() || !room {

@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use common::{assert_full_budget_back, assert_idle, pool, watchdog};
-use membudget::{AllocError, BufPool, BufPoolCfg, BufferSize, PollAllocate};
+use membudget::{AllocError, BufPool, BufPoolAllocation, BufPoolCfg, BufferSize, PollAllocate};
 
 fn cx() -> Context<'static> {
     Context::from_waker(Waker::noop())
@@ -396,6 +396,22 @@ fn hand_overs_along_a_queue_keep_every_count_exact() {
     assert_full_budget_back(&pool);
 }
 
+/// Makes a request for 3 buffers wait on `pool` (a root with room for them) behind an
+/// allocation of 3, and drops that: the release hands its block to the request, the only
+/// waiter, which leaves the queue's flag set on the empty queue (stale,
+/// `State::hand_over_locked`). Returns the handed block.
+fn hand_three_buffers_to_the_last_waiter(pool: &BufPool) -> BufPoolAllocation {
+    let held = pool.try_allocate(3).unwrap();
+    let mut head = pin!(pool.allocate(3));
+    assert!(head.as_mut().poll(&mut cx()).is_pending(), "the head waits");
+    drop(held);
+    let Poll::Ready(Ok(handed)) = head.as_mut().poll(&mut cx()) else {
+        panic!("the release did not serve the head");
+    };
+    assert_eq!(pool.stats().waiting, 0);
+    handed
+}
+
 /// A root pool of 6 buffers of 64 bytes whose queue a hand-over just emptied: a reservation
 /// holds one buffer's bytes, the head took a 3-buffer block handed to it by its release
 /// (which leaves the queue's flag set on the empty queue: stale, `State::hand_over_locked`),
@@ -407,13 +423,7 @@ fn after_a_hand_over_to_the_last_waiter(
     watchdog(10, move || {
         let pool = pool(BufferSize::S64, 6);
         let mut reservation = pool.try_reserve(64).unwrap();
-        let held = pool.try_allocate(3).unwrap();
-        let mut head = pin!(pool.allocate(3));
-        assert!(head.as_mut().poll(&mut cx()).is_pending(), "the head waits");
-        drop(held);
-        let Poll::Ready(Ok(handed)) = head.as_mut().poll(&mut cx()) else {
-            panic!("the release did not serve the head");
-        };
+        let handed = hand_three_buffers_to_the_last_waiter(&pool);
         assert_eq!(pool.stats().in_use_bytes, 4 * 64);
         assert_eq!(pool.stats().waiting, 0);
         call(&pool, &mut reservation);
@@ -534,13 +544,7 @@ fn after_the_last_waiter_is_handed_a_block_a_floored_childs_try_gets_floor_and_r
         .build()
         .unwrap();
         let reservation = root.try_reserve(64).unwrap();
-        let held = root.try_allocate(3).unwrap();
-        let mut head = pin!(root.allocate(3));
-        assert!(head.as_mut().poll(&mut cx()).is_pending(), "the head waits");
-        drop(held);
-        let Poll::Ready(Ok(handed)) = head.as_mut().poll(&mut cx()) else {
-            panic!("the release did not serve the head");
-        };
+        let handed = hand_three_buffers_to_the_last_waiter(&root);
         assert_eq!(
             root.stats().in_use_bytes,
             5 * 64,
