@@ -57,6 +57,11 @@
 //!   640,000 (10,000 per task: 640 samples above the p99.9). The blocking threads add theirs.
 //! * `LATENCY_WATCHDOG_SECS`: the whole bench aborts with a message after this long; default
 //!   120. It never hangs.
+//! * `LATENCY_SCHED=1`: each blocking request also reads its thread's run-queue time
+//!   (`/proc/thread-self/schedstat`, about a microsecond per read, for ours and tokio
+//!   alike), and the `threads` line says how much of the time of the requests at or above the
+//!   p99.9 was spent runnable but waiting for a CPU (docs/latency.md, stop 34: nearly all of
+//!   it, for ours).
 //! * `LATENCY_DIAG=1`: diagnostic runs after ours and tokio in every round (see
 //!   docs/latency.md for what they showed): `ours_untimed`, ours with `time_waits(false)` (no
 //!   clock reads for the wait statistics), in both scenarios; and in `mixed`, `ours_fbo`, ours
@@ -250,21 +255,68 @@ fn sched_stat() -> Option<[u64; 2]> {
     Some([fields.next()?.ok()?, fields.next()?.ok()?])
 }
 
+/// This thread's `/proc/thread-self/schedstat`, kept open and read again per request
+/// (`LATENCY_SCHED=1`): a read costs about a microsecond, against 2-4 to open it anew.
+struct SchedFile {
+    file: std::fs::File,
+    text: String,
+}
+
+impl SchedFile {
+    fn open() -> Option<SchedFile> {
+        let file = std::fs::File::open("/proc/thread-self/schedstat").ok()?;
+        Some(SchedFile {
+            file,
+            text: String::new(),
+        })
+    }
+
+    /// The time this thread spent runnable but waiting for a CPU so far, ns.
+    fn run_queue_ns(&mut self) -> u64 {
+        use std::io::{Read, Seek};
+        self.text.clear();
+        let read = self
+            .file
+            .rewind()
+            .and_then(|()| self.file.read_to_string(&mut self.text));
+        read.ok()
+            .and_then(|_| self.text.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// One blocking thread's run: its latencies, its CPU and run-queue time over the whole run,
+/// and with `per_request_sched` each request's run-queue time (same order as the latencies).
+struct ThreadRun {
+    latencies: Vec<u64>,
+    sched: Option<[u64; 2]>,
+    run_queue: Option<Vec<u64>>,
+}
+
 fn thread_loop<B: Budget>(
     budget: &B,
     window: &Window,
     capacity: usize,
-) -> (Vec<u64>, Option<[u64; 2]>) {
+    per_request_sched: bool,
+) -> ThreadRun {
     let mut latencies = Vec::with_capacity(capacity);
+    let mut sched_file = per_request_sched.then(SchedFile::open).flatten();
+    let mut run_queue = sched_file.as_ref().map(|_| Vec::with_capacity(capacity));
     window.ready.fetch_add(1, Ordering::Relaxed);
     while !window.all_ready() {
         std::thread::yield_now();
     }
     let sched_before = sched_stat();
     while !window.over.load(Ordering::Relaxed) {
+        let queued_before = sched_file.as_mut().map(SchedFile::run_queue_ns);
         let asked = Instant::now();
         let held = budget.acquire_blocking();
         latencies.push(nanos(asked.elapsed()));
+        if let (Some(file), Some(before), Some(run_queue)) =
+            (sched_file.as_mut(), queued_before, run_queue.as_mut())
+        {
+            run_queue.push(file.run_queue_ns().saturating_sub(before));
+        }
         let until = Instant::now() + THREAD_HOLD;
         while Instant::now() < until {
             spin_loop();
@@ -274,7 +326,11 @@ fn thread_loop<B: Budget>(
     let sched = sched_before
         .zip(sched_stat())
         .map(|(before, after)| [after[0] - before[0], after[1] - before[1]]);
-    (latencies, sched)
+    ThreadRun {
+        latencies,
+        sched,
+        run_queue,
+    }
 }
 
 /// Sets the flag when dropped (panicking or not).
@@ -314,6 +370,9 @@ struct Samples {
     threads: Vec<u64>,
     /// The blocking threads' summed time on a CPU and in the run queue while recording, ns.
     thread_sched: Option<[u64; 2]>,
+    /// With `LATENCY_SCHED=1`: each thread request's run-queue time, in the order of
+    /// `threads`.
+    thread_run_queue: Option<Vec<u64>>,
     /// Other processes' CPU time and the steal time during the run, ms.
     others: Option<[u64; 2]>,
     elapsed: Duration,
@@ -355,7 +414,12 @@ fn others_during(before: Option<[u64; 3]>, after: Option<[u64; 3]>) -> Option<[u
     ])
 }
 
-fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: usize) -> Samples {
+fn run<B: Budget>(
+    rt: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    per_task: usize,
+    per_request_sched: bool,
+) -> Samples {
     let cpu_before = cpu_times();
     let budget = Arc::new(B::new());
     let window = Arc::new(Window {
@@ -367,7 +431,8 @@ fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: us
         let threads: Vec<_> = (0..scenario.threads())
             .map(|_| {
                 let (budget, window) = (&*budget, &*window);
-                scope.spawn(move || thread_loop(budget, window, per_task * TASKS))
+                scope
+                    .spawn(move || thread_loop(budget, window, per_task * TASKS, per_request_sched))
             })
             .collect();
         // The threads stop even if spawning or joining the tasks panics.
@@ -390,17 +455,24 @@ fn run<B: Budget>(rt: &tokio::runtime::Runtime, scenario: Scenario, per_task: us
         drop(stopper);
         let mut latencies = Vec::new();
         let mut thread_sched = Some([0, 0]);
+        let mut thread_run_queue = Some(Vec::new());
         for thread in threads {
-            let (thread_latencies, sched) = thread.join().expect("a blocking thread panicked");
-            latencies.extend(thread_latencies);
+            let one = thread.join().expect("a blocking thread panicked");
+            latencies.extend(one.latencies);
             thread_sched = thread_sched
-                .zip(sched)
+                .zip(one.sched)
                 .map(|(sum, one)| [sum[0] + one[0], sum[1] + one[1]]);
+            thread_run_queue = thread_run_queue.zip(one.run_queue).map(|(mut all, one)| {
+                all.extend(one);
+                all
+            });
         }
         Samples {
             tasks: per_task_latencies.concat(),
             threads: latencies,
             thread_sched: thread_sched.filter(|_| scenario.threads() > 0),
+            thread_run_queue: thread_run_queue
+                .filter(|_| scenario.threads() > 0 && per_request_sched),
             others: others_during(cpu_before, cpu_times()),
             elapsed,
         }
@@ -452,18 +524,43 @@ struct Record {
     /// For the `threads` series: the blocking threads' summed time on a CPU and waiting in
     /// the run queue while they recorded, ns.
     sched: Option<[u64; 2]>,
+    /// For the `threads` series with `LATENCY_SCHED=1`: how many requests were at or above
+    /// the p99.9, and the share of their time spent runnable but waiting for a CPU.
+    slowest: Option<(usize, f64)>,
     /// Other processes' CPU time and the steal time during the run, ms.
     others: Option<[u64; 2]>,
+}
+
+/// For the blocking threads' requests at or above the run's p99.9 (`LATENCY_SCHED=1`): how
+/// many, and the share of their summed latency they spent runnable but waiting for a CPU
+/// (after the queue had woken them, or before they could ask).
+fn slowest_run_queue_share(latencies: &[u64], run_queue: &[u64]) -> Option<(usize, f64)> {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let n = sorted.len();
+    let p999 = *sorted.get(((0.999 * n as f64).ceil() as usize).clamp(1, n) - 1)?;
+    let (count, latency, queued) = latencies
+        .iter()
+        .zip(run_queue)
+        .filter(|&(&latency, _)| latency >= p999)
+        .fold((0, 0u64, 0u64), |(count, latency, queued), (&l, &q)| {
+            (count + 1, latency + l, queued + q.min(l))
+        });
+    (latency > 0).then(|| (count, queued as f64 / latency as f64))
 }
 
 fn record_run<B: Budget>(
     rt: &tokio::runtime::Runtime,
     scenario: Scenario,
-    per_task: usize,
+    setup: &Setup,
     round: usize,
     records: &mut Vec<Record>,
 ) {
-    let samples = run::<B>(rt, scenario, per_task);
+    let samples = run::<B>(rt, scenario, setup.per_task, setup.per_request_sched);
+    let slowest = samples
+        .thread_run_queue
+        .as_deref()
+        .and_then(|run_queue| slowest_run_queue_share(&samples.threads, run_queue));
     let mut series = vec![("tasks", samples.tasks.clone())];
     if scenario == Scenario::Mixed {
         let all = [samples.tasks.as_slice(), samples.threads.as_slice()].concat();
@@ -486,11 +583,16 @@ fn record_run<B: Budget>(
             .map_or(String::new(), |[cpu, steal]| {
                 format!("  others: {cpu} ms CPU, steal {steal} ms")
             });
+        let slowest = slowest.filter(|_| name == "threads");
         let sched_note = sched.map_or(others_note, |[cpu, queued]| {
             format!(
-                "  threads: {:.0} ms on a CPU, {:.0} ms runnable but waiting for one",
+                "  threads: {:.0} ms on a CPU, {:.0} ms runnable but waiting for one{}",
                 cpu as f64 / 1e6,
-                queued as f64 / 1e6
+                queued as f64 / 1e6,
+                slowest.map_or(String::new(), |(count, share)| format!(
+                    "; the {count} at or above p99.9 spent {:.0} % of their time so",
+                    share * 100.0
+                ))
             )
         });
         println!(
@@ -517,6 +619,7 @@ fn record_run<B: Budget>(
             elapsed: samples.elapsed,
             summary,
             sched,
+            slowest,
             others: samples.others,
         });
     }
@@ -562,6 +665,8 @@ fn json_string(text: &str) -> String {
 struct Setup {
     rounds: usize,
     per_task: usize,
+    /// `LATENCY_SCHED=1`: each blocking request also reads its thread's run-queue time.
+    per_request_sched: bool,
 }
 
 fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
@@ -588,7 +693,7 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
         json += &format!(
             "    {{\"scenario\": \"{}\", \"series\": \"{}\", \"peer\": \"{}\", \"round\": {}, \
              \"count\": {}, \"elapsed_ms\": {:.1}, \"mean\": {:.0}, \"p50\": {}, \"p90\": {}, \
-             \"p99\": {}, \"p999\": {}, \"max\": {}{}{}}}{}\n",
+             \"p99\": {}, \"p999\": {}, \"max\": {}{}{}{}}}{}\n",
             record.scenario,
             record.series,
             record.peer,
@@ -606,6 +711,11 @@ fn write_json(setup: &Setup, records: &[Record]) -> std::io::Result<PathBuf> {
                 cpu as f64 / 1e6,
                 queued as f64 / 1e6
             )),
+            record
+                .slowest
+                .map_or(String::new(), |(count, share)| format!(
+                    ", \"slowest_count\": {count}, \"slowest_run_queue_share\": {share:.3}"
+                )),
             record.others.map_or(String::new(), |[cpu, steal]| format!(
                 ", \"others_cpu_ms\": {cpu}, \"steal_ms\": {steal}"
             )),
@@ -715,6 +825,7 @@ fn main() {
         },
         per_task: (env_usize("LATENCY_REQUESTS", 640_000) / if quick { 10 } else { 1 } / TASKS)
             .max(1),
+        per_request_sched: std::env::var_os("LATENCY_SCHED").is_some_and(|value| value != "0"),
     };
     let watchdog = Duration::from_secs(env_usize("LATENCY_WATCHDOG_SECS", 120) as u64);
     std::thread::spawn(move || {
@@ -742,8 +853,8 @@ fn main() {
     );
     // Warm-up: the runtime's threads, the allocator, the code paths; not recorded.
     for scenario in scenarios {
-        run::<Ours>(&rt, scenario, (setup.per_task / 10).max(1));
-        run::<Tokio>(&rt, scenario, (setup.per_task / 10).max(1));
+        run::<Ours>(&rt, scenario, (setup.per_task / 10).max(1), false);
+        run::<Tokio>(&rt, scenario, (setup.per_task / 10).max(1), false);
     }
 
     println!(
@@ -765,23 +876,17 @@ fn main() {
     for round in 0..setup.rounds {
         for scenario in scenarios {
             if round % 2 == 0 {
-                record_run::<Ours>(&rt, scenario, setup.per_task, round, &mut records);
-                record_run::<Tokio>(&rt, scenario, setup.per_task, round, &mut records);
+                record_run::<Ours>(&rt, scenario, &setup, round, &mut records);
+                record_run::<Tokio>(&rt, scenario, &setup, round, &mut records);
             } else {
-                record_run::<Tokio>(&rt, scenario, setup.per_task, round, &mut records);
-                record_run::<Ours>(&rt, scenario, setup.per_task, round, &mut records);
+                record_run::<Tokio>(&rt, scenario, &setup, round, &mut records);
+                record_run::<Ours>(&rt, scenario, &setup, round, &mut records);
             }
             if diag {
-                record_run::<OursUntimed>(&rt, scenario, setup.per_task, round, &mut records);
+                record_run::<OursUntimed>(&rt, scenario, &setup, round, &mut records);
             }
             if diag && scenario == Scenario::Mixed {
-                record_run::<OursFuturesBlockOn>(
-                    &rt,
-                    scenario,
-                    setup.per_task,
-                    round,
-                    &mut records,
-                );
+                record_run::<OursFuturesBlockOn>(&rt, scenario, &setup, round, &mut records);
             }
         }
     }
