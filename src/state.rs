@@ -1735,8 +1735,9 @@ impl State {
     /// lower down would hold memory its ancestors no longer count (a block's bytes go back
     /// at every level when it is released), so the tree could hold more than the root's
     /// budget; at the root, cached blocks count against the budget that caps the whole
-    /// tree. So fresh memory for any pool of the tree first makes room in it. A child's recycler
-    /// is never idle ([`Recycler::delegating`]): its allocations take the slow path there.
+    /// tree. So fresh memory for any pool of the tree first makes room in it. A child's
+    /// recycler is never idle ([`Recycler::delegating`]): its allocations take the slow
+    /// path there.
     #[inline(always)]
     pub(crate) fn memory_for(&self, bytes: usize, zeroed: bool) -> Option<Memory> {
         if self.recycler.is_idle_for(bytes) {

@@ -1310,7 +1310,15 @@ impl Wake for Chaos {
                 let _ = p.tree_report();
             }
             3 => panic!("hostile: waker panics in wake"),
-            4 => drop(self.owned.lock().unwrap().take()),
+            4 => {
+                // Out of the waker's own lock before it goes back: its release may wake this
+                // very waker again (it may be registered for another grant), and that wake
+                // would wait for the lock this one holds (a `drop(x.lock().unwrap().take())`
+                // keeps the guard until the end of the statement: the test's own deadlock,
+                // seen once in CI and about 1 run in 140 of seed 102).
+                let owned = self.owned.lock().unwrap().take();
+                drop(owned);
+            }
             _ => {
                 if let Ok(mut r) = p.try_reserve(16) {
                     let _ = r.try_grow(8);
