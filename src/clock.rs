@@ -131,7 +131,7 @@ fn nanos_since(instant: Instant) -> u64 {
 /// (it would stop live migration) while the TSC runs at a constant rate and the guest's
 /// kernel, which checks it against other clocks at boot, lists it; without this second check
 /// such a guest stamps every wait with `Instant::now` (two per wait: measured +55-70 ns on the
-/// release-to-waiter path, README "Performance", issue 22).
+/// release-to-waiter path, `docs/performance-log.md`, issue 22 on the AMD EPYC).
 #[cfg(all(target_arch = "x86_64", not(miri), not(loom)))]
 fn tsc_invariant() -> bool {
     cpu_says_invariant() || kernel_offers_tsc()
