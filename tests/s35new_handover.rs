@@ -988,3 +988,19 @@ fn books_after_a_chain_of_hand_overs_with_a_cancel_in_the_middle() {
     assert_eq!(s.peak_in_use_bytes, 128);
     assert_full_budget_back(&pool);
 }
+
+/// What a parent's figures count of a child's allocation: its bytes (in use, peak), but not
+/// the allocation itself (`outstanding`, `total_allocations` are each pool's own), the
+/// scope the field docs now state.
+#[test]
+fn a_parents_allocation_counts_are_its_own_while_its_bytes_are_its_subtrees() {
+    let root = pool(BufferSize::S64, 4);
+    let child = root.child("c", s64(4)).unwrap();
+    let a = child.try_allocate(2).unwrap();
+    let (r, c) = (root.stats(), child.stats());
+    assert_eq!((r.in_use_bytes, r.peak_in_use_bytes), (128, 128), "{r}");
+    assert_eq!((r.outstanding, r.total_allocations), (0, 0), "{r}");
+    assert_eq!((c.outstanding, c.total_allocations), (1, 1), "{c}");
+    drop(a);
+    drop(child);
+}
