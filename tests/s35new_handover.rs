@@ -1004,3 +1004,29 @@ fn a_parents_allocation_counts_are_its_own_while_its_bytes_are_its_subtrees() {
     drop(a);
     drop(child);
 }
+
+/// With recycling on, a zeroed head is still handed the released block (zeroed in place),
+/// not fresh memory: the recycle docs said "Zeroed requests always get fresh zeroed memory",
+/// which guarantee 18 contradicts; the docs now say a zeroed request never takes a cached
+/// block, and may be handed a released one, zeroed.
+#[test]
+fn with_recycling_a_zeroed_head_is_handed_the_released_block_zeroed() {
+    let pool = BufPool::builder(s64(2))
+        .recycle(4)
+        .recycle_min_bytes(0)
+        .build()
+        .unwrap();
+    let held = pool.try_allocate(2).unwrap();
+    dirty(&held, 0x99);
+    let address = held.first();
+    let mut head = pin!(pool.allocate_zeroed(2));
+    assert!(poll(head.as_mut()).is_pending());
+    drop(held);
+    let handed = ready(head.as_mut());
+    assert_eq!(handed.first(), address, "the used block, not fresh memory");
+    assert_eq!(pool.stats().cached_bytes, 0);
+    let (bytes, handed) = zeroed_bytes(handed);
+    assert_eq!(bytes, vec![0; 128]);
+    drop(handed);
+    assert_eq!(pool.stats().cached_bytes, 128, "cached once nobody waits");
+}
