@@ -44,7 +44,11 @@ fn ready<F: Future<Output = Result<BufPoolAllocation, AllocError>> + ?Sized>(
 /// Writes `byte` into every byte of `allocation`.
 fn dirty(allocation: &BufPoolAllocation, byte: u8) {
     // SAFETY: the allocation owns `allocated_bytes` writable bytes.
-    unsafe { allocation.first().write_bytes(byte, allocation.allocated_bytes()) };
+    unsafe {
+        allocation
+            .first()
+            .write_bytes(byte, allocation.allocated_bytes())
+    };
 }
 
 /// Every byte of a zeroed allocation, read through the safe view its promise allows.
@@ -57,6 +61,15 @@ fn zeroed_bytes(allocation: BufPoolAllocation) -> (Vec<u8>, BufPoolAllocation) {
     );
     let bytes = filled.filled().to_vec();
     (bytes, filled.into_allocation())
+}
+
+/// Sets its flag when dropped, also by a panic: the racing side of a test stops with it.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, SeqCst);
+    }
 }
 
 /// A waker that counts its wakes.
@@ -115,7 +128,11 @@ fn a_zeroed_owned_head_handed_a_dirty_block_reads_only_zeros() {
 
     assert_eq!(handed.first(), address, "handed over, not reallocated");
     assert_eq!(
-        (handed.length(), handed.allocated_bytes(), handed.buffer_size()),
+        (
+            handed.length(),
+            handed.allocated_bytes(),
+            handed.buffer_size()
+        ),
         (4, 512, 128)
     );
     let (bytes, handed) = zeroed_bytes(handed);
@@ -171,7 +188,11 @@ fn a_plain_head_handed_a_dirty_block_exposes_none_of_it_through_safe_views() {
     drop(held);
     let handed = ready(head.as_mut());
     assert_eq!(
-        (handed.length(), handed.allocated_bytes(), handed.buffer_size()),
+        (
+            handed.length(),
+            handed.allocated_bytes(),
+            handed.buffer_size()
+        ),
         (3, 96, 32)
     );
     assert_eq!(handed.iter().count(), 3);
@@ -207,7 +228,10 @@ fn a_zeroed_head_after_an_uninit_written_block_reads_zeros() {
     assert!(poll(next.as_mut()).is_pending());
     drop(handed);
     let mut plain = ready(next.as_mut()).into_filled();
-    assert!(!plain.set_filled(64), "a plain head does not inherit `zeroed`");
+    assert!(
+        !plain.set_filled(64),
+        "a plain head does not inherit `zeroed`"
+    );
     drop(plain);
     assert_full_budget_back(&pool);
 }
@@ -257,7 +281,12 @@ fn read_buf_into_a_handed_block_then_the_frozen_bytes_hand_it_on() {
         assert_eq!(zeroed_bytes(again).0, vec![0; 128]);
         let s = pool.stats();
         assert_eq!(
-            (s.in_use_bytes, s.outstanding, s.total_allocations, s.waited_allocations),
+            (
+                s.in_use_bytes,
+                s.outstanding,
+                s.total_allocations,
+                s.waited_allocations
+            ),
             (0, 0, 3, 2),
             "{s}"
         );
@@ -277,7 +306,10 @@ fn owned_and_plain_allocations_hand_blocks_both_ways() {
     let owned = ready(owned_head.as_mut());
     drop(owned_head);
     assert_eq!(owned.first(), address);
-    assert!(Arc::strong_count(&pool) > 1, "an owned allocation keeps the pool");
+    assert!(
+        Arc::strong_count(&pool) > 1,
+        "an owned allocation keeps the pool"
+    );
     let mut plain_head = Box::pin(pool.allocate(2));
     assert!(poll(plain_head.as_mut()).is_pending());
     drop(owned);
@@ -294,13 +326,21 @@ fn owned_and_plain_allocations_hand_blocks_both_ways() {
     assert_eq!(owned.first(), address);
     let s = pool.stats();
     assert_eq!(
-        (s.in_use_bytes, s.outstanding, s.total_allocations, s.waited_allocations),
+        (
+            s.in_use_bytes,
+            s.outstanding,
+            s.total_allocations,
+            s.waited_allocations
+        ),
         (128, 1, 4, 3),
         "{s}"
     );
     let weak = Arc::downgrade(&pool);
     drop(pool);
-    assert!(weak.upgrade().is_some(), "the owned allocation keeps it alive");
+    assert!(
+        weak.upgrade().is_some(),
+        "the owned allocation keeps it alive"
+    );
     drop(owned); // the last owned allocation of a pool whose handles are gone: its drop runs
     assert!(weak.upgrade().is_none(), "the pool went with its last hold");
 }
@@ -327,10 +367,18 @@ fn a_head_cancelled_after_its_grant_passes_the_bytes_on_exactly() {
     );
     dirty(&held, 0x77);
     drop(held);
-    assert_eq!(counting.0.load(SeqCst), 0, "the head, not the second, is served");
+    assert_eq!(
+        counting.0.load(SeqCst),
+        0,
+        "the head, not the second, is served"
+    );
     assert_eq!(pool.stats().waiting, 1);
     drop(first); // granted (with the block), never polled again
-    assert_eq!(counting.0.load(SeqCst), 1, "the bytes went on, with a wake-up");
+    assert_eq!(
+        counting.0.load(SeqCst),
+        1,
+        "the bytes went on, with a wake-up"
+    );
     let second = ready(second.as_mut());
     assert_eq!(zeroed_bytes(second).0, vec![0; 128]);
     let s = pool.stats();
@@ -397,7 +445,10 @@ fn a_head_of_another_size_is_served_only_when_its_size_fits() {
     assert!(poll(two.as_mut()).is_pending());
     drop(a); // 2 free: the head (3) does not fit, and the 2 behind it must not barge
     assert!(poll(three.as_mut()).is_pending());
-    assert!(poll(two.as_mut()).is_pending(), "FIFO: no barging past the head");
+    assert!(
+        poll(two.as_mut()).is_pending(),
+        "FIFO: no barging past the head"
+    );
     assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
     drop(b);
     let three = ready(three.as_mut());
@@ -425,7 +476,11 @@ fn a_poll_allocate_handed_a_block_that_changes_n_loses_nothing() {
         other => panic!("3 buffers cannot fit while 1 is held: {other:?}"),
     }
     assert_eq!(pool.stats().waiting, 1);
-    assert_eq!(pool.stats().in_use_bytes, 64, "the given-up grant went back");
+    assert_eq!(
+        pool.stats().in_use_bytes,
+        64,
+        "the given-up grant went back"
+    );
     drop(other);
     let Poll::Ready(Ok(three)) = polled.poll_allocate(&mut cx(), 3) else {
         panic!("the release did not serve the poller");
@@ -440,7 +495,10 @@ fn a_poll_allocate_handed_a_block_that_changes_n_loses_nothing() {
 /// Timed waiters racing the releases that hand them blocks: every result is either an
 /// allocation or `TimedOut`, and the books at the end match the results exactly.
 #[test]
-#[cfg_attr(miri, ignore = "real-time deadlines on threads: slow and meaningless under Miri")]
+#[cfg_attr(
+    miri,
+    ignore = "real-time deadlines on threads: slow and meaningless under Miri"
+)]
 fn timed_heads_racing_their_hand_overs_keep_exact_books() {
     watchdog(20, || {
         let pool = Arc::new(pool(BufferSize::S64, 1));
@@ -500,20 +558,29 @@ fn a_childs_request_at_the_roots_head_takes_bytes_and_every_level_stays_exact() 
     drop(climber);
     assert!(poll(root_waiter.as_mut()).is_pending());
     assert_eq!(root.stats().waiting, 1);
-    assert_eq!((root.stats().in_use_bytes, child.stats().in_use_bytes), (256, 128));
+    assert_eq!(
+        (root.stats().in_use_bytes, child.stats().in_use_bytes),
+        (256, 128)
+    );
     let (bytes, got) = zeroed_bytes(got);
     assert_eq!(bytes, vec![0; 128], "a child's zeroed request reads zeros");
     drop(second); // the root's own waiter is the head now: handed the block
     let mine = ready(root_waiter.as_mut());
     assert_eq!(mine.first(), second_block);
     let (r, c) = (root.stats(), child.stats());
-    assert_eq!((r.in_use_bytes, r.waiting, c.in_use_bytes, c.outstanding), (256, 0, 128, 1));
+    assert_eq!(
+        (r.in_use_bytes, r.waiting, c.in_use_bytes, c.outstanding),
+        (256, 0, 128, 1)
+    );
     drop((got, mine));
     let (r, c) = (root.stats(), child.stats());
     assert_eq!((r.in_use_bytes, r.outstanding, r.waiting), (0, 0, 0), "{r}");
     assert_eq!((c.in_use_bytes, c.outstanding, c.waiting), (0, 0, 0), "{c}");
     assert_eq!((c.total_allocations, c.waited_allocations), (1, 0), "{c}");
-    assert_eq!(r.waited_allocations, 2, "the climber's and the root's own: {r}");
+    assert_eq!(
+        r.waited_allocations, 2,
+        "the climber's and the root's own: {r}"
+    );
     assert_eq!(r.total_allocations, 3, "the root's own three: {r}");
     assert_eq!(r.peak_in_use_bytes, 256);
     drop(child);
@@ -577,7 +644,11 @@ fn resizes_after_the_last_waiter_was_handed_a_block() {
 
     let pool = self::pool(BufferSize::S64, 6);
     let (handed2, reservation2) = emptied_by_a_hand_over(&pool);
-    assert_eq!(pool.forget_max_memory(usize::MAX), 128, "exactly the free room");
+    assert_eq!(
+        pool.forget_max_memory(usize::MAX),
+        128,
+        "exactly the free room"
+    );
     assert_eq!(pool.stats().max_memory, 4 * 64);
     assert_eq!(pool.add_max_memory(64), 5 * 64);
     drop(pool.try_allocate(1).expect("the added buffer"));
@@ -672,7 +743,11 @@ fn drained_resolves_when_a_handed_block_returns() {
                 .is_pending()
         );
         drop(handed);
-        assert_eq!(counting.0.load(SeqCst), 1, "the drain waiter was woken ({size:?})");
+        assert_eq!(
+            counting.0.load(SeqCst),
+            1,
+            "the drain waiter was woken ({size:?})"
+        );
         assert!(drained.as_mut().poll(&mut cx()).is_ready());
         assert_full_budget_back(&pool);
     }
@@ -692,7 +767,8 @@ fn a_bounded_queue_emptied_by_a_hand_over_serves_what_fits() {
     let mut big = pin!(pool.allocate(3));
     assert!(poll(big.as_mut()).is_pending());
     assert_eq!(
-        pool.allocate_timeout(1, Duration::from_secs(1)).unwrap_err(),
+        pool.allocate_timeout(1, Duration::from_secs(1))
+            .unwrap_err(),
         AllocError::QueueFull
     );
     drop(handed);
@@ -769,7 +845,10 @@ fn a_childs_release_after_the_roots_last_hand_over_is_cached_as_on_a_quiet_root(
 /// Two threads: one runs hand-over cycles to its only waiter; the other tries a request that
 /// fits whenever no waiter can be queued. No try may fail while the queue is known empty.
 #[test]
-#[cfg_attr(miri, ignore = "a race loop of thousands of rounds: too slow under Miri")]
+#[cfg_attr(
+    miri,
+    ignore = "a race loop of thousands of rounds: too slow under Miri"
+)]
 fn a_try_racing_hand_overs_never_fails_while_the_queue_is_known_empty() {
     watchdog(20, || {
         let pool = Arc::new(pool(BufferSize::S64, 6));
@@ -780,6 +859,7 @@ fn a_try_racing_hand_overs_never_fails_while_the_queue_is_known_empty() {
         let cycler = thread::spawn({
             let (pool, epoch, stop) = (Arc::clone(&pool), Arc::clone(&epoch), Arc::clone(&stop));
             move || {
+                let _stop = StopOnDrop(Arc::clone(&stop));
                 let mut rounds = 0usize;
                 let mut handed = pool.try_allocate(3).unwrap();
                 let end = Instant::now() + Duration::from_millis(700);
@@ -816,9 +896,16 @@ fn a_try_racing_hand_overs_never_fails_while_the_queue_is_known_empty() {
             }
         }
         let rounds = cycler.join().unwrap();
-        assert!(rounds > 10 && checked > 10, "{rounds} rounds, {checked} of {tries} checked");
+        assert!(
+            rounds > 10 && checked > 10,
+            "{rounds} rounds, {checked} of {tries} checked"
+        );
         let s = pool.stats();
-        assert_eq!((s.in_use_bytes, s.outstanding, s.waiting), (64, 0, 0), "{s}");
+        assert_eq!(
+            (s.in_use_bytes, s.outstanding, s.waiting),
+            (64, 0, 0),
+            "{s}"
+        );
     });
 }
 
@@ -840,8 +927,16 @@ fn a_20_ms_hand_over_wait_is_timed_at_least_20_ms() {
     let got = ready(head.as_mut());
     let s = pool.stats();
     assert_eq!(s.waited_allocations, 1);
-    assert!(s.max_wait >= Duration::from_millis(20), "{s}: {:?}", s.max_wait);
-    assert!(s.max_wait <= waited + Duration::from_millis(5), "{:?} > {waited:?}", s.max_wait);
+    assert!(
+        s.max_wait >= Duration::from_millis(20),
+        "{s}: {:?}",
+        s.max_wait
+    );
+    assert!(
+        s.max_wait <= waited + Duration::from_millis(5),
+        "{:?} > {waited:?}",
+        s.max_wait
+    );
     assert_eq!(s.total_wait, s.max_wait);
     assert_eq!(s.mean_wait(), s.max_wait);
     drop(got);
@@ -853,7 +948,10 @@ fn a_20_ms_hand_over_wait_is_timed_at_least_20_ms() {
     drop(ready(head.as_mut()));
     let t = pool.stats();
     assert_eq!(t.waited_allocations, 2);
-    assert!(t.max_wait >= s.max_wait && t.total_wait >= s.total_wait, "{t}");
+    assert!(
+        t.max_wait >= s.max_wait && t.total_wait >= s.total_wait,
+        "{t}"
+    );
     assert!(t.mean_wait() <= t.max_wait);
 }
 
@@ -874,7 +972,10 @@ fn a_childs_20_ms_wait_at_the_root_is_timed_there() {
     assert_eq!(r.waited_allocations, 1, "{r}");
     assert!(r.max_wait >= Duration::from_millis(20), "{r}");
     let c = child.stats();
-    assert_eq!(c.waited_allocations, 0, "it never waited in the child's queue: {c}");
+    assert_eq!(
+        c.waited_allocations, 0,
+        "it never waited in the child's queue: {c}"
+    );
     drop(child);
 }
 
@@ -896,13 +997,18 @@ fn untimed_waits_are_counted_with_zero_time() {
     drop(got);
     let one = ready(other.as_mut()); // bytes
     assert_eq!(
-        pool.allocate_timeout(2, Duration::from_millis(5)).unwrap_err(),
+        pool.allocate_timeout(2, Duration::from_millis(5))
+            .unwrap_err(),
         AllocError::TimedOut
     );
     drop(one);
     let s = pool.stats();
     assert_eq!(s.waited_allocations, 2, "{s}");
-    assert_eq!((s.total_wait, s.max_wait), (Duration::ZERO, Duration::ZERO), "{s}");
+    assert_eq!(
+        (s.total_wait, s.max_wait),
+        (Duration::ZERO, Duration::ZERO),
+        "{s}"
+    );
     assert_eq!(s.timed_out, 1);
     assert_eq!((s.total_allocations, s.outstanding), (3, 0), "{s}");
     assert_eq!(s.peak_in_use_bytes, 128);
@@ -981,7 +1087,13 @@ fn books_after_a_chain_of_hand_overs_with_a_cancel_in_the_middle() {
     let s = pool.stats();
     assert_eq!(taken, 4);
     assert_eq!(
-        (s.in_use_bytes, s.outstanding, s.waiting, s.total_allocations, s.waited_allocations),
+        (
+            s.in_use_bytes,
+            s.outstanding,
+            s.waiting,
+            s.total_allocations,
+            s.waited_allocations
+        ),
         (0, 0, 0, 5, 5),
         "{s}"
     );
@@ -1029,4 +1141,162 @@ fn with_recycling_a_zeroed_head_is_handed_the_released_block_zeroed() {
     assert_eq!(bytes, vec![0; 128]);
     drop(handed);
     assert_eq!(pool.stats().cached_bytes, 128, "cached once nobody waits");
+}
+
+/// Every route by which a waiter gets its bytes times its wait (default `time_waits`): a
+/// release of another size, a growth of the budget, a reservation's shrink, the cancel of a
+/// head that held it back, and a grant in a child's own queue.
+#[test]
+#[cfg_attr(miri, ignore = "measures real time")]
+fn every_grant_route_times_a_20_ms_wait() {
+    const MS20: Duration = Duration::from_millis(20);
+    #[track_caller]
+    fn timed(pool: &BufPool, waits: usize) {
+        let s = pool.stats();
+        assert_eq!(s.waited_allocations, waits, "{s}");
+        assert!(s.max_wait >= MS20, "{s}: max {:?}", s.max_wait);
+        assert!(
+            s.total_wait >= MS20 * waits as u32,
+            "{s}: total {:?}",
+            s.total_wait
+        );
+        assert!(s.mean_wait() <= s.max_wait);
+    }
+    // A release of another size (bytes, not a block).
+    let pool = pool(BufferSize::S64, 2);
+    let held = pool.try_allocate(2).unwrap();
+    let mut one = pin!(pool.allocate(1));
+    assert!(poll(one.as_mut()).is_pending());
+    thread::sleep(MS20);
+    drop(held);
+    drop(ready(one.as_mut()));
+    timed(&pool, 1);
+    // A growth of the budget.
+    let grows = self::pool(BufferSize::S64, 1);
+    let held = grows.try_allocate(1).unwrap();
+    let mut two = pin!(grows.allocate(1));
+    assert!(poll(two.as_mut()).is_pending());
+    thread::sleep(MS20);
+    grows.add_max_memory(64);
+    drop(ready(two.as_mut()));
+    timed(&grows, 1);
+    drop(held);
+    // A reservation's shrink.
+    let shrinks = self::pool(BufferSize::S64, 2);
+    let mut reservation = shrinks.try_reserve(128).unwrap();
+    let mut three = pin!(shrinks.allocate(1));
+    assert!(poll(three.as_mut()).is_pending());
+    thread::sleep(MS20);
+    reservation.shrink(64);
+    drop(ready(three.as_mut()));
+    timed(&shrinks, 1);
+    drop(reservation);
+    // The cancel of a head that held a smaller request back.
+    let cancels = self::pool(BufferSize::S64, 2);
+    let held = cancels.try_allocate(1).unwrap();
+    let mut big = Box::pin(cancels.allocate(2));
+    let mut small = pin!(cancels.allocate(1));
+    assert!(poll(big.as_mut()).is_pending());
+    assert!(poll(small.as_mut()).is_pending());
+    thread::sleep(MS20);
+    drop(big);
+    drop(ready(small.as_mut()));
+    timed(&cancels, 1);
+    drop(held);
+    // A grant in a child's own queue.
+    let root = self::pool(BufferSize::S64, 4);
+    let child = root.child("c", s64(1)).unwrap();
+    let held = child.try_allocate(1).unwrap();
+    let mut climber = Box::pin(child.allocate(1));
+    assert!(poll(climber.as_mut()).is_pending());
+    thread::sleep(MS20);
+    drop(held);
+    drop(ready(climber.as_mut()));
+    drop(climber);
+    timed(&child, 1);
+    assert_eq!(root.stats().waited_allocations, 0);
+}
+
+/// Two threads: one runs hand-over cycles to its only waiter; the other, whenever no waiter
+/// can be queued, checks `stats()` shows none, resizes the budget down and back, reserves and
+/// allocates through a child pool what fits: none of it may fail or see a waiter.
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "a race loop of thousands of rounds: too slow under Miri"
+)]
+fn resizes_reservations_and_a_childs_tries_racing_hand_overs_see_an_empty_queue() {
+    watchdog(20, || {
+        let pool = Arc::new(pool(BufferSize::S64, 6));
+        let child = pool.child("c", s64(1)).unwrap();
+        let _reservation = pool.try_reserve(64).unwrap();
+        let epoch = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cycler = thread::spawn({
+            let (pool, epoch, stop) = (Arc::clone(&pool), Arc::clone(&epoch), Arc::clone(&stop));
+            move || {
+                let _stop = StopOnDrop(Arc::clone(&stop));
+                let mut handed = pool.try_allocate(3).unwrap();
+                let end = Instant::now() + Duration::from_millis(700);
+                let mut rounds = 0usize;
+                while Instant::now() < end {
+                    epoch.fetch_add(1, SeqCst);
+                    let mut head = pin!(pool.allocate(3));
+                    // The other side holds at most 1 buffer (and shrinks the budget for a
+                    // moment): at most 2 free, so the head waits.
+                    assert!(poll(head.as_mut()).is_pending(), "{}", pool.stats());
+                    drop(handed);
+                    handed = ready(head.as_mut());
+                    epoch.fetch_add(1, SeqCst);
+                    rounds += 1;
+                }
+                stop.store(true, SeqCst);
+                drop(handed);
+                rounds
+            }
+        });
+        let mut checked = 0usize;
+        let mut step = 0usize;
+        while !stop.load(SeqCst) {
+            let before = epoch.load(SeqCst);
+            step += 1;
+            let outcome: Result<(), String> = match step % 4 {
+                0 => {
+                    let waiting = pool.stats().waiting;
+                    (waiting == 0)
+                        .then_some(())
+                        .ok_or(format!("{waiting} waiting"))
+                }
+                1 => {
+                    pool.set_max_memory(5 * 64).unwrap();
+                    pool.set_max_memory(6 * 64).unwrap();
+                    Ok(())
+                }
+                2 => pool.try_reserve(64).map(drop).map_err(|e| e.to_string()),
+                _ => child.try_allocate(1).map(drop).map_err(|e| e.to_string()),
+            };
+            let after = epoch.load(SeqCst);
+            if before == after && before % 2 == 0 {
+                checked += 1;
+                if let Err(e) = outcome {
+                    panic!(
+                        "step {step}: {e} with the queue known empty: {}",
+                        pool.stats()
+                    );
+                }
+            }
+        }
+        let rounds = cycler.join().unwrap();
+        assert!(
+            rounds > 10 && checked > 10,
+            "{rounds} rounds, {checked} checked"
+        );
+        let s = pool.stats();
+        assert_eq!(
+            (s.in_use_bytes, s.outstanding, s.waiting),
+            (64, 0, 0),
+            "{s}"
+        );
+        assert_eq!(s.max_memory, 6 * 64);
+    });
 }
