@@ -1300,3 +1300,78 @@ fn resizes_reservations_and_a_childs_tries_racing_hand_overs_see_an_empty_queue(
         assert_eq!(s.max_memory, 6 * 64);
     });
 }
+
+/// Between the hand-over and the head's next poll the books say what the docs promise: the
+/// handed bytes are in use ("granted bytes they have not yet picked up"), the wait is
+/// counted, and the allocation is not yet one (`outstanding`, `total_allocations`).
+#[test]
+fn the_books_between_a_hand_over_and_the_heads_next_poll() {
+    let pool = pool(BufferSize::S64, 2);
+    let held = pool.try_allocate(2).unwrap();
+    let mut head = pin!(pool.allocate(2));
+    assert!(poll(head.as_mut()).is_pending());
+    drop(held);
+    let s = pool.stats();
+    assert_eq!(
+        (
+            s.in_use_bytes,
+            s.outstanding,
+            s.waiting,
+            s.total_allocations,
+            s.waited_allocations
+        ),
+        (128, 0, 0, 1, 1),
+        "{s}"
+    );
+    assert_eq!(pool.try_allocate(1).unwrap_err(), AllocError::WouldBlock);
+    let got = ready(head.as_mut());
+    let s = pool.stats();
+    assert_eq!(
+        (s.in_use_bytes, s.outstanding, s.total_allocations),
+        (128, 1, 2),
+        "{s}"
+    );
+    drop(got);
+    assert_full_budget_back(&pool);
+}
+
+/// `close()` then `drained().await` with a handed block outstanding in another task: it
+/// waits for the block, then everything is back.
+#[test]
+#[cfg_attr(miri, ignore = "tokio's timer")]
+fn drained_awaits_a_handed_block_held_by_another_task() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(common::within(5, async {
+        let pool = Arc::new(pool(BufferSize::S64, 2));
+        let held = pool.try_allocate(2).unwrap();
+        let address = held.first() as usize;
+        let returned = Arc::new(AtomicBool::new(false));
+        let waiter = tokio::spawn({
+            let (pool, returned) = (Arc::clone(&pool), Arc::clone(&returned));
+            async move {
+                let handed = pool.allocate(2).await.unwrap();
+                assert_eq!(handed.first() as usize, address, "handed over");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                returned.store(true, SeqCst);
+                drop(handed);
+            }
+        });
+        while pool.stats().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        pool.close();
+        pool.drained().await;
+        assert!(
+            returned.load(SeqCst),
+            "drained before the handed block was back"
+        );
+        waiter.await.unwrap();
+        let pool = Arc::try_unwrap(pool).expect("the task's handle is gone");
+        assert_idle(&pool);
+        pool.shutdown().await;
+    }));
+}
