@@ -834,7 +834,8 @@ fn a_childs_release_after_the_roots_last_hand_over_is_cached_as_on_a_quiet_root(
     assert_eq!(quiet, 128, "a quiet root caches the child's block");
     // BUG (s35new): the child's release asks the recycler with the root's `QUEUED` flag
     // read without the lock; left set on the empty queue by the last hand-over (lazy
-    // `QUEUED`), it makes the recycler think requests wait, and the block is freed.
+    // `QUEUED`), it made the recycler think requests wait, and the block was freed.
+    // Fixed: `State::requests_wait_for_recycler` looks under the lock for a child.
     let stale = cached_by_the_childs_release(true);
     assert_eq!(
         stale, quiet,
