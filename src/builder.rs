@@ -104,8 +104,9 @@ impl BufPoolBuilder {
     /// Reusing a block saves the allocator's map/unmap and the page faults of first touching
     /// fresh pages. Cached blocks never make a request wait: they are not counted as in use,
     /// and are freed (largest first) whenever fresh memory would otherwise take the pool's
-    /// footprint, live plus cached, above the budget. Zeroed requests always get fresh
-    /// zeroed memory.
+    /// footprint, live plus cached, above the budget. Zeroed requests never take a cached
+    /// block: they get fresh zeroed memory, or, waiting at the head of a root pool's queue,
+    /// the block of the release that serves them, zeroed in place (README guarantee 18).
     ///
     /// A tree of pools has one cache, its root's: set this (and
     /// [`recycle_min_bytes`](BufPoolBuilder::recycle_min_bytes)) on the root. The freed

@@ -1787,11 +1787,36 @@ impl State {
             drop(memory);
         } else if let Some(memory) = keeper.recycler.put(
             memory,
-            || keeper.word.load().is_queued(),
+            || keeper.requests_wait_for_recycler(self.parent.is_some()),
             || keeper.footprint(),
         ) {
             drop(memory);
         }
+    }
+
+    /// Whether requests wait in this root's queue, for the recycler (which keeps no block
+    /// while they do). `QUEUED` may be stale: a hand-over to the last waiter leaves it set
+    /// on the empty queue (see [`hand_over_locked`](State::hand_over_locked)). A root's own
+    /// release never gets here with it stale (it goes through
+    /// [`release_block_queued`](State::release_block_queued), which clears it, and may hold
+    /// the lock when it calls the recycler), but a child's release does, holding no lock of
+    /// the root: `may_lock` then, and a set flag is looked at under the lock (and cleared
+    /// if stale), so that a child's block released after the root's last hand-over is
+    /// cached as on a root whose queue was never used. (Found by
+    /// `tests/s35new_handover.rs`.)
+    fn requests_wait_for_recycler(&self, may_lock: bool) -> bool {
+        if !self.word.load().is_queued() {
+            return false;
+        }
+        if !may_lock {
+            return true;
+        }
+        let queue = lock(&self.queue);
+        if !queue.list.is_empty() {
+            return true;
+        }
+        self.clear_queued_locked(&queue);
+        false
     }
 
     /// The bytes in use and the budget now, for the recycler's decisions.

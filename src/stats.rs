@@ -219,7 +219,8 @@ pub struct PoolStats {
     pub in_use_bytes: usize,
     /// The budget.
     pub max_memory: usize,
-    /// Live allocations.
+    /// Live allocations made by this pool itself. Unlike `in_use_bytes`, a parent does not
+    /// count its descendants' allocations here (they count in each descendant's figure).
     pub outstanding: usize,
     /// Requests queued for budget in this pool's queue (its own, and descendants' that wait
     /// at its level). A descendant's request waiting for a place in this pool's full queue
@@ -229,9 +230,11 @@ pub struct PoolStats {
     pub buffer_size: usize,
     /// Whether the pool was closed.
     pub closed: bool,
-    /// The most bytes ever in use at once: how close the load came to the budget.
+    /// The most bytes ever in use at once (descendants' included, as in `in_use_bytes`):
+    /// how close the load came to the budget.
     pub peak_in_use_bytes: usize,
-    /// Allocations ever made.
+    /// Allocations ever made by this pool itself (a descendant's count in its own figure,
+    /// as for `outstanding`).
     pub total_allocations: usize,
     /// Requests granted their bytes after waiting in this pool's queue: allocations, and
     /// also reservations and child pools' requests that waited here, counting a grant whose
