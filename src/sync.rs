@@ -3,10 +3,9 @@
 //! loom model sees every atomic, lock and park the pool uses.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::{
-    Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize},
-};
+pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+#[cfg(loom)]
+pub(crate) use loom_atomic::{AtomicBool, AtomicU64, AtomicUsize};
 #[cfg(loom)]
 pub(crate) use loom_park::{Thread, current as current_thread, park};
 
@@ -22,6 +21,145 @@ pub(crate) use std::thread_local;
 
 #[cfg(loom)]
 pub(crate) use loom::thread_local;
+
+/// loom's atomics, each access made a conflict for loom's search.
+///
+/// loom (0.7) looks for the orders worth exploring by remembering, per atomic, only its *last*
+/// access: a store or read-modify-write by thread B is checked against that one access, and
+/// so misses a load by thread A whenever B itself loaded the same atomic in between, which
+/// every compare-exchange loop does (load, then compare-exchange). The order "B's write
+/// before A's load" is then never explored (tokio-rs/loom#166, #392). Measured here: a
+/// thread that drops the allocation filling the pool, racing the main thread's
+/// `try_allocate`, was explored in 1 execution (the try always refused); the try's success
+/// never ran. So every access here first bumps a shadow counter of the same atomic with a
+/// `Relaxed` read-modify-write: read-modify-writes conflict with every earlier access of
+/// another thread, so loom now tries each cross-thread pair of accesses both ways (load
+/// pairs too, which costs executions but loses none). `Relaxed` on the shadow creates no
+/// happens-before, and the real access keeps its own ordering, so loom still models stale
+/// loads. (The same case: 1 execution before, both outcomes after.)
+#[cfg(loom)]
+mod loom_atomic {
+    use core::sync::atomic::Ordering::{self, Relaxed};
+
+    macro_rules! shadowed {
+        ($name:ident, $value:ty, { $($int:tt)* }) => {
+            #[derive(Debug)]
+            pub(crate) struct $name {
+                value: loom::sync::atomic::$name,
+                shadow: loom::sync::atomic::AtomicUsize,
+            }
+
+            impl Default for $name {
+                fn default() -> Self {
+                    Self::new(<$value>::default())
+                }
+            }
+
+            #[allow(dead_code)]
+            impl $name {
+                pub(crate) fn new(value: $value) -> Self {
+                    $name {
+                        value: loom::sync::atomic::$name::new(value),
+                        shadow: loom::sync::atomic::AtomicUsize::new(0),
+                    }
+                }
+
+                fn conflict(&self) {
+                    self.shadow.fetch_add(1, Relaxed);
+                }
+
+                pub(crate) fn load(&self, order: Ordering) -> $value {
+                    self.conflict();
+                    self.value.load(order)
+                }
+
+                pub(crate) fn store(&self, value: $value, order: Ordering) {
+                    self.conflict();
+                    self.value.store(value, order)
+                }
+
+                pub(crate) fn swap(&self, value: $value, order: Ordering) -> $value {
+                    self.conflict();
+                    self.value.swap(value, order)
+                }
+
+                pub(crate) fn compare_exchange(
+                    &self,
+                    current: $value,
+                    new: $value,
+                    success: Ordering,
+                    failure: Ordering,
+                ) -> Result<$value, $value> {
+                    self.conflict();
+                    self.value.compare_exchange(current, new, success, failure)
+                }
+
+                pub(crate) fn compare_exchange_weak(
+                    &self,
+                    current: $value,
+                    new: $value,
+                    success: Ordering,
+                    failure: Ordering,
+                ) -> Result<$value, $value> {
+                    self.conflict();
+                    self.value.compare_exchange_weak(current, new, success, failure)
+                }
+
+                pub(crate) fn fetch_update<F>(
+                    &self,
+                    set: Ordering,
+                    fetch: Ordering,
+                    f: F,
+                ) -> Result<$value, $value>
+                where
+                    F: FnMut($value) -> Option<$value>,
+                {
+                    self.conflict();
+                    self.value.fetch_update(set, fetch, f)
+                }
+
+                pub(crate) fn fetch_or(&self, value: $value, order: Ordering) -> $value {
+                    self.conflict();
+                    self.value.fetch_or(value, order)
+                }
+
+                $($int)*
+            }
+        };
+    }
+
+    macro_rules! integer_ops {
+        ($value:ty) => {
+            pub(crate) fn fetch_add(&self, value: $value, order: Ordering) -> $value {
+                self.conflict();
+                self.value.fetch_add(value, order)
+            }
+
+            pub(crate) fn fetch_sub(&self, value: $value, order: Ordering) -> $value {
+                self.conflict();
+                self.value.fetch_sub(value, order)
+            }
+
+            pub(crate) fn fetch_min(&self, value: $value, order: Ordering) -> $value {
+                self.conflict();
+                self.value.fetch_min(value, order)
+            }
+
+            pub(crate) fn fetch_max(&self, value: $value, order: Ordering) -> $value {
+                self.conflict();
+                self.value.fetch_max(value, order)
+            }
+        };
+    }
+
+    shadowed!(AtomicBool, bool, {});
+    shadowed!(AtomicUsize, usize, {
+        integer_ops!(usize);
+    });
+    shadowed!(AtomicU64, u64, {
+        integer_ops!(u64);
+    });
+}
 
 /// Thread parking under loom, with std's semantics.
 ///
