@@ -326,6 +326,29 @@ impl<T> core::ops::Deref for CacheLine<T> {
     }
 }
 
+/// The queue's lock, and beside it, on the line a hand-over holds anyway, one hint that is
+/// read without the lock.
+#[derive(Debug, Default)]
+struct QueueLock {
+    mutex: Mutex<Queue>,
+    /// Set (under the lock) by a hand-over that emptied the list and left `QUEUED` set on it,
+    /// stale (see [`State::hand_over_locked`]); cleared by the lock holder that looks. Read
+    /// without the lock by a child pool's release, which takes the root's lock to see whether
+    /// requests really wait only when this says the flag may be stale
+    /// ([`State::requests_wait_for_recycler`]): while requests wait, child releases cost no
+    /// extra lock. Only a hint: a wrong "not stale" frees a block the cache could have kept,
+    /// a wrong "stale" costs one look under the lock; neither touches the budget.
+    queued_maybe_stale: AtomicBool,
+}
+
+impl core::ops::Deref for QueueLock {
+    type Target = Mutex<Queue>;
+
+    fn deref(&self) -> &Mutex<Queue> {
+        &self.mutex
+    }
+}
+
 /// The queue lock guards these.
 #[derive(Debug, Default)]
 struct Queue {
@@ -459,7 +482,7 @@ pub(crate) struct State {
     /// Written by the waiting paths: on lines of their own, so that waiting does not slow the
     /// fast path of other threads.
     counters: CacheLine<Counters>,
-    queue: CacheLine<Mutex<Queue>>,
+    queue: CacheLine<QueueLock>,
     /// Shared, so that a release that drains the pool can notify it after the pool is gone.
     drained: Arc<Event>,
     /// Notified when a full queue (`max_waiters`) gets room, for requests that already waited
@@ -578,7 +601,7 @@ impl State {
             config,
             recycler,
             counters: CacheLine(Counters::default()),
-            queue: CacheLine(Mutex::new(Queue::default())),
+            queue: CacheLine(QueueLock::default()),
             drained: Arc::new(Event::new()),
             room: Arc::new(Event::new()),
             registry: Registry::default(),
@@ -1800,18 +1823,24 @@ impl State {
     /// release never gets here with it stale (it goes through
     /// [`release_block_queued`](State::release_block_queued), which clears it, and may hold
     /// the lock when it calls the recycler), but a child's release does, holding no lock of
-    /// the root: `may_lock` then, and a set flag is looked at under the lock (and cleared
-    /// if stale), so that a child's block released after the root's last hand-over is
-    /// cached as on a root whose queue was never used. (Found by
-    /// `tests/s35new_handover.rs`.)
+    /// the root: `may_lock` then, and a set flag that the hand-over marked as maybe stale
+    /// (`QueueLock::queued_maybe_stale`) is looked at under the lock (and cleared if stale),
+    /// so that a child's block released after the root's last hand-over is cached as on a
+    /// root whose queue was never used (found by `tests/s35new_handover.rs`; loom model 46),
+    /// while requests that really wait cost a child's release no lock here.
+    ///
+    /// Ordering: the hint is `Relaxed` on both sides and decides only where a block goes
+    /// (cache or allocator), never the budget; the word's `Acquire` load pairs with the
+    /// compare-exchanges that set and clear `QUEUED`, as everywhere.
     fn requests_wait_for_recycler(&self, may_lock: bool) -> bool {
         if !self.word.load().is_queued() {
             return false;
         }
-        if !may_lock {
+        if !may_lock || !self.queue.queued_maybe_stale.load(Relaxed) {
             return true;
         }
         let queue = lock(&self.queue);
+        self.queue.queued_maybe_stale.store(false, Relaxed);
         if !queue.list.is_empty() {
             return true;
         }
@@ -1938,6 +1967,11 @@ impl State {
     ) {
         let before = queue.list.len();
         let granted = queue.list.hand_front(memory, now, deferred);
+        if queue.list.is_empty() {
+            // `QUEUED` stays set, stale: say so to a child's release (a plain store, on the
+            // line this lock holds).
+            self.queue.queued_maybe_stale.store(true, Relaxed);
+        }
         let waits = &mut queue.waits;
         waits.handed_over += 1;
         waits.waited += 1;
