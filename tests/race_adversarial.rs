@@ -9,7 +9,7 @@ mod common;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
@@ -1463,6 +1463,51 @@ struct BuildVsClose {
     mid_drains: bool,
 }
 
+/// Runs `rounds` rounds of `round` (given its state and the round's number) on a watched
+/// thread, and fails the test if one round does not finish within `secs` seconds (a hang); a
+/// panic in a round is passed on as it is. Unlike `watchdog`, it bounds each round, not their
+/// sum: a round of `build_vs_close` spawns a thread and meets it at a barrier, which on a
+/// loaded 2-core machine (a CPU hog on one core) costs about a scheduler tick, 4 ms (3,000
+/// rounds took 11.6-12.7 s there). 8,000 rounds under a 20 s `watchdog` failed 3 runs of 8
+/// although nothing hung: gdb at 17 s showed them at rounds 4,234 to 6,615, still going.
+fn watchdog_each_round<S: Send + 'static>(
+    secs: u64,
+    rounds: u64,
+    state: S,
+    mut round: impl FnMut(&mut S, u64) + Send + 'static,
+) -> S {
+    let finished = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let finished = Arc::clone(&finished);
+        thread::Builder::new()
+            .name("watched".into())
+            .spawn(move || {
+                let mut state = state;
+                for r in 0..rounds {
+                    round(&mut state, r);
+                    finished.store(r + 1, SeqCst);
+                }
+                state
+            })
+            .expect("spawn the watched thread")
+    };
+    let (mut seen, mut since) = (0, std::time::Instant::now());
+    loop {
+        if worker.is_finished() {
+            return worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        }
+        let now = finished.load(SeqCst);
+        if now != seen {
+            (seen, since) = (now, std::time::Instant::now());
+        } else if since.elapsed() > Duration::from_secs(secs) * SLOWDOWN {
+            panic!("watchdog: round {seen} did not finish within {secs} s: a hang");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// One round: a thread builds a grandchild of `mid` (with a floor of `floor` bytes) while
 /// another closes `mid`, both released by a barrier and a random spin.
 fn build_vs_close(seed: u64, round: u64, floor: usize) -> BuildVsClose {
@@ -1529,15 +1574,13 @@ fn build_vs_close(seed: u64, round: u64, floor: usize) -> BuildVsClose {
 fn child_built_while_its_parent_closes_is_closed() {
     let _t = turn();
     for seed in seeds(&[111]) {
-        watchdog(20, move || {
-            eprintln!("build vs close seed {seed}");
-            for round in 0..3000 {
-                let r = build_vs_close(seed, round, 0);
-                assert!(
-                    r.child_closed,
-                    "seed {seed} round {round}: a child of a closed pool is open"
-                );
-            }
+        eprintln!("build vs close seed {seed}");
+        watchdog_each_round(20, 3000, (), move |_, round| {
+            let r = build_vs_close(seed, round, 0);
+            assert!(
+                r.child_closed,
+                "seed {seed} round {round}: a child of a closed pool is open"
+            );
         });
     }
 }
@@ -1553,25 +1596,22 @@ fn child_built_while_its_parent_closes_is_closed() {
 fn floored_child_built_while_its_parent_closes_gives_its_floor_back() {
     let _t = turn();
     for seed in seeds(&[112]) {
-        watchdog(20, move || {
-            eprintln!("floored build vs close seed {seed}");
-            let mut built = 0;
-            for round in 0..8000 {
-                let r = build_vs_close(seed, round, 4 * BS);
-                built += r.built as usize;
-                if !r.child_closed {
-                    continue; // the other bug (child left open): not this test's concern
-                }
-                assert_eq!(
-                    r.books,
-                    (0, 0),
-                    "seed {seed} round {round}: the closed grandchild's floor is still held \
-                     by its ancestors (mid's drained() ready: {})",
-                    r.mid_drains
-                );
+        eprintln!("floored build vs close seed {seed}");
+        let built = watchdog_each_round(20, 8000, 0, move |built: &mut usize, round| {
+            let r = build_vs_close(seed, round, 4 * BS);
+            *built += r.built as usize;
+            if !r.child_closed {
+                return; // the other bug (child left open): not this test's concern
             }
-            eprintln!("  built {built} of 8000");
+            assert_eq!(
+                r.books,
+                (0, 0),
+                "seed {seed} round {round}: the closed grandchild's floor is still held \
+                 by its ancestors (mid's drained() ready: {})",
+                r.mid_drains
+            );
         });
+        eprintln!("  built {built} of 8000");
     }
 }
 
