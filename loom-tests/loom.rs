@@ -2281,3 +2281,51 @@ fn a_stale_queued_flag_does_not_keep_a_childs_block_from_the_cache() {
         assert_eq!(root.stats().in_use_bytes, 0);
     });
 }
+
+/// Model 46b: the other side of model 46's hint. A hand-over to the root's last waiter
+/// leaves `QUEUED` set and marks it maybe stale; then a new request really queues at the
+/// root (the flag already set, the hint still up), and a child pool's release of its block
+/// races it. The release finds the flag set and the hint up, looks under the root's lock
+/// and, whatever the order, must not take a real waiter for a stale flag: the block is not
+/// cached while the request waits, the request is served (no lost wake-up), and cached plus
+/// in use never exceed the budget. Taking the hint for the truth (caching without the look)
+/// lets the cache keep a block the waiter needed: assertion (cached while it waited).
+#[test]
+fn a_stale_hint_does_not_hide_a_real_waiter_from_a_childs_release() {
+    model(|| {
+        let root = BufPool::builder(BufPoolCfg {
+            buffer_size: BUF,
+            max_memory: 2 * B,
+        })
+        .recycle(1)
+        .recycle_min_bytes(0)
+        .build()
+        .unwrap();
+        let child = child_of(&root, "child", 2);
+        let held = root.try_allocate(1).unwrap();
+        let in_child = child.try_allocate(1).unwrap();
+        let mut first = Box::pin(root.allocate(1));
+        assert!(poll_once(&mut first), "the first waits: the budget is full");
+        drop(held); // handed to `first`, the queue emptied, the hint up
+        let first = block_on(first).unwrap();
+        let mut second = Box::pin(root.allocate(1));
+        assert!(
+            poll_once(&mut second),
+            "the second waits behind the full budget"
+        );
+        let releaser = thread::spawn(move || drop(in_child));
+        let cached_while_waiting = root.stats().cached_bytes;
+        let second = block_on(second).unwrap();
+        releaser.join().unwrap();
+        let stats = root.stats();
+        assert_eq!(stats.in_use_bytes, 2 * B, "{stats}");
+        assert_eq!(
+            stats.cached_bytes + cached_while_waiting,
+            0,
+            "cached while a request waited: {stats}"
+        );
+        drop((first, second));
+        drop(child);
+        assert_eq!(root.stats().in_use_bytes, 0);
+    });
+}
