@@ -2225,6 +2225,34 @@ fn a_stale_queued_flag_refuses_no_request() {
     });
 }
 
+/// The start of models 46 and 46b: a recycling root of 2 buffers and its child, each
+/// holding one; a request of the root waits, and the root's release hands it its block,
+/// emptying the queue with `QUEUED` left set (stale) and the hint up. Returns the root, the
+/// child, the handed allocation and the child's.
+fn after_the_last_hand_over() -> (
+    BufPool,
+    BufPool,
+    membudget::BufPoolAllocation,
+    membudget::BufPoolAllocation,
+) {
+    let root = BufPool::builder(BufPoolCfg {
+        buffer_size: BUF,
+        max_memory: 2 * B,
+    })
+    .recycle(1)
+    .recycle_min_bytes(0)
+    .build()
+    .unwrap();
+    let child = child_of(&root, "child", 2);
+    let held = root.try_allocate(1).unwrap();
+    let in_child = child.try_allocate(1).unwrap();
+    let mut head = Box::pin(root.allocate(1));
+    assert!(poll_once(&mut head), "the head waits: the budget is full");
+    drop(held);
+    let handed = block_on(head).unwrap();
+    (root, child, handed, in_child)
+}
+
 /// Model 46 (issue 22, lazy `QUEUED` with recycling): after a release hands its block to the
 /// root's last waiter, `QUEUED` stays set on the empty queue; a child pool's release, which
 /// holds none of the root's locks, must not take that stale flag for waiting requests
@@ -2240,23 +2268,7 @@ fn a_stale_queued_flag_refuses_no_request() {
 #[test]
 fn a_stale_queued_flag_does_not_keep_a_childs_block_from_the_cache() {
     model(|| {
-        let root = BufPool::builder(BufPoolCfg {
-            buffer_size: BUF,
-            max_memory: 2 * B,
-        })
-        .recycle(1)
-        .recycle_min_bytes(0)
-        .build()
-        .unwrap();
-        let child = child_of(&root, "child", 2);
-        let held = root.try_allocate(1).unwrap();
-        let in_child = child.try_allocate(1).unwrap();
-        let mut head = Box::pin(root.allocate(1));
-        assert!(poll_once(&mut head), "the head waits: the budget is full");
-        // The hand-over to the last waiter: its block and bytes go to the head, and the
-        // queue is empty with `QUEUED` left set.
-        drop(held);
-        let head = block_on(head).unwrap();
+        let (root, child, head, in_child) = after_the_last_hand_over();
         let releaser = thread::spawn(move || drop(in_child));
         let tried = root.try_allocate(1);
         releaser.join().unwrap();
@@ -2293,21 +2305,7 @@ fn a_stale_queued_flag_does_not_keep_a_childs_block_from_the_cache() {
 #[test]
 fn a_stale_hint_does_not_hide_a_real_waiter_from_a_childs_release() {
     model(|| {
-        let root = BufPool::builder(BufPoolCfg {
-            buffer_size: BUF,
-            max_memory: 2 * B,
-        })
-        .recycle(1)
-        .recycle_min_bytes(0)
-        .build()
-        .unwrap();
-        let child = child_of(&root, "child", 2);
-        let held = root.try_allocate(1).unwrap();
-        let in_child = child.try_allocate(1).unwrap();
-        let mut first = Box::pin(root.allocate(1));
-        assert!(poll_once(&mut first), "the first waits: the budget is full");
-        drop(held); // handed to `first`, the queue emptied, the hint up
-        let first = block_on(first).unwrap();
+        let (root, child, first, in_child) = after_the_last_hand_over();
         let mut second = Box::pin(root.allocate(1));
         assert!(
             poll_once(&mut second),
